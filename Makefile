@@ -1,0 +1,73 @@
+# hybridps: one-command setup, tests and the demo job.
+#
+#   make demo    short 2-rank training run on synthetic data (sets everything up first)
+#   make test    the whole test suite (sets everything up first)
+#   make setup   Open MPI (from apt, only when no mpicc is on PATH), .venv, pinned Python
+#                packages from requirements.txt, Horovod built against this MPI and TF
+#                (wheel cached in $(WHEEL_CACHE)), hybridps in editable mode.
+#
+# Idempotent: each step leaves a stamp in .venv/.stamps and reruns only when its inputs change.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMPS := $(VENV)/.stamps
+HOROVOD_PIN := $(shell grep -E '^horovod==' requirements.txt)
+TF_PIN := $(shell grep -E '^tensorflow-cpu==' requirements.txt)
+WHEEL_CACHE ?= $(HOME)/.cache/hybridps/wheels/$(subst ==,-,$(HOROVOD_PIN))_$(subst ==,-,$(TF_PIN))
+# Oversubscribed multi-rank runs on few cores (see README "Running on a small machine").
+export OMPI_MCA_mpi_yield_when_idle := 1
+export OMP_NUM_THREADS := 1
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export HYBRIDPS_TF_THREADS := 1
+
+.PHONY: setup test demo bench clean mpi
+setup: $(STAMPS)/hybridps
+
+mpi:
+	@if command -v mpicc >/dev/null 2>&1; then \
+	  echo "setup: using the MPI on PATH: $$(command -v mpicc)"; \
+	else \
+	  echo "setup: no mpicc on PATH, installing Open MPI from apt"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "setup: need root for apt-get; install Open MPI (or 'module load' one) and rerun" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null; \
+	fi
+
+$(STAMPS)/venv:
+	$(PYTHON) -m venv $(VENV)
+	mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/requirements: requirements.txt $(STAMPS)/venv | mpi
+	$(VPY) -m pip install -q --upgrade pip
+	grep -v -E '^horovod==' requirements.txt > $(VENV)/requirements-base.txt
+	MPICC=$$(command -v mpicc) $(VPY) -m pip install -q -r $(VENV)/requirements-base.txt
+	touch $@
+
+$(STAMPS)/horovod: $(STAMPS)/requirements
+	@if ! ls $(WHEEL_CACHE)/horovod-*.whl >/dev/null 2>&1; then \
+	  echo "setup: building $(HOROVOD_PIN) against $$(command -v mpicc) and $(TF_PIN) (a few minutes, cached in $(WHEEL_CACHE))"; \
+	  mkdir -p $(WHEEL_CACHE) && \
+	  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_GLOO=1 \
+	  HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2 \
+	  $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_CACHE) "$(HOROVOD_PIN)"; \
+	fi
+	$(VPY) -m pip install -q --no-deps $(WHEEL_CACHE)/horovod-*.whl
+	touch $@
+
+$(STAMPS)/hybridps: $(STAMPS)/horovod setup.py $(wildcard cython/*.pyx cython/*.pxd)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(VENV)/bin/pytest -q tests
+
+demo: setup
+	$(VENV)/bin/hybridps bench table --out bench-results --sizes 10000,1000000
+
+bench: setup
+	$(VENV)/bin/hybridps bench table --out bench-results
+
+clean:
+	rm -rf build hybridps/*.so hybridps/_native/*.so cython/*.c cython/*.cpp

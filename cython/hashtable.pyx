@@ -1,0 +1,971 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+"""The embedding hash table of one rank shard: int64 key -> embedding row + optimizer slots.
+
+What lives here: the open-addressing table, key-seeded row initializers, the lazy sparse
+optimizers (SGD, Adagrad, Adam, FTRL), admission by hit count, eviction primitives, and
+export/import of every row with its slots and metadata. What does not: MPI, routing of keys to
+ranks, TensorFlow. This module never imports mpi4py.
+
+Layout
+------
+* ``slots``: a power-of-two array of 16-byte records ``{key, row, hits}``, linear probing.
+  The start slot is the *high* bits of ``mix64(key ^ SLOT_SALT)``. The owner rank of a key is
+  ``mix64(key) % world_size`` (see hybridps.embedding.routing), so every key a shard holds
+  shares the low bits of ``mix64(key)`` when the world size is a power of two; a salted hash
+  and its high bits keep the shard's own table evenly spread.
+  ``row >= 0`` is an admitted key, ``ROW_EMPTY`` an empty slot, ``ROW_CANDIDATE`` a key that
+  was counted but not yet admitted (``min_count``): it has no row, reads zeros, gets no update.
+  Deletion shifts the following cluster back (no tombstones), so probe chains stay valid and
+  lookups never slow down after many erases.
+* ``rows``: one contiguous float32 block, ``row_width = dim * (1 + n_optimizer_slots)`` floats
+  per row: ``[value | slot_0 | slot_1]``. The value and its optimizer slots therefore live in
+  the same row and are always exported together. Rows are compact: erasing a row moves the
+  last row into the hole, so ``export()`` is a copy of the first ``size`` rows.
+* per-row metadata: key, step of the last update (the row's *version*, used by SSP/ASP
+  staleness measurement and TTL eviction) and the row's own update count (Adam bias correction).
+
+Key-seeded initialization
+-------------------------
+Element ``j`` of a new key's row is drawn from a counter-based generator:
+``base = mix64(mix64(seed ^ mix64(table_id + INIT_SALT)) ^ key)`` and
+``u_j = mix64(base + (j + 1) * GOLDEN)``. ``uniform`` maps the top 53 bits of ``u_j`` to [0, 1);
+``normal`` applies Box-Muller to the pair (u_{2p}, u_{2p+1}) for elements 2p and 2p+1. The row
+is therefore a pure function of (seed, table_id, key): independent of rank count, owner, order
+of arrival and table capacity.
+
+Optimizers (lazy: only rows whose key appears in a gradient batch change; duplicates summed)
+--------------------------------------------------------------------------------------------
+* sgd:      w -= lr * g
+* adagrad:  a += g^2;  w -= lr * g / (sqrt(a) + eps)           (a starts at initial_accumulator)
+* adam:     t = row's own update count + 1; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+            w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+            Bias correction uses the row's own count t, not the global step: a rare key's first
+            update is then a full-size step, as it would be for a dense parameter seen at step 1.
+* ftrl:     TensorFlow's FTRL-proximal (lr_power = -0.5), slots (accumulator n, linear z):
+            n' = n + g^2;  z += g - (sqrt(n') - sqrt(n)) / lr * w;
+            w = (sign(z) l1 - z) / (sqrt(n') / lr + 2 l2)  if |z| > l1 else 0
+"""
+
+from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memset, memcpy
+from libc.math cimport sqrt, log, cos, sin, pow, fabs, isfinite
+
+import numpy as np
+
+from hybridps.errors import TableFullError, TableInputError, NonFiniteGradientError, ConfigError
+
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    #include <stdlib.h>
+    #include <string.h>
+    /* Large blocks (hash slots, rows) are 2 MiB aligned and advised as transparent huge pages:
+       random slot probes then miss the TLB far less, and growing a table faults in 512x fewer
+       pages. Freed with free(). */
+    static void* hps_alloc(size_t nbytes) {
+        void* p = NULL;
+        const size_t huge = (size_t)2 << 20;
+        if (nbytes == 0) nbytes = 1;
+        if (nbytes >= huge) {
+            if (posix_memalign(&p, huge, nbytes) != 0) return NULL;
+    #ifdef MADV_HUGEPAGE
+            madvise(p, nbytes, MADV_HUGEPAGE);
+    #endif
+            return p;
+        }
+        return malloc(nbytes);
+    }
+    static void* hps_grow(void* old, size_t old_bytes, size_t new_bytes) {
+        void* p = hps_alloc(new_bytes);
+        if (p == NULL) return NULL;
+        if (old != NULL && old_bytes) memcpy(p, old, old_bytes < new_bytes ? old_bytes : new_bytes);
+        free(old);
+        return p;
+    }
+    #define HPS_PREFETCH(p) __builtin_prefetch((const void*)(p), 1, 3)
+    """
+    void HPS_PREFETCH(const void* p) noexcept nogil
+    void* hps_alloc(size_t nbytes) noexcept nogil
+    void* hps_grow(void* old, size_t old_bytes, size_t new_bytes) noexcept nogil
+
+ctypedef struct Slot:
+    int64_t key
+    int32_t row
+    uint32_t hits
+
+cdef enum:
+    ROW_EMPTY = -1
+    ROW_CANDIDATE = -3
+    PREFETCH_DISTANCE = 16
+    RUN_DONE = 0
+    RUN_NEED_SLOTS = 1
+    RUN_NEED_ROWS = 2
+    RUN_TABLE_FULL = 3
+
+cdef uint64_t SLOT_SALT = 0x5851F42D4C957F2DULL
+cdef uint64_t INIT_SALT = 0x2545F4914F6CDD1DULL
+cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
+cdef double MAX_LOAD = 0.5
+cdef int64_t MAX_ROWS_INT32 = 2147483647
+
+OPTIMIZERS = {"sgd": 0, "adagrad": 1, "adam": 2, "ftrl": 3}
+OPTIMIZER_SLOT_NAMES = {"sgd": (), "adagrad": ("accumulator",), "adam": ("m", "v"),
+                        "ftrl": ("accumulator", "linear")}
+INITIALIZERS = {"zeros": 0, "normal": 1, "uniform": 2}
+ON_FULL = ("raise", "refuse")
+NONFINITE = ("raise", "skip")
+
+
+cdef inline uint64_t mix64_c(uint64_t z) noexcept nogil:
+    # splitmix64 finalizer: a bijective 64-bit mixer.
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+def mix64(keys):
+    """splitmix64 of int64 keys, as uint64 (the mixer behind owner ranks and buckets).
+
+    Args:
+        keys: array-like of int64.
+    Returns:
+        uint64 array of the same length.
+    """
+    cdef const int64_t[::1] k = _as_keys(keys, "keys")
+    out = np.empty(k.shape[0], dtype=np.uint64)
+    cdef uint64_t[::1] o = out
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(k.shape[0]):
+            o[i] = mix64_c(<uint64_t>k[i])
+    return out
+
+
+cdef inline double unit_double(uint64_t u) noexcept nogil:
+    return <double>(u >> 11) * (1.0 / 9007199254740992.0)
+
+
+cdef void init_row(float* row, int dim, int kind, uint64_t seed, int64_t table_id,
+                   int64_t key, double a, double b) noexcept nogil:
+    # a, b: (mean, std) for normal, (low, high) for uniform.
+    cdef uint64_t base
+    cdef int j
+    cdef double u1, u2, radius
+    if kind == 0:
+        memset(row, 0, dim * sizeof(float))
+        return
+    base = mix64_c(mix64_c(seed ^ mix64_c(<uint64_t>table_id + INIT_SALT)) ^ <uint64_t>key)
+    if kind == 2:
+        for j in range(dim):
+            row[j] = <float>(a + (b - a) * unit_double(mix64_c(base + <uint64_t>(j + 1) * GOLDEN)))
+    else:
+        j = 0
+        while j < dim:
+            u1 = 1.0 - unit_double(mix64_c(base + <uint64_t>(j + 1) * GOLDEN))   # (0, 1]
+            u2 = unit_double(mix64_c(base + <uint64_t>(j + 2) * GOLDEN))
+            radius = sqrt(-2.0 * log(u1))
+            row[j] = <float>(a + b * radius * cos(6.283185307179586 * u2))
+            if j + 1 < dim:
+                row[j + 1] = <float>(a + b * radius * sin(6.283185307179586 * u2))
+            j += 2
+
+
+cdef object _as_keys(object keys, str name):
+    arr = np.asarray(keys)
+    if arr.ndim != 1:
+        raise TableInputError(f"{name} must be a 1-D array of int64 keys, got shape {arr.shape}")
+    if arr.dtype != np.int64:
+        if arr.size == 0 or arr.dtype.kind == "i":
+            arr = arr.astype(np.int64)
+        else:
+            raise TableInputError(
+                f"{name} must hold int64 keys, got dtype {arr.dtype}; convert with "
+                f"np.asarray(keys, dtype=np.int64) (hash strings with hybridps.data.hashing)")
+    return np.ascontiguousarray(arr)
+
+
+cdef object _as_rows(object values, Py_ssize_t n, int width, str name):
+    arr = np.asarray(values)
+    if arr.dtype != np.float32:
+        raise TableInputError(f"{name} must be float32, got dtype {arr.dtype}; "
+                              f"convert with np.asarray({name}, dtype=np.float32)")
+    if arr.ndim != 2 or arr.shape[0] != n or arr.shape[1] != width:
+        raise TableInputError(f"{name} must have shape ({n}, {width}) to match the keys and the "
+                              f"table's dim, got {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+cdef object _as_meta(object values, Py_ssize_t n, str name):
+    arr = np.ascontiguousarray(np.asarray(values, dtype=np.int64))
+    if arr.shape != (n,):
+        raise TableInputError(f"{name} must have shape ({n},) to match the keys, got {arr.shape}")
+    return arr
+
+
+cdef class EmbeddingHashTable:
+    """One rank's shard of an embedding table: int64 key -> float32 row with optimizer slots.
+
+    Example::
+
+        table = EmbeddingHashTable(dim=16, optimizer="adagrad", learning_rate=0.05)
+        rows = table.lookup_or_insert(np.array([7, 42, 7]))       # (3, 16) float32
+        table.apply_gradients(np.array([7, 42]), grads, step=1)   # lazy Adagrad on 2 rows
+
+    Row indices (from ``find``) are valid until the next call that erases rows.
+    Not thread-safe: callers that share a table between threads hold their own lock.
+    """
+    cdef Slot* slots
+    cdef uint64_t n_slots
+    cdef uint64_t mask
+    cdef int shift
+    cdef int64_t used_slots
+    cdef float* rows
+    cdef int64_t* row_keys
+    cdef int64_t* row_last_update
+    cdef int64_t* row_update_count
+    cdef int64_t* row_accumulator_index
+    cdef int64_t n_rows
+    cdef int64_t row_capacity
+    cdef readonly int dim
+    cdef readonly int row_width
+    cdef readonly int n_optimizer_slots
+    cdef readonly int64_t table_id
+    cdef readonly uint64_t seed
+    cdef int optimizer_kind
+    cdef int initializer_kind
+    cdef readonly str optimizer
+    cdef readonly str initializer
+    cdef double lr, beta1, beta2, epsilon, initial_accumulator, l1, l2
+    cdef double init_a, init_b
+    cdef readonly int64_t min_count
+    cdef readonly int64_t max_rows
+    cdef readonly str on_full
+    cdef readonly str nonfinite
+    cdef bint skip_nonfinite
+    # counters: every refused, dropped, skipped or evicted thing is counted here
+    cdef readonly int64_t admitted_keys
+    cdef readonly int64_t refused_inserts
+    cdef readonly int64_t evicted_rows
+    cdef readonly int64_t dropped_unadmitted_grads
+    cdef readonly int64_t dropped_missing_grads
+    cdef readonly int64_t skipped_nonfinite_grads
+    cdef readonly int64_t applied_row_updates
+
+    def __cinit__(self, int dim, str optimizer="sgd", double learning_rate=0.01,
+                  str initializer="normal", double init_mean=0.0, double init_std=0.01,
+                  double init_low=-0.05, double init_high=0.05, uint64_t seed=0,
+                  int64_t table_id=0, double beta1=0.9, double beta2=0.999,
+                  double epsilon=1e-7, double initial_accumulator=0.1, double l1=0.0,
+                  double l2=0.0, int64_t min_count=1, int64_t max_rows=0,
+                  str on_full="raise", str nonfinite="raise", int64_t capacity_hint=1024):
+        if dim <= 0:
+            raise ConfigError(f"dim must be a positive integer, got {dim}")
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        if initializer not in INITIALIZERS:
+            raise ConfigError(f"initializer must be one of {sorted(INITIALIZERS)}, got {initializer!r}")
+        if on_full not in ON_FULL:
+            raise ConfigError(f"on_full must be one of {ON_FULL}, got {on_full!r}")
+        if nonfinite not in NONFINITE:
+            raise ConfigError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+        if optimizer == "ftrl" and initial_accumulator <= 0:
+            raise ConfigError("ftrl needs initial_accumulator > 0")
+        if min_count < 1:
+            raise ConfigError(f"min_count must be >= 1, got {min_count}")
+        if max_rows < 0 or max_rows > MAX_ROWS_INT32:
+            raise ConfigError(f"max_rows must be in [0, {MAX_ROWS_INT32}] (0 = unlimited), got {max_rows}")
+        if initializer == "uniform" and not init_low < init_high:
+            raise ConfigError(f"uniform initializer needs init_low < init_high, got {init_low}, {init_high}")
+        if initializer == "normal" and init_std < 0:
+            raise ConfigError(f"normal initializer needs init_std >= 0, got {init_std}")
+        self.dim = dim
+        self.optimizer = optimizer
+        self.optimizer_kind = OPTIMIZERS[optimizer]
+        self.n_optimizer_slots = len(OPTIMIZER_SLOT_NAMES[optimizer])
+        self.row_width = dim * (1 + self.n_optimizer_slots)
+        self.initializer = initializer
+        self.initializer_kind = INITIALIZERS[initializer]
+        self.init_a, self.init_b = (init_mean, init_std) if initializer == "normal" else (init_low, init_high)
+        self.seed = seed
+        self.table_id = table_id
+        self.lr = learning_rate
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+        self.initial_accumulator, self.l1, self.l2 = initial_accumulator, l1, l2
+        self.min_count, self.max_rows = min_count, max_rows
+        self.on_full, self.nonfinite = on_full, nonfinite
+        self.skip_nonfinite = nonfinite == "skip"
+        cdef uint64_t cap = 16
+        while cap * MAX_LOAD < capacity_hint:
+            cap <<= 1
+        self._alloc_slots(cap)
+        self._reserve_rows(max(16, min(capacity_hint, max_rows if max_rows else capacity_hint)))
+
+    def __dealloc__(self):
+        free(self.slots)
+        free(self.rows)
+        free(self.row_keys)
+        free(self.row_last_update)
+        free(self.row_update_count)
+        free(self.row_accumulator_index)
+
+    # ------------------------------------------------------------------ memory management
+    cdef void _alloc_slots(self, uint64_t cap) except *:
+        cdef Slot* fresh = <Slot*>hps_alloc(cap * sizeof(Slot))
+        if fresh == NULL:
+            raise MemoryError(f"cannot allocate {cap} hash slots ({cap * sizeof(Slot)} bytes)")
+        cdef uint64_t i
+        for i in range(cap):
+            fresh[i].row = ROW_EMPTY
+        self.slots = fresh
+        self.n_slots = cap
+        self.mask = cap - 1
+        self.shift = 64
+        while (1ULL << (64 - self.shift)) < cap:
+            self.shift -= 1
+        self.used_slots = 0
+
+    cdef void _rehash(self, uint64_t new_cap) except *:
+        cdef Slot* old = self.slots
+        cdef uint64_t old_cap = self.n_slots, i, j
+        self._alloc_slots(new_cap)
+        with nogil:
+            for i in range(old_cap):
+                if old[i].row != ROW_EMPTY:
+                    j = self._home(old[i].key)
+                    while self.slots[j].row != ROW_EMPTY:
+                        j = (j + 1) & self.mask
+                    self.slots[j] = old[i]
+                    self.used_slots += 1
+        free(old)
+
+    cdef void _reserve_slots(self, int64_t extra) except *:
+        cdef uint64_t cap = self.n_slots
+        while (self.used_slots + extra) > cap * MAX_LOAD:
+            cap <<= 1
+        if cap != self.n_slots:
+            self._rehash(cap)
+
+    cdef void _reserve_rows(self, int64_t needed) except *:
+        if self.max_rows and needed > self.max_rows:
+            needed = self.max_rows
+        if needed <= self.row_capacity:
+            return
+        cdef int64_t cap = max(needed, 2 * self.row_capacity)
+        if self.max_rows and cap > self.max_rows:
+            cap = self.max_rows
+        if cap > MAX_ROWS_INT32:
+            cap = MAX_ROWS_INT32
+        cdef int64_t old = self.row_capacity
+        cdef float* rows = <float*>hps_grow(self.rows, old * self.row_width * sizeof(float),
+                                            cap * self.row_width * sizeof(float))
+        if rows != NULL: self.rows = rows
+        cdef int64_t* keys = <int64_t*>hps_grow(self.row_keys, old * 8, cap * 8)
+        if keys != NULL: self.row_keys = keys
+        cdef int64_t* last = <int64_t*>hps_grow(self.row_last_update, old * 8, cap * 8)
+        if last != NULL: self.row_last_update = last
+        cdef int64_t* count = <int64_t*>hps_grow(self.row_update_count, old * 8, cap * 8)
+        if count != NULL: self.row_update_count = count
+        cdef int64_t* acc = <int64_t*>hps_grow(self.row_accumulator_index, old * 8, cap * 8)
+        if acc != NULL: self.row_accumulator_index = acc
+        if rows == NULL or keys == NULL or last == NULL or count == NULL or acc == NULL:
+            raise MemoryError(f"cannot grow the embedding table to {cap} rows of {self.row_width} floats")
+        cdef int64_t i
+        for i in range(self.row_capacity, cap):
+            self.row_accumulator_index[i] = -1
+        self.row_capacity = cap
+
+    # ------------------------------------------------------------------ probing
+    cdef inline uint64_t _home(self, int64_t key) noexcept nogil:
+        return mix64_c(<uint64_t>key ^ SLOT_SALT) >> self.shift
+
+    cdef inline uint64_t _probe(self, int64_t key) noexcept nogil:
+        # The slot holding `key`, or the empty slot where it would be inserted.
+        cdef uint64_t i = self._home(key)
+        while True:
+            if self.slots[i].row == ROW_EMPTY or self.slots[i].key == key:
+                return i
+            i = (i + 1) & self.mask
+
+    cdef inline void _prefetch(self, int64_t key) noexcept nogil:
+        HPS_PREFETCH(&self.slots[self._home(key)])
+
+    cdef void _delete_slot(self, uint64_t i) noexcept nogil:
+        # Backward-shift deletion for linear probing: pull later members of the cluster back
+        # into the hole when their home slot lies cyclically at or before it.
+        cdef uint64_t j = i, home
+        while True:
+            j = (j + 1) & self.mask
+            if self.slots[j].row == ROW_EMPTY:
+                break
+            home = self._home(self.slots[j].key)
+            if ((j - home) & self.mask) >= ((j - i) & self.mask):
+                self.slots[i] = self.slots[j]
+                i = j
+        self.slots[i].row = ROW_EMPTY
+        self.used_slots -= 1
+
+    cdef void _remove_row(self, int64_t r) noexcept nogil:
+        # Swap-remove: move the last row into r and repoint its slot.
+        cdef int64_t last = self.n_rows - 1
+        if r != last:
+            memcpy(self.rows + r * self.row_width, self.rows + last * self.row_width,
+                   self.row_width * sizeof(float))
+            self.row_keys[r] = self.row_keys[last]
+            self.row_last_update[r] = self.row_last_update[last]
+            self.row_update_count[r] = self.row_update_count[last]
+            self.slots[self._probe(self.row_keys[r])].row = <int32_t>r
+        self.n_rows -= 1
+
+    cdef void _init_row(self, int64_t r, int64_t key, int64_t step) noexcept nogil:
+        cdef float* row = self.rows + r * self.row_width
+        cdef int j
+        init_row(row, self.dim, self.initializer_kind, self.seed, self.table_id, key,
+                 self.init_a, self.init_b)
+        if self.optimizer_kind == 1 or self.optimizer_kind == 3:   # adagrad, ftrl: accumulator
+            for j in range(self.dim):
+                row[self.dim + j] = <float>self.initial_accumulator
+            if self.optimizer_kind == 3:
+                memset(row + 2 * self.dim, 0, self.dim * sizeof(float))
+        elif self.optimizer_kind == 2:                              # adam: m, v
+            memset(row + self.dim, 0, 2 * self.dim * sizeof(float))
+        self.row_keys[r] = key
+        self.row_last_update[r] = step
+        self.row_update_count[r] = 0
+
+    # ------------------------------------------------------------------ batched operations
+    def find(self, keys, out=None):
+        """Row index of each key, -1 where the key is absent or not yet admitted.
+
+        Args:
+            keys: 1-D int64 array.
+            out: optional int64 array of the same length to fill.
+        Returns:
+            int64 array of row indices (valid until the next erase or eviction).
+        """
+        keys = _as_keys(keys, "keys")
+        cdef Py_ssize_t n = keys.shape[0], i
+        if out is None:
+            out = np.empty(n, dtype=np.int64)
+        else:
+            _check_int64_out(out, n, "out")
+        cdef const int64_t[::1] k = keys
+        cdef int64_t[::1] o = out
+        cdef int32_t row
+        with nogil:
+            for i in range(n):
+                if i + PREFETCH_DISTANCE < n:
+                    self._prefetch(k[i + PREFETCH_DISTANCE])
+                row = self.slots[self._probe(k[i])].row
+                o[i] = row if row >= 0 else -1
+        return out
+
+    def lookup_or_insert(self, keys, out=None, int64_t step=0, versions=None, bint count_hits=True):
+        """Rows (embedding values) of the keys, inserting new keys with their key-seeded row.
+
+        Each occurrence of a key counts one hit. A key whose hit count is below ``min_count``
+        is kept as a candidate: it reads zeros and has no row. When the table holds
+        ``max_rows`` rows, a new row is refused (counted, reads zeros) or raises, by ``on_full``.
+
+        Args:
+            keys: 1-D int64 array (duplicates allowed).
+            out: optional float32 array (len(keys), dim) to fill; a new one when None.
+            step: training step, recorded as the version of newly inserted rows.
+            versions: optional int64 array (len(keys),) filled with each row's last-update
+                step (-1 for keys that read zeros).
+            count_hits: count this call towards admission and LFU (default True).
+        Returns:
+            the float32 array of rows, shape (len(keys), dim).
+        Raises:
+            TableInputError: bad dtype or shape. TableFullError: max_rows reached, on_full=raise
+            (keys before the failing one were inserted).
+        """
+        keys = _as_keys(keys, "keys")
+        cdef Py_ssize_t n = keys.shape[0]
+        if out is None:
+            out = np.empty((n, self.dim), dtype=np.float32)
+        else:
+            _check_out(out, n, self.dim)
+        self._run_lookup_insert(keys, out, step, versions, count_hits, True)
+        return out
+
+    def insert(self, keys, int64_t step=0, bint count_hits=True):
+        """Insert keys (key-seeded rows, admission and capacity as in lookup_or_insert)
+        without gathering their rows: the way to pre-populate a table.
+
+        Returns:
+            number of rows the table holds afterwards.
+        """
+        keys = _as_keys(keys, "keys")
+        self._run_lookup_insert(keys, np.empty((1, self.dim), dtype=np.float32), step, None,
+                                count_hits, False)
+        return self.n_rows
+
+    cdef _run_lookup_insert(self, keys, out, int64_t step, versions, bint count_hits, bint gather):
+        cdef Py_ssize_t n = keys.shape[0]
+        cdef int64_t[::1] ver
+        cdef bint want_versions = versions is not None
+        if want_versions:
+            _check_int64_out(versions, n, "versions")
+            ver = versions
+        else:
+            ver = np.empty(1, dtype=np.int64)   # never written: want_versions is False
+        cdef const int64_t[::1] k = keys
+        cdef float[:, ::1] o = out
+        cdef bint refuse = self.on_full == "refuse"
+        cdef Py_ssize_t done = 0, failed_at = -1
+        cdef int status = RUN_DONE
+        # The nogil run stops before a key that needs a slot or row the table cannot hold yet;
+        # the table grows (with the GIL) and the run resumes at that key.
+        while True:
+            with nogil:
+                done = self._lookup_insert_run(k, o, ver, want_versions, done, step, count_hits,
+                                               refuse, gather, &status)
+            if status == RUN_DONE:
+                break
+            elif status == RUN_NEED_SLOTS:
+                self._rehash(self.n_slots * 2)
+            elif status == RUN_NEED_ROWS:
+                self._reserve_rows(self.n_rows + 1)
+            else:
+                failed_at = done
+                break
+        if failed_at >= 0:
+            raise TableFullError(
+                f"embedding table {self.table_id} is full: max_rows={self.max_rows} rows are in "
+                f"use and key {k[failed_at]} (position {failed_at} of {n}) needs a new row. Raise "
+                f"max_rows, configure eviction (max_rows with lfu/lru, ttl_steps), or set "
+                f"on_full=refuse to read zeros for keys that do not fit (counted as refused_inserts).")
+
+    cdef Py_ssize_t _lookup_insert_run(self, const int64_t[::1] k, float[:, ::1] o,
+                                       int64_t[::1] ver, bint want_versions, Py_ssize_t start,
+                                       int64_t step, bint count_hits, bint refuse,
+                                       bint gather, int* status) noexcept nogil:
+        cdef Py_ssize_t i, n = k.shape[0]
+        cdef Slot* s
+        cdef int64_t key
+        cdef uint32_t hits
+        cdef int64_t slot_limit = <int64_t>(self.n_slots * MAX_LOAD)
+        cdef int64_t row_limit = self.max_rows if self.max_rows else MAX_ROWS_INT32
+        for i in range(start, n):
+            if i + PREFETCH_DISTANCE < n:
+                self._prefetch(k[i + PREFETCH_DISTANCE])
+            key = k[i]
+            s = &self.slots[self._probe(key)]
+            if s.row == ROW_EMPTY:
+                if self.used_slots >= slot_limit:
+                    status[0] = RUN_NEED_SLOTS
+                    return i
+                s.key = key
+                s.row = ROW_CANDIDATE
+                s.hits = 0
+                self.used_slots += 1
+            hits = s.hits + 1 if (count_hits and s.hits < 0xFFFFFFFFU) else s.hits
+            if s.row == ROW_CANDIDATE and (hits >= self.min_count or self.min_count <= 1):
+                if self.n_rows >= self.row_capacity and self.row_capacity < row_limit:
+                    status[0] = RUN_NEED_ROWS
+                    return i
+                if self.n_rows >= row_limit:
+                    if not refuse:
+                        status[0] = RUN_TABLE_FULL
+                        return i
+                    self.refused_inserts += 1
+                else:
+                    s.row = <int32_t>self.n_rows
+                    self.n_rows += 1
+                    self._init_row(s.row, key, step)
+                    self.admitted_keys += 1
+            s.hits = hits
+            if not gather:
+                continue
+            if s.row >= 0:
+                memcpy(&o[i, 0], self.rows + <int64_t>s.row * self.row_width,
+                       self.dim * sizeof(float))
+                if want_versions:
+                    ver[i] = self.row_last_update[s.row]
+            else:
+                memset(&o[i, 0], 0, self.dim * sizeof(float))
+                if want_versions:
+                    ver[i] = -1
+        status[0] = RUN_DONE
+        return n
+
+    def apply_gradients(self, keys, grads, int64_t step=0):
+        """Apply the table's optimizer to the rows of the keys (lazy; duplicates summed first).
+
+        Gradients for keys that are absent or not admitted are dropped and counted
+        (``dropped_missing_grads``, ``dropped_unadmitted_grads``).
+
+        Args:
+            keys: 1-D int64 array.
+            grads: float32 array (len(keys), dim).
+            step: training step, stored as the version of every updated row.
+        Returns:
+            number of distinct rows updated.
+        Raises:
+            NonFiniteGradientError: a gradient holds NaN/Inf and nonfinite=raise (nothing is
+            applied). With nonfinite=skip the row is skipped and counted.
+        """
+        keys = _as_keys(keys, "keys")
+        cdef Py_ssize_t n = keys.shape[0], i, bad = -1
+        grads = _as_rows(grads, n, self.dim, "grads")
+        cdef const int64_t[::1] k = keys
+        cdef const float[:, ::1] g = grads
+        cdef int dim = self.dim, j
+        if self.nonfinite == "raise":
+            with nogil:
+                for i in range(n):
+                    for j in range(dim):
+                        if not isfinite(g[i, j]):
+                            bad = i
+                            break
+                    if bad >= 0:
+                        break
+            if bad >= 0:
+                raise NonFiniteGradientError(
+                    f"gradient for key {k[bad]} (position {bad}) in table {self.table_id} holds "
+                    f"NaN or Inf at step {step}; nothing was applied. Lower the learning rate or "
+                    f"clip gradients, or set nonfinite=skip to skip such rows (counted).")
+        # Pass 1: find each key's row and sum duplicate keys into one accumulator per row.
+        accum = np.empty((n, dim), dtype=np.float32)
+        touched = np.empty(n, dtype=np.int64)
+        cdef float[:, ::1] acc = accum
+        cdef int64_t[::1] rows_touched = touched
+        cdef int64_t n_touched = 0, r, a
+        cdef int32_t slot_row
+        cdef bint skip_bad
+        with nogil:
+            for i in range(n):
+                if i + PREFETCH_DISTANCE < n:
+                    self._prefetch(k[i + PREFETCH_DISTANCE])
+                slot_row = self.slots[self._probe(k[i])].row
+                if slot_row < 0:
+                    if slot_row == ROW_CANDIDATE:
+                        self.dropped_unadmitted_grads += 1
+                    else:
+                        self.dropped_missing_grads += 1
+                    continue
+                r = slot_row
+                a = self.row_accumulator_index[r]
+                if a < 0:
+                    a = n_touched
+                    n_touched += 1
+                    self.row_accumulator_index[r] = a
+                    rows_touched[a] = r
+                    memcpy(&acc[a, 0], &g[i, 0], dim * sizeof(float))
+                else:
+                    for j in range(dim):
+                        acc[a, j] += g[i, j]
+            # Pass 2: one optimizer update per distinct row.
+            for a in range(n_touched):
+                r = rows_touched[a]
+                self.row_accumulator_index[r] = -1
+                skip_bad = False
+                if self.skip_nonfinite:
+                    for j in range(dim):
+                        if not isfinite(acc[a, j]):
+                            skip_bad = True
+                            break
+                if skip_bad:
+                    self.skipped_nonfinite_grads += 1
+                    continue
+                self._update_row(r, &acc[a, 0], step)
+                self.applied_row_updates += 1
+        return n_touched
+
+    cdef void _update_row(self, int64_t r, const float* g, int64_t step) noexcept nogil:
+        cdef float* w = self.rows + r * self.row_width
+        cdef float* s0 = w + self.dim
+        cdef float* s1 = w + 2 * self.dim
+        cdef int j, dim = self.dim
+        cdef double lr = self.lr, gj, t, m, v, mhat, vhat, n_new, z, sigma, bias1, bias2
+        cdef int kind = self.optimizer_kind
+        self.row_update_count[r] += 1
+        self.row_last_update[r] = step
+        if kind == 0:
+            for j in range(dim):
+                w[j] = <float>(w[j] - lr * g[j])
+        elif kind == 1:
+            for j in range(dim):
+                gj = g[j]
+                s0[j] = <float>(s0[j] + gj * gj)
+                w[j] = <float>(w[j] - lr * gj / (sqrt(s0[j]) + self.epsilon))
+        elif kind == 2:
+            t = <double>self.row_update_count[r]
+            bias1 = 1.0 - pow(self.beta1, t)
+            bias2 = 1.0 - pow(self.beta2, t)
+            for j in range(dim):
+                gj = g[j]
+                m = self.beta1 * s0[j] + (1.0 - self.beta1) * gj
+                v = self.beta2 * s1[j] + (1.0 - self.beta2) * gj * gj
+                s0[j] = <float>m
+                s1[j] = <float>v
+                mhat = m / bias1
+                vhat = v / bias2
+                w[j] = <float>(w[j] - lr * mhat / (sqrt(vhat) + self.epsilon))
+        else:
+            for j in range(dim):
+                gj = g[j]
+                n_new = s0[j] + gj * gj
+                sigma = (sqrt(n_new) - sqrt(<double>s0[j])) / lr
+                z = s1[j] + gj - sigma * w[j]
+                s0[j] = <float>n_new
+                s1[j] = <float>z
+                if fabs(z) > self.l1:
+                    w[j] = <float>(((self.l1 if z > 0 else -self.l1) - z) /
+                                   (sqrt(n_new) / lr + 2.0 * self.l2))
+                else:
+                    w[j] = 0.0
+
+    def erase(self, keys):
+        """Remove keys (rows and candidates). Absent keys are ignored.
+
+        Returns:
+            number of keys removed.
+        """
+        keys = _as_keys(keys, "keys")
+        cdef const int64_t[::1] k = keys
+        cdef Py_ssize_t i, n = keys.shape[0]
+        cdef uint64_t si
+        cdef int64_t removed = 0
+        with nogil:
+            for i in range(n):
+                si = self._probe(k[i])
+                if self.slots[si].row == ROW_EMPTY:
+                    continue
+                if self.slots[si].row >= 0:
+                    self._remove_row(self.slots[si].row)   # moves rows, never slots
+                self._delete_slot(si)
+                removed += 1
+        return removed
+
+    # ------------------------------------------------------------------ eviction
+    def evict_stale(self, int64_t step, int64_t ttl_steps):
+        """Erase rows not updated for more than ``ttl_steps`` steps before ``step``.
+
+        Returns:
+            number of rows evicted (also added to ``evicted_rows``).
+        """
+        if ttl_steps < 0:
+            raise ConfigError(f"ttl_steps must be >= 0, got {ttl_steps}")
+        meta = self.export(values=False)
+        stale = meta["keys"][step - meta["last_update_step"] > ttl_steps]
+        removed = self.erase(stale)
+        self.evicted_rows += removed
+        return removed
+
+    def evict_to_budget(self, int64_t max_rows, str policy="lfu"):
+        """Erase rows until at most ``max_rows`` remain.
+
+        ``lfu`` evicts the fewest hits first, ``lru`` the oldest last update first; ties go to
+        the smaller key, so the choice is deterministic.
+
+        Returns:
+            number of rows evicted (also added to ``evicted_rows``).
+        """
+        if policy not in ("lfu", "lru"):
+            raise ConfigError(f"eviction policy must be 'lfu' or 'lru', got {policy!r}")
+        if max_rows < 0:
+            raise ConfigError(f"max_rows must be >= 0, got {max_rows}")
+        excess = self.n_rows - max_rows
+        if excess <= 0:
+            return 0
+        meta = self.export(values=False)
+        score = meta["hits"] if policy == "lfu" else meta["last_update_step"]
+        order = np.lexsort((meta["keys"], score))
+        removed = self.erase(meta["keys"][order[:excess]])
+        self.evicted_rows += removed
+        return removed
+
+    # ------------------------------------------------------------------ export / import
+    def export(self, bint values=True):
+        """Every row with its slots and metadata, and every candidate key with its hits.
+
+        Returns:
+            dict with ``keys`` (n,), ``values`` (n, dim), ``slots`` (n, n_optimizer_slots, dim),
+            ``hits``, ``last_update_step``, ``update_count`` (n,), ``candidate_keys`` and
+            ``candidate_hits`` (m,). Rows come in the table's internal order.
+        """
+        cdef int64_t n = self.n_rows, r
+        out = {}
+        keys = np.empty(n, dtype=np.int64)
+        last = np.empty(n, dtype=np.int64)
+        count = np.empty(n, dtype=np.int64)
+        hits = np.empty(n, dtype=np.int64)
+        cdef int64_t[::1] kv = keys, lv = last, cv = count, hv = hits
+        for r in range(n):
+            kv[r] = self.row_keys[r]
+            lv[r] = self.row_last_update[r]
+            cv[r] = self.row_update_count[r]
+        n_cand = self.used_slots - self.n_rows
+        cand_keys = np.empty(n_cand, dtype=np.int64)
+        cand_hits = np.empty(n_cand, dtype=np.int64)
+        cdef int64_t[::1] ckv = cand_keys, chv = cand_hits
+        cdef int64_t c = 0
+        cdef uint64_t i
+        cdef float[:, ::1] bv
+        for i in range(self.n_slots):
+            if self.slots[i].row >= 0:
+                hv[self.slots[i].row] = self.slots[i].hits
+            elif self.slots[i].row == ROW_CANDIDATE:
+                ckv[c] = self.slots[i].key
+                chv[c] = self.slots[i].hits
+                c += 1
+        out.update(keys=keys, hits=hits, last_update_step=last, update_count=count,
+                   candidate_keys=cand_keys, candidate_hits=cand_hits)
+        if values:
+            block = np.empty((n, self.row_width), dtype=np.float32)
+            if n:
+                bv = block
+                memcpy(&bv[0, 0], self.rows, n * self.row_width * sizeof(float))
+            out["values"] = block[:, :self.dim].copy()
+            out["slots"] = block[:, self.dim:].reshape(n, self.n_optimizer_slots, self.dim).copy()
+        return out
+
+    def import_rows(self, keys, values, slots=None, hits=None, last_update_step=None,
+                    update_count=None):
+        """Insert or overwrite rows exactly as given (values, optimizer slots, metadata).
+
+        Missing ``slots`` start at the optimizer's initial slot values, missing ``hits`` at
+        ``min_count``, missing steps and counts at 0. Admission does not apply to imported rows.
+        """
+        keys = _as_keys(keys, "keys")
+        cdef Py_ssize_t n = keys.shape[0], i
+        values = _as_rows(values, n, self.dim, "values")
+        cdef int ns = self.n_optimizer_slots
+        if slots is not None:
+            slots = np.ascontiguousarray(slots)
+            if slots.dtype != np.float32 or slots.shape != (n, ns, self.dim):
+                raise TableInputError(f"slots must be float32 of shape ({n}, {ns}, {self.dim}) for "
+                                      f"optimizer {self.optimizer}, got {slots.dtype} {slots.shape}")
+        hits = _as_meta(np.full(n, self.min_count) if hits is None else hits, n, "hits")
+        last = _as_meta(np.zeros(n) if last_update_step is None else last_update_step, n, "last_update_step")
+        count = _as_meta(np.zeros(n) if update_count is None else update_count, n, "update_count")
+        if self.max_rows and self.n_rows + n > self.max_rows:
+            existing = int((self.find(keys) >= 0).sum())
+            if self.n_rows + n - existing > self.max_rows:
+                raise TableFullError(f"importing {n} rows into table {self.table_id} would exceed "
+                                     f"max_rows={self.max_rows}; raise max_rows")
+        self._reserve_slots(n)
+        self._reserve_rows(self.n_rows + n)
+        cdef const int64_t[::1] k = keys
+        cdef const float[:, ::1] v = values
+        cdef const float[:, :, ::1] sl
+        if slots is not None:
+            sl = slots
+        cdef const int64_t[::1] hv = hits, lv = last, cv = count
+        cdef Slot* s
+        cdef float* row
+        for i in range(n):
+            s = &self.slots[self._probe(k[i])]
+            if s.row == ROW_EMPTY:
+                s.key = k[i]
+                s.row = ROW_CANDIDATE
+                self.used_slots += 1
+            if s.row == ROW_CANDIDATE:
+                s.row = <int32_t>self.n_rows
+                self.n_rows += 1
+                self._init_row(s.row, k[i], 0)
+            s.hits = <uint32_t>min(max(hv[i], 0), 0xFFFFFFFF)
+            row = self.rows + <int64_t>s.row * self.row_width
+            memcpy(row, &v[i, 0], self.dim * sizeof(float))
+            if slots is not None and ns:
+                memcpy(row + self.dim, &sl[i, 0, 0], ns * self.dim * sizeof(float))
+            self.row_last_update[s.row] = lv[i]
+            self.row_update_count[s.row] = cv[i]
+
+    def import_candidates(self, keys, hits):
+        """Restore not-yet-admitted keys with their hit counts (the other half of export)."""
+        keys = _as_keys(keys, "keys")
+        cdef Py_ssize_t n = keys.shape[0], i
+        hits = _as_meta(hits, n, "hits")
+        self._reserve_slots(n)
+        cdef Slot* s
+        for i in range(n):
+            s = &self.slots[self._probe(keys[i])]
+            if s.row == ROW_EMPTY:
+                s.key = keys[i]
+                s.row = ROW_CANDIDATE
+                self.used_slots += 1
+            if s.row == ROW_CANDIDATE:
+                s.hits = <uint32_t>min(max(hits[i], 0), 0xFFFFFFFF)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def size(self):
+        """Number of admitted rows."""
+        return self.n_rows
+
+    @property
+    def num_candidates(self):
+        """Number of keys counted but not yet admitted (min_count)."""
+        return self.used_slots - self.n_rows
+
+    @property
+    def capacity(self):
+        """Number of hash slots (a power of two; grows to keep the load <= 0.5)."""
+        return self.n_slots
+
+    @property
+    def memory_bytes(self):
+        """Bytes of C memory held: hash slots plus row storage with metadata."""
+        return (self.n_slots * sizeof(Slot)
+                + self.row_capacity * (self.row_width * sizeof(float) + 4 * sizeof(int64_t)))
+
+    @property
+    def optimizer_slot_names(self):
+        return OPTIMIZER_SLOT_NAMES[self.optimizer]
+
+    def counters(self):
+        """Every admission, refusal, drop, skip and eviction this table has counted."""
+        return {"rows": self.n_rows, "candidates": self.used_slots - self.n_rows,
+                "admitted_keys": self.admitted_keys, "refused_inserts": self.refused_inserts,
+                "evicted_rows": self.evicted_rows,
+                "dropped_unadmitted_grads": self.dropped_unadmitted_grads,
+                "dropped_missing_grads": self.dropped_missing_grads,
+                "skipped_nonfinite_grads": self.skipped_nonfinite_grads,
+                "applied_row_updates": self.applied_row_updates,
+                "memory_bytes": self.memory_bytes}
+
+    def __len__(self):
+        return self.n_rows
+
+    def __repr__(self):
+        return (f"EmbeddingHashTable(table_id={self.table_id}, dim={self.dim}, "
+                f"optimizer={self.optimizer!r}, rows={self.n_rows}, capacity={self.n_slots})")
+
+
+cdef _check_out(object out, Py_ssize_t n, int dim):
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (n, dim) \
+            or not out.flags.c_contiguous:
+        raise TableInputError(f"out must be a C-contiguous float32 array of shape ({n}, {dim}), got "
+                              f"{getattr(out, 'dtype', type(out))} {getattr(out, 'shape', '')}")
+
+
+cdef _check_int64_out(object arr, Py_ssize_t n, str name):
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.int64 \
+            or arr.shape != (n,) or not arr.flags.c_contiguous:
+        raise TableInputError(f"{name} must be a C-contiguous int64 array of shape ({n},)")
+
+
+def initial_rows(keys, int dim, str initializer="normal", uint64_t seed=0, int64_t table_id=0,
+                 double a=0.0, double b=0.01):
+    """The key-seeded initial rows of ``keys`` (what a table inserts), without a table.
+
+    ``a, b`` are (mean, std) for ``normal`` and (low, high) for ``uniform``.
+    """
+    if initializer not in INITIALIZERS:
+        raise ConfigError(f"initializer must be one of {sorted(INITIALIZERS)}, got {initializer!r}")
+    cdef const int64_t[::1] k = _as_keys(keys, "keys")
+    out = np.empty((k.shape[0], dim), dtype=np.float32)
+    cdef float[:, ::1] o = out
+    cdef int kind = INITIALIZERS[initializer]
+    cdef Py_ssize_t i
+    if dim > 0:
+        with nogil:
+            for i in range(k.shape[0]):
+                init_row(&o[i, 0], dim, kind, seed, table_id, k[i], a, b)
+    return out
