@@ -548,6 +548,7 @@ cdef class EmbeddingHashTable:
         cdef Slot* s
         cdef int64_t key
         cdef uint32_t hits
+        cdef bint fresh
         cdef int64_t slot_limit = <int64_t>(self.n_slots * MAX_LOAD)
         cdef int64_t row_limit = self.max_rows if self.max_rows else MAX_ROWS_INT32
         for i in range(start, n):
@@ -555,7 +556,8 @@ cdef class EmbeddingHashTable:
                 self._prefetch(k[i + PREFETCH_DISTANCE])
             key = k[i]
             s = &self.slots[self._probe(key)]
-            if s.row == ROW_EMPTY:
+            fresh = s.row == ROW_EMPTY
+            if fresh:
                 if self.used_slots >= slot_limit:
                     status[0] = RUN_NEED_SLOTS
                     return i
@@ -570,6 +572,8 @@ cdef class EmbeddingHashTable:
                     return i
                 if self.n_rows >= row_limit:
                     if not refuse:
+                        if fresh:   # the failing key leaves no trace (no 0-hit candidate)
+                            self._delete_slot(<uint64_t>(s - self.slots))
                         status[0] = RUN_TABLE_FULL
                         return i
                     self.refused_inserts += 1
@@ -634,7 +638,7 @@ cdef class EmbeddingHashTable:
         touched = np.empty(n, dtype=np.int64)
         cdef float[:, ::1] acc = accum
         cdef int64_t[::1] rows_touched = touched
-        cdef int64_t n_touched = 0, r, a
+        cdef int64_t n_touched = 0, n_applied = 0, r, a
         cdef int32_t slot_row
         cdef bint skip_bad
         with nogil:
@@ -673,8 +677,9 @@ cdef class EmbeddingHashTable:
                     self.skipped_nonfinite_grads += 1
                     continue
                 self._update_row(r, &acc[a, 0], step)
-                self.applied_row_updates += 1
-        return n_touched
+                n_applied += 1
+        self.applied_row_updates += n_applied
+        return n_applied
 
     cdef void _update_row(self, int64_t r, const float* g, int64_t step) noexcept nogil:
         cdef float* w = self.rows + r * self.row_width

@@ -1,0 +1,158 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+"""Per-step kernels of the sharded embedding exchange: unique, owner routing, bucketing.
+
+What lives here: the loops that run over every key of every step (DESIGN.md section 3) and
+must never be per-key Python or a sort: ``unique_inverse`` (hash-based, first-occurrence
+order), ``owner_ranks`` (``mix64(key) % world_size``) and ``bucket_by_owner`` (a counting
+sort of the step's unique keys by (owner rank, table) that yields the send order of the fused
+exchange). What does not: MPI (hybridps.comm) and tables (hybridps._hashtable).
+"""
+
+from libc.stdint cimport int64_t, uint64_t, int32_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+import numpy as np
+
+from hybridps.errors import TableInputError
+
+
+cdef inline uint64_t mix64_c(uint64_t z) noexcept nogil:
+    # splitmix64 finalizer, identical to hybridps._hashtable.mix64.
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+cdef object _keys_1d(object keys):
+    arr = np.ascontiguousarray(keys)
+    if arr.dtype != np.int64 or arr.ndim != 1:
+        raise TableInputError(f"keys must be a 1-D int64 array, got {arr.dtype} of shape {arr.shape}")
+    return arr
+
+
+def unique_inverse(keys):
+    """Distinct keys in first-occurrence order, and each key's index into them.
+
+    Equivalent to ``np.unique(keys, return_inverse=True)`` up to the order of the distinct
+    keys (first occurrence here, sorted there), in O(n) with a scratch hash set.
+
+    Args:
+        keys: 1-D int64 array.   # IN
+    Returns:
+        (unique_keys int64 (u,), inverse int32 (n,)) with ``unique_keys[inverse] == keys``.
+    """
+    keys = _keys_1d(keys)
+    cdef const int64_t[::1] k = keys
+    cdef Py_ssize_t n = k.shape[0], i
+    uniq = np.empty(n, dtype=np.int64)
+    inverse = np.empty(n, dtype=np.int32)
+    if n == 0:
+        return uniq, inverse
+    if n >= 2147483647:
+        raise TableInputError("unique_inverse handles fewer than 2**31 keys per call")
+    cdef int64_t[::1] u = uniq
+    cdef int32_t[::1] inv = inverse
+    cdef uint64_t cap = 16
+    while cap < 2 * <uint64_t>n:
+        cap <<= 1
+    cdef uint64_t mask = cap - 1, h
+    cdef int shift = 64
+    while (1ULL << (64 - shift)) < cap:
+        shift -= 1
+    # slot holds 1 + index into uniq (0 = empty)
+    cdef int32_t* slot = <int32_t*>malloc(cap * sizeof(int32_t))
+    if slot == NULL:
+        raise MemoryError("unique_inverse: cannot allocate scratch table")
+    cdef int32_t n_unique = 0, s
+    cdef int64_t key
+    with nogil:
+        memset(slot, 0, cap * sizeof(int32_t))
+        for i in range(n):
+            key = k[i]
+            h = mix64_c(<uint64_t>key ^ 0x9E3779B97F4A7C15ULL) >> shift
+            while True:
+                s = slot[h]
+                if s == 0:
+                    u[n_unique] = key
+                    n_unique += 1
+                    slot[h] = n_unique
+                    inv[i] = n_unique - 1
+                    break
+                if u[s - 1] == key:
+                    inv[i] = s - 1
+                    break
+                h = (h + 1) & mask
+    free(slot)
+    return uniq[:n_unique].copy(), inverse
+
+
+def owner_ranks(keys, int world_size):
+    """Owner rank of each key: ``mix64(key) % world_size`` (int32)."""
+    keys = _keys_1d(keys)
+    if world_size < 1:
+        raise TableInputError(f"world_size must be >= 1, got {world_size}")
+    cdef const int64_t[::1] k = keys
+    cdef Py_ssize_t i, n = k.shape[0]
+    out = np.empty(n, dtype=np.int32)
+    cdef int32_t[::1] o = out
+    cdef uint64_t w = <uint64_t>world_size
+    with nogil:
+        for i in range(n):
+            o[i] = <int32_t>(mix64_c(<uint64_t>k[i]) % w)
+    return out
+
+
+def bucket_by_owner(keys, table_offsets, int world_size):
+    """Send order of a step's unique keys, grouped by owner rank, then by table.
+
+    The keys of table ``t`` are ``keys[table_offsets[t]:table_offsets[t+1]]``. A stable
+    counting sort on (owner, table) gives the permutation ``send_order`` such that
+    ``keys[send_order]`` is the alltoallv send buffer, and ``counts[r, t]`` keys of table t go
+    to rank r.
+
+    Args:
+        keys: 1-D int64 array of all tables' unique keys, concatenated.    # IN
+        table_offsets: int64 array (num_tables + 1,), starting at 0, ending at len(keys). # IN
+        world_size: number of ranks.
+    Returns:
+        (send_order int64 (n,), counts int64 (world_size, num_tables)).
+    """
+    keys = _keys_1d(keys)
+    offsets = np.ascontiguousarray(table_offsets, dtype=np.int64)
+    cdef Py_ssize_t n = keys.shape[0]
+    cdef int num_tables = offsets.shape[0] - 1
+    if num_tables < 1 or offsets[0] != 0 or offsets[num_tables] != n or np.any(np.diff(offsets) < 0):
+        raise TableInputError(f"table_offsets must rise from 0 to len(keys)={n}, got {offsets}")
+    if world_size < 1:
+        raise TableInputError(f"world_size must be >= 1, got {world_size}")
+    cdef const int64_t[::1] k = keys
+    cdef const int64_t[::1] off = offsets
+    counts = np.zeros((world_size, num_tables), dtype=np.int64)
+    order = np.empty(n, dtype=np.int64)
+    owner = np.empty(n, dtype=np.int32)
+    cdef int64_t[:, ::1] c = counts
+    cdef int64_t[::1] o = order
+    cdef int32_t[::1] own = owner
+    cdef uint64_t w = <uint64_t>world_size
+    cdef Py_ssize_t i
+    cdef int t, r
+    cdef int64_t running = 0, tmp
+    cdef int64_t[:, ::1] start = np.empty((world_size, num_tables), dtype=np.int64)
+    with nogil:
+        for t in range(num_tables):
+            for i in range(off[t], off[t + 1]):
+                r = <int>(mix64_c(<uint64_t>k[i]) % w)
+                own[i] = r
+                c[r, t] += 1
+        for r in range(world_size):
+            for t in range(num_tables):
+                start[r, t] = running
+                running += c[r, t]
+        for t in range(num_tables):
+            for i in range(off[t], off[t + 1]):
+                r = own[i]
+                o[start[r, t]] = i
+                start[r, t] += 1
+    return order, counts

@@ -1,0 +1,115 @@
+"""``hybridps bench train``: DeepFM training throughput on N ranks, three cases in one run.
+
+Cases (DESIGN.md section 9; 26 categorical fields, 13 dense, dim 16, batch 4096 per rank,
+Zipf IDs, Adagrad):
+  * ``hybridps-bsp``: ``hybridps train --sync bsp`` (sharded hash tables over alltoallv,
+    dense allreduce through Horovod);
+  * ``tf-baseline``: plain TF + Horovod, fixed-size Embedding over hashed buckets, gradients
+    through hvd.DistributedGradientTape (hybridps.bench.train_worker);
+  * ``compute-ceiling``: the same TF step on rows already in memory, no communication.
+Each case is its own ``mpirun`` job, run one after another on the same machine, so the
+ratios compare like with like. Writes DIR/train.json, DIR/train.md, DIR/train.png.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+from hybridps.bench.report import bar_chart, bench_environment, markdown_table, write_json
+
+OVERSUBSCRIBE_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1", "OMP_NUM_THREADS": "1",
+                     "HYBRIDPS_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+                     "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+TARGETS = {"vs_tf_baseline": 5.0, "vs_ceiling": 0.60}
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4096, help="per rank")
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--vocab-size", type=int, default=100_000, help="ids per field")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per case")
+
+
+def _mpirun(ranks, argv, timeout):
+    command = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none",
+               sys.executable] + argv
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV)
+    started = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case failed ({' '.join(command)}):\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - started
+
+
+def run_train_bench(out_dir, ranks=2, steps=60, warmup_steps=10, batch_size=4096, dim=16,
+                    vocab_size=100_000, timeout=1200):
+    """Run the three cases; returns the train.json object."""
+    os.makedirs(out_dir, exist_ok=True)
+    common = ["--steps", str(steps), "--warmup-steps", str(warmup_steps), "--batch-size",
+              str(batch_size), "--dim", str(dim), "--vocab-size", str(vocab_size)]
+    cases = []
+    plan = [
+        ("hybridps-bsp", ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
+                          "--sync", "bsp", "--mode", "collective", "--optimizer", "adagrad",
+                          "--no-progress", "--metrics-out"]),
+        ("tf-baseline", ["-m", "hybridps.bench.train_worker", "tf-baseline"]),
+        ("compute-ceiling", ["-m", "hybridps.bench.train_worker", "ceiling"]),
+    ]
+    for name, argv in plan:
+        result_path = os.path.join(out_dir, f"{name}.json")
+        sys.stderr.write(f"bench train: {name} on {ranks} ranks, {steps} steps ...\n")
+        wall = _mpirun(ranks, argv + [result_path] + common, timeout)
+        with open(result_path) as fh:
+            result = json.load(fh)
+        case = {"name": name, "samples_per_s": result["samples_per_s"],
+                "final_loss": result["final_loss"], "auc": result["auc"], "ranks": ranks,
+                "wall_s": wall}
+        if "phase_ms_per_step_max_over_ranks" in result:
+            case["phase_ms_per_step"] = result["phase_ms_per_step_max_over_ranks"]
+            case["bytes_per_step"] = (result["exchange"]["bytes_sent_per_step"]
+                                      + result["exchange"]["bytes_received_per_step"])
+        cases.append(case)
+        sys.stderr.write(f"  {case['samples_per_s']:,.0f} samples/s, loss {case['final_loss']:.4f}, "
+                         f"auc {case['auc']:.4f}\n")
+    by_name = {c["name"]: c for c in cases}
+    ours = by_name["hybridps-bsp"]["samples_per_s"]
+    ratios = {"vs_tf_baseline": ours / by_name["tf-baseline"]["samples_per_s"],
+              "vs_ceiling": ours / by_name["compute-ceiling"]["samples_per_s"]}
+    report = {"cases": cases, "ratios": ratios, "targets": TARGETS,
+              "settings": {"ranks": ranks, "steps": steps, "warmup_steps": warmup_steps,
+                           "batch_size_per_rank": batch_size, "dim": dim, "vocab_size": vocab_size,
+                           "model": "deepfm", "num_fields": 26, "num_dense": 13},
+              "machine": bench_environment()}
+    write_json(os.path.join(out_dir, "train.json"), report)
+    table = markdown_table(cases, [("name", "case", "{}"), ("samples_per_s", "samples/s", "{:,.0f}"),
+                                   ("final_loss", "final loss", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
+                                   ("ranks", "ranks", "{}")])
+    lines = [table, "",
+             f"hybridps-bsp / tf-baseline = {ratios['vs_tf_baseline']:.2f}x (target >= {TARGETS['vs_tf_baseline']}x: "
+             f"{'met' if ratios['vs_tf_baseline'] >= TARGETS['vs_tf_baseline'] else 'NOT met'})",
+             f"hybridps-bsp / compute-ceiling = {ratios['vs_ceiling']:.2f} (target >= {TARGETS['vs_ceiling']}: "
+             f"{'met' if ratios['vs_ceiling'] >= TARGETS['vs_ceiling'] else 'NOT met'})"]
+    if "phase_ms_per_step" in by_name["hybridps-bsp"]:
+        phases = by_name["hybridps-bsp"]["phase_ms_per_step"]
+        lines.append("hybridps-bsp per-step phases (ms, max over ranks): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "train.md"), "w") as fh:
+        fh.write(text)
+    bar_chart(os.path.join(out_dir, "train.png"), [c["name"] for c in cases],
+              {"samples/s": [c["samples_per_s"] for c in cases]},
+              title=f"DeepFM training throughput, {ranks} ranks", ylabel="samples / s")
+    print(text)
+    return report
+
+
+def main(args):
+    run_train_bench(args.out, ranks=args.ranks, steps=args.steps, warmup_steps=args.warmup_steps,
+                    batch_size=args.batch_size, dim=args.dim, vocab_size=args.vocab_size,
+                    timeout=args.timeout)

@@ -1,0 +1,155 @@
+"""The per-rank programs of ``hybridps bench train`` that are not ``hybridps train`` itself.
+
+``python -m hybridps.bench.train_worker tf-baseline OUT.json ...`` (under mpirun): the plain
+TensorFlow + Horovod baseline: a fixed-size ``tf.keras.layers.Embedding`` over hashed buckets
+(key mod num_buckets, so colliding features share a row), the same DeepFM and data, gradients
+through ``hvd.DistributedGradientTape`` (embedding gradients travel as IndexedSlices, i.e.
+allgathered), Keras Adagrad on every variable.
+
+``python -m hybridps.bench.train_worker ceiling OUT.json ...``: the compute-only ceiling: the
+very TF step hybridps runs (hybridps.trainer.make_compute_step) plus the local dense update,
+on unique rows and inverse indices prepared before timing, with no communication and no table
+work. Run on N ranks at once, each on its own core, it bounds what any distribution scheme
+can reach on this machine.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("role", choices=["tf-baseline", "ceiling"])
+    p.add_argument("out")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--num-fields", type=int, default=26)
+    p.add_argument("--num-dense", type=int, default=13)
+    p.add_argument("--vocab-size", type=int, default=100_000)
+    p.add_argument("--num-buckets", type=int, default=1 << 21)
+    p.add_argument("--learning-rate", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _setup():
+    from hybridps import comm as comm_module
+    from hybridps.trainer import configure_tensorflow
+    comm = comm_module.init(with_horovod=True)
+    tf = configure_tensorflow(int(os.environ.get("HYBRIDPS_TF_THREADS", "1") or 1))
+    return comm, tf
+
+
+def _finish(comm, args, role, elapsed, losses, auc_acc):
+    from hybridps.metrics import AUCAccumulator
+    slowest = float(comm.allreduce_max(np.array([elapsed]))[0])
+    loss_sums = comm.allreduce_sum(np.array(losses))
+    pos, neg = comm.allreduce_sum(auc_acc.positives), comm.allreduce_sum(auc_acc.negatives)
+    global_batch = args.batch_size * comm.size
+    result = {"name": role, "ranks": comm.size,
+              "samples_per_s": (args.steps - args.warmup_steps) * global_batch / slowest,
+              "final_loss": float(loss_sums[-1] / global_batch),
+              "auc": AUCAccumulator.auc_from_histograms(pos, neg)}
+    if comm.rank == 0:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh)
+
+
+def run_tf_baseline(args):
+    comm, tf = _setup()
+    import horovod.tensorflow as hvd
+    from hybridps.data import SyntheticCTR
+    from hybridps.metrics import AUCAccumulator
+    from hybridps.models import build_model
+    data = SyntheticCTR(num_fields=args.num_fields, num_dense=args.num_dense,
+                        vocab_size=args.vocab_size, seed=args.seed, rank=comm.rank,
+                        world_size=comm.size)
+    model = build_model("deepfm", args.num_fields, args.num_dense, args.dim, seed=args.seed)
+    embedding = tf.keras.layers.Embedding(
+        args.num_buckets, args.dim,
+        embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.01, seed=args.seed))
+    embedding.build((None, args.num_fields))
+    variables = model.trainable_variables + embedding.trainable_variables
+    optimizer = tf.keras.optimizers.Adagrad(args.learning_rate, initial_accumulator_value=0.1,
+                                            epsilon=1e-7)
+    hvd.broadcast_variables(variables, root_rank=0)
+    global_batch = float(args.batch_size * comm.size)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, args.num_dense], tf.float32),
+                                  tf.TensorSpec([None, args.num_fields], tf.int64),
+                                  tf.TensorSpec([None], tf.float32)])
+    def train_step(dense, buckets, labels):
+        with tf.GradientTape() as tape:
+            logits = model((dense, embedding(buckets)), training=True)
+            loss_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+            loss = loss_sum / global_batch
+        tape = hvd.DistributedGradientTape(tape, op=hvd.Sum)
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss_sum, logits
+
+    losses, auc_acc = [], AUCAccumulator()
+    start = None
+    for step, batch in enumerate(data.iter_batches(args.batch_size, args.steps)):
+        if step == args.warmup_steps:
+            start = time.perf_counter()
+        buckets = (batch.keys.view(np.uint64) % np.uint64(args.num_buckets)).astype(np.int64)
+        loss_sum, logits = train_step(batch.dense, buckets, batch.labels)
+        losses.append(float(loss_sum))
+        if step >= args.steps // 2:
+            auc_acc.update(batch.labels, 1 / (1 + np.exp(-logits.numpy().astype(np.float64))))
+    _finish(comm, args, "tf-baseline", time.perf_counter() - start, losses, auc_acc)
+
+
+def run_ceiling(args):
+    comm, tf = _setup()
+    from hybridps.data import SyntheticCTR
+    from hybridps.dense import DenseSync
+    from hybridps.embedding.routing import unique_inverse
+    from hybridps.embedding.table import initial_rows
+    from hybridps.metrics import AUCAccumulator
+    from hybridps.models import build_model
+    from hybridps.trainer import make_compute_step
+    data = SyntheticCTR(num_fields=args.num_fields, num_dense=args.num_dense,
+                        vocab_size=args.vocab_size, seed=args.seed, rank=comm.rank,
+                        world_size=comm.size)
+    model = build_model("deepfm", args.num_fields, args.num_dense, args.dim, seed=args.seed)
+    dense = DenseSync(model.trainable_variables, "adagrad", args.learning_rate, world_size=1)
+    step_fn = make_compute_step(tf, model, args.num_fields, args.num_dense, args.dim)
+    prepared = []
+    for batch in data.iter_batches(args.batch_size, args.steps):
+        uniq, inverse = unique_inverse(batch.keys.ravel())
+        rows = initial_rows(uniq, args.dim, "normal", args.seed, 0, 0.0, 0.01)
+        prepared.append((batch, rows, inverse.reshape(batch.keys.shape)))
+    global_batch = tf.constant(float(args.batch_size * comm.size))
+    losses, auc_acc = [], AUCAccumulator()
+    comm.barrier()
+    start = None
+    for step, (batch, rows, inverse) in enumerate(prepared):
+        if step == args.warmup_steps:
+            start = time.perf_counter()
+        loss_sum, logits, grads, row_grads = step_fn(batch.dense, rows, inverse, batch.labels, global_batch)
+        dense.apply_local(grads)
+        row_grads.numpy()
+        losses.append(float(loss_sum))
+        if step >= args.steps // 2:
+            auc_acc.update(batch.labels, 1 / (1 + np.exp(-logits.numpy().astype(np.float64))))
+    elapsed = time.perf_counter() - start
+    _finish(comm, args, "compute-ceiling", elapsed, losses, auc_acc)
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if args.role == "tf-baseline":
+        run_tf_baseline(args)
+    else:
+        run_ceiling(args)
+
+
+if __name__ == "__main__":
+    main()

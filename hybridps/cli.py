@@ -1,0 +1,112 @@
+"""Command line: ``hybridps train | bench table | bench train``.
+
+Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
+(or ``python -m hybridps.cli train ...``), or alone without mpirun. Flags override the YAML
+file given with ``--config``; every flag is a field of hybridps.config.TrainConfig.
+Heavy imports (TensorFlow, MPI) happen only inside the subcommand that needs them.
+"""
+import argparse
+import json
+import sys
+
+from hybridps.errors import HybridPSError
+
+
+def _add_train_arguments(parser):
+    parser.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
+    parser.add_argument("--model", choices=["deepfm", "wide_deep", "dcn"])
+    parser.add_argument("--data", help="'synthetic' (built-in generator) or a Criteo TSV/CSV path")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int, help="samples per rank per step")
+    parser.add_argument("--sync", choices=["bsp", "ssp", "asp"])
+    parser.add_argument("--staleness", type=int, help="SSP bound in steps")
+    parser.add_argument("--mode", choices=["collective", "ps"])
+    parser.add_argument("--num-servers", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--metrics-out", help="write the JSON summary here (rank 0)")
+    parser.add_argument("--dim", type=int, help="embedding dimension")
+    parser.add_argument("--hidden", help="MLP sizes, comma-separated, e.g. 256,128")
+    parser.add_argument("--optimizer", choices=["sgd", "adagrad", "adam", "ftrl"],
+                        help="sparse (embedding) optimizer")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--dense-optimizer", choices=["sgd", "adagrad", "adam"])
+    parser.add_argument("--dense-learning-rate", type=float)
+    parser.add_argument("--table-layout", choices=["shared", "per_field"])
+    parser.add_argument("--min-count", type=int, help="feature admission threshold (hits)")
+    parser.add_argument("--on-bad-line", choices=["raise", "skip"])
+    parser.add_argument("--num-fields", type=int, help="synthetic data: categorical fields")
+    parser.add_argument("--num-dense", type=int, help="synthetic data: dense features")
+    parser.add_argument("--vocab-size", type=int, help="synthetic data: ids per field")
+    parser.add_argument("--warmup-steps", type=int, help="steps excluded from samples_per_s")
+    parser.add_argument("--log-every", type=int)
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    parser.add_argument("--dump-state", help="write final dense weights and table shards (npz) here")
+    parser.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--fail-rank", type=int, help=argparse.SUPPRESS)
+
+
+_NOT_CONFIG = {"command", "bench_command", "config", "func"}
+
+
+def cmd_train(args):
+    from hybridps.config import make_config
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    config = make_config(args.config, overrides)
+    from hybridps.trainer import Trainer
+    trainer = Trainer(config)
+    summary = trainer.run()
+    if trainer.rank == 0:
+        keys = ("steps", "ranks", "global_batch_size", "samples_per_s", "final_loss", "auc", "mode", "sync")
+        print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="hybridps", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model (run under mpirun for several ranks)")
+    _add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    bench = sub.add_parser("bench", help="benchmark runners (JSON, markdown table, PNG)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from hybridps.bench import table as table_bench
+    table = bench_sub.add_parser("table", help="hash table vs pandas khash vs dict")
+    table_bench.add_arguments(table)
+    table.set_defaults(func=table_bench.main)
+    from hybridps.bench import train as train_bench
+    train_cmd = bench_sub.add_parser("train", help="collective BSP vs TF+Horovod baseline vs compute ceiling")
+    train_bench.add_arguments(train_cmd)
+    train_cmd.set_defaults(func=train_bench.main)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except HybridPSError as exc:
+        _report_and_exit(exc)
+
+
+def _report_and_exit(exc):
+    """Print a hybridps error once (with the rank under MPI) and end the whole job."""
+    rank, size = _rank_and_size()
+    prefix = f"[hybridps rank {rank}/{size}] " if size > 1 else ""
+    sys.stderr.write(f"{prefix}error: {exc}\n")
+    sys.stderr.flush()
+    if size > 1:
+        from hybridps import comm
+        comm.init(with_horovod=False).abort(2)
+    sys.exit(2)
+
+
+def _rank_and_size():
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+        return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    return 0, 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

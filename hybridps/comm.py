@@ -1,0 +1,201 @@
+"""The one owner of MPI_COMM_WORLD and of Horovod initialization.
+
+What lives here: MPI init (mpi4py, thread level MULTIPLE, because Horovod's background thread
+and, for SSP/ASP, hybridps' communication thread call MPI beside the main thread), Horovod init
+on the same communicator, rank / size / local rank, alltoallv helpers over numpy buffers
+(counts first, then payload; empty sends and receives are normal), and the excepthook that
+turns an uncaught exception on any rank into an MPI_Abort of the whole job, so that no rank
+is left hanging in a collective. What does not: keys, tables, hashing (hybridps.embedding).
+
+mpi4py's upper-case buffer methods are used for every payload: they release the GIL and move
+raw memory; lower-case (pickling) methods only carry small control messages.
+"""
+import os
+import sys
+import threading
+import traceback
+
+import numpy as np
+
+from hybridps.errors import CommError
+
+_STATE = {"comm": None}
+
+_MPI_DTYPES = {np.dtype(np.int64): "INT64_T", np.dtype(np.int32): "INT32_T",
+               np.dtype(np.float32): "FLOAT", np.dtype(np.float64): "DOUBLE",
+               np.dtype(np.uint64): "UINT64_T"}
+
+
+def _local_rank_and_size(rank, size):
+    """Local rank/size from whichever launcher set them: Open MPI, PMI (MPICH/Hydra), Slurm."""
+    for rank_var, size_var in (("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+                               ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+                               ("PMI_LOCAL_RANK", "PMI_LOCAL_SIZE"),
+                               ("SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")):
+        if rank_var in os.environ:
+            local_size = os.environ.get(size_var, "").split("(")[0].split(",")[0]
+            return int(os.environ[rank_var]), int(local_size) if local_size.isdigit() else size
+    return rank, size
+
+
+class Comm:
+    """Rank, size and the buffer collectives of hybridps' sparse exchange.
+
+    Use :func:`init` to get the process-wide instance; it is created once.
+    """
+
+    def __init__(self, mpi, world, with_horovod):
+        self.MPI = mpi
+        self.world = world
+        # A duplicate keeps hybridps' own exchanges apart from Horovod's traffic on WORLD.
+        self.exchange = world.Dup()
+        self.rank = world.Get_rank()
+        self.size = world.Get_size()
+        self.local_rank, self.local_size = _local_rank_and_size(self.rank, self.size)
+        self.with_horovod = with_horovod
+        self.thread_level = mpi.Query_thread()
+
+    # ---------------------------------------------------------------- buffer collectives
+    def _mpi_type(self, array):
+        try:
+            return getattr(self.MPI, _MPI_DTYPES[array.dtype])
+        except KeyError:
+            raise CommError(f"no MPI datatype for numpy dtype {array.dtype}") from None
+
+    def alltoall_counts(self, send_counts):
+        """Exchange per-destination counts: ``recv[r]`` is what rank r sends to this rank.
+
+        Args:
+            send_counts: int64 array (size, k): k counts per destination rank.
+        Returns:
+            int64 array (size, k).
+        """
+        send = np.ascontiguousarray(send_counts, dtype=np.int64)
+        recv = np.empty_like(send)
+        self.exchange.Alltoall(send, recv)
+        return recv
+
+    def alltoallv(self, send, send_counts, recv_counts, recv=None):
+        """Alltoallv of a numpy buffer whose first axis is split per destination rank.
+
+        Counts are in rows of ``send`` (its trailing axes travel with each row).
+
+        Args:
+            send: C-contiguous array; rows grouped by destination rank.
+            send_counts: rows to each rank, int (size,).
+            recv_counts: rows from each rank, int (size,).
+            recv: optional output array with sum(recv_counts) rows.
+        Returns:
+            the receive array, rows grouped by source rank.
+        """
+        send = np.ascontiguousarray(send)
+        row_elems = int(np.prod(send.shape[1:], dtype=np.int64)) if send.ndim > 1 else 1
+        n_recv = int(np.sum(recv_counts))
+        if recv is None:
+            recv = np.empty((n_recv,) + send.shape[1:], dtype=send.dtype)
+        scounts = np.asarray(send_counts, dtype=np.int64) * row_elems
+        rcounts = np.asarray(recv_counts, dtype=np.int64) * row_elems
+        if scounts.max(initial=0) >= 2**31 or rcounts.max(initial=0) >= 2**31:
+            raise CommError("one alltoallv message exceeds 2**31 elements; use smaller batches")
+        sdispl = np.zeros(self.size, dtype=np.int64)
+        rdispl = np.zeros(self.size, dtype=np.int64)
+        np.cumsum(scounts[:-1], out=sdispl[1:])
+        np.cumsum(rcounts[:-1], out=rdispl[1:])
+        mpi_type = self._mpi_type(send)
+        self.exchange.Alltoallv(
+            [send, (scounts.astype(np.int32), sdispl.astype(np.int32)), mpi_type],
+            [recv, (rcounts.astype(np.int32), rdispl.astype(np.int32)), mpi_type])
+        return recv
+
+    def allreduce_sum(self, array):
+        """Elementwise sum over ranks of a numpy array (float64 or int64 recommended)."""
+        send = np.ascontiguousarray(array)
+        recv = np.empty_like(send)
+        self.exchange.Allreduce(send, recv, op=self.MPI.SUM)
+        return recv
+
+    def allreduce_max(self, array):
+        send = np.ascontiguousarray(array)
+        recv = np.empty_like(send)
+        self.exchange.Allreduce(send, recv, op=self.MPI.MAX)
+        return recv
+
+    def allgather_object(self, obj):
+        """Small control objects only (pickled)."""
+        return self.exchange.allgather(obj)
+
+    def bcast_object(self, obj, root=0):
+        return self.exchange.bcast(obj, root=root)
+
+    def barrier(self):
+        self.exchange.Barrier()
+
+    def abort(self, code=1):
+        self.world.Abort(code)
+
+
+def init(with_horovod=True):
+    """Initialise MPI (thread level MULTIPLE) and, optionally, Horovod on COMM_WORLD, once.
+
+    Returns:
+        the process-wide :class:`Comm`.
+    Raises:
+        CommError: mpi4py or Horovod missing, or MPI without THREAD_MULTIPLE support.
+    """
+    if _STATE["comm"] is not None:
+        if with_horovod and not _STATE["comm"].with_horovod:
+            _init_horovod(_STATE["comm"])
+        return _STATE["comm"]
+    try:
+        import mpi4py
+    except ImportError as exc:
+        raise CommError("mpi4py is not installed; run `make setup` or pip install mpi4py "
+                        "against the MPI on PATH (MPICC=$(which mpicc))") from exc
+    mpi4py.rc.thread_level = "multiple"
+    from mpi4py import MPI
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise CommError("MPI was initialised without THREAD_MULTIPLE (another module imported "
+                        "mpi4py first?). Import hybridps.comm before anything that imports mpi4py, "
+                        "and use an MPI built with thread support.")
+    comm = Comm(MPI, MPI.COMM_WORLD, with_horovod=False)
+    _STATE["comm"] = comm
+    install_abort_on_error(comm)
+    if with_horovod:
+        _init_horovod(comm)
+    return comm
+
+
+def _init_horovod(comm):
+    try:
+        import horovod.tensorflow as hvd
+    except ImportError as exc:
+        raise CommError("Horovod with TensorFlow support is not installed; run `make setup` "
+                        "(it builds horovod 0.28.1 against this MPI)") from exc
+    hvd.init(comm=comm.MPI.COMM_WORLD)
+    if hvd.size() != comm.size or hvd.rank() != comm.rank:
+        raise CommError(f"Horovod sees rank {hvd.rank()}/{hvd.size()} but MPI rank "
+                        f"{comm.rank}/{comm.size}: Horovod was built against another MPI; "
+                        f"rebuild it (`make setup` after removing its cached wheel)")
+    comm.with_horovod = True
+
+
+def install_abort_on_error(comm):
+    """Make an uncaught exception on any rank (main or helper thread) abort the whole job.
+
+    The failing rank prints its traceback once, prefixed with its rank, then calls
+    MPI_Abort; the other ranks are killed by the MPI runtime instead of waiting forever in
+    their next collective.
+    """
+    if comm.size == 1:
+        return
+
+    def report_and_abort(exc_type, exc, tb, where="main thread"):
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write(f"[hybridps rank {comm.rank}/{comm.size}] uncaught {exc_type.__name__} "
+                         f"in {where}; aborting the whole job.\n{text}")
+        sys.stderr.flush()
+        comm.abort(1)
+
+    sys.excepthook = report_and_abort
+    threading.excepthook = lambda args: report_and_abort(
+        args.exc_type, args.exc_value, args.exc_traceback, where=f"thread {args.thread.name}")

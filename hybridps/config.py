@@ -1,0 +1,265 @@
+"""Typed training configuration: dataclasses and enums, YAML loading, validation, hashing.
+
+What lives here: every knob of a training run, its default, its allowed values, and the one
+place that reads ``HYBRIDPS_*`` environment variables. A YAML file gives the base values,
+CLI flags override them; :func:`validate` raises a ConfigError naming the field, the bad value
+and what is allowed. :func:`config_hash` is compared across ranks at start-up so a job whose
+ranks disagree (a stale YAML on one node) stops before training. What does not: parsing of
+argv (hybridps.cli) and anything that acts on the values.
+"""
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hybridps.errors import ConfigError
+
+
+class Sync(str, enum.Enum):
+    """Consistency of embedding reads (DESIGN.md section 4)."""
+    BSP = "bsp"   # reads see every update of all earlier steps (staleness 0)
+    SSP = "ssp"   # reads see every update from steps <= t - staleness - 1
+    ASP = "asp"   # reads never wait for updates to land
+
+
+class Mode(str, enum.Enum):
+    """Where sparse and dense parameters live."""
+    COLLECTIVE = "collective"   # sharded over all ranks, alltoallv + Horovod allreduce
+    PS = "ps"                   # parameter servers (comparison mode)
+
+
+MODELS = ("deepfm", "wide_deep", "dcn")
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+INITIALIZERS = ("normal", "uniform", "zeros")
+TABLE_LAYOUTS = ("shared", "per_field")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``hybridps train``. Field docs are in README.md (Configuration)."""
+    model: str = "deepfm"
+    data: str = "synthetic"
+    steps: int = 100
+    batch_size: int = 512                 # per rank
+    sync: Sync = Sync.BSP
+    staleness: int = 0
+    mode: Mode = Mode.COLLECTIVE
+    num_servers: int = 1
+    seed: int = 0
+    metrics_out: Optional[str] = None
+    # model
+    dim: int = 16
+    hidden: List[int] = field(default_factory=lambda: [256, 128])
+    cross_layers: int = 3
+    # sparse embeddings
+    table_layout: str = "shared"          # shared: all fields in one table; per_field: one each
+    table_groups: Optional[List[List[int]]] = None   # explicit field groups, overrides layout
+    optimizer: str = "adagrad"
+    learning_rate: float = 0.05
+    initializer: str = "normal"
+    init_std: float = 0.01
+    min_count: int = 1
+    # dense parameters (default: same optimizer and rate as the embeddings)
+    dense_optimizer: Optional[str] = None
+    dense_learning_rate: Optional[float] = None
+    # data
+    on_bad_line: str = "raise"
+    num_fields: int = 26
+    num_dense: int = 13
+    vocab_size: int = 100_000
+    zipf_a: float = 1.2
+    # reporting
+    warmup_steps: int = 5
+    log_every: int = 20
+    auc_window: float = 0.5               # progressive AUC over this trailing fraction of steps
+    progress: bool = True
+    tf_threads: int = 0                   # 0: HYBRIDPS_TF_THREADS or cores / ranks per node
+    dump_state: Optional[str] = None      # write final dense weights and table shards (npz)
+    fail_at_step: int = -1                # testing aid: raise on fail_rank at this step
+    fail_rank: int = 0
+
+    @property
+    def effective_dense_optimizer(self):
+        return self.dense_optimizer or (self.optimizer if self.optimizer in DENSE_OPTIMIZERS else "adam")
+
+    @property
+    def effective_dense_learning_rate(self):
+        return self.dense_learning_rate if self.dense_learning_rate is not None else self.learning_rate
+
+    def to_dict(self):
+        out = dataclasses.asdict(self)
+        out["sync"] = self.sync.value
+        out["mode"] = self.mode.value
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name, value):
+    """Convert a YAML/CLI value to the field's type, or raise a ConfigError naming the field."""
+    default = _FIELDS[name].default
+    if name == "sync":
+        return _enum(Sync, name, value)
+    if name == "mode":
+        return _enum(Mode, name, value)
+    if name in ("hidden",):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        try:
+            return [int(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field '{name}': expected a list of integers, got {value!r}") from None
+    if name == "table_groups":
+        if value is None:
+            return None
+        try:
+            return [[int(f) for f in group] for group in value]
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field 'table_groups': expected a list of lists of field "
+                              f"indices, e.g. [[0, 1, 2], [3]], got {value!r}") from None
+    if value is None:
+        if default is None or name in ("metrics_out", "dense_optimizer", "dense_learning_rate", "dump_state"):
+            return None
+        raise ConfigError(f"config field '{name}' may not be empty")
+    kind = type(default) if default is not None else (float if name == "dense_learning_rate" else str)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field '{name}': expected {kind.__name__}, got {value!r}") from None
+
+
+def _enum(cls, name, value):
+    try:
+        return cls(value.value if isinstance(value, cls) else str(value).lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)
+        raise ConfigError(f"config field '{name}': {value!r} is not one of {allowed}") from None
+
+
+def make_config(yaml_path=None, overrides=None):
+    """Build a validated TrainConfig from an optional YAML file and a dict of overrides.
+
+    Args:
+        yaml_path: path of a YAML mapping of field -> value, or None.
+        overrides: dict of field -> value (CLI flags); None values are ignored.
+    Returns:
+        TrainConfig.
+    Raises:
+        ConfigError: unknown field, wrong type or a value out of range.
+    """
+    values = {}
+    if yaml_path:
+        values.update(_load_yaml(yaml_path))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}" + (f" in {yaml_path}" if yaml_path else "")
+                          + f"; known fields: {', '.join(sorted(_FIELDS))}")
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def _load_yaml(path):
+    import yaml
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def _check(ok, name, value, allowed):
+    if not ok:
+        raise ConfigError(f"config field '{name}': {value!r} is invalid; allowed: {allowed}")
+
+
+def validate(c):
+    """Raise ConfigError for the first field whose value is out of range."""
+    _check(c.model in MODELS, "model", c.model, ", ".join(MODELS))
+    _check(c.steps >= 1, "steps", c.steps, "an integer >= 1")
+    _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1 (per rank)")
+    _check(c.staleness >= 0, "staleness", c.staleness, "an integer >= 0")
+    _check(c.num_servers >= 1, "num_servers", c.num_servers, "an integer >= 1")
+    _check(c.dim >= 1, "dim", c.dim, "an integer >= 1")
+    _check(all(h >= 1 for h in c.hidden) and c.hidden, "hidden", c.hidden, "a non-empty list of positive ints")
+    _check(c.cross_layers >= 0, "cross_layers", c.cross_layers, "an integer >= 0")
+    _check(c.table_layout in TABLE_LAYOUTS, "table_layout", c.table_layout, ", ".join(TABLE_LAYOUTS))
+    _check(c.optimizer in SPARSE_OPTIMIZERS, "optimizer", c.optimizer, ", ".join(SPARSE_OPTIMIZERS))
+    _check(c.effective_dense_optimizer in DENSE_OPTIMIZERS, "dense_optimizer", c.dense_optimizer,
+           ", ".join(DENSE_OPTIMIZERS))
+    _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
+    _check(c.effective_dense_learning_rate > 0, "dense_learning_rate", c.dense_learning_rate, "a number > 0")
+    _check(c.initializer in INITIALIZERS, "initializer", c.initializer, ", ".join(INITIALIZERS))
+    _check(c.init_std >= 0, "init_std", c.init_std, "a number >= 0")
+    _check(c.min_count >= 1, "min_count", c.min_count, "an integer >= 1")
+    _check(c.on_bad_line in ("raise", "skip"), "on_bad_line", c.on_bad_line, "raise, skip")
+    _check(c.num_fields >= 1, "num_fields", c.num_fields, "an integer >= 1")
+    _check(c.num_dense >= 0, "num_dense", c.num_dense, "an integer >= 0")
+    _check(c.vocab_size >= 1, "vocab_size", c.vocab_size, "an integer >= 1")
+    _check(c.zipf_a > 0, "zipf_a", c.zipf_a, "a number > 0")
+    _check(0 <= c.warmup_steps, "warmup_steps", c.warmup_steps, "an integer >= 0")
+    _check(c.log_every >= 1, "log_every", c.log_every, "an integer >= 1")
+    _check(0 < c.auc_window <= 1, "auc_window", c.auc_window, "a fraction in (0, 1]")
+    _check(c.tf_threads >= 0, "tf_threads", c.tf_threads, "an integer >= 0 (0 = automatic)")
+    if c.sync == Sync.BSP:
+        _check(c.staleness == 0, "staleness", c.staleness, "0 with sync=bsp (use sync=ssp for a bound > 0)")
+    if c.sync != Sync.BSP and c.mode == Mode.COLLECTIVE:
+        raise ConfigError(f"config field 'sync': {c.sync.value} on the collective path is not "
+                          f"available in this version; use sync=bsp")
+    if c.mode == Mode.PS:
+        raise ConfigError("config field 'mode': ps (parameter-server mode) is not available in "
+                          "this version; use mode=collective")
+    if c.table_groups is not None:
+        flat = sorted(f for group in c.table_groups for f in group)
+        _check(flat == list(range(c.num_fields)), "table_groups", c.table_groups,
+               f"groups that together list every field 0..{c.num_fields - 1} exactly once")
+
+
+def table_groups(c):
+    """Field indices of each embedding table, from ``table_groups`` or ``table_layout``."""
+    if c.table_groups is not None:
+        return [list(g) for g in c.table_groups]
+    if c.table_layout == "per_field":
+        return [[f] for f in range(c.num_fields)]
+    return [list(range(c.num_fields))]
+
+
+def config_hash(c):
+    """sha256 of the canonical JSON of the settings every rank must share."""
+    shared = c.to_dict()
+    for per_rank in ("metrics_out", "progress", "dump_state", "tf_threads"):
+        shared.pop(per_rank, None)
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
+
+
+def env_tf_threads():
+    """HYBRIDPS_TF_THREADS, the one environment knob read here (0 when unset)."""
+    value = os.environ.get("HYBRIDPS_TF_THREADS", "0")
+    if not value.isdigit():
+        raise ConfigError(f"environment variable HYBRIDPS_TF_THREADS must be a non-negative integer, got {value!r}")
+    return int(value)

@@ -1,0 +1,68 @@
+"""hybridps.data: where training samples come from.
+
+* :class:`CriteoReader` reads Criteo-format click logs (the original tab-separated training
+  file, or CSV with a header such as the bundled :data:`SAMPLE_CRITEO_CSV`); each rank keeps the
+  data lines ``i`` with ``i % world_size == rank``.
+* :class:`SyntheticCTR` generates endless Criteo-like data (Zipf-distributed IDs) from a planted
+  model, deterministic per (seed, rank, step), with its Bayes AUC as a yardstick.
+* :func:`feature_keys` / :func:`integer_feature_keys` turn raw categorical values into stable
+  int64 embedding keys (never Python's salted ``hash()``); the field index is part of every key,
+  so all fields can share one table.
+* :func:`roc_auc`: rank-based AUC in plain numpy.
+
+Both datasets produce :class:`Batch` objects (dense float32 (B, 13), keys int64 (B, 26), labels
+float32 (B,)) through the common ``iter_batches(batch_size, num_steps)``, and save / resume
+their position with ``state()`` / ``restore(state)``. :func:`make_dataset` builds either from a
+spec string. This package imports numpy only (no TensorFlow, no mpi4py).
+"""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+from hybridps.data.auc import roc_auc
+from hybridps.data.batch import Batch
+from hybridps.data.criteo import CriteoReader
+from hybridps.data.hashing import feature_keys, integer_feature_keys, missing_key
+from hybridps.data.synthetic import SyntheticCTR
+from hybridps.errors import ConfigError, DataError
+
+__all__ = ["Batch", "SyntheticCTR", "CriteoReader", "feature_keys", "integer_feature_keys",
+           "missing_key", "roc_auc", "SAMPLE_CRITEO_CSV", "make_dataset"]
+
+#: The bundled 200-row Criteo sample (CSV with header; provenance in samples/NOTICE.md).
+SAMPLE_CRITEO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples",
+                                 "criteo_sample.csv")
+
+_SAMPLE_SPECS = ("sample", "criteo_sample", "criteo-sample")
+
+
+def make_dataset(spec: Union[str, os.PathLike], *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, on_bad_line: str = "raise",
+                 **synthetic_kwargs) -> Union[SyntheticCTR, CriteoReader]:
+    """The dataset named by ``spec``.
+
+    Args:
+        spec: ``"synthetic"``, ``"sample"`` (the bundled Criteo sample) or a path to a
+            Criteo-format file.
+        rank, world_size: this process's place in the job (each rank gets its own data).
+        seed: the synthetic data seed (the file reader reads in file order and ignores it).
+        on_bad_line: ``"raise"`` or ``"skip"``, for files.
+        **synthetic_kwargs: further SyntheticCTR arguments (num_fields, vocab_size, zipf_a,
+            ...); ``batch_size`` is accepted by both kinds.
+    Raises:
+        DataError: the path does not exist. ConfigError: synthetic options given for a file.
+    """
+    spec_str = os.fspath(spec)
+    if spec_str == "synthetic":
+        return SyntheticCTR(seed=seed, rank=rank, world_size=world_size, **synthetic_kwargs)
+    path = SAMPLE_CRITEO_CSV if spec_str in _SAMPLE_SPECS else spec_str
+    batch_size = synthetic_kwargs.pop("batch_size", None)
+    if synthetic_kwargs:
+        raise ConfigError(f"options {sorted(synthetic_kwargs)} apply to synthetic data only, "
+                          f"not to the data file {path!r}")
+    if not os.path.exists(path):
+        raise DataError(f"data spec {spec_str!r} is neither 'synthetic' nor 'sample' nor an "
+                        f"existing file")
+    return CriteoReader(path, rank=rank, world_size=world_size, on_bad_line=on_bad_line,
+                        batch_size=batch_size)

@@ -1,0 +1,139 @@
+"""ShardedEmbedding: every table partitioned over the ranks, one fused exchange per step.
+
+Pull (data-parallel -> model-parallel -> data-parallel), DESIGN.md section 3:
+  1. per table, ``unique_inverse`` of the batch's keys of that table's fields;
+  2. all tables' unique keys bucketed by (owner rank, table) -> send order + counts;
+  3. counts exchanged (Alltoall), then keys (Alltoallv): one exchange for all tables;
+  4. each owner looks the received keys up (inserting new ones), one call per table;
+  5. rows go back along the same plan (Alltoallv) and land in the step's unique-row array.
+Push (row gradients, summed per unique key by the TF step) retraces the plan: gradients in
+send order -> Alltoallv -> owner, where each table applies its optimizer once per key (the
+same key arriving from several ranks is summed inside ``apply_gradients``). Keys are not
+resent: the plan from the pull is kept until the push.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from hybridps.embedding.routing import bucket_by_owner, unique_inverse
+from hybridps.embedding.table import make_table
+
+
+@dataclass
+class ExchangePlan:
+    """What a pull decided and a push reuses: who sends which unique key where.
+
+    Attributes:
+        unique_keys: all tables' unique keys of this rank's batch, concatenated (U,).
+        inverse: (B, F) int32 index of each (sample, field) key into ``unique_keys``.
+        send_order: permutation of ``unique_keys`` into send order (grouped by owner, table).
+        send_counts: (W, T) keys of table t sent to rank r.
+        recv_counts: (W, T) keys of table t received from rank r.
+        recv_keys: keys this rank owns and serves this step, grouped by source rank.
+        recv_table_index: per table, positions in ``recv_keys`` of that table's keys.
+        step: the step of the pull.
+    """
+    unique_keys: np.ndarray
+    inverse: np.ndarray
+    send_order: np.ndarray
+    send_counts: np.ndarray
+    recv_counts: np.ndarray
+    recv_keys: np.ndarray
+    recv_table_index: list
+    step: int
+
+    @property
+    def keys_sent(self):
+        return int(self.send_counts.sum())
+
+    @property
+    def keys_received(self):
+        return int(self.recv_counts.sum())
+
+
+class ShardedEmbedding:
+    """The local shards of every embedding table, and the pull/push exchange over them.
+
+    Args:
+        comm: hybridps.comm.Comm (rank, size, alltoallv).
+        config: TrainConfig (dim, optimizer, initializer, seed, min_count).
+        field_groups: list of field-index lists, one per table.
+    """
+
+    def __init__(self, comm, config, field_groups):
+        self.comm = comm
+        self.dim = config.dim
+        self.field_groups = [np.asarray(g, dtype=np.int64) for g in field_groups]
+        self.num_fields = sum(len(g) for g in field_groups)
+        self.tables = [make_table(config, table_id=t) for t in range(len(field_groups))]
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # ------------------------------------------------------------------ pull
+    def plan(self, keys, step):
+        """Unique, route and exchange the keys of a (B, F) batch; returns the ExchangePlan."""
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        batch, num_fields = keys.shape
+        inverse = np.empty((batch, num_fields), dtype=np.int32)
+        uniques, offsets = [], [0]
+        for fields in self.field_groups:
+            table_keys = keys[:, fields].ravel() if len(fields) < num_fields else keys.ravel()
+            uniq, inv = unique_inverse(table_keys)
+            inverse[:, fields] = (inv + offsets[-1]).reshape(batch, len(fields))
+            uniques.append(uniq)
+            offsets.append(offsets[-1] + len(uniq))
+        unique_keys = np.concatenate(uniques) if len(uniques) > 1 else uniques[0]
+        send_order, send_counts = bucket_by_owner(unique_keys, np.asarray(offsets), self.comm.size)
+        recv_counts = self.comm.alltoall_counts(send_counts)
+        recv_keys = self.comm.alltoallv(unique_keys[send_order], send_counts.sum(1), recv_counts.sum(1))
+        self._count_bytes(send_counts.sum() * 8, recv_counts.sum() * 8)
+        return ExchangePlan(unique_keys, inverse, send_order, send_counts, recv_counts, recv_keys,
+                            _table_positions(recv_counts), step)
+
+    def pull(self, keys, step):
+        """Rows of a (B, F) batch's unique keys: returns (plan, unique_rows (U, dim) float32)."""
+        plan = self.plan(keys, step)
+        served = np.empty((len(plan.recv_keys), self.dim), dtype=np.float32)
+        for table, positions in zip(self.tables, plan.recv_table_index):
+            if len(positions):
+                served[positions] = table.lookup_or_insert(plan.recv_keys[positions], step=step)
+        rows_in_send_order = self.comm.alltoallv(served, plan.recv_counts.sum(1), plan.send_counts.sum(1))
+        unique_rows = np.empty_like(rows_in_send_order)
+        unique_rows[plan.send_order] = rows_in_send_order
+        self._count_bytes(served.nbytes, rows_in_send_order.nbytes)
+        return plan, unique_rows
+
+    # ------------------------------------------------------------------ push
+    def push(self, plan, unique_row_grads, step):
+        """Send row gradients (U, dim) back to the owners, who apply their optimizer once per key."""
+        grads = np.ascontiguousarray(unique_row_grads, dtype=np.float32)[plan.send_order]
+        received = self.comm.alltoallv(grads, plan.send_counts.sum(1), plan.recv_counts.sum(1))
+        self._count_bytes(grads.nbytes, received.nbytes)
+        for table, positions in zip(self.tables, plan.recv_table_index):
+            if len(positions):
+                table.apply_gradients(plan.recv_keys[positions], received[positions], step=step)
+
+    # ------------------------------------------------------------------ reporting
+    def _count_bytes(self, sent, received):
+        self.bytes_sent += int(sent)
+        self.bytes_received += int(received)
+
+    def table_sizes(self):
+        """Rows held by this rank, per table."""
+        return [t.size for t in self.tables]
+
+    def export_shards(self):
+        """Every local table's export() (rows, slots, metadata), in table order."""
+        return [t.export() for t in self.tables]
+
+
+def _table_positions(recv_counts):
+    """Per table, the positions of its keys in the receive buffer (grouped by source, then table)."""
+    world, num_tables = recv_counts.shape
+    starts = np.concatenate([[0], np.cumsum(recv_counts.ravel())])
+    positions = []
+    for t in range(num_tables):
+        blocks = [np.arange(starts[r * num_tables + t], starts[r * num_tables + t + 1])
+                  for r in range(world)]
+        positions.append(np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64))
+    return positions

@@ -1,0 +1,16 @@
+"""Table facade: build a rank's embedding table shard from the training config.
+
+The table itself is the Cython ``EmbeddingHashTable`` (cython/hashtable.pyx); this module only
+maps config fields onto its constructor so that every mode (collective, PS, tests) builds
+identical tables.
+"""
+from hybridps._hashtable import EmbeddingHashTable, initial_rows  # noqa: F401
+
+
+def make_table(config, table_id, capacity_hint=1024):
+    """A table shard for table ``table_id`` with the config's optimizer, initializer and seed."""
+    return EmbeddingHashTable(
+        dim=config.dim, optimizer=config.optimizer, learning_rate=config.learning_rate,
+        initializer=config.initializer, init_mean=0.0, init_std=config.init_std,
+        init_low=-config.init_std, init_high=config.init_std, seed=config.seed,
+        table_id=table_id, min_count=config.min_count, capacity_hint=capacity_hint)

@@ -1,0 +1,35 @@
+"""BSP on the collective path: every step pulls, computes, then pushes and waits.
+
+Reads at step t see every update of steps < t of all ranks: the push of step t-1 (an
+alltoallv, so it completes only when every rank has sent its gradients) and the owners'
+optimizer updates happen before any rank's pull of step t is served, because a rank serves
+that pull only after finishing its own push and apply.
+"""
+
+
+class BSPCollectiveBackend:
+    """Synchronous sparse exchange + synchronous Horovod allreduce."""
+
+    def __init__(self, comm, sharded, dense):
+        self.comm = comm
+        self.sharded = sharded
+        self.dense = dense
+
+    def start(self):
+        self.dense.broadcast_initial()
+
+    def pull(self, keys, step):
+        return self.sharded.pull(keys, step)
+
+    def push(self, plan, unique_row_grads, step):
+        self.sharded.push(plan, unique_row_grads, step)
+
+    def dense_step(self, grads, step):
+        self.dense.step(grads)
+
+    def stats(self):
+        return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
+                "table_rows": self.sharded.table_sizes()}
+
+    def finish(self):
+        pass

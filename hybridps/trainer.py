@@ -1,0 +1,252 @@
+"""The training loop: data -> pull -> TF step -> dense step + push; metrics at the end.
+
+What lives here: :class:`Trainer`, which builds the data source, the model, the sharded
+embedding and a backend from a TrainConfig, checks that every rank runs the same config, and
+runs the steps. It talks to the backend only through ``pull`` / ``push`` / ``dense_step``
+(hybridps.backend), so it does not know whether parameters live in the collective shards or
+on parameter servers. What does not: MPI details (hybridps.comm), the exchange
+(hybridps.embedding), the models' math (hybridps.models).
+
+The TF step is one tf.function with a fixed input signature (``None`` for the batch and the
+number of unique rows), so it is traced once. It takes the step's unique rows and the
+(B, F) inverse index, gathers the (B, F, dim) embeddings inside the tape, and returns the
+gradient w.r.t. the unique rows: TF sums the gradients of repeated keys (the gather's
+gradient), so the push sends one summed row per unique key.
+"""
+import os
+import time
+
+import numpy as np
+
+from hybridps import config as config_module
+from hybridps.config import Mode
+from hybridps.errors import ConfigError, HybridPSError
+from hybridps.metrics import AUCAccumulator, PhaseTimer, Progress, write_summary
+
+
+def configure_tensorflow(threads):
+    """Thread pools of ``threads`` (intra and inter op) and quiet logs; call before any TF op."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # already initialised in this process (tests); keep the first setting
+    return tf
+
+
+def default_tf_threads(config, local_size):
+    """config.tf_threads, else HYBRIDPS_TF_THREADS, else the cores of this node per local rank."""
+    if config.tf_threads:
+        return config.tf_threads
+    from_env = config_module.env_tf_threads()
+    if from_env:
+        return from_env
+    return max(1, (os.cpu_count() or 1) // max(local_size, 1))
+
+
+class Trainer:
+    """Trains one model on one process of an MPI job (or alone).
+
+    Example::
+
+        config = make_config(overrides={"model": "deepfm", "steps": 50})
+        summary = Trainer(config).run()      # under `mpirun -np 2 hybridps train ...` too
+        print(summary["auc"])
+    """
+
+    def __init__(self, config, comm=None):
+        from hybridps import comm as comm_module
+        self.config = config
+        self.comm = comm or comm_module.init(with_horovod=True)
+        self.rank, self.world_size = self.comm.rank, self.comm.size
+        self.tf = configure_tensorflow(default_tf_threads(config, self.comm.local_size))
+        self._check_same_config()
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+    def _check_same_config(self):
+        mine = config_module.config_hash(self.config)
+        hashes = self.comm.allgather_object(mine)
+        differing = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        if differing:
+            raise ConfigError(
+                f"ranks {differing} run a different effective config than rank 0 (config hash "
+                f"{hashes[0][:12]} on rank 0, {hashes[differing[0]][:12]} on rank {differing[0]}). "
+                f"Give every rank the same --config file and flags.")
+
+    def _build(self):
+        from hybridps.data import make_dataset
+        from hybridps.dense import DenseSync
+        from hybridps.embedding import ShardedEmbedding
+        from hybridps.models import build_model
+        from hybridps.sync import make_collective_backend
+        c = self.config
+        if c.mode != Mode.COLLECTIVE:
+            raise ConfigError(f"mode {c.mode.value} is not available; use --mode collective")
+        self.dataset = make_dataset(c.data, rank=self.rank, world_size=self.world_size, seed=c.seed,
+                                    on_bad_line=c.on_bad_line, num_fields=c.num_fields,
+                                    num_dense=c.num_dense, vocab_size=c.vocab_size, zipf_a=c.zipf_a)
+        self.num_fields = getattr(self.dataset, "num_fields", c.num_fields)
+        self.num_dense = getattr(self.dataset, "num_dense", c.num_dense)
+        if c.table_groups is not None or c.table_layout != "shared":
+            if self.num_fields != c.num_fields:
+                raise ConfigError(f"the data has {self.num_fields} categorical fields but the config "
+                                  f"says num_fields={c.num_fields}; set num_fields to match")
+        groups = config_module.table_groups(
+            c if self.num_fields == c.num_fields else _with_fields(c, self.num_fields))
+        self.model = build_model(c.model, num_fields=self.num_fields, num_dense=self.num_dense,
+                                 dim=c.dim, hidden=tuple(c.hidden), cross_layers=c.cross_layers,
+                                 seed=c.seed)
+        self.sharded = ShardedEmbedding(self.comm, c, groups)
+        self.dense = DenseSync(self.model.trainable_variables, c.effective_dense_optimizer,
+                               c.effective_dense_learning_rate, self.world_size)
+        self.backend = make_collective_backend(c, self.comm, self.sharded, self.dense)
+        self.compute_step = make_compute_step(self.tf, self.model, self.num_fields, self.num_dense, c.dim)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self):
+        """Train ``config.steps`` steps; returns the summary dict (also written to metrics_out)."""
+        c, tf = self.config, self.tf
+        global_batch = float(c.batch_size * self.world_size)
+        self.backend.start()
+        timer = PhaseTimer()
+        auc = AUCAccumulator()
+        auc_from_step = int(c.steps * (1.0 - c.auc_window))
+        local_loss_sums = np.zeros(c.steps, dtype=np.float64)
+        progress = Progress(c.steps, enabled=c.progress and self.rank == 0, log_every=c.log_every)
+        keys_sent = keys_received = 0
+        batches = self.dataset.iter_batches(c.batch_size, c.steps)
+        steady_start = None
+        started = time.perf_counter()
+        timer.start()
+        for step in range(c.steps):
+            if step == c.warmup_steps:
+                steady_start = time.perf_counter()
+            batch = next(batches)
+            timer.mark("data")
+            if step == c.fail_at_step and self.rank == c.fail_rank:
+                raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
+                                   f"(fail_at_step testing aid)")
+            plan, unique_rows = self.backend.pull(batch.keys, step)
+            timer.mark("pull")
+            loss_sum, logits, dense_grads, row_grads = self.compute_step(
+                batch.dense, unique_rows, plan.inverse, batch.labels, tf.constant(global_batch))
+            row_grads = row_grads.numpy()
+            timer.mark("compute")
+            self.backend.dense_step(dense_grads, step)
+            timer.mark("dense")
+            self.backend.push(plan, row_grads, step)
+            timer.mark("push")
+            local_loss_sums[step] = float(loss_sum)
+            keys_sent += plan.keys_sent
+            keys_received += plan.keys_received
+            if step >= auc_from_step:
+                auc.update(batch.labels, 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64))))
+            if self.rank == 0 and c.progress:
+                elapsed = time.perf_counter() - started
+                progress.update(step, local_loss_sums[step] / c.batch_size,
+                                (step + 1) * global_batch / max(elapsed, 1e-9))
+        self.backend.finish()
+        finished = time.perf_counter()
+        return self._summarize(timer, auc, local_loss_sums, keys_sent, keys_received,
+                               started, steady_start, finished)
+
+    # ------------------------------------------------------------------ reporting
+    def _summarize(self, timer, auc, local_loss_sums, keys_sent, keys_received,
+                   started, steady_start, finished):
+        c = self.config
+        global_batch = c.batch_size * self.world_size
+        losses = self.comm.allreduce_sum(local_loss_sums) / global_batch
+        positives = self.comm.allreduce_sum(auc.positives)
+        negatives = self.comm.allreduce_sum(auc.negatives)
+        steady_steps = c.steps - c.warmup_steps if steady_start is not None else c.steps
+        steady_seconds = finished - (steady_start if steady_start is not None else started)
+        slowest = float(self.comm.allreduce_max(np.array([steady_seconds]))[0])
+        stats = self.backend.stats()
+        volume = self.comm.allreduce_sum(np.array(
+            [keys_sent, keys_received, stats["bytes_sent"], stats["bytes_received"]], dtype=np.int64))
+        rows = self.comm.allreduce_sum(np.array(stats["table_rows"], dtype=np.int64))
+        phases = timer.per_step_ms(c.steps)
+        phase_max = self.comm.allreduce_max(np.array(list(phases.values())))
+        summary = {
+            "steps": c.steps, "ranks": self.world_size, "global_batch_size": global_batch,
+            "samples_per_s": steady_steps * global_batch / max(slowest, 1e-9),
+            "final_loss": float(losses[-1]), "loss_trajectory": [float(x) for x in losses],
+            "auc": AUCAccumulator.auc_from_histograms(positives, negatives),
+            "auc_steps": [int(c.steps * (1.0 - c.auc_window)), c.steps],
+            "mode": c.mode.value, "sync": c.sync.value, "staleness": c.staleness,
+            "model": c.model, "data": c.data, "seed": c.seed,
+            "elapsed_s": finished - started, "warmup_steps": c.warmup_steps,
+            "exchange": {"keys_sent_per_step": float(volume[0]) / c.steps / self.world_size,
+                         "keys_received_per_step": float(volume[1]) / c.steps / self.world_size,
+                         "bytes_sent_per_step": float(volume[2]) / c.steps / self.world_size,
+                         "bytes_received_per_step": float(volume[3]) / c.steps / self.world_size,
+                         "per": "rank"},
+            "table_rows": [int(r) for r in rows],
+            "phase_ms_per_step_max_over_ranks": dict(zip(phases.keys(), map(float, phase_max))),
+            "table_counters": self._table_counters(),
+            "config_hash": config_module.config_hash(c),
+        }
+        data_stats = getattr(self.dataset, "stats", None)
+        if callable(data_stats):
+            summary["data_stats"] = self._sum_over_ranks(data_stats())
+        if c.dump_state:
+            self.dump_state(c.dump_state)
+        if self.rank == 0 and c.metrics_out:
+            write_summary(c.metrics_out, summary)
+        return summary
+
+    def _table_counters(self):
+        names = ("admitted_keys", "refused_inserts", "evicted_rows", "dropped_unadmitted_grads",
+                 "dropped_missing_grads", "skipped_nonfinite_grads", "applied_row_updates")
+        local = np.array([[t.counters()[n] for n in names] for t in self.sharded.tables], dtype=np.int64)
+        total = self.comm.allreduce_sum(local)
+        return [dict(zip(names, map(int, row))) for row in total]
+
+    def _sum_over_ranks(self, stats):
+        numeric = {k: v for k, v in stats.items() if isinstance(v, (int, np.integer))}
+        summed = self.comm.allreduce_sum(np.array(list(numeric.values()), dtype=np.int64))
+        return dict(zip(numeric.keys(), map(int, summed)))
+
+    def dump_state(self, directory):
+        """Write rank 0's dense weights and every rank's table shards as npz (tests, debugging)."""
+        os.makedirs(directory, exist_ok=True)
+        if self.rank == 0:
+            np.savez(os.path.join(directory, "dense.npz"),
+                     *[v.numpy() for v in self.model.trainable_variables])
+        for t, shard in enumerate(self.sharded.export_shards()):
+            np.savez(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
+                     keys=shard["keys"], values=shard["values"], slots=shard["slots"])
+        self.comm.barrier()
+
+
+def _with_fields(config, num_fields):
+    import dataclasses
+    return dataclasses.replace(config, num_fields=num_fields)
+
+
+def make_compute_step(tf, model, num_fields, num_dense, dim):
+    """The TF forward/backward on (dense, unique rows, inverse, labels), traced once.
+
+    Returns a function -> (loss_sum, logits, dense_grads, unique_row_grads) where loss_sum is
+    this rank's sum of sample losses and gradients are of (loss_sum / global_batch_size).
+    """
+    variables = model.trainable_variables
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, num_dense], tf.float32), tf.TensorSpec([None, dim], tf.float32),
+        tf.TensorSpec([None, num_fields], tf.int32), tf.TensorSpec([None], tf.float32),
+        tf.TensorSpec([], tf.float32)])
+    def compute_step(dense, unique_rows, inverse, labels, global_batch_size):
+        with tf.GradientTape() as tape:
+            tape.watch(unique_rows)
+            embeddings = tf.gather(unique_rows, inverse)
+            logits = model((dense, embeddings), training=True)
+            loss_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+            loss = loss_sum / global_batch_size
+        grads = tape.gradient(loss, variables + [unique_rows])
+        return loss_sum, logits, grads[:-1], tf.convert_to_tensor(grads[-1])
+
+    return compute_step

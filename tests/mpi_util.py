@@ -1,0 +1,51 @@
+"""Launch real MPI jobs from pytest, each under a timeout so a hang fails instead of blocking.
+
+Oversubscribed runs on small machines need the settings of DESIGN.md section 1; they are set
+here for every launch. Output is captured and returned for assertions.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MPI_ENV = {
+    "OMPI_MCA_mpi_yield_when_idle": "1",
+    "OMP_NUM_THREADS": "1",
+    "HYBRIDPS_TF_THREADS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def mpirun_available():
+    return shutil.which("mpirun") is not None
+
+
+def run_mpi(num_ranks, args, timeout=240, check=True, env=None):
+    """Run ``mpirun -np N python ARGS...``; returns the CompletedProcess.
+
+    Raises a pytest failure with the job's output on a non-zero exit (when ``check``) or on a
+    timeout (always: a hang is a failure).
+    """
+    if not mpirun_available():
+        pytest.skip("mpirun not on PATH (run `make setup`)")
+    full_env = dict(os.environ, **MPI_ENV, **(env or {}))
+    command = ["mpirun", "-np", str(num_ranks), "--oversubscribe", "--bind-to", "none",
+               sys.executable] + [str(a) for a in args]
+    try:
+        proc = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"MPI job timed out after {timeout}s (hang?): {' '.join(command)}\n"
+                    f"stdout:\n{exc.stdout}\nstderr:\n{exc.stderr}")
+    if check and proc.returncode != 0:
+        pytest.fail(f"MPI job failed with exit code {proc.returncode}: {' '.join(command)}\n"
+                    f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc
