@@ -85,9 +85,11 @@ class Trainer:
         c = self.config
         if c.mode != Mode.COLLECTIVE:
             raise ConfigError(f"mode {c.mode.value} is not available; use --mode collective")
+        synthetic_options = (dict(num_fields=c.num_fields, num_dense=c.num_dense,
+                                  vocab_size=c.vocab_size, zipf_a=c.zipf_a)
+                             if c.data == "synthetic" else {})
         self.dataset = make_dataset(c.data, rank=self.rank, world_size=self.world_size, seed=c.seed,
-                                    on_bad_line=c.on_bad_line, num_fields=c.num_fields,
-                                    num_dense=c.num_dense, vocab_size=c.vocab_size, zipf_a=c.zipf_a)
+                                    on_bad_line=c.on_bad_line, **synthetic_options)
         self.num_fields = getattr(self.dataset, "num_fields", c.num_fields)
         self.num_dense = getattr(self.dataset, "num_dense", c.num_dense)
         if c.table_groups is not None or c.table_layout != "shared":

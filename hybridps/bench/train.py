@@ -87,9 +87,9 @@ def run_train_bench(out_dir, ranks=2, steps=60, warmup_steps=10, batch_size=4096
                            "model": "deepfm", "num_fields": 26, "num_dense": 13},
               "machine": bench_environment()}
     write_json(os.path.join(out_dir, "train.json"), report)
-    table = markdown_table(cases, [("name", "case", "{}"), ("samples_per_s", "samples/s", "{:,.0f}"),
-                                   ("final_loss", "final loss", "{:.4f}"), ("auc", "AUC", "{:.4f}"),
-                                   ("ranks", "ranks", "{}")])
+    table = markdown_table(cases, [("name", "case", ""), ("samples_per_s", "samples/s", ",.0f"),
+                                   ("final_loss", "final loss", ".4f"), ("auc", "AUC", ".4f"),
+                                   ("ranks", "ranks", "")])
     lines = [table, "",
              f"hybridps-bsp / tf-baseline = {ratios['vs_tf_baseline']:.2f}x (target >= {TARGETS['vs_tf_baseline']}x: "
              f"{'met' if ratios['vs_tf_baseline'] >= TARGETS['vs_tf_baseline'] else 'NOT met'})",

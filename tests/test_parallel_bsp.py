@@ -1,0 +1,151 @@
+"""BSP under real MPI: exchange edge cases, N-rank == 1-rank equivalence, a pure-TF reference,
+and a failing rank ending the job.
+
+Three MPI jobs (1, 2 and 4 ranks) run tests/parallel/bsp_scenarios.py once each; the checks
+below read their outputs. The reference is an independent single-process TensorFlow program:
+an ordinary tf.Variable embedding table holding the same initial rows, tf.gather, Keras SGD /
+Adagrad on every variable, the whole global batch at once.
+"""
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from tests.mpi_util import REPO, run_mpi
+
+WORLD_SIZES = (1, 2, 4)
+OPTIMIZERS = ("sgd", "adagrad")
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bsp_runs(tmp_path_factory):
+    runs = {}
+    for world in WORLD_SIZES:
+        out = tmp_path_factory.mktemp(f"bsp_np{world}")
+        run_mpi(world, [os.path.join(REPO, "tests", "parallel", "bsp_scenarios.py"), out], timeout=400)
+        runs[world] = str(out)
+    return runs
+
+
+def _load_state(run_dir):
+    """(dense weights list, {key: row}) merged over every rank's and table's shard."""
+    with np.load(os.path.join(run_dir, "dense.npz")) as dense:
+        weights = [dense[f"arr_{i}"] for i in range(len(dense.files))]
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "table*.rank*.npz"))):
+        with np.load(path) as shard:
+            for key, value in zip(shard["keys"], shard["values"]):
+                assert key not in rows, f"key {key} held by two shards"
+                rows[int(key)] = value
+    return weights, rows
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as fh:
+        return json.load(fh)
+
+
+def test_exchange_edge_cases_ran_on_every_world_size(bsp_runs):
+    # The assertions run inside the MPI job (a failure there fails the launch); check that every
+    # case ran and that the "no keys for some owner" and "empty batch" cases really were empty.
+    for world, run_dir in bsp_runs.items():
+        with open(os.path.join(run_dir, "scenarios.json")) as fh:
+            cases = {c["name"]: c for c in json.load(fh)["exchange"]}
+        assert set(cases) == {"only_own_keys", "all_on_one_owner", "duplicates_across_ranks",
+                              "all_new", "empty_batch_on_last_rank"}
+        if world > 1:
+            own = cases["only_own_keys"]["send_counts"]
+            assert own.count(0) == world - 1, "rank 0 must send to itself only"
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_bsp_equivalence_across_world_sizes(bsp_runs, optimizer):
+    base_metrics = _metrics(os.path.join(bsp_runs[1], optimizer))
+    base_weights, base_rows = _load_state(os.path.join(bsp_runs[1], optimizer))
+    assert len(base_rows) > 500
+    for world in WORLD_SIZES[1:]:
+        run_dir = os.path.join(bsp_runs[world], optimizer)
+        metrics = _metrics(run_dir)
+        assert metrics["ranks"] == world and metrics["global_batch_size"] == 32
+        np.testing.assert_allclose(metrics["loss_trajectory"], base_metrics["loss_trajectory"], rtol=RTOL)
+        weights, rows = _load_state(run_dir)
+        for w, b in zip(weights, base_weights):
+            np.testing.assert_allclose(w, b, rtol=RTOL, atol=1e-7)
+        assert rows.keys() == base_rows.keys()
+        keys = sorted(rows)
+        np.testing.assert_allclose(np.stack([rows[k] for k in keys]),
+                                   np.stack([base_rows[k] for k in keys]), rtol=RTOL, atol=1e-7)
+
+
+def _reference_run(optimizer, steps, global_batch, dim, hidden, seed, lr, field_groups):
+    """Independent single-process TF: tf.Variable table, tf.gather, Keras optimizer everywhere."""
+    import tensorflow as tf
+    from hybridps.data import SAMPLE_CRITEO_CSV, CriteoReader
+    from hybridps.embedding.table import initial_rows
+    from hybridps.models import build_model
+    batches = list(CriteoReader(SAMPLE_CRITEO_CSV).iter_batches(global_batch, steps))
+    key_table = {}
+    for batch in batches:
+        for table_id, fields in enumerate(field_groups):
+            for key in batch.keys[:, fields].ravel():
+                key_table[int(key)] = table_id
+    vocab = sorted(key_table)
+    index = {k: i for i, k in enumerate(vocab)}
+    init = np.concatenate([initial_rows(np.array([k], dtype=np.int64), dim, "normal", seed,
+                                        key_table[k], 0.0, 0.01) for k in vocab])
+    table = tf.Variable(init)
+    model = build_model("deepfm", 26, 13, dim, hidden=hidden, seed=seed)
+    variables = model.trainable_variables + [table]
+    if optimizer == "sgd":
+        opt = tf.keras.optimizers.SGD(lr)
+    else:
+        opt = tf.keras.optimizers.Adagrad(lr, initial_accumulator_value=0.1, epsilon=1e-7)
+    losses = []
+    for batch in batches:
+        ids = np.vectorize(index.get)(batch.keys)
+        with tf.GradientTape() as tape:
+            logits = model((batch.dense, tf.gather(table, ids)), training=True)
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=batch.labels, logits=logits))
+        grads = tape.gradient(loss, variables)
+        grads = [tf.convert_to_tensor(g) for g in grads]   # dense table gradient: zero rows stay put
+        opt.apply_gradients(zip(grads, variables))
+        losses.append(float(loss))
+    rows = {k: table.numpy()[index[k]] for k in vocab}
+    return losses, [v.numpy() for v in model.trainable_variables], rows
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_two_rank_bsp_matches_pure_tensorflow_reference(bsp_runs, optimizer):
+    run_dir = os.path.join(bsp_runs[2], optimizer)
+    metrics = _metrics(run_dir)
+    losses, weights, ref_rows = _reference_run(
+        optimizer, steps=metrics["steps"], global_batch=32, dim=8, hidden=(16, 8), seed=3, lr=0.1,
+        field_groups=[list(range(0, 10)), list(range(10, 26))])
+    np.testing.assert_allclose(metrics["loss_trajectory"], losses, rtol=RTOL)
+    got_weights, got_rows = _load_state(run_dir)
+    for got, ref in zip(got_weights, weights):
+        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-7)
+    assert got_rows.keys() == ref_rows.keys()
+    keys = sorted(ref_rows)
+    np.testing.assert_allclose(np.stack([got_rows[k] for k in keys]),
+                               np.stack([ref_rows[k] for k in keys]), rtol=RTOL, atol=1e-7)
+    assert losses[-1] < losses[0], "the reference itself should learn on the sample"
+
+
+def test_a_rank_raising_mid_training_ends_the_job_promptly(tmp_path):
+    started = time.perf_counter()
+    proc = run_mpi(2, ["-m", "hybridps.cli", "train", "--steps", "200", "--batch-size", "64",
+                       "--no-progress", "--fail-at-step", "3", "--fail-rank", "1",
+                       "--hidden", "16", "--metrics-out", tmp_path / "m.json"],
+                   timeout=90, check=False)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode != 0
+    assert "injected failure at step 3 on rank 1" in proc.stderr
+    assert "[hybridps rank 1/2]" in proc.stderr
+    assert proc.stderr.count("injected failure at step 3 on rank 1 (fail_at_step") == 1
+    assert not (tmp_path / "m.json").exists()
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to end after a rank failed"
