@@ -22,6 +22,7 @@ export OMP_NUM_THREADS := 1
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export HYBRIDPS_TF_THREADS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
 
 .PHONY: setup test demo bench clean mpi
 setup: $(STAMPS)/hybridps
@@ -64,10 +65,12 @@ test: setup
 	$(VENV)/bin/pytest -q tests
 
 demo: setup
-	$(VENV)/bin/hybridps bench table --out bench-results --sizes 10000,1000000
+	mpirun -np 2 --oversubscribe --bind-to none $(VENV)/bin/hybridps train --model deepfm \
+	  --data synthetic --steps 60 --batch-size 2048 --metrics-out demo-metrics.json
 
 bench: setup
 	$(VENV)/bin/hybridps bench table --out bench-results
+	$(VENV)/bin/hybridps bench train --out bench-results
 
 clean:
 	rm -rf build hybridps/*.so hybridps/_native/*.so cython/*.c cython/*.cpp

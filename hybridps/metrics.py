@@ -85,13 +85,13 @@ class Progress:
             width = 30
             filled = int(width * done / self.total)
             self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                              f"loss {loss:.4f} {samples_per_s:,.0f} samples/s")
+                              f"rank-0 loss {loss:.4f} {samples_per_s:,.0f} samples/s")
             if done == self.total:
                 self.stream.write("\n")
             self.stream.flush()
         elif done % self.log_every == 0 or done == self.total:
             elapsed = time.perf_counter() - self.started
-            self.stream.write(f"step {done}/{self.total} loss {loss:.4f} "
+            self.stream.write(f"step {done}/{self.total} rank-0 loss {loss:.4f} "
                               f"{samples_per_s:,.0f} samples/s elapsed {elapsed:.1f}s\n")
             self.stream.flush()
 
