@@ -35,7 +35,7 @@ ADVERSARIAL_KEYS = (
     + [i * 2**48 for i in range(1, 5)]
 )
 
-FAST = settings(max_examples=60, deadline=None,
+FAST = settings(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -281,6 +281,12 @@ class HashTableMachine(RuleBasedStateMachine):
             self.count[k] += 1
         assert touched == len(summed)
 
+    @precondition(lambda self: len(self.rows) > 0)
+    @rule(data=st.data())
+    def apply_sgd_existing(self, data):
+        keys = data.draw(st.lists(st.sampled_from(sorted(self.rows)), min_size=1, max_size=10))
+        self.apply_sgd(data, keys)
+
     @rule(keys=st.lists(key_strategy, max_size=8))
     def erase(self, keys):
         removed = self.table.erase(np.array(keys, dtype=np.int64))
@@ -331,7 +337,7 @@ class HashTableMachine(RuleBasedStateMachine):
 
 
 HashTableMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=25, deadline=None,
+    max_examples=100, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TestHashTableStateMachine = HashTableMachine.TestCase
 
@@ -388,18 +394,19 @@ def test_random_op_sequence_at_scale():
     rng = np.random.default_rng(12345)
     t = EmbeddingHashTable(dim=4, optimizer="sgd", learning_rate=1.0, capacity_hint=1, seed=9,
                            table_id=2)
-    model = {}
+    model, count, last = {}, {}, {}
     universe = np.concatenate([rng.integers(INT64_MIN, INT64_MAX, 3000, dtype=np.int64),
                                np.arange(-500, 500, dtype=np.int64) * 2**40,
                                np.array(ADVERSARIAL_KEYS, dtype=np.int64)])
     universe = np.unique(universe)
     for rnd in range(30):
         ins = rng.choice(universe, 400)
-        t.lookup_or_insert(ins)
+        t.lookup_or_insert(ins, step=100 + rnd)
         new = [k for k in dict.fromkeys(ins.tolist()) if k not in model]
         if new:
             for k, r in zip(new, ref_initial_rows(new, 4, seed=9, table_id=2)):
                 model[k] = r.astype(np.float64)
+                count[k], last[k] = 0, 100 + rnd
         upd = rng.choice(universe, 300)
         g = rng.integers(-8, 9, (300, 4)).astype(np.float32) / 4
         t.apply_gradients(upd, g, step=rnd)
@@ -409,12 +416,18 @@ def test_random_op_sequence_at_scale():
                 acc[k] = acc.get(k, 0) + gi.astype(np.float64)
         for k, gi in acc.items():
             model[k] = f32(model[k] - gi)
+            count[k] += 1
+            last[k] = rnd
         dead = rng.choice(universe, 250)
         assert t.erase(dead) == len({k for k in dead.tolist() if k in model})
         for k in dead.tolist():
             model.pop(k, None)
         assert t.size == len(model)
         assert_load_ok(t)
+        ex = by_key(t.export(values=False))
+        assert ex["keys"].tolist() == sorted(model)
+        assert ex["update_count"].tolist() == [count[k] for k in sorted(model)]
+        assert ex["last_update_step"].tolist() == [last[k] for k in sorted(model)]
     keys = np.array(sorted(model), dtype=np.int64)
     np.testing.assert_allclose(rows_of(t, keys), np.stack([model[k] for k in keys]),
                                rtol=1e-6, atol=1e-6)
@@ -429,6 +442,7 @@ def test_random_op_sequence_at_scale():
 OPT_CASES = {
     "sgd": dict(learning_rate=0.1),
     "adagrad": dict(learning_rate=0.1, initial_accumulator=0.1, epsilon=1e-7),
+    "adagrad_eps": dict(learning_rate=0.3, initial_accumulator=0.01, epsilon=0.5),
     "adam": dict(learning_rate=0.01, beta1=0.9, beta2=0.999, epsilon=1e-7),
     "adam_eps": dict(learning_rate=0.05, beta1=0.8, beta2=0.99, epsilon=1e-3),
     "ftrl": dict(learning_rate=0.1, initial_accumulator=0.1, l1=0.0, l2=0.0),
@@ -694,13 +708,14 @@ def test_evict_stale_by_ttl():
     for k in keys:                         # inserted at step k + 6 (0..11)
         t.lookup_or_insert(np.array([k]), step=k + 6)
         last[k] = k + 6
-    for step, batch in [(12, [-6, 0]), (14, [-5, 5]), (9, [3])]:
+    for step, batch in [(12, [-6, 0]), (14, [-5, 5]), (9, [3]), (11, [-4]), (10, [-3])]:
         t.apply_gradients(np.array(batch), np.zeros((len(batch), 2), np.float32), step=step)
         for k in batch:
             last[k] = step
     now, ttl = 15, 4
     expected_gone = sorted(k for k in keys if now - last[k] > ttl)
     assert 0 < len(expected_gone) < len(keys)
+    assert last[-4] == now - ttl and -4 not in expected_gone      # boundary: exactly ttl old
     assert t.evict_stale(now, ttl) == len(expected_gone)
     assert t.evicted_rows == len(expected_gone)
     assert sorted(t.export()["keys"]) == sorted(set(keys) - set(expected_gone))
@@ -933,7 +948,7 @@ def test_import_rows_bad_shapes():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "ftrl"])
 def test_export_import_round_trip(optimizer):
-    cfg = dict(dim=3, optimizer=optimizer, learning_rate=0.05, min_count=2, seed=11,
+    cfg = dict(dim=3, optimizer=optimizer, learning_rate=0.05, min_count=3, seed=11,
                table_id=9, l1=0.01, l2=0.01)
     rng = np.random.default_rng(0)
     src = EmbeddingHashTable(capacity_hint=2, **cfg)
@@ -944,7 +959,7 @@ def test_export_import_round_trip(optimizer):
         src.apply_gradients(batch, rng.normal(0, 1, (12, 3)).astype(np.float32), step=step)
     src.erase(pool[:3])
     ex = src.export()
-    assert src.size > 3 and src.num_candidates > 0
+    assert src.size > 3 and set(ex["candidate_hits"]) == {1, 2}
     dst = EmbeddingHashTable(capacity_hint=5000, **cfg)
     dst.import_rows(ex["keys"], ex["values"], ex["slots"], ex["hits"], ex["last_update_step"],
                     ex["update_count"])
@@ -978,6 +993,22 @@ def test_import_rows_defaults_and_overwrite():
     t.import_rows(np.array([6]), np.array([[9, 9]], np.float32), hits=[1])
     assert t.size == 2
     np.testing.assert_array_equal(rows_of(t, [6]), [[9, 9]])
+
+
+def test_import_candidates_restores_hit_counts():
+    t = EmbeddingHashTable(dim=2, min_count=3, seed=2)
+    t.import_rows(np.array([1]), np.ones((1, 2), np.float32), hits=[7])
+    t.import_candidates(np.array([1, 5, 6, INT64_MIN]), np.array([0, 2, 1, 2]))
+    ex = by_key(t.export())
+    assert ex["keys"].tolist() == [1] and ex["hits"].tolist() == [7]   # rows untouched
+    assert ex["candidate_keys"].tolist() == [INT64_MIN, 5, 6]
+    assert ex["candidate_hits"].tolist() == [2, 2, 1]
+    # hits=2 -> admitted on the next hit; hits=1 -> still a candidate.
+    out = t.lookup_or_insert(np.array([5, 6, INT64_MIN]))
+    np.testing.assert_allclose(out[[0, 2]], ref_initial_rows([5, INT64_MIN], 2, seed=2),
+                               rtol=1e-6)
+    assert not out[1].any()
+    assert t.size == 3 and t.num_candidates == 1
 
 
 # ---------------------------------------------------------------------------------------------
