@@ -77,6 +77,17 @@ cdef extern from *:
         }
         return malloc(nbytes);
     }
+    static void* hps_calloc(size_t nbytes) {
+        void* p = calloc(1, nbytes ? nbytes : 1);   /* large: fresh zero pages, not written */
+    #ifdef MADV_HUGEPAGE
+        if (p != NULL && nbytes >= ((size_t)2 << 20)) {
+            size_t start = ((size_t)p + 4095) & ~(size_t)4095;
+            size_t end = ((size_t)p + nbytes) & ~(size_t)4095;
+            if (end > start) madvise((void*)start, end - start, MADV_HUGEPAGE);
+        }
+    #endif
+        return p;
+    }
     static void* hps_grow(void* old, size_t old_bytes, size_t new_bytes) {
         void* p = hps_alloc(new_bytes);
         if (p == NULL) return NULL;
@@ -89,11 +100,22 @@ cdef extern from *:
     void HPS_PREFETCH(const void* p) noexcept nogil
     void* hps_alloc(size_t nbytes) noexcept nogil
     void* hps_grow(void* old, size_t old_bytes, size_t new_bytes) noexcept nogil
+    void* hps_calloc(size_t nbytes) noexcept nogil
 
 ctypedef struct Slot:
     int64_t key
-    int32_t row
+    int32_t ref      # ~row: read and write only through slot_row / set_slot_row
     uint32_t hits
+
+
+# A slot's row is stored bit-inverted so that an all-zero slot is empty (~ROW_EMPTY == 0):
+# tables are allocated with calloc and never written slot by slot before use.
+cdef inline int32_t slot_row(const Slot* s) noexcept nogil:
+    return ~s.ref
+
+
+cdef inline void set_slot_row(Slot* s, int32_t row) noexcept nogil:
+    s.ref = ~row
 
 cdef enum:
     ROW_EMPTY = -1
@@ -314,12 +336,10 @@ cdef class EmbeddingHashTable:
 
     # ------------------------------------------------------------------ memory management
     cdef void _alloc_slots(self, uint64_t cap) except *:
-        cdef Slot* fresh = <Slot*>hps_alloc(cap * sizeof(Slot))
+        # Zeroed memory is all-empty slots (see slot_row), so a new table costs no writes.
+        cdef Slot* fresh = <Slot*>hps_calloc(cap * sizeof(Slot))
         if fresh == NULL:
             raise MemoryError(f"cannot allocate {cap} hash slots ({cap * sizeof(Slot)} bytes)")
-        cdef uint64_t i
-        for i in range(cap):
-            fresh[i].row = ROW_EMPTY
         self.slots = fresh
         self.n_slots = cap
         self.mask = cap - 1
@@ -334,9 +354,9 @@ cdef class EmbeddingHashTable:
         self._alloc_slots(new_cap)
         with nogil:
             for i in range(old_cap):
-                if old[i].row != ROW_EMPTY:
+                if slot_row(&old[i]) != ROW_EMPTY:
                     j = self._home(old[i].key)
-                    while self.slots[j].row != ROW_EMPTY:
+                    while slot_row(&self.slots[j]) != ROW_EMPTY:
                         j = (j + 1) & self.mask
                     self.slots[j] = old[i]
                     self.used_slots += 1
@@ -369,13 +389,14 @@ cdef class EmbeddingHashTable:
         if last != NULL: self.row_last_update = last
         cdef int64_t* count = <int64_t*>hps_grow(self.row_update_count, old * 8, cap * 8)
         if count != NULL: self.row_update_count = count
-        cdef int64_t* acc = <int64_t*>hps_grow(self.row_accumulator_index, old * 8, cap * 8)
-        if acc != NULL: self.row_accumulator_index = acc
+        # The accumulator index (1 + position in apply_gradients' accumulator, 0 = unset) is all
+        # zeros between calls, so a grown one is fresh calloc memory, neither copied nor written.
+        cdef int64_t* acc = <int64_t*>hps_calloc(cap * 8)
+        if acc != NULL:
+            free(self.row_accumulator_index)
+            self.row_accumulator_index = acc
         if rows == NULL or keys == NULL or last == NULL or count == NULL or acc == NULL:
             raise MemoryError(f"cannot grow the embedding table to {cap} rows of {self.row_width} floats")
-        cdef int64_t i
-        for i in range(self.row_capacity, cap):
-            self.row_accumulator_index[i] = -1
         self.row_capacity = cap
 
     # ------------------------------------------------------------------ probing
@@ -386,7 +407,7 @@ cdef class EmbeddingHashTable:
         # The slot holding `key`, or the empty slot where it would be inserted.
         cdef uint64_t i = self._home(key)
         while True:
-            if self.slots[i].row == ROW_EMPTY or self.slots[i].key == key:
+            if slot_row(&self.slots[i]) == ROW_EMPTY or self.slots[i].key == key:
                 return i
             i = (i + 1) & self.mask
 
@@ -399,13 +420,13 @@ cdef class EmbeddingHashTable:
         cdef uint64_t j = i, home
         while True:
             j = (j + 1) & self.mask
-            if self.slots[j].row == ROW_EMPTY:
+            if slot_row(&self.slots[j]) == ROW_EMPTY:
                 break
             home = self._home(self.slots[j].key)
             if ((j - home) & self.mask) >= ((j - i) & self.mask):
                 self.slots[i] = self.slots[j]
                 i = j
-        self.slots[i].row = ROW_EMPTY
+        set_slot_row(&self.slots[i], ROW_EMPTY)
         self.used_slots -= 1
 
     cdef void _remove_row(self, int64_t r) noexcept nogil:
@@ -417,7 +438,7 @@ cdef class EmbeddingHashTable:
             self.row_keys[r] = self.row_keys[last]
             self.row_last_update[r] = self.row_last_update[last]
             self.row_update_count[r] = self.row_update_count[last]
-            self.slots[self._probe(self.row_keys[r])].row = <int32_t>r
+            set_slot_row(&self.slots[self._probe(self.row_keys[r])], <int32_t>r)
         self.n_rows -= 1
 
     cdef void _init_row(self, int64_t r, int64_t key, int64_t step) noexcept nogil:
@@ -459,7 +480,7 @@ cdef class EmbeddingHashTable:
             for i in range(n):
                 if i + PREFETCH_DISTANCE < n:
                     self._prefetch(k[i + PREFETCH_DISTANCE])
-                row = self.slots[self._probe(k[i])].row
+                row = slot_row(&self.slots[self._probe(k[i])])
                 o[i] = row if row >= 0 else -1
         return out
 
@@ -556,17 +577,17 @@ cdef class EmbeddingHashTable:
                 self._prefetch(k[i + PREFETCH_DISTANCE])
             key = k[i]
             s = &self.slots[self._probe(key)]
-            fresh = s.row == ROW_EMPTY
+            fresh = slot_row(s) == ROW_EMPTY
             if fresh:
                 if self.used_slots >= slot_limit:
                     status[0] = RUN_NEED_SLOTS
                     return i
                 s.key = key
-                s.row = ROW_CANDIDATE
+                set_slot_row(s, ROW_CANDIDATE)
                 s.hits = 0
                 self.used_slots += 1
             hits = s.hits + 1 if (count_hits and s.hits < 0xFFFFFFFFU) else s.hits
-            if s.row == ROW_CANDIDATE and (hits >= self.min_count or self.min_count <= 1):
+            if slot_row(s) == ROW_CANDIDATE and (hits >= self.min_count or self.min_count <= 1):
                 if self.n_rows >= self.row_capacity and self.row_capacity < row_limit:
                     status[0] = RUN_NEED_ROWS
                     return i
@@ -578,18 +599,18 @@ cdef class EmbeddingHashTable:
                         return i
                     self.refused_inserts += 1
                 else:
-                    s.row = <int32_t>self.n_rows
+                    set_slot_row(s, <int32_t>self.n_rows)
                     self.n_rows += 1
-                    self._init_row(s.row, key, step)
+                    self._init_row(slot_row(s), key, step)
                     self.admitted_keys += 1
             s.hits = hits
             if not gather:
                 continue
-            if s.row >= 0:
-                memcpy(&o[i, 0], self.rows + <int64_t>s.row * self.row_width,
+            if slot_row(s) >= 0:
+                memcpy(&o[i, 0], self.rows + <int64_t>slot_row(s) * self.row_width,
                        self.dim * sizeof(float))
                 if want_versions:
-                    ver[i] = self.row_last_update[s.row]
+                    ver[i] = self.row_last_update[slot_row(s)]
             else:
                 memset(&o[i, 0], 0, self.dim * sizeof(float))
                 if want_versions:
@@ -639,25 +660,25 @@ cdef class EmbeddingHashTable:
         cdef float[:, ::1] acc = accum
         cdef int64_t[::1] rows_touched = touched
         cdef int64_t n_touched = 0, n_applied = 0, r, a
-        cdef int32_t slot_row
+        cdef int32_t row_of_key
         cdef bint skip_bad
         with nogil:
             for i in range(n):
                 if i + PREFETCH_DISTANCE < n:
                     self._prefetch(k[i + PREFETCH_DISTANCE])
-                slot_row = self.slots[self._probe(k[i])].row
-                if slot_row < 0:
-                    if slot_row == ROW_CANDIDATE:
+                row_of_key = slot_row(&self.slots[self._probe(k[i])])
+                if row_of_key < 0:
+                    if row_of_key == ROW_CANDIDATE:
                         self.dropped_unadmitted_grads += 1
                     else:
                         self.dropped_missing_grads += 1
                     continue
-                r = slot_row
-                a = self.row_accumulator_index[r]
+                r = row_of_key
+                a = self.row_accumulator_index[r] - 1
                 if a < 0:
                     a = n_touched
                     n_touched += 1
-                    self.row_accumulator_index[r] = a
+                    self.row_accumulator_index[r] = a + 1
                     rows_touched[a] = r
                     memcpy(&acc[a, 0], &g[i, 0], dim * sizeof(float))
                 else:
@@ -666,7 +687,7 @@ cdef class EmbeddingHashTable:
             # Pass 2: one optimizer update per distinct row.
             for a in range(n_touched):
                 r = rows_touched[a]
-                self.row_accumulator_index[r] = -1
+                self.row_accumulator_index[r] = 0
                 skip_bad = False
                 if self.skip_nonfinite:
                     for j in range(dim):
@@ -739,10 +760,10 @@ cdef class EmbeddingHashTable:
         with nogil:
             for i in range(n):
                 si = self._probe(k[i])
-                if self.slots[si].row == ROW_EMPTY:
+                if slot_row(&self.slots[si]) == ROW_EMPTY:
                     continue
-                if self.slots[si].row >= 0:
-                    self._remove_row(self.slots[si].row)   # moves rows, never slots
+                if slot_row(&self.slots[si]) >= 0:
+                    self._remove_row(slot_row(&self.slots[si]))   # moves rows, never slots
                 self._delete_slot(si)
                 removed += 1
         return removed
@@ -813,9 +834,9 @@ cdef class EmbeddingHashTable:
         cdef uint64_t i
         cdef float[:, ::1] bv
         for i in range(self.n_slots):
-            if self.slots[i].row >= 0:
-                hv[self.slots[i].row] = self.slots[i].hits
-            elif self.slots[i].row == ROW_CANDIDATE:
+            if slot_row(&self.slots[i]) >= 0:
+                hv[slot_row(&self.slots[i])] = self.slots[i].hits
+            elif slot_row(&self.slots[i]) == ROW_CANDIDATE:
                 ckv[c] = self.slots[i].key
                 chv[c] = self.slots[i].hits
                 c += 1
@@ -866,21 +887,21 @@ cdef class EmbeddingHashTable:
         cdef float* row
         for i in range(n):
             s = &self.slots[self._probe(k[i])]
-            if s.row == ROW_EMPTY:
+            if slot_row(s) == ROW_EMPTY:
                 s.key = k[i]
-                s.row = ROW_CANDIDATE
+                set_slot_row(s, ROW_CANDIDATE)
                 self.used_slots += 1
-            if s.row == ROW_CANDIDATE:
-                s.row = <int32_t>self.n_rows
+            if slot_row(s) == ROW_CANDIDATE:
+                set_slot_row(s, <int32_t>self.n_rows)
                 self.n_rows += 1
-                self._init_row(s.row, k[i], 0)
+                self._init_row(slot_row(s), k[i], 0)
             s.hits = <uint32_t>min(max(hv[i], 0), 0xFFFFFFFF)
-            row = self.rows + <int64_t>s.row * self.row_width
+            row = self.rows + <int64_t>slot_row(s) * self.row_width
             memcpy(row, &v[i, 0], self.dim * sizeof(float))
             if slots is not None and ns:
                 memcpy(row + self.dim, &sl[i, 0, 0], ns * self.dim * sizeof(float))
-            self.row_last_update[s.row] = lv[i]
-            self.row_update_count[s.row] = cv[i]
+            self.row_last_update[slot_row(s)] = lv[i]
+            self.row_update_count[slot_row(s)] = cv[i]
 
     def import_candidates(self, keys, hits):
         """Restore not-yet-admitted keys with their hit counts (the other half of export)."""
@@ -891,11 +912,11 @@ cdef class EmbeddingHashTable:
         cdef Slot* s
         for i in range(n):
             s = &self.slots[self._probe(keys[i])]
-            if s.row == ROW_EMPTY:
+            if slot_row(s) == ROW_EMPTY:
                 s.key = keys[i]
-                s.row = ROW_CANDIDATE
+                set_slot_row(s, ROW_CANDIDATE)
                 self.used_slots += 1
-            if s.row == ROW_CANDIDATE:
+            if slot_row(s) == ROW_CANDIDATE:
                 s.hits = <uint32_t>min(max(hits[i], 0), 0xFFFFFFFF)
 
     # ------------------------------------------------------------------ introspection
