@@ -1,0 +1,120 @@
+"""Config validation, YAML + flags, the cross-rank config check, the CLI, and the metrics math.
+
+Single-process tests except the config-mismatch one, which starts two ranks with different
+flags (MPMD mpirun) and expects a clear error instead of a hang.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hybridps.config import Sync, config_hash, make_config, table_groups
+from hybridps.errors import ConfigError
+from hybridps.metrics import AUCAccumulator
+from tests.mpi_util import MPI_ENV, REPO, mpirun_available
+
+
+def test_defaults_are_valid_and_typed():
+    c = make_config()
+    assert c.sync is Sync.BSP and c.model == "deepfm" and c.batch_size == 512
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: dcn\nbatch_size: 128\nhidden: [64, 32]\nlearning_rate: 0.1\n")
+    c = make_config(str(path), {"batch_size": 256, "learning_rate": None})
+    assert (c.model, c.batch_size, c.hidden, c.learning_rate) == ("dcn", 256, [64, 32], 0.1)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"model": "xgboost"}, "model"),
+    ({"steps": 0}, "steps"),
+    ({"batch_size": "many"}, "batch_size"),
+    ({"optimizer": "rmsprop"}, "optimizer"),
+    ({"sync": "eventually"}, "sync"),
+    ({"staleness": 2}, "staleness"),          # staleness > 0 with bsp
+    ({"hidden": "a,b"}, "hidden"),
+    ({"table_groups": [[0, 1]], "num_fields": 3}, "table_groups"),
+    ({"dim": 2.5}, "dim"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        make_config(overrides=overrides)
+
+
+def test_unknown_yaml_field_is_reported_with_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("modle: deepfm\n")
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['modle'\] in .*c.yaml"):
+        make_config(str(path))
+
+
+def test_not_yet_available_modes_are_refused_clearly():
+    with pytest.raises(ConfigError, match="use mode=collective"):
+        make_config(overrides={"mode": "ps"})
+    with pytest.raises(ConfigError, match="use sync=bsp"):
+        make_config(overrides={"sync": "asp"})
+
+
+def test_table_groups_from_layout():
+    assert table_groups(make_config(overrides={"num_fields": 3})) == [[0, 1, 2]]
+    assert table_groups(make_config(overrides={"num_fields": 3, "table_layout": "per_field"})) == [[0], [1], [2]]
+    assert table_groups(make_config(overrides={"num_fields": 3, "table_groups": [[2, 0], [1]]})) == [[2, 0], [1]]
+
+
+def test_config_hash_ignores_per_rank_fields_only():
+    base = make_config()
+    assert config_hash(base) == config_hash(make_config(overrides={"metrics_out": "/tmp/x", "progress": False}))
+    assert config_hash(base) != config_hash(make_config(overrides={"seed": 1}))
+
+
+def test_histogram_auc_matches_exact_pairwise_auc():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(3000) < 0.3).astype(np.float32)
+    scores = np.clip(rng.normal(0.4 + 0.2 * labels, 0.15), 0, 1)
+    acc = AUCAccumulator()
+    acc.update(labels[:1000], scores[:1000])
+    acc.update(labels[1000:], scores[1000:])
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    exact = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    assert abs(AUCAccumulator.auc_from_histograms(acc.positives, acc.negatives) - exact) < 1e-3
+
+
+def _cli(args, timeout=180):
+    env = dict(__import__("os").environ, **MPI_ENV)
+    return subprocess.run([sys.executable, "-m", "hybridps.cli"] + [str(a) for a in args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_single_process_train_without_mpirun_writes_metrics(tmp_path):
+    out = tmp_path / "m.json"
+    proc = _cli(["train", "--model", "dcn", "--steps", "12", "--batch-size", "256", "--hidden", "32",
+                 "--warmup-steps", "2", "--no-progress", "--metrics-out", out])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    for key in ("steps", "ranks", "global_batch_size", "samples_per_s", "final_loss", "auc", "mode", "sync"):
+        assert key in metrics
+    assert (metrics["steps"], metrics["ranks"], metrics["global_batch_size"]) == (12, 1, 256)
+    assert metrics["samples_per_s"] > 0 and 0 <= metrics["auc"] <= 1
+    assert metrics["exchange"]["keys_sent_per_step"] > 0 and sum(metrics["table_rows"]) > 0
+    assert json.loads(proc.stdout)["final_loss"] == pytest.approx(metrics["final_loss"])
+
+
+def test_cli_reports_config_errors_without_traceback():
+    proc = _cli(["train", "--steps", "0"])
+    assert proc.returncode == 2
+    assert "error: config field 'steps'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ranks_with_different_configs_stop_with_a_clear_message(tmp_path):
+    if not mpirun_available():
+        pytest.skip("mpirun not on PATH")
+    env = dict(__import__("os").environ, **MPI_ENV)
+    common = ["-m", "hybridps.cli", "train", "--steps", "3", "--batch-size", "32", "--no-progress"]
+    command = (["mpirun", "--oversubscribe", "-np", "1", sys.executable] + common + ["--seed", "1", ":",
+               "-np", "1", sys.executable] + common + ["--seed", "2"])
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ranks [1] run a different effective config than rank 0" in proc.stderr
