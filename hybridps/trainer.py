@@ -20,7 +20,7 @@ import numpy as np
 
 from hybridps import config as config_module
 from hybridps.config import Mode
-from hybridps.errors import ConfigError, HybridPSError
+from hybridps.errors import ConfigError
 from hybridps.metrics import AUCAccumulator, PhaseTimer, Progress, write_summary
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hybridps.errors import DataError
+from hybridps.errors import ConfigError, DataError
 
 
 @dataclass
@@ -54,3 +54,21 @@ class Batch:
 
     def __len__(self) -> int:
         return self.size
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, or a ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def resolve_batch_size(batch_size, default_batch_size) -> int:
+    """The batch size asked for, else the data source's default (shared by every source)."""
+    if batch_size is None:
+        if default_batch_size is None:
+            raise ConfigError("batch_size not given and no default batch_size configured")
+        return default_batch_size
+    return check_int("batch_size", batch_size, 1)

@@ -47,7 +47,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-from hybridps.data.batch import Batch
+from hybridps.data.batch import Batch, check_int, resolve_batch_size
 from hybridps.data.hashing import feature_keys
 from hybridps.errors import ConfigError, DataError
 
@@ -97,15 +97,15 @@ class CriteoReader:
     def __init__(self, path: str, rank: int = 0, world_size: int = 1,
                  on_bad_line: str = "raise", batch_size: Optional[int] = None):
         self.path = os.fspath(path)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ConfigError(f"rank must be < world_size ({self.world_size}), got {rank}")
         if on_bad_line not in ON_BAD_LINE:
             raise ConfigError(f"on_bad_line must be one of {ON_BAD_LINE}, got {on_bad_line!r}")
         self.on_bad_line = on_bad_line
         self.default_batch_size = (None if batch_size is None
-                                   else _check_int("batch_size", batch_size, 1))
+                                   else check_int("batch_size", batch_size, 1))
         self.bad_lines = 0
         self.bad_line_examples: List[str] = []
         self.epoch = 0
@@ -230,13 +230,6 @@ class CriteoReader:
     def __len__(self) -> int:
         return self.num_rows
 
-    def _batch_size(self, batch_size: Optional[int]) -> int:
-        if batch_size is None:
-            if self.default_batch_size is None:
-                raise ConfigError("batch_size not given and no default batch_size configured")
-            return self.default_batch_size
-        return _check_int("batch_size", batch_size, 1)
-
     def _require_rows(self) -> None:
         if self.num_rows == 0:
             raise DataError(
@@ -260,9 +253,9 @@ class CriteoReader:
         ``drop_remainder`` (then its rows are skipped). The position advances before each
         batch is handed out.
         """
-        b = self._batch_size(batch_size)
+        b = resolve_batch_size(batch_size, self.default_batch_size)
         if epochs is not None:
-            epochs = _check_int("epochs", epochs, 0)
+            epochs = check_int("epochs", epochs, 0)
         self._require_rows()
         n = self.num_rows
         done = 0
@@ -286,9 +279,9 @@ class CriteoReader:
         continues at the start of the next one. The position advances before each batch is
         handed out.
         """
-        b = self._batch_size(batch_size)
+        b = resolve_batch_size(batch_size, self.default_batch_size)
         if num_steps is not None:
-            num_steps = _check_int("num_steps", num_steps, 0)
+            num_steps = check_int("num_steps", num_steps, 0)
         self._require_rows()
         n = self.num_rows
         produced = 0
@@ -325,11 +318,11 @@ class CriteoReader:
             raise DataError(
                 f"data state was saved for a file with {state.get('data_lines')} data lines, "
                 f"{self.path!r} has {self.data_lines}: not the same data")
-        epoch = _check_int("epoch", state.get("epoch"), 0)
+        epoch = check_int("epoch", state.get("epoch"), 0)
         if state.get("world_size") == self.world_size:
-            offset = _check_int("offset", state.get("offset"), 0)
+            offset = check_int("offset", state.get("offset"), 0)
         else:
-            offset = _check_int("global_offset", state.get("global_offset"), 0) \
+            offset = check_int("global_offset", state.get("global_offset"), 0) \
                 // self.world_size
         if offset > self.num_rows:
             raise DataError(f"data state offset {offset} is beyond this rank's "
@@ -358,13 +351,6 @@ class CriteoReader:
         return (f"CriteoReader({self.path!r}, rank={self.rank}/{self.world_size}, "
                 f"rows={self.num_rows}, bad_lines={self.bad_lines})")
 
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _parse_label(text: str) -> float:

@@ -52,7 +52,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from hybridps.data.auc import roc_auc
-from hybridps.data.batch import Batch
+from hybridps.data.batch import Batch, check_int, resolve_batch_size
 from hybridps.data.hashing import _integer_keys_by_column, splitmix64
 from hybridps.errors import ConfigError, DataError
 
@@ -102,13 +102,6 @@ def _alias_table(vocab: int, a: float):
     return prob, alias, p
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
 
 def _check_float(name: str, value, lo: float, hi: float = math.inf,
                  lo_open: bool = False) -> float:
@@ -150,10 +143,10 @@ class SyntheticCTR:
                  interaction_scale: float = 0.5, label_flip: float = 0.0,
                  target_ctr: float = 0.25, bias: Optional[float] = None,
                  batch_size: Optional[int] = None):
-        self.num_fields = _check_int("num_fields", num_fields, 1)
+        self.num_fields = check_int("num_fields", num_fields, 1)
         if self.num_fields > 1 << 16:
             raise ConfigError(f"num_fields must be <= 65536, got {num_fields}")
-        self.num_dense = _check_int("num_dense", num_dense, 0)
+        self.num_dense = check_int("num_dense", num_dense, 0)
         if isinstance(vocab_size, (int, np.integer)) and not isinstance(vocab_size, bool):
             vocabs = [vocab_size] * self.num_fields
         else:
@@ -165,16 +158,16 @@ class SyntheticCTR:
             if len(vocabs) != self.num_fields:
                 raise ConfigError(f"vocab_size has {len(vocabs)} entries for "
                                   f"{self.num_fields} fields")
-        self.vocab_sizes = [_check_int("vocab_size", v, 1) for v in vocabs]
+        self.vocab_sizes = [check_int("vocab_size", v, 1) for v in vocabs]
         if max(self.vocab_sizes) >= 1 << 48:
             raise ConfigError("vocab_size must be < 2**48")
         self.zipf_a = _check_float("zipf_a", zipf_a, 0.0, 20.0, lo_open=True)
-        self.seed = _check_int("seed", seed, 0)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+        self.seed = check_int("seed", seed, 0)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ConfigError(f"rank must be < world_size ({self.world_size}), got {rank}")
-        self.planted_dim = _check_int("planted_dim", planted_dim, 0)
+        self.planted_dim = check_int("planted_dim", planted_dim, 0)
         self.field_scale = _check_float("field_scale", field_scale, 0.0)
         self.dense_scale = _check_float("dense_scale", dense_scale, 0.0)
         self.interaction_scale = _check_float("interaction_scale", interaction_scale, 0.0)
@@ -186,7 +179,7 @@ class SyntheticCTR:
             raise ConfigError(f"target_ctr must lie strictly between label_flip and "
                               f"1 - label_flip, got {target_ctr}")
         self.default_batch_size = (None if batch_size is None
-                                   else _check_int("batch_size", batch_size, 1))
+                                   else check_int("batch_size", batch_size, 1))
         self.next_step = 0
 
         # Field groups sharing a vocabulary (one alias table each).
@@ -251,16 +244,9 @@ class SyntheticCTR:
 
     def batch(self, step: int, batch_size: Optional[int] = None) -> Batch:
         """The batch of ``step`` on this rank (pure function of seed, rank, step, size)."""
-        step = _check_int("step", step, 0)
-        b = self._batch_size(batch_size)
+        step = check_int("step", step, 0)
+        b = resolve_batch_size(batch_size, self.default_batch_size)
         return self._make_batch(self._rng(self.seed, self.rank, step), b)
-
-    def _batch_size(self, batch_size: Optional[int]) -> int:
-        if batch_size is None:
-            if self.default_batch_size is None:
-                raise ConfigError("batch_size not given and no default batch_size configured")
-            return self.default_batch_size
-        return _check_int("batch_size", batch_size, 1)
 
     def iter_batches(self, batch_size: Optional[int] = None,
                      num_steps: Optional[int] = None) -> Iterator[Batch]:
@@ -269,9 +255,9 @@ class SyntheticCTR:
         The position (``next_step``) advances before each batch is handed out, so
         :meth:`state` taken while processing a batch points at the batch after it.
         """
-        b = self._batch_size(batch_size)
+        b = resolve_batch_size(batch_size, self.default_batch_size)
         if num_steps is not None:
-            num_steps = _check_int("num_steps", num_steps, 0)
+            num_steps = check_int("num_steps", num_steps, 0)
         produced = 0
         while num_steps is None or produced < num_steps:
             step = self.next_step
@@ -353,7 +339,7 @@ class SyntheticCTR:
         """AUC of the planted probabilities on ``num_samples`` fresh samples (labels drawn
         from them): the best AUC any model can reach on this data, up to sampling noise
         (about ±0.002 at 200k samples). Depends on the seed only, not on the rank."""
-        num_samples = _check_int("num_samples", num_samples, 2)
+        num_samples = check_int("num_samples", num_samples, 2)
         rng = np.random.Generator(np.random.PCG64(
             np.random.SeedSequence(self.seed, spawn_key=(_BAYES_TAG,))))
         probs, labels = [], []
@@ -377,7 +363,7 @@ class SyntheticCTR:
         if state.get("seed", self.seed) != self.seed:
             raise DataError(f"data state was saved with seed {state['seed']}, this dataset "
                             f"has seed {self.seed}")
-        self.next_step = _check_int("next_step", state.get("next_step"), 0)
+        self.next_step = check_int("next_step", state.get("next_step"), 0)
 
     def describe(self) -> dict:
         """The generator's parameters, for logs and benchmark reports."""
