@@ -79,6 +79,23 @@ class TrainConfig:
     progress: bool = True
     tf_threads: int = 0                   # 0: HYBRIDPS_TF_THREADS or cores / ranks per node
     dump_state: Optional[str] = None      # write final dense weights and table shards (npz)
+    # checkpoints, export and eviction (issue: checkpoints)
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0             # steps; 0 = only at the end when checkpoint_dir is set
+    keep_checkpoints: int = 3
+    resume: bool = False
+    num_buckets: int = 4096               # virtual buckets of checkpointed rows (fixed per table)
+    delta_export_dir: Optional[str] = None
+    delta_every: int = 0
+    ttl_steps: int = 0                    # evict rows not updated for this many steps (0 = never)
+    max_rows: int = 0                     # per table and rank: evict down to this (0 = unlimited)
+    eviction: str = "lfu"                 # lfu | lru, for max_rows
+    # launch / failure handling (issue: launch)
+    watchdog_timeout: float = 300.0       # seconds a collective may take before the job aborts
+    # consistency pipeline (SSP / ASP)
+    max_inflight: int = 4                 # bounded queue of outstanding pushes / prefetches
+    loader_delay_ms: float = 0.0          # testing aid: sleep in the data loader of delay_rank
+    delay_rank: int = -1
     fail_at_step: int = -1                # testing aid: raise on fail_rank at this step
     fail_rank: int = 0
 
@@ -123,7 +140,7 @@ def _coerce(name, value):
             raise ConfigError(f"config field 'table_groups': expected a list of lists of field "
                               f"indices, e.g. [[0, 1, 2], [3]], got {value!r}") from None
     if value is None:
-        if default is None or name in ("metrics_out", "dense_optimizer", "dense_learning_rate", "dump_state"):
+        if default is None:
             return None
         raise ConfigError(f"config field '{name}' may not be empty")
     kind = type(default) if default is not None else (float if name == "dense_learning_rate" else str)
@@ -226,11 +243,20 @@ def validate(c):
     _check(c.log_every >= 1, "log_every", c.log_every, "an integer >= 1")
     _check(0 < c.auc_window <= 1, "auc_window", c.auc_window, "a fraction in (0, 1]")
     _check(c.tf_threads >= 0, "tf_threads", c.tf_threads, "an integer >= 0 (0 = automatic)")
+    _check(c.checkpoint_every >= 0, "checkpoint_every", c.checkpoint_every, "an integer >= 0")
+    _check(c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "an integer >= 1")
+    _check(c.num_buckets >= 1, "num_buckets", c.num_buckets, "an integer >= 1")
+    _check(c.delta_every >= 0, "delta_every", c.delta_every, "an integer >= 0")
+    _check(c.ttl_steps >= 0, "ttl_steps", c.ttl_steps, "an integer >= 0 (0 = never)")
+    _check(c.max_rows >= 0, "max_rows", c.max_rows, "an integer >= 0 (0 = unlimited)")
+    _check(c.eviction in ("lfu", "lru"), "eviction", c.eviction, "lfu, lru")
+    _check(c.watchdog_timeout > 0, "watchdog_timeout", c.watchdog_timeout, "seconds > 0")
+    _check(c.max_inflight >= 1, "max_inflight", c.max_inflight, "an integer >= 1")
+    _check(c.loader_delay_ms >= 0, "loader_delay_ms", c.loader_delay_ms, "milliseconds >= 0")
+    if c.resume and not c.checkpoint_dir:
+        raise ConfigError("config field 'resume': needs checkpoint_dir (where to resume from)")
     if c.sync == Sync.BSP:
         _check(c.staleness == 0, "staleness", c.staleness, "0 with sync=bsp (use sync=ssp for a bound > 0)")
-    if c.sync != Sync.BSP and c.mode == Mode.COLLECTIVE:
-        raise ConfigError(f"config field 'sync': {c.sync.value} on the collective path is not "
-                          f"available in this version; use sync=bsp")
     if c.mode == Mode.PS:
         raise ConfigError("config field 'mode': ps (parameter-server mode) is not available in "
                           "this version; use mode=collective")
@@ -252,7 +278,8 @@ def table_groups(c):
 def config_hash(c):
     """sha256 of the canonical JSON of the settings every rank must share."""
     shared = c.to_dict()
-    for per_rank in ("metrics_out", "progress", "dump_state", "tf_threads"):
+    for per_rank in ("metrics_out", "progress", "dump_state", "tf_threads", "resume",
+                     "loader_delay_ms", "delay_rank", "watchdog_timeout"):
         shared.pop(per_rank, None)
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
 
