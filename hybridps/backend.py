@@ -3,7 +3,7 @@
 The Trainer only ever calls these methods, so it does not know whether it runs the
 collective path (hybridps.sync) or, later, the parameter-server mode (hybridps.ps).
 """
-from typing import Protocol, Tuple
+from typing import Iterator, Protocol, Tuple
 
 import numpy as np
 
@@ -11,13 +11,14 @@ import numpy as np
 class Backend(Protocol):
     """Parameter access for one training process."""
 
-    def start(self) -> None:
-        """Make the initial state identical everywhere (e.g. broadcast dense weights)."""
+    def start(self, batches: Iterator) -> None:
+        """Make the initial state identical everywhere (e.g. broadcast dense weights) and take
+        the iterator of this rank's batches (a pipelined backend prefetches from it)."""
 
-    def pull(self, keys: np.ndarray, step: int) -> Tuple[object, np.ndarray]:
-        """Rows of a (B, F) batch's unique keys: (plan, unique_rows (U, dim) float32).
+    def pull(self, step: int) -> Tuple[object, object, np.ndarray]:
+        """Step ``step``'s batch and the rows of its unique keys: (batch, plan, unique_rows).
 
-        ``plan.inverse`` (B, F) indexes ``unique_rows`` for each (sample, field).
+        ``plan.inverse`` (B, F) indexes ``unique_rows`` (U, dim) for each (sample, field).
         """
 
     def push(self, plan: object, unique_row_grads: np.ndarray, step: int) -> None:

@@ -13,6 +13,7 @@ raw memory; lower-case (pickling) methods only carry small control messages.
 import os
 import sys
 import threading
+import time
 import traceback
 
 import numpy as np
@@ -62,20 +63,30 @@ class Comm:
         except KeyError:
             raise CommError(f"no MPI datatype for numpy dtype {array.dtype}") from None
 
-    def alltoall_counts(self, send_counts):
+    def _wait(self, request, poll_interval):
+        """Wait for a non-blocking collective, sleeping between tests instead of spinning."""
+        while not request.Test():
+            time.sleep(poll_interval)
+
+    def alltoall_counts(self, send_counts, poll_interval=None):
         """Exchange per-destination counts: ``recv[r]`` is what rank r sends to this rank.
 
         Args:
             send_counts: int64 array (size, k): k counts per destination rank.
+            poll_interval: None for a blocking call; seconds to sleep between tests of a
+                non-blocking one (see :meth:`alltoallv`).
         Returns:
             int64 array (size, k).
         """
         send = np.ascontiguousarray(send_counts, dtype=np.int64)
         recv = np.empty_like(send)
-        self.exchange.Alltoall(send, recv)
+        if poll_interval is None:
+            self.exchange.Alltoall(send, recv)
+        else:
+            self._wait(self.exchange.Ialltoall(send, recv), poll_interval)
         return recv
 
-    def alltoallv(self, send, send_counts, recv_counts, recv=None):
+    def alltoallv(self, send, send_counts, recv_counts, recv=None, poll_interval=None):
         """Alltoallv of a numpy buffer whose first axis is split per destination rank.
 
         Counts are in rows of ``send`` (its trailing axes travel with each row).
@@ -85,6 +96,10 @@ class Comm:
             send_counts: rows to each rank, int (size,).
             recv_counts: rows from each rank, int (size,).
             recv: optional output array with sum(recv_counts) rows.
+            poll_interval: None for a blocking MPI_Alltoallv. A background thread that shares
+                its core with TF compute passes seconds here: the exchange then runs as
+                MPI_Ialltoallv, tested every ``poll_interval`` seconds, because Open MPI's
+                blocking calls busy-poll and would steal the core from the compute thread.
         Returns:
             the receive array, rows grouped by source rank.
         """
@@ -102,9 +117,12 @@ class Comm:
         np.cumsum(scounts[:-1], out=sdispl[1:])
         np.cumsum(rcounts[:-1], out=rdispl[1:])
         mpi_type = self._mpi_type(send)
-        self.exchange.Alltoallv(
-            [send, (scounts.astype(np.int32), sdispl.astype(np.int32)), mpi_type],
-            [recv, (rcounts.astype(np.int32), rdispl.astype(np.int32)), mpi_type])
+        send_spec = [send, (scounts.astype(np.int32), sdispl.astype(np.int32)), mpi_type]
+        recv_spec = [recv, (rcounts.astype(np.int32), rdispl.astype(np.int32)), mpi_type]
+        if poll_interval is None:
+            self.exchange.Alltoallv(send_spec, recv_spec)
+        else:
+            self._wait(self.exchange.Ialltoallv(send_spec, recv_spec), poll_interval)
         return recv
 
     def allreduce_sum(self, array):

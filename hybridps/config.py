@@ -290,3 +290,23 @@ def env_tf_threads():
     if not value.isdigit():
         raise ConfigError(f"environment variable HYBRIDPS_TF_THREADS must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+def env_watchdog_timeout():
+    """HYBRIDPS_WATCHDOG_TIMEOUT in seconds (> 0), or None when unset: the watchdog's fallback
+    when no watchdog_timeout is configured (hybridps doctor, scripts that use hybridps.comm)."""
+    value = os.environ.get("HYBRIDPS_WATCHDOG_TIMEOUT", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"environment variable HYBRIDPS_WATCHDOG_TIMEOUT must be seconds > 0, got {value!r}")
+    return seconds
+
+
+def env_watchdog_dir():
+    """HYBRIDPS_WATCHDOG_DIR (where ranks leave their watchdog state), or None when unset."""
+    return os.environ.get("HYBRIDPS_WATCHDOG_DIR") or None

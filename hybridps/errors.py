@@ -31,3 +31,8 @@ class DataError(HybridPSError, ValueError):
 
 class CommError(HybridPSError):
     """MPI or Horovod could not be initialised or a collective failed."""
+
+
+class CheckpointError(HybridPSError):
+    """A checkpoint or delta is missing, damaged, partial, or belongs to another model
+    (the message names the directory, the file and what is wrong)."""

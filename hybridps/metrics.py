@@ -46,9 +46,9 @@ class AUCAccumulator:
 
 
 class PhaseTimer:
-    """Wall time per step phase (data, pull, compute, dense, push), summed over steps."""
+    """Wall time per step phase (pull, compute, dense, push), summed over steps."""
 
-    PHASES = ("data", "pull", "compute", "dense", "push")
+    PHASES = ("pull", "compute", "dense", "push")   # pull includes data loading (or the wait for prefetched rows)
 
     def __init__(self):
         self.totals = dict.fromkeys(self.PHASES, 0.0)

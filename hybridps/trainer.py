@@ -112,7 +112,6 @@ class Trainer:
         """Train ``config.steps`` steps; returns the summary dict (also written to metrics_out)."""
         c, tf = self.config, self.tf
         global_batch = float(c.batch_size * self.world_size)
-        self.backend.start()
         timer = PhaseTimer()
         auc = AUCAccumulator()
         auc_from_step = int(c.steps * (1.0 - c.auc_window))
@@ -120,18 +119,19 @@ class Trainer:
         progress = Progress(c.steps, enabled=c.progress and self.rank == 0, log_every=c.log_every)
         keys_sent = keys_received = 0
         batches = self.dataset.iter_batches(c.batch_size, c.steps)
+        if c.loader_delay_ms > 0 and self.rank == c.delay_rank:
+            batches = _delayed(batches, c.loader_delay_ms / 1000.0)
+        self.backend.start(batches)
         steady_start = None
         started = time.perf_counter()
         timer.start()
         for step in range(c.steps):
             if step == c.warmup_steps:
                 steady_start = time.perf_counter()
-            batch = next(batches)
-            timer.mark("data")
             if step == c.fail_at_step and self.rank == c.fail_rank:
                 raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
                                    f"(fail_at_step testing aid)")
-            plan, unique_rows = self.backend.pull(batch.keys, step)
+            batch, plan, unique_rows = self.backend.pull(step)
             timer.mark("pull")
             loss_sum, logits, dense_grads, row_grads = self.compute_step(
                 batch.dense, unique_rows, plan.inverse, batch.labels, tf.constant(global_batch))
@@ -150,7 +150,7 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 progress.update(step, local_loss_sums[step] / c.batch_size,
                                 (step + 1) * global_batch / max(elapsed, 1e-9))
-        self.backend.finish()
+        self.backend.finish()     # every pushed gradient and dense update is applied after this
         finished = time.perf_counter()
         return self._summarize(timer, auc, local_loss_sums, keys_sent, keys_received,
                                started, steady_start, finished)
@@ -187,6 +187,7 @@ class Trainer:
                          "bytes_received_per_step": float(volume[3]) / c.steps / self.world_size,
                          "per": "rank"},
             "table_rows": [int(r) for r in rows],
+            **self._consistency_metrics(),
             "phase_ms_per_step_max_over_ranks": dict(zip(phases.keys(), map(float, phase_max))),
             "table_counters": self._table_counters(),
             "config_hash": config_module.config_hash(c),
@@ -199,6 +200,24 @@ class Trainer:
         if self.rank == 0 and c.metrics_out:
             write_summary(c.metrics_out, summary)
         return summary
+
+    def _consistency_metrics(self):
+        """Observed staleness (all owners' reads) and the pushed == applied gradient count."""
+        from hybridps.embedding.sharded import STALENESS_BINS
+        s = self.sharded
+        histogram = self.comm.allreduce_sum(s.staleness_histogram)
+        per_step = np.zeros(self.config.steps, dtype=np.int64)
+        for step, value in s.staleness_max_by_step.items():
+            per_step[step] = value
+        per_step = self.comm.allreduce_max(per_step)
+        counts = self.comm.allreduce_sum(np.array([s.row_grads_pushed, s.row_grads_applied], dtype=np.int64))
+        reads = max(int(histogram.sum()), 1)
+        nonzero = np.nonzero(histogram)[0]
+        return {"staleness_max": int(nonzero.max()) if len(nonzero) else 0,
+                "staleness_mean": float((histogram * np.arange(STALENESS_BINS)).sum() / reads),
+                "staleness_histogram": [int(x) for x in histogram[:int(nonzero.max()) + 1]] if len(nonzero) else [0],
+                "staleness_max_per_step": [int(x) for x in per_step],
+                "row_grads_pushed": int(counts[0]), "row_grads_applied": int(counts[1])}
 
     def _table_counters(self):
         names = ("admitted_keys", "refused_inserts", "evicted_rows", "dropped_unadmitted_grads",
@@ -222,6 +241,13 @@ class Trainer:
             np.savez(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
                      keys=shard["keys"], values=shard["values"], slots=shard["slots"])
         self.comm.barrier()
+
+
+def _delayed(batches, seconds):
+    """A slower data loader (testing aid): sleep before every batch."""
+    for batch in batches:
+        time.sleep(seconds)
+        yield batch
 
 
 def _with_fields(config, num_fields):

@@ -18,6 +18,8 @@ import numpy as np
 from hybridps.embedding.routing import bucket_by_owner, unique_inverse
 from hybridps.embedding.table import make_table
 
+STALENESS_BINS = 256   # observed staleness above 255 steps is counted in the last bin
+
 
 @dataclass
 class ExchangePlan:
@@ -68,6 +70,19 @@ class ShardedEmbedding:
         self.tables = [make_table(config, table_id=t) for t in range(len(field_groups))]
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Consistency bookkeeping (owner side). applied_through: the last step whose push this
+        # rank has applied; every row it holds is current through that step (rows without a
+        # gradient in a push had nothing to apply). Staleness of a read at step t is
+        # t - 1 - max(row version, applied_through): the number of most recent steps whose
+        # updates the read does not see (0 under BSP).
+        self.applied_through = -1
+        self.staleness_histogram = np.zeros(STALENESS_BINS, dtype=np.int64)
+        self.staleness_max_by_step = {}
+        self.row_grads_pushed = 0
+        self.row_grads_applied = 0
+        # None: blocking collectives (BSP, main thread). Seconds: non-blocking collectives
+        # tested at this interval (the SSP/ASP communication thread, see hybridps.comm).
+        self.poll_interval = None
 
     # ------------------------------------------------------------------ pull
     def plan(self, keys, step):
@@ -84,8 +99,9 @@ class ShardedEmbedding:
             offsets.append(offsets[-1] + len(uniq))
         unique_keys = np.concatenate(uniques) if len(uniques) > 1 else uniques[0]
         send_order, send_counts = bucket_by_owner(unique_keys, np.asarray(offsets), self.comm.size)
-        recv_counts = self.comm.alltoall_counts(send_counts)
-        recv_keys = self.comm.alltoallv(unique_keys[send_order], send_counts.sum(1), recv_counts.sum(1))
+        recv_counts = self.comm.alltoall_counts(send_counts, self.poll_interval)
+        recv_keys = self.comm.alltoallv(unique_keys[send_order], send_counts.sum(1), recv_counts.sum(1),
+                                        poll_interval=self.poll_interval)
         self._count_bytes(send_counts.sum() * 8, recv_counts.sum() * 8)
         return ExchangePlan(unique_keys, inverse, send_order, send_counts, recv_counts, recv_keys,
                             _table_positions(recv_counts), step)
@@ -94,10 +110,16 @@ class ShardedEmbedding:
         """Rows of a (B, F) batch's unique keys: returns (plan, unique_rows (U, dim) float32)."""
         plan = self.plan(keys, step)
         served = np.empty((len(plan.recv_keys), self.dim), dtype=np.float32)
+        versions = np.empty(len(plan.recv_keys), dtype=np.int64)
         for table, positions in zip(self.tables, plan.recv_table_index):
             if len(positions):
-                served[positions] = table.lookup_or_insert(plan.recv_keys[positions], step=step)
-        rows_in_send_order = self.comm.alltoallv(served, plan.recv_counts.sum(1), plan.send_counts.sum(1))
+                table_versions = np.empty(len(positions), dtype=np.int64)
+                served[positions] = table.lookup_or_insert(plan.recv_keys[positions], step=step,
+                                                           versions=table_versions)
+                versions[positions] = table_versions
+        self._record_staleness(step, versions)
+        rows_in_send_order = self.comm.alltoallv(served, plan.recv_counts.sum(1), plan.send_counts.sum(1),
+                                                 poll_interval=self.poll_interval)
         unique_rows = np.empty_like(rows_in_send_order)
         unique_rows[plan.send_order] = rows_in_send_order
         self._count_bytes(served.nbytes, rows_in_send_order.nbytes)
@@ -107,11 +129,26 @@ class ShardedEmbedding:
     def push(self, plan, unique_row_grads, step):
         """Send row gradients (U, dim) back to the owners, who apply their optimizer once per key."""
         grads = np.ascontiguousarray(unique_row_grads, dtype=np.float32)[plan.send_order]
-        received = self.comm.alltoallv(grads, plan.send_counts.sum(1), plan.recv_counts.sum(1))
+        received = self.comm.alltoallv(grads, plan.send_counts.sum(1), plan.recv_counts.sum(1),
+                                       poll_interval=self.poll_interval)
         self._count_bytes(grads.nbytes, received.nbytes)
         for table, positions in zip(self.tables, plan.recv_table_index):
             if len(positions):
                 table.apply_gradients(plan.recv_keys[positions], received[positions], step=step)
+        self.row_grads_pushed += len(grads)
+        self.row_grads_applied += len(received)
+        self.applied_through = max(self.applied_through, step)
+
+    def _record_staleness(self, step, versions):
+        # New rows (version == step) and rows with no earlier update are fully current.
+        current_through = np.maximum(versions, self.applied_through)
+        staleness = np.maximum(step - 1 - current_through, 0)
+        staleness[versions >= step] = 0
+        if len(staleness):
+            self.staleness_histogram += np.bincount(np.minimum(staleness, STALENESS_BINS - 1),
+                                                    minlength=STALENESS_BINS)
+            self.staleness_max_by_step[step] = max(self.staleness_max_by_step.get(step, 0),
+                                                   int(staleness.max()))
 
     # ------------------------------------------------------------------ reporting
     def _count_bytes(self, sent, received):

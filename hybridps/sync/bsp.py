@@ -15,11 +15,14 @@ class BSPCollectiveBackend:
         self.sharded = sharded
         self.dense = dense
 
-    def start(self):
+    def start(self, batches):
         self.dense.broadcast_initial()
+        self.batches = batches
 
-    def pull(self, keys, step):
-        return self.sharded.pull(keys, step)
+    def pull(self, step):
+        batch = next(self.batches)
+        plan, rows = self.sharded.pull(batch.keys, step)
+        return batch, plan, rows
 
     def push(self, plan, unique_row_grads, step):
         self.sharded.push(plan, unique_row_grads, step)

@@ -1,0 +1,183 @@
+"""SSP and ASP on the collective path: a communication thread overlaps the exchange with compute.
+
+Why a thread with blocking collectives (and not MPI non-blocking collectives): an owner must
+look rows up *between* receiving keys and sending rows, and apply gradients after receiving
+them; with ``MPI_Ialltoallv`` someone would have to poll for progress and run those table steps
+in the middle of the TF step. A dedicated thread that runs blocking ``Alltoallv`` calls on
+hybridps' own communicator does both naturally, releases the GIL inside MPI and inside the
+Cython table loops, and needs MPI_THREAD_MULTIPLE (hybridps.comm asks for it) because
+Horovod's thread and the main thread use MPI at the same time.
+
+Collectives must be issued in the same order on every rank, so the thread follows a schedule
+that depends only on step numbers, never on timing:
+  * SSP(s):  ... push(t - s - 1), pull(t), push(t - s), pull(t + 1) ...
+    A pull for step t is served only after every rank's push of step t - s - 1 has been applied
+    by its owner, so a read at step t sees every update from steps <= t - s - 1. With s = 0 this
+    is exactly BSP's order (push(t - 1) before pull(t)), and the arithmetic is identical.
+  * ASP(d):  ... pull(t), push(t - d), pull(t + 1), push(t - d + 1) ...  (d = max_inflight)
+    Pulls never wait for gradients; pushes trail by at most d steps, which bounds the memory
+    held in flight. The dense path also runs in the background: a dense thread allreduces and
+    applies each step's dense gradients in order while the main thread computes the next step
+    (dense gradients may be applied late).
+The main thread only computes: it takes prefetched rows (``pull``) and hands gradients over
+(``push``), blocking when ``max_inflight`` results are already waiting, so memory stays bounded.
+Only the communication thread touches the tables while training runs. ``finish`` drains every
+outstanding push and dense update, so nothing pushed is lost at the end of training.
+"""
+import queue
+import threading
+
+from hybridps.config import Sync
+from hybridps.errors import HybridPSError
+
+POLL_INTERVAL_S = 0.0002   # the exchange thread tests its non-blocking collectives this often
+
+
+def ssp_schedule(steps, staleness):
+    """Operation order of SSP(staleness): [("push"|"pull", step), ...], identical on every rank."""
+    for t in range(steps):
+        if t - staleness - 1 >= 0:
+            yield ("push", t - staleness - 1)
+        yield ("pull", t)
+    for k in range(max(steps - staleness - 1, 0), steps):
+        yield ("push", k)
+
+
+def asp_schedule(steps, lag):
+    """Operation order of ASP: pulls first, pushes trailing by ``lag`` steps."""
+    for t in range(steps):
+        yield ("pull", t)
+        if t - lag >= 0:
+            yield ("push", t - lag)
+    for k in range(max(steps - lag, 0), steps):
+        yield ("push", k)
+
+
+class _Mailbox:
+    """Step-indexed hand-over between two threads, with failure propagation."""
+
+    def __init__(self, owner):
+        self.items = {}
+        self.cond = threading.Condition()
+        self.owner = owner
+
+    def put(self, step, item):
+        with self.cond:
+            self.items[step] = item
+            self.cond.notify_all()
+
+    def take(self, step):
+        with self.cond:
+            while step not in self.items:
+                self.owner.raise_if_failed()
+                self.cond.wait(0.1)
+            return self.items.pop(step)
+
+    def wait_below(self, limit):
+        """Block while ``limit`` or more items are waiting (bounded prefetch)."""
+        with self.cond:
+            while len(self.items) >= limit:
+                self.owner.raise_if_failed()
+                self.cond.wait(0.1)
+
+    def wake(self):
+        with self.cond:
+            self.cond.notify_all()
+
+
+class PipelinedCollectiveBackend:
+    """The collective backend for SSP and ASP (a Backend, see hybridps.backend)."""
+
+    def __init__(self, config, comm, sharded, dense):
+        self.config = config
+        self.comm = comm
+        self.sharded = sharded
+        self.dense = dense
+        self.sync = config.sync
+        self.steps = config.steps
+        self.max_inflight = config.max_inflight
+        if self.sync == Sync.SSP:
+            self.schedule = list(ssp_schedule(self.steps, config.staleness))
+        else:
+            self.schedule = list(asp_schedule(self.steps, config.max_inflight))
+        self.pulled = _Mailbox(self)
+        self.grads = _Mailbox(self)
+        self.error = None
+        self.comm_thread = None
+        self.dense_thread = None
+        self.dense_queue = queue.Queue(maxsize=config.max_inflight)
+        sharded.poll_interval = POLL_INTERVAL_S
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, batches):
+        self.dense.broadcast_initial()
+        self.batches = batches
+        self.comm_thread = threading.Thread(target=self._run_guarded, args=(self._comm_loop,),
+                                            name="hybridps-exchange", daemon=True)
+        self.comm_thread.start()
+        if self.sync == Sync.ASP and self.dense.world_size > 1:
+            self.dense_thread = threading.Thread(target=self._run_guarded, args=(self._dense_loop,),
+                                                 name="hybridps-dense", daemon=True)
+            self.dense_thread.start()
+
+    def _run_guarded(self, loop):
+        try:
+            loop()
+        except BaseException as exc:   # noqa: B902 - handed to the main thread, which raises it
+            self.error = exc
+            self.pulled.wake()
+            self.grads.wake()
+
+    def raise_if_failed(self):
+        if self.error is not None:
+            raise HybridPSError(f"the {self.sync.value} communication pipeline failed: "
+                                f"{type(self.error).__name__}: {self.error}") from self.error
+
+    # ------------------------------------------------------------------ communication thread
+    def _comm_loop(self):
+        for op, step in self.schedule:
+            if op == "pull":
+                # Bounded prefetch: at most max_inflight pulled steps wait for the main thread.
+                self.pulled.wait_below(self.max_inflight)
+                batch = next(self.batches)
+                plan, rows = self.sharded.pull(batch.keys, step)
+                self.pulled.put(step, (batch, plan, rows))
+            else:
+                plan, row_grads = self.grads.take(step)
+                self.sharded.push(plan, row_grads, step)
+
+    def _dense_loop(self):
+        for _ in range(self.steps):
+            grads = self.dense_queue.get()
+            self.dense.step(grads)
+
+    # ------------------------------------------------------------------ main thread
+    def pull(self, step):
+        return self.pulled.take(step)
+
+    def push(self, plan, unique_row_grads, step):
+        self.grads.put(step, (plan, unique_row_grads))
+
+    def dense_step(self, grads, step):
+        if self.dense_thread is None:
+            self.dense.step(grads)
+            return
+        while True:
+            self.raise_if_failed()
+            try:
+                self.dense_queue.put(list(grads), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self):
+        """Wait until every push and dense update has been applied."""
+        for thread in (self.comm_thread, self.dense_thread):
+            while thread is not None and thread.is_alive():
+                thread.join(0.1)
+                self.raise_if_failed()
+        self.raise_if_failed()
+
+    def stats(self):
+        return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
+                "table_rows": self.sharded.table_sizes()}

@@ -1,0 +1,348 @@
+"""Collective watchdog: a collective that does not complete within a timeout aborts the job.
+
+What lives here: :func:`collective`, the tiny context manager hybridps.comm puts around each
+of its collectives (it records name and start time of the calling thread's current
+collective: two dict operations, no lock, no thread wake-up); the watchdog thread, one per
+rank, which polls every ``POLL_INTERVAL_S``; :func:`configure` (the timeout, from
+``TrainConfig.watchdog_timeout`` or ``HYBRIDPS_WATCHDOG_TIMEOUT``); and the cross-rank dump.
+What does not: MPI itself (hybridps.comm hands :func:`start` its abort function) and any
+training logic.
+
+Which ranks are stuck where, without relying on the stuck collective: each rank's watchdog
+thread writes its current state (collective or "not in a collective", step, Python stack) to
+``rank<R>.json`` in a state directory whenever a state has lasted one poll interval (so at
+most twice a second, never per call). The rank that trips reads every rank's file, prints
+them once, and calls MPI_Abort. The directory is ``HYBRIDPS_WATCHDOG_DIR`` when set (use a
+shared file system to see ranks of other nodes), else ``<tmp>/hybridps-watchdog-<job key>``
+on each node. A rank's file is removed when it exits normally.
+
+The step shown is the one given to :func:`set_step`, or else the integer local variable
+``step`` of the innermost frame of the stuck thread's stack that has one (the training loop
+and the backends name it so), read only when a state is written.
+"""
+import atexit
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+POLL_INTERVAL_S = 0.5
+DEFAULT_TIMEOUT_S = 300.0
+EXIT_CODE = 124                 # MPI_Abort error code of a watchdog abort (as timeout(1))
+_STACK_FRAMES = 6
+
+_get_ident = threading.get_ident
+_monotonic = time.monotonic
+
+# thread ident -> (collective name, start monotonic, the entry it replaced (nesting) or None)
+_active = {}
+# [name, end monotonic] of the last collective that completed on any thread
+_last = [None, 0.0]
+_explicit_step = [None]
+
+
+class collective:
+    """``with collective("alltoallv"): ...`` marks the calling thread as inside a collective.
+
+    Cheap enough for every call (an object, two dict operations); nesting is allowed.
+    """
+    __slots__ = ("name", "_tid", "_outer")
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        tid = self._tid = _get_ident()
+        self._outer = _active.get(tid)
+        _active[tid] = (self.name, _monotonic())
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._outer is None:
+            _active.pop(self._tid, None)
+        else:
+            _active[self._tid] = self._outer
+        _last[0] = self.name
+        _last[1] = _monotonic()
+        return False
+
+
+def set_step(step):
+    """Record the current training step for the watchdog's messages (optional; see module doc)."""
+    _explicit_step[0] = step
+
+
+class _Watchdog:
+    def __init__(self, rank, size, abort, state_dir, job_key):
+        self.rank, self.size = rank, size
+        self.job_key = job_key
+        self.owns_dir = False            # True for the default directory (removed when empty)
+        self.abort = abort
+        self.state_dir = state_dir
+        self.timeout_s = None           # None: resolved from the environment at the first poll
+        self.stop_event = threading.Event()
+        self.prefix = f"[hybridps rank {rank}/{size}]"
+        self.host = socket.gethostname()
+        self.state_path = os.path.join(state_dir, f"rank{rank}.json")
+        self.thread = threading.Thread(target=self._loop, name="hybridps-watchdog", daemon=True)
+
+    # ---------------------------------------------------------------- the polling thread
+    def _loop(self):
+        previous_key, written_key = None, None
+        while not self.stop_event.wait(POLL_INTERVAL_S):
+            timeout_s = self.timeout()
+            now = _monotonic()
+            snapshot = list(_active.items())
+            for tid, (name, started) in snapshot:
+                if now - started > timeout_s:
+                    self._trip(tid, name, started, now, timeout_s)
+                    return
+            key = tuple((tid, name, started) for tid, (name, started) in snapshot) or ("idle", _last[1])
+            if key == previous_key and key != written_key:
+                self._write_state(snapshot, now)
+                written_key = key
+            previous_key = key
+
+    def timeout(self):
+        if self.timeout_s is None:
+            from hybridps.config import env_watchdog_timeout
+            try:
+                self.timeout_s = env_watchdog_timeout() or DEFAULT_TIMEOUT_S
+            except ValueError as exc:     # ConfigError: report once, keep the default
+                sys.stderr.write(f"{self.prefix} watchdog: {exc}; using {DEFAULT_TIMEOUT_S:.0f}s\n")
+                self.timeout_s = DEFAULT_TIMEOUT_S
+        return self.timeout_s
+
+    # ---------------------------------------------------------------- state files
+    def _state(self, snapshot, now):
+        wall_now = time.time()
+        frames = sys._current_frames()
+        main_tid = threading.main_thread().ident
+        state = {"rank": self.rank, "size": self.size, "job": self.job_key,
+                 "host": self.host, "pid": os.getpid(),
+                 "written": wall_now, "collectives": [], "last": None}
+        for tid, (name, started) in snapshot:
+            frame = frames.get(tid)
+            state["collectives"].append({
+                "name": name, "thread": _thread_name(tid), "seconds": now - started,
+                "since": wall_now - (now - started), "step": _step_of(frame),
+                "where": _where(frame)})
+        if _last[0] is not None:
+            state["last"] = {"name": _last[0], "ended": wall_now - (now - _last[1]),
+                             "seconds_ago": now - _last[1]}
+        if not snapshot:
+            frame = frames.get(main_tid)
+            state["main"] = {"step": _step_of(frame), "where": _where(frame)}
+        return state
+
+    def _write_state(self, snapshot, now, state=None):
+        state = state or self._state(snapshot, now)
+        tmp = f"{self.state_path}.tmp"
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            with open(tmp, "w") as fh:
+                json.dump(state, fh)
+            os.replace(tmp, self.state_path)
+        except OSError:
+            pass        # a full or read-only disk must not take the training down
+        return state
+
+    def remove_state(self):
+        for path in (self.state_path, f"{self.state_path}.tmp"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if self.owns_dir:
+            try:
+                os.rmdir(self.state_dir)      # succeeds for the last rank of this node only
+            except OSError:
+                pass
+
+    # ---------------------------------------------------------------- tripping
+    def _trip(self, tid, name, started, now, timeout_s):
+        mine = self._write_state(list(_active.items()), now)
+        stuck = next((c for c in mine["collectives"] if c["name"] == name), {"step": None})
+        step = f" (step {stuck['step']})" if stuck.get("step") is not None else ""
+        first = self._claim_report()
+        if first:
+            lines = [f"{self.prefix} watchdog: stuck for {now - started:.1f}s in {name}{step} "
+                     f"started at {_clock(time.time() - (now - started))} (timeout {timeout_s:g}s: "
+                     f"watchdog_timeout / HYBRIDPS_WATCHDOG_TIMEOUT); aborting the whole job.",
+                     f"{self.prefix} watchdog: state of every rank (from {self.state_dir}):"]
+            lines += self._describe_all_ranks()
+            lines.append(f"{self.prefix} watchdog: a rank 'not in a collective' while the others "
+                         f"wait is the one to look at (slow data, a hang, or code paths that "
+                         f"differ between ranks); raise watchdog_timeout if the wait is legitimate.")
+            sys.stderr.write("\n".join(lines) + "\n")
+            sys.stderr.flush()
+        else:
+            # Another rank of this node reported first and is aborting the job; give it time.
+            self.stop_event.wait(5.0)
+        try:
+            self.abort(EXIT_CODE)
+        finally:
+            os._exit(EXIT_CODE)
+
+    def _claim_report(self):
+        try:
+            fd = os.open(os.path.join(self.state_dir, f"reported-{self.job_key}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        except OSError:
+            return True
+        os.write(fd, str(self.rank).encode())
+        os.close(fd)
+        return True
+
+    def _describe_all_ranks(self):
+        lines = []
+        for rank in range(self.size):
+            path = os.path.join(self.state_dir, f"rank{rank}.json")
+            try:
+                with open(path) as fh:
+                    state = json.load(fh)
+            except (OSError, ValueError):
+                state = None
+            if state is None or state.get("job") != self.job_key:
+                lines.append(f"  rank {rank}: no state (on another node without a shared "
+                             f"HYBRIDPS_WATCHDOG_DIR, or exited, or busy for less than "
+                             f"{POLL_INTERVAL_S}s in each state)")
+                continue
+            lines.append(describe_state(state))
+        return lines
+
+
+def describe_state(state, now=None):
+    """One or more lines saying where the rank of a state file is (used in the dump)."""
+    now = time.time() if now is None else now
+    age = now - state["written"]
+    head = (f"  rank {state['rank']} ({state['host']}, pid {state['pid']}, "
+            f"state written {age:.1f}s ago):")
+    lines = []
+    for c in state["collectives"]:
+        step = f" (step {c['step']})" if c.get("step") is not None else ""
+        lines.append(f"{head} in {c['name']}{step} for {c['seconds'] + age:.1f}s since "
+                     f"{_clock(c['since'])} [{c['thread']}] at {' <- '.join(c['where']) or '?'}")
+    if not state["collectives"]:
+        last = state.get("last")
+        since = (f"; last collective {last['name']} ended {_clock(last['ended'])}"
+                 if last else "; no collective completed yet")
+        main = state.get("main") or {}
+        step = f" (step {main['step']})" if main.get("step") is not None else ""
+        lines.append(f"{head} not in a collective{step}{since}; main thread at "
+                     f"{' <- '.join(main.get('where') or []) or '?'}")
+    return "\n".join(lines)
+
+
+def _clock(wall):
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}"
+
+
+def _thread_name(tid):
+    for thread in threading.enumerate():
+        if thread.ident == tid:
+            return thread.name
+    return str(tid)
+
+
+def _where(frame):
+    if frame is None:
+        return []
+    summary = traceback.extract_stack(frame, limit=_STACK_FRAMES)
+    return [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(summary)]
+
+
+def _step_of(frame):
+    if _explicit_step[0] is not None:
+        return _explicit_step[0]
+    while frame is not None:
+        value = frame.f_locals.get("step") if frame.f_code.co_name != "<module>" else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        frame = frame.f_back
+    return None
+
+
+_STATE = {"watchdog": None}
+
+
+def start(rank, size, abort, job_key):
+    """Start this rank's watchdog thread (hybridps.comm.init calls it once, with size > 1).
+
+    Args:
+        rank, size: this process' rank and the world size.
+        abort: callable(error_code) that aborts the whole job (MPI_Abort).
+        job_key: a string equal on every rank of the job (names the default state directory).
+    Returns:
+        the watchdog (an internal object); :func:`configure` sets its timeout.
+    """
+    if _STATE["watchdog"] is not None:
+        return _STATE["watchdog"]
+    from hybridps.config import env_watchdog_dir
+    user_dir = env_watchdog_dir()
+    state_dir = user_dir or os.path.join(tempfile.gettempdir(), f"hybridps-watchdog-{job_key}")
+    watchdog = _Watchdog(rank, size, abort, state_dir, job_key)
+    watchdog.owns_dir = not user_dir
+    watchdog.timeout_s = _STATE.get("timeout_s")
+    watchdog.remove_state()             # a stale file of an earlier job in a reused directory
+    _STATE["watchdog"] = watchdog
+    watchdog.thread.start()
+    atexit.register(stop)
+    return watchdog
+
+
+def configure(timeout_s=None):
+    """Set the watchdog timeout in seconds: a collective running longer aborts the job.
+
+    Call it any time, before or after :func:`start` (the trainer calls it with
+    ``config.watchdog_timeout``). ``None`` means ``HYBRIDPS_WATCHDOG_TIMEOUT`` when set, else
+    300 s.
+
+    Args:
+        timeout_s: seconds (> 0) or None.
+    Raises:
+        ConfigError: timeout_s is not a positive number.
+    """
+    from hybridps.errors import ConfigError
+    if timeout_s is not None:
+        try:
+            timeout_s = float(timeout_s)
+        except (TypeError, ValueError):
+            raise ConfigError(f"watchdog timeout must be seconds > 0, got {timeout_s!r}") from None
+        if not timeout_s > 0:
+            raise ConfigError(f"watchdog timeout must be seconds > 0, got {timeout_s!r}")
+    _STATE["timeout_s"] = timeout_s
+    if _STATE["watchdog"] is not None:
+        _STATE["watchdog"].timeout_s = timeout_s
+
+
+def current_timeout():
+    """The timeout in seconds the watchdog applies (or would apply once started)."""
+    if _STATE["watchdog"] is not None:
+        return _STATE["watchdog"].timeout()
+    if _STATE.get("timeout_s") is not None:
+        return _STATE["timeout_s"]
+    from hybridps.config import env_watchdog_timeout
+    return env_watchdog_timeout() or DEFAULT_TIMEOUT_S
+
+
+def state_dir():
+    """This rank's state directory, or None before :func:`start`."""
+    return _STATE["watchdog"].state_dir if _STATE["watchdog"] is not None else None
+
+
+def stop():
+    """Stop the watchdog thread and remove this rank's state file (normal exit)."""
+    watchdog = _STATE["watchdog"]
+    if watchdog is None:
+        return
+    watchdog.stop_event.set()
+    if watchdog.thread is not threading.current_thread():
+        watchdog.thread.join(timeout=2 * POLL_INTERVAL_S)
+    watchdog.remove_state()
+    _STATE["watchdog"] = None

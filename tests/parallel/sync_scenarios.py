@@ -1,0 +1,46 @@
+"""SSP / ASP scenarios in one MPI job: `mpirun -np N python tests/parallel/sync_scenarios.py OUT [slow]`.
+
+Runs, on synthetic data: BSP and SSP(0) (dumping state for an exact comparison), SSP(1), SSP(2),
+SSP(4) and ASP; with ``slow``, also BSP, SSP(2) and ASP with rank 1's data loader sleeping
+30 ms per batch. Every run's summary goes to OUT/<name>.json (rank 0); the pytest side
+(tests/test_parallel_sync.py) checks them.
+"""
+import json
+import os
+import sys
+
+from hybridps import comm as comm_module
+from hybridps.config import make_config
+from hybridps.trainer import Trainer
+
+COMMON = {"steps": 40, "batch_size": 256, "hidden": [32], "dim": 8, "progress": False,
+          "warmup_steps": 2, "seed": 5, "vocab_size": 2000, "learning_rate": 0.1}
+
+
+def run(comm, out_dir, name, **overrides):
+    settings = dict(COMMON, **overrides)
+    if name in ("bsp", "ssp0"):
+        settings["dump_state"] = os.path.join(out_dir, name)
+    summary = Trainer(make_config(overrides=settings), comm=comm).run()
+    if comm.rank == 0:
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
+            json.dump(summary, fh)
+
+
+def main(out_dir, slow):
+    comm = comm_module.init(with_horovod=True)
+    run(comm, out_dir, "bsp", sync="bsp")
+    run(comm, out_dir, "ssp0", sync="ssp", staleness=0)
+    for s in (1, 2, 4):
+        run(comm, out_dir, f"ssp{s}", sync="ssp", staleness=s)
+    run(comm, out_dir, "asp", sync="asp", steps=150, batch_size=512)
+    if slow:
+        slow_rank = {"loader_delay_ms": 30.0, "delay_rank": 1, "steps": 15}
+        run(comm, out_dir, "slow-bsp", sync="bsp", **slow_rank)
+        run(comm, out_dir, "slow-ssp2", sync="ssp", staleness=2, **slow_rank)
+        run(comm, out_dir, "slow-asp", sync="asp", **slow_rank)
+    comm.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], len(sys.argv) > 2 and sys.argv[2] == "slow")
