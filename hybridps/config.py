@@ -257,9 +257,6 @@ def validate(c):
         raise ConfigError("config field 'resume': needs checkpoint_dir (where to resume from)")
     if c.sync == Sync.BSP:
         _check(c.staleness == 0, "staleness", c.staleness, "0 with sync=bsp (use sync=ssp for a bound > 0)")
-    if c.mode == Mode.PS:
-        raise ConfigError("config field 'mode': ps (parameter-server mode) is not available in "
-                          "this version; use mode=collective")
     if c.table_groups is not None:
         flat = sorted(f for group in c.table_groups for f in group)
         _check(flat == list(range(c.num_fields)), "table_groups", c.table_groups,

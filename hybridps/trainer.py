@@ -83,12 +83,21 @@ class Trainer:
         from hybridps.models import build_model
         from hybridps.sync import make_collective_backend
         c = self.config
-        if c.mode != Mode.COLLECTIVE:
-            raise ConfigError(f"mode {c.mode.value} is not available; use --mode collective")
+        # PS mode: the last num_servers ranks serve; the workers read the data exactly as the
+        # same number of collective ranks would, so the two modes see identical batches.
+        self.roles = None
+        self.is_server = False
+        self.compute_ranks = self.world_size
+        if c.mode == Mode.PS:
+            from hybridps.ps import PSRoles
+            self.roles = PSRoles(self.world_size, c.num_servers)
+            self.is_server = self.roles.is_server(self.rank)
+            self.compute_ranks = self.roles.num_workers
         synthetic_options = (dict(num_fields=c.num_fields, num_dense=c.num_dense,
                                   vocab_size=c.vocab_size, zipf_a=c.zipf_a)
                              if c.data == "synthetic" else {})
-        self.dataset = make_dataset(c.data, rank=self.rank, world_size=self.world_size, seed=c.seed,
+        data_rank = 0 if self.is_server else self.rank
+        self.dataset = make_dataset(c.data, rank=data_rank, world_size=self.compute_ranks, seed=c.seed,
                                     on_bad_line=c.on_bad_line, **synthetic_options)
         self.num_fields = getattr(self.dataset, "num_fields", c.num_fields)
         self.num_dense = getattr(self.dataset, "num_dense", c.num_dense)
@@ -102,20 +111,34 @@ class Trainer:
                                  dim=c.dim, hidden=tuple(c.hidden), cross_layers=c.cross_layers,
                                  seed=c.seed)
         self.sharded = ShardedEmbedding(self.comm, c, groups)
-        self.dense = DenseSync(self.model.trainable_variables, c.effective_dense_optimizer,
-                               c.effective_dense_learning_rate, self.world_size)
-        self.backend = make_collective_backend(c, self.comm, self.sharded, self.dense)
+        if c.mode == Mode.PS:
+            from hybridps.ps import ParameterServer, PSWorkerBackend
+            variables = self.model.trainable_variables
+            if self.is_server:
+                dense_size = sum(int(np.prod(v.shape)) for v in variables)
+                self.server = ParameterServer(self.comm, c, self.roles, self.sharded, dense_size)
+                self.backend = None
+            else:
+                self.backend = PSWorkerBackend(self.comm, self.roles, self.sharded, variables)
+        else:
+            self.dense = DenseSync(self.model.trainable_variables, c.effective_dense_optimizer,
+                                   c.effective_dense_learning_rate, self.world_size)
+            self.backend = make_collective_backend(c, self.comm, self.sharded, self.dense)
         self.compute_step = make_compute_step(self.tf, self.model, self.num_fields, self.num_dense, c.dim)
 
     # ------------------------------------------------------------------ the loop
     def run(self):
         """Train ``config.steps`` steps; returns the summary dict (also written to metrics_out)."""
         c, tf = self.config, self.tf
-        global_batch = float(c.batch_size * self.world_size)
+        global_batch = float(c.batch_size * self.compute_ranks)
         timer = PhaseTimer()
         auc = AUCAccumulator()
         auc_from_step = int(c.steps * (1.0 - c.auc_window))
         local_loss_sums = np.zeros(c.steps, dtype=np.float64)
+        if self.is_server:   # serve until every worker is done, then join the metric reductions
+            started = time.perf_counter()
+            self.server.run()
+            return self._summarize(timer, auc, local_loss_sums, 0, 0, started, None, started)
         progress = Progress(c.steps, enabled=c.progress and self.rank == 0, log_every=c.log_every)
         keys_sent = keys_received = 0
         batches = self.dataset.iter_batches(c.batch_size, c.steps)
@@ -159,14 +182,16 @@ class Trainer:
     def _summarize(self, timer, auc, local_loss_sums, keys_sent, keys_received,
                    started, steady_start, finished):
         c = self.config
-        global_batch = c.batch_size * self.world_size
+        global_batch = c.batch_size * self.compute_ranks
         losses = self.comm.allreduce_sum(local_loss_sums) / global_batch
         positives = self.comm.allreduce_sum(auc.positives)
         negatives = self.comm.allreduce_sum(auc.negatives)
         steady_steps = c.steps - c.warmup_steps if steady_start is not None else c.steps
         steady_seconds = finished - (steady_start if steady_start is not None else started)
         slowest = float(self.comm.allreduce_max(np.array([steady_seconds]))[0])
-        stats = self.backend.stats()
+        stats = self.backend.stats() if self.backend is not None else {
+            "bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
+            "table_rows": self.sharded.table_sizes()}
         volume = self.comm.allreduce_sum(np.array(
             [keys_sent, keys_received, stats["bytes_sent"], stats["bytes_received"]], dtype=np.int64))
         rows = self.comm.allreduce_sum(np.array(stats["table_rows"], dtype=np.int64))
@@ -174,6 +199,8 @@ class Trainer:
         phase_max = self.comm.allreduce_max(np.array(list(phases.values())))
         summary = {
             "steps": c.steps, "ranks": self.world_size, "global_batch_size": global_batch,
+            "computing_ranks": self.compute_ranks,
+            "num_servers": c.num_servers if c.mode == Mode.PS else 0,
             "samples_per_s": steady_steps * global_batch / max(slowest, 1e-9),
             "final_loss": float(losses[-1]), "loss_trajectory": [float(x) for x in losses],
             "auc": AUCAccumulator.auc_from_histograms(positives, negatives),
@@ -181,11 +208,11 @@ class Trainer:
             "mode": c.mode.value, "sync": c.sync.value, "staleness": c.staleness,
             "model": c.model, "data": c.data, "seed": c.seed,
             "elapsed_s": finished - started, "warmup_steps": c.warmup_steps,
-            "exchange": {"keys_sent_per_step": float(volume[0]) / c.steps / self.world_size,
-                         "keys_received_per_step": float(volume[1]) / c.steps / self.world_size,
-                         "bytes_sent_per_step": float(volume[2]) / c.steps / self.world_size,
-                         "bytes_received_per_step": float(volume[3]) / c.steps / self.world_size,
-                         "per": "rank"},
+            "exchange": {"keys_sent_per_step": float(volume[0]) / c.steps / self.compute_ranks,
+                         "keys_received_per_step": float(volume[1]) / c.steps / self.compute_ranks,
+                         "bytes_sent_per_step": float(volume[2]) / c.steps / self.compute_ranks,
+                         "bytes_received_per_step": float(volume[3]) / c.steps / self.compute_ranks,
+                         "per": "computing rank"},
             "table_rows": [int(r) for r in rows],
             **self._consistency_metrics(),
             "phase_ms_per_step_max_over_ranks": dict(zip(phases.keys(), map(float, phase_max))),
@@ -194,7 +221,7 @@ class Trainer:
         }
         data_stats = getattr(self.dataset, "stats", None)
         if callable(data_stats):
-            summary["data_stats"] = self._sum_over_ranks(data_stats())
+            summary["data_stats"] = self._sum_over_ranks({} if self.is_server else data_stats())
         if c.dump_state:
             self.dump_state(c.dump_state)
         if self.rank == 0 and c.metrics_out:
@@ -227,9 +254,13 @@ class Trainer:
         return [dict(zip(names, map(int, row))) for row in total]
 
     def _sum_over_ranks(self, stats):
-        numeric = {k: v for k, v in stats.items() if isinstance(v, (int, np.integer))}
-        summed = self.comm.allreduce_sum(np.array(list(numeric.values()), dtype=np.int64))
-        return dict(zip(numeric.keys(), map(int, summed)))
+        """Sum the integer counters of a small dict over ranks (ranks may hold different keys)."""
+        total = {}
+        for rank_stats in self.comm.allgather_object(
+                {k: int(v) for k, v in stats.items() if isinstance(v, (int, np.integer))}):
+            for key, value in rank_stats.items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def dump_state(self, directory):
         """Write rank 0's dense weights and every rank's table shards as npz (tests, debugging)."""

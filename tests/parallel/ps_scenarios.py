@@ -1,0 +1,69 @@
+"""PS-mode scenarios: `mpirun -np N python tests/parallel/ps_scenarios.py OUT MODE [SERVERS]`.
+
+MODE collective: BSP runs (SGD, Adagrad) on N ranks: the reference for PS with N workers.
+MODE ps: BSP runs (SGD, Adagrad) with SERVERS servers and N - SERVERS workers, then (when
+SERVERS > 1) ASP and SSP(2) on synthetic data and a run in which no worker has a key owned by
+the last server. Every run's summary goes to OUT/<name>.json and its state to OUT/<name>/.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+from hybridps import comm as comm_module
+from hybridps.config import make_config
+from hybridps.data import SAMPLE_CRITEO_CSV, Batch
+from hybridps.embedding.routing import owner_ranks
+from hybridps.trainer import Trainer
+
+EQUIVALENCE = {"model": "deepfm", "data": SAMPLE_CRITEO_CSV, "steps": 5, "batch_size": 8,
+               "dim": 8, "hidden": [16, 8], "seed": 3, "warmup_steps": 1, "progress": False,
+               "learning_rate": 0.1, "table_groups": [list(range(0, 10)), list(range(10, 26))]}
+CONVERGENCE = {"steps": 120, "batch_size": 256, "hidden": [32], "dim": 8, "progress": False,
+               "warmup_steps": 2, "seed": 5, "vocab_size": 2000, "learning_rate": 0.1}
+
+
+class OneServerKeys:
+    """Batches whose keys are all owned by server 0 of ``num_servers`` (2 fields, 1 dense)."""
+
+    def __init__(self, rank, num_servers):
+        candidates = np.arange(1, 5000, dtype=np.int64) * 104729
+        self.keys = candidates[owner_ranks(candidates, num_servers) == 0]
+        self.rng = np.random.default_rng(rank)
+
+    def iter_batches(self, batch_size, num_steps):
+        for _ in range(num_steps):
+            keys = self.rng.choice(self.keys, size=(batch_size, 2))
+            yield Batch(dense=self.rng.normal(size=(batch_size, 1)).astype(np.float32), keys=keys,
+                        labels=(self.rng.random(batch_size) < 0.3).astype(np.float32))
+
+
+def run(comm, out_dir, name, settings, dataset=None):
+    settings = dict(settings, dump_state=os.path.join(out_dir, name))
+    trainer = Trainer(make_config(overrides=settings), comm=comm)
+    if dataset is not None:
+        trainer.dataset = dataset
+    summary = trainer.run()
+    if comm.rank == 0:
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
+            json.dump(summary, fh)
+
+
+def main(out_dir, mode, servers):
+    comm = comm_module.init(with_horovod=True)
+    extra = {"mode": "ps", "num_servers": servers} if mode == "ps" else {}
+    for optimizer in ("sgd", "adagrad"):
+        run(comm, out_dir, f"bsp-{optimizer}", dict(EQUIVALENCE, optimizer=optimizer, **extra))
+    if mode == "ps" and servers > 1:
+        run(comm, out_dir, "asp", dict(CONVERGENCE, sync="asp", **extra))
+        run(comm, out_dir, "ssp2", dict(CONVERGENCE, sync="ssp", staleness=2, **extra))
+        workers = comm.size - servers
+        run(comm, out_dir, "no-keys-for-a-server",
+            dict(CONVERGENCE, steps=6, num_fields=2, num_dense=1, **extra),
+            dataset=OneServerKeys(comm.rank, servers) if comm.rank < workers else None)
+    comm.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
