@@ -216,6 +216,8 @@ class Trainer:
             "table_rows": [int(r) for r in rows],
             **self._consistency_metrics(),
             "phase_ms_per_step_max_over_ranks": dict(zip(phases.keys(), map(float, phase_max))),
+            "peak_rss_mb": float(self.comm.allreduce_max(np.array([_peak_rss_mb()]))[0]),
+            "dense_parameters": int(sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)),
             "table_counters": self._table_counters(),
             "config_hash": config_module.config_hash(c),
         }
@@ -272,6 +274,12 @@ class Trainer:
             np.savez(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
                      keys=shard["keys"], values=shard["values"], slots=shard["slots"])
         self.comm.barrier()
+
+
+def _peak_rss_mb():
+    """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _delayed(batches, seconds):

@@ -45,13 +45,16 @@ def _setup():
     return comm, tf
 
 
-def _finish(comm, args, role, elapsed, losses, auc_acc):
+def _finish(comm, args, role, elapsed, losses, auc_acc, model):
     from hybridps.metrics import AUCAccumulator
     slowest = float(comm.allreduce_max(np.array([elapsed]))[0])
     loss_sums = comm.allreduce_sum(np.array(losses))
     pos, neg = comm.allreduce_sum(auc_acc.positives), comm.allreduce_sum(auc_acc.negatives)
     global_batch = args.batch_size * comm.size
-    result = {"name": role, "ranks": comm.size,
+    import resource
+    rss = float(comm.allreduce_max(np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]))[0])
+    dense_parameters = int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
+    result = {"name": role, "ranks": comm.size, "peak_rss_mb": rss, "dense_parameters": dense_parameters,
               "samples_per_s": (args.steps - args.warmup_steps) * global_batch / slowest,
               "final_loss": float(loss_sums[-1] / global_batch),
               "auc": AUCAccumulator.auc_from_histograms(pos, neg)}
@@ -103,7 +106,7 @@ def run_tf_baseline(args):
         losses.append(float(loss_sum))
         if step >= args.steps // 2:
             auc_acc.update(batch.labels, 1 / (1 + np.exp(-logits.numpy().astype(np.float64))))
-    _finish(comm, args, "tf-baseline", time.perf_counter() - start, losses, auc_acc)
+    _finish(comm, args, "tf-baseline", time.perf_counter() - start, losses, auc_acc, model)
 
 
 def run_ceiling(args):
@@ -140,7 +143,7 @@ def run_ceiling(args):
         if step >= args.steps // 2:
             auc_acc.update(batch.labels, 1 / (1 + np.exp(-logits.numpy().astype(np.float64))))
     elapsed = time.perf_counter() - start
-    _finish(comm, args, "compute-ceiling", elapsed, losses, auc_acc)
+    _finish(comm, args, "compute-ceiling", elapsed, losses, auc_acc, model)
 
 
 def main(argv=None):
