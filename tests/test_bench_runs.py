@@ -1,0 +1,32 @@
+"""Smoke test of `hybridps bench compare` on 2 ranks with a tiny workload: every case runs under
+mpirun and the output files have the documented schema. No speed is asserted."""
+import json
+import math
+import os
+
+import pytest
+
+from tests.mpi_util import mpirun_available
+
+
+def test_bench_compare_writes_every_case(tmp_path, monkeypatch):
+    if not mpirun_available():
+        pytest.skip("mpirun not on PATH")
+    from tests.mpi_util import MPI_ENV
+    for key, value in MPI_ENV.items():
+        monkeypatch.setenv(key, value)
+    from hybridps.bench.compare import run_compare_bench
+    report = run_compare_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
+                               dim=4, vocab_size=500, timeout=240)
+    names = [c["name"] for c in report["cases"]]
+    assert names == ["collective-bsp", "collective-ssp1", "collective-asp", "ps-bsp", "ps-asp", "tf-baseline"]
+    for case in report["cases"]:
+        for key in ("samples_per_s", "samples_per_s_per_rank", "final_loss", "auc", "bytes_per_step", "peak_rss_mb"):
+            assert isinstance(case[key], float) and math.isfinite(case[key]) and case[key] > 0, (case["name"], key)
+    by_name = {c["name"]: c for c in report["cases"]}
+    assert by_name["ps-bsp"]["computing_ranks"] == 1 and by_name["collective-bsp"]["computing_ranks"] == 2
+    assert by_name["ps-asp"]["samples_per_s_per_rank"] == by_name["ps-asp"]["samples_per_s"]
+    with open(tmp_path / "compare.json") as fh:
+        assert json.load(fh)["cases"] == report["cases"]
+    assert (tmp_path / "compare.md").read_text().count("|") > 20
+    assert os.path.getsize(tmp_path / "compare.png") > 1000
