@@ -87,18 +87,8 @@ class ShardedEmbedding:
     # ------------------------------------------------------------------ pull
     def plan(self, keys, step):
         """Unique, route and exchange the keys of a (B, F) batch; returns the ExchangePlan."""
-        keys = np.ascontiguousarray(keys, dtype=np.int64)
-        batch, num_fields = keys.shape
-        inverse = np.empty((batch, num_fields), dtype=np.int32)
-        uniques, offsets = [], [0]
-        for fields in self.field_groups:
-            table_keys = keys[:, fields].ravel() if len(fields) < num_fields else keys.ravel()
-            uniq, inv = unique_inverse(table_keys)
-            inverse[:, fields] = (inv + offsets[-1]).reshape(batch, len(fields))
-            uniques.append(uniq)
-            offsets.append(offsets[-1] + len(uniq))
-        unique_keys = np.concatenate(uniques) if len(uniques) > 1 else uniques[0]
-        send_order, send_counts = bucket_by_owner(unique_keys, np.asarray(offsets), self.comm.size)
+        unique_keys, inverse, offsets = unique_by_table(keys, self.field_groups)
+        send_order, send_counts = bucket_by_owner(unique_keys, offsets, self.comm.size)
         recv_counts = self.comm.alltoall_counts(send_counts, self.poll_interval)
         recv_keys = self.comm.alltoallv(unique_keys[send_order], send_counts.sum(1), recv_counts.sum(1),
                                         poll_interval=self.poll_interval)
@@ -162,6 +152,26 @@ class ShardedEmbedding:
     def export_shards(self):
         """Every local table's export() (rows, slots, metadata), in table order."""
         return [t.export() for t in self.tables]
+
+
+def unique_by_table(keys, field_groups):
+    """Each table's unique keys of a (B, F) batch, concatenated in table order.
+
+    Returns:
+        (unique_keys (U,), inverse (B, F) int32 index into unique_keys, table offsets (T + 1,)).
+    """
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    batch, num_fields = keys.shape
+    inverse = np.empty((batch, num_fields), dtype=np.int32)
+    uniques, offsets = [], [0]
+    for fields in field_groups:
+        table_keys = keys[:, fields].ravel() if len(fields) < num_fields else keys.ravel()
+        uniq, inv = unique_inverse(table_keys)
+        inverse[:, fields] = (inv + offsets[-1]).reshape(batch, len(fields))
+        uniques.append(uniq)
+        offsets.append(offsets[-1] + len(uniq))
+    unique_keys = np.concatenate(uniques) if len(uniques) > 1 else uniques[0]
+    return unique_keys, inverse, np.asarray(offsets, dtype=np.int64)
 
 
 def _table_positions(recv_counts):

@@ -8,8 +8,8 @@ server's dense-gradient chunk; keys are not resent (the server kept them from th
 """
 import numpy as np
 
-from hybridps.embedding.routing import bucket_by_owner, unique_inverse
-from hybridps.embedding.sharded import ExchangePlan
+from hybridps.embedding.routing import bucket_by_owner
+from hybridps.embedding.sharded import ExchangePlan, unique_by_table
 from hybridps.ps.protocol import (OP_DONE, OP_PULL, OP_PUSH, TAG_COUNTS, TAG_DENSE_GRADS, TAG_HEADER,
                                   TAG_INIT_DENSE, TAG_KEYS, TAG_REPLY_DENSE, TAG_REPLY_ROWS,
                                   TAG_ROW_GRADS, dense_chunks, header)
@@ -97,17 +97,8 @@ class PSWorkerBackend:
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, keys, step):
-        keys = np.ascontiguousarray(keys, dtype=np.int64)
-        batch, num_fields = keys.shape
-        inverse = np.empty((batch, num_fields), dtype=np.int32)
-        uniques, offsets = [], [0]
-        for fields in self.sharded.field_groups:
-            uniq, inv = unique_inverse(keys[:, fields].ravel())
-            inverse[:, fields] = (inv + offsets[-1]).reshape(batch, len(fields))
-            uniques.append(uniq)
-            offsets.append(offsets[-1] + len(uniq))
-        unique_keys = np.concatenate(uniques)
-        send_order, send_counts = bucket_by_owner(unique_keys, np.asarray(offsets), self.roles.num_servers)
+        unique_keys, inverse, offsets = unique_by_table(keys, self.sharded.field_groups)
+        send_order, send_counts = bucket_by_owner(unique_keys, offsets, self.roles.num_servers)
         empty = np.zeros_like(send_counts)
         return ExchangePlan(unique_keys, inverse, send_order, send_counts, empty, unique_keys[:0], [], step)
 
