@@ -4,7 +4,7 @@
 
 What lives here: the loops that run over every key of every step (DESIGN.md section 3) and
 must never be per-key Python or a sort: ``unique_inverse`` (hash-based, first-occurrence
-order), ``owner_ranks`` (``mix64(key) % world_size``) and ``bucket_by_owner`` (a counting
+order), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``) and ``bucket_by_owner`` (a counting
 sort of the step's unique keys by (owner rank, table) that yields the send order of the fused
 exchange). What does not: MPI (hybridps.comm) and tables (hybridps._hashtable).
 """
@@ -88,23 +88,30 @@ def unique_inverse(keys):
     return uniq[:n_unique].copy(), inverse
 
 
-def owner_ranks(keys, int world_size):
-    """Owner rank of each key: ``mix64(key) % world_size`` (int32)."""
+cdef inline int32_t owner_of(int64_t key, uint64_t num_buckets, uint64_t world) noexcept nogil:
+    # A key's virtual bucket is mix64(key) % num_buckets (fixed for a model's life: checkpoints
+    # store rows grouped by it); a bucket belongs to rank bucket % world_size. So a whole bucket
+    # has one owner at every world size and a resharded restore reads only its own buckets.
+    return <int32_t>((mix64_c(<uint64_t>key) % num_buckets) % world)
+
+
+def owner_ranks(keys, int world_size, int64_t num_buckets):
+    """Owner rank of each key: ``(mix64(key) % num_buckets) % world_size`` (int32)."""
     keys = _keys_1d(keys)
-    if world_size < 1:
-        raise TableInputError(f"world_size must be >= 1, got {world_size}")
+    if world_size < 1 or num_buckets < 1:
+        raise TableInputError(f"world_size and num_buckets must be >= 1, got {world_size}, {num_buckets}")
     cdef const int64_t[::1] k = keys
     cdef Py_ssize_t i, n = k.shape[0]
     out = np.empty(n, dtype=np.int32)
     cdef int32_t[::1] o = out
-    cdef uint64_t w = <uint64_t>world_size
+    cdef uint64_t w = <uint64_t>world_size, nb = <uint64_t>num_buckets
     with nogil:
         for i in range(n):
-            o[i] = <int32_t>(mix64_c(<uint64_t>k[i]) % w)
+            o[i] = owner_of(k[i], nb, w)
     return out
 
 
-def bucket_by_owner(keys, table_offsets, int world_size):
+def bucket_by_owner(keys, table_offsets, int world_size, int64_t num_buckets):
     """Send order of a step's unique keys, grouped by owner rank, then by table.
 
     The keys of table ``t`` are ``keys[table_offsets[t]:table_offsets[t+1]]``. A stable
@@ -115,7 +122,8 @@ def bucket_by_owner(keys, table_offsets, int world_size):
     Args:
         keys: 1-D int64 array of all tables' unique keys, concatenated.    # IN
         table_offsets: int64 array (num_tables + 1,), starting at 0, ending at len(keys). # IN
-        world_size: number of ranks.
+        world_size: number of ranks (or PS servers).
+        num_buckets: virtual buckets of the model (see ``owner_ranks``).
     Returns:
         (send_order int64 (n,), counts int64 (world_size, num_tables)).
     """
@@ -125,10 +133,11 @@ def bucket_by_owner(keys, table_offsets, int world_size):
     cdef int num_tables = offsets.shape[0] - 1
     if num_tables < 1 or offsets[0] != 0 or offsets[num_tables] != n or np.any(np.diff(offsets) < 0):
         raise TableInputError(f"table_offsets must rise from 0 to len(keys)={n}, got {offsets}")
-    if world_size < 1:
-        raise TableInputError(f"world_size must be >= 1, got {world_size}")
+    if world_size < 1 or num_buckets < 1:
+        raise TableInputError(f"world_size and num_buckets must be >= 1, got {world_size}, {num_buckets}")
     cdef const int64_t[::1] k = keys
     cdef const int64_t[::1] off = offsets
+    cdef uint64_t nb = <uint64_t>num_buckets
     counts = np.zeros((world_size, num_tables), dtype=np.int64)
     order = np.empty(n, dtype=np.int64)
     owner = np.empty(n, dtype=np.int32)
@@ -143,7 +152,7 @@ def bucket_by_owner(keys, table_offsets, int world_size):
     with nogil:
         for t in range(num_tables):
             for i in range(off[t], off[t + 1]):
-                r = <int>(mix64_c(<uint64_t>k[i]) % w)
+                r = owner_of(k[i], nb, w)
                 own[i] = r
                 c[r, t] += 1
         for r in range(world_size):

@@ -51,9 +51,10 @@ def test_unknown_yaml_field_is_reported_with_the_file(tmp_path):
         make_config(str(path))
 
 
-def test_not_yet_available_modes_are_refused_clearly():
-    with pytest.raises(ConfigError, match="use mode=collective"):
-        make_config(overrides={"mode": "ps"})
+def test_ps_mode_needs_a_worker():
+    from hybridps.ps import PSRoles
+    with pytest.raises(ConfigError, match="'num_servers': 2 servers leave no worker among 2 ranks"):
+        PSRoles(2, 2)
 
 
 def test_table_groups_from_layout():

@@ -65,6 +65,7 @@ class ShardedEmbedding:
     def __init__(self, comm, config, field_groups):
         self.comm = comm
         self.dim = config.dim
+        self.num_buckets = config.num_buckets
         self.field_groups = [np.asarray(g, dtype=np.int64) for g in field_groups]
         self.num_fields = sum(len(g) for g in field_groups)
         self.tables = [make_table(config, table_id=t) for t in range(len(field_groups))]
@@ -88,7 +89,7 @@ class ShardedEmbedding:
     def plan(self, keys, step):
         """Unique, route and exchange the keys of a (B, F) batch; returns the ExchangePlan."""
         unique_keys, inverse, offsets = unique_by_table(keys, self.field_groups)
-        send_order, send_counts = bucket_by_owner(unique_keys, offsets, self.comm.size)
+        send_order, send_counts = bucket_by_owner(unique_keys, offsets, self.comm.size, self.num_buckets)
         recv_counts = self.comm.alltoall_counts(send_counts, self.poll_interval)
         recv_keys = self.comm.alltoallv(unique_keys[send_order], send_counts.sum(1), recv_counts.sum(1),
                                         poll_interval=self.poll_interval)

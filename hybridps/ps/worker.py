@@ -1,6 +1,6 @@
 """PS worker: the Backend (hybridps.backend) a Trainer uses when parameters live on servers.
 
-pull(step): unique keys per table -> route by ``mix64(key) % num_servers`` -> one request per
+pull(step): unique keys per table -> route by the owner function (hybridps.embedding.routing) over servers -> one request per
 server (a server with no keys of this batch still gets an empty request: it serves this
 worker's dense chunk and keeps its clock) -> rows and dense chunks back -> the model's dense
 variables are set from the chunks. push: row gradients in the pull's key order plus each
@@ -98,7 +98,8 @@ class PSWorkerBackend:
     # ------------------------------------------------------------------ helpers
     def _plan(self, keys, step):
         unique_keys, inverse, offsets = unique_by_table(keys, self.sharded.field_groups)
-        send_order, send_counts = bucket_by_owner(unique_keys, offsets, self.roles.num_servers)
+        send_order, send_counts = bucket_by_owner(unique_keys, offsets, self.roles.num_servers,
+                                                 self.sharded.num_buckets)
         empty = np.zeros_like(send_counts)
         return ExchangePlan(unique_keys, inverse, send_order, send_counts, empty, unique_keys[:0], [], step)
 

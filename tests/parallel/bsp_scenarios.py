@@ -45,7 +45,7 @@ def exchange_case(comm, name, local_keys_by_rank, dim=4):
     sharded.push(plan, fake_grads(comm.rank, plan.unique_keys, dim), step=1)
     # Every key this rank owns: init - lr * sum over ranks that had it of their gradient.
     all_keys = np.unique(np.concatenate([np.asarray(k, dtype=np.int64) for k in local_keys_by_rank]))
-    owned = all_keys[owner_ranks(all_keys, comm.size) == comm.rank]
+    owned = all_keys[owner_ranks(all_keys, comm.size, config.num_buckets) == comm.rank]
     table = sharded.tables[0]
     assert table.size == len(owned), f"{name}: rank {comm.rank} holds {table.size} rows, owns {len(owned)}"
     if len(owned):
@@ -65,7 +65,7 @@ def exchange_case(comm, name, local_keys_by_rank, dim=4):
 def exchange_scenarios(comm):
     size = comm.size
     candidates = np.arange(1, 20000, dtype=np.int64) * 7919
-    owners = owner_ranks(candidates, size)
+    owners = owner_ranks(candidates, size, 4096)
     by_owner = [candidates[owners == r] for r in range(size)]
     results = []
     # a rank with no keys for some owner: rank r only sends keys owned by itself

@@ -29,7 +29,7 @@ class OneServerKeys:
 
     def __init__(self, rank, num_servers):
         candidates = np.arange(1, 5000, dtype=np.int64) * 104729
-        self.keys = candidates[owner_ranks(candidates, num_servers) == 0]
+        self.keys = candidates[owner_ranks(candidates, num_servers, 4096) == 0]
         self.rng = np.random.default_rng(rank)
 
     def iter_batches(self, batch_size, num_steps):

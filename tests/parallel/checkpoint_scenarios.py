@@ -1,0 +1,187 @@
+"""Checkpoint scenarios run as their own processes (tests/test_parallel_checkpoint.py and
+tests/test_checkpoint.py start them).
+
+  save OUT          (mpirun -np 2) fill four tables (sgd, adagrad, adam, ftrl; min_count 2 so
+                    some keys stay candidates; a few evictions) with keys each rank owns, save
+                    a checkpoint to OUT/ckpt, dump every rank's table export to OUT/truth.
+  restore OUT       (mpirun -np 1, 3, 4) restore OUT/ckpt into fresh tables, dump every rank's
+                    export and its RestoreReport to OUT/restored-np<W>.
+  damaged OUT       (mpirun -np 2) restore a copy of OUT/ckpt with one byte flipped in a
+                    bucket that only rank 1 reads: every rank must raise the same CheckpointError.
+  trainer OUT       (mpirun -np 2) Trainer runs: 6 steps straight; 3 steps + save_trainer;
+                    a fresh Trainer that resume_trainer()s and runs 3 more. Dumps the three states.
+  crash OUT         (one process, no MPI) save step 1, dump the tables, then save step 2 with
+                    HYBRIDPS_CKPT_TEST_PAUSE set: the test kills it while it writes.
+"""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from hybridps import checkpoint as ckpt
+from hybridps._hashtable import EmbeddingHashTable
+
+NUM_BUCKETS = 256
+TABLE_SPECS = [("sgd", 4), ("adagrad", 8), ("adam", 3), ("ftrl", 5)]
+
+
+def make_tables():
+    return [EmbeddingHashTable(dim=dim, optimizer=opt, learning_rate=0.05, seed=11, table_id=t,
+                               min_count=2, initial_accumulator=0.1)
+            for t, (opt, dim) in enumerate(TABLE_SPECS)]
+
+
+def fill_tables(tables, rank, world_size, rows_per_table=6000):
+    """Keys this rank owns; inserts, repeated hits, gradients at several steps, evictions."""
+    rng = np.random.default_rng(1000 + rank)
+    for t, table in enumerate(tables):
+        pool = np.unique(rng.integers(-2**62, 2**62, size=rows_per_table * world_size * 2))
+        mine = pool[ckpt.owner_ranks(pool, NUM_BUCKETS, world_size) == rank][:rows_per_table]
+        table.lookup_or_insert(mine, step=1)                 # first hit: candidates (min_count 2)
+        admitted = mine[: int(len(mine) * 0.8)]
+        table.lookup_or_insert(admitted, step=2)             # second hit: admitted rows
+        for step in range(3, 7):
+            touched = admitted[rng.random(len(admitted)) < 0.5]
+            grads = rng.standard_normal((len(touched), table.dim)).astype(np.float32)
+            table.apply_gradients(touched, grads, step=step)
+        table.evict_to_budget(table.size - 25, "lru")        # evicted_rows counter > 0
+
+
+def dump_tables(path, tables):
+    arrays = {}
+    for t, table in enumerate(tables):
+        for name, value in table.export().items():
+            arrays[f"t{t}_{name}"] = value
+        arrays[f"t{t}_counters"] = np.array(
+            [table.counters()[n] for n in ckpt._COUNTER_NAMES], dtype=np.int64)
+    np.savez(path, **arrays)
+
+
+def scenario_save(comm, out):
+    tables = make_tables()
+    fill_tables(tables, comm.rank, comm.size)
+    os.makedirs(os.path.join(out, "truth"), exist_ok=True)
+    dump_tables(os.path.join(out, "truth", f"rank{comm.rank}.npz"), tables)
+    info = ckpt.save_checkpoint(os.path.join(out, "ckpt"), 6, tables=tables, comm=comm,
+                                num_buckets=NUM_BUCKETS, data_state={"next_step": 6, "rank": comm.rank})
+    if comm.rank == 0:
+        with open(os.path.join(out, "save.json"), "w") as fh:
+            json.dump({"path": info.path, "total_bytes": info.total_bytes}, fh)
+
+
+def scenario_restore(comm, out):
+    tables = make_tables()
+    report = ckpt.restore_checkpoint(os.path.join(out, "ckpt"), tables=tables, comm=comm)
+    for t, table in enumerate(tables):
+        keys = table.export(values=False)
+        for kind in ("keys", "candidate_keys"):
+            owners = ckpt.owner_ranks(keys[kind], NUM_BUCKETS, comm.size)
+            assert np.all(owners == comm.rank), f"table {t}: rank {comm.rank} got {kind} it does not own"
+    target = os.path.join(out, f"restored-np{comm.size}")
+    os.makedirs(target, exist_ok=True)
+    dump_tables(os.path.join(target, f"rank{comm.rank}.npz"), tables)
+    with open(os.path.join(target, f"report{comm.rank}.json"), "w") as fh:
+        json.dump({"bytes_read": report.bytes_read, "rows": report.rows,
+                   "candidates": report.candidates, "data_state": report.data_state,
+                   "step": report.step, "counters": report.counters}, fh)
+
+
+def scenario_damaged(comm, out):
+    from hybridps.errors import CheckpointError
+    source = os.path.join(out, "ckpt")
+    damaged_root = os.path.join(out, "damaged")
+    if comm.rank == 0:
+        shutil.rmtree(damaged_root, ignore_errors=True)
+        shutil.copytree(source, damaged_root)
+        ckpt_dir = ckpt.resolve_checkpoint(damaged_root)
+        name = "table-002.rank-00001.rows"   # saved rank 1 holds odd buckets only
+        with np.load(os.path.join(ckpt_dir, "table-002.rank-00001.index.npz")) as index:
+            offsets = index["row_offsets"]
+        record = ckpt.row_record_dtype(3 * 3).itemsize
+        bucket = next(b for b in range(1, NUM_BUCKETS, 2) if offsets[b + 1] > offsets[b])  # rank 1's
+        with open(os.path.join(ckpt_dir, name), "r+b") as fh:
+            fh.seek(offsets[bucket] * record + 40)
+            byte = fh.read(1)
+            fh.seek(offsets[bucket] * record + 40)
+            fh.write(bytes([byte[0] ^ 0x10]))
+    comm.barrier()
+    tables = make_tables()
+    try:
+        ckpt.restore_checkpoint(damaged_root, tables=tables, comm=comm)
+    except CheckpointError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError(f"rank {comm.rank}: the damaged checkpoint was restored")
+    assert "rank 1:" in message and "table-002.rank-00001.rows" in message \
+        and "checksum mismatch" in message, message
+    assert all(t.size == 0 and t.num_candidates == 0 for t in tables), "tables touched"
+    with open(os.path.join(out, f"damaged{comm.rank}.txt"), "w") as fh:
+        fh.write(message)
+
+
+def scenario_trainer(comm, out):
+    from hybridps.config import make_config
+    from hybridps.trainer import Trainer
+    base = dict(model="deepfm", data="synthetic", num_fields=4, num_dense=3, vocab_size=500,
+                dim=4, hidden=[8], batch_size=32, optimizer="adam", dense_optimizer="adam",
+                learning_rate=0.05, warmup_steps=0, progress=False, table_layout="per_field",
+                seed=3, checkpoint_dir=os.path.join(out, "trainer_ckpt"))
+
+    def final_state(trainer):
+        state = {f"dense_{i}": v.numpy() for i, v in enumerate(trainer.model.variables)}
+        for t, table in enumerate(trainer.sharded.tables):
+            exported = table.export()
+            order = np.argsort(exported["keys"])
+            for name in ("keys", "values", "slots", "hits", "update_count"):
+                state[f"t{t}_{name}"] = exported[name][order]
+        return state
+
+    straight = Trainer(make_config(overrides=dict(base, steps=6)))
+    straight.run()
+    first_half = Trainer(make_config(overrides=dict(base, steps=3)))
+    first_half.run()
+    info = ckpt.save_trainer(first_half, 3)
+    messages = []
+    resumed = Trainer(make_config(overrides=dict(base, steps=3, resume=True)))
+    start = ckpt.resume_trainer(resumed, log=messages.append)
+    assert start == 3, start
+    assert resumed.dataset.state()["next_step"] == 3, resumed.dataset.state()
+    assert int(resumed.dense.optimizer.iterations.numpy()) == 3
+    resumed.run()
+    np.savez(os.path.join(out, f"trainer_straight.rank{comm.rank}.npz"), **final_state(straight))
+    np.savez(os.path.join(out, f"trainer_resumed.rank{comm.rank}.npz"), **final_state(resumed))
+    np.savez(os.path.join(out, f"trainer_half.rank{comm.rank}.npz"), **final_state(first_half))
+    if comm.rank == 0:
+        with open(os.path.join(out, "trainer.json"), "w") as fh:
+            json.dump({"checkpoint": info.path, "messages": messages}, fh)
+
+
+def scenario_crash(out):
+    tables = make_tables()
+    fill_tables(tables, 0, 1, rows_per_table=3000)
+    ckpt.save_checkpoint(os.path.join(out, "ckpt"), 1, tables=tables, num_buckets=NUM_BUCKETS)
+    dump_tables(os.path.join(out, "step1.npz"), tables)
+    for table in tables:                                    # change state before step 2
+        keys = table.export(values=False)["keys"][:100]
+        table.apply_gradients(keys, np.ones((len(keys), table.dim), np.float32), step=7)
+    os.environ["HYBRIDPS_CKPT_TEST_PAUSE"] = "0.4"
+    print("saving step 2", flush=True)
+    ckpt.save_checkpoint(os.path.join(out, "ckpt"), 2, tables=tables, num_buckets=NUM_BUCKETS)
+    print("saved step 2", flush=True)
+
+
+def main():
+    scenario, out = sys.argv[1], sys.argv[2]
+    if scenario == "crash":
+        return scenario_crash(out)
+    from hybridps import comm as comm_module
+    comm = comm_module.init(with_horovod=scenario == "trainer")
+    {"save": scenario_save, "restore": scenario_restore, "damaged": scenario_damaged,
+     "trainer": scenario_trainer}[scenario](comm, out)
+    comm.barrier()
+
+
+if __name__ == "__main__":
+    main()
