@@ -956,6 +956,17 @@ cdef class EmbeddingHashTable:
                 "applied_row_updates": self.applied_row_updates,
                 "memory_bytes": self.memory_bytes}
 
+    def restore_counters(self, counters):
+        """Set the event counters (admissions, refusals, drops, skips, evictions, updates) from a
+        ``counters()`` dict, e.g. when a checkpoint is restored; other keys are ignored."""
+        self.admitted_keys = counters.get("admitted_keys", self.admitted_keys)
+        self.refused_inserts = counters.get("refused_inserts", self.refused_inserts)
+        self.evicted_rows = counters.get("evicted_rows", self.evicted_rows)
+        self.dropped_unadmitted_grads = counters.get("dropped_unadmitted_grads", self.dropped_unadmitted_grads)
+        self.dropped_missing_grads = counters.get("dropped_missing_grads", self.dropped_missing_grads)
+        self.skipped_nonfinite_grads = counters.get("skipped_nonfinite_grads", self.skipped_nonfinite_grads)
+        self.applied_row_updates = counters.get("applied_row_updates", self.applied_row_updates)
+
     def __len__(self):
         return self.n_rows
 

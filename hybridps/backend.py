@@ -11,9 +11,14 @@ import numpy as np
 class Backend(Protocol):
     """Parameter access for one training process."""
 
-    def start(self, batches: Iterator) -> None:
+    def start(self, batches: Iterator, start_step: int = 0, fence_steps=()) -> None:
         """Make the initial state identical everywhere (e.g. broadcast dense weights) and take
-        the iterator of this rank's batches (a pipelined backend prefetches from it)."""
+        the iterator of this rank's batches (a pipelined backend prefetches from it), starting
+        at ``start_step``; ``fence_steps`` are the steps at which at_consistent_point is used."""
+
+    def at_consistent_point(self, step: int, action) -> None:
+        """Run ``action()`` (checkpoint, delta export) when the tables hold exactly the updates
+        of steps < ``step``."""
 
     def pull(self, step: int) -> Tuple[object, object, np.ndarray]:
         """Step ``step``'s batch and the rows of its unique keys: (batch, plan, unique_rows).

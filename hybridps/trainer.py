@@ -64,6 +64,14 @@ class Trainer:
         self.tf = configure_tensorflow(default_tf_threads(config, self.comm.local_size))
         self._check_same_config()
         self._build()
+        self.start_step = 0
+        if config.resume:
+            from hybridps import checkpoint
+            self.start_step = checkpoint.resume_trainer(self)
+        self.delta_exporter = None
+        if config.delta_export_dir and config.delta_every:
+            from hybridps.export import DeltaExporter
+            self.delta_exporter = DeltaExporter.for_trainer(self, start_step=self.start_step)
 
     # ------------------------------------------------------------------ construction
     def _check_same_config(self):
@@ -141,15 +149,17 @@ class Trainer:
             return self._summarize(timer, auc, local_loss_sums, 0, 0, started, None, started)
         progress = Progress(c.steps, enabled=c.progress and self.rank == 0, log_every=c.log_every)
         keys_sent = keys_received = 0
-        batches = self.dataset.iter_batches(c.batch_size, c.steps)
+        first = self.start_step
+        batches = self.dataset.iter_batches(c.batch_size, c.steps - first)
         if c.loader_delay_ms > 0 and self.rank == c.delay_rank:
             batches = _delayed(batches, c.loader_delay_ms / 1000.0)
-        self.backend.start(batches)
+        fences = self._consistent_points()
+        self.backend.start(batches, start_step=first, fence_steps=fences)
         steady_start = None
         started = time.perf_counter()
         timer.start()
-        for step in range(c.steps):
-            if step == c.warmup_steps:
+        for step in range(first, c.steps):
+            if step == first + c.warmup_steps:
                 steady_start = time.perf_counter()
             if step == c.fail_at_step and self.rank == c.fail_rank:
                 raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
@@ -169,24 +179,50 @@ class Trainer:
             keys_received += plan.keys_received
             if step >= auc_from_step:
                 auc.update(batch.labels, 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64))))
+            if step + 1 in fences:
+                self.backend.at_consistent_point(step + 1, lambda: self._at_step_boundary(step + 1))
             if self.rank == 0 and c.progress:
                 elapsed = time.perf_counter() - started
                 progress.update(step, local_loss_sums[step] / c.batch_size,
-                                (step + 1) * global_batch / max(elapsed, 1e-9))
+                                (step + 1 - first) * global_batch / max(elapsed, 1e-9))
         self.backend.finish()     # every pushed gradient and dense update is applied after this
         finished = time.perf_counter()
+        if c.checkpoint_dir:
+            from hybridps import checkpoint
+            checkpoint.save_trainer(self, c.steps)
+        if self.delta_exporter is not None:
+            self.delta_exporter.maybe_export(c.steps)
         return self._summarize(timer, auc, local_loss_sums, keys_sent, keys_received,
                                started, steady_start, finished)
+
+    def _consistent_points(self):
+        """Steps (counted as completed steps) after which a checkpoint or delta is written."""
+        c, points = self.config, set()
+        for every in ((c.checkpoint_every if c.checkpoint_dir else 0),
+                      (c.delta_every if self.delta_exporter is not None else 0)):
+            if every:
+                points.update(range(every, c.steps, every))
+        return points
+
+    def _at_step_boundary(self, completed):
+        """Checkpoint and delta export after ``completed`` steps (the tables are consistent)."""
+        c = self.config
+        if c.checkpoint_dir and c.checkpoint_every and completed % c.checkpoint_every == 0:
+            from hybridps import checkpoint
+            checkpoint.save_trainer(self, completed)
+        if self.delta_exporter is not None:
+            self.delta_exporter.maybe_export(completed)
 
     # ------------------------------------------------------------------ reporting
     def _summarize(self, timer, auc, local_loss_sums, keys_sent, keys_received,
                    started, steady_start, finished):
         c = self.config
         global_batch = c.batch_size * self.compute_ranks
-        losses = self.comm.allreduce_sum(local_loss_sums) / global_batch
+        losses = self.comm.allreduce_sum(local_loss_sums)[self.start_step:] / global_batch
         positives = self.comm.allreduce_sum(auc.positives)
         negatives = self.comm.allreduce_sum(auc.negatives)
-        steady_steps = c.steps - c.warmup_steps if steady_start is not None else c.steps
+        steps_run = c.steps - self.start_step
+        steady_steps = steps_run - c.warmup_steps if steady_start is not None else steps_run
         steady_seconds = finished - (steady_start if steady_start is not None else started)
         slowest = float(self.comm.allreduce_max(np.array([steady_seconds]))[0])
         stats = self.backend.stats() if self.backend is not None else {
@@ -195,7 +231,7 @@ class Trainer:
         volume = self.comm.allreduce_sum(np.array(
             [keys_sent, keys_received, stats["bytes_sent"], stats["bytes_received"]], dtype=np.int64))
         rows = self.comm.allreduce_sum(np.array(stats["table_rows"], dtype=np.int64))
-        phases = timer.per_step_ms(c.steps)
+        phases = timer.per_step_ms(steps_run)
         phase_max = self.comm.allreduce_max(np.array(list(phases.values())))
         summary = {
             "steps": c.steps, "ranks": self.world_size, "global_batch_size": global_batch,
@@ -203,15 +239,16 @@ class Trainer:
             "num_servers": c.num_servers if c.mode == Mode.PS else 0,
             "samples_per_s": steady_steps * global_batch / max(slowest, 1e-9),
             "final_loss": float(losses[-1]), "loss_trajectory": [float(x) for x in losses],
+            "first_step": self.start_step,
             "auc": AUCAccumulator.auc_from_histograms(positives, negatives),
             "auc_steps": [int(c.steps * (1.0 - c.auc_window)), c.steps],
             "mode": c.mode.value, "sync": c.sync.value, "staleness": c.staleness,
             "model": c.model, "data": c.data, "seed": c.seed,
             "elapsed_s": finished - started, "warmup_steps": c.warmup_steps,
-            "exchange": {"keys_sent_per_step": float(volume[0]) / c.steps / self.compute_ranks,
-                         "keys_received_per_step": float(volume[1]) / c.steps / self.compute_ranks,
-                         "bytes_sent_per_step": float(volume[2]) / c.steps / self.compute_ranks,
-                         "bytes_received_per_step": float(volume[3]) / c.steps / self.compute_ranks,
+            "exchange": {"keys_sent_per_step": float(volume[0]) / steps_run / self.compute_ranks,
+                         "keys_received_per_step": float(volume[1]) / steps_run / self.compute_ranks,
+                         "bytes_sent_per_step": float(volume[2]) / steps_run / self.compute_ranks,
+                         "bytes_received_per_step": float(volume[3]) / steps_run / self.compute_ranks,
                          "per": "computing rank"},
             "table_rows": [int(r) for r in rows],
             **self._consistency_metrics(),
@@ -238,7 +275,7 @@ class Trainer:
         per_step = np.zeros(self.config.steps, dtype=np.int64)
         for step, value in s.staleness_max_by_step.items():
             per_step[step] = value
-        per_step = self.comm.allreduce_max(per_step)
+        per_step = self.comm.allreduce_max(per_step)[self.start_step:]
         counts = self.comm.allreduce_sum(np.array([s.row_grads_pushed, s.row_grads_applied], dtype=np.int64))
         reads = max(int(histogram.sum()), 1)
         nonzero = np.nonzero(histogram)[0]

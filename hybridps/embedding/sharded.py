@@ -66,6 +66,7 @@ class ShardedEmbedding:
         self.comm = comm
         self.dim = config.dim
         self.num_buckets = config.num_buckets
+        self.ttl_steps, self.max_rows, self.eviction = config.ttl_steps, config.max_rows, config.eviction
         self.field_groups = [np.asarray(g, dtype=np.int64) for g in field_groups]
         self.num_fields = sum(len(g) for g in field_groups)
         self.tables = [make_table(config, table_id=t) for t in range(len(field_groups))]
@@ -129,6 +130,19 @@ class ShardedEmbedding:
         self.row_grads_pushed += len(grads)
         self.row_grads_applied += len(received)
         self.applied_through = max(self.applied_through, step)
+        self.evict(step)
+
+    def evict(self, step):
+        """Apply the configured eviction after the updates of ``step`` (counted per table in
+        ``evicted_rows``): rows not updated for ``ttl_steps`` steps (checked every
+        max(1, ttl_steps // 4) steps), then, above ``max_rows`` rows, the least frequently
+        (lfu) or least recently updated (lru) rows down to ``max_rows``. Runs in the thread
+        that owns the tables (main thread under BSP, exchange thread under SSP/ASP, server)."""
+        for table in self.tables:
+            if self.ttl_steps and step % max(1, self.ttl_steps // 4) == 0:
+                table.evict_stale(step, self.ttl_steps)
+            if self.max_rows and table.size > self.max_rows:
+                table.evict_to_budget(self.max_rows, self.eviction)
 
     def _record_staleness(self, step, versions):
         # New rows (version == step) and rows with no earlier update are fully current.

@@ -96,11 +96,13 @@ class ParameterServer:
                 self.optimizer.apply(self.dense, np.sum([b[4] for b in batch], axis=0))
                 del self.bsp_buffer[step]
                 self.shard.applied_through = step
+                self.shard.evict(step)
         else:
             self._apply_rows([(keys, counts, row_grads)], step)
             self.optimizer.apply(self.dense, dense_grads)
             self.clock[worker] = step
             self.shard.applied_through = int(self.clock.min())
+            self.shard.evict(step)
 
     def _apply_rows(self, pushes, step):
         """Apply row gradients; the same key from several pushes is summed into one update."""

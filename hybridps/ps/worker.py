@@ -31,7 +31,7 @@ class PSWorkerBackend:
         self.pending_sends = []
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, batches):
+    def start(self, batches, start_step=0, fence_steps=()):
         self.batches = batches
         if self.worker == 0:   # rank 0 initialises the dense parameters and sends them out
             flat = self._flat_dense()

@@ -15,9 +15,13 @@ class BSPCollectiveBackend:
         self.sharded = sharded
         self.dense = dense
 
-    def start(self, batches):
+    def start(self, batches, start_step=0, fence_steps=()):
         self.dense.broadcast_initial()
         self.batches = batches
+
+    def at_consistent_point(self, step, action):
+        """BSP is consistent after every step: run the checkpoint or delta action now."""
+        action()
 
     def pull(self, step):
         batch = next(self.batches)

@@ -33,24 +33,37 @@ from hybridps.errors import HybridPSError
 POLL_INTERVAL_S = 0.0002   # the exchange thread tests its non-blocking collectives this often
 
 
-def ssp_schedule(steps, staleness):
+def ssp_schedule(start, steps, staleness):
     """Operation order of SSP(staleness): [("push"|"pull", step), ...], identical on every rank."""
-    for t in range(steps):
-        if t - staleness - 1 >= 0:
+    for t in range(start, steps):
+        if t - staleness - 1 >= start:
             yield ("push", t - staleness - 1)
         yield ("pull", t)
-    for k in range(max(steps - staleness - 1, 0), steps):
+    for k in range(max(steps - staleness - 1, start), steps):
         yield ("push", k)
 
 
-def asp_schedule(steps, lag):
+def asp_schedule(start, steps, lag):
     """Operation order of ASP: pulls first, pushes trailing by ``lag`` steps."""
-    for t in range(steps):
+    for t in range(start, steps):
         yield ("pull", t)
-        if t - lag >= 0:
+        if t - lag >= start:
             yield ("push", t - lag)
-    for k in range(max(steps - lag, 0), steps):
+    for k in range(max(steps - lag, start), steps):
         yield ("push", k)
+
+
+def with_fences(schedule, fences):
+    """Insert a fence before pull(k) for each k in ``fences``: every push of a step < k moves
+    ahead of it, so at the fence the tables hold exactly the updates of steps < k (a
+    consistent point for a checkpoint or a delta export). Depends only on step numbers."""
+    ops, fences = list(schedule), sorted(set(fences))
+    for k in fences:
+        at = next((i for i, op in enumerate(ops) if op == ("pull", k)), len(ops))
+        late = [op for op in ops[at:] if op[0] == "push" and op[1] < k]
+        rest = [op for op in ops[at:] if not (op[0] == "push" and op[1] < k)]
+        ops = ops[:at] + late + [("fence", k)] + rest
+    return ops
 
 
 class _Mailbox:
@@ -96,11 +109,10 @@ class PipelinedCollectiveBackend:
         self.sync = config.sync
         self.steps = config.steps
         self.max_inflight = config.max_inflight
-        if self.sync == Sync.SSP:
-            self.schedule = list(ssp_schedule(self.steps, config.staleness))
-        else:
-            self.schedule = list(asp_schedule(self.steps, config.max_inflight))
         self.pulled = _Mailbox(self)
+        self.fence_reached = _Mailbox(self)
+        self.fence_released = _Mailbox(self)
+        self.dense_applied = 0
         self.grads = _Mailbox(self)
         self.error = None
         self.comm_thread = None
@@ -109,9 +121,17 @@ class PipelinedCollectiveBackend:
         sharded.poll_interval = POLL_INTERVAL_S
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, batches):
+    def start(self, batches, start_step=0, fence_steps=()):
+        """Start the exchange (and, for ASP, the dense) thread at ``start_step``; the tables are
+        made consistent and handed to the main thread at every step in ``fence_steps``."""
         self.dense.broadcast_initial()
         self.batches = batches
+        self.dense_applied = start_step
+        if self.sync == Sync.SSP:
+            schedule = ssp_schedule(start_step, self.steps, self.config.staleness)
+        else:
+            schedule = asp_schedule(start_step, self.steps, self.max_inflight)
+        self.schedule = with_fences(schedule, [k for k in fence_steps if start_step < k < self.steps])
         self.comm_thread = threading.Thread(target=self._run_guarded, args=(self._comm_loop,),
                                             name="hybridps-exchange", daemon=True)
         self.comm_thread.start()
@@ -142,14 +162,31 @@ class PipelinedCollectiveBackend:
                 batch = next(self.batches)
                 plan, rows = self.sharded.pull(batch.keys, step)
                 self.pulled.put(step, (batch, plan, rows))
-            else:
+            elif op == "push":
                 plan, row_grads = self.grads.take(step)
                 self.sharded.push(plan, row_grads, step)
+            else:   # fence: the main thread owns the tables until it releases the fence
+                with self.pulled.cond:
+                    while self.dense_thread is not None and self.dense_applied < step:
+                        self.pulled.cond.wait(0.01)
+                self.fence_reached.put(step, True)
+                self.fence_released.take(step)
 
     def _dense_loop(self):
-        for _ in range(self.steps):
+        for _ in range(self.dense_applied, self.steps):
             grads = self.dense_queue.get()
             self.dense.step(grads)
+            with self.pulled.cond:
+                self.dense_applied += 1
+
+    def at_consistent_point(self, step, action):
+        """Run ``action()`` once every update of steps < ``step`` is applied and no later pull
+        has been served (``step`` must be one of the fence steps given to ``start``)."""
+        self.fence_reached.take(step)
+        try:
+            action()
+        finally:
+            self.fence_released.put(step, True)
 
     # ------------------------------------------------------------------ main thread
     def pull(self, step):
