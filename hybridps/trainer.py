@@ -68,6 +68,8 @@ class Trainer:
         if config.resume:
             from hybridps import checkpoint
             self.start_step = checkpoint.resume_trainer(self)
+            # the checkpoint holds every update of the steps before start_step
+            self.sharded.applied_through = self.start_step - 1
         self.delta_exporter = None
         if config.delta_export_dir and config.delta_every:
             from hybridps.export import DeltaExporter
