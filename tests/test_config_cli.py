@@ -117,3 +117,17 @@ def test_ranks_with_different_configs_stop_with_a_clear_message(tmp_path):
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "ranks [1] run a different effective config than rank 0" in proc.stderr
+
+
+def test_admission_and_eviction_during_training_show_in_metrics(tmp_path):
+    out = tmp_path / "m.json"
+    proc = _cli(["train", "--steps", "12", "--batch-size", "256", "--hidden", "16", "--warmup-steps", "1",
+                 "--no-progress", "--max-rows", "3000", "--eviction", "lru", "--ttl-steps", "4",
+                 "--min-count", "2", "--vocab-size", "5000", "--metrics-out", out])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    counters = metrics["table_counters"][0]
+    assert metrics["table_rows"][0] <= 3000                 # one rank: the budget holds globally
+    assert counters["evicted_rows"] > 0
+    assert counters["dropped_unadmitted_grads"] > 0         # keys seen once read zeros, get no update
+    assert counters["admitted_keys"] - counters["evicted_rows"] == metrics["table_rows"][0]
