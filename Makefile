@@ -1,7 +1,8 @@
 # hybridps: one-command setup, tests and the demo job.
 #
 #   make demo    short 2-rank training run on synthetic data (sets everything up first)
-#   make test    the whole test suite (sets everything up first)
+#   make test    the whole test suite (sets everything up first, including the Slurm and
+#                munge packages that tests/test_slurm.py starts a single-node Slurm from)
 #   make setup   Open MPI (from apt, only when no mpicc is on PATH), .venv, pinned Python
 #                packages from requirements.txt, Horovod built against this MPI and TF
 #                (wheel cached in $(WHEEL_CACHE)), hybridps in editable mode.
@@ -23,8 +24,10 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export HYBRIDPS_TF_THREADS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
+# slurmctld, slurmd and munged live in sbin, which a non-login root shell may lack
+export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: setup test demo bench clean mpi
+.PHONY: setup test demo bench clean mpi slurm
 setup: $(STAMPS)/hybridps
 
 mpi:
@@ -34,6 +37,18 @@ mpi:
 	  echo "setup: no mpicc on PATH, installing Open MPI from apt"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "setup: need root for apt-get; install Open MPI (or 'module load' one) and rerun" >&2; exit 1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null; \
+	fi
+
+# Daemons for tests/test_slurm.py, which starts a single-node Slurm itself (skipped without them).
+slurm:
+	@if command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && \
+	    command -v sbatch >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then \
+	  echo "setup: Slurm and munge present: $$(command -v slurmctld)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "setup: Slurm/munge missing and not root: tests/test_slurm.py will be skipped" >&2; \
+	else \
+	  echo "setup: installing Slurm and munge from apt (slurmctld slurmd slurm-client munge)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; \
 	fi
 
 $(STAMPS)/venv:
@@ -61,7 +76,7 @@ $(STAMPS)/hybridps: $(STAMPS)/horovod setup.py $(wildcard cython/*.pyx cython/*.
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: setup
+test: setup slurm
 	$(VENV)/bin/pytest -q tests
 
 demo: setup

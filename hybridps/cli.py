@@ -1,4 +1,4 @@
-"""Command line: ``hybridps train | bench table | bench train``.
+"""Command line: ``hybridps train | launch | doctor | bench table | bench train``.
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
 (or ``python -m hybridps.cli train ...``), or alone without mpirun. Flags override the YAML
@@ -41,6 +41,20 @@ def _add_train_arguments(parser):
     parser.add_argument("--log-every", type=int)
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False)
     parser.add_argument("--dump-state", help="write final dense weights and table shards (npz) here")
+    parser.add_argument("--checkpoint-dir", help="write sharded checkpoints here (atomic; keeps the last K)")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
+    parser.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (3)")
+    parser.add_argument("--resume", action="store_const", const=True,
+                        help="continue from the newest intact checkpoint in --checkpoint-dir")
+    parser.add_argument("--num-buckets", type=int, help="virtual buckets of each table (fixed per model)")
+    parser.add_argument("--delta-export-dir", help="write the rows updated every --delta-every steps here")
+    parser.add_argument("--delta-every", type=int)
+    parser.add_argument("--ttl-steps", type=int, help="evict rows not updated for this many steps")
+    parser.add_argument("--max-rows", type=int, help="per table and rank: evict down to this many rows")
+    parser.add_argument("--eviction", choices=["lfu", "lru"], help="policy for --max-rows")
+    parser.add_argument("--max-inflight", type=int, help="SSP/ASP: bounded prefetch / push depth")
+    parser.add_argument("--watchdog-timeout", type=float,
+                        help="seconds a collective may take before the job aborts with a dump (300)")
     parser.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fail-rank", type=int, help=argparse.SUPPRESS)
 
@@ -48,10 +62,22 @@ def _add_train_arguments(parser):
 _NOT_CONFIG = {"command", "bench_command", "config", "func"}
 
 
+def cmd_launch(args):
+    from hybridps import launch
+    return launch.main(args)
+
+
+def cmd_doctor(args):
+    from hybridps import doctor
+    return doctor.main(args)
+
+
 def cmd_train(args):
     from hybridps.config import make_config
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     config = make_config(args.config, overrides)
+    from hybridps import watchdog
+    watchdog.configure(config.watchdog_timeout)
     from hybridps.trainer import Trainer
     trainer = Trainer(config)
     summary = trainer.run()
@@ -68,6 +94,21 @@ def build_parser():
     _add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
+    from hybridps import launch as launch_module
+    launch = sub.add_parser(
+        "launch", help="start a job with mpirun, horovodrun or srun: hybridps launch -np 4 -- train ...",
+        description="Detect the environment (Slurm allocation, MPI, root, ranks vs cores), print the "
+                    "launch command with its settings, and run it. Example: "
+                    "hybridps launch -np 4 --launcher mpirun -- train --steps 100")
+    launch_module.add_arguments(launch)
+    launch.set_defaults(func=cmd_launch)
+
+    doctor = sub.add_parser("doctor", help="preflight check of MPI, Horovod and the exchange "
+                                           "(run under mpirun on all ranks, or alone)")
+    doctor.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds a smoke-test collective may take before the job aborts")
+    doctor.set_defaults(func=cmd_doctor)
+
     bench = sub.add_parser("bench", help="benchmark runners (JSON, markdown table, PNG)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from hybridps.bench import table as table_bench
@@ -78,6 +119,13 @@ def build_parser():
     train_cmd = bench_sub.add_parser("train", help="collective BSP vs TF+Horovod baseline vs compute ceiling")
     train_bench.add_arguments(train_cmd)
     train_cmd.set_defaults(func=train_bench.main)
+    from hybridps import checkpoint, export
+    checkpoint.add_inspect_arguments(sub.add_parser("inspect", help="summarize and verify a checkpoint"))
+    export.add_export_arguments(sub.add_parser("export", help="checkpoint -> TensorFlow SavedModel for serving"))
+    from hybridps.bench import compare as compare_bench
+    compare_cmd = bench_sub.add_parser("compare", help="collective vs parameter-server vs TF+Horovod, N ranks each")
+    compare_bench.add_arguments(compare_cmd)
+    compare_cmd.set_defaults(func=compare_bench.main)
     return parser
 
 

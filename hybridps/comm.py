@@ -5,12 +5,23 @@ and, for SSP/ASP, hybridps' communication thread call MPI beside the main thread
 on the same communicator, rank / size / local rank, alltoallv helpers over numpy buffers
 (counts first, then payload; empty sends and receives are normal), and the excepthook that
 turns an uncaught exception on any rank into an MPI_Abort of the whole job, so that no rank
-is left hanging in a collective. What does not: keys, tables, hashing (hybridps.embedding).
+is left hanging in a collective. Every collective runs inside ``watchdog.collective(name)``:
+one that does not complete within the watchdog timeout aborts the job with a dump of where
+each rank is (hybridps.watchdog). What does not: keys, tables, hashing (hybridps.embedding),
+launch commands (hybridps.launch).
+
+Signals: a rank killed by a signal (SIGKILL, the OOM killer) is noticed by mpirun (or by srun
+with ``--kill-on-bad-exit``), which ends the others. No Python handler is installed for
+SIGTERM: one would only run after the blocking MPI call returns, so mpirun's SIGTERM must keep
+its default action. ``faulthandler`` prints the Python stack of a rank that crashes (SIGSEGV,
+SIGBUS, SIGFPE, SIGABRT), and ``kill -USR1`` on mpirun prints every rank's stack.
 
 mpi4py's upper-case buffer methods are used for every payload: they release the GIL and move
 raw memory; lower-case (pickling) methods only carry small control messages.
 """
+import faulthandler
 import os
+import signal
 import sys
 import threading
 import time
@@ -19,6 +30,7 @@ import traceback
 import numpy as np
 
 from hybridps.errors import CommError
+from hybridps.watchdog import collective as _watch
 
 _STATE = {"comm": None}
 
@@ -29,14 +41,9 @@ _MPI_DTYPES = {np.dtype(np.int64): "INT64_T", np.dtype(np.int32): "INT32_T",
 
 def _local_rank_and_size(rank, size):
     """Local rank/size from whichever launcher set them: Open MPI, PMI (MPICH/Hydra), Slurm."""
-    for rank_var, size_var in (("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-                               ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-                               ("PMI_LOCAL_RANK", "PMI_LOCAL_SIZE"),
-                               ("SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")):
-        if rank_var in os.environ:
-            local_size = os.environ.get(size_var, "").split("(")[0].split(",")[0]
-            return int(os.environ[rank_var]), int(local_size) if local_size.isdigit() else size
-    return rank, size
+    from hybridps.launch import local_rank_and_size
+    local_rank, local_size, _source = local_rank_and_size(os.environ, rank, size)
+    return local_rank, local_size
 
 
 class Comm:
@@ -80,10 +87,11 @@ class Comm:
         """
         send = np.ascontiguousarray(send_counts, dtype=np.int64)
         recv = np.empty_like(send)
-        if poll_interval is None:
-            self.exchange.Alltoall(send, recv)
-        else:
-            self._wait(self.exchange.Ialltoall(send, recv), poll_interval)
+        with _watch("alltoall_counts"):
+            if poll_interval is None:
+                self.exchange.Alltoall(send, recv)
+            else:
+                self._wait(self.exchange.Ialltoall(send, recv), poll_interval)
         return recv
 
     def alltoallv(self, send, send_counts, recv_counts, recv=None, poll_interval=None):
@@ -119,34 +127,40 @@ class Comm:
         mpi_type = self._mpi_type(send)
         send_spec = [send, (scounts.astype(np.int32), sdispl.astype(np.int32)), mpi_type]
         recv_spec = [recv, (rcounts.astype(np.int32), rdispl.astype(np.int32)), mpi_type]
-        if poll_interval is None:
-            self.exchange.Alltoallv(send_spec, recv_spec)
-        else:
-            self._wait(self.exchange.Ialltoallv(send_spec, recv_spec), poll_interval)
+        with _watch("alltoallv"):
+            if poll_interval is None:
+                self.exchange.Alltoallv(send_spec, recv_spec)
+            else:
+                self._wait(self.exchange.Ialltoallv(send_spec, recv_spec), poll_interval)
         return recv
 
     def allreduce_sum(self, array):
         """Elementwise sum over ranks of a numpy array (float64 or int64 recommended)."""
         send = np.ascontiguousarray(array)
         recv = np.empty_like(send)
-        self.exchange.Allreduce(send, recv, op=self.MPI.SUM)
+        with _watch("allreduce_sum"):
+            self.exchange.Allreduce(send, recv, op=self.MPI.SUM)
         return recv
 
     def allreduce_max(self, array):
         send = np.ascontiguousarray(array)
         recv = np.empty_like(send)
-        self.exchange.Allreduce(send, recv, op=self.MPI.MAX)
+        with _watch("allreduce_max"):
+            self.exchange.Allreduce(send, recv, op=self.MPI.MAX)
         return recv
 
     def allgather_object(self, obj):
         """Small control objects only (pickled)."""
-        return self.exchange.allgather(obj)
+        with _watch("allgather_object"):
+            return self.exchange.allgather(obj)
 
     def bcast_object(self, obj, root=0):
-        return self.exchange.bcast(obj, root=root)
+        with _watch("bcast_object"):
+            return self.exchange.bcast(obj, root=root)
 
     def barrier(self):
-        self.exchange.Barrier()
+        with _watch("barrier"):
+            self.exchange.Barrier()
 
     def abort(self, code=1):
         self.world.Abort(code)
@@ -178,6 +192,7 @@ def init(with_horovod=True):
     comm = Comm(MPI, MPI.COMM_WORLD, with_horovod=False)
     _STATE["comm"] = comm
     install_abort_on_error(comm)
+    _start_watchdog(comm)
     if with_horovod:
         _init_horovod(comm)
     return comm
@@ -204,10 +219,17 @@ def install_abort_on_error(comm):
     MPI_Abort; the other ranks are killed by the MPI runtime instead of waiting forever in
     their next collective.
     """
+    _install_fault_handlers()
     if comm.size == 1:
         return
 
     def report_and_abort(exc_type, exc, tb, where="main thread"):
+        from hybridps import watchdog
+        watchdog.discard_state()
+        if issubclass(exc_type, KeyboardInterrupt):   # Ctrl-C reaches every rank: no tracebacks
+            sys.stderr.write(f"[hybridps rank {comm.rank}/{comm.size}] interrupted; aborting the job.\n")
+            sys.stderr.flush()
+            comm.abort(130)
         text = "".join(traceback.format_exception(exc_type, exc, tb))
         sys.stderr.write(f"[hybridps rank {comm.rank}/{comm.size}] uncaught {exc_type.__name__} "
                          f"in {where}; aborting the whole job.\n{text}")
@@ -217,3 +239,29 @@ def install_abort_on_error(comm):
     sys.excepthook = report_and_abort
     threading.excepthook = lambda args: report_and_abort(
         args.exc_type, args.exc_value, args.exc_traceback, where=f"thread {args.thread.name}")
+
+
+def _install_fault_handlers():
+    """Python stacks on a crash (faulthandler) and on SIGUSR1 (mpirun forwards it to every rank)."""
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable(file=sys.stderr, all_threads=True)
+        except (AttributeError, ValueError, OSError):   # no usable stderr file descriptor
+            return
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+        try:
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+        except (AttributeError, ValueError, OSError, RuntimeError):
+            pass
+
+
+def _start_watchdog(comm):
+    """Start this rank's collective watchdog (hybridps.watchdog); nothing to watch on one rank."""
+    if comm.size == 1:
+        return
+    import socket
+    from hybridps import watchdog
+    # One key per job, equal on every rank: names the default directory of watchdog state files.
+    job_key = comm.world.bcast(f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+                               if comm.rank == 0 else None, root=0)
+    watchdog.start(comm.rank, comm.size, comm.abort, job_key)

@@ -60,7 +60,9 @@ class DenseSync:
         """
         if self.world_size > 1:
             import horovod.tensorflow as hvd
-            grads = hvd.grouped_allreduce(list(grads), op=hvd.Sum)
+            from hybridps import watchdog
+            with watchdog.collective("dense_allreduce"):
+                grads = hvd.grouped_allreduce(list(grads), op=hvd.Sum)
         return self._apply(list(grads))
 
     def apply_local(self, grads):

@@ -14,11 +14,13 @@ gradient w.r.t. the unique rows: TF sums the gradients of repeated keys (the gat
 gradient), so the push sends one summed row per unique key.
 """
 import os
+import sys
 import time
 
 import numpy as np
 
 from hybridps import config as config_module
+from hybridps import watchdog
 from hybridps.config import Mode
 from hybridps.errors import ConfigError
 from hybridps.metrics import AUCAccumulator, PhaseTimer, Progress, write_summary
@@ -60,14 +62,16 @@ class Trainer:
         from hybridps import comm as comm_module
         self.config = config
         self.comm = comm or comm_module.init(with_horovod=True)
+        watchdog.configure(config.watchdog_timeout)
         self.rank, self.world_size = self.comm.rank, self.comm.size
         self.tf = configure_tensorflow(default_tf_threads(config, self.comm.local_size))
         self._check_same_config()
         self._build()
         self.start_step = 0
+        self.resume_messages = []
         if config.resume:
             from hybridps import checkpoint
-            self.start_step = checkpoint.resume_trainer(self)
+            self.start_step = checkpoint.resume_trainer(self, log=self._log_resume)
             # the checkpoint holds every update of the steps before start_step
             self.sharded.applied_through = self.start_step - 1
         self.delta_exporter = None
@@ -76,6 +80,13 @@ class Trainer:
             self.delta_exporter = DeltaExporter.for_trainer(self, start_step=self.start_step)
 
     # ------------------------------------------------------------------ construction
+    def _log_resume(self, message):
+        """Resume messages (fallbacks to an older checkpoint included): kept and shown on rank 0."""
+        self.resume_messages.append(message)
+        if self.rank == 0:
+            sys.stderr.write(f"[hybridps] checkpoint: {message}\n")
+            sys.stderr.flush()
+
     def _check_same_config(self):
         mine = config_module.config_hash(self.config)
         hashes = self.comm.allgather_object(mine)
@@ -241,7 +252,7 @@ class Trainer:
             "num_servers": c.num_servers if c.mode == Mode.PS else 0,
             "samples_per_s": steady_steps * global_batch / max(slowest, 1e-9),
             "final_loss": float(losses[-1]), "loss_trajectory": [float(x) for x in losses],
-            "first_step": self.start_step,
+            "first_step": self.start_step, "resume_messages": self.resume_messages,
             "auc": AUCAccumulator.auc_from_histograms(positives, negatives),
             "auc_steps": [int(c.steps * (1.0 - c.auc_window)), c.steps],
             "mode": c.mode.value, "sync": c.sync.value, "staleness": c.staleness,

@@ -10,8 +10,8 @@ training logic.
 
 Which ranks are stuck where, without relying on the stuck collective: each rank's watchdog
 thread writes its current state (collective or "not in a collective", step, Python stack) to
-``rank<R>.json`` in a state directory whenever a state has lasted one poll interval (so at
-most twice a second, never per call). The rank that trips reads every rank's file, prints
+``rank<R>.json`` in a state directory once a state has lasted a quarter of the timeout
+(0.5 to 10 s; at most twice a second, never per call, nothing during normal training). The rank that trips reads every rank's file, prints
 them once, and calls MPI_Abort. The directory is ``HYBRIDPS_WATCHDOG_DIR`` when set (use a
 shared file system to see ranks of other nodes), else ``<tmp>/hybridps-watchdog-<job key>``
 on each node. A rank's file is removed when it exits normally.
@@ -38,7 +38,7 @@ _STACK_FRAMES = 6
 _get_ident = threading.get_ident
 _monotonic = time.monotonic
 
-# thread ident -> (collective name, start monotonic, the entry it replaced (nesting) or None)
+# thread ident -> (collective name, start monotonic) of the thread's innermost collective
 _active = {}
 # [name, end monotonic] of the last collective that completed on any thread
 _last = [None, 0.0]
@@ -92,7 +92,7 @@ class _Watchdog:
 
     # ---------------------------------------------------------------- the polling thread
     def _loop(self):
-        previous_key, written_key = None, None
+        previous_key, written_key, key_since = None, None, 0.0
         while not self.stop_event.wait(POLL_INTERVAL_S):
             timeout_s = self.timeout()
             now = _monotonic()
@@ -101,11 +101,16 @@ class _Watchdog:
                 if now - started > timeout_s:
                     self._trip(tid, name, started, now, timeout_s)
                     return
+            # A state that lasted write_after_s is written: once while blocked in a collective
+            # (nothing changes), at every poll while outside collectives for that long (the
+            # stack moves: a long compute, I/O, a sleep, a hang outside MPI). Short states,
+            # i.e. all of normal training, write nothing.
             key = tuple((tid, name, started) for tid, (name, started) in snapshot) or ("idle", _last[1])
-            if key == previous_key and key != written_key:
+            if key != previous_key:
+                previous_key, key_since = key, now
+            elif now - key_since >= _write_after(timeout_s) and (key != written_key or not snapshot):
                 self._write_state(snapshot, now)
                 written_key = key
-            previous_key = key
 
     def timeout(self):
         if self.timeout_s is None:
@@ -139,8 +144,13 @@ class _Watchdog:
             state["main"] = {"step": _step_of(frame), "where": _where(frame)}
         return state
 
-    def _write_state(self, snapshot, now, state=None):
-        state = state or self._state(snapshot, now)
+    def _write_state(self, snapshot, now):
+        try:
+            state = self._state(snapshot, now)
+        except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+            # a frame that vanished while being read; never let the watchdog take a rank down
+            state = {"rank": self.rank, "size": self.size, "job": self.job_key, "host": self.host,
+                     "pid": os.getpid(), "written": time.time(), "collectives": [], "last": None}
         tmp = f"{self.state_path}.tmp"
         try:
             os.makedirs(self.state_dir, exist_ok=True)
@@ -210,11 +220,19 @@ class _Watchdog:
                 state = None
             if state is None or state.get("job") != self.job_key:
                 lines.append(f"  rank {rank}: no state (on another node without a shared "
-                             f"HYBRIDPS_WATCHDOG_DIR, or exited, or busy for less than "
-                             f"{POLL_INTERVAL_S}s in each state)")
+                             f"HYBRIDPS_WATCHDOG_DIR, or exited, or no state lasted "
+                             f"{_write_after(self.timeout()):g}s)")
                 continue
-            lines.append(describe_state(state))
+            try:
+                lines.append(describe_state(state))
+            except (KeyError, TypeError, ValueError):
+                lines.append(f"  rank {rank}: unreadable state file {path}")
         return lines
+
+
+def _write_after(timeout_s):
+    """Seconds a state must last before it is written: a quarter of the timeout, 0.5-10 s."""
+    return min(max(timeout_s / 4.0, POLL_INTERVAL_S), 10.0)
 
 
 def describe_state(state, now=None):
@@ -261,7 +279,7 @@ def _step_of(frame):
     if _explicit_step[0] is not None:
         return _explicit_step[0]
     while frame is not None:
-        value = frame.f_locals.get("step") if frame.f_code.co_name != "<module>" else None
+        value = frame.f_locals.get("step")
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         frame = frame.f_back
@@ -334,6 +352,12 @@ def current_timeout():
 def state_dir():
     """This rank's state directory, or None before :func:`start`."""
     return _STATE["watchdog"].state_dir if _STATE["watchdog"] is not None else None
+
+
+def discard_state():
+    """Remove this rank's state file (before an abort for another reason than the watchdog)."""
+    if _STATE["watchdog"] is not None:
+        _STATE["watchdog"].remove_state()
 
 
 def stop():

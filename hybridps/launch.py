@@ -1,0 +1,503 @@
+"""``hybridps launch``: start a job with mpirun, horovodrun or srun, with the right settings.
+
+What lives here: pure command builders (:func:`build_plan` turns a request and a detected
+:class:`Environment` into a :class:`LaunchPlan`: argv, environment, and the reasons for each
+choice), the pure readers of launcher environment variables (:func:`local_rank_and_size`,
+:func:`expand_nodelist`, :func:`slurm_tasks_on_node`), and the small impure edges:
+:func:`detect_environment` (which MPI, which launchers, cores, Slurm allocation, root) and
+:func:`run_plan` (prints the command, runs it, forwards signals, returns its exit code).
+What does not: MPI itself (this module never imports mpi4py) and training.
+
+Settings applied (DESIGN.md sections 1 and 7):
+  * threads per rank = usable cores of the node // ranks per node (at least 1), as
+    ``OMP_NUM_THREADS`` and ``HYBRIDPS_TF_THREADS``;
+  * more ranks per node than cores: Open MPI ``--oversubscribe`` and
+    ``OMPI_MCA_mpi_yield_when_idle=1`` (otherwise every collective costs a time slice);
+  * Open MPI as root: ``--allow-run-as-root``; no binding by default (``--bind-to none
+    --map-by slot``, as horovodrun does: TensorFlow sizes its own thread pools), or one block
+    of ``threads`` cores per rank with ``bind="core"``;
+  * srun: ``--mpi=pmix`` (Open MPI) or ``pmi2`` (MPICH), ``--kill-on-bad-exit=1`` so a rank
+    that dies ends the step;
+  * Horovod: its stall check shuts Horovod down (every rank then raises, and the job aborts)
+    when an allreduce waits longer than the watchdog timeout (at least 30 s) for tensors some
+    ranks never send.
+Variables already set in the caller's environment are kept (the user's choice wins).
+"""
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from hybridps.errors import ConfigError
+
+LAUNCHERS = ("auto", "mpirun", "horovodrun", "srun")
+BINDINGS = ("none", "core")
+MPI_FLAVORS = ("openmpi", "mpich", "intel", "unknown")
+HYBRIDPS_COMMANDS = ("train", "bench", "doctor", "export", "inspect")
+DEFAULT_WATCHDOG_TIMEOUT_S = 300.0
+_SRUN_PLUGIN = {"openmpi": "pmix", "mpich": "pmi2", "intel": "pmi2", "unknown": "pmix"}
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where ``hybridps launch`` runs: found by :func:`detect_environment`, or built by tests."""
+    cores: int                                  # usable cores of this node (CPU affinity)
+    is_root: bool = False
+    mpi_flavor: str = "openmpi"                 # of the mpirun on PATH: one of MPI_FLAVORS
+    in_slurm: bool = False                      # inside a Slurm allocation (SLURM_JOB_ID set)
+    slurm_ntasks: Optional[int] = None
+    slurm_nodes: Tuple[str, ...] = ()           # host names of the allocation
+    slurm_tasks_per_node: Optional[int] = None  # tasks on this node of the allocation
+    srun_mpi_plugins: Tuple[str, ...] = ()      # `srun --mpi=list`; () when unknown
+    mpirun: Optional[str] = "mpirun"            # paths (None: not found)
+    horovodrun: Optional[str] = "horovodrun"
+    srun: Optional[str] = None
+    python: str = "python3"
+
+
+@dataclass
+class LaunchPlan:
+    """A command to run: argv, the variables it adds to the environment, and why."""
+    launcher: str
+    argv: List[str]
+    env: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    ranks: int = 0
+    ranks_per_node: int = 0
+    threads_per_rank: int = 0
+
+    def command_line(self):
+        """The plan as one shell line: ``VAR=value ... launcher args`` (copy-pastable)."""
+        assignments = [f"{name}={shlex.quote(value)}" for name, value in sorted(self.env.items())]
+        return " ".join(assignments + [shlex.join(self.argv)])
+
+
+# ------------------------------------------------------------------ pure readers of the environment
+def local_rank_and_size(environ, rank=0, size=1):
+    """Local rank and local size of this process, from whichever launcher set them.
+
+    Open MPI (``OMPI_COMM_WORLD_LOCAL_*``, also under srun with PMIx) is checked first, then
+    MPICH / Intel MPI Hydra (``MPI_LOCALRANKID``, ``MPI_LOCALNRANKS``), generic PMI
+    (``PMI_LOCAL_RANK``, ``PMI_LOCAL_SIZE``), then Slurm (``SLURM_LOCALID`` with the tasks on
+    this node from ``SLURM_TASKS_PER_NODE`` and ``SLURM_NODEID``). ``mpirun`` inside a Slurm
+    job inherits the batch script's ``SLURM_*`` variables, hence the order.
+
+    Args:
+        environ: a mapping like os.environ.
+        rank, size: the global rank and size, returned when no launcher variable is present.
+    Returns:
+        (local_rank, local_size, source) where source names the variable family used
+        ("openmpi", "hydra", "pmi", "slurm" or "none").
+    """
+    for source, rank_var, size_var in (("openmpi", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+                                       ("hydra", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+                                       ("pmi", "PMI_LOCAL_RANK", "PMI_LOCAL_SIZE")):
+        local_rank = _int_or_none(environ.get(rank_var))
+        if local_rank is not None:
+            local_size = _int_or_none(environ.get(size_var))
+            return local_rank, local_size if local_size else size, source
+    local_rank = _int_or_none(environ.get("SLURM_LOCALID"))
+    if local_rank is not None:
+        local_size = slurm_tasks_on_node(environ)
+        return local_rank, local_size if local_size else size, "slurm"
+    return rank, size, "none"
+
+
+def slurm_tasks_on_node(environ):
+    """Tasks Slurm places on this node: ``SLURM_TASKS_PER_NODE`` (e.g. ``2(x3),1``) indexed by
+    ``SLURM_NODEID``, else ``SLURM_NTASKS_PER_NODE``; None when neither is set."""
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if spec:
+        counts = []
+        for part in spec.split(","):
+            match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+            if not match:
+                counts = []
+                break
+            counts += [int(match.group(1))] * int(match.group(2) or 1)
+        node = _int_or_none(environ.get("SLURM_NODEID")) or 0
+        if counts:
+            return counts[min(node, len(counts) - 1)]
+    return _int_or_none(environ.get("SLURM_NTASKS_PER_NODE"))
+
+
+def expand_nodelist(nodelist):
+    """Expand a Slurm host list: ``node[01-03,07],gpu1`` -> node01 node02 node03 node07 gpu1."""
+    hosts = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", nodelist or ""):
+        prefix, ranges, suffix = match.group(1), match.group(2), match.group(3)
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for item in ranges.split(","):
+            low, _, high = item.partition("-")
+            width = len(low)
+            for number in range(int(low), int(high or low) + 1):
+                hosts.append(f"{prefix}{number:0{width}d}{suffix}")
+    return hosts
+
+
+def parse_hosts(hosts):
+    """``h1:2,h2:2`` or ``h1,h2`` -> [(host, slots or None)].
+
+    Raises:
+        ConfigError: an entry with a bad slot count.
+    """
+    parsed = []
+    for item in (hosts or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, slots = item.partition(":")
+        if slots and not slots.isdigit() or slots == "0":
+            raise ConfigError(f"--hosts entry {item!r}: expected host or host:slots with slots >= 1")
+        parsed.append((name, int(slots) if slots else None))
+    return parsed
+
+
+def _int_or_none(value):
+    value = (value or "").strip()
+    return int(value) if value.isdigit() else None
+
+
+# ------------------------------------------------------------------ the builder
+def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="none",
+               threads_per_rank=0, extra_args=(), environ=None, watchdog_timeout=None):
+    """Build the command and environment that start ``program`` on ``num_ranks`` ranks.
+
+    Pure: it reads only its arguments (``environ`` is the caller's environment, used to keep
+    variables the user already set).
+
+    Args:
+        program: argv of one rank, e.g. ``[python, "-m", "hybridps.cli", "train", ...]``.
+        env: the detected :class:`Environment`.
+        num_ranks: ranks to start; None inside a Slurm allocation means all its tasks.
+        launcher: one of LAUNCHERS; "auto" is srun inside a Slurm allocation (when srun and
+            a suitable MPI plugin are there), else mpirun.
+        hosts: ``"h1:2,h2:2"`` (slots optional), or None for this node / the allocation.
+        bind: "none" or "core" (``threads_per_rank`` cores per rank).
+        threads_per_rank: 0 = cores of the node // ranks per node.
+        extra_args: passed to the launcher before the program.
+        environ: mapping of the caller's environment (default: empty).
+        watchdog_timeout: seconds; sets Horovod's stall shutdown (default 300, at least 30).
+    Returns:
+        LaunchPlan.
+    Raises:
+        ConfigError: an impossible request (srun outside Slurm, a missing launcher, no rank
+            count, core binding with more ranks than cores ...), saying what to do instead.
+    """
+    environ = dict(environ or {})
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"--launcher {launcher!r}: allowed {', '.join(LAUNCHERS)}")
+    if bind not in BINDINGS:
+        raise ConfigError(f"--bind {bind!r}: allowed {', '.join(BINDINGS)}")
+    if not program:
+        raise ConfigError("nothing to launch; e.g. hybridps launch -np 2 -- train --steps 100")
+    notes = []
+    launcher = _choose_launcher(launcher, env, notes)
+    if num_ranks is None:
+        if not env.slurm_ntasks:
+            raise ConfigError("give the number of ranks with -np N (outside a Slurm allocation "
+                              "there is no task count to default to)")
+        num_ranks = env.slurm_ntasks
+        notes.append(f"{num_ranks} ranks: the tasks of this Slurm allocation (SLURM_NTASKS)")
+    if num_ranks < 1:
+        raise ConfigError(f"-np {num_ranks}: need at least 1 rank")
+    host_slots = parse_hosts(hosts)
+    if not host_slots and launcher == "horovodrun" and len(env.slurm_nodes) > 1:
+        per_node = env.slurm_tasks_per_node or math.ceil(num_ranks / len(env.slurm_nodes))
+        host_slots = [(h, per_node) for h in env.slurm_nodes]
+        notes.append("hosts: the nodes of this Slurm allocation")
+    if host_slots:
+        even = math.ceil(num_ranks / len(host_slots))
+        host_slots = [(h, s or even) for h, s in host_slots]
+        if sum(s for _, s in host_slots) < num_ranks:
+            raise ConfigError(f"--hosts {hosts!r} has {sum(s for _, s in host_slots)} slots for "
+                              f"{num_ranks} ranks; add hosts or slots (host:slots)")
+        ranks_per_node = min(max(s for _, s in host_slots), num_ranks)
+    elif env.in_slurm and (env.slurm_tasks_per_node or len(env.slurm_nodes) > 1):
+        ranks_per_node = min(env.slurm_tasks_per_node or math.ceil(num_ranks / len(env.slurm_nodes)),
+                             num_ranks)
+    else:
+        ranks_per_node = num_ranks
+    cores = max(env.cores, 1)
+    threads = threads_per_rank or max(1, cores // ranks_per_node)
+    oversubscribed = ranks_per_node > cores
+    notes.append(f"{ranks_per_node} ranks per node on {cores} usable cores: {threads} thread(s) "
+                 f"per rank" + (", oversubscribed" if oversubscribed else ""))
+    if bind == "core" and ranks_per_node * threads > cores:
+        raise ConfigError(f"--bind core needs {ranks_per_node} x {threads} cores per node but "
+                          f"{cores} are usable; use --bind none or fewer ranks / threads")
+
+    env_vars = {"OMP_NUM_THREADS": str(threads), "HYBRIDPS_TF_THREADS": str(threads),
+                "PYTHONUNBUFFERED": "1"}
+    openmpi = env.mpi_flavor == "openmpi"
+    if oversubscribed:
+        if openmpi:
+            env_vars["OMPI_MCA_mpi_yield_when_idle"] = "1"
+        else:
+            notes.append(f"{env.mpi_flavor} has no yield-when-idle setting: expect slow collectives "
+                         f"with more ranks than cores")
+    timeout = watchdog_timeout or DEFAULT_WATCHDOG_TIMEOUT_S
+    # Floors of 15 / 30 s: ranks reach Horovod's first broadcast seconds apart at start-up.
+    env_vars["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(int(max(15, min(60, timeout / 2))))
+    env_vars["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(int(max(30, timeout)))
+    kept = sorted(name for name in env_vars if name in environ)
+    for name in kept:
+        del env_vars[name]
+    if kept:
+        notes.append(f"kept from your environment: {', '.join(kept)}")
+
+    if launcher == "srun":
+        argv = _srun_argv(env, num_ranks, host_slots, bind, threads, notes)
+    elif launcher == "horovodrun":
+        argv = _horovodrun_argv(env, num_ranks, host_slots, bind, threads, oversubscribed)
+    elif openmpi:
+        argv = _openmpi_argv(env, num_ranks, host_slots, bind, threads, oversubscribed,
+                             list(env_vars) + list(kept), environ)
+    else:
+        argv = _hydra_argv(env, num_ranks, host_slots, bind, env_vars)
+    argv += list(extra_args) + list(program)
+    return LaunchPlan(launcher=launcher, argv=argv, env=env_vars, notes=notes, ranks=num_ranks,
+                      ranks_per_node=ranks_per_node, threads_per_rank=threads)
+
+
+def _choose_launcher(launcher, env, notes):
+    if launcher == "auto":
+        wanted = _SRUN_PLUGIN[env.mpi_flavor]
+        plugin_ok = not env.srun_mpi_plugins or wanted in env.srun_mpi_plugins
+        if env.in_slurm and env.srun and plugin_ok:
+            notes.append(f"launcher srun: inside a Slurm allocation (srun --mpi={wanted})")
+            return "srun"
+        launcher = "mpirun"
+        notes.append("launcher mpirun" + (": srun or its MPI plugin missing" if env.in_slurm else
+                                          ": not inside a Slurm allocation"))
+    if launcher == "srun":
+        if not env.in_slurm:
+            raise ConfigError("--launcher srun needs a Slurm allocation (run it inside sbatch or "
+                              "salloc), or use --launcher mpirun")
+        if not env.srun:
+            raise ConfigError("--launcher srun: srun is not on PATH; use --launcher mpirun")
+    if launcher == "mpirun" and not env.mpirun:
+        raise ConfigError("mpirun (or mpiexec) is not on PATH: load or install an MPI "
+                          "(`module load openmpi`, or `make setup`)")
+    if launcher == "horovodrun":
+        if not env.horovodrun:
+            raise ConfigError("horovodrun not found next to this python or on PATH: install "
+                              "horovod (`make setup`), or use --launcher mpirun")
+        if not env.mpirun:
+            raise ConfigError("horovodrun needs mpirun on PATH (this Horovod is built with MPI, "
+                              "without Gloo)")
+    return launcher
+
+
+def _binding_words(bind, threads, dash="--"):
+    if bind == "core":
+        return [f"{dash}bind-to", "core", f"{dash}map-by", f"slot:PE={threads}"]
+    return [f"{dash}bind-to", "none", f"{dash}map-by", "slot"]
+
+
+def _openmpi_argv(env, num_ranks, host_slots, bind, threads, oversubscribed, exported, environ):
+    argv = [env.mpirun, "-np", str(num_ranks)]
+    if host_slots:
+        argv += ["--host", ",".join(f"{h}:{s}" for h, s in host_slots)]
+    if oversubscribed:
+        argv.append("--oversubscribe")
+    argv += _binding_words(bind, threads)
+    if env.is_root:
+        argv.append("--allow-run-as-root")
+    names = list(exported)
+    if host_slots:   # remote ranks start with a fresh environment: carry the software stack
+        names += [n for n in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV") if n in environ]
+    for name in names:
+        argv += ["-x", name]
+    return argv
+
+
+def _hydra_argv(env, num_ranks, host_slots, bind, env_vars):
+    argv = [env.mpirun, "-n", str(num_ranks)]
+    if host_slots:
+        argv += ["-hosts", ",".join(f"{h}:{s}" for h, s in host_slots)]
+    argv += ["-bind-to", "core" if bind == "core" else "none"]
+    for name, value in sorted(env_vars.items()):
+        argv += ["-genv", name, value]
+    return argv
+
+
+def _horovodrun_argv(env, num_ranks, host_slots, bind, threads, oversubscribed):
+    hosts = ",".join(f"{h}:{s}" for h, s in host_slots) if host_slots else f"localhost:{num_ranks}"
+    argv = [env.horovodrun, "-np", str(num_ranks), "-H", hosts, "--mpi"]
+    if bind == "core":
+        argv += ["--binding-args", " ".join(_binding_words(bind, threads, dash="-"))]
+    if oversubscribed and env.mpi_flavor == "openmpi" and host_slots:
+        argv += ["--mpi-args", "--oversubscribe"]
+    return argv
+
+
+def _srun_argv(env, num_ranks, host_slots, bind, threads, notes):
+    plugin = _SRUN_PLUGIN[env.mpi_flavor]
+    argv = [env.srun, f"--mpi={plugin}", "-n", str(num_ranks), "--kill-on-bad-exit=1",
+            "--cpu-bind=" + ("cores" if bind == "core" else "none")]
+    if host_slots:
+        argv += ["--nodelist", ",".join(h for h, _ in host_slots)]
+    if env.slurm_ntasks and num_ranks > env.slurm_ntasks:
+        argv.append("--overcommit")
+        notes.append(f"{num_ranks} ranks in an allocation of {env.slurm_ntasks} tasks: --overcommit")
+    return argv
+
+
+def hybridps_program(args, python=None):
+    """argv of one rank: a hybridps subcommand through this python, or a program as given."""
+    if args and args[0] in HYBRIDPS_COMMANDS:
+        return [python or sys.executable, "-m", "hybridps.cli"] + list(args)
+    return list(args)
+
+
+# ------------------------------------------------------------------ impure edges
+def detect_environment(environ=None):
+    """Probe this node: cores, root, which MPI is on PATH, launchers, the Slurm allocation."""
+    environ = os.environ if environ is None else environ
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    mpirun = shutil.which("mpirun", path=environ.get("PATH")) or shutil.which("mpiexec", path=environ.get("PATH"))
+    sibling = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    horovodrun = sibling if os.access(sibling, os.X_OK) else shutil.which("horovodrun", path=environ.get("PATH"))
+    srun = shutil.which("srun", path=environ.get("PATH"))
+    in_slurm = bool(environ.get("SLURM_JOB_ID"))
+    return Environment(
+        cores=cores, is_root=os.geteuid() == 0, mpi_flavor=mpi_flavor(mpirun),
+        in_slurm=in_slurm,
+        slurm_ntasks=_int_or_none(environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS")) if in_slurm else None,
+        slurm_nodes=tuple(expand_nodelist(environ.get("SLURM_JOB_NODELIST", ""))) if in_slurm else (),
+        slurm_tasks_per_node=slurm_tasks_on_node(environ) if in_slurm else None,
+        srun_mpi_plugins=_srun_plugins(srun) if in_slurm and srun else (),
+        mpirun=mpirun, horovodrun=horovodrun, srun=srun, python=sys.executable)
+
+
+def mpi_flavor(mpirun):
+    """"openmpi", "mpich", "intel" or "unknown", from ``mpirun --version``."""
+    if not mpirun:
+        return "unknown"
+    text = _probe([mpirun, "--version"])
+    if "Open MPI" in text or "OpenRTE" in text:
+        return "openmpi"
+    if "Intel(R) MPI" in text:
+        return "intel"
+    if "HYDRA" in text or "MPICH" in text.upper():
+        return "mpich"
+    return "unknown"
+
+
+def _srun_plugins(srun):
+    text = _probe([srun, "--mpi=list"])
+    return tuple(sorted(set(re.findall(r"^\s*(?:srun:\s*)?(none|pmi2|pmix[\w.]*|cray_shasta)\s*$",
+                                       text, re.MULTILINE))))
+
+
+def _probe(argv):
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout + proc.stderr
+
+
+_FORWARDED_SIGNALS = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+def run_plan(plan, stream=None, dry_run=False):
+    """Print the plan (notes, then the command line) and run it; returns its exit code.
+
+    SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 sent to this process are passed on to the launcher
+    (mpirun forwards SIGUSR1/2 to every rank: ``kill -USR1`` prints each rank's Python stack).
+    Ctrl-C reaches the launcher through the terminal's process group. A launcher killed by a
+    signal gives 128 + the signal number.
+    """
+    stream = stream or sys.stdout
+    for note in plan.notes:
+        stream.write(f"hybridps launch: {note}\n")
+    stream.write(f"hybridps launch: {plan.command_line()}\n")
+    stream.flush()
+    if dry_run:
+        return 0
+    try:
+        child = subprocess.Popen(plan.argv, env=dict(os.environ, **plan.env))
+    except OSError as exc:
+        raise ConfigError(f"could not start {plan.argv[0]}: {exc}") from None
+    previous = {}
+
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    for name in _FORWARDED_SIGNALS:
+        signum = getattr(signal, name)
+        previous[signum] = signal.signal(signum, forward)
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code
+
+
+def add_arguments(parser):
+    """The flags of ``hybridps launch``."""
+    parser.add_argument("-np", "-n", "--np", dest="num_ranks", type=int,
+                        help="number of ranks (default inside Slurm: all tasks of the allocation)")
+    parser.add_argument("--hosts", "-H", help="host list, e.g. node1:4,node2:4 (default: this node "
+                                              "or the Slurm allocation)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="auto",
+                        help="auto: srun inside a Slurm allocation, else mpirun")
+    parser.add_argument("--bind", choices=BINDINGS, default="none",
+                        help="none (default) or core: a block of threads-per-rank cores per rank")
+    parser.add_argument("--threads-per-rank", type=int, default=0,
+                        help="OMP_NUM_THREADS and TF threads per rank (default cores / ranks per node)")
+    parser.add_argument("--watchdog-timeout", type=float,
+                        help="seconds before Horovod's stall check shuts a stuck allreduce down "
+                             "(default: train's --watchdog-timeout, else HYBRIDPS_WATCHDOG_TIMEOUT, "
+                             "else 300)")
+    parser.add_argument("--launcher-arg", dest="launcher_args", action="append", default=[],
+                        metavar="ARG", help="extra argument for the launcher (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    parser.add_argument("command_args", nargs="...",
+                        help="-- then a hybridps command (train ARGS, doctor, bench ...) or a program")
+
+
+def main(args):
+    """``hybridps launch``: detect, build, print and run; returns the job's exit code."""
+    program_args = list(args.command_args)
+    if program_args and program_args[0] == "--":
+        program_args = program_args[1:]
+    from hybridps.config import env_watchdog_timeout
+    environment = detect_environment()
+    timeout = args.watchdog_timeout or train_watchdog_timeout(program_args) or env_watchdog_timeout()
+    plan = build_plan(hybridps_program(program_args), environment, num_ranks=args.num_ranks,
+                      launcher=args.launcher, hosts=args.hosts, bind=args.bind,
+                      threads_per_rank=args.threads_per_rank, extra_args=args.launcher_args,
+                      environ=os.environ, watchdog_timeout=timeout)
+    return run_plan(plan, dry_run=args.dry_run)
+
+
+def train_watchdog_timeout(program_args):
+    """The value of ``--watchdog-timeout`` in the launched train flags, or None."""
+    for i, arg in enumerate(program_args):
+        value = None
+        if arg == "--watchdog-timeout" and i + 1 < len(program_args):
+            value = program_args[i + 1]
+        elif arg.startswith("--watchdog-timeout="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            try:
+                return float(value)
+            except ValueError:
+                return None          # train itself reports the bad value
+    return None

@@ -1,0 +1,25 @@
+#!/bin/bash
+# Start hybridps with mpirun and the settings of `hybridps launch` (threads per rank,
+# oversubscription, root, binding, Horovod stall check): a thin wrapper, all flags pass through.
+#
+#     launch/mpirun.sh -np 4 -- train --steps 1000 --batch-size 4096
+#     launch/mpirun.sh -np 8 --hosts node1:4,node2:4 -- train --config my.yaml
+#     launch/mpirun.sh -np 2 --dry-run -- train        # print the command only
+#     launch/mpirun.sh -np 2 -- doctor                 # preflight check on 2 ranks
+#
+# Flags before `--` are those of `hybridps launch --help`; after it comes a hybridps command
+# (train, doctor, bench ...) or any program. The hybridps used is $HYBRIDPS_BIN, else the one
+# on PATH, else the repository's .venv next to this script. Exit code: the job's.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ -n "${HYBRIDPS_BIN:-}" ]]; then
+    bin="$HYBRIDPS_BIN"
+elif command -v hybridps >/dev/null 2>&1; then
+    bin="$(command -v hybridps)"
+elif [[ -x "$here/../.venv/bin/hybridps" ]]; then
+    bin="$here/../.venv/bin/hybridps"
+else
+    echo "mpirun.sh: no hybridps found: run make setup in the repository, or set HYBRIDPS_BIN" >&2
+    exit 2
+fi
+exec "$bin" launch --launcher mpirun "$@"
