@@ -194,6 +194,10 @@ def _submit(cluster, tmp_path, launcher, steps):
     for name in list(env):          # a job must not inherit launcher variables of this process
         if name.startswith(("OMPI_COMM_WORLD", "PMIX_", "SLURM_JOB", "SLURM_STEP")):
             del env[name]
+    # nor the oversubscription settings (`make test` exports them): the launcher inside the job
+    # must choose them itself from ranks versus cores, and the test checks that it did
+    for name in ("OMPI_MCA_mpi_yield_when_idle", "OMP_NUM_THREADS", "HYBRIDPS_TF_THREADS"):
+        env.pop(name, None)
     command = ["sbatch", "--wait", "--ntasks=4", "--nodes=1", "--time=00:10:00", TRAIN_SBATCH,
                "--steps", str(steps), "--batch-size", "64", "--hidden", "16", "--dim", "8",
                "--vocab-size", "2000", "--log-every", "5", "--warmup-steps", "2"]
