@@ -49,3 +49,29 @@ def run_mpi(num_ranks, args, timeout=240, check=True, env=None):
         pytest.fail(f"MPI job failed with exit code {proc.returncode}: {' '.join(command)}\n"
                     f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def load_summary(directory, name):
+    """The metrics summary a scenario wrote to DIRECTORY/NAME.json."""
+    import json
+    with open(os.path.join(directory, f"{name}.json")) as fh:
+        return json.load(fh)
+
+
+def load_dumped_state(run_dir):
+    """A Trainer's --dump-state output: (dense weights, {(table, key): (row, optimizer slots)}).
+
+    Merges every rank's shard of every table; a key held by two shards fails the test.
+    """
+    import glob
+    import numpy as np
+    with np.load(os.path.join(run_dir, "dense.npz")) as dense:
+        weights = [dense[f"arr_{i}"] for i in range(len(dense.files))]
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "table*.rank*.npz"))):
+        table = os.path.basename(path).split(".")[0]
+        with np.load(path) as shard:
+            for key, value, slots in zip(shard["keys"].tolist(), shard["values"], shard["slots"]):
+                assert (table, key) not in rows, f"key {key} of {table} held by two shards"
+                rows[(table, key)] = (value, slots)
+    return weights, rows

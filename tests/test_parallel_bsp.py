@@ -6,7 +6,6 @@ below read their outputs. The reference is an independent single-process TensorF
 an ordinary tf.Variable embedding table holding the same initial rows, tf.gather, Keras SGD /
 Adagrad on every variable, the whole global batch at once.
 """
-import glob
 import json
 import os
 import time
@@ -14,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.mpi_util import REPO, run_mpi
+from tests.mpi_util import REPO, load_dumped_state, run_mpi
 
 WORLD_SIZES = (1, 2, 4)
 OPTIMIZERS = ("sgd", "adagrad")
@@ -32,16 +31,11 @@ def bsp_runs(tmp_path_factory):
 
 
 def _load_state(run_dir):
-    """(dense weights list, {key: row}) merged over every rank's and table's shard."""
-    with np.load(os.path.join(run_dir, "dense.npz")) as dense:
-        weights = [dense[f"arr_{i}"] for i in range(len(dense.files))]
-    rows = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "table*.rank*.npz"))):
-        with np.load(path) as shard:
-            for key, value in zip(shard["keys"], shard["values"]):
-                assert key not in rows, f"key {key} held by two shards"
-                rows[int(key)] = value
-    return weights, rows
+    """(dense weights, {key: row}); keys are field-disjoint, so they are unique across tables."""
+    weights, rows = load_dumped_state(run_dir)
+    by_key = {key: value for (_, key), (value, _) in rows.items()}
+    assert len(by_key) == len(rows)
+    return weights, by_key
 
 
 def _metrics(run_dir):

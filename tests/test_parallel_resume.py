@@ -6,13 +6,12 @@ Criteo reader's position is saved and restored). Under SSP the pipeline is fence
 mid-run checkpoints and a resumed run continues from the last one.
 """
 import glob
-import json
 import os
 
 import numpy as np
 import pytest
 
-from tests.mpi_util import REPO, run_mpi
+from tests.mpi_util import REPO, load_dumped_state as _state, load_summary as _summary, run_mpi
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +19,6 @@ def out(tmp_path_factory):
     directory = tmp_path_factory.mktemp("resume")
     run_mpi(2, [os.path.join(REPO, "tests", "parallel", "resume_scenarios.py"), directory], timeout=400)
     return str(directory)
-
-
-def _summary(out, name):
-    with open(os.path.join(out, f"{name}.json")) as fh:
-        return json.load(fh)
-
-
-def _state(run_dir):
-    with np.load(os.path.join(run_dir, "dense.npz")) as dense:
-        weights = [dense[f"arr_{i}"] for i in range(len(dense.files))]
-    rows = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "table*.rank*.npz"))):
-        table = os.path.basename(path).split(".")[0]
-        with np.load(path) as shard:
-            for key, value, slots in zip(shard["keys"].tolist(), shard["values"], shard["slots"]):
-                rows[(table, key)] = (value, slots)
-    return weights, rows
 
 
 def test_bsp_resume_is_exact(out):
