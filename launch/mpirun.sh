@@ -10,16 +10,4 @@
 # Flags before `--` are those of `hybridps launch --help`; after it comes a hybridps command
 # (train, doctor, bench ...) or any program. The hybridps used is $HYBRIDPS_BIN, else the one
 # on PATH, else the repository's .venv next to this script. Exit code: the job's.
-set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [[ -n "${HYBRIDPS_BIN:-}" ]]; then
-    bin="$HYBRIDPS_BIN"
-elif command -v hybridps >/dev/null 2>&1; then
-    bin="$(command -v hybridps)"
-elif [[ -x "$here/../.venv/bin/hybridps" ]]; then
-    bin="$here/../.venv/bin/hybridps"
-else
-    echo "mpirun.sh: no hybridps found: run make setup in the repository, or set HYBRIDPS_BIN" >&2
-    exit 2
-fi
-exec "$bin" launch --launcher mpirun "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/_wrapper.sh" mpirun "$@"

@@ -25,17 +25,13 @@ from hybridps._hashtable import EmbeddingHashTable
 from hybridps.config import config_hash, make_config, table_groups
 from hybridps.errors import CheckpointError, HybridPSError
 from tests.mpi_util import REPO
+from tests.reference import mix64_array as splitmix64
 
 OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
 EXPORT_KINDS = ("keys", "values", "slots", "hits", "last_update_step", "update_count")
 
 
-def splitmix64(keys):
-    z = np.asarray(keys, dtype=np.int64).view(np.uint64).copy()
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+
 
 
 def make_table(optimizer, dim=6, table_id=0, min_count=2):

@@ -20,6 +20,7 @@ from hybridps.data import (SAMPLE_CRITEO_CSV, Batch, CriteoReader, SyntheticCTR,
                            feature_keys, integer_feature_keys, make_dataset, missing_key,
                            roc_auc)
 from hybridps.errors import ConfigError, DataError
+from tests.reference import mix64_int as ref_splitmix
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,10 +41,7 @@ def ref_missing(field):
     return int.from_bytes(d, "little", signed=True)
 
 
-def ref_splitmix(z):
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
-    return z ^ (z >> 31)
+
 
 
 def ref_int_key(field, i):

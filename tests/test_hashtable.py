@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from hybridps._hashtable import EmbeddingHashTable, initial_rows, mix64
 from hybridps.errors import ConfigError, NonFiniteGradientError, TableFullError, TableInputError
+from tests.reference import mix64_array as np_mix64, mix64_int as py_mix64
 
 # ---------------------------------------------------------------------------------------------
 # Independent reference implementations
@@ -39,23 +40,7 @@ FAST = settings(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def py_mix64(z):
-    """splitmix64 finalizer on one Python int (mod 2**64)."""
-    z &= MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
 
-
-def np_mix64(z):
-    """splitmix64 finalizer on a uint64 array (numpy uint64 array arithmetic wraps)."""
-    z = np.array(z, dtype=np.uint64, copy=True)
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return z
 
 
 def ref_initial_rows(keys, dim, kind="normal", seed=0, table_id=0, a=0.0, b=0.01):

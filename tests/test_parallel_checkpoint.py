@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.mpi_util import REPO, run_mpi
+from tests.reference import mix64_array as splitmix64
 
 SCRIPT = os.path.join(REPO, "tests", "parallel", "checkpoint_scenarios.py")
 NUM_BUCKETS = 256
@@ -22,13 +23,7 @@ COUNTERS = ("admitted_keys", "refused_inserts", "evicted_rows", "dropped_unadmit
             "dropped_missing_grads", "skipped_nonfinite_grads", "applied_row_updates")
 
 
-def splitmix64(keys):
-    """The splitmix64 finalizer in numpy (independent of hybridps' Cython mix64)."""
-    z = np.asarray(keys, dtype=np.int64).view(np.uint64).copy()
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+
 
 
 def owner(keys, world_size):

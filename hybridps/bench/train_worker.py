@@ -63,16 +63,21 @@ def _finish(comm, args, role, elapsed, losses, auc_acc, model):
             json.dump(result, fh)
 
 
-def run_tf_baseline(args):
-    comm, tf = _setup()
-    import horovod.tensorflow as hvd
+def _workload(args, comm):
+    """The benchmark's data (this rank's synthetic share) and its DeepFM, as hybridps train builds them."""
     from hybridps.data import SyntheticCTR
-    from hybridps.metrics import AUCAccumulator
     from hybridps.models import build_model
     data = SyntheticCTR(num_fields=args.num_fields, num_dense=args.num_dense,
                         vocab_size=args.vocab_size, seed=args.seed, rank=comm.rank,
                         world_size=comm.size)
-    model = build_model("deepfm", args.num_fields, args.num_dense, args.dim, seed=args.seed)
+    return data, build_model("deepfm", args.num_fields, args.num_dense, args.dim, seed=args.seed)
+
+
+def run_tf_baseline(args):
+    comm, tf = _setup()
+    import horovod.tensorflow as hvd
+    from hybridps.metrics import AUCAccumulator
+    data, model = _workload(args, comm)
     embedding = tf.keras.layers.Embedding(
         args.num_buckets, args.dim,
         embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.01, seed=args.seed))
@@ -111,17 +116,12 @@ def run_tf_baseline(args):
 
 def run_ceiling(args):
     comm, tf = _setup()
-    from hybridps.data import SyntheticCTR
     from hybridps.dense import DenseSync
     from hybridps.embedding.routing import unique_inverse
     from hybridps.embedding.table import initial_rows
     from hybridps.metrics import AUCAccumulator
-    from hybridps.models import build_model
     from hybridps.trainer import make_compute_step
-    data = SyntheticCTR(num_fields=args.num_fields, num_dense=args.num_dense,
-                        vocab_size=args.vocab_size, seed=args.seed, rank=comm.rank,
-                        world_size=comm.size)
-    model = build_model("deepfm", args.num_fields, args.num_dense, args.dim, seed=args.seed)
+    data, model = _workload(args, comm)
     dense = DenseSync(model.trainable_variables, "adagrad", args.learning_rate, world_size=1)
     step_fn = make_compute_step(tf, model, args.num_fields, args.num_dense, args.dim)
     prepared = []
