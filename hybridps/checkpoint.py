@@ -125,6 +125,21 @@ def buckets_of_rank(rank, world_size, num_buckets):
     return np.arange(rank, num_buckets, world_size, dtype=np.int64)
 
 
+# ``shard`` argument of restore_checkpoint / check_routing for a rank that holds no keys
+# (a PS worker): it reads no table buckets.
+NO_SHARD = "none"
+
+
+def _shard_of(shard, comm):
+    """(index, count) of a rank among the key owners; (None, count) for NO_SHARD."""
+    if shard is None:
+        return comm.rank, comm.size
+    if shard == NO_SHARD:
+        return None, 0
+    index, count = shard
+    return int(index), int(count)
+
+
 def row_record_dtype(row_width):
     """The packed record of one row in a ``.rows`` file."""
     return np.dtype([("key", "<i8"), ("hits", "<i8"), ("last_update_step", "<i8"),
@@ -1001,10 +1016,11 @@ def _config_differences(manifest, config):
 
 def restore_checkpoint(path, *, tables, comm=None, config=None, field_groups=None,
                        num_fields=None, num_dense=None, model=None, optimizer=None,
-                       restore_rng=False):
+                       restore_rng=False, shard=None):
     """Restore a checkpoint onto this job's world size (collective).
 
-    Every rank reads the buckets it owns (``b % world_size == rank``) from every saved shard,
+    Every rank reads the buckets it owns (``b % world_size == rank``; with ``shard=(index,
+    count)``, ``b % count == index``, as PS servers own them) from every saved shard,
     checks them, and only when all ranks verified their part are the rows imported into
     ``tables`` (which must be empty), so a damaged checkpoint never leaves half-restored
     tables. Table counters cannot be set through the table API: with the saved world size each
@@ -1020,8 +1036,11 @@ def restore_checkpoint(path, *, tables, comm=None, config=None, field_groups=Non
             checkpoint's model signature when given).
         model, optimizer: Keras model and dense optimizer to load (built if needed).
         restore_rng: also set numpy's global RNG state to the saved one.
+        shard: (index, count) among the key owners, default (rank, size); NO_SHARD for a rank
+            that holds no keys (a PS worker: it reads no table buckets, its tables stay empty).
     Returns:
-        RestoreReport.
+        RestoreReport (``data_state`` comes from the saved ranks that recorded one, the same
+        rank's when the number of data readers is unchanged).
     Raises:
         CheckpointError: damaged or partial checkpoint, on every rank alike (the message names
             the file and the problem). CheckpointMismatchError (a subclass): intact, but from
@@ -1046,7 +1065,9 @@ def restore_checkpoint(path, *, tables, comm=None, config=None, field_groups=Non
     bytes_read["manifest"] = manifest["_bytes"] if comm.rank == 0 else 0
     num_buckets = int(manifest["num_buckets"])
     saved_world = int(manifest["world_size"])
-    mine = buckets_of_rank(comm.rank, comm.size, num_buckets)
+    shard_index, num_shards = _shard_of(shard, comm)
+    mine = (buckets_of_rank(shard_index, num_shards, num_buckets) if shard_index is not None
+            else np.empty(0, dtype=np.int64))
 
     loaded, dense, state, error = [], None, None, None
     try:
@@ -1071,7 +1092,8 @@ def restore_checkpoint(path, *, tables, comm=None, config=None, field_groups=Non
         error = _error_of(exc)
     _agree(comm, error, f"restoring {ckpt_dir}")
 
-    counters = _counters_for_rank(manifest, comm.rank, comm.size)
+    counters = (_counters_for_rank(manifest, shard_index, num_shards) if shard_index is not None
+                else [{n: 0 for n in _COUNTER_NAMES} for _ in manifest["tables"]])
     for table, rows, table_counters in zip(tables, loaded, counters):
         table.import_rows(rows["keys"], rows["values"], rows["slots"], rows["hits"],
                           rows["last_update_step"], rows["update_count"])
@@ -1082,8 +1104,9 @@ def restore_checkpoint(path, *, tables, comm=None, config=None, field_groups=Non
         _assign_dense(model, optimizer, *dense)
     if restore_rng and state.get("rng_state"):
         _set_numpy_rng_state(state["rng_state"])
-    data_states = manifest["data_state"]
-    data_state = data_states[comm.rank % saved_world]       # the same rank if the size is unchanged
+    # PS checkpoints record no data position for servers; ranks 0..W-1 read the data in both modes
+    data_states = [d for d in manifest["data_state"] if d is not None]
+    data_state = data_states[comm.rank % len(data_states)] if data_states else None
     bytes_read["total"] = sum(bytes_read.values())
     return RestoreReport(path=ckpt_dir, step=int(manifest["step"]), saved_world_size=saved_world,
                          num_buckets=num_buckets,
@@ -1149,26 +1172,32 @@ def _assign_dense(model, optimizer, model_values, opt_values):
 
 
 # ---------------------------------------------------------------------------- trainer glue
-def save_trainer(trainer, step, data_state=None):
+def save_trainer(trainer, step, data_state=None, dense_optimizer=None):
     """Checkpoint a Trainer after ``step`` completed steps into config.checkpoint_dir.
 
-    Collective. Call after the step's push has been applied (SSP/ASP: after draining the
-    pipeline). ``data_state`` defaults to ``trainer.dataset.state()``, which is right when the
+    Collective over every rank (PS servers included). Call after the step's push has been
+    applied (SSP/ASP: after draining the pipeline; PS: when every worker is at the consistent
+    point). ``data_state`` defaults to ``trainer.dataset.state()``, which is right when the
     loader has handed out exactly ``step`` batches; a loader that prefetches must pass the
-    position of batch ``step`` instead.
+    position of batch ``step`` instead. ``dense_optimizer`` (rank 0) defaults to the collective
+    path's Keras optimizer; PS mode passes the one hybridps.ps.dense_state gathered from the
+    servers. In PS mode the servers write the table shards (workers' shards are empty) and only
+    workers record a data position.
 
     Raises:
-        CheckpointError: PS mode (server-side checkpoints are not implemented), or a failed write.
+        CheckpointError: a failed write.
     """
     c = trainer.config
-    if getattr(trainer, "roles", None) is not None:
-        raise CheckpointError("checkpoints of the parameter-server mode are not implemented: its "
-                              "rows live on the server ranks; use mode=collective")
+    if dense_optimizer is None and getattr(trainer, "roles", None) is None:
+        dense_optimizer = trainer.dense.optimizer
+    if getattr(trainer, "is_server", False):
+        data_state = None
+    elif data_state is None:
+        data_state = trainer.dataset.state()
     return save_checkpoint(
         c.checkpoint_dir, step, tables=trainer.sharded.tables, comm=trainer.comm, config=c,
         field_groups=trainer.sharded.field_groups, model=trainer.model,
-        optimizer=trainer.dense.optimizer,
-        data_state=data_state if data_state is not None else trainer.dataset.state(),
+        optimizer=dense_optimizer, data_state=data_state,
         num_fields=trainer.num_fields, num_dense=trainer.num_dense, keep=c.keep_checkpoints)
 
 
@@ -1187,6 +1216,17 @@ def resume_trainer(trainer, log=None):
     comm = trainer.comm
     log = log or (lambda message: sys.stderr.write(f"[hybridps] checkpoint: {message}\n"))
     root = trainer.config.checkpoint_dir
+    roles = getattr(trainer, "roles", None)
+    if roles is None:                     # collective: every rank owns buckets and the dense state
+        shard, model, optimizer = None, trainer.model, trainer.dense.optimizer
+    else:                                 # PS: servers own the buckets, worker 0 the dense state
+        from hybridps.dense import make_dense_optimizer
+        c = trainer.config
+        shard = ((roles.server_index(comm.rank), roles.num_servers) if trainer.is_server
+                 else NO_SHARD)
+        model = trainer.model if comm.rank == 0 else None
+        optimizer = (make_dense_optimizer(c.effective_dense_optimizer, c.effective_dense_learning_rate)
+                     if comm.rank == 0 else None)
     warnings, candidates = [], None
     if comm.rank == 0:
         candidates, warnings = resume_candidates(root)
@@ -1197,8 +1237,8 @@ def resume_trainer(trainer, log=None):
             report = restore_checkpoint(
                 path, tables=trainer.sharded.tables, comm=comm, config=trainer.config,
                 field_groups=trainer.sharded.field_groups, num_fields=trainer.num_fields,
-                num_dense=trainer.num_dense, model=trainer.model, optimizer=trainer.dense.optimizer,
-                restore_rng=True)
+                num_dense=trainer.num_dense, model=model, optimizer=optimizer,
+                restore_rng=True, shard=shard)
             break
         except CheckpointMismatchError:
             raise
@@ -1211,19 +1251,27 @@ def resume_trainer(trainer, log=None):
             for message in warnings:
                 log(message)
         return 0
-    check_routing(trainer.sharded.tables, report, comm)
-    if report.data_state is not None:
+    check_routing(trainer.sharded.tables, report, comm, shard=shard)
+    if report.data_state is not None and not getattr(trainer, "is_server", False):
         trainer.dataset.restore(report.data_state)
+    if roles is not None and comm.rank == 0:     # worker 0 hands this state to the servers
+        from hybridps.ps.dense_state import worker_optimizer_from_keras
+        trainer.backend.initial_optimizer = worker_optimizer_from_keras(trainer.config, model, optimizer)
     if comm.rank == 0:
         for message in warnings + report.warnings:
             log(message)
+        where = (f"{comm.size} ranks" if roles is None else
+                 f"{comm.size} ranks in PS mode, {roles.num_servers} of them servers")
         log(f"resumed from {report.path} (step {report.step}, saved on {report.saved_world_size} "
-            f"ranks, restored on {comm.size})")
+            f"ranks, restored on {where})")
     return report.step
 
 
-def check_routing(tables, report, comm, owner_fn=None):
+def check_routing(tables, report, comm, owner_fn=None, shard=None):
     """Raise CheckpointError if the exchange routes restored keys to another rank.
+
+    ``shard``: (index, count) this rank's place among the key owners (default (rank, size);
+    PS servers: (server index, number of servers)), or NO_SHARD for a rank that holds no keys.
 
     ``owner_fn(keys, world_size, num_buckets)``; default hybridps.embedding.routing.owner_ranks
     as ``owner_ranks(keys, world_size, num_buckets=...)``, or ``owner_ranks(keys, world_size)``
@@ -1238,18 +1286,20 @@ def check_routing(tables, report, comm, owner_fn=None):
             except TypeError:       # routing without buckets: mix64(key) % world_size
                 return routing.owner_ranks(keys, world_size)
     num_buckets = report.num_buckets
+    index, count = _shard_of(shard, comm)
     wrong = 0
     for table in tables:
         keys = table.export(values=False)["keys"]
         if len(keys):
-            wrong += int((np.asarray(owner_fn(keys, comm.size, num_buckets)) != comm.rank).sum())
+            wrong += (len(keys) if index is None
+                      else int((np.asarray(owner_fn(keys, count, num_buckets)) != index).sum()))
     total_wrong = comm.allgather_object(wrong)
     if sum(total_wrong):
         raise CheckpointError(
             f"{sum(total_wrong)} restored rows sit on a rank that the key routing does not send "
             f"them to: the routing must use owner(key) = {OWNER_FUNCTION} (num_buckets="
             f"{num_buckets}), which equals mix64(key) % world_size only when world_size divides "
-            f"num_buckets; restore on {comm.size} ranks needs the bucket-based routing")
+            f"num_buckets; restore on {count} key owners needs the bucket-based routing")
 
 
 # ---------------------------------------------------------------------------- inspect

@@ -154,6 +154,11 @@ class Comm:
         with _watch("allgather_object"):
             return self.exchange.allgather(obj)
 
+    def gather_object(self, obj, root=0):
+        """Objects of every rank, in rank order, on ``root`` (None elsewhere); pickled."""
+        with _watch("gather_object"):
+            return self.exchange.gather(obj, root=root)
+
     def bcast_object(self, obj, root=0):
         with _watch("bcast_object"):
             return self.exchange.bcast(obj, root=root)

@@ -140,7 +140,9 @@ class Trainer:
                 self.server = ParameterServer(self.comm, c, self.roles, self.sharded, dense_size)
                 self.backend = None
             else:
-                self.backend = PSWorkerBackend(self.comm, self.roles, self.sharded, variables)
+                self.backend = PSWorkerBackend(self.comm, self.roles, self.sharded, variables,
+                                               c.effective_dense_optimizer,
+                                               c.effective_dense_learning_rate)
         else:
             self.dense = DenseSync(self.model.trainable_variables, c.effective_dense_optimizer,
                                    c.effective_dense_learning_rate, self.world_size)
@@ -158,7 +160,8 @@ class Trainer:
         local_loss_sums = np.zeros(c.steps, dtype=np.float64)
         if self.is_server:   # serve until every worker is done, then join the metric reductions
             started = time.perf_counter()
-            self.server.run()
+            self.server.run(start_step=self.start_step, on_consistent_point=self._at_step_boundary)
+            self._at_end_of_training()
             return self._summarize(timer, auc, local_loss_sums, 0, 0, started, None, started)
         progress = Progress(c.steps, enabled=c.progress and self.rank == 0, log_every=c.log_every)
         keys_sent = keys_received = 0
@@ -200,11 +203,7 @@ class Trainer:
                                 (step + 1 - first) * global_batch / max(elapsed, 1e-9))
         self.backend.finish()     # every pushed gradient and dense update is applied after this
         finished = time.perf_counter()
-        if c.checkpoint_dir:
-            from hybridps import checkpoint
-            checkpoint.save_trainer(self, c.steps)
-        if self.delta_exporter is not None:
-            self.delta_exporter.maybe_export(c.steps)
+        self._at_end_of_training()
         return self._summarize(timer, auc, local_loss_sums, keys_sent, keys_received,
                                started, steady_start, finished)
 
@@ -217,14 +216,31 @@ class Trainer:
                 points.update(range(every, c.steps, every))
         return points
 
-    def _at_step_boundary(self, completed):
-        """Checkpoint and delta export after ``completed`` steps (the tables are consistent)."""
+    def _at_step_boundary(self, completed, end=False):
+        """Checkpoint and delta export after ``completed`` steps (the tables are consistent).
+
+        Collective over every rank, servers included (they call it from their serving loop).
+        In PS mode the dense state lives on the servers: it is first gathered into rank 0's
+        model and a Keras optimizer, which the checkpoint and the delta then save.
+        """
         c = self.config
-        if c.checkpoint_dir and c.checkpoint_every and completed % c.checkpoint_every == 0:
+        save = bool(c.checkpoint_dir) and (end or bool(c.checkpoint_every
+                                                       and completed % c.checkpoint_every == 0))
+        if not save and self.delta_exporter is None:
+            return
+        dense_optimizer = self.dense.optimizer if self.roles is None else None
+        if self.roles is not None:
+            from hybridps.ps.dense_state import gather_to_keras
+            dense_optimizer = gather_to_keras(self)
+        if save:
             from hybridps import checkpoint
-            checkpoint.save_trainer(self, completed)
+            checkpoint.save_trainer(self, completed, dense_optimizer=dense_optimizer)
         if self.delta_exporter is not None:
             self.delta_exporter.maybe_export(completed)
+
+    def _at_end_of_training(self):
+        """The final checkpoint and delta (every rank; after the backend's finish)."""
+        self._at_step_boundary(self.config.steps, end=True)
 
     # ------------------------------------------------------------------ reporting
     def _summarize(self, timer, auc, local_loss_sums, keys_sent, keys_received,

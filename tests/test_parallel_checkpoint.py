@@ -1,5 +1,6 @@
-"""Checkpoints under real MPI: save on 2 ranks, restore on 1, 3 and 4 (resharding), a damaged
-checkpoint refused by every rank alike, and a Trainer resumed from a checkpoint.
+"""Checkpoints under real MPI: save on 2 ranks, restore on 1, 3 and 4 (resharding) and on 4
+ranks as PS mode with 2 servers does, a damaged checkpoint refused by every rank alike, and a
+Trainer resumed from a checkpoint.
 
 The jobs run tests/parallel/checkpoint_scenarios.py. Expected rows are the tables' own exports
 dumped by the saving job before the save (not anything the checkpoint code computed); the
@@ -41,6 +42,12 @@ def saved(tmp_path_factory):
 def restored(saved):
     for world in (1, 3, 4):
         run_mpi(world, [SCRIPT, "restore", saved], timeout=120)
+    return saved
+
+
+@pytest.fixture(scope="module")
+def restored_ps(saved):
+    run_mpi(4, [SCRIPT, "restore-ps", saved], timeout=120)
     return saved
 
 
@@ -103,6 +110,34 @@ def test_each_rank_reads_only_its_buckets(restored, world):
         assert data_read[r] < data_total / world * 1.5, (r, data_read[r], data_total)
         assert rep["bytes_read"]["index"] <= index_total
         assert rep["bytes_read"]["total"] < data_total / world * 1.5 + index_total + 40_000
+
+
+def test_restore_in_ps_mode_gives_every_row_to_its_server(restored_ps):
+    """4 ranks = 2 workers (ranks 0, 1) + 2 servers (ranks 2, 3): servers own b % 2 == index."""
+    truth, truth_counters, _ = _load_rows(sorted(glob.glob(os.path.join(restored_ps, "truth", "rank*.npz"))))
+    target = os.path.join(restored_ps, "restored-ps")
+    got, _, per_rank = _load_rows([os.path.join(target, f"rank{r}.npz") for r in range(4)])
+    for t in range(NUM_TABLES):
+        for kind in truth[t]:
+            np.testing.assert_array_equal(got[t][kind], truth[t][kind], err_msg=f"table {t}: {kind}")
+        for worker in (0, 1):
+            keys, cand_keys = per_rank[worker][t]
+            assert len(keys) == 0 and len(cand_keys) == 0, f"worker rank {worker} holds rows"
+        for server in (0, 1):
+            keys, cand_keys = per_rank[2 + server][t]
+            assert len(keys) > 0 and np.all(owner(keys, 2) == server), f"server {server}: foreign rows"
+            assert np.all(owner(cand_keys, 2) == server), f"server {server}: foreign candidates"
+    reports = [json.load(open(os.path.join(target, f"report{r}.json"))) for r in range(4)]
+    summed = np.array([[sum(rep["counters"][t][n] for rep in reports) for n in COUNTERS]
+                       for t in range(NUM_TABLES)])
+    np.testing.assert_array_equal(summed, truth_counters)
+    ckpt_dir = glob.glob(os.path.join(restored_ps, "ckpt", "ckpt-*"))[0]
+    data_total = sum(os.path.getsize(p) for p in glob.glob(os.path.join(ckpt_dir, "*"))
+                     if p.endswith((".rows", ".cands")))
+    data_read = [rep["bytes_read"]["data"] for rep in reports]
+    assert data_read[0] == data_read[1] == 0, "workers read no rows"
+    assert data_read[2] + data_read[3] == data_total
+    assert max(data_read[2:]) < data_total / 2 * 1.5, data_read
 
 
 def test_damaged_bucket_is_refused_by_every_rank(saved):

@@ -10,13 +10,19 @@ slow worker never blocks the others unless the consistency mode requires it:
     gradient); a pull of step t + 1 waits for that.
 Waiting pulls are queued, never waited on. Replies go out with non-blocking sends, so a
 worker that has not yet posted its receive cannot stall the server.
+
+Checkpoints and delta exports: a worker that reaches one sends OP_CONSISTENT_POINT after its
+last push (MPI keeps one source's messages in order, so every push before it has arrived);
+when every worker has sent it, the server has applied every update of the earlier steps, and
+it joins the collective action (``on_consistent_point``) with the workers.
 """
 import numpy as np
 
 from hybridps.config import Sync
-from hybridps.ps.protocol import (HEADER_LEN, OP_DONE, OP_PULL, OP_PUSH, TAG_COUNTS, TAG_DENSE_GRADS,
-                                  TAG_HEADER, TAG_INIT_DENSE, TAG_KEYS, TAG_REPLY_DENSE,
-                                  TAG_REPLY_ROWS, TAG_ROW_GRADS, NumpyDenseOptimizer, dense_chunks)
+from hybridps.ps.protocol import (HEADER_LEN, OP_CONSISTENT_POINT, OP_DONE, OP_PULL, OP_PUSH,
+                                  TAG_COUNTS, TAG_DENSE_GRADS, TAG_HEADER, TAG_INIT_DENSE,
+                                  TAG_INIT_OPTIMIZER, TAG_KEYS, TAG_REPLY_DENSE, TAG_REPLY_ROWS,
+                                  TAG_ROW_GRADS, NumpyDenseOptimizer, dense_chunks)
 
 
 class ParameterServer:
@@ -38,6 +44,7 @@ class ParameterServer:
         self.shard = shard
         self.index = roles.server_index(comm.rank)
         start, stop = dense_chunks(dense_size, roles.num_servers)[self.index]
+        self.chunk = (int(start), int(stop))
         self.dense = np.empty(stop - start, dtype=np.float32)
         self.optimizer = NumpyDenseOptimizer(config.effective_dense_optimizer,
                                              config.effective_dense_learning_rate, stop - start)
@@ -48,12 +55,26 @@ class ParameterServer:
         self.bsp_buffer = {}         # step -> list of (keys, counts, row grads, dense grads)
         self.outstanding = []        # (request, buffers) of non-blocking replies
         self.done = 0
+        self.at_consistent_point = []   # workers waiting at a checkpoint / delta step
 
     # ------------------------------------------------------------------ main loop
-    def run(self):
-        """Serve until every worker has sent DONE and every push is applied."""
+    def run(self, start_step=0, on_consistent_point=None):
+        """Serve until every worker has sent DONE and every push is applied.
+
+        Args:
+            start_step: the first step the workers train (after a resume: every worker's
+                clock starts there, as if it had pushed the steps before).
+            on_consistent_point: ``f(step)`` run when every worker waits at ``step`` (a
+                checkpoint or delta export, collective with the workers).
+        """
         comm = self.comm.exchange
         comm.Recv(self.dense, source=0, tag=TAG_INIT_DENSE)
+        t = np.empty(1, dtype=np.int64)
+        slots = self.optimizer.slot_matrix()
+        comm.Recv(t, source=0, tag=TAG_INIT_OPTIMIZER)
+        comm.Recv(slots, source=0, tag=TAG_INIT_OPTIMIZER)
+        self.optimizer.load(int(t[0]), slots)
+        self.clock[:] = start_step - 1
         head = np.empty(HEADER_LEN, dtype=np.int64)
         status = self.mpi.Status()
         while self.done < self.roles.num_workers:
@@ -77,11 +98,31 @@ class ParameterServer:
                 self._on_push(worker, step, keys, counts, row_grads, dense_grads)
             elif op == OP_DONE:
                 self.done += 1
+            elif op == OP_CONSISTENT_POINT:
+                self._on_consistent_point(worker, step, on_consistent_point)
             self._serve_ready_pulls()
             self._reap_replies()
         for request, _ in self.outstanding:
             request.Wait()
         self._send_final_dense()
+
+    def _on_consistent_point(self, worker, step, action):
+        self.at_consistent_point.append(worker)
+        if len(self.at_consistent_point) < self.roles.num_workers:
+            return
+        # every worker pushed steps < step and waits: nothing may be half-applied now
+        assert not self.bsp_buffer and not self.pending_pulls and not self.last_pull, \
+            f"server {self.index}: steps in flight at the consistent point {step}"
+        for request, _ in self.outstanding:
+            request.Wait()
+        self.outstanding = []
+        self.at_consistent_point = []
+        if action is not None:
+            action(step)
+
+    def dense_state(self):
+        """(chunk start, chunk stop, dense values, optimizer t, optimizer slot matrix)."""
+        return (*self.chunk, self.dense.copy(), self.optimizer.t, self.optimizer.slot_matrix())
 
     # ------------------------------------------------------------------ pushes
     def _on_push(self, worker, step, keys, counts, row_grads, dense_grads):

@@ -5,20 +5,24 @@ server (a server with no keys of this batch still gets an empty request: it serv
 worker's dense chunk and keeps its clock) -> rows and dense chunks back -> the model's dense
 variables are set from the chunks. push: row gradients in the pull's key order plus each
 server's dense-gradient chunk; keys are not resent (the server kept them from the pull).
+
+start: worker 0 sends every server its chunk of the initial dense parameters and of the dense
+optimizer state (fresh, or restored from a checkpoint into ``initial_optimizer``).
 """
 import numpy as np
 
 from hybridps.embedding.routing import bucket_by_owner
 from hybridps.embedding.sharded import ExchangePlan, unique_by_table
-from hybridps.ps.protocol import (OP_DONE, OP_PULL, OP_PUSH, TAG_COUNTS, TAG_DENSE_GRADS, TAG_HEADER,
-                                  TAG_INIT_DENSE, TAG_KEYS, TAG_REPLY_DENSE, TAG_REPLY_ROWS,
-                                  TAG_ROW_GRADS, dense_chunks, header)
+from hybridps.ps.protocol import (OP_CONSISTENT_POINT, OP_DONE, OP_PULL, OP_PUSH, TAG_COUNTS,
+                                  TAG_DENSE_GRADS, TAG_HEADER, TAG_INIT_DENSE, TAG_INIT_OPTIMIZER,
+                                  TAG_KEYS, TAG_REPLY_DENSE, TAG_REPLY_ROWS, TAG_ROW_GRADS,
+                                  NumpyDenseOptimizer, dense_chunks, header)
 
 
 class PSWorkerBackend:
     """Parameter access through the servers (one synchronous request round per step)."""
 
-    def __init__(self, comm, roles, sharded, variables):
+    def __init__(self, comm, roles, sharded, variables, dense_optimizer, dense_learning_rate):
         self.comm = comm
         self.mpi = comm.MPI
         self.roles = roles
@@ -29,15 +33,32 @@ class PSWorkerBackend:
         self.chunks = dense_chunks(sum(self.sizes), roles.num_servers)
         self.worker = comm.rank
         self.pending_sends = []
+        # the dense optimizer state worker 0 hands to the servers at start (a resume replaces it)
+        self.initial_optimizer = NumpyDenseOptimizer(dense_optimizer, dense_learning_rate,
+                                                     sum(self.sizes))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, batches, start_step=0, fence_steps=()):
         self.batches = batches
         if self.worker == 0:   # rank 0 initialises the dense parameters and sends them out
             flat = self._flat_dense()
-            requests = [self.comm.exchange.Isend(flat[a:b], dest=server, tag=TAG_INIT_DENSE)
-                        for server, (a, b) in zip(self.roles.server_ranks, self.chunks)]
+            t = np.array([self.initial_optimizer.t], dtype=np.int64)
+            requests, buffers = [], []
+            for server, (a, b) in zip(self.roles.server_ranks, self.chunks):
+                slots = self.initial_optimizer.slot_matrix(a, b)
+                buffers.append(slots)
+                requests += [self.comm.exchange.Isend(flat[a:b], dest=server, tag=TAG_INIT_DENSE),
+                             self.comm.exchange.Isend(t, dest=server, tag=TAG_INIT_OPTIMIZER),
+                             self.comm.exchange.Isend(slots, dest=server, tag=TAG_INIT_OPTIMIZER)]
             self.mpi.Request.Waitall(requests)
+
+    def at_consistent_point(self, step, action):
+        """Tell every server this worker pushed all steps < ``step``, then join ``action``."""
+        self._wait_sends()
+        for server in self.roles.server_ranks:
+            self.comm.exchange.Send(header(OP_CONSISTENT_POINT, step, self.worker, 0), dest=server,
+                                    tag=TAG_HEADER)
+        action()
 
     def finish(self):
         """Tell every server this worker is done, then take the final dense parameters."""

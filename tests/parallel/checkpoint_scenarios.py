@@ -6,6 +6,9 @@ tests/test_checkpoint.py start them).
                     a checkpoint to OUT/ckpt, dump every rank's table export to OUT/truth.
   restore OUT       (mpirun -np 1, 3, 4) restore OUT/ckpt into fresh tables, dump every rank's
                     export and its RestoreReport to OUT/restored-np<W>.
+  restore-ps OUT    (mpirun -np 4) restore OUT/ckpt as PS mode with 2 servers does: ranks 2 and
+                    3 (servers 0 and 1) own the buckets b % 2 == server index; ranks 0 and 1
+                    (workers) hold no keys. Dumps to OUT/restored-ps.
   damaged OUT       (mpirun -np 2) restore a copy of OUT/ckpt with one byte flipped in a
                     bucket that only rank 1 reads: every rank must raise the same CheckpointError.
   trainer OUT       (mpirun -np 2) Trainer runs: 6 steps straight; 3 steps + save_trainer;
@@ -71,15 +74,21 @@ def scenario_save(comm, out):
             json.dump({"path": info.path, "total_bytes": info.total_bytes}, fh)
 
 
-def scenario_restore(comm, out):
+def scenario_restore(comm, out, ps_servers=0):
     tables = make_tables()
-    report = ckpt.restore_checkpoint(os.path.join(out, "ckpt"), tables=tables, comm=comm)
+    if ps_servers:        # the last ps_servers ranks serve (hybridps.ps.PSRoles)
+        workers = comm.size - ps_servers
+        shard = (comm.rank - workers, ps_servers) if comm.rank >= workers else ckpt.NO_SHARD
+        owner, owners = comm.rank - workers, ps_servers
+    else:
+        shard, owner, owners = None, comm.rank, comm.size
+    report = ckpt.restore_checkpoint(os.path.join(out, "ckpt"), tables=tables, comm=comm, shard=shard)
     for t, table in enumerate(tables):
         keys = table.export(values=False)
         for kind in ("keys", "candidate_keys"):
-            owners = ckpt.owner_ranks(keys[kind], NUM_BUCKETS, comm.size)
-            assert np.all(owners == comm.rank), f"table {t}: rank {comm.rank} got {kind} it does not own"
-    target = os.path.join(out, f"restored-np{comm.size}")
+            owners_of_keys = ckpt.owner_ranks(keys[kind], NUM_BUCKETS, owners)
+            assert np.all(owners_of_keys == owner), f"table {t}: rank {comm.rank} got {kind} it does not own"
+    target = os.path.join(out, "restored-ps" if ps_servers else f"restored-np{comm.size}")
     os.makedirs(target, exist_ok=True)
     dump_tables(os.path.join(target, f"rank{comm.rank}.npz"), tables)
     with open(os.path.join(target, f"report{comm.rank}.json"), "w") as fh:
@@ -180,7 +189,8 @@ def main():
     from hybridps import comm as comm_module
     comm = comm_module.init(with_horovod=scenario == "trainer")
     {"save": scenario_save, "restore": scenario_restore, "damaged": scenario_damaged,
-     "trainer": scenario_trainer}[scenario](comm, out)
+     "trainer": scenario_trainer,
+     "restore-ps": lambda comm, out: scenario_restore(comm, out, ps_servers=2)}[scenario](comm, out)
     comm.barrier()
 
 
