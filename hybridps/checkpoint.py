@@ -630,6 +630,7 @@ def _build_manifest(step, world_size, config, tables, field_groups, num_buckets,
             "row_width": int(table.row_width), "num_buckets": num_buckets,
             "initializer": table.initializer, "seed": int(table.seed),
             "min_count": int(table.min_count),
+            "admission_eviction": _table_policy(config, t),
             "fields": ([int(f) for f in field_groups[t]] if field_groups is not None else None),
             "record_bytes": row_record_dtype(table.row_width).itemsize,
             "rows": sum(p["rows"] for p in per_rank),
@@ -663,6 +664,14 @@ def _build_manifest(step, world_size, config, tables, field_groups, num_buckets,
         "total_bytes": sum(f["bytes"] for f in files.values()),
         "extra": extra,
     }
+
+
+def _table_policy(config, table_id):
+    """The table's min_count, ttl_steps, max_rows and eviction (None without a config)."""
+    if config is None:
+        return None
+    from hybridps.config import table_policy
+    return table_policy(config, table_id)
 
 
 def signed_json_bytes(manifest):
@@ -1337,7 +1346,8 @@ def inspect_checkpoint(path, level="full"):
         model_hash=manifest["model_hash"], num_buckets=manifest["num_buckets"],
         model=manifest.get("model"),
         tables=[{"table": t, "dim": info["dim"], "optimizer": info["optimizer"], "rows": info["rows"],
-                 "candidates": info["candidates"], "bytes": table_bytes.get(t, 0)}
+                 "candidates": info["candidates"], "bytes": table_bytes.get(t, 0),
+                 "admission_eviction": info.get("admission_eviction")}
                 for t, info in enumerate(manifest["tables"])],
         dense_variables=len(manifest["dense"]["model_variables"]) if manifest.get("dense") else 0,
         total_bytes=manifest["total_bytes"], files=len(manifest["files"]), level=level)
@@ -1356,8 +1366,11 @@ def _format_summary(summary):
              f"{summary['files']} files, {summary['dense_variables']} dense variables, created "
              f"{summary['created']}"]
     for t in summary["tables"]:
+        policy = t.get("admission_eviction")
+        policy_text = (f", min_count {policy['min_count']}, ttl_steps {policy['ttl_steps']}, "
+                       f"max_rows {policy['max_rows']} ({policy['eviction']})") if policy else ""
         lines.append(f"  table {t['table']}: dim {t['dim']}, {t['optimizer']}, {t['rows']} rows, "
-                     f"{t['candidates']} candidates, {t['bytes']} bytes")
+                     f"{t['candidates']} candidates, {t['bytes']} bytes{policy_text}")
     checked = "every sha256" if summary.get("level") == "full" else "sizes and small files"
     lines.append(f"  verification ({checked}): " + ("OK" if summary["ok"] else "DAMAGED"))
     lines += [f"  - {p}" for p in summary["problems"]]

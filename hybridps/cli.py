@@ -52,6 +52,10 @@ def _add_train_arguments(parser):
     parser.add_argument("--ttl-steps", type=int, help="evict rows not updated for this many steps")
     parser.add_argument("--max-rows", type=int, help="per table and rank: evict down to this many rows")
     parser.add_argument("--eviction", choices=["lfu", "lru"], help="policy for --max-rows")
+    parser.add_argument("--table-settings",
+                        help="per-table min_count/ttl_steps/max_rows/eviction as JSON, e.g. "
+                             "'{\"0\": {\"max_rows\": 100000, \"eviction\": \"lru\"}}' "
+                             "(tables not named use the global flags)")
     parser.add_argument("--max-inflight", type=int, help="SSP/ASP: bounded prefetch / push depth")
     parser.add_argument("--watchdog-timeout", type=float,
                         help="seconds a collective may take before the job aborts with a dump (300)")

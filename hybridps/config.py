@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from hybridps.errors import ConfigError
 
@@ -90,6 +90,8 @@ class TrainConfig:
     ttl_steps: int = 0                    # evict rows not updated for this many steps (0 = never)
     max_rows: int = 0                     # per table and rank: evict down to this (0 = unlimited)
     eviction: str = "lfu"                 # lfu | lru, for max_rows
+    # per-table overrides of min_count, ttl_steps, max_rows, eviction: {table index: {field: value}}
+    table_settings: Optional[Dict[int, Dict[str, Any]]] = None
     # launch / failure handling (issue: launch)
     watchdog_timeout: float = 300.0       # seconds a collective may take before the job aborts
     # consistency pipeline (SSP / ASP)
@@ -111,7 +113,20 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["sync"] = self.sync.value
         out["mode"] = self.mode.value
+        if self.table_settings is not None:   # JSON object keys are strings
+            out["table_settings"] = {str(t): dict(v) for t, v in sorted(self.table_settings.items())}
         return out
+
+
+# The admission and eviction fields a table may set for itself (``table_settings``).
+TABLE_POLICY_FIELDS = ("min_count", "ttl_steps", "max_rows", "eviction")
+
+
+def table_policy(c, table_id):
+    """min_count, ttl_steps, max_rows and eviction of table ``table_id``: its own
+    ``table_settings`` entry where it has one, the global fields otherwise."""
+    own = (c.table_settings or {}).get(int(table_id), {})
+    return {name: own.get(name, getattr(c, name)) for name in TABLE_POLICY_FIELDS}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -139,6 +154,8 @@ def _coerce(name, value):
         except (TypeError, ValueError):
             raise ConfigError(f"config field 'table_groups': expected a list of lists of field "
                               f"indices, e.g. [[0, 1, 2], [3]], got {value!r}") from None
+    if name == "table_settings":
+        return _coerce_table_settings(value)
     if value is None:
         if default is None:
             return None
@@ -160,6 +177,43 @@ def _coerce(name, value):
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config field '{name}': expected {kind.__name__}, got {value!r}") from None
+
+
+def _coerce_table_settings(value):
+    """{table index: {field: value}} from a YAML mapping or a JSON string (the CLI flag)."""
+    example = '{"0": {"max_rows": 100000, "eviction": "lru"}, "3": {"min_count": 2}}'
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"config field 'table_settings': not valid JSON ({exc}); "
+                              f"expected e.g. {example}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"config field 'table_settings': expected a mapping of table index to "
+                          f"settings, e.g. {example}; got {value!r}")
+    settings = {}
+    for table, fields in value.items():
+        try:
+            index = int(table)
+        except (TypeError, ValueError):
+            index = -1
+        if index < 0:
+            raise ConfigError(f"config field 'table_settings': {table!r} is not a table index "
+                              f"(0, 1, ... in table order)")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"config field 'table_settings': table {index}: expected a mapping "
+                              f"of {', '.join(TABLE_POLICY_FIELDS)}, got {fields!r}")
+        unknown = sorted(set(fields) - set(TABLE_POLICY_FIELDS))
+        if unknown:
+            raise ConfigError(f"config field 'table_settings': table {index}: unknown setting(s) "
+                              f"{unknown}; a table may set {', '.join(TABLE_POLICY_FIELDS)}")
+        try:
+            settings[index] = {name: _coerce(name, v) for name, v in fields.items()}
+        except ConfigError as exc:
+            raise ConfigError(f"config field 'table_settings': table {index}: {exc}") from None
+    return settings
 
 
 def _enum(cls, name, value):
@@ -250,6 +304,13 @@ def validate(c):
     _check(c.ttl_steps >= 0, "ttl_steps", c.ttl_steps, "an integer >= 0 (0 = never)")
     _check(c.max_rows >= 0, "max_rows", c.max_rows, "an integer >= 0 (0 = unlimited)")
     _check(c.eviction in ("lfu", "lru"), "eviction", c.eviction, "lfu, lru")
+    for table, own in sorted((c.table_settings or {}).items()):
+        policy = table_policy(c, table)
+        where = f"table_settings.{table}."
+        _check(policy["min_count"] >= 1, where + "min_count", policy["min_count"], "an integer >= 1")
+        _check(policy["ttl_steps"] >= 0, where + "ttl_steps", policy["ttl_steps"], "an integer >= 0 (0 = never)")
+        _check(policy["max_rows"] >= 0, where + "max_rows", policy["max_rows"], "an integer >= 0 (0 = unlimited)")
+        _check(policy["eviction"] in ("lfu", "lru"), where + "eviction", policy["eviction"], "lfu, lru")
     _check(c.watchdog_timeout > 0, "watchdog_timeout", c.watchdog_timeout, "seconds > 0")
     _check(c.max_inflight >= 1, "max_inflight", c.max_inflight, "an integer >= 1")
     _check(c.loader_delay_ms >= 0, "loader_delay_ms", c.loader_delay_ms, "milliseconds >= 0")
@@ -261,6 +322,19 @@ def validate(c):
         flat = sorted(f for group in c.table_groups for f in group)
         _check(flat == list(range(c.num_fields)), "table_groups", c.table_groups,
                f"groups that together list every field 0..{c.num_fields - 1} exactly once")
+    check_table_settings(c, len(table_groups(c)))
+
+
+def check_table_settings(c, num_tables):
+    """Raise ConfigError if ``table_settings`` names a table beyond the ``num_tables`` tables.
+
+    Checked with the config's field count here and again by the trainer once the data has
+    told the real one (a Criteo file has 26 fields whatever num_fields says)."""
+    beyond = sorted(t for t in (c.table_settings or {}) if t >= num_tables)
+    if beyond:
+        raise ConfigError(f"config field 'table_settings': table(s) {beyond} do not exist: this "
+                          f"layout has {num_tables} table(s), indices 0..{num_tables - 1} "
+                          f"(table_layout={c.table_layout}, table_groups={c.table_groups})")
 
 
 def table_groups(c):

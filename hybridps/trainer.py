@@ -285,6 +285,7 @@ class Trainer:
             "peak_rss_mb": float(self.comm.allreduce_max(np.array([_peak_rss_mb()]))[0]),
             "dense_parameters": int(sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)),
             "table_counters": self._table_counters(),
+            "table_policies": self.sharded.policies,
             "config_hash": config_module.config_hash(c),
         }
         data_stats = getattr(self.dataset, "stats", None)

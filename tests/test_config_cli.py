@@ -131,3 +131,66 @@ def test_admission_and_eviction_during_training_show_in_metrics(tmp_path):
     assert counters["evicted_rows"] > 0
     assert counters["dropped_unadmitted_grads"] > 0         # keys seen once read zeros, get no update
     assert counters["admitted_keys"] - counters["evicted_rows"] == metrics["table_rows"][0]
+
+
+# ---------------------------------------------------------------- per-table admission and eviction
+def test_table_settings_from_yaml_and_json_override_the_global_fields(tmp_path):
+    from hybridps.config import table_policy
+    path = tmp_path / "c.yaml"
+    path.write_text("table_layout: per_field\nnum_fields: 4\nmax_rows: 500\n"
+                    "table_settings:\n  1: {max_rows: 10, eviction: lru}\n  3: {min_count: 4}\n")
+    config = make_config(str(path))
+    assert table_policy(config, 0) == {"min_count": 1, "ttl_steps": 0, "max_rows": 500, "eviction": "lfu"}
+    assert table_policy(config, 1) == {"min_count": 1, "ttl_steps": 0, "max_rows": 10, "eviction": "lru"}
+    assert table_policy(config, 3)["min_count"] == 4 and table_policy(config, 3)["max_rows"] == 500
+    same = make_config(overrides={"table_layout": "per_field", "num_fields": 4, "max_rows": 500,
+                                  "table_settings": '{"1": {"max_rows": 10, "eviction": "lru"}, '
+                                                    '"3": {"min_count": "4"}}'})
+    assert same.table_settings == config.table_settings
+    assert config_hash(same) == config_hash(config)
+    # the dict form survives a JSON round trip (checkpoint manifests store the config as JSON)
+    again = make_config(overrides=json.loads(json.dumps(config.to_dict())))
+    assert again.table_settings == config.table_settings
+
+
+@pytest.mark.parametrize("settings, message", [
+    ('{"4": {"max_rows": 1}}', "table(s) [4] do not exist: this layout has 4 table(s)"),
+    ('{"0": {"maxrows": 1}}', "table 0: unknown setting(s) ['maxrows']"),
+    ('{"0": {"max_rows": -1}}', "'table_settings.0.max_rows': -1 is invalid"),
+    ('{"0": {"eviction": "fifo"}}', "'table_settings.0.eviction': 'fifo' is invalid"),
+    ('{"0": {"min_count": "x"}}', "table 0: config field 'min_count': expected int"),
+    ('{"zero": {}}', "'zero' is not a table index"),
+    ('{not json', "'table_settings': not valid JSON"),
+])
+def test_bad_table_settings_say_what_and_where(settings, message):
+    with pytest.raises(ConfigError) as info:
+        make_config(overrides={"table_layout": "per_field", "num_fields": 4, "table_settings": settings})
+    assert message in str(info.value)
+
+
+def test_per_table_admission_and_eviction_during_training(tmp_path):
+    """Table 0 has a row budget (lru), table 1 an admission threshold, tables 2-3 neither:
+    the counters of each table show its own policy only, and the checkpoint records them."""
+    out, ckpt_dir = tmp_path / "m.json", tmp_path / "ckpt"
+    settings = {"0": {"max_rows": 40, "eviction": "lru"}, "1": {"min_count": 3}}
+    proc = _cli(["train", "--steps", "10", "--batch-size", "128", "--hidden", "8", "--warmup-steps", "1",
+                 "--no-progress", "--table-layout", "per_field", "--num-fields", "4", "--num-dense", "2",
+                 "--vocab-size", "3000", "--table-settings", json.dumps(settings),
+                 "--checkpoint-dir", ckpt_dir, "--metrics-out", out])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    counters, rows = metrics["table_counters"], metrics["table_rows"]
+    assert rows[0] <= 40 < rows[2] and counters[0]["evicted_rows"] > 0
+    assert counters[1]["dropped_unadmitted_grads"] > 0 and counters[1]["evicted_rows"] == 0
+    for t in (2, 3):
+        assert counters[t]["evicted_rows"] == 0 and counters[t]["dropped_unadmitted_grads"] == 0
+    assert counters[0]["dropped_unadmitted_grads"] == 0
+    for t in range(4):
+        assert counters[t]["admitted_keys"] - counters[t]["evicted_rows"] == rows[t]
+    assert metrics["table_policies"][0]["max_rows"] == 40 and metrics["table_policies"][1]["min_count"] == 3
+    from hybridps import checkpoint
+    manifest = checkpoint.load_manifest(checkpoint.resolve_checkpoint(str(ckpt_dir)))
+    policies = [t["admission_eviction"] for t in manifest["tables"]]
+    assert policies[0] == {"min_count": 1, "ttl_steps": 0, "max_rows": 40, "eviction": "lru"}
+    assert policies[1]["min_count"] == manifest["tables"][1]["min_count"] == 3
+    assert manifest["tables"][1]["candidates"] > 0 and manifest["tables"][0]["candidates"] == 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hybridps.config import check_table_settings, table_policy
 from hybridps.embedding.routing import bucket_by_owner, unique_inverse
 from hybridps.embedding.table import make_table
 
@@ -66,7 +67,8 @@ class ShardedEmbedding:
         self.comm = comm
         self.dim = config.dim
         self.num_buckets = config.num_buckets
-        self.ttl_steps, self.max_rows, self.eviction = config.ttl_steps, config.max_rows, config.eviction
+        check_table_settings(config, len(field_groups))
+        self.policies = [table_policy(config, t) for t in range(len(field_groups))]
         self.field_groups = [np.asarray(g, dtype=np.int64) for g in field_groups]
         self.num_fields = sum(len(g) for g in field_groups)
         self.tables = [make_table(config, table_id=t) for t in range(len(field_groups))]
@@ -133,16 +135,17 @@ class ShardedEmbedding:
         self.evict(step)
 
     def evict(self, step):
-        """Apply the configured eviction after the updates of ``step`` (counted per table in
-        ``evicted_rows``): rows not updated for ``ttl_steps`` steps (checked every
+        """Apply each table's eviction policy after the updates of ``step`` (counted per table
+        in ``evicted_rows``): rows not updated for ``ttl_steps`` steps (checked every
         max(1, ttl_steps // 4) steps), then, above ``max_rows`` rows, the least frequently
         (lfu) or least recently updated (lru) rows down to ``max_rows``. Runs in the thread
         that owns the tables (main thread under BSP, exchange thread under SSP/ASP, server)."""
-        for table in self.tables:
-            if self.ttl_steps and step % max(1, self.ttl_steps // 4) == 0:
-                table.evict_stale(step, self.ttl_steps)
-            if self.max_rows and table.size > self.max_rows:
-                table.evict_to_budget(self.max_rows, self.eviction)
+        for table, policy in zip(self.tables, self.policies):
+            ttl, max_rows = policy["ttl_steps"], policy["max_rows"]
+            if ttl and step % max(1, ttl // 4) == 0:
+                table.evict_stale(step, ttl)
+            if max_rows and table.size > max_rows:
+                table.evict_to_budget(max_rows, policy["eviction"])
 
     def _record_staleness(self, step, versions):
         # New rows (version == step) and rows with no earlier update are fully current.
