@@ -88,10 +88,12 @@ cdef extern from *:
     #endif
         return p;
     }
-    static void* hps_grow(void* old, size_t old_bytes, size_t new_bytes) {
-        void* p = hps_alloc(new_bytes);
+    /* A larger zeroed block holding the first used_bytes of old (beyond them: zero pages that
+       nobody has written, so the kernel has not even mapped them yet). */
+    static void* hps_grow_zeroed(void* old, size_t used_bytes, size_t new_bytes) {
+        void* p = hps_calloc(new_bytes);
         if (p == NULL) return NULL;
-        if (old != NULL && old_bytes) memcpy(p, old, old_bytes < new_bytes ? old_bytes : new_bytes);
+        if (old != NULL && used_bytes) memcpy(p, old, used_bytes < new_bytes ? used_bytes : new_bytes);
         free(old);
         return p;
     }
@@ -99,7 +101,7 @@ cdef extern from *:
     """
     void HPS_PREFETCH(const void* p) noexcept nogil
     void* hps_alloc(size_t nbytes) noexcept nogil
-    void* hps_grow(void* old, size_t old_bytes, size_t new_bytes) noexcept nogil
+    void* hps_grow_zeroed(void* old, size_t used_bytes, size_t new_bytes) noexcept nogil
     void* hps_calloc(size_t nbytes) noexcept nogil
 
 ctypedef struct Slot:
@@ -250,6 +252,11 @@ cdef class EmbeddingHashTable:
     cdef int64_t* row_accumulator_index
     cdef int64_t n_rows
     cdef int64_t row_capacity
+    # Rows [rows_written, row_capacity) have never been written since their (calloc'd) memory
+    # was allocated: they are all zeros, so a new row there skips writing zeros (values of the
+    # zeros initializer, Adam's and FTRL's zero slots, update count 0, version 0). The pages are
+    # then first touched by the row's first update instead of by the insert.
+    cdef int64_t rows_written
     cdef readonly int dim
     cdef readonly int row_width
     cdef readonly int n_optimizer_slots
@@ -379,15 +386,15 @@ cdef class EmbeddingHashTable:
             cap = self.max_rows
         if cap > MAX_ROWS_INT32:
             cap = MAX_ROWS_INT32
-        cdef int64_t old = self.row_capacity
-        cdef float* rows = <float*>hps_grow(self.rows, old * self.row_width * sizeof(float),
-                                            cap * self.row_width * sizeof(float))
+        cdef int64_t used = self.rows_written    # rows beyond it are zeros in both blocks
+        cdef float* rows = <float*>hps_grow_zeroed(self.rows, used * self.row_width * sizeof(float),
+                                                   cap * self.row_width * sizeof(float))
         if rows != NULL: self.rows = rows
-        cdef int64_t* keys = <int64_t*>hps_grow(self.row_keys, old * 8, cap * 8)
+        cdef int64_t* keys = <int64_t*>hps_grow_zeroed(self.row_keys, used * 8, cap * 8)
         if keys != NULL: self.row_keys = keys
-        cdef int64_t* last = <int64_t*>hps_grow(self.row_last_update, old * 8, cap * 8)
+        cdef int64_t* last = <int64_t*>hps_grow_zeroed(self.row_last_update, used * 8, cap * 8)
         if last != NULL: self.row_last_update = last
-        cdef int64_t* count = <int64_t*>hps_grow(self.row_update_count, old * 8, cap * 8)
+        cdef int64_t* count = <int64_t*>hps_grow_zeroed(self.row_update_count, used * 8, cap * 8)
         if count != NULL: self.row_update_count = count
         # The accumulator index (1 + position in apply_gradients' accumulator, 0 = unset) is all
         # zeros between calls, so a grown one is fresh calloc memory, neither copied nor written.
@@ -444,18 +451,24 @@ cdef class EmbeddingHashTable:
     cdef void _init_row(self, int64_t r, int64_t key, int64_t step) noexcept nogil:
         cdef float* row = self.rows + r * self.row_width
         cdef int j
-        init_row(row, self.dim, self.initializer_kind, self.seed, self.table_id, key,
-                 self.init_a, self.init_b)
+        cdef bint zeroed = r >= self.rows_written     # never written: all zeros already
+        if zeroed:
+            self.rows_written = r + 1
+        if not (zeroed and self.initializer_kind == 0):
+            init_row(row, self.dim, self.initializer_kind, self.seed, self.table_id, key,
+                     self.init_a, self.init_b)
         if self.optimizer_kind == 1 or self.optimizer_kind == 3:   # adagrad, ftrl: accumulator
             for j in range(self.dim):
                 row[self.dim + j] = <float>self.initial_accumulator
-            if self.optimizer_kind == 3:
+            if self.optimizer_kind == 3 and not zeroed:
                 memset(row + 2 * self.dim, 0, self.dim * sizeof(float))
-        elif self.optimizer_kind == 2:                              # adam: m, v
+        elif self.optimizer_kind == 2 and not zeroed:               # adam: m, v
             memset(row + self.dim, 0, 2 * self.dim * sizeof(float))
         self.row_keys[r] = key
-        self.row_last_update[r] = step
-        self.row_update_count[r] = 0
+        if step != 0 or not zeroed:
+            self.row_last_update[r] = step
+        if not zeroed:
+            self.row_update_count[r] = 0
 
     # ------------------------------------------------------------------ batched operations
     def find(self, keys, out=None):

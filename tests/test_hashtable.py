@@ -1028,3 +1028,29 @@ def test_capacity_power_of_two_load_at_most_half_and_memory_grows():
     c.lookup_or_insert(np.arange(300, dtype=np.int64))
     assert c.size == 0 and c.num_candidates == 300
     assert_load_ok(c)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "ftrl"])
+def test_new_rows_in_reused_row_memory_are_fresh(optimizer):
+    """Rows freed by eviction (swap-remove leaves old values in the memory behind the last row)
+    and then reused by new keys, across growth, read exactly like rows of a fresh table: the
+    table skips writing zeros only into memory it has never written (zeros initializer)."""
+    dim, rng = 4, np.random.default_rng(3)
+    table = EmbeddingHashTable(dim=dim, optimizer=optimizer, initializer="zeros", learning_rate=0.1,
+                               capacity_hint=16)
+    first = np.arange(1, 41, dtype=np.int64)
+    table.lookup_or_insert(first, step=1)
+    table.apply_gradients(first, rng.standard_normal((40, dim)).astype(np.float32), step=2)
+    table.evict_to_budget(5, "lru")                     # rows 5..39 now hold stale values
+    later = np.arange(1000, 1100, dtype=np.int64)       # reuses them, then grows past them
+    table.lookup_or_insert(later, step=0)
+    fresh = EmbeddingHashTable(dim=dim, optimizer=optimizer, initializer="zeros", learning_rate=0.1)
+    fresh.lookup_or_insert(later, step=0)
+    got, want = table.export(), fresh.export()
+    mine = np.isin(got["keys"], later)
+    order, want_order = np.argsort(got["keys"][mine]), np.argsort(want["keys"])
+    for name in ("values", "slots", "last_update_step", "update_count"):
+        np.testing.assert_array_equal(got[name][mine][order], want[name][want_order], err_msg=name)
+    assert not np.any(got["values"][mine]) and got["update_count"][mine].sum() == 0
+    # the surviving first keys kept their trained rows
+    assert np.any(got["values"][~mine]) and np.all(got["update_count"][~mine] == 1)

@@ -16,6 +16,10 @@ same process, single-threaded:
       keys: beyond that its table still grows during the insert, as it does inside ``Index``);
     - dict:     ``dict(zip(keys_list, range(n)))``.
   Each timing includes creating the empty presized table (for all three) and excludes freeing it.
+  A hybridps insert writes the hash slot (key, row, hits) and the row's key; the zero row
+  itself (values, update count, version 0) is not written, because the table's row memory is
+  calloc'd and a row that was never written is already zero: its pages are first touched by
+  the row's first update. A table with the normal or uniform initializer writes every row.
 
 Keys are n unique random int64 drawn over the whole int64 range (``np.random.default_rng(seed)``),
 inserted in random order; the query is a random permutation of the keys. numpy arrays are
@@ -233,7 +237,10 @@ def render_markdown(result):
         f"builds on its first lookup, presized to n like `capacity_hint`; pandas caps the size hint "
         f"at 2^20 keys, so above 1,614,807 keys its table still grows during the insert, as it "
         f"does inside `Index`); dict "
-        f"`dict(zip(keys_list, range(n)))`. Creating the empty table is timed, freeing it is not.",
+        f"`dict(zip(keys_list, range(n)))`. Creating the empty table is timed, freeing it is not. "
+        f"hybridps writes the slot and the row's key; a zero row in never-written (calloc'd) "
+        f"row memory is not written again, so its pages are first touched by its first update "
+        f"(rows of the normal and uniform initializers are always written).",
         "- keys: unique random int64 over the whole int64 range; lists for the dict are made "
         "outside the timing.",
         "- best of runs: the runs go round-robin over the implementations (order rotated each "
