@@ -22,7 +22,7 @@ extensions = [
         f"hybridps._{os.path.splitext(os.path.basename(pyx))[0]}",
         [pyx],
         depends=PXD,
-        extra_compile_args=["-O3", "-fno-strict-aliasing"],
+        extra_compile_args=["-O3", "-fno-strict-aliasing", "-fno-math-errno"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     for pyx in sorted(glob.glob(os.path.join("cython", "*.pyx")))

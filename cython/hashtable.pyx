@@ -98,11 +98,27 @@ cdef extern from *:
         return p;
     }
     #define HPS_PREFETCH(p) __builtin_prefetch((const void*)(p), 1, 3)
+    /* The hot optimizer loops (SGD, Adagrad) in float32 over restrict pointers, so the compiler
+       vectorizes them (a row's weights, its accumulator and the summed gradient never
+       overlap). float32 is the arithmetic of the Keras optimizers these rows are compared with. */
+    static void hps_sgd_row(float* restrict w, const float* restrict g, int dim, float lr) {
+        for (int j = 0; j < dim; j++) w[j] -= lr * g[j];
+    }
+    static void hps_adagrad_row(float* restrict w, float* restrict acc, const float* restrict g,
+                                int dim, float lr, float eps) {
+        for (int j = 0; j < dim; j++) {
+            float a = acc[j] + g[j] * g[j];
+            acc[j] = a;
+            w[j] -= lr * g[j] / (sqrtf(a) + eps);
+        }
+    }
     """
     void HPS_PREFETCH(const void* p) noexcept nogil
     void* hps_alloc(size_t nbytes) noexcept nogil
     void* hps_grow_zeroed(void* old, size_t used_bytes, size_t new_bytes) noexcept nogil
     void* hps_calloc(size_t nbytes) noexcept nogil
+    void hps_sgd_row(float* w, const float* g, int dim, float lr) noexcept nogil
+    void hps_adagrad_row(float* w, float* acc, const float* g, int dim, float lr, float eps) noexcept nogil
 
 ctypedef struct Slot:
     int64_t key
@@ -699,6 +715,9 @@ cdef class EmbeddingHashTable:
                         acc[a, j] += g[i, j]
             # Pass 2: one optimizer update per distinct row.
             for a in range(n_touched):
+                if a + PREFETCH_DISTANCE < n_touched:     # the row (two cache lines) ahead
+                    HPS_PREFETCH(self.rows + rows_touched[a + PREFETCH_DISTANCE] * self.row_width)
+                    HPS_PREFETCH(self.rows + rows_touched[a + PREFETCH_DISTANCE] * self.row_width + 16)
                 r = rows_touched[a]
                 self.row_accumulator_index[r] = 0
                 skip_bad = False
@@ -725,13 +744,9 @@ cdef class EmbeddingHashTable:
         self.row_update_count[r] += 1
         self.row_last_update[r] = step
         if kind == 0:
-            for j in range(dim):
-                w[j] = <float>(w[j] - lr * g[j])
+            hps_sgd_row(w, g, dim, <float>lr)
         elif kind == 1:
-            for j in range(dim):
-                gj = g[j]
-                s0[j] = <float>(s0[j] + gj * gj)
-                w[j] = <float>(w[j] - lr * gj / (sqrt(s0[j]) + self.epsilon))
+            hps_adagrad_row(w, s0, g, dim, <float>lr, <float>self.epsilon)
         elif kind == 2:
             t = <double>self.row_update_count[r]
             bias1 = 1.0 - pow(self.beta1, t)

@@ -33,7 +33,9 @@ class ExchangePlan:
         send_counts: (W, T) keys of table t sent to rank r.
         recv_counts: (W, T) keys of table t received from rank r.
         recv_keys: keys this rank owns and serves this step, grouped by source rank.
-        recv_table_index: per table, positions in ``recv_keys`` of that table's keys.
+        recv_table_blocks: per table, the [start, stop) blocks of ``recv_keys`` holding that
+            table's keys (one per source rank; adjacent blocks merged, so a single table is one
+            block). Owners work on these slices in place: no gather or scatter copies.
         step: the step of the pull.
     """
     unique_keys: np.ndarray
@@ -42,7 +44,7 @@ class ExchangePlan:
     send_counts: np.ndarray
     recv_counts: np.ndarray
     recv_keys: np.ndarray
-    recv_table_index: list
+    recv_table_blocks: list
     step: int
 
     @property
@@ -98,19 +100,17 @@ class ShardedEmbedding:
                                         poll_interval=self.poll_interval)
         self._count_bytes(send_counts.sum() * 8, recv_counts.sum() * 8)
         return ExchangePlan(unique_keys, inverse, send_order, send_counts, recv_counts, recv_keys,
-                            _table_positions(recv_counts), step)
+                            _table_blocks(recv_counts), step)
 
     def pull(self, keys, step):
         """Rows of a (B, F) batch's unique keys: returns (plan, unique_rows (U, dim) float32)."""
         plan = self.plan(keys, step)
         served = np.empty((len(plan.recv_keys), self.dim), dtype=np.float32)
         versions = np.empty(len(plan.recv_keys), dtype=np.int64)
-        for table, positions in zip(self.tables, plan.recv_table_index):
-            if len(positions):
-                table_versions = np.empty(len(positions), dtype=np.int64)
-                served[positions] = table.lookup_or_insert(plan.recv_keys[positions], step=step,
-                                                           versions=table_versions)
-                versions[positions] = table_versions
+        for table, blocks in zip(self.tables, plan.recv_table_blocks):
+            for start, stop in blocks:
+                table.lookup_or_insert(plan.recv_keys[start:stop], out=served[start:stop], step=step,
+                                       versions=versions[start:stop])
         self._record_staleness(step, versions)
         rows_in_send_order = self.comm.alltoallv(served, plan.recv_counts.sum(1), plan.send_counts.sum(1),
                                                  poll_interval=self.poll_interval)
@@ -126,9 +126,14 @@ class ShardedEmbedding:
         received = self.comm.alltoallv(grads, plan.send_counts.sum(1), plan.recv_counts.sum(1),
                                        poll_interval=self.poll_interval)
         self._count_bytes(grads.nbytes, received.nbytes)
-        for table, positions in zip(self.tables, plan.recv_table_index):
-            if len(positions):
-                table.apply_gradients(plan.recv_keys[positions], received[positions], step=step)
+        for table, blocks in zip(self.tables, plan.recv_table_blocks):
+            if len(blocks) == 1:         # one block (always so with one table): slices, no copies
+                (start, stop), = blocks
+                table.apply_gradients(plan.recv_keys[start:stop], received[start:stop], step=step)
+            elif blocks:                 # one call per table: a key sent by several ranks is summed
+                table.apply_gradients(                      # into one update (BSP semantics)
+                    np.concatenate([plan.recv_keys[a:b] for a, b in blocks]),
+                    np.concatenate([received[a:b] for a, b in blocks]), step=step)
         self.row_grads_pushed += len(grads)
         self.row_grads_applied += len(received)
         self.applied_through = max(self.applied_through, step)
@@ -192,13 +197,21 @@ def unique_by_table(keys, field_groups):
     return unique_keys, inverse, np.asarray(offsets, dtype=np.int64)
 
 
-def _table_positions(recv_counts):
-    """Per table, the positions of its keys in the receive buffer (grouped by source, then table)."""
+def _table_blocks(recv_counts):
+    """Per table, [start, stop) blocks of the receive buffer (grouped by source, then table)
+    holding its keys; empty blocks dropped, adjacent ones merged."""
     world, num_tables = recv_counts.shape
-    starts = np.concatenate([[0], np.cumsum(recv_counts.ravel())])
-    positions = []
+    starts = np.concatenate([[0], np.cumsum(recv_counts.ravel())]).tolist()
+    blocks = []
     for t in range(num_tables):
-        blocks = [np.arange(starts[r * num_tables + t], starts[r * num_tables + t + 1])
-                  for r in range(world)]
-        positions.append(np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64))
-    return positions
+        table_blocks = []
+        for r in range(world):
+            start, stop = starts[r * num_tables + t], starts[r * num_tables + t + 1]
+            if stop == start:
+                continue
+            if table_blocks and table_blocks[-1][1] == start:
+                table_blocks[-1] = (table_blocks[-1][0], stop)
+            else:
+                table_blocks.append((start, stop))
+        blocks.append(table_blocks)
+    return blocks

@@ -30,7 +30,7 @@ import threading
 from hybridps.config import Sync
 from hybridps.errors import HybridPSError
 
-POLL_INTERVAL_S = 0.0002   # the exchange thread tests its non-blocking collectives this often
+POLL_INTERVAL_S = 0.001   # the exchange thread tests its non-blocking collectives this often
 
 
 def ssp_schedule(start, steps, staleness):
