@@ -61,22 +61,9 @@ cdef extern from *:
     #include <sys/mman.h>
     #include <stdlib.h>
     #include <string.h>
-    /* Large blocks (hash slots, rows) are 2 MiB aligned and advised as transparent huge pages:
-       random slot probes then miss the TLB far less, and growing a table faults in 512x fewer
-       pages. Freed with free(). */
-    static void* hps_alloc(size_t nbytes) {
-        void* p = NULL;
-        const size_t huge = (size_t)2 << 20;
-        if (nbytes == 0) nbytes = 1;
-        if (nbytes >= huge) {
-            if (posix_memalign(&p, huge, nbytes) != 0) return NULL;
-    #ifdef MADV_HUGEPAGE
-            madvise(p, nbytes, MADV_HUGEPAGE);
-    #endif
-            return p;
-        }
-        return malloc(nbytes);
-    }
+    /* Every block is calloc'd: large ones are fresh zero pages (never written by calloc, so a
+       new table costs no writes) advised as transparent huge pages: random slot probes then
+       miss the TLB far less, and filling a table faults in 512x fewer pages. Freed with free(). */
     static void* hps_calloc(size_t nbytes) {
         void* p = calloc(1, nbytes ? nbytes : 1);   /* large: fresh zero pages, not written */
     #ifdef MADV_HUGEPAGE
@@ -114,7 +101,6 @@ cdef extern from *:
     }
     """
     void HPS_PREFETCH(const void* p) noexcept nogil
-    void* hps_alloc(size_t nbytes) noexcept nogil
     void* hps_grow_zeroed(void* old, size_t used_bytes, size_t new_bytes) noexcept nogil
     void* hps_calloc(size_t nbytes) noexcept nogil
     void hps_sgd_row(float* w, const float* g, int dim, float lr) noexcept nogil

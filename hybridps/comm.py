@@ -134,20 +134,20 @@ class Comm:
                 self._wait(self.exchange.Ialltoallv(send_spec, recv_spec), poll_interval)
         return recv
 
-    def allreduce_sum(self, array):
-        """Elementwise sum over ranks of a numpy array (float64 or int64 recommended)."""
+    def _allreduce(self, array, op, name):
         send = np.ascontiguousarray(array)
         recv = np.empty_like(send)
-        with _watch("allreduce_sum"):
-            self.exchange.Allreduce(send, recv, op=self.MPI.SUM)
+        with _watch(name):
+            self.exchange.Allreduce(send, recv, op=op)
         return recv
 
+    def allreduce_sum(self, array):
+        """Elementwise sum over ranks of a numpy array (float64 or int64 recommended)."""
+        return self._allreduce(array, self.MPI.SUM, "allreduce_sum")
+
     def allreduce_max(self, array):
-        send = np.ascontiguousarray(array)
-        recv = np.empty_like(send)
-        with _watch("allreduce_max"):
-            self.exchange.Allreduce(send, recv, op=self.MPI.MAX)
-        return recv
+        """Elementwise maximum over ranks of a numpy array."""
+        return self._allreduce(array, self.MPI.MAX, "allreduce_max")
 
     def allgather_object(self, obj):
         """Small control objects only (pickled)."""

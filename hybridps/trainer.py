@@ -228,7 +228,7 @@ class Trainer:
                                                        and completed % c.checkpoint_every == 0))
         if not save and self.delta_exporter is None:
             return
-        dense_optimizer = self.dense.optimizer if self.roles is None else None
+        dense_optimizer = None         # collective: save_trainer takes self.dense.optimizer
         if self.roles is not None:
             from hybridps.ps.dense_state import gather_to_keras
             dense_optimizer = gather_to_keras(self)
