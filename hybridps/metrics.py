@@ -46,7 +46,11 @@ class AUCAccumulator:
 
 
 class PhaseTimer:
-    """Wall time per step phase (pull, compute, dense, push), summed over steps."""
+    """Wall time per step phase (pull, compute, dense, push), summed over the steady steps.
+
+    ``restart()`` at the end of the warm-up steps drops what was measured so far, so the
+    per-step figures, like ``samples_per_s``, leave out tracing and table growth.
+    """
 
     PHASES = ("pull", "compute", "dense", "push")   # pull includes data loading (or the wait for prefetched rows)
 
@@ -56,6 +60,10 @@ class PhaseTimer:
 
     def start(self):
         self._last = time.perf_counter()
+
+    def restart(self):
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self.start()
 
     def mark(self, phase):
         now = time.perf_counter()

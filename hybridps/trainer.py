@@ -177,6 +177,7 @@ class Trainer:
         for step in range(first, c.steps):
             if step == first + c.warmup_steps:
                 steady_start = time.perf_counter()
+                timer.restart()
             if step == c.fail_at_step and self.rank == c.fail_rank:
                 raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
                                    f"(fail_at_step testing aid)")
@@ -260,7 +261,7 @@ class Trainer:
         volume = self.comm.allreduce_sum(np.array(
             [keys_sent, keys_received, stats["bytes_sent"], stats["bytes_received"]], dtype=np.int64))
         rows = self.comm.allreduce_sum(np.array(stats["table_rows"], dtype=np.int64))
-        phases = timer.per_step_ms(steps_run)
+        phases = timer.per_step_ms(steady_steps)
         phase_max = self.comm.allreduce_max(np.array(list(phases.values())))
         summary = {
             "steps": c.steps, "ranks": self.world_size, "global_batch_size": global_batch,

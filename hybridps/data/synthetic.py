@@ -53,7 +53,8 @@ import numpy as np
 
 from hybridps.data.auc import roc_auc
 from hybridps.data.batch import Batch, check_int, resolve_batch_size
-from hybridps.data.hashing import _integer_keys_by_column, splitmix64
+from hybridps._synthetic import pick_keys, planted_logits
+from hybridps.data.hashing import _field_offset, splitmix64
 from hybridps.errors import ConfigError, DataError
 
 __all__ = ["SyntheticCTR"]
@@ -65,11 +66,7 @@ _BAYES_TAG = 0xBA7E5
 _DENSE_W_TAG = 0xDE45E
 _CALIBRATION_SAMPLES = 32768
 _MASK64 = (1 << 64) - 1
-_SQRT3 = math.sqrt(3.0)
-_LANES16 = np.uint64(0x0000FFFF0000FFFF)
-_LOW32 = np.uint64(0xFFFFFFFF)
-_U16 = np.uint64(16)
-_U32 = np.uint64(32)
+_MAX_PLANTED_DIM = 64
 
 
 @functools.lru_cache(maxsize=8)
@@ -168,6 +165,8 @@ class SyntheticCTR:
         if self.rank >= self.world_size:
             raise ConfigError(f"rank must be < world_size ({self.world_size}), got {rank}")
         self.planted_dim = check_int("planted_dim", planted_dim, 0)
+        if self.planted_dim > _MAX_PLANTED_DIM:
+            raise ConfigError(f"planted_dim must be <= {_MAX_PLANTED_DIM}, got {planted_dim}")
         self.field_scale = _check_float("field_scale", field_scale, 0.0)
         self.dense_scale = _check_float("dense_scale", dense_scale, 0.0)
         self.interaction_scale = _check_float("interaction_scale", interaction_scale, 0.0)
@@ -204,12 +203,15 @@ class SyntheticCTR:
                              / (pairs * self.planted_dim)) ** 0.25
         else:
             self._v_scale = 0.0
-        self._fold = np.tile(np.eye(max(self.planted_dim, 1), dtype=np.float32),
-                             (self.num_fields, 1))[:, :self.planted_dim]
         wrng = np.random.Generator(np.random.PCG64(
             np.random.SeedSequence(self.seed, spawn_key=(_DENSE_W_TAG,))))
         dscale = self.dense_scale / math.sqrt(self.num_dense) if self.num_dense else 0.0
         self.dense_weights = (wrng.standard_normal(self.num_dense) * dscale).astype(np.float32)
+        # what the C kernels take: float64 weights, uint64 salts, each field's key offset
+        self._dense_weights64 = self.dense_weights.astype(np.float64)
+        self._salt_v_array = np.array([int(x) for x in self._salt_v] or [0], dtype=np.uint64)
+        self._field_offsets = np.array([_field_offset(f) for f in range(self.num_fields)],
+                                       dtype=np.uint64)
         if bias is None:
             self.bias = self._calibrate_bias()
         else:
@@ -220,24 +222,23 @@ class SyntheticCTR:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(tags))))
 
     def _draw(self, rng: np.random.Generator, n: int):
-        """(ids (n, F) int64, dense (n, D) float32, label uniforms (n,)) from ``rng``."""
-        ids = np.empty((n, self.num_fields), dtype=np.int64)
+        """(keys (n, F) int64, dense (n, D) float32, label uniforms (n,)) from ``rng``.
+
+        Per field group: candidate IDs and coins from ``rng``, then the alias pick and the
+        key hashing in one C loop (hybridps._synthetic.pick_keys).
+        """
+        keys = np.empty((n, self.num_fields), dtype=np.int64)
         for vocab, cols, prob, alias in self._groups:
             shape = (n, cols.size)
-            idx = rng.integers(0, vocab, size=shape, dtype=alias.dtype)
-            u = rng.random(shape, dtype=np.float32)
-            picked = np.where(u < prob[idx], idx, alias[idx])
-            if cols.size == self.num_fields:
-                ids[:] = picked
-            else:
-                ids[:, cols] = picked
+            candidates = rng.integers(0, vocab, size=shape, dtype=alias.dtype)
+            coins = rng.random(shape, dtype=np.float32)
+            pick_keys(candidates, coins, prob, alias, cols, self._field_offsets, keys)
         dense = rng.standard_normal((n, self.num_dense), dtype=np.float32)
         label_u = rng.random(n)
-        return ids, dense, label_u
+        return keys, dense, label_u
 
     def _make_batch(self, rng: np.random.Generator, n: int) -> Batch:
-        ids, dense, label_u = self._draw(rng, n)
-        keys = _integer_keys_by_column(ids, range(self.num_fields))
+        keys, dense, label_u = self._draw(rng, n)
         p = self._probabilities(keys, dense)
         labels = (label_u < p).astype(np.float32)
         return Batch(dense=dense, keys=keys, labels=labels)
@@ -270,38 +271,13 @@ class SyntheticCTR:
         keys = np.ascontiguousarray(keys, dtype=np.int64)
         if keys.ndim != 2 or keys.shape[1] != self.num_fields:
             raise DataError(f"keys must have shape (B, {self.num_fields}), got {keys.shape}")
-        dense = np.asarray(dense, dtype=np.float32)
+        dense = np.ascontiguousarray(dense, dtype=np.float32)
         if dense.shape != (keys.shape[0], self.num_dense):
             raise DataError(f"dense must have shape ({keys.shape[0]}, {self.num_dense}), "
                             f"got {dense.shape}")
-        n, f = keys.shape
-        ku = keys.view(np.uint64)
-        h = splitmix64(ku ^ self._salt_w)
-        # sum of the four 16-bit chunks of h, two lanes at a time
-        h = (h & _LANES16) + ((h >> _U16) & _LANES16)
-        h = (h & _LOW32) + (h >> _U32)
-        # Irwin-Hall of 4 uniforms on [0, 1): mean 2, variance 1/3; summed over the fields
-        z = h.sum(axis=1).astype(np.float64)
-        field_term = (z * (1.0 / 65536.0) - 2.0 * f) * (_SQRT3 * self._w_scale)
-        logit = self.bias + field_term
-        if self.num_dense:
-            logit = logit + dense.astype(np.float64) @ self.dense_weights.astype(np.float64)
-        if self._v_scale > 0.0:
-            d = self.planted_dim
-            # astype("<u8") is a no-op on little-endian machines and keeps the 16-bit chunk
-            # order (low bits first) the same on big-endian ones
-            parts = [splitmix64(ku ^ salt).astype("<u8", copy=False).view("<u2")
-                     .reshape(n, f, 4)
-                     for salt in self._salt_v]
-            chunks = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
-            v = chunks[:, :, :d].astype(np.float32)
-            v *= np.float32(2.0 * self._v_scale / 65536.0)
-            v -= np.float32(self._v_scale)          # uniform on [-c, c)
-            v2 = v.reshape(n, f * d)
-            s = v2 @ self._fold                      # (n, d): sum over fields (BLAS)
-            sq = np.einsum("ij,ij->i", v2, v2)
-            logit = logit + 0.5 * (np.einsum("ij,ij->i", s, s) - sq).astype(np.float64)
-        return logit
+        return planted_logits(keys, dense, self._dense_weights64, float(self.bias or 0.0),
+                              int(self._salt_w), self._w_scale, self._salt_v_array,
+                              self._v_scale, self.planted_dim)
 
     def _probabilities(self, keys: np.ndarray, dense: np.ndarray) -> np.ndarray:
         logit = self._logits(keys, dense)
@@ -317,8 +293,7 @@ class SyntheticCTR:
     def _calibrate_bias(self) -> float:
         rng = np.random.Generator(np.random.PCG64(
             np.random.SeedSequence(self.seed, spawn_key=(_CALIBRATION_TAG,))))
-        ids, dense, _ = self._draw(rng, _CALIBRATION_SAMPLES)
-        keys = _integer_keys_by_column(ids, range(self.num_fields))
+        keys, dense, _ = self._draw(rng, _CALIBRATION_SAMPLES)
         saved_bias = getattr(self, "bias", None)
         self.bias = 0.0
         z = self._logits(keys, dense)
