@@ -43,8 +43,65 @@ FAST = settings(max_examples=100, deadline=None,
 
 
 
+def ref_ziggurat_tables():
+    """The 256-layer ziggurat tables from r and v by the recursion the docstring names."""
+    r, v, m = 3.6541528853610088, 4.92867323399e-3, 2.0 ** 52
+    k, w, f = [0] * 256, [0.0] * 256, [0.0] * 256
+    q = v / math.exp(-0.5 * r * r)
+    k[0], w[0], w[255], f[0], f[255] = int(r / q * m), q / m, r / m, 1.0, math.exp(-0.5 * r * r)
+    dn = tn = r
+    for i in range(254, 0, -1):
+        dn = math.sqrt(-2.0 * math.log(v / dn + math.exp(-0.5 * dn * dn)))
+        k[i + 1], tn = int(dn / tn * m), dn
+        f[i], w[i] = math.exp(-0.5 * dn * dn), dn / m
+    return k, w, f
+
+
+ZIG_K, ZIG_W, ZIG_F = ref_ziggurat_tables()
+
+
+ZIG_PATHS = {"fast": 0, "tail": 0, "wedge": 0}   # how often each ziggurat branch ran
+
+
+def ref_ziggurat_row(base, dim):
+    """dim standard normals from the stream u_k = mix64(base + (k + 1) * GOLDEN), in plain
+    Python integers and floats (one element at a time, as the docstring describes)."""
+    counter = [0]
+
+    def draw():
+        counter[0] += 1
+        return py_mix64((base + counter[0] * GOLDEN) & MASK64)
+
+    def unit():
+        return (draw() >> 11) * 2.0 ** -53
+
+    out = []
+    while len(out) < dim:
+        u = draw()
+        layer, magnitude = u & 255, (u >> 9) & (2 ** 52 - 1)
+        x = magnitude * ZIG_W[layer] * (-1.0 if (u >> 8) & 1 else 1.0)
+        if magnitude < ZIG_K[layer]:
+            ZIG_PATHS["fast"] += 1
+            out.append(x)
+        elif layer == 0:
+            ZIG_PATHS["tail"] += 1
+            while True:
+                xx = -math.log1p(-unit()) / 3.6541528853610088
+                yy = -math.log1p(-unit())
+                if yy + yy > xx * xx:
+                    out.append(-(3.6541528853610088 + xx) if (magnitude >> 8) & 1
+                               else 3.6541528853610088 + xx)
+                    break
+        else:
+            ZIG_PATHS["wedge"] += 1
+            if ZIG_F[layer] + unit() * (ZIG_F[layer - 1] - ZIG_F[layer]) < math.exp(-0.5 * x * x):
+                out.append(x)
+    return out
+
+
 def ref_initial_rows(keys, dim, kind="normal", seed=0, table_id=0, a=0.0, b=0.01):
-    """Numpy port of the docstring's counter-based initializer (float64, cast to float32)."""
+    """Numpy / plain Python port of the docstring's counter-based initializer (float64, cast
+    to float32)."""
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     n = keys.shape[0]
     if kind == "zeros":
@@ -52,20 +109,15 @@ def ref_initial_rows(keys, dim, kind="normal", seed=0, table_id=0, a=0.0, b=0.01
     table_mix = py_mix64((table_id + INIT_SALT) & MASK64)
     seed_mix = py_mix64((seed & MASK64) ^ table_mix)
     base = np_mix64(np.uint64(seed_mix) ^ keys.view(np.uint64))
-    counters = np.array([((j + 1) * GOLDEN) & MASK64 for j in range(dim + 1)], dtype=np.uint64)
-    u = np_mix64(base[:, None] + counters[None, :])               # (n, dim + 1), wraps mod 2**64
-    unit = (u >> np.uint64(11)).astype(np.float64) * 2.0**-53     # top 53 bits -> [0, 1)
     out = np.empty((n, dim), dtype=np.float64)
     if kind == "uniform":
-        out[:] = a + (b - a) * unit[:, :dim]
+        counters = np.array([((j + 1) * GOLDEN) & MASK64 for j in range(dim)], dtype=np.uint64)
+        u = np_mix64(base[:, None] + counters[None, :])               # (n, dim), wraps mod 2**64
+        unit = (u >> np.uint64(11)).astype(np.float64) * 2.0**-53     # top 53 bits -> [0, 1)
+        out[:] = a + (b - a) * unit
     elif kind == "normal":
-        for j in range(0, dim, 2):
-            u1 = 1.0 - unit[:, j]
-            u2 = unit[:, j + 1]
-            radius = np.sqrt(-2.0 * np.log(u1))
-            out[:, j] = a + b * radius * np.cos(2.0 * np.pi * u2)
-            if j + 1 < dim:
-                out[:, j + 1] = a + b * radius * np.sin(2.0 * np.pi * u2)
+        for i in range(n):
+            out[i] = a + b * np.array(ref_ziggurat_row(int(base[i]), dim))
     else:
         raise AssertionError(kind)
     return out.astype(np.float32)
@@ -431,7 +483,7 @@ OPT_CASES = {
     "adam": dict(learning_rate=0.01, beta1=0.9, beta2=0.999, epsilon=1e-7),
     "adam_eps": dict(learning_rate=0.05, beta1=0.8, beta2=0.99, epsilon=1e-3),
     "ftrl": dict(learning_rate=0.1, initial_accumulator=0.1, l1=0.0, l2=0.0),
-    "ftrl_l1_l2": dict(learning_rate=0.2, initial_accumulator=0.1, l1=0.3, l2=0.05),
+    "ftrl_l1_l2": dict(learning_rate=0.2, initial_accumulator=0.1, l1=0.5, l2=0.05),
 }
 
 
@@ -569,6 +621,18 @@ def test_initial_rows_independent_of_order_and_capacity(perm_seed, hints):
                                atol=1e-9)
 
 
+def test_normal_initializer_rejection_paths_match_the_reference():
+    # 4000 rows of 16: about 640 wedge tests and 15 tail draws; every path must agree exactly.
+    keys = np.arange(-2000, 2000, dtype=np.int64) * 7919
+    before = dict(ZIG_PATHS)
+    expected = ref_initial_rows(keys, 16, "normal", seed=11, table_id=4, a=0.0, b=1.0)
+    ran = {k: ZIG_PATHS[k] - before[k] for k in ZIG_PATHS}
+    assert ran["tail"] > 0 and ran["wedge"] > 100, ran
+    got = initial_rows(keys, 16, "normal", 11, 4, 0.0, 1.0)
+    np.testing.assert_array_equal(got, expected)
+    assert np.abs(got).max() > 3.6541528853610088      # some draws came from the tail
+
+
 def test_initializer_distribution_sanity():
     n, dim = 20000, 8
     keys = np.arange(n, dtype=np.int64)
@@ -578,7 +642,7 @@ def test_initializer_distribution_sanity():
     m = x.size
     assert abs(x.mean() - mean) < 4 * std / math.sqrt(m)
     assert abs(x.std() - std) < 4 * std / math.sqrt(2 * m)
-    # cos and sin halves of each Box-Muller pair, and different elements, are uncorrelated.
+    # different elements of a row (consecutive ziggurat draws) are uncorrelated.
     for i, j in [(0, 1), (0, 2), (3, 7)]:
         assert abs(np.corrcoef(x[:, i], x[:, j])[0, 1]) < 4 / math.sqrt(n)
     # Skewness ~0 and kurtosis ~3 (normal shape, not just moments 1-2).
