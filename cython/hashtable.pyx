@@ -61,6 +61,7 @@ from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy
 from libc.math cimport sqrt, log, log1p, exp, pow, fabs, isfinite
 
+cimport cython
 import numpy as np
 
 from hybridps.errors import TableFullError, TableInputError, NonFiniteGradientError, ConfigError
@@ -134,6 +135,7 @@ cdef enum:
     ROW_EMPTY = -1
     ROW_CANDIDATE = -3
     PREFETCH_DISTANCE = 16
+    ROW_PREFETCH_DISTANCE = 8
     RUN_DONE = 0
     RUN_NEED_SLOTS = 1
     RUN_NEED_ROWS = 2
@@ -303,6 +305,7 @@ cdef object _as_meta(object values, Py_ssize_t n, str name):
     return arr
 
 
+@cython.final      # cdef methods are then called directly (and inlined), not through a vtable
 cdef class EmbeddingHashTable:
     """One rank's shard of an embedding table: int64 key -> float32 row with optimizer slots.
 
@@ -496,6 +499,26 @@ cdef class EmbeddingHashTable:
     cdef inline void _prefetch(self, int64_t key) noexcept nogil:
         HPS_PREFETCH(&self.slots[self._home(key)])
 
+    # Batched loops prefetch in two stages: the slot of the key PREFETCH_DISTANCE ahead, then,
+    # ROW_PREFETCH_DISTANCE ahead (its slot has arrived by then), the per-row data the loop
+    # will touch, when the key sits in its home slot (most keys do at load <= 0.5). Rows live
+    # in random places of a large block, so without the second stage every row and metadata
+    # access is a cache miss the loop waits for.
+    cdef inline int32_t _home_row(self, int64_t key) noexcept nogil:
+        cdef Slot* s = &self.slots[self._home(key)]
+        return slot_row(s) if s.key == key else -1
+
+    cdef inline void _prefetch_row_for_lookup(self, int64_t key) noexcept nogil:
+        cdef int32_t r = self._home_row(key)
+        if r >= 0:
+            HPS_PREFETCH(self.rows + <int64_t>r * self.row_width)
+            HPS_PREFETCH(&self.row_last_update[r])
+
+    cdef inline void _prefetch_row_for_update(self, int64_t key) noexcept nogil:
+        cdef int32_t r = self._home_row(key)
+        if r >= 0:
+            HPS_PREFETCH(&self.row_accumulator_index[r])
+
     cdef void _delete_slot(self, uint64_t i) noexcept nogil:
         # Backward-shift deletion for linear probing: pull later members of the cluster back
         # into the hole when their home slot lies cyclically at or before it.
@@ -663,6 +686,9 @@ cdef class EmbeddingHashTable:
         for i in range(start, n):
             if i + PREFETCH_DISTANCE < n:
                 self._prefetch(k[i + PREFETCH_DISTANCE])
+            if gather and i + ROW_PREFETCH_DISTANCE < n:
+                self._prefetch_row_for_lookup(k[i + ROW_PREFETCH_DISTANCE])
+                HPS_PREFETCH(&o[i + ROW_PREFETCH_DISTANCE, 0])
             key = k[i]
             s = &self.slots[self._probe(key)]
             fresh = slot_row(s) == ROW_EMPTY
@@ -754,6 +780,8 @@ cdef class EmbeddingHashTable:
             for i in range(n):
                 if i + PREFETCH_DISTANCE < n:
                     self._prefetch(k[i + PREFETCH_DISTANCE])
+                if i + ROW_PREFETCH_DISTANCE < n:
+                    self._prefetch_row_for_update(k[i + ROW_PREFETCH_DISTANCE])
                 row_of_key = slot_row(&self.slots[self._probe(k[i])])
                 if row_of_key < 0:
                     if row_of_key == ROW_CANDIDATE:
@@ -774,9 +802,12 @@ cdef class EmbeddingHashTable:
                         acc[a, j] += g[i, j]
             # Pass 2: one optimizer update per distinct row.
             for a in range(n_touched):
-                if a + PREFETCH_DISTANCE < n_touched:     # the row (two cache lines) ahead
-                    HPS_PREFETCH(self.rows + rows_touched[a + PREFETCH_DISTANCE] * self.row_width)
-                    HPS_PREFETCH(self.rows + rows_touched[a + PREFETCH_DISTANCE] * self.row_width + 16)
+                if a + PREFETCH_DISTANCE < n_touched:     # the row ahead and its metadata
+                    r = rows_touched[a + PREFETCH_DISTANCE]
+                    HPS_PREFETCH(self.rows + r * self.row_width)
+                    HPS_PREFETCH(self.rows + r * self.row_width + 16)
+                    HPS_PREFETCH(&self.row_update_count[r])
+                    HPS_PREFETCH(&self.row_last_update[r])
                 r = rows_touched[a]
                 self.row_accumulator_index[r] = 0
                 skip_bad = False

@@ -171,9 +171,14 @@ class Comm:
         self.world.Abort(code)
 
 
-def init(with_horovod=True):
+def init(with_horovod=True, horovod_cycle_time_ms=None):
     """Initialise MPI (thread level MULTIPLE) and, optionally, Horovod on COMM_WORLD, once.
 
+    Args:
+        with_horovod: initialise Horovod too (the collective mode's dense path needs it).
+        horovod_cycle_time_ms: Horovod's negotiation cycle (``HOROVOD_CYCLE_TIME``) to use when
+            the environment does not set one; None keeps Horovod's default (1 ms). Horovod
+            reads it once, at its initialisation.
     Returns:
         the process-wide :class:`Comm`.
     Raises:
@@ -181,7 +186,7 @@ def init(with_horovod=True):
     """
     if _STATE["comm"] is not None:
         if with_horovod and not _STATE["comm"].with_horovod:
-            _init_horovod(_STATE["comm"])
+            _init_horovod(_STATE["comm"], horovod_cycle_time_ms)
         return _STATE["comm"]
     try:
         import mpi4py
@@ -199,16 +204,18 @@ def init(with_horovod=True):
     install_abort_on_error(comm)
     _start_watchdog(comm)
     if with_horovod:
-        _init_horovod(comm)
+        _init_horovod(comm, horovod_cycle_time_ms)
     return comm
 
 
-def _init_horovod(comm):
+def _init_horovod(comm, cycle_time_ms=None):
     try:
         import horovod.tensorflow as hvd
     except ImportError as exc:
         raise CommError("Horovod with TensorFlow support is not installed; run `make setup` "
                         "(it builds horovod 0.28.1 against this MPI)") from exc
+    if cycle_time_ms is not None:
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", f"{cycle_time_ms:g}")
     hvd.init(comm=comm.MPI.COMM_WORLD)
     if hvd.size() != comm.size or hvd.rank() != comm.rank:
         raise CommError(f"Horovod sees rank {hvd.rank()}/{hvd.size()} but MPI rank "

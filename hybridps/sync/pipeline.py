@@ -16,18 +16,21 @@ that depends only on step numbers, never on timing:
     is exactly BSP's order (push(t - 1) before pull(t)), and the arithmetic is identical.
   * ASP(d):  ... pull(t), push(t - d), pull(t + 1), push(t - d + 1) ...  (d = max_inflight)
     Pulls never wait for gradients; pushes trail by at most d steps, which bounds the memory
-    held in flight. The dense path also runs in the background: a dense thread allreduces and
-    applies each step's dense gradients in order while the main thread computes the next step
-    (dense gradients may be applied late).
+    held in flight.
+The dense path runs on a background thread (hybridps.dense.DenseStepThread) that allreduces and
+applies each step's dense gradients in order. Under SSP the dense path stays synchronous: a step
+starts only once the dense update of the step before it is applied (the allreduce overlaps the
+sparse exchange, as under BSP). Under ASP the main thread waits only when max_inflight dense
+updates are queued, so dense gradients may be applied late.
 The main thread only computes: it takes prefetched rows (``pull``) and hands gradients over
 (``push``), blocking when ``max_inflight`` results are already waiting, so memory stays bounded.
 Only the communication thread touches the tables while training runs. ``finish`` drains every
 outstanding push and dense update, so nothing pushed is lost at the end of training.
 """
-import queue
 import threading
 
 from hybridps.config import Sync
+from hybridps.dense import DenseStepThread
 from hybridps.errors import HybridPSError
 
 POLL_INTERVAL_S = 0.001   # the exchange thread tests its non-blocking collectives this often
@@ -112,21 +115,20 @@ class PipelinedCollectiveBackend:
         self.pulled = _Mailbox(self)
         self.fence_reached = _Mailbox(self)
         self.fence_released = _Mailbox(self)
-        self.dense_applied = 0
         self.grads = _Mailbox(self)
         self.error = None
         self.comm_thread = None
         self.dense_thread = None
-        self.dense_queue = queue.Queue(maxsize=config.max_inflight)
         sharded.poll_interval = POLL_INTERVAL_S
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, batches, start_step=0, fence_steps=()):
-        """Start the exchange (and, for ASP, the dense) thread at ``start_step``; the tables are
+        """Start the exchange and the dense thread at ``start_step``; the tables are
         made consistent and handed to the main thread at every step in ``fence_steps``."""
         self.dense.broadcast_initial()
         self.batches = batches
-        self.dense_applied = start_step
+        self.dense_thread = DenseStepThread(
+            self.dense, start_step, max_pending=self.max_inflight if self.sync == Sync.ASP else 1)
         if self.sync == Sync.SSP:
             schedule = ssp_schedule(start_step, self.steps, self.config.staleness)
         else:
@@ -135,10 +137,6 @@ class PipelinedCollectiveBackend:
         self.comm_thread = threading.Thread(target=self._run_guarded, args=(self._comm_loop,),
                                             name="hybridps-exchange", daemon=True)
         self.comm_thread.start()
-        if self.sync == Sync.ASP and self.dense.world_size > 1:
-            self.dense_thread = threading.Thread(target=self._run_guarded, args=(self._dense_loop,),
-                                                 name="hybridps-dense", daemon=True)
-            self.dense_thread.start()
 
     def _run_guarded(self, loop):
         try:
@@ -166,18 +164,9 @@ class PipelinedCollectiveBackend:
                 plan, row_grads = self.grads.take(step)
                 self.sharded.push(plan, row_grads, step)
             else:   # fence: the main thread owns the tables until it releases the fence
-                with self.pulled.cond:
-                    while self.dense_thread is not None and self.dense_applied < step:
-                        self.pulled.cond.wait(0.01)
+                self.dense_thread.wait_applied(step)
                 self.fence_reached.put(step, True)
                 self.fence_released.take(step)
-
-    def _dense_loop(self):
-        for _ in range(self.dense_applied, self.steps):
-            grads = self.dense_queue.get()
-            self.dense.step(grads)
-            with self.pulled.cond:
-                self.dense_applied += 1
 
     def at_consistent_point(self, step, action):
         """Run ``action()`` once every update of steps < ``step`` is applied and no later pull
@@ -190,30 +179,25 @@ class PipelinedCollectiveBackend:
 
     # ------------------------------------------------------------------ main thread
     def pull(self, step):
-        return self.pulled.take(step)
+        pulled = self.pulled.take(step)
+        if self.sync == Sync.SSP:      # the dense path stays synchronous under SSP
+            self.dense_thread.wait_applied(step)
+        return pulled
 
     def push(self, plan, unique_row_grads, step):
         self.grads.put(step, (plan, unique_row_grads))
 
     def dense_step(self, grads, step):
-        if self.dense_thread is None:
-            self.dense.step(grads)
-            return
-        while True:
-            self.raise_if_failed()
-            try:
-                self.dense_queue.put(list(grads), timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self.dense_thread.submit(grads)
 
     def finish(self):
         """Wait until every push and dense update has been applied."""
-        for thread in (self.comm_thread, self.dense_thread):
-            while thread is not None and thread.is_alive():
-                thread.join(0.1)
-                self.raise_if_failed()
+        while self.comm_thread is not None and self.comm_thread.is_alive():
+            self.comm_thread.join(0.1)
+            self.raise_if_failed()
         self.raise_if_failed()
+        if self.dense_thread is not None:
+            self.dense_thread.close()
 
     def stats(self):
         return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
