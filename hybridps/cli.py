@@ -57,6 +57,8 @@ def _add_train_arguments(parser):
                              "'{\"0\": {\"max_rows\": 100000, \"eviction\": \"lru\"}}' "
                              "(tables not named use the global flags)")
     parser.add_argument("--max-inflight", type=int, help="SSP/ASP: bounded prefetch / push depth")
+    parser.add_argument("--dense-staleness", type=int,
+                        help="SSP: a TF step may miss the dense updates of this many latest steps (0)")
     parser.add_argument("--watchdog-timeout", type=float,
                         help="seconds a collective may take before the job aborts with a dump (300)")
     parser.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)

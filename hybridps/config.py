@@ -96,6 +96,7 @@ class TrainConfig:
     watchdog_timeout: float = 300.0       # seconds a collective may take before the job aborts
     # consistency pipeline (SSP / ASP)
     max_inflight: int = 4                 # bounded queue of outstanding pushes / prefetches
+    dense_staleness: int = 0              # SSP: a TF step may miss the dense updates of this many latest steps
     loader_delay_ms: float = 0.0          # testing aid: sleep in the data loader of delay_rank
     delay_rank: int = -1
     fail_at_step: int = -1                # testing aid: raise on fail_rank at this step
@@ -313,6 +314,12 @@ def validate(c):
         _check(policy["eviction"] in ("lfu", "lru"), where + "eviction", policy["eviction"], "lfu, lru")
     _check(c.watchdog_timeout > 0, "watchdog_timeout", c.watchdog_timeout, "seconds > 0")
     _check(c.max_inflight >= 1, "max_inflight", c.max_inflight, "an integer >= 1")
+    _check(c.dense_staleness >= 0, "dense_staleness", c.dense_staleness, "an integer >= 0")
+    if c.dense_staleness and not (c.sync == Sync.SSP and c.mode == Mode.COLLECTIVE):
+        raise ConfigError(f"config field 'dense_staleness': {c.dense_staleness} applies to "
+                          f"sync=ssp in collective mode only; it is 0 under bsp, and under asp "
+                          f"max_inflight bounds how late dense updates are (got sync={c.sync.value}, "
+                          f"mode={c.mode.value})")
     _check(c.loader_delay_ms >= 0, "loader_delay_ms", c.loader_delay_ms, "milliseconds >= 0")
     if c.resume and not c.checkpoint_dir:
         raise ConfigError("config field 'resume': needs checkpoint_dir (where to resume from)")

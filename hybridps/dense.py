@@ -102,6 +102,7 @@ class DenseStepThread:
         self.cond = threading.Condition()
         self.error = None
         self.closing = False
+        self.lag_counts = collections.Counter()   # dense lag of each TF step -> number of steps
         self.thread = threading.Thread(target=self._loop, name="hybridps-dense", daemon=True)
         self.thread.start()
 
@@ -121,6 +122,19 @@ class DenseStepThread:
             while self.applied < step:
                 self._raise_if_failed()
                 self.cond.wait(0.1)
+
+    def record_lag(self, step):
+        """Count how many of the latest steps' dense updates the TF step ``step`` misses (0: it
+        sees every update of steps < step). Call it right before that TF step."""
+        with self.cond:
+            self.lag_counts[max(step - self.applied, 0)] += 1
+
+    def lag_summary(self):
+        """[max lag, sum of lags, steps counted] of the recorded TF steps."""
+        with self.cond:
+            counts = dict(self.lag_counts)
+        return [max(counts, default=0), sum(lag * n for lag, n in counts.items()),
+                sum(counts.values())]
 
     def close(self):
         """Apply what is queued, then end the thread (re-raises its failure, if any)."""

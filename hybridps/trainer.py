@@ -304,6 +304,7 @@ class Trainer:
                          "per": "computing rank"},
             "table_rows": [int(r) for r in rows],
             **self._consistency_metrics(),
+            **self._dense_lag_metrics(stats),
             "phase_ms_per_step_max_over_ranks": dict(zip(phases.keys(), map(float, phase_max))),
             "peak_rss_mb": float(self.comm.allreduce_max(np.array([_peak_rss_mb()]))[0]),
             "dense_parameters": int(sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)),
@@ -337,6 +338,16 @@ class Trainer:
                 "staleness_histogram": [int(x) for x in histogram[:int(nonzero.max()) + 1]] if len(nonzero) else [0],
                 "staleness_max_per_step": [int(x) for x in per_step],
                 "row_grads_pushed": int(counts[0]), "row_grads_applied": int(counts[1])}
+
+    def _dense_lag_metrics(self, stats):
+        """How many of the latest steps' dense updates a TF step missed: max and mean over every
+        step of every computing rank (collective mode; PS mode has no dense thread)."""
+        if self.config.mode != Mode.COLLECTIVE:
+            return {}
+        worst, total, count = stats["dense_lag"]
+        worst = int(self.comm.allreduce_max(np.array([worst], dtype=np.int64))[0])
+        total, count = self.comm.allreduce_sum(np.array([total, count], dtype=np.int64))
+        return {"dense_staleness_max": worst, "dense_staleness_mean": float(total) / max(int(count), 1)}
 
     def _table_counters(self):
         names = ("admitted_keys", "refused_inserts", "evicted_rows", "dropped_unadmitted_grads",

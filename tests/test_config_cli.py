@@ -35,6 +35,10 @@ def test_yaml_then_flags_override(tmp_path):
     ({"optimizer": "rmsprop"}, "optimizer"),
     ({"sync": "eventually"}, "sync"),
     ({"staleness": 2}, "staleness"),          # staleness > 0 with bsp
+    ({"dense_staleness": 1}, "dense_staleness"),                   # only with sync=ssp
+    ({"dense_staleness": 1, "sync": "asp"}, "dense_staleness"),    # asp: max_inflight bounds it
+    ({"dense_staleness": 1, "sync": "ssp", "mode": "ps"}, "dense_staleness"),
+    ({"dense_staleness": -1, "sync": "ssp"}, "dense_staleness"),
     ({"hidden": "a,b"}, "hidden"),
     ({"table_groups": [[0, 1]], "num_fields": 3}, "table_groups"),
     ({"dim": 2.5}, "dim"),

@@ -51,6 +51,18 @@ def test_ssp_observed_staleness_respects_the_bound(sync_run, bound):
     assert sum(summary["staleness_histogram"]) > 0
 
 
+def test_dense_updates_are_as_fresh_as_each_mode_promises(sync_run):
+    world, out = sync_run
+    for name in ("bsp", "ssp0", "ssp1", "ssp4"):       # the dense path stays synchronous
+        summary = _summary(out, name)
+        assert summary["dense_staleness_max"] == 0 and summary["dense_staleness_mean"] == 0, name
+    relaxed = _summary(out, "ssp1-dense2")
+    assert relaxed["staleness_max"] <= 1                 # the row bound is unchanged
+    assert 1 <= relaxed["dense_staleness_max"] <= 2      # the dense bound holds, and was used
+    asp = _summary(out, "asp")                           # max_inflight (4) bounds ASP's lag
+    assert asp["dense_staleness_max"] <= 4 and asp["dense_staleness_mean"] > 0
+
+
 def test_asp_converges_and_drops_no_gradient(sync_run):
     from hybridps.data import SyntheticCTR
     world, out = sync_run

@@ -37,6 +37,7 @@ class BSPCollectiveBackend:
         batch = next(self.batches)
         plan, rows = self.sharded.pull(batch.keys, step)
         self.dense_thread.wait_applied(step)
+        self.dense_thread.record_lag(step)
         return batch, plan, rows
 
     def push(self, plan, unique_row_grads, step):
@@ -47,7 +48,7 @@ class BSPCollectiveBackend:
 
     def stats(self):
         return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
-                "table_rows": self.sharded.table_sizes()}
+                "table_rows": self.sharded.table_sizes(), "dense_lag": self.dense_thread.lag_summary()}
 
     def finish(self):
         """Wait until the last dense update is applied."""

@@ -18,10 +18,11 @@ that depends only on step numbers, never on timing:
     Pulls never wait for gradients; pushes trail by at most d steps, which bounds the memory
     held in flight.
 The dense path runs on a background thread (hybridps.dense.DenseStepThread) that allreduces and
-applies each step's dense gradients in order. Under SSP the dense path stays synchronous: a step
-starts only once the dense update of the step before it is applied (the allreduce overlaps the
-sparse exchange, as under BSP). Under ASP the main thread waits only when max_inflight dense
-updates are queued, so dense gradients may be applied late.
+applies each step's dense gradients in order. Under SSP the dense path stays synchronous unless
+``dense_staleness`` D > 0 is configured: the TF step of t starts once the dense updates of every
+step <= t - D - 1 are applied (D = 0: the previous step's too). Under ASP the main thread waits
+only when max_inflight dense updates are queued, so dense gradients may be applied late. The
+dense lag each TF step actually had is measured (``dense_staleness_max`` / ``_mean``).
 The main thread only computes: it takes prefetched rows (``pull``) and hands gradients over
 (``push``), blocking when ``max_inflight`` results are already waiting, so memory stays bounded.
 Only the communication thread touches the tables while training runs. ``finish`` drains every
@@ -127,8 +128,10 @@ class PipelinedCollectiveBackend:
         made consistent and handed to the main thread at every step in ``fence_steps``."""
         self.dense.broadcast_initial()
         self.batches = batches
+        self.dense_staleness = self.config.dense_staleness if self.sync == Sync.SSP else None
         self.dense_thread = DenseStepThread(
-            self.dense, start_step, max_pending=self.max_inflight if self.sync == Sync.ASP else 1)
+            self.dense, start_step,
+            max_pending=self.max_inflight if self.sync == Sync.ASP else self.dense_staleness + 1)
         if self.sync == Sync.SSP:
             schedule = ssp_schedule(start_step, self.steps, self.config.staleness)
         else:
@@ -180,8 +183,9 @@ class PipelinedCollectiveBackend:
     # ------------------------------------------------------------------ main thread
     def pull(self, step):
         pulled = self.pulled.take(step)
-        if self.sync == Sync.SSP:      # the dense path stays synchronous under SSP
-            self.dense_thread.wait_applied(step)
+        if self.sync == Sync.SSP:      # dense updates of steps <= step - dense_staleness - 1
+            self.dense_thread.wait_applied(step - self.dense_staleness)
+        self.dense_thread.record_lag(step)
         return pulled
 
     def push(self, plan, unique_row_grads, step):
@@ -201,4 +205,4 @@ class PipelinedCollectiveBackend:
 
     def stats(self):
         return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
-                "table_rows": self.sharded.table_sizes()}
+                "table_rows": self.sharded.table_sizes(), "dense_lag": self.dense_thread.lag_summary()}

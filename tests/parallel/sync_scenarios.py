@@ -1,7 +1,7 @@
 """SSP / ASP scenarios in one MPI job: `mpirun -np N python tests/parallel/sync_scenarios.py OUT [slow]`.
 
 Runs, on synthetic data: BSP and SSP(0) (dumping state for an exact comparison), SSP(1), SSP(2),
-SSP(4) and ASP; with ``slow``, also BSP, SSP(2) and ASP with rank 1's data loader sleeping
+SSP(4), SSP(1) with dense_staleness 2, and ASP; with ``slow``, also BSP, SSP(2) and ASP with rank 1's data loader sleeping
 30 ms per batch. Every run's summary goes to OUT/<name>.json (rank 0); the pytest side
 (tests/test_parallel_sync.py) checks them.
 """
@@ -33,6 +33,7 @@ def main(out_dir, slow):
     run(comm, out_dir, "ssp0", sync="ssp", staleness=0)
     for s in (1, 2, 4):
         run(comm, out_dir, f"ssp{s}", sync="ssp", staleness=s)
+    run(comm, out_dir, "ssp1-dense2", sync="ssp", staleness=1, dense_staleness=2)
     run(comm, out_dir, "asp", sync="asp", steps=150, batch_size=512)
     if slow:
         slow_rank = {"loader_delay_ms": 30.0, "delay_rank": 1, "steps": 15}
