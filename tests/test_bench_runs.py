@@ -30,3 +30,21 @@ def test_bench_compare_writes_every_case(tmp_path, monkeypatch):
         assert json.load(fh)["cases"] == report["cases"]
     assert (tmp_path / "compare.md").read_text().count("|") > 20
     assert os.path.getsize(tmp_path / "compare.png") > 1000
+
+
+def test_repeated_cases_run_round_robin_and_report_the_median_run():
+    from hybridps.bench.train import run_rounds
+    figures = {"a": iter([5.0, 1.0, 3.0]), "b": iter([10.0, 30.0, 20.0, 40.0])}
+    calls = []
+
+    def run_case(name, argv):
+        calls.append(name)
+        return {"samples_per_s": next(figures[name]), "argv": argv, "round": calls.count(name)}
+
+    chosen = run_rounds([("a", ["-x"]), ("b", [])], 3, run_case)
+    assert calls == ["a", "b", "a", "b", "a", "b"]          # interleaved, not case by case
+    assert chosen["a"]["samples_per_s"] == 3.0 and chosen["a"]["round"] == 3
+    assert chosen["a"]["samples_per_s_runs"] == [5.0, 1.0, 3.0]
+    assert chosen["b"]["samples_per_s"] == 20.0 and chosen["b"]["argv"] == []
+    with pytest.raises(ValueError, match="repeats"):
+        run_rounds([("a", [])], 0, run_case)

@@ -4,7 +4,8 @@ Cases, each with N ranks in total (servers included): collective BSP, SSP(1) and
 and ASP (``max(1, N // 4)`` servers, the rest workers); and the plain TensorFlow + Horovod
 baseline. Same model, synthetic data, seed and optimizers everywhere, so a difference isolates
 the parameter access. Writes DIR/compare.json, DIR/compare.md and DIR/compare.png (throughput
-and AUC side by side) and prints the table.
+and AUC side by side) and prints the table. ``--repeats R`` runs the cases R times round-robin
+and reports each case's median run (hybridps.bench.train.run_rounds).
 
 ``samples_per_s_per_rank`` divides by the computing ranks only (PS servers excluded).
 ``bytes_per_step`` is per computing rank: sparse exchange bytes measured by hybridps (sent +
@@ -16,8 +17,8 @@ import json
 import os
 import sys
 
-from hybridps.bench.report import bar_chart, bench_environment, markdown_table, write_json
-from hybridps.bench.train import _mpirun
+from hybridps.bench.report import bench_environment, markdown_table, write_json
+from hybridps.bench.train import _mpirun, run_rounds
 
 TARGETS = {"collective_bsp_vs_ps_bsp": 1.5, "collective_bsp_vs_ps_asp_per_rank": 1.0}
 
@@ -25,12 +26,14 @@ TARGETS = {"collective_bsp_vs_ps_bsp": 1.5, "collective_bsp_vs_ps_asp_per_rank":
 def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--ranks", type=int, default=2, help="ranks in every case, servers included")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=110)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4096, help="per computing rank")
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=100_000)
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per case")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every case this many times (round-robin); report the median run")
 
 
 def ring_allreduce_bytes(ranks, parameters):
@@ -38,8 +41,8 @@ def ring_allreduce_bytes(ranks, parameters):
     return 0 if ranks == 1 else 2 * (2 * (ranks - 1) / ranks) * 4 * parameters
 
 
-def run_compare_bench(out_dir, ranks=2, steps=60, warmup_steps=10, batch_size=4096, dim=16,
-                      vocab_size=100_000, timeout=1200):
+def run_compare_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4096, dim=16,
+                      vocab_size=100_000, timeout=1200, repeats=1):
     """Run every case; returns the compare.json object."""
     os.makedirs(out_dir, exist_ok=True)
     servers = max(1, ranks // 4)
@@ -54,16 +57,23 @@ def run_compare_bench(out_dir, ranks=2, steps=60, warmup_steps=10, batch_size=40
             ("ps-bsp", train + ps + ["--sync", "bsp"]),
             ("ps-asp", train + ps + ["--sync", "asp"]),
             ("tf-baseline", ["-m", "hybridps.bench.train_worker", "tf-baseline"])]
-    cases = []
-    for name, argv in plan:
-        if ranks - (servers if name.startswith("ps-") else 0) < 1:
-            continue
+    plan = [(name, argv) for name, argv in plan
+            if ranks - (servers if name.startswith("ps-") else 0) >= 1]
+
+    def run_case(name, argv):
         path = os.path.join(out_dir, f"{name}.json")
         sys.stderr.write(f"bench compare: {name} on {ranks} ranks ...\n")
         metrics_flag = [path] if name == "tf-baseline" else ["--metrics-out", path]
         _mpirun(ranks, argv + metrics_flag + common, timeout)
         with open(path) as fh:
             result = json.load(fh)
+        sys.stderr.write(f"  {result['samples_per_s']:,.0f} samples/s, auc {result['auc']:.4f}\n")
+        return result
+
+    chosen = run_rounds(plan, repeats, run_case)
+    cases = []
+    for name, _ in plan:
+        result = chosen[name]
         computing = result.get("computing_ranks", ranks)
         if "exchange" in result:
             sparse = result["exchange"]["bytes_sent_per_step"] + result["exchange"]["bytes_received_per_step"]
@@ -71,13 +81,12 @@ def run_compare_bench(out_dir, ranks=2, steps=60, warmup_steps=10, batch_size=40
         else:   # baseline: allgathered IndexedSlices (B x F rows of dim floats + int64 index) + ring
             sparse = 2 * (ranks - 1) * batch_size * 26 * (4 * dim + 8) if ranks > 1 else 0
             dense = ring_allreduce_bytes(ranks, result.get("dense_parameters", 0))
-        case = {"name": name, "samples_per_s": result["samples_per_s"],
-                "samples_per_s_per_rank": result["samples_per_s"] / computing,
-                "final_loss": result["final_loss"], "auc": result["auc"],
-                "bytes_per_step": sparse + dense, "peak_rss_mb": result.get("peak_rss_mb"),
-                "ranks": ranks, "computing_ranks": computing}
-        cases.append(case)
-        sys.stderr.write(f"  {case['samples_per_s']:,.0f} samples/s, auc {case['auc']:.4f}\n")
+        cases.append({"name": name, "samples_per_s": result["samples_per_s"],
+                      "samples_per_s_runs": result["samples_per_s_runs"],
+                      "samples_per_s_per_rank": result["samples_per_s"] / computing,
+                      "final_loss": result["final_loss"], "auc": result["auc"],
+                      "bytes_per_step": sparse + dense, "peak_rss_mb": result.get("peak_rss_mb"),
+                      "ranks": ranks, "computing_ranks": computing})
     by_name = {c["name"]: c for c in cases}
     ratios = {}
     if "ps-bsp" in by_name:
@@ -85,7 +94,7 @@ def run_compare_bench(out_dir, ranks=2, steps=60, warmup_steps=10, batch_size=40
         ratios["collective_bsp_vs_ps_asp_per_rank"] = (by_name["collective-bsp"]["samples_per_s_per_rank"]
                                                        / by_name["ps-asp"]["samples_per_s_per_rank"])
     report = {"cases": cases, "ratios": ratios, "targets": TARGETS,
-              "settings": {"ranks": ranks, "ps_servers": servers, "steps": steps,
+              "settings": {"ranks": ranks, "ps_servers": servers, "steps": steps, "repeats": repeats,
                            "warmup_steps": warmup_steps, "batch_size_per_computing_rank": batch_size,
                            "dim": dim, "vocab_size": vocab_size, "model": "deepfm"},
               "machine": bench_environment()}
@@ -127,4 +136,4 @@ def _plot(path, cases, ranks):
 def main(args):
     run_compare_bench(args.out, ranks=args.ranks, steps=args.steps, warmup_steps=args.warmup_steps,
                       batch_size=args.batch_size, dim=args.dim, vocab_size=args.vocab_size,
-                      timeout=args.timeout)
+                      timeout=args.timeout, repeats=args.repeats)
