@@ -4,9 +4,9 @@
 
 What lives here: the loops that run over every key of every step (DESIGN.md section 3) and
 must never be per-key Python or a sort: ``unique_inverse`` (hash-based, first-occurrence
-order), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``) and ``bucket_by_owner`` (a counting
+order), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``), ``bucket_by_owner`` (a counting
 sort of the step's unique keys by (owner rank, table) that yields the send order of the fused
-exchange). What does not: MPI (hybridps.comm) and tables (hybridps._hashtable).
+exchange) and ``count_staleness`` (the owner's staleness histogram of the rows it serves). What does not: MPI (hybridps.comm) and tables (hybridps._hashtable).
 """
 
 from libc.stdint cimport int64_t, uint64_t, int32_t
@@ -165,3 +165,36 @@ def bucket_by_owner(keys, table_offsets, int world_size, int64_t num_buckets):
                 o[start[r, t]] = i
                 start[r, t] += 1
     return order, counts
+
+
+def count_staleness(versions, int64_t step, int64_t applied_through, histogram):
+    """Add the staleness of each read at ``step`` to ``histogram``; returns the largest one.
+
+    A row read at ``step`` with version v (the step of its last applied update, -1: none) is
+    current through ``c = max(v, applied_through)``; its staleness is ``max(step - 1 - c, 0)``,
+    and 0 for a row created or updated at ``step`` or later (v >= step). Staleness beyond the
+    last bin is counted in the last bin.
+
+    Args:
+        versions: int64 (n,) versions of the rows served.    # IN
+        histogram: int64 (bins,) counts.                      # INOUT
+    """
+    cdef const int64_t[::1] v = np.ascontiguousarray(versions, dtype=np.int64)
+    cdef int64_t[::1] h = histogram
+    cdef Py_ssize_t i, n = v.shape[0], bins = h.shape[0]
+    if bins < 1:
+        raise TableInputError("count_staleness needs a histogram of at least one bin")
+    cdef int64_t current, stale, worst = 0
+    with nogil:
+        for i in range(n):
+            if v[i] >= step:
+                stale = 0
+            else:
+                current = v[i] if v[i] > applied_through else applied_through
+                stale = step - 1 - current
+                if stale < 0:
+                    stale = 0
+            if stale > worst:
+                worst = stale
+            h[stale if stale < bins else bins - 1] += 1
+    return worst

@@ -11,8 +11,7 @@ optimizer state (fresh, or restored from a checkpoint into ``initial_optimizer``
 """
 import numpy as np
 
-from hybridps.embedding.routing import bucket_by_owner
-from hybridps.embedding.sharded import ExchangePlan, unique_by_table
+from hybridps.embedding.sharded import ExchangePlan, route_unique_keys
 from hybridps.ps.protocol import (OP_CONSISTENT_POINT, OP_DONE, OP_PULL, OP_PUSH, TAG_COUNTS,
                                   TAG_DENSE_GRADS, TAG_HEADER, TAG_INIT_DENSE, TAG_INIT_OPTIMIZER,
                                   TAG_KEYS, TAG_REPLY_DENSE, TAG_REPLY_ROWS, TAG_ROW_GRADS,
@@ -76,21 +75,19 @@ class PSWorkerBackend:
         self._wait_sends()
         send_counts = plan.send_counts
         offsets = np.concatenate([[0], np.cumsum(send_counts.sum(1))])
-        send_keys = plan.unique_keys[plan.send_order]
+        send_keys = plan.unique_keys            # in send order (grouped by server)
         requests = []
         for s, server in enumerate(self.roles.server_ranks):
             keys = send_keys[offsets[s]:offsets[s + 1]]
             requests.append(comm.Isend(header(OP_PULL, step, self.worker, len(keys)), dest=server, tag=TAG_HEADER))
             requests.append(comm.Isend(np.ascontiguousarray(send_counts[s]), dest=server, tag=TAG_COUNTS))
             requests.append(comm.Isend(keys, dest=server, tag=TAG_KEYS))
-        rows_in_send_order = np.empty((len(send_keys), self.sharded.dim), dtype=np.float32)
-        receives = [comm.Irecv(rows_in_send_order[offsets[s]:offsets[s + 1]], source=server, tag=TAG_REPLY_ROWS)
+        unique_rows = np.empty((len(send_keys), self.sharded.dim), dtype=np.float32)
+        receives = [comm.Irecv(unique_rows[offsets[s]:offsets[s + 1]], source=server, tag=TAG_REPLY_ROWS)
                     for s, server in enumerate(self.roles.server_ranks)]
         dense = self._receive_dense(extra=receives + requests)
         self._set_dense(dense)
-        unique_rows = np.empty_like(rows_in_send_order)
-        unique_rows[plan.send_order] = rows_in_send_order
-        self.sharded._count_bytes(send_keys.nbytes, rows_in_send_order.nbytes + dense.nbytes)
+        self.sharded._count_bytes(send_keys.nbytes, unique_rows.nbytes + dense.nbytes)
         self._plan_offsets = offsets
         return batch, plan, unique_rows
 
@@ -99,7 +96,7 @@ class PSWorkerBackend:
 
     def push(self, plan, unique_row_grads, step):
         comm = self.comm.exchange
-        grads = np.ascontiguousarray(unique_row_grads, dtype=np.float32)[plan.send_order]
+        grads = np.ascontiguousarray(unique_row_grads, dtype=np.float32)   # in send order already
         offsets = self._plan_offsets
         for s, server in enumerate(self.roles.server_ranks):
             a, b = self.chunks[s]
@@ -118,11 +115,10 @@ class PSWorkerBackend:
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, keys, step):
-        unique_keys, inverse, offsets = unique_by_table(keys, self.sharded.field_groups)
-        send_order, send_counts = bucket_by_owner(unique_keys, offsets, self.roles.num_servers,
-                                                 self.sharded.num_buckets)
+        unique_keys, inverse, send_counts = route_unique_keys(
+            keys, self.sharded.field_groups, self.roles.num_servers, self.sharded.num_buckets)
         empty = np.zeros_like(send_counts)
-        return ExchangePlan(unique_keys, inverse, send_order, send_counts, empty, unique_keys[:0], [], step)
+        return ExchangePlan(unique_keys, inverse, send_counts, empty, unique_keys[:0], [], step)
 
     def _receive_dense(self, extra=()):
         flat = np.empty(sum(self.sizes), dtype=np.float32)

@@ -1,0 +1,84 @@
+"""Unit tests of the per-step exchange kernels (hybridps._kernels via hybridps.embedding):
+unique keys and their inverse, the send order of the fused exchange, and the owner's staleness
+histogram. Expected values come from numpy (np.unique, a sort) and the splitmix64 reference in
+tests/reference.py, never from the kernels themselves.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridps.embedding.routing import count_staleness, unique_inverse
+from hybridps.embedding.sharded import route_unique_keys
+from tests.reference import mix64_array
+
+KEYS = st.lists(st.integers(-2**63, 2**63 - 1) | st.integers(0, 30), min_size=0, max_size=300)
+
+
+def reference_owner(keys, world, buckets):
+    return ((mix64_array(np.asarray(keys, dtype=np.int64)) % np.uint64(buckets))
+            % np.uint64(world)).astype(np.int64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(KEYS)
+def test_unique_inverse_matches_numpy(values):
+    keys = np.array(values, dtype=np.int64)
+    uniq, inverse = unique_inverse(keys)
+    assert sorted(uniq.tolist()) == np.unique(keys).tolist()        # each distinct key once
+    np.testing.assert_array_equal(uniq[inverse], keys)
+    if len(keys):                                                   # first-occurrence order
+        _, first = np.unique(keys, return_index=True)
+        assert uniq.tolist() == keys[np.sort(first)].tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 5), st.sampled_from([1, 2, 3, 4]),
+       st.sampled_from(["shared", "per_field", "pairs"]), st.integers(0, 2**31))
+def test_route_unique_keys_gives_the_send_buffer_and_its_inverse(batch, fields, world, layout, seed):
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 12, size=(batch, fields)) * 7919 + rng.integers(0, 2, size=(batch, fields)) * 2**40
+    groups = {"shared": [list(range(fields))], "per_field": [[f] for f in range(fields)],
+              "pairs": [list(range(fields))[i:i + 2] for i in range(0, fields, 2)]}[layout]
+    groups = [np.asarray(g) for g in groups]
+    send_keys, inverse, counts = route_unique_keys(keys, groups, world, 4096)
+    assert counts.shape == (world, len(groups)) and counts.sum() == len(send_keys)
+    assert inverse.dtype == np.int32 and inverse.shape == keys.shape
+    np.testing.assert_array_equal(send_keys[inverse], keys)           # every (sample, field)
+    table_of_field = {f: t for t, g in enumerate(groups) for f in g}
+    start = 0
+    for rank in range(world):                                         # grouped by owner, then table
+        for table in range(len(groups)):
+            block = send_keys[start:start + counts[rank, table]]
+            assert (reference_owner(block, world, 4096) == rank).all()
+            fields_of_table = [f for f in range(fields) if table_of_field[f] == table]
+            expected = set(np.unique(keys[:, fields_of_table]).tolist())
+            owned = {k for k in expected if reference_owner([k], world, 4096)[0] == rank}
+            assert sorted(block.tolist()) == sorted(owned)            # unique within the table
+            start += counts[rank, table]
+    for b in range(batch):                                            # a field reads its own table's entry
+        for f in range(fields):
+            t = table_of_field[f]
+            rank = reference_owner([keys[b, f]], world, 4096)[0]
+            lo = counts[:rank].sum() + counts[rank, :t].sum()
+            assert lo <= inverse[b, f] < lo + counts[rank, t], (b, f)
+
+
+def reference_staleness(versions, step, applied_through):
+    current = np.maximum(versions, applied_through)
+    stale = np.maximum(step - 1 - current, 0)
+    stale[versions >= step] = 0
+    return stale
+
+
+@pytest.mark.parametrize("step, applied", [(10, 8), (10, -1), (3, 5), (400, 2)])
+def test_count_staleness_matches_the_formula(step, applied):
+    versions = np.array([-1, 0, 1, 2, 5, 8, 9, 10, 11, 150, 399], dtype=np.int64)
+    histogram = np.zeros(256, dtype=np.int64)
+    histogram[0] = 7                                    # the kernel adds to what is there
+    worst = count_staleness(versions, step, applied, histogram)
+    stale = reference_staleness(versions, step, applied)
+    expected = np.bincount(np.minimum(stale, 255), minlength=256)
+    expected[0] += 7
+    np.testing.assert_array_equal(histogram, expected)
+    assert worst == stale.max()
