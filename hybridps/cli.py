@@ -61,6 +61,9 @@ def _add_train_arguments(parser):
                         help="SSP: a TF step may miss the dense updates of this many latest steps (0)")
     parser.add_argument("--watchdog-timeout", type=float,
                         help="seconds a collective may take before the job aborts with a dump (300)")
+    parser.add_argument("--loader-delay-ms", type=float,
+                        help="benchmark/testing aid: the data loader of --delay-rank sleeps this long per batch")
+    parser.add_argument("--delay-rank", type=int, help="the rank whose data loader --loader-delay-ms slows")
     parser.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fail-rank", type=int, help=argparse.SUPPRESS)
 

@@ -1,5 +1,6 @@
-"""Smoke test of `hybridps bench compare` on 2 ranks with a tiny workload: every case runs under
-mpirun and the output files have the documented schema. No speed is asserted."""
+"""Smoke tests of `hybridps bench train` and `hybridps bench compare` on 2 ranks with a tiny
+workload: every case runs under mpirun and the output files have the documented schema. No
+speed is asserted."""
 import json
 import math
 import os
@@ -48,3 +49,31 @@ def test_repeated_cases_run_round_robin_and_report_the_median_run():
     assert chosen["b"]["samples_per_s"] == 20.0 and chosen["b"]["argv"] == []
     with pytest.raises(ValueError, match="repeats"):
         run_rounds([("a", [])], 0, run_case)
+
+
+def test_bench_train_writes_every_case(tmp_path, monkeypatch):
+    if not mpirun_available():
+        pytest.skip("mpirun not on PATH")
+    from tests.mpi_util import MPI_ENV
+    for key, value in MPI_ENV.items():
+        monkeypatch.setenv(key, value)
+    from hybridps.bench.train import run_train_bench
+    report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
+                             dim=4, vocab_size=500, timeout=240)
+    names = [c["name"] for c in report["cases"]]
+    assert names == ["hybridps-bsp", "hybridps-ssp1", "hybridps-ssp1-dense1", "hybridps-ssp4",
+                     "hybridps-asp", "hybridps-bsp-straggler", "hybridps-ssp1-straggler",
+                     "hybridps-asp-straggler", "tf-baseline", "compute-ceiling"]
+    for case in report["cases"]:
+        for key in ("samples_per_s", "final_loss", "auc"):
+            assert math.isfinite(case[key]) and case[key] > 0, (case["name"], key)
+        assert case["samples_per_s_runs"] == [case["samples_per_s"]]
+    by_name = {c["name"]: c for c in report["cases"]}
+    assert by_name["hybridps-ssp1"]["staleness_max"] <= 1
+    assert by_name["hybridps-ssp1-dense1"]["dense_staleness_max"] <= 1
+    assert by_name["hybridps-bsp"]["dense_staleness_max"] == 0
+    assert set(report["ratios"]) == {"vs_tf_baseline", "vs_ceiling", "asp_vs_bsp", "ssp1_vs_bsp"}
+    with open(tmp_path / "train.json") as fh:
+        assert json.load(fh)["cases"] == report["cases"]
+    assert (tmp_path / "train.md").read_text().count("|") > 20
+    assert os.path.getsize(tmp_path / "train.png") > 1000

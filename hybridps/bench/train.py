@@ -7,6 +7,9 @@ Zipf IDs, Adagrad):
   * ``hybridps-ssp1``, ``hybridps-ssp4``, ``hybridps-asp``: the same with ``--sync ssp
     --staleness 1`` / ``4`` and ``--sync asp``; ``hybridps-ssp1-dense1`` adds
     ``--dense-staleness 1`` to SSP(1);
+  * ``hybridps-bsp-straggler``, ``hybridps-ssp1-straggler``, ``hybridps-asp-straggler``: BSP,
+    SSP(1) and ASP with rank 1's data loader sleeping ``STRAGGLER_MS`` per batch (a slow disk
+    or preprocessing on one node): what not waiting for the slower rank is worth;
   * ``tf-baseline``: plain TF + Horovod, fixed-size Embedding over hashed buckets, gradients
     through hvd.DistributedGradientTape (hybridps.bench.train_worker);
   * ``compute-ceiling``: the same TF step on rows already in memory, no communication.
@@ -28,6 +31,7 @@ OVERSUBSCRIBE_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1", "OMP_NUM_THREADS": "1"
                      "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 TARGETS = {"vs_tf_baseline": 5.0, "vs_ceiling": 0.60, "asp_vs_bsp": 1.2, "ssp1_vs_bsp": 1.1}
+STRAGGLER_MS = 15.0      # about a quarter of a DeepFM step at batch 4096 on this machine
 
 
 def add_arguments(parser):
@@ -84,6 +88,7 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
     cases = []
     train = ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
              "--mode", "collective", "--optimizer", "adagrad", "--no-progress"]
+    straggler = ["--loader-delay-ms", f"{STRAGGLER_MS:g}", "--delay-rank", "1"]
     plan = [
         ("hybridps-bsp", train + ["--sync", "bsp", "--metrics-out"]),
         ("hybridps-ssp1", train + ["--sync", "ssp", "--staleness", "1", "--metrics-out"]),
@@ -91,6 +96,10 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
                                           "--metrics-out"]),
         ("hybridps-ssp4", train + ["--sync", "ssp", "--staleness", "4", "--metrics-out"]),
         ("hybridps-asp", train + ["--sync", "asp", "--metrics-out"]),
+        ("hybridps-bsp-straggler", train + ["--sync", "bsp"] + straggler + ["--metrics-out"]),
+        ("hybridps-ssp1-straggler", train + ["--sync", "ssp", "--staleness", "1"] + straggler
+         + ["--metrics-out"]),
+        ("hybridps-asp-straggler", train + ["--sync", "asp"] + straggler + ["--metrics-out"]),
         ("tf-baseline", ["-m", "hybridps.bench.train_worker", "tf-baseline"]),
         ("compute-ceiling", ["-m", "hybridps.bench.train_worker", "ceiling"]),
     ]
@@ -130,9 +139,13 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
               "vs_ceiling": ours / ceiling,
               "asp_vs_bsp": by_name["hybridps-asp"]["samples_per_s"] / ours,
               "ssp1_vs_bsp": by_name["hybridps-ssp1"]["samples_per_s"] / ours}
-    informational = {"ssp1_dense1_vs_bsp": by_name["hybridps-ssp1-dense1"]["samples_per_s"] / ours}
+    straggling_bsp = by_name["hybridps-bsp-straggler"]["samples_per_s"]
+    informational = {"ssp1_dense1_vs_bsp": by_name["hybridps-ssp1-dense1"]["samples_per_s"] / ours,
+                     "ssp1_vs_bsp_with_straggler": by_name["hybridps-ssp1-straggler"]["samples_per_s"] / straggling_bsp,
+                     "asp_vs_bsp_with_straggler": by_name["hybridps-asp-straggler"]["samples_per_s"] / straggling_bsp}
     report = {"cases": cases, "ratios": ratios, "targets": TARGETS, "other_ratios": informational,
               "settings": {"ranks": ranks, "steps": steps, "warmup_steps": warmup_steps, "repeats": repeats,
+                           "straggler_ms": STRAGGLER_MS,
                            "batch_size_per_rank": batch_size, "dim": dim, "vocab_size": vocab_size,
                            "model": "deepfm", "num_fields": 26, "num_dense": 13},
               "machine": bench_environment()}
@@ -150,6 +163,9 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         for k in labels]
     lines.append(f"hybridps-ssp1-dense1 / hybridps-bsp = {informational['ssp1_dense1_vs_bsp']:.2f} "
                  f"(SSP(1) with --dense-staleness 1; no target)")
+    lines.append(f"with rank 1's loader {STRAGGLER_MS:g} ms slower per batch: SSP(1) / BSP = "
+                 f"{informational['ssp1_vs_bsp_with_straggler']:.2f}, ASP / BSP = "
+                 f"{informational['asp_vs_bsp_with_straggler']:.2f} (no target)")
     if repeats > 1:
         lines.append(f"median of {repeats} runs per case; every run's samples/s: " + "; ".join(
             f"{c['name']} " + ", ".join(f"{x:,.0f}" for x in c["samples_per_s_runs"]) for c in cases))
