@@ -2,8 +2,8 @@
 
 What lives here: the dense optimizer (Keras), the initial broadcast from rank 0, the summing
 allreduce followed by the update, compiled once as a tf.function (``DenseSync``), and the
-background thread that runs those steps in order while the main thread does the sparse
-exchange (``DenseStepThread``). Embedding state never comes here: row gradients travel through
+background thread that runs the allreduces in order while the main thread does the sparse
+exchange (``DenseAllreduceThread``). Embedding state never comes here: row gradients travel through
 hybridps.embedding (alltoallv), so nothing of the sharded tables is ever allreduced or
 broadcast.
 
@@ -58,47 +58,58 @@ class DenseSync:
         return grads
 
     def step(self, grads):
-        """Sum the ranks' dense gradients and apply the optimizer (identical on every rank).
+        """Sum the ranks' dense gradients and apply the optimizer (identical on every rank)."""
+        return self.apply_local(self.reduce(grads))
 
-        The allreduce is issued eagerly and the update runs as a compiled tf.function. Putting
-        both in one tf.function was measured 3x slower here (25 ms vs 8 ms per step for
+    def reduce(self, grads):
+        """The ranks' dense gradients summed (Horovod allreduce; unchanged on one rank).
+
+        The allreduce is issued eagerly and the update runs as a separate compiled tf.function.
+        Putting both in one tf.function was measured 3x slower here (25 ms vs 8 ms per step for
         DeepFM's 143k dense parameters on 2 ranks): with one inter-op thread the graph executor
         idles while Horovod's asynchronous op completes on its background thread.
         """
-        if self.world_size > 1:
-            import horovod.tensorflow as hvd
-            from hybridps import watchdog
-            with watchdog.collective("dense_allreduce"):
-                grads = hvd.grouped_allreduce(list(grads), op=hvd.Sum)
-        return self._apply(list(grads))
+        if self.world_size == 1:
+            return list(grads)
+        import horovod.tensorflow as hvd
+        from hybridps import watchdog
+        with watchdog.collective("dense_allreduce"):
+            return hvd.grouped_allreduce(list(grads), op=hvd.Sum)
 
     def apply_local(self, grads):
         """Apply already-reduced gradients (no communication)."""
         return self._apply(list(grads))
 
 
-class DenseStepThread:
-    """Runs ``DenseSync.step`` for each training step's dense gradients, in step order, on a
-    background thread.
+class DenseAllreduceThread:
+    """Allreduces each training step's dense gradients on a background thread, in step order;
+    the thread that trains applies the reduced gradients (``apply_ready``) right before its
+    next TF step.
 
-    Why: Horovod performs an allreduce on its own background thread, at its next negotiation
-    cycle, so a synchronous dense step waits for that latency. Handed to this thread right after
-    the TF step, the allreduce and the update overlap the sparse push and the next pull; the
-    backends wait (``wait_applied``) only where their consistency needs the update: BSP and SSP
-    before the next TF step (so the arithmetic is exactly that of a synchronous dense step), ASP
-    only when ``max_pending`` steps are queued or at a checkpoint fence.
+    Why a thread: Horovod performs an allreduce on its own background thread at its next
+    negotiation cycle, so a dense step that waited for it would stall the main thread. Handed
+    over right after the TF step, the allreduce runs while the main thread pushes and pulls
+    rows. Why the update stays in the training thread: TF here runs graphs on one inter-op
+    thread, so an update issued from another thread waits behind the whole next TF step (the
+    update then lagged a step and the queue of pending steps filled up).
+
+    ``apply_ready(need)`` applies, in order, every reduced step not applied yet, waiting
+    until the dense updates of every step < ``need`` are in: BSP and SSP pass ``need = step``
+    (minus SSP's ``dense_staleness``), so the TF step sees exactly the weights a synchronous
+    dense step would give; ASP passes ``step - max_inflight``.
 
     Args:
-        dense: the DenseSync whose ``step`` runs here.
+        dense: the DenseSync (``reduce`` here, ``apply_local`` in the training thread).
         first_step: the step of the first gradients to be submitted.
-        max_pending: how many submitted steps may wait; ``submit`` blocks beyond it.
+        max_pending: how many submitted steps may wait to be applied; ``submit`` blocks beyond it.
     """
 
     def __init__(self, dense, first_step, max_pending):
         self.dense = dense
         self.applied = first_step          # the updates of every step < applied are applied
         self.max_pending = max(1, int(max_pending))
-        self.pending = collections.deque()
+        self.submitted = collections.deque()   # gradients waiting for their allreduce
+        self.reduced = collections.deque()     # reduced gradients waiting to be applied
         self.cond = threading.Condition()
         self.error = None
         self.closing = False
@@ -108,20 +119,28 @@ class DenseStepThread:
 
     def submit(self, grads):
         """Queue one step's dense gradients (this rank's share of the global mean loss)."""
-        with self.cond:
-            while len(self.pending) >= self.max_pending:
+        while True:
+            self._apply_reduced()            # make room with what is already reduced
+            with self.cond:
                 self._raise_if_failed()
-                self.cond.wait(0.1)
-            self._raise_if_failed()
-            self.pending.append(list(grads))
-            self.cond.notify_all()
+                if len(self.submitted) + len(self.reduced) < self.max_pending:
+                    self.submitted.append(list(grads))
+                    self.cond.notify_all()
+                    return
+                if not self.reduced:
+                    self.cond.wait(0.1)
 
-    def wait_applied(self, step):
-        """Block until the dense updates of every step < ``step`` are applied."""
-        with self.cond:
-            while self.applied < step:
+    def apply_ready(self, need):
+        """Apply every reduced step in order; block until the updates of steps < ``need`` are
+        applied."""
+        while True:
+            self._apply_reduced()
+            with self.cond:
                 self._raise_if_failed()
-                self.cond.wait(0.1)
+                if self.applied >= need:
+                    return
+                if not self.reduced:
+                    self.cond.wait(0.1)
 
     def record_lag(self, step):
         """Count how many of the latest steps' dense updates the TF step ``step`` misses (0: it
@@ -136,8 +155,10 @@ class DenseStepThread:
         return [max(counts, default=0), sum(lag * n for lag, n in counts.items()),
                 sum(counts.values())]
 
-    def close(self):
-        """Apply what is queued, then end the thread (re-raises its failure, if any)."""
+    def close(self, step):
+        """Apply every update of steps < ``step`` (the end of training), then end the thread
+        (re-raises its failure, if any)."""
+        self.apply_ready(step)
         with self.cond:
             self.closing = True
             self.cond.notify_all()
@@ -146,24 +167,37 @@ class DenseStepThread:
         with self.cond:
             self._raise_if_failed()
 
+    def _apply_reduced(self):
+        # Only the training thread applies, so the order is the submission order; the lock is
+        # not held while TF runs the update.
+        while True:
+            with self.cond:
+                if not self.reduced:
+                    return
+                grads = self.reduced.popleft()
+            self.dense.apply_local(grads)
+            with self.cond:
+                self.applied += 1
+                self.cond.notify_all()
+
     def _raise_if_failed(self):
         if self.error is not None:
-            raise HybridPSError(f"the dense update thread failed: {type(self.error).__name__}: "
+            raise HybridPSError(f"the dense allreduce thread failed: {type(self.error).__name__}: "
                                 f"{self.error}") from self.error
 
     def _loop(self):
         try:
             while True:
                 with self.cond:
-                    while not self.pending and not self.closing:
+                    while not self.submitted and not self.closing:
                         self.cond.wait()
-                    if not self.pending:
+                    if not self.submitted:
                         return
-                    grads = self.pending[0]
-                self.dense.step(grads)
+                    grads = self.submitted[0]
+                reduced = self.dense.reduce(grads)
                 with self.cond:
-                    self.pending.popleft()
-                    self.applied += 1
+                    self.submitted.popleft()
+                    self.reduced.append(reduced)
                     self.cond.notify_all()
         except BaseException as exc:   # noqa: B902 - handed to the waiting thread, which raises it
             with self.cond:

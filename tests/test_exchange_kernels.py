@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridps.embedding.routing import count_staleness, unique_inverse
+from hybridps._kernels import count_staleness
+from hybridps.embedding.routing import unique_inverse
 from hybridps.embedding.sharded import route_unique_keys
 from tests.reference import mix64_array
 

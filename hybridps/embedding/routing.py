@@ -7,6 +7,5 @@ owning whole buckets lets a restore onto any world size read only its own bucket
 sizes that divide num_buckets this equals ``mix64(key) % world_size``. The same function places
 keys on PS servers, so every mode agrees on ownership.
 """
-from hybridps._kernels import (owner_ranks, unique_inverse, bucket_by_owner,  # noqa: F401
-                               count_staleness)
+from hybridps._kernels import owner_ranks, unique_inverse, bucket_by_owner  # noqa: F401
 from hybridps._hashtable import mix64  # noqa: F401

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hybridps.config import check_table_settings, table_policy
-from hybridps.embedding.routing import bucket_by_owner, count_staleness, unique_inverse
+from hybridps._kernels import count_staleness
+from hybridps.embedding.routing import bucket_by_owner, unique_inverse
 from hybridps.embedding.table import make_table
 
 STALENESS_BINS = 256   # observed staleness above 255 steps is counted in the last bin

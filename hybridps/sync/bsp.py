@@ -5,12 +5,12 @@ alltoallv, so it completes only when every rank has sent its gradients) and the 
 optimizer updates happen before any rank's pull of step t is served, because a rank serves
 that pull only after finishing its own push and apply.
 
-The dense allreduce and update of step t run on a background thread (hybridps.dense.
-DenseStepThread) while the main thread pushes the rows of step t and pulls those of step t + 1;
-``pull`` returns only once that update is applied, so the TF step of t + 1 sees exactly the
+The dense allreduce of step t runs on a background thread (hybridps.dense.DenseAllreduceThread)
+while the main thread pushes the rows of step t and pulls those of step t + 1; ``pull`` then
+applies the reduced gradients before it returns, so the TF step of t + 1 sees exactly the
 weights a synchronous dense step would have given it.
 """
-from hybridps.dense import DenseStepThread
+from hybridps.dense import DenseAllreduceThread
 
 
 class BSPCollectiveBackend:
@@ -25,18 +25,19 @@ class BSPCollectiveBackend:
     def start(self, batches, start_step=0, fence_steps=()):
         self.dense.broadcast_initial()
         self.batches = batches
-        self.dense_thread = DenseStepThread(self.dense, start_step, max_pending=1)
+        self.dense_thread = DenseAllreduceThread(self.dense, start_step, max_pending=1)
+        self.steps_done = start_step
 
     def at_consistent_point(self, step, action):
         """BSP is consistent after every step: run the checkpoint or delta action once the
         dense update of step - 1 is applied."""
-        self.dense_thread.wait_applied(step)
+        self.dense_thread.apply_ready(need=step)
         action()
 
     def pull(self, step):
         batch = next(self.batches)
         plan, rows = self.sharded.pull(batch.keys, step)
-        self.dense_thread.wait_applied(step)
+        self.dense_thread.apply_ready(need=step)
         self.dense_thread.record_lag(step)
         return batch, plan, rows
 
@@ -45,6 +46,7 @@ class BSPCollectiveBackend:
 
     def dense_step(self, grads, step):
         self.dense_thread.submit(grads)
+        self.steps_done = step + 1
 
     def stats(self):
         return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
@@ -53,4 +55,4 @@ class BSPCollectiveBackend:
     def finish(self):
         """Wait until the last dense update is applied."""
         if self.dense_thread is not None:
-            self.dense_thread.close()
+            self.dense_thread.close(self.steps_done)

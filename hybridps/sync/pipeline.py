@@ -17,8 +17,8 @@ that depends only on step numbers, never on timing:
   * ASP(d):  ... pull(t), push(t - d), pull(t + 1), push(t - d + 1) ...  (d = max_inflight)
     Pulls never wait for gradients; pushes trail by at most d steps, which bounds the memory
     held in flight.
-The dense path runs on a background thread (hybridps.dense.DenseStepThread) that allreduces and
-applies each step's dense gradients in order. Under SSP the dense path stays synchronous unless
+The dense allreduces run on a background thread (hybridps.dense.DenseAllreduceThread), in step
+order; the main thread applies the reduced gradients right before its TF step. Under SSP the dense path stays synchronous unless
 ``dense_staleness`` D > 0 is configured: the TF step of t starts once the dense updates of every
 step <= t - D - 1 are applied (D = 0: the previous step's too). Under ASP the main thread waits
 only when max_inflight dense updates are queued, so dense gradients may be applied late. The
@@ -31,7 +31,7 @@ outstanding push and dense update, so nothing pushed is lost at the end of train
 import threading
 
 from hybridps.config import Sync
-from hybridps.dense import DenseStepThread
+from hybridps.dense import DenseAllreduceThread
 from hybridps.errors import HybridPSError
 
 POLL_INTERVAL_S = 0.001   # the exchange thread tests its non-blocking collectives this often
@@ -129,9 +129,10 @@ class PipelinedCollectiveBackend:
         self.dense.broadcast_initial()
         self.batches = batches
         self.dense_staleness = self.config.dense_staleness if self.sync == Sync.SSP else None
-        self.dense_thread = DenseStepThread(
+        self.dense_thread = DenseAllreduceThread(
             self.dense, start_step,
             max_pending=self.max_inflight if self.sync == Sync.ASP else self.dense_staleness + 1)
+        self.steps_done = start_step
         if self.sync == Sync.SSP:
             schedule = ssp_schedule(start_step, self.steps, self.config.staleness)
         else:
@@ -167,7 +168,6 @@ class PipelinedCollectiveBackend:
                 plan, row_grads = self.grads.take(step)
                 self.sharded.push(plan, row_grads, step)
             else:   # fence: the main thread owns the tables until it releases the fence
-                self.dense_thread.wait_applied(step)
                 self.fence_reached.put(step, True)
                 self.fence_released.take(step)
 
@@ -176,6 +176,7 @@ class PipelinedCollectiveBackend:
         has been served (``step`` must be one of the fence steps given to ``start``)."""
         self.fence_reached.take(step)
         try:
+            self.dense_thread.apply_ready(need=step)   # the dense state of the steps < step
             action()
         finally:
             self.fence_released.put(step, True)
@@ -184,7 +185,9 @@ class PipelinedCollectiveBackend:
     def pull(self, step):
         pulled = self.pulled.take(step)
         if self.sync == Sync.SSP:      # dense updates of steps <= step - dense_staleness - 1
-            self.dense_thread.wait_applied(step - self.dense_staleness)
+            self.dense_thread.apply_ready(need=step - self.dense_staleness)
+        else:                          # ASP: at most max_inflight steps behind
+            self.dense_thread.apply_ready(need=step - self.max_inflight)
         self.dense_thread.record_lag(step)
         return pulled
 
@@ -193,6 +196,7 @@ class PipelinedCollectiveBackend:
 
     def dense_step(self, grads, step):
         self.dense_thread.submit(grads)
+        self.steps_done = step + 1
 
     def finish(self):
         """Wait until every push and dense update has been applied."""
@@ -201,7 +205,7 @@ class PipelinedCollectiveBackend:
             self.raise_if_failed()
         self.raise_if_failed()
         if self.dense_thread is not None:
-            self.dense_thread.close()
+            self.dense_thread.close(self.steps_done)
 
     def stats(self):
         return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
