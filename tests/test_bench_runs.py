@@ -7,15 +7,19 @@ import os
 
 import pytest
 
-from tests.mpi_util import mpirun_available
+from tests.mpi_util import MPI_ENV, mpirun_available
 
 
-def test_bench_compare_writes_every_case(tmp_path, monkeypatch):
+@pytest.fixture
+def mpi_env(monkeypatch):
+    """The oversubscription settings the benchmark's mpirun jobs inherit."""
     if not mpirun_available():
         pytest.skip("mpirun not on PATH")
-    from tests.mpi_util import MPI_ENV
     for key, value in MPI_ENV.items():
         monkeypatch.setenv(key, value)
+
+
+def test_bench_compare_writes_every_case(tmp_path, mpi_env):
     from hybridps.bench.compare import run_compare_bench
     report = run_compare_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
                                dim=4, vocab_size=500, timeout=240)
@@ -51,12 +55,7 @@ def test_repeated_cases_run_round_robin_and_report_the_median_run():
         run_rounds([("a", [])], 0, run_case)
 
 
-def test_bench_train_writes_every_case(tmp_path, monkeypatch):
-    if not mpirun_available():
-        pytest.skip("mpirun not on PATH")
-    from tests.mpi_util import MPI_ENV
-    for key, value in MPI_ENV.items():
-        monkeypatch.setenv(key, value)
+def test_bench_train_writes_every_case(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
                              dim=4, vocab_size=500, timeout=240)

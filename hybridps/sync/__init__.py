@@ -1,8 +1,9 @@
 """Consistency strategies of the collective path: BSP, SSP and ASP behind one switch.
 
 Each strategy is a Backend (hybridps.backend) composed of a ShardedEmbedding (sparse rows over
-alltoallv) and a DenseSync (Horovod allreduce). BSP runs everything in the main thread; SSP
-and ASP run the exchange in a communication thread (hybridps.sync.pipeline).
+alltoallv) and a DenseSync (Horovod allreduce, issued from hybridps.dense.DenseAllreduceThread
+in every mode). BSP runs the sparse exchange in the main thread; SSP and ASP run it in a
+communication thread (hybridps.sync.pipeline).
 """
 from hybridps.config import Sync
 from hybridps.sync.bsp import BSPCollectiveBackend
