@@ -134,8 +134,8 @@ cdef inline void set_slot_row(Slot* s, int32_t row) noexcept nogil:
 cdef enum:
     ROW_EMPTY = -1
     ROW_CANDIDATE = -3
-    PREFETCH_DISTANCE = 16
-    ROW_PREFETCH_DISTANCE = 8
+    PREFETCH_DISTANCE = 16        # a power of two (the ring of home slots is indexed by a mask)
+    ROW_PREFETCH_DISTANCE = 8     # < PREFETCH_DISTANCE: the ring still holds that key's home
     RUN_DONE = 0
     RUN_NEED_SLOTS = 1
     RUN_NEED_ROWS = 2
@@ -490,34 +490,56 @@ cdef class EmbeddingHashTable:
 
     cdef inline uint64_t _probe(self, int64_t key) noexcept nogil:
         # The slot holding `key`, or the empty slot where it would be inserted.
-        cdef uint64_t i = self._home(key)
+        return self._probe_from(key, self._home(key))
+
+    cdef inline uint64_t _probe_from(self, int64_t key, uint64_t home) noexcept nogil:
+        # _probe when the key's home slot is already known.
+        cdef uint64_t i = home
         while True:
             if slot_row(&self.slots[i]) == ROW_EMPTY or self.slots[i].key == key:
                 return i
             i = (i + 1) & self.mask
-
-    cdef inline void _prefetch(self, int64_t key) noexcept nogil:
-        HPS_PREFETCH(&self.slots[self._home(key)])
 
     # Batched loops prefetch in two stages: the slot of the key PREFETCH_DISTANCE ahead, then,
     # ROW_PREFETCH_DISTANCE ahead (its slot has arrived by then), the per-row data the loop
     # will touch, when the key sits in its home slot (most keys do at load <= 0.5). Rows live
     # in random places of a large block, so without the second stage every row and metadata
     # access is a cache miss the loop waits for.
-    cdef inline int32_t _home_row(self, int64_t key) noexcept nogil:
-        cdef Slot* s = &self.slots[self._home(key)]
+    # The loops keep the home slots of the keys ahead in a ring of PREFETCH_DISTANCE entries,
+    # so each key is hashed once (``_ring_start`` / ``_ring_next``).
+    cdef inline int32_t _home_row(self, int64_t key, uint64_t home) noexcept nogil:
+        cdef Slot* s = &self.slots[home]
         return slot_row(s) if s.key == key else -1
 
-    cdef inline void _prefetch_row_for_lookup(self, int64_t key) noexcept nogil:
-        cdef int32_t r = self._home_row(key)
+    cdef inline void _prefetch_row_for_lookup(self, int64_t key, uint64_t home) noexcept nogil:
+        cdef int32_t r = self._home_row(key, home)
         if r >= 0:
             HPS_PREFETCH(self.rows + <int64_t>r * self.row_width)
             HPS_PREFETCH(&self.row_last_update[r])
 
-    cdef inline void _prefetch_row_for_update(self, int64_t key) noexcept nogil:
-        cdef int32_t r = self._home_row(key)
+    cdef inline void _prefetch_row_for_update(self, int64_t key, uint64_t home) noexcept nogil:
+        cdef int32_t r = self._home_row(key, home)
         if r >= 0:
             HPS_PREFETCH(&self.row_accumulator_index[r])
+
+    cdef inline void _ring_start(self, const int64_t[::1] k, Py_ssize_t start,
+                                 uint64_t* ring) noexcept nogil:
+        # Hash and prefetch the first PREFETCH_DISTANCE keys from ``start``.
+        cdef Py_ssize_t j
+        cdef Py_ssize_t n = k.shape[0]
+        for j in range(start, start + PREFETCH_DISTANCE if start + PREFETCH_DISTANCE < n else n):
+            ring[j & (PREFETCH_DISTANCE - 1)] = self._home(k[j])
+            HPS_PREFETCH(&self.slots[ring[j & (PREFETCH_DISTANCE - 1)]])
+
+    cdef inline uint64_t _ring_next(self, const int64_t[::1] k, Py_ssize_t i,
+                                    uint64_t* ring) noexcept nogil:
+        # The home slot of key i; hashes and prefetches key i + PREFETCH_DISTANCE in its place.
+        cdef uint64_t home = ring[i & (PREFETCH_DISTANCE - 1)]
+        cdef Py_ssize_t ahead = i + PREFETCH_DISTANCE
+        if ahead < k.shape[0]:
+            ring[ahead & (PREFETCH_DISTANCE - 1)] = self._home(k[ahead])
+            HPS_PREFETCH(&self.slots[ring[ahead & (PREFETCH_DISTANCE - 1)]])
+        return home
 
     cdef void _delete_slot(self, uint64_t i) noexcept nogil:
         # Backward-shift deletion for linear probing: pull later members of the cluster back
@@ -587,11 +609,11 @@ cdef class EmbeddingHashTable:
         cdef const int64_t[::1] k = keys
         cdef int64_t[::1] o = out
         cdef int32_t row
+        cdef uint64_t ring[PREFETCH_DISTANCE]
         with nogil:
+            self._ring_start(k, 0, ring)
             for i in range(n):
-                if i + PREFETCH_DISTANCE < n:
-                    self._prefetch(k[i + PREFETCH_DISTANCE])
-                row = slot_row(&self.slots[self._probe(k[i])])
+                row = slot_row(&self.slots[self._probe_from(k[i], self._ring_next(k, i, ring))])
                 o[i] = row if row >= 0 else -1
         return out
 
@@ -683,14 +705,17 @@ cdef class EmbeddingHashTable:
         cdef bint fresh
         cdef int64_t slot_limit = <int64_t>(self.n_slots * MAX_LOAD)
         cdef int64_t row_limit = self.max_rows if self.max_rows else MAX_ROWS_INT32
+        cdef uint64_t ring[PREFETCH_DISTANCE]
+        cdef uint64_t home
+        self._ring_start(k, start, ring)
         for i in range(start, n):
-            if i + PREFETCH_DISTANCE < n:
-                self._prefetch(k[i + PREFETCH_DISTANCE])
+            home = self._ring_next(k, i, ring)
             if gather and i + ROW_PREFETCH_DISTANCE < n:
-                self._prefetch_row_for_lookup(k[i + ROW_PREFETCH_DISTANCE])
+                self._prefetch_row_for_lookup(
+                    k[i + ROW_PREFETCH_DISTANCE], ring[(i + ROW_PREFETCH_DISTANCE) & (PREFETCH_DISTANCE - 1)])
                 HPS_PREFETCH(&o[i + ROW_PREFETCH_DISTANCE, 0])
             key = k[i]
-            s = &self.slots[self._probe(key)]
+            s = &self.slots[self._probe_from(key, home)]
             fresh = slot_row(s) == ROW_EMPTY
             if fresh:
                 if self.used_slots >= slot_limit:
@@ -776,13 +801,16 @@ cdef class EmbeddingHashTable:
         cdef int64_t n_touched = 0, n_applied = 0, r, a
         cdef int32_t row_of_key
         cdef bint skip_bad
+        cdef uint64_t ring[PREFETCH_DISTANCE]
+        cdef uint64_t home
         with nogil:
+            self._ring_start(k, 0, ring)
             for i in range(n):
-                if i + PREFETCH_DISTANCE < n:
-                    self._prefetch(k[i + PREFETCH_DISTANCE])
+                home = self._ring_next(k, i, ring)
                 if i + ROW_PREFETCH_DISTANCE < n:
-                    self._prefetch_row_for_update(k[i + ROW_PREFETCH_DISTANCE])
-                row_of_key = slot_row(&self.slots[self._probe(k[i])])
+                    self._prefetch_row_for_update(
+                        k[i + ROW_PREFETCH_DISTANCE], ring[(i + ROW_PREFETCH_DISTANCE) & (PREFETCH_DISTANCE - 1)])
+                row_of_key = slot_row(&self.slots[self._probe_from(k[i], home)])
                 if row_of_key < 0:
                     if row_of_key == ROW_CANDIDATE:
                         self.dropped_unadmitted_grads += 1
