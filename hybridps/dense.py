@@ -57,10 +57,6 @@ class DenseSync:
         self.optimizer.apply_gradients(zip(grads, self.variables))
         return grads
 
-    def step(self, grads):
-        """Sum the ranks' dense gradients and apply the optimizer (identical on every rank)."""
-        return self.apply_local(self.reduce(grads))
-
     def reduce(self, grads):
         """The ranks' dense gradients summed (Horovod allreduce; unchanged on one rank).
 
@@ -107,6 +103,7 @@ class DenseAllreduceThread:
     def __init__(self, dense, first_step, max_pending):
         self.dense = dense
         self.applied = first_step          # the updates of every step < applied are applied
+        self.submitted_through = first_step   # gradients of every step < this were submitted
         self.max_pending = max(1, int(max_pending))
         self.submitted = collections.deque()   # gradients waiting for their allreduce
         self.reduced = collections.deque()     # reduced gradients waiting to be applied
@@ -125,6 +122,7 @@ class DenseAllreduceThread:
                 self._raise_if_failed()
                 if len(self.submitted) + len(self.reduced) < self.max_pending:
                     self.submitted.append(list(grads))
+                    self.submitted_through += 1
                     self.cond.notify_all()
                     return
                 if not self.reduced:
@@ -155,10 +153,10 @@ class DenseAllreduceThread:
         return [max(counts, default=0), sum(lag * n for lag, n in counts.items()),
                 sum(counts.values())]
 
-    def close(self, step):
-        """Apply every update of steps < ``step`` (the end of training), then end the thread
-        (re-raises its failure, if any)."""
-        self.apply_ready(step)
+    def close(self):
+        """Apply every submitted step (the end of training), then end the thread (re-raises
+        its failure, if any)."""
+        self.apply_ready(self.submitted_through)
         with self.cond:
             self.closing = True
             self.cond.notify_all()

@@ -47,7 +47,7 @@ def test_steps_are_reduced_and_applied_once_in_order_by_the_training_thread():
         worker.apply_ready(step + 1)             # BSP: the update of step is in before step + 1
         worker.record_lag(step + 1)
         assert dense.applied[-1] == step
-    worker.close(30)
+    worker.close()
     assert dense.reduced == dense.applied == list(range(10, 30))
     assert dense.apply_threads == {threading.get_ident()}
     assert worker.lag_summary() == [0, 0, 20]
@@ -67,7 +67,7 @@ def test_submit_blocks_while_max_pending_steps_wait_and_lag_is_counted():
     dense.release.set()
     third.join(5)
     assert not third.is_alive()
-    worker.close(3)
+    worker.close()
     assert dense.applied == [0, 1, 2]
     assert worker.lag_summary() == [2, 2, 1]
 
@@ -85,4 +85,4 @@ def test_a_failing_allreduce_is_raised_to_the_waiter_not_hung():
     with pytest.raises(HybridPSError, match="dense allreduce thread failed"):
         worker.submit([4])
     with pytest.raises(HybridPSError):
-        worker.close(4)
+        worker.close()

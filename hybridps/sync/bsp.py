@@ -26,7 +26,6 @@ class BSPCollectiveBackend:
         self.dense.broadcast_initial()
         self.batches = batches
         self.dense_thread = DenseAllreduceThread(self.dense, start_step, max_pending=1)
-        self.steps_done = start_step
 
     def at_consistent_point(self, step, action):
         """BSP is consistent after every step: run the checkpoint or delta action once the
@@ -46,7 +45,6 @@ class BSPCollectiveBackend:
 
     def dense_step(self, grads, step):
         self.dense_thread.submit(grads)
-        self.steps_done = step + 1
 
     def stats(self):
         return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
@@ -55,4 +53,4 @@ class BSPCollectiveBackend:
     def finish(self):
         """Wait until the last dense update is applied."""
         if self.dense_thread is not None:
-            self.dense_thread.close(self.steps_done)
+            self.dense_thread.close()

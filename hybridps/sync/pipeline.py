@@ -18,11 +18,12 @@ that depends only on step numbers, never on timing:
     Pulls never wait for gradients; pushes trail by at most d steps, which bounds the memory
     held in flight.
 The dense allreduces run on a background thread (hybridps.dense.DenseAllreduceThread), in step
-order; the main thread applies the reduced gradients right before its TF step. Under SSP the dense path stays synchronous unless
-``dense_staleness`` D > 0 is configured: the TF step of t starts once the dense updates of every
-step <= t - D - 1 are applied (D = 0: the previous step's too). Under ASP the main thread waits
-only when max_inflight dense updates are queued, so dense gradients may be applied late. The
-dense lag each TF step actually had is measured (``dense_staleness_max`` / ``_mean``).
+order; the main thread applies the reduced gradients right before its TF step. Under SSP the
+dense path stays synchronous unless ``dense_staleness`` D > 0 is configured: the TF step of t
+starts once the dense updates of every step <= t - D - 1 are applied (D = 0: the previous
+step's too). Under ASP the main thread waits only when max_inflight dense updates are queued,
+so dense gradients may be applied late. The dense lag each TF step actually had is measured
+(``dense_staleness_max`` / ``_mean``).
 The main thread only computes: it takes prefetched rows (``pull``) and hands gradients over
 (``push``), blocking when ``max_inflight`` results are already waiting, so memory stays bounded.
 Only the communication thread touches the tables while training runs. ``finish`` drains every
@@ -132,7 +133,6 @@ class PipelinedCollectiveBackend:
         self.dense_thread = DenseAllreduceThread(
             self.dense, start_step,
             max_pending=self.max_inflight if self.sync == Sync.ASP else self.dense_staleness + 1)
-        self.steps_done = start_step
         if self.sync == Sync.SSP:
             schedule = ssp_schedule(start_step, self.steps, self.config.staleness)
         else:
@@ -196,7 +196,6 @@ class PipelinedCollectiveBackend:
 
     def dense_step(self, grads, step):
         self.dense_thread.submit(grads)
-        self.steps_done = step + 1
 
     def finish(self):
         """Wait until every push and dense update has been applied."""
@@ -205,7 +204,7 @@ class PipelinedCollectiveBackend:
             self.raise_if_failed()
         self.raise_if_failed()
         if self.dense_thread is not None:
-            self.dense_thread.close(self.steps_done)
+            self.dense_thread.close()
 
     def stats(self):
         return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
