@@ -57,6 +57,7 @@ Optimizers (lazy: only rows whose key appears in a gradient batch change; duplic
 """
 
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t
+from mix64 cimport mix64_c
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy
 from libc.math cimport sqrt, log, log1p, exp, pow, fabs, isfinite
@@ -153,13 +154,6 @@ OPTIMIZER_SLOT_NAMES = {"sgd": (), "adagrad": ("accumulator",), "adam": ("m", "v
 INITIALIZERS = {"zeros": 0, "normal": 1, "uniform": 2}
 ON_FULL = ("raise", "refuse")
 NONFINITE = ("raise", "skip")
-
-
-cdef inline uint64_t mix64_c(uint64_t z) noexcept nogil:
-    # splitmix64 finalizer: a bijective 64-bit mixer.
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
-    return z ^ (z >> 31)
 
 
 def mix64(keys):

@@ -6,23 +6,21 @@ What lives here: the loops that run over every key of every step (DESIGN.md sect
 must never be per-key Python or a sort: ``unique_inverse`` (hash-based, first-occurrence
 order), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``), ``bucket_by_owner`` (a counting
 sort of the step's unique keys by (owner rank, table) that yields the send order of the fused
-exchange) and ``count_staleness`` (the owner's staleness histogram of the rows it serves). What does not: MPI (hybridps.comm) and tables (hybridps._hashtable).
+exchange), ``count_staleness`` (the owner's staleness histogram of the rows it serves),
+``permute_blocks`` (moves a step's rows between the exchange's (owner, table) order and the TF
+step's (dim group, table, owner) order) and ``hash_int_ids`` (schema feature keys of integer
+ids, hybridps.data.hashing). What does not: MPI (hybridps.comm) and tables
+(hybridps._hashtable).
 """
 
 from libc.stdint cimport int64_t, uint64_t, int32_t
+from mix64 cimport mix64_c
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memset, memcpy
 
 import numpy as np
 
 from hybridps.errors import TableInputError
-
-
-cdef inline uint64_t mix64_c(uint64_t z) noexcept nogil:
-    # splitmix64 finalizer, identical to hybridps._hashtable.mix64.
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
-    return z ^ (z >> 31)
 
 
 cdef object _keys_1d(object keys):
@@ -198,3 +196,65 @@ def count_staleness(versions, int64_t step, int64_t applied_through, histogram):
                 worst = stale
             h[stale if stale < bins else bins - 1] += 1
     return worst
+
+
+def permute_blocks(src, src_offsets, dst_offsets, sizes, dst=None):
+    """Copy blocks of a flat float32 buffer to other places: a block permutation.
+
+    Block ``b`` is ``src[src_offsets[b]:src_offsets[b] + sizes[b]]`` and goes to
+    ``dst[dst_offsets[b]:...]``. The exchange moves a step's unique rows between its send order
+    (grouped by owner rank, then table) and the TF step's order (grouped by dim group, then
+    table, then owner) with it: one memcpy per block, never a gather per row.
+
+    Args:
+        src: 1-D float32 array.                                   # IN
+        src_offsets, dst_offsets, sizes: int64 arrays (blocks,).   # IN
+        dst: optional 1-D float32 array of the same length.        # OUT
+    Returns:
+        dst.
+    """
+    cdef const float[::1] s = np.ascontiguousarray(src, dtype=np.float32)
+    if dst is None:
+        dst = np.empty(s.shape[0], dtype=np.float32)
+    cdef float[::1] d = dst
+    cdef const int64_t[::1] so = np.ascontiguousarray(src_offsets, dtype=np.int64)
+    cdef const int64_t[::1] do = np.ascontiguousarray(dst_offsets, dtype=np.int64)
+    cdef const int64_t[::1] n = np.ascontiguousarray(sizes, dtype=np.int64)
+    cdef Py_ssize_t b, blocks = n.shape[0]
+    if so.shape[0] != blocks or do.shape[0] != blocks or d.shape[0] != s.shape[0]:
+        raise TableInputError("permute_blocks: offsets, sizes and buffers disagree in length")
+    for b in range(blocks):
+        if n[b] < 0 or so[b] < 0 or do[b] < 0 or so[b] + n[b] > s.shape[0] or do[b] + n[b] > d.shape[0]:
+            raise TableInputError(f"permute_blocks: block {b} lies outside the buffers")
+    with nogil:
+        for b in range(blocks):
+            if n[b]:
+                memcpy(&d[do[b]], &s[so[b]], n[b] * sizeof(float))
+    return dst
+
+
+cdef uint64_t ID_GOLDEN = 0x9E3779B97F4A7C15ULL
+
+
+def hash_int_ids(ids, uint64_t space_seed):
+    """Schema feature keys of integer ids: ``mix64(mix64(uint64(id) + GOLDEN) ^ space_seed)``.
+
+    The formula of hybridps.data.hashing.feature_keys (which documents ``space_seed``), as one
+    C loop: about 1 ns per id.
+
+    Args:
+        ids: int64 array of any shape.     # IN
+        space_seed: the key space's seed.
+    Returns:
+        int64 keys of the same shape.
+    """
+    arr = np.ascontiguousarray(ids, dtype=np.int64)
+    shape = arr.shape
+    cdef const int64_t[::1] v = arr.reshape(-1)
+    out = np.empty(v.shape[0], dtype=np.int64)
+    cdef int64_t[::1] o = out
+    cdef Py_ssize_t i, n = v.shape[0]
+    with nogil:
+        for i in range(n):
+            o[i] = <int64_t>mix64_c(mix64_c(<uint64_t>v[i] + ID_GOLDEN) ^ space_seed)
+    return out.reshape(shape)

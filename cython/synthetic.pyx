@@ -12,6 +12,7 @@ What does not: anything random, and the bias calibration (Python, once per datas
 """
 
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint16_t
+from mix64 cimport mix64_c
 
 import numpy as np
 
@@ -22,11 +23,6 @@ ctypedef fused index_t:
     int64_t
 
 
-cdef inline uint64_t mix64_c(uint64_t z) noexcept nogil:
-    # splitmix64 finalizer, identical to hybridps._hashtable.mix64.
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
-    return z ^ (z >> 31)
 
 
 def pick_keys(const index_t[:, ::1] candidates, const float[:, ::1] coins,
@@ -132,4 +128,49 @@ def planted_logits(const int64_t[:, ::1] keys, const float[:, ::1] dense,
                     acc += 0.5 * s[j] * s[j]
                 acc -= 0.5 * sq
             logit[i] = acc
+    return out
+
+
+def alias_ids(const index_t[::1] candidates, const float[::1] coins, const float[::1] accept,
+              const index_t[::1] alias):
+    """Walker alias picks: ``id = c if coins[i] < accept[c] else alias[c]``, c = candidates[i].
+
+    Args:
+        candidates: (N,) uniform draws in [0, vocab).     # IN
+        coins: (N,) uniform float32 draws in [0, 1).      # IN
+        accept, alias: the alias table (vocab,).          # IN
+    Returns:
+        int64 ids (N,).
+    """
+    cdef Py_ssize_t n = candidates.shape[0], i, vocab = accept.shape[0]
+    if coins.shape[0] != n or alias.shape[0] != vocab:
+        raise DataError("alias_ids: candidates, coins and the alias table disagree in shape")
+    out = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] o = out
+    cdef index_t c
+    with nogil:
+        for i in range(n):
+            c = candidates[i]
+            if c < 0 or c >= vocab:
+                c = 0
+            if not coins[i] < accept[c]:
+                c = alias[c]
+            o[i] = c
+    return out
+
+
+def key_weights(const int64_t[::1] keys, uint64_t salt_w, double w_scale):
+    """The planted weight of each key: ``(z / 65536 - 2) * sqrt(3) * w_scale`` with ``z`` the
+    sum of the four 16-bit chunks of ``splitmix64(key ^ salt_w)`` (the per-key term of
+    ``planted_logits``), float64 (N,)."""
+    cdef Py_ssize_t n = keys.shape[0], i
+    out = np.empty(n, dtype=np.float64)
+    cdef double[::1] o = out
+    cdef uint64_t h
+    cdef double scale = 1.7320508075688772 * w_scale
+    with nogil:
+        for i in range(n):
+            h = mix64_c(<uint64_t>keys[i] ^ salt_w)
+            o[i] = (<double>((h & 0xFFFF) + ((h >> 16) & 0xFFFF) + ((h >> 32) & 0xFFFF) + (h >> 48))
+                    * (1.0 / 65536.0) - 2.0) * scale
     return out

@@ -1,7 +1,20 @@
-"""The unit of data that flows from a dataset into a training step."""
+"""The unit of data that flows from a dataset into a training step: a jagged batch.
+
+Per sparse feature a batch holds values and lengths (the layout of TorchRec's KeyedJaggedTensor),
+stored two ways so that the common case costs nothing:
+
+* single-valued features (every length 1) as the columns of one int64 matrix ``keys`` (B, S),
+  in schema order: a reader fills it in one pass, and the exchange uniques a table's columns
+  without first gathering them into a list;
+* multi-hot and sequence features in ``lists``: per feature name ``(values int64 (N,), lengths
+  int32 (B,))``, sample ``i``'s ids being ``values[sum(lengths[:i]):sum(lengths[:i + 1])]``.
+  Sequences are already truncated to their ``max_len`` (:func:`truncate_lists`), the number of
+  ids dropped counted in ``truncated``.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -13,17 +26,22 @@ class Batch:
     """One local mini-batch.
 
     Attributes:
-        dense: float32 array of shape (B, num_dense), the continuous features (already
-            transformed, e.g. log1p for Criteo).
-        keys: int64 array of shape (B, num_fields), one already-hashed feature key per
-            categorical field (see :mod:`hybridps.data.hashing`). Keys of different fields
-            never collide by construction, so all fields may share one embedding table.
-        labels: float32 array of shape (B,), 0.0 or 1.0.
+        dense: float32 (B, num_dense), the continuous features (already transformed).
+        keys: int64 (B, S), the hashed keys of the single-valued features (see
+            :mod:`hybridps.data.hashing`), one column per feature in schema order.
+        labels: float32 (B,), 0.0 or 1.0.
+        lists: feature name -> (values int64 (N,), lengths int32 (B,)) of the multi-hot and
+            sequence features.
+        truncated: feature name -> ids dropped from sequences longer than their max_len.
+        groups: optional int64 (B,) ids of the schema's ``group_by`` column (evaluation).
     """
 
     dense: np.ndarray
     keys: np.ndarray
     labels: np.ndarray
+    lists: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    truncated: Dict[str, int] = field(default_factory=dict)
+    groups: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.dense = np.asarray(self.dense, dtype=np.float32)
@@ -38,6 +56,11 @@ class Batch:
             raise DataError(
                 f"Batch arrays disagree on the batch size: dense {self.dense.shape}, keys "
                 f"{self.keys.shape}, labels {self.labels.shape}")
+        for name, (values, lengths) in self.lists.items():
+            if lengths.shape != (b,) or int(lengths.sum()) != values.shape[0]:
+                raise DataError(f"Batch list feature {name!r}: {values.shape[0]} values but "
+                                f"lengths {lengths.shape} summing to {int(lengths.sum())} for "
+                                f"a batch of {b}")
 
     @property
     def size(self) -> int:
@@ -54,6 +77,42 @@ class Batch:
 
     def __len__(self) -> int:
         return self.size
+
+    def take(self, index) -> "Batch":
+        """The samples at ``index`` (an int array or a slice), lists included."""
+        rows = np.arange(self.size)[index] if isinstance(index, slice) else np.asarray(index)
+        lists = {name: take_lists(values, lengths, rows)
+                 for name, (values, lengths) in self.lists.items()}
+        return Batch(dense=self.dense[rows], keys=self.keys[rows], labels=self.labels[rows],
+                     lists=lists, groups=None if self.groups is None else self.groups[rows])
+
+
+def take_lists(values, lengths, rows):
+    """The jagged (values, lengths) of the samples ``rows`` (vectorized, any order, repeats)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    picked = lengths[rows]
+    total = int(picked.sum())
+    out_starts = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(picked, out=out_starts[1:])
+    # position j of the output takes input starts[row] + (j - out_starts[sample])
+    sample = np.repeat(np.arange(len(rows)), picked)
+    source = starts[np.asarray(rows)[sample]] + (np.arange(total) - out_starts[sample])
+    return values[source], picked.astype(np.int32)
+
+
+def truncate_lists(values, lengths, max_len):
+    """Keep each sample's first ``max_len`` ids; returns (values, lengths int32, ids dropped)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if max_len is None or len(lengths) == 0 or lengths.max() <= max_len:
+        return values, lengths.astype(np.int32), 0
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    position = np.arange(len(values)) - np.repeat(starts[:-1], lengths)
+    keep = position < max_len
+    kept = np.minimum(lengths, max_len)
+    return values[keep], kept.astype(np.int32), int(len(values) - int(kept.sum()))
 
 
 def check_int(name: str, value, minimum: int) -> int:

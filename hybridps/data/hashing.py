@@ -36,6 +36,25 @@ with wrapping uint64 arithmetic, ``GOLDEN = 0x9E3779B97F4A7C15`` and the splitmi
 (the same mixer as ``hybridps._hashtable.mix64``). Negative ids are taken modulo 2**64. The
 finalizer is a bijection, so: distinct ids of one field never collide (for any int64 ids), and
 ids of different fields never collide as long as ids lie in [0, 2**48) (field < 2**16).
+These two formulas are the Criteo preset's and the synthetic generator's.
+
+Schema features (``space_keys``, ``text_ids``)
+----------------------------------------------
+A feature of a ``features:`` schema hashes its values by its *key space* (its table's name
+unless it sets ``key_space:``), so features that share a key space share rows for equal values.
+Every value is first an int64 *id*: an integer is itself; text that is the canonical decimal
+form of an int64 (``"42"``, ``"-7"``, ``"0"``; no sign ``+``, no leading zeros, no spaces) is that
+integer, so a CSV and a Parquet file of the same data give the same keys; other text is ::
+
+    text_id(s) = int64_le( BLAKE2b(utf8(s), digest_size=8, person=b"hybridps-value-1") )
+
+A missing value (an empty CSV cell, a Parquet null) is the id -1. Then ::
+
+    space_seed(space) = uint64_le( BLAKE2b(utf8(space), digest_size=8, person=b"hybridps-space-1") )
+    key(space, id)    = int64( mix64( mix64(uint64(id) + GOLDEN) ^ space_seed(space) ) )
+
+(``hybridps._kernels.hash_int_ids``, about 1 ns per id; the exported SavedModel computes the
+same formula in TensorFlow ops, so serving takes raw int64 ids and hashes them itself).
 """
 from __future__ import annotations
 
@@ -52,8 +71,9 @@ try:  # the C loop is ~7x faster than numpy; both compute the same splitmix64 fi
 except ImportError:  # pragma: no cover - the package is always built with its extensions
     _mix64_c = None
 
-__all__ = ["feature_keys", "missing_key", "integer_feature_keys", "splitmix64",
-           "HASH_PERSON", "MAX_FIELDS", "FIELD_SHIFT", "GOLDEN"]
+__all__ = ["feature_keys", "missing_key", "integer_feature_keys", "splitmix64", "space_keys",
+           "space_seed", "text_ids", "MISSING_ID", "HASH_PERSON", "MAX_FIELDS", "FIELD_SHIFT",
+           "GOLDEN"]
 
 HASH_PERSON = b"hybridps-feat-v1"
 VALUE_SEP = b"\x1f"
@@ -245,3 +265,65 @@ def _integer_keys_by_column(ids: np.ndarray, fields) -> np.ndarray:
     offsets = np.array([_field_offset(_check_field(f)) for f in fields], dtype=np.uint64)
     u = np.asarray(ids).astype(np.int64, copy=False).view(np.uint64)
     return splitmix64(u + offsets[None, :]).view(np.int64)
+
+
+# ---------------------------------------------------------------------------- schema features
+SPACE_PERSON = b"hybridps-space-1"
+VALUE_PERSON = b"hybridps-value-1"
+MISSING_ID = -1
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def space_seed(key_space: str) -> int:
+    """The uint64 seed of a key space (module docstring), as a Python int."""
+    if not isinstance(key_space, str) or not key_space:
+        raise ConfigError(f"a key space must be a non-empty string, got {key_space!r}")
+    digest = hashlib.blake2b(key_space.encode("utf-8"), digest_size=8, person=SPACE_PERSON).digest()
+    return int.from_bytes(digest, "little")
+
+
+def space_keys(key_space: str, ids) -> np.ndarray:
+    """Keys of int64 ``ids`` (any shape) in ``key_space``: ``mix64(mix64(id + GOLDEN) ^ seed)``."""
+    from hybridps._kernels import hash_int_ids
+    return hash_int_ids(np.asarray(ids, dtype=np.int64), space_seed(key_space))
+
+
+def _canonical_int(text: str):
+    """The int a text is the canonical decimal form of, or None."""
+    if not text or len(text) > 20:
+        return None
+    body = text[1:] if text[0] == "-" else text
+    if not body.isdigit() or not body.isascii() or (body[0] == "0" and len(body) > 1) \
+            or text == "-0":
+        return None
+    value = int(text)
+    return value if _INT64_MIN <= value <= _INT64_MAX else None
+
+
+def text_id(value) -> int:
+    """The int64 id of one value: an int, canonical decimal text, other text (BLAKE2b), or
+    missing (None, "", NaN: -1)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return MISSING_ID
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str):
+        raise DataError(f"a categorical value must be an integer or text, got "
+                        f"{type(value).__name__} {value!r}")
+    if value == "":
+        return MISSING_ID
+    number = _canonical_int(value)
+    if number is not None:
+        return number
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8, person=VALUE_PERSON).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def text_ids(values) -> np.ndarray:
+    """int64 ids of a sequence of values (text_id of each; each distinct value computed once)."""
+    values = list(values)
+    distinct = dict.fromkeys(values)
+    ids = {v: text_id(v) for v in distinct}
+    return np.fromiter((ids[v] for v in values), dtype=np.int64, count=len(values))

@@ -1,0 +1,195 @@
+"""From columns to a Batch: the one place where schema features become keys, lists and floats.
+
+What lives here: :class:`ColumnConverter`, which turns an Arrow table holding a schema's
+columns (from the CSV, Parquet, TFRecord and stream readers alike) into a
+:class:`hybridps.data.batch.Batch`, vectorized (Arrow compute and numpy; per-row Python
+never runs, per-*distinct* text value once). What does not: finding, opening and sharding
+files (the readers), the hashing formulas (hybridps.data.hashing).
+
+Types and missing values (null in Parquet, an empty cell in CSV):
+
+* label: integers, floats or booleans holding 0/1; missing or any other value is a bad row.
+* dense: any number type; missing reads the feature's ``fill`` (default 0); then the
+  transform (log1p: ``log1p(max(x, 0))``).
+* single-valued sparse: int64/int32 ids, or text (canonical decimal integers are those
+  integers, other text hashes by hybridps.data.hashing.text_id); missing is the id -1.
+* list sparse: list<int> or list<string> (or, from CSV, text split by the feature's
+  separator); a missing list is an empty list, a missing element is dropped.
+* group_by: integers or text (text_id), missing -1.
+
+A column of another type (a float column for a sparse feature, text for a dense one that does
+not parse) raises DataError naming the file (and row group or record range), the column and
+the type found.
+"""
+import numpy as np
+
+from hybridps.data.batch import Batch, truncate_lists
+from hybridps.data.hashing import MISSING_ID, space_seed, text_ids
+from hybridps.errors import DataError
+
+
+def _pa():
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    return pa, pc
+
+
+class ColumnConverter:
+    """Arrow tables of a schema's columns -> Batch.
+
+    Args:
+        schema: hybridps.schema.FeatureSchema (not the Criteo preset, whose keys are hashed
+            by its own formula in hybridps.data.criteo).
+    """
+
+    def __init__(self, schema):
+        self.schema = schema
+        self.seeds = {f.name: space_seed(f.key_space) for f in schema.sparse}
+        self.columns = ([schema.label] + [f.column for f in schema.dense]
+                        + [f.column for f in schema.sparse]
+                        + ([schema.group_by] if schema.group_by else []))
+
+    def required_columns(self):
+        """Every column the schema reads (label, dense, sparse, group_by), without repeats."""
+        return list(dict.fromkeys(self.columns))
+
+    def check_columns(self, names, where):
+        """Raise DataError naming the columns the schema needs that ``names`` lacks."""
+        missing = [c for c in self.required_columns() if c not in names]
+        if missing:
+            raise DataError(f"{where}: column(s) {missing} missing; the schema reads "
+                            f"{self.required_columns()}, the data has {list(names)}")
+
+    def convert(self, table, where):
+        """The Batch of an Arrow table's rows (``where`` names the source in errors)."""
+        from hybridps._kernels import hash_int_ids
+        self.check_columns(table.column_names, where)
+        size = table.num_rows
+        labels = self._labels(table.column(self.schema.label), where)
+        dense = np.empty((size, len(self.schema.dense)), dtype=np.float32)
+        for j, feature in enumerate(self.schema.dense):
+            dense[:, j] = self._dense(table.column(feature.column), feature, where)
+        singles = self.schema.single_features
+        keys = np.empty((size, len(singles)), dtype=np.int64)
+        for j, feature in enumerate(singles):
+            keys[:, j] = hash_int_ids(self._ids(table.column(feature.column), feature.column, where),
+                                      self.seeds[feature.name])
+        lists, truncated = {}, {}
+        for feature in self.schema.list_features:
+            values, lengths = self._list(table.column(feature.column), feature, where)
+            values, lengths, dropped = truncate_lists(values, lengths, feature.max_len)
+            lists[feature.name] = (hash_int_ids(values, self.seeds[feature.name]), lengths)
+            if dropped:
+                truncated[feature.name] = dropped
+        groups = None
+        if self.schema.group_by:
+            groups = self._ids(table.column(self.schema.group_by), self.schema.group_by, where)
+        return Batch(dense=dense, keys=keys, labels=labels, lists=lists, truncated=truncated,
+                     groups=groups)
+
+    # ------------------------------------------------------------------ per kind
+    def _labels(self, column, where):
+        pa, pc = _pa()
+        column = _combined(column)
+        name = self.schema.label
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+                or pa.types.is_boolean(column.type)):
+            _bad_type(where, name, column.type, "0/1 labels (integers, floats or booleans)")
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{where}: row {row}: column {name!r} (the label) is missing")
+        values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = np.flatnonzero((values != 0) & (values != 1))
+        if len(bad):
+            raise DataError(f"{where}: row {int(bad[0])}: column {name!r} (the label) must be 0 "
+                            f"or 1, got {values[bad[0]]!r}")
+        return values.astype(np.float32)
+
+    def _dense(self, column, feature, where):
+        pa, pc = _pa()
+        column = _combined(column)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            try:
+                column = pc.cast(pc.if_else(pc.equal(column, ""), None, column), pa.float64())
+            except pa.ArrowInvalid as exc:
+                raise DataError(f"{where}: column {feature.column!r} (dense feature "
+                                f"{feature.name!r}) holds text that is not a number ({exc})") from None
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+                or pa.types.is_boolean(column.type)):
+            _bad_type(where, feature.column, column.type, f"numbers (dense feature {feature.name!r})")
+        values = pc.fill_null(column, feature.fill).to_numpy(zero_copy_only=False).astype(np.float64)
+        if feature.transform == "log1p":
+            values = np.log1p(np.maximum(values, 0.0))
+        if not np.all(np.isfinite(values)):
+            row = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise DataError(f"{where}: row {row}: column {feature.column!r} (dense feature "
+                            f"{feature.name!r}) is not finite: {values[row]!r}")
+        return values
+
+    def _ids(self, column, name, where):
+        """int64 ids of a single-valued column (missing: -1)."""
+        pa, pc = _pa()
+        column = _combined(column)
+        kind = column.type
+        if pa.types.is_integer(kind):
+            return pc.fill_null(pc.cast(column, pa.int64()), MISSING_ID).to_numpy(zero_copy_only=False)
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+            return _text_column_ids(column)
+        if pa.types.is_dictionary(kind):
+            return _text_column_ids(column.dictionary_decode())
+        return _bad_type(where, name, kind, "integer ids or text (a categorical feature)")
+
+    def _list(self, column, feature, where):
+        """(ids int64 (N,), lengths (B,)) of a list column (or of text split by the separator)."""
+        pa, pc = _pa()
+        column = _combined(column)
+        kind = column.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            column = pc.split_pattern(pc.fill_null(column, ""), feature.separator)
+            kind = column.type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+            _bad_type(where, feature.column, kind, f"lists of ids (list feature {feature.name!r}), "
+                                                   f"or text split by {feature.separator!r}")
+        item = kind.value_type
+        # drop missing and empty elements ("" between separators or of an empty cell)
+        flat_rows = pc.list_parent_indices(column)
+        values = pc.list_flatten(column)
+        keep = pc.is_valid(values)
+        if pa.types.is_string(item) or pa.types.is_large_string(item):
+            keep = pc.and_(keep, pc.not_equal(pc.fill_null(values, ""), ""))
+        elif not pa.types.is_integer(item):
+            _bad_type(where, feature.column, kind, f"lists of integer ids or text (list feature "
+                                                   f"{feature.name!r})")
+        if keep.false_count:
+            values = pc.filter(values, keep)
+            flat_rows = pc.filter(flat_rows, keep)
+        rows = flat_rows.to_numpy(zero_copy_only=False)
+        lengths = np.bincount(rows, minlength=len(column)).astype(np.int32) if len(rows) else \
+            np.zeros(len(column), np.int32)
+        if pa.types.is_integer(item):
+            ids = pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False)
+        else:
+            ids = _text_column_ids(values)
+        return np.ascontiguousarray(ids, dtype=np.int64), lengths
+
+
+def _combined(column):
+    """One Array of a ChunkedArray (Arrow tables hold chunked columns)."""
+    return column.combine_chunks() if hasattr(column, "combine_chunks") else column
+
+
+def _text_column_ids(column):
+    """text_id of every value of a text column, each distinct value hashed once (missing -1)."""
+    _, pc = _pa()
+    encoded = pc.dictionary_encode(column)
+    dictionary = encoded.dictionary.to_pylist()
+    distinct = text_ids(dictionary) if dictionary else np.empty(0, np.int64)
+    indices = encoded.indices
+    if indices.null_count:
+        table = np.append(distinct, MISSING_ID)
+        return table[pc.fill_null(indices, len(dictionary)).to_numpy(zero_copy_only=False)]
+    return distinct[indices.to_numpy(zero_copy_only=False)]
+
+
+def _bad_type(where, column, kind, wanted):
+    raise DataError(f"{where}: column {column!r} has type {kind}; expected {wanted}")

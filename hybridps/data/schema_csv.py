@@ -1,0 +1,167 @@
+"""Reader of CSV/TSV files described by a feature schema (hybridps.schema).
+
+The header names the columns (a UTF-8 byte-order mark before it is ignored); the delimiter is
+a tab if the header holds one, else a comma; ``.gz`` files are decompressed. Columns the schema
+does not name are ignored; a column it names that the header lacks is an error naming both.
+Values (hybridps.data.columns): list columns split by the feature's ``separator``, categorical
+values hashed by the feature's key space, dense columns parsed as floats (empty: the feature's
+``fill``), labels 0 or 1.
+
+Sharding: data lines (the non-blank lines after the header) are numbered 0, 1, 2, ... in file
+order; line ``i`` belongs to rank ``i % world_size``, as for the Criteo reader. A malformed line
+(a wrong number of columns, a dense value that is not a number, a label other than 0/1) is
+reported by the rank that owns it: a DataError naming the file, the line and the column, or,
+with ``on_bad_line="skip"``, skipped and counted (``bad_lines``, ``stats()``).
+
+Parsing is Arrow's multi-threaded CSV reader plus vectorized checks (no per-row Python); the
+share is held in memory (hybridps.data.share).
+"""
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import List, Optional
+
+import numpy as np
+
+from hybridps.data.batch import check_int
+from hybridps.data.columns import ColumnConverter
+from hybridps.data.files import read_bytes
+from hybridps.data.share import InMemoryShare
+from hybridps.errors import ConfigError, DataError
+
+_MAX_EXAMPLES = 10
+_NUMBER = r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
+_LABEL = r"^\s*[-+]?(0|1)(\.0*)?\s*$"
+
+
+class SchemaCSVReader(InMemoryShare):
+    """This rank's share of a schema-described CSV/TSV file, in memory, served as batches.
+
+    Args:
+        path: the file (``.gz`` allowed).
+        schema: hybridps.schema.FeatureSchema.
+        rank, world_size: data line ``i`` goes to rank ``i % world_size``.
+        on_bad_line: ``"raise"`` (DataError naming file, line and column) or ``"skip"``.
+        batch_size: default batch size of :meth:`iter_batches`.
+    """
+
+    kind = "csv"
+
+    def __init__(self, path, schema, rank: int = 0, world_size: int = 1,
+                 on_bad_line: str = "raise", batch_size: Optional[int] = None):
+        self.path = os.fspath(path)
+        self.schema = schema
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ConfigError(f"rank must be < world_size ({self.world_size}), got {rank}")
+        if on_bad_line not in ("raise", "skip"):
+            raise ConfigError(f"on_bad_line must be raise or skip, got {on_bad_line!r}")
+        self.on_bad_line = on_bad_line
+        self.default_batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
+        self.bad_lines = 0
+        self.bad_line_examples: List[str] = []
+        self.converter = ColumnConverter(schema)
+        self._init_position()
+        started = time.perf_counter()
+        self._load()
+        self.parse_seconds = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ parsing
+    def _load(self):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.csv as pcsv
+        raw = read_bytes(self.path)
+        if raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        first_line = raw.split(b"\n", 1)[0]
+        if not first_line.strip():
+            raise DataError(f"{self.path}: the file is empty or its first line is blank; a "
+                            f"header naming the columns is expected")
+        delimiter = "\t" if b"\t" in first_line else ","
+        header = [c.strip() for c in first_line.decode("utf-8", "replace").rstrip("\r").split(delimiter)]
+        self.converter.check_columns(header, self.path)
+        wanted = self.converter.required_columns()
+        invalid = []
+
+        def on_invalid(row):
+            invalid.append((row.number, row.expected_columns, row.actual_columns, row.text))
+            return "skip"
+
+        try:
+            table = pcsv.read_csv(
+                io.BytesIO(raw),
+                read_options=pcsv.ReadOptions(use_threads=False),
+                parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+                convert_options=pcsv.ConvertOptions(
+                    include_columns=wanted, column_types={c: pa.string() for c in wanted},
+                    strings_can_be_null=False))
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"{self.path}: not a readable {'TSV' if delimiter == chr(9) else 'CSV'} "
+                            f"file: {exc}") from None
+        # data line index of each parsed row: the invalid rows (Arrow's row number counts the
+        # header as 1 and skips blank lines) keep their place in the numbering
+        invalid_index = np.array(sorted(n - 2 for n, *_ in invalid if n is not None), dtype=np.int64)
+        total = table.num_rows + len(invalid)
+        self.data_lines = total
+        line_index = np.setdiff1d(np.arange(total), invalid_index, assume_unique=True)
+        mine = line_index % self.world_size == self.rank
+        for number, expected, actual, text in invalid:
+            if number is not None and (number - 2) % self.world_size == self.rank:
+                self._bad(number - 2, None, f"expected {expected} columns, found {actual}", raw)
+        table = table.filter(pa.array(mine))
+        line_index = line_index[mine]
+        keep = np.ones(table.num_rows, dtype=bool)
+        checks = [(self.schema.label, _LABEL, "the label must be 0 or 1")]
+        checks += [(f.column, _NUMBER, f"dense feature {f.name!r} is not a number") for f in self.schema.dense]
+        for column, pattern, problem in checks:
+            values = table.column(column)
+            ok = pc.or_(pc.equal(values, ""), pc.match_substring_regex(values, pattern)) \
+                if column != self.schema.label else pc.match_substring_regex(values, pattern)
+            bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False) & keep)
+            for row in bad:
+                self._bad(int(line_index[row]), column, f"{problem}: {values[int(row)].as_py()!r}", raw)
+            keep[bad] = False
+        if not keep.all():
+            table = table.filter(pa.array(keep))
+        casts = {self.schema.label: pa.float64(), **{f.column: pa.float64() for f in self.schema.dense}}
+        for column, kind in casts.items():
+            index = table.column_names.index(column)
+            values = pc.if_else(pc.equal(table.column(column), ""), None, table.column(column))
+            table = table.set_column(index, column, pc.cast(pc.utf8_trim_whitespace(values), kind))
+        self.share = self.converter.convert(table, self.path)
+
+    def _bad(self, data_index, column, problem, raw):
+        where = f"{self.path}, line {_file_line(raw, data_index)}" + (f", column {column!r}" if column else "")
+        if self.on_bad_line == "raise":
+            raise DataError(f"malformed line in {where}: {problem}")
+        self.bad_lines += 1
+        if len(self.bad_line_examples) < _MAX_EXAMPLES:
+            self.bad_line_examples.append(f"{where}: {problem}")
+
+    # ------------------------------------------------------------------ info
+    def stats(self) -> dict:
+        """What was read: counts, skipped lines, parse time."""
+        return {"kind": self.kind, "path": self.path, "data_lines": self.data_lines,
+                "rows": self.num_rows, "bad_lines": self.bad_lines,
+                "bad_line_examples": list(self.bad_line_examples), "rank": self.rank,
+                "world_size": self.world_size, "positives": int(self.share.labels.sum()),
+                "parse_seconds": self.parse_seconds, "epoch": self.epoch, "offset": self.offset}
+
+    def __repr__(self) -> str:
+        return (f"SchemaCSVReader({self.path!r}, rank={self.rank}/{self.world_size}, "
+                f"rows={self.num_rows}, bad_lines={self.bad_lines})")
+
+
+def _file_line(raw, data_index):
+    """1-based line number in the file of data line ``data_index`` (blank lines skipped)."""
+    count = -1                     # the header is not a data line
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if line.strip():
+            if count == data_index:
+                return number
+            count += 1
+    return "?"

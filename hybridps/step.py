@@ -1,0 +1,121 @@
+"""The TF step: from a step's unique rows to the model's inputs, the loss and the gradients.
+
+What lives here: :func:`make_train_step` (one tf.function per run, traced once: a fixed input
+signature with ``None`` for the batch and the number of unique rows), :func:`model_inputs`
+(the pooling: unique rows -> the model's input dict) and :func:`step_signature`. What does
+not: the exchange that brings the rows (hybridps.sparse), the models' math (hybridps.models),
+the loss formula (hybridps.models.loss).
+
+Inputs of a step, in order: dense (B, D), labels (B,), the global batch size, the unique rows
+as one flat float32 buffer in TF order (hybridps.sparse.layout: dim group, table, owner), the
+rows of each dim group (G,), then per dim group with single-valued features its (B, k) index
+matrix, then per list feature its ids (N,) and lengths (B,) (hybridps.sparse.plan).
+
+Pooling happens here, inside the tape, so gradients reach the unique rows by TF's own autodiff
+and a key's gradients are summed once per step (the gather's gradient):
+
+* single-valued: ``inputs[name] = gather(rows_g, index[:, j])``, float32 (B, dim);
+* sum / mean / sqrtn: segment sum of the list's rows, divided by ``max(length, 1)`` (mean) or
+  ``sqrt(max(length, 1))`` (sqrtn); an empty list pools to zeros;
+* sequence (pooling none): float32 (B, max_len, dim), zeros at padding, and
+  ``inputs[name + "_length"]`` int32 (B,).
+"""
+from hybridps.models.loss import logloss_sum
+
+
+def step_signature(tf, layout, num_dense):
+    """The tf.TensorSpec list of a step's inputs (see the module docstring)."""
+    specs = [tf.TensorSpec([None, num_dense], tf.float32, name="dense"),
+             tf.TensorSpec([None], tf.float32, name="labels"),
+             tf.TensorSpec([], tf.float32, name="global_batch_size"),
+             tf.TensorSpec([None], tf.float32, name="rows"),
+             tf.TensorSpec([len(layout.groups)], tf.int32, name="group_rows")]
+    for g, columns in enumerate(layout.group_columns):
+        if columns:
+            specs.append(tf.TensorSpec([None, len(columns)], tf.int32, name=f"group{g}_index"))
+    for name, _, _, _ in layout.list_specs:
+        specs.append(tf.TensorSpec([None], tf.int32, name=f"{name}_ids"))
+        specs.append(tf.TensorSpec([None], tf.int32, name=f"{name}_lengths"))
+    return specs
+
+
+def model_inputs(tf, layout, dense, rows, group_rows, feature_inputs):
+    """The model's input dict from a step's rows and index arrays (inside the tape)."""
+    groups = layout.groups
+    if len(groups) == 1:
+        group_tensors = [tf.reshape(rows, (-1, groups[0][0]))]
+    else:
+        sizes = group_rows * tf.constant([dim for dim, _ in groups], tf.int32)
+        parts = tf.split(rows, sizes, num=len(groups))
+        group_tensors = [tf.reshape(part, (-1, dim)) for part, (dim, _) in zip(parts, groups)]
+    inputs = {"dense": dense}
+    feature_inputs = list(feature_inputs)
+    for g, columns in enumerate(layout.group_columns):
+        if not columns:
+            continue
+        index = feature_inputs.pop(0)
+        for j, column in enumerate(columns):
+            inputs[layout.single_names[column]] = tf.gather(group_tensors[g], index[:, j])
+    batch = tf.shape(dense)[0]
+    for name, table, pooling, max_len in layout.list_specs:
+        ids, lengths = feature_inputs.pop(0), feature_inputs.pop(0)
+        values = tf.gather(group_tensors[layout.group_of_table[table]], ids)
+        segments = tf.repeat(tf.range(batch), lengths)
+        if pooling == "none":
+            starts = tf.cumsum(lengths, exclusive=True)
+            position = tf.range(tf.shape(ids)[0]) - tf.gather(starts, segments)
+            slots = segments * max_len + position
+            dim = layout.dims[table]
+            flat = tf.scatter_nd(slots[:, None], values, tf.stack([batch * max_len, dim]))
+            inputs[name] = tf.reshape(flat, (-1, max_len, dim))
+            inputs[f"{name}_length"] = lengths
+            continue
+        pooled = tf.math.unsorted_segment_sum(values, segments, batch)
+        if pooling != "sum":
+            count = tf.cast(tf.maximum(lengths, 1), tf.float32)[:, None]
+            pooled = pooled / (count if pooling == "mean" else tf.sqrt(count))
+        inputs[name] = pooled
+    return inputs
+
+
+def logits_of(tf, outputs):
+    """A model's output as (B,) logits: (B,) or (B, 1) accepted."""
+    if outputs.shape.rank == 2 and outputs.shape[-1] == 1:
+        return tf.squeeze(outputs, axis=-1)
+    return outputs
+
+
+def make_train_step(tf, model, layout, num_dense):
+    """The TF forward/backward of one step, traced once.
+
+    Returns a function of the step's inputs (see :func:`step_signature`) -> (loss_sum, logits,
+    dense_grads, row_grads): ``loss_sum`` is this rank's sum of sample losses, gradients are
+    of (loss_sum / global_batch_size); ``row_grads`` is flat, in the rows' (TF) order.
+    """
+    variables = model.trainable_variables
+
+    @tf.function(input_signature=step_signature(tf, layout, num_dense))
+    def train_step(dense, labels, global_batch_size, rows, group_rows, *feature_inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(rows)
+            inputs = model_inputs(tf, layout, dense, rows, group_rows, feature_inputs)
+            logits = logits_of(tf, model(inputs, training=True))
+            loss_sum = logloss_sum(labels, logits)
+            loss = loss_sum / global_batch_size
+        grads = tape.gradient(loss, variables + [rows])
+        return loss_sum, logits, grads[:-1], tf.convert_to_tensor(grads[-1])
+
+    return train_step
+
+
+def make_predict_step(tf, model, layout, num_dense):
+    """Inference on the same inputs as the train step (no labels, no tape): (B,) logits."""
+    specs = step_signature(tf, layout, num_dense)
+    specs = [specs[0]] + specs[3:]
+
+    @tf.function(input_signature=specs)
+    def predict_step(dense, rows, group_rows, *feature_inputs):
+        inputs = model_inputs(tf, layout, dense, rows, group_rows, feature_inputs)
+        return logits_of(tf, model(inputs, training=False))
+
+    return predict_step
