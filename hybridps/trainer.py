@@ -231,13 +231,12 @@ class Trainer:
                                started, steady_start, finished)
 
     def _consistent_points(self):
-        """Steps (counted as completed steps) after which a checkpoint or delta is written."""
-        c, points = self.config, set()
-        for every in ((c.checkpoint_every if c.checkpoint_dir else 0),
-                      (c.delta_every if self.delta_exporter is not None else 0)):
-            if every:
-                points.update(range(every, c.steps, every))
-        return points
+        """Steps (counted as completed steps) after which a checkpoint or delta is written:
+        a membership test (``completed in points``), so nothing is O(steps) at start."""
+        c = self.config
+        return ConsistentPoints([every for every in ((c.checkpoint_every if c.checkpoint_dir else 0),
+                                                     (c.delta_every if self.delta_exporter is not None else 0))
+                                 if every], c.steps)
 
     def _at_step_boundary(self, completed, end=False):
         """Checkpoint and delta export after ``completed`` steps (the tables are consistent).
@@ -375,6 +374,18 @@ class Trainer:
             np.savez(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
                      keys=shard["keys"], values=shard["values"], slots=shard["slots"])
         self.comm.barrier()
+
+
+class ConsistentPoints:
+    """Completed-step counts ``k`` with ``0 < k < steps`` that are a multiple of one of
+    ``everies`` (``steps`` None: no end), as a membership test: ``k in points``."""
+
+    def __init__(self, everies, steps):
+        self.everies, self.steps = tuple(everies), steps
+
+    def __contains__(self, completed):
+        return (0 < completed and (self.steps is None or completed < self.steps)
+                and any(completed % every == 0 for every in self.everies))
 
 
 def freeze_python_heap():
