@@ -84,6 +84,7 @@ class TrainConfig:
     checkpoint_every: int = 0             # steps; 0 = only at the end when checkpoint_dir is set
     keep_checkpoints: int = 3
     resume: bool = False
+    resume_fresh: bool = False            # with resume: start from step 0 if no checkpoint is intact
     num_buckets: int = 4096               # virtual buckets of checkpointed rows (fixed per table)
     delta_export_dir: Optional[str] = None
     delta_every: int = 0
@@ -323,6 +324,9 @@ def validate(c):
     _check(c.loader_delay_ms >= 0, "loader_delay_ms", c.loader_delay_ms, "milliseconds >= 0")
     if c.resume and not c.checkpoint_dir:
         raise ConfigError("config field 'resume': needs checkpoint_dir (where to resume from)")
+    if c.resume_fresh and not c.resume:
+        raise ConfigError("config field 'resume_fresh': applies with resume (what to do when no "
+                          "checkpoint under checkpoint_dir is intact); add --resume")
     if c.sync == Sync.BSP:
         _check(c.staleness == 0, "staleness", c.staleness, "0 with sync=bsp (use sync=ssp for a bound > 0)")
     if c.table_groups is not None:
@@ -356,7 +360,7 @@ def table_groups(c):
 def config_hash(c):
     """sha256 of the canonical JSON of the settings every rank must share."""
     shared = c.to_dict()
-    for per_rank in ("metrics_out", "progress", "dump_state", "tf_threads", "resume",
+    for per_rank in ("metrics_out", "progress", "dump_state", "tf_threads", "resume", "resume_fresh",
                      "loader_delay_ms", "delay_rank", "watchdog_timeout"):
         shared.pop(per_rank, None)
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()

@@ -412,6 +412,106 @@ def test_resume_trainer_without_checkpoints_starts_at_zero(tmp_path):
     assert "starting from step 0" in messages[-1]
 
 
+def _truncate(path, by=7):
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) - by)
+
+
+def _snapshot(root):
+    """{relative path: bytes} of every file under root (what a refused resume must not change)."""
+    out = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+def _resume_trainer_for(root, table, **overrides):
+    trainer = fake_trainer(root, table)
+    trainer.config = make_config(overrides=dict(TABLES_ONLY, checkpoint_dir=str(root), resume=True,
+                                                **overrides))
+    return trainer
+
+
+@pytest.fixture
+def three_damaged(tmp_path):
+    """ckpt-10/20/30, each with one truncated rows shard."""
+    table = filled_table("adagrad", dim=4, n=600)
+    config = make_config(overrides=TABLES_ONLY)
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]])
+        _truncate(os.path.join(ckpt_dir_of(tmp_path, step), "table-000.rank-00000.rows"))
+    return tmp_path
+
+
+def test_resume_with_every_checkpoint_damaged_refuses_and_changes_nothing(three_damaged):
+    root = three_damaged
+    before = _snapshot(root)
+    messages = []
+    with pytest.raises(CheckpointError) as info:
+        ckpt.resume_trainer(_resume_trainer_for(root, make_table("adagrad", dim=4)), log=messages.append)
+    text = str(info.value)
+    for step in (10, 20, 30):
+        assert f"ckpt-{step:010d}/table-000.rank-00000.rows: truncated" in text, text
+    assert "--resume-fresh" in text and "Nothing there was changed" in text
+    assert _snapshot(root) == before
+
+
+def test_resume_fresh_sets_damaged_checkpoints_aside_and_saves_never_touch_them(three_damaged):
+    root = three_damaged
+    before = _snapshot(root)
+    messages = []
+    trainer = _resume_trainer_for(root, make_table("adagrad", dim=4), resume_fresh=True)
+    assert ckpt.resume_trainer(trainer, log=messages.append) == 0
+    assert any("resume_fresh: starting from step 0" in m for m in messages)
+    assert sorted(os.listdir(root)) == [f"damaged-ckpt-{s:010d}" for s in (10, 20, 30)]
+    after = _snapshot(root)
+    assert {k.replace("damaged-", "", 1): v for k, v in after.items()} == {
+        k: v for k, v in before.items() if k != "latest"}
+    # the fresh run saves the same steps, keeping one: the damaged ones stay as they were
+    table = filled_table("sgd", dim=4, n=100)
+    for step in (10, 20, 30, 40):
+        ckpt.save_checkpoint(root, step, tables=[table], num_buckets=8, keep=1)
+    assert sorted(os.listdir(root)) == ([f"ckpt-{40:010d}"] + [f"damaged-ckpt-{s:010d}" for s in (10, 20, 30)]
+                                        + ["latest"])
+    assert {k: v for k, v in _snapshot(root).items() if k.startswith("damaged-")} == after
+    # a requeued run of the same command finds no checkpoint to refuse and says what is aside
+    again = []
+    for name in os.listdir(root):
+        if name.startswith("ckpt-") or name == "latest":
+            shutil.rmtree(os.path.join(root, name)) if name != "latest" else os.remove(os.path.join(root, name))
+    assert ckpt.resume_trainer(_resume_trainer_for(root, make_table("adagrad", dim=4)), log=again.append) == 0
+    assert "starting from step 0 (set aside earlier: damaged-ckpt-0000000010" in again[-1]
+
+
+def test_resume_falls_back_and_keeps_the_damaged_newer_checkpoints_aside(tmp_path):
+    table = filled_table("adagrad", dim=4, n=600)
+    config = make_config(overrides=TABLES_ONLY)
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]])
+    _truncate(os.path.join(ckpt_dir_of(tmp_path, 30), "table-000.rank-00000.rows"))
+    flip_byte(os.path.join(ckpt_dir_of(tmp_path, 20), "table-000.rank-00000.rows"), 10)  # seen at restore
+    damaged = {k: v for k, v in _snapshot(tmp_path).items() if k.startswith(("ckpt-0000000020", "ckpt-0000000030"))}
+    messages = []
+    trainer = _resume_trainer_for(tmp_path, make_table("adagrad", dim=4))
+    assert ckpt.resume_trainer(trainer, log=messages.append) == 10
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000000010", "damaged-ckpt-0000000020", "damaged-ckpt-0000000030"]
+    assert any("kept the damaged" in m and "damaged-ckpt-0000000030" in m for m in messages)
+    # the resumed run reaches steps 20 and 30 again and prunes to one: the damaged ones stay
+    for step in (20, 30):
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]], keep=1)
+    assert {k.replace("damaged-", "", 1): v for k, v in _snapshot(tmp_path).items()
+            if k.startswith("damaged-")} == damaged
+
+
+def test_resume_with_a_dangling_latest_and_no_checkpoint_refuses(tmp_path):
+    (tmp_path / "latest").write_text("ckpt-0000000050\n")
+    with pytest.raises(CheckpointError, match=r"latest names 'ckpt-0000000050', which is not a checkpoint"):
+        ckpt.resume_trainer(_resume_trainer_for(tmp_path, make_table("sgd")), log=lambda m: None)
+
+
 def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     script = os.path.join(REPO, "tests", "parallel", "checkpoint_scenarios.py")
     proc = subprocess.Popen([sys.executable, script, "crash", str(tmp_path)], cwd=REPO,
