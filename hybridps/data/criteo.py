@@ -60,6 +60,7 @@ CRITEO_COLUMNS = (["label"] + [f"I{i}" for i in range(1, NUM_DENSE + 1)]
                   + [f"C{i}" for i in range(1, NUM_FIELDS + 1)])
 ON_BAD_LINE = ("raise", "skip")
 _MAX_EXAMPLES = 10
+_GZIP_CHUNK = 1 << 20           # decompressed bytes per read of a .gz file
 
 
 def _is_number(text: str) -> bool:
@@ -118,10 +119,12 @@ class CriteoReader:
     def _read_lines(self) -> List[str]:
         if not os.path.isfile(self.path):
             raise DataError(f"data file {self.path!r} does not exist (or is not a file)")
-        opener = gzip.open if self.path.endswith(".gz") else open
         try:
-            with opener(self.path, "rb") as fh:
-                raw = fh.read()
+            if self.path.endswith(".gz"):
+                raw = self._read_gzip()
+            else:
+                with open(self.path, "rb") as fh:
+                    raw = fh.read()
         except OSError as exc:
             raise DataError(f"cannot read data file {self.path!r}: {exc}") from exc
         try:
@@ -134,6 +137,25 @@ class CriteoReader:
         if lines and lines[-1] == "":
             lines.pop()
         return lines
+
+    def _read_gzip(self) -> bytes:
+        """The decompressed bytes; damaged data (truncated, corrupt, not gzip) raises a
+        DataError naming the file and the line the decompression had reached."""
+        parts, newlines = [], 0
+        try:
+            with gzip.open(self.path, "rb") as fh:
+                while True:
+                    chunk = fh.read1(_GZIP_CHUNK)
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    newlines += chunk.count(b"\n")
+        except (EOFError, gzip.zlib.error, gzip.BadGzipFile) as exc:   # zlib.error, via gzip
+            what = ("truncated: the compressed data ends before its end-of-stream marker"
+                    if isinstance(exc, EOFError) else f"corrupt: {exc}")
+            raise DataError(f"{self.path}, line {newlines + 1}: damaged gzip file ({what}); "
+                            f"{newlines} complete lines were decompressed before the damage") from None
+        return b"".join(parts)
 
     def _detect(self, lines: List[str]):
         """(first data line index, delimiter, column permutation or None, format name)."""
