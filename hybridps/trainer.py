@@ -23,7 +23,7 @@ import numpy as np
 from hybridps import config as config_module
 from hybridps import watchdog
 from hybridps.config import Mode, Sync
-from hybridps.errors import ConfigError
+from hybridps.errors import ConfigError, OutputError
 from hybridps.metrics import AUCAccumulator, PhaseTimer, Progress, write_summary
 
 
@@ -87,6 +87,7 @@ class Trainer:
         self.rank, self.world_size = self.comm.rank, self.comm.size
         self.tf = configure_tensorflow(default_tf_threads(config, self.comm.local_size))
         self._check_same_config()
+        self._check_output_paths()
         self._build()
         self.start_step = 0
         self.resume_messages = []
@@ -117,6 +118,19 @@ class Trainer:
                 f"ranks {differing} run a different effective config than rank 0 (config hash "
                 f"{hashes[0][:12]} on rank 0, {hashes[differing[0]][:12]} on rank {differing[0]}). "
                 f"Give every rank the same --config file and flags.")
+
+    def _check_output_paths(self):
+        """Every rank checks the paths it will write before training (one ConfigError naming
+        the field, the path and the ranks), so a long run does not fail at its end."""
+        problems = self.comm.allgather_object(output_path_problems(self.config, self.rank))
+        by_message = {}
+        for rank, messages in enumerate(problems):
+            for message in messages:
+                by_message.setdefault(message, []).append(rank)
+        if by_message:
+            where = (lambda ranks: f" (rank{'s' if len(ranks) > 1 else ''} "
+                                   f"{', '.join(map(str, ranks))})" if self.world_size > 1 else "")
+            raise ConfigError("; ".join(m + where(r) for m, r in by_message.items()))
 
     def _build(self):
         from hybridps.data import make_dataset
@@ -365,15 +379,88 @@ class Trainer:
         return total
 
     def dump_state(self, directory):
-        """Write rank 0's dense weights and every rank's table shards as npz (tests, debugging)."""
-        os.makedirs(directory, exist_ok=True)
+        """Write rank 0's dense weights and every rank's table shards as npz (tests, debugging).
+
+        Raises:
+            OutputError: a file could not be written (no partial file is left).
+        """
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the dump_state directory {directory}: "
+                              f"{exc.strerror or exc}") from None
         if self.rank == 0:
-            np.savez(os.path.join(directory, "dense.npz"),
+            save_npz(os.path.join(directory, "dense.npz"),
                      *[v.numpy() for v in self.model.trainable_variables])
         for t, shard in enumerate(self.sharded.export_shards()):
-            np.savez(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
+            save_npz(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
                      keys=shard["keys"], values=shard["values"], slots=shard["slots"])
         self.comm.barrier()
+
+
+def save_npz(path, *args, **arrays):
+    """np.savez to ``path`` (built in memory, then written: a zip file that fails half-way
+    would complain again when collected); on a write failure the partial file is removed and
+    an OutputError names the path."""
+    import io
+    buffer = io.BytesIO()
+    np.savez(buffer, *args, **arrays)
+    try:
+        with open(path, "wb") as fh:
+            fh.write(buffer.getbuffer())
+    except OSError as exc:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def output_path_problems(config, rank):
+    """What is wrong with the output paths this rank will write (an empty list: nothing).
+
+    metrics_out (rank 0 writes it) must be a file name in a writable directory (missing
+    directories are created at the end); dump_state, checkpoint_dir and delta_export_dir must
+    be writable directories or creatable ones, and ``latest`` in checkpoint_dir, if present,
+    a file. Checks kinds and permissions (os.access), not free space.
+    """
+    problems = []
+    if config.metrics_out and rank == 0:
+        path = config.metrics_out
+        if os.path.isdir(path):
+            problems.append(f"config field 'metrics_out': {path} is a directory; give a file name "
+                            f"such as {os.path.join(path, 'metrics.json')}")
+        else:
+            problems += _creatable("metrics_out", os.path.dirname(os.path.abspath(path)), path)
+    for name in ("dump_state", "checkpoint_dir", "delta_export_dir"):
+        path = getattr(config, name)
+        if not path:
+            continue
+        if os.path.lexists(path) and not os.path.isdir(path):
+            problems.append(f"config field '{name}': {path} exists and is not a directory")
+            continue
+        problems += _creatable(name, os.path.abspath(path), path)
+        latest = os.path.join(path, "latest")
+        if name == "checkpoint_dir" and os.path.lexists(latest) and not os.path.isfile(latest):
+            problems.append(f"config field 'checkpoint_dir': {latest} is not a file (it must be "
+                            f"the pointer to the newest checkpoint, or absent); move it away")
+    return problems
+
+
+def _creatable(name, directory, given):
+    """Problems with writing into ``directory`` (created from its nearest existing ancestor)."""
+    ancestor = directory
+    while not os.path.lexists(ancestor):
+        parent = os.path.dirname(ancestor)
+        if parent == ancestor:
+            break
+        ancestor = parent
+    if not os.path.isdir(ancestor):
+        return [f"config field '{name}': cannot create {given}: {ancestor} is not a directory"]
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return [f"config field '{name}': cannot write {given}: {ancestor} is not writable "
+                f"(permissions or a read-only file system)"]
+    return []
 
 
 class ConsistentPoints:

@@ -1,0 +1,113 @@
+"""Issue 18 (hardening), one process: output paths, inspect, skip-mode reporting, nonfinite,
+refused configs, the SIGTERM message and the watchdog's stale states.
+
+Each test holds what a hostile new user found: a late failure or traceback, a misleading
+message, or a setting accepted silently. CLI runs go through ``python -m hybridps.cli`` and
+check the exit code and that no traceback is printed.
+"""
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+
+from hybridps.config import make_config
+from hybridps.errors import ConfigError, OutputError
+from tests.mpi_util import MPI_ENV, REPO
+
+SMALL = ["--steps", "3", "--batch-size", "16", "--hidden", "8", "--dim", "4", "--vocab-size", "300",
+         "--num-fields", "3", "--num-dense", "2", "--warmup-steps", "1", "--no-progress"]
+
+
+def cli(args, timeout=180):
+    env = dict(os.environ, **MPI_ENV)
+    return subprocess.run([sys.executable, "-m", "hybridps.cli"] + [str(a) for a in args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (a full disk on demand); skipped where mounting is not allowed."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def fill(directory):
+    """Fill a file system until a write fails."""
+    with open(os.path.join(directory, "filler"), "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- 4. output paths
+def test_output_paths_are_checked_at_start(tmp_path):
+    from hybridps.trainer import output_path_problems
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    ckpt_with_bad_latest = tmp_path / "ckpt"
+    (ckpt_with_bad_latest / "latest").mkdir(parents=True)
+
+    def problems(rank=0, **fields):
+        return output_path_problems(make_config(overrides=fields), rank)
+
+    assert problems(metrics_out=str(tmp_path / "new" / "m.json"), dump_state=str(tmp_path / "d"),
+                    checkpoint_dir=str(tmp_path / "c"), delta_export_dir=str(a_dir)) == []
+    assert problems(metrics_out=str(a_dir)) == [
+        f"config field 'metrics_out': {a_dir} is a directory; give a file name such as {a_dir}/metrics.json"]
+    assert problems(rank=1, metrics_out=str(a_dir)) == []          # rank 0 writes the metrics
+    assert problems(metrics_out=str(a_file / "m.json")) == [
+        f"config field 'metrics_out': cannot create {a_file}/m.json: {a_file} is not a directory"]
+    assert problems(dump_state=str(a_file)) == [f"config field 'dump_state': {a_file} exists and is not a directory"]
+    assert problems(rank=1, checkpoint_dir=str(a_file)) == [
+        f"config field 'checkpoint_dir': {a_file} exists and is not a directory"]
+    assert problems(delta_export_dir=str(a_file / "sub"), delta_every=5) == [
+        f"config field 'delta_export_dir': cannot create {a_file}/sub: {a_file} is not a directory"]
+    assert "latest is not a file" in problems(checkpoint_dir=str(ckpt_with_bad_latest))[0]
+
+
+def test_output_path_problems_stop_the_cli_at_start_without_traceback(tmp_path):
+    (tmp_path / "latest-dir" / "latest").mkdir(parents=True)
+    proc = cli(["train", *SMALL, "--metrics-out", tmp_path, "--dump-state", __file__,
+                "--checkpoint-dir", tmp_path / "latest-dir"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: config field 'metrics_out': ") and f"{tmp_path} is a directory" in error
+    assert f"'dump_state': {__file__} exists and is not a directory" in error
+    assert f"{tmp_path}/latest-dir/latest is not a file" in error
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_write_failures_at_the_end_are_one_clear_error_and_leave_no_temporary_file(tiny_tmpfs):
+    from hybridps.metrics import write_summary
+    from hybridps.trainer import save_npz
+    fill(tiny_tmpfs)
+    before = sorted(os.listdir(tiny_tmpfs))
+    target = tiny_tmpfs / "metrics.json"
+    with pytest.raises(OutputError, match=rf"cannot write the metrics file {target}: No space left on device"):
+        write_summary(str(target), {"loss_trajectory": list(range(50_000))})
+    with pytest.raises(OutputError, match=r"cannot write .*table0\.rank0\.npz: No space left on device"):
+        save_npz(str(tiny_tmpfs / "table0.rank0.npz"), keys=np.arange(100_000))
+    assert sorted(os.listdir(tiny_tmpfs)) == before
+    proc = cli(["train", *SMALL, "--metrics-out", target])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write the metrics file {target}: No space left on device; the metrics of "
+        f"this run were not saved")
+    assert sorted(os.listdir(tiny_tmpfs)) == before
