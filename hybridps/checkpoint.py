@@ -102,6 +102,7 @@ DEFAULT_NUM_BUCKETS = 4096
 CANDIDATE_DTYPE = np.dtype([("key", "<i8"), ("hits", "<i8")])
 _CHUNK_BYTES = 16 << 20                  # records are built and written this much at a time
 _CKPT_NAME = re.compile(r"^ckpt-(\d{10})$")
+_CHECKPOINT_DIR_NAME = re.compile(r"^(damaged-)?ckpt-\d{10}(\.\d+)?$")   # one checkpoint, for inspect
 _META_FIELDS = ("hits", "last_update_step", "update_count")
 
 
@@ -709,8 +710,8 @@ def resolve_checkpoint(path):
                               f"checkpoint (damaged, or a copy that did not finish)")
     latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
-        with open(latest) as fh:
-            name = fh.read().strip()
+        with open(latest, errors="replace") as fh:
+            name = fh.read(200).strip()
         if not _CKPT_NAME.match(name):
             raise CheckpointError(f"{latest} does not name a checkpoint (holds {name[:60]!r})")
         return os.path.join(path, name)
@@ -736,6 +737,8 @@ def load_manifest(ckpt_dir):
 
 def load_signed_json(path, expected_format):
     """A manifest written by :func:`signed_json_bytes`, checked against its own sha256."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a file (a directory?): {os.path.dirname(path)} is damaged")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: {os.path.dirname(path)} is not complete")
     with open(path, "rb") as fh:
@@ -1427,21 +1430,27 @@ def check_routing(tables, report, comm, owner_fn=None, shard=None):
 def inspect_checkpoint(path, level="full"):
     """Summary and verification of one checkpoint directory (or a root's checkpoints).
 
+    A directory is one checkpoint if it holds a ``manifest.json`` entry (file or not) or is
+    named ``ckpt-<step>`` / ``damaged-ckpt-<step>``; otherwise it is a root.
+
     Returns:
         dict: for a checkpoint, ``path, ok, problems, step, world_size, mode, created,
         config_hash, model_hash, num_buckets, tables [{dim, optimizer, rows, candidates,
         bytes}], dense_variables, total_bytes, files``; for a root, ``root, latest,
-        checkpoints [...]`` and ``ok`` (the checkpoint ``latest`` names is intact).
+        checkpoints [...], set_aside`` (damaged checkpoints a resume renamed), ``problems``
+        (what is wrong with ``latest``, or no checkpoint at all) and ``ok`` (no problems: the
+        checkpoint ``latest`` names is intact).
     """
-    if not os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isdir(path):
-        latest = None
-        if os.path.isfile(os.path.join(path, LATEST)):
-            with open(os.path.join(path, LATEST)) as fh:
-                latest = fh.read().strip()
+    name = os.path.basename(os.path.normpath(path))
+    if os.path.isdir(path) and not (os.path.lexists(os.path.join(path, MANIFEST))
+                                    or _CHECKPOINT_DIR_NAME.match(name)):
         found = [inspect_checkpoint(p, level) for _, p in list_checkpoints(path)]
-        latest_ok = any(c["ok"] and os.path.basename(c["path"]) == latest for c in found)
-        return {"root": path, "latest": latest, "checkpoints": found,
-                "ok": bool(found) and latest_ok}
+        latest, problems = _inspect_latest(path, found)
+        if not found:
+            problems.append(f"no checkpoint (ckpt-<step> directory) under {path}")
+        set_aside = sorted(n for n in os.listdir(path) if n.startswith(DAMAGED_PREFIX))
+        return {"root": path, "latest": latest, "checkpoints": found, "set_aside": set_aside,
+                "problems": problems, "ok": not problems}
     summary = {"path": path, "problems": verify_checkpoint(path, level)}
     try:
         manifest = load_manifest(path)
@@ -1466,10 +1475,35 @@ def inspect_checkpoint(path, level="full"):
     return summary
 
 
+def _inspect_latest(root, found):
+    """(the name ``latest`` holds or None, problems with it) for a root's checkpoints."""
+    path = os.path.join(root, LATEST)
+    if not os.path.lexists(path):
+        return None, ([f"{path} is missing (resume tries every checkpoint, newest first)"]
+                      if found else [])
+    if not os.path.isfile(path):
+        return None, [f"{path} is not a file (it must be the pointer to the newest checkpoint)"]
+    with open(path, errors="replace") as fh:
+        latest = fh.read(200).strip()
+    if not _CKPT_NAME.match(latest):
+        return latest, [f"{path} does not name a checkpoint (holds {latest[:60]!r})"]
+    named = [c for c in found if os.path.basename(c["path"]) == latest]
+    if not named:
+        return latest, [f"{path} names {latest}, which does not exist"]
+    if not named[0]["ok"]:
+        return latest, [f"{path} names {latest}, which is damaged (see its problems above)"]
+    return latest, []
+
+
 def _format_summary(summary):
     if "root" in summary:
         lines = [f"{summary['root']}: latest -> {summary['latest']}"]
         lines += [_format_summary(c) for c in summary["checkpoints"]] or ["  no checkpoints"]
+        if summary.get("set_aside"):
+            lines.append(f"  set aside by a resume (damaged, never pruned): {', '.join(summary['set_aside'])}")
+        if summary["problems"]:
+            lines.append(f"{summary['root']}: NOT OK")
+            lines += [f"  - {p}" for p in summary["problems"]]
         return "\n".join(lines)
     if "step" not in summary:
         return f"{summary['path']}: DAMAGED\n" + "\n".join(f"  - {p}" for p in summary["problems"])

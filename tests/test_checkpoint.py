@@ -674,3 +674,67 @@ def test_check_routing_refuses_a_routing_that_ignores_buckets():
     plain_modulo = lambda k, w, b: (splitmix64(k) % np.uint64(w)).astype(np.int64)  # noqa: E731
     with pytest.raises(CheckpointError, match=r"routing must use owner\(key\) = \(mix64\(key\) % num_buckets\)"):
         ckpt.check_routing([table], report, comm, owner_fn=plain_modulo)
+
+
+def _inspect(args_list, capsys):
+    parser = argparse.ArgumentParser()
+    ckpt.add_inspect_arguments(parser)
+    args = parser.parse_args([str(a) for a in args_list])
+    code = args.func(args)
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("manifest missing", "manifest.json is missing: {d} is not complete"),
+    ("manifest a directory", "manifest.json is not a file (a directory?): {d} is damaged"),
+])
+def test_inspect_of_a_checkpoint_without_its_manifest_says_so(two_checkpoints, capsys, damage, expected):
+    root, _ = two_checkpoints
+    d = ckpt_dir_of(root, 20)
+    os.remove(os.path.join(d, "manifest.json"))
+    if damage == "manifest a directory":
+        os.mkdir(os.path.join(d, "manifest.json"))
+    code, out = _inspect([d], capsys)
+    assert code == 1
+    assert out.startswith(f"{d}: DAMAGED") and expected.format(d=d) in out
+    assert "latest -> None" not in out and "no checkpoints" not in out
+    code, out = _inspect([root], capsys)                # the root: latest names the damaged one
+    assert code == 1
+    assert f"{root}/latest names ckpt-0000000020, which is damaged" in out
+
+
+@pytest.mark.parametrize("latest, expected", [
+    (None, "{root}/latest is missing (resume tries every checkpoint, newest first)"),
+    (b"hello world\n", "{root}/latest does not name a checkpoint (holds 'hello world')"),
+    (b"\xff\xfe\x00garbage", "{root}/latest does not name a checkpoint (holds"),
+    (b"ckpt-0000000050\n", "{root}/latest names ckpt-0000000050, which does not exist"),
+    ("dir", "{root}/latest is not a file"),
+])
+def test_inspect_says_what_is_wrong_with_latest(two_checkpoints, capsys, latest, expected):
+    root, _ = two_checkpoints
+    os.remove(root / "latest")
+    if latest == "dir":
+        (root / "latest").mkdir()
+    elif latest is not None:
+        (root / "latest").write_bytes(latest)
+    code, out = _inspect([root], capsys)
+    assert code == 1, out
+    assert f"{root}: NOT OK" in out and expected.format(root=root) in out
+    assert out.count("verification (every sha256): OK") == 2        # the checkpoints themselves
+    code, out = _inspect([root, "--json"], capsys)
+    summary = json.loads(out)
+    assert not summary["ok"] and expected.format(root=root) in summary["problems"][0]
+
+
+def test_inspect_of_an_empty_root_and_of_set_aside_checkpoints(tmp_path, capsys):
+    code, out = _inspect([tmp_path], capsys)
+    assert code == 1 and f"no checkpoint (ckpt-<step> directory) under {tmp_path}" in out
+    table = filled_table("sgd", n=100)
+    ckpt.save_checkpoint(tmp_path, 10, tables=[table], num_buckets=8)
+    ckpt.save_checkpoint(tmp_path, 20, tables=[table], num_buckets=8)
+    ckpt.set_aside_damaged(str(tmp_path), [ckpt_dir_of(tmp_path, 20)])
+    code, out = _inspect([tmp_path], capsys)
+    assert code == 1 and "set aside by a resume (damaged, never pruned): damaged-ckpt-0000000020" in out
+    assert f"{tmp_path}/latest is missing" in out
+    code, out = _inspect([tmp_path / "damaged-ckpt-0000000020"], capsys)
+    assert code == 0 and "step 20" in out                # a set-aside checkpoint can be inspected alone
