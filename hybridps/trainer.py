@@ -15,6 +15,7 @@ gradient), so the push sends one summed row per unique key.
 """
 import gc
 import os
+import re
 import sys
 import time
 
@@ -132,6 +133,18 @@ class Trainer:
                                    f"{', '.join(map(str, ranks))})" if self.world_size > 1 else "")
             raise ConfigError("; ".join(m + where(r) for m, r in by_message.items()))
 
+    def _report_data(self):
+        """Collective, once the data is read: rank 0 prints one line about skipped lines
+        (on_bad_line=skip), with a few examples from every rank."""
+        stats = getattr(self.dataset, "stats", None)
+        if not callable(stats):
+            return
+        combined = combine_data_stats(self.comm.allgather_object(None if self.is_server else stats()))
+        line = skipped_lines_summary(combined)
+        if line and self.rank == 0:
+            sys.stderr.write(f"[hybridps] {line}\n")
+            sys.stderr.flush()
+
     def _build(self):
         from hybridps.data import make_dataset
         from hybridps.dense import DenseSync
@@ -155,6 +168,7 @@ class Trainer:
         data_rank = 0 if self.is_server else self.rank
         self.dataset = make_dataset(c.data, rank=data_rank, world_size=self.compute_ranks, seed=c.seed,
                                     on_bad_line=c.on_bad_line, **synthetic_options)
+        self._report_data()
         self.num_fields = getattr(self.dataset, "num_fields", c.num_fields)
         self.num_dense = getattr(self.dataset, "num_dense", c.num_dense)
         if c.table_groups is not None or c.table_layout != "shared":
@@ -327,7 +341,8 @@ class Trainer:
         }
         data_stats = getattr(self.dataset, "stats", None)
         if callable(data_stats):
-            summary["data_stats"] = self._sum_over_ranks({} if self.is_server else data_stats())
+            summary["data_stats"] = combine_data_stats(
+                self.comm.allgather_object(None if self.is_server else data_stats()))
         if c.dump_state:
             self.dump_state(c.dump_state)
         if self.rank == 0 and c.metrics_out:
@@ -369,15 +384,6 @@ class Trainer:
         total = self.comm.allreduce_sum(local)
         return [dict(zip(names, map(int, row))) for row in total]
 
-    def _sum_over_ranks(self, stats):
-        """Sum the integer counters of a small dict over ranks (ranks may hold different keys)."""
-        total = {}
-        for rank_stats in self.comm.allgather_object(
-                {k: int(v) for k, v in stats.items() if isinstance(v, (int, np.integer))}):
-            for key, value in rank_stats.items():
-                total[key] = total.get(key, 0) + value
-        return total
-
     def dump_state(self, directory):
         """Write rank 0's dense weights and every rank's table shards as npz (tests, debugging).
 
@@ -396,6 +402,53 @@ class Trainer:
             save_npz(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
                      keys=shard["keys"], values=shard["values"], slots=shard["slots"])
         self.comm.barrier()
+
+
+_ADDITIVE_DATA_STATS = ("rows", "bad_lines", "positives")
+_PER_RANK_DATA_STATS = ("rank", "rows", "bad_lines", "positives", "epoch", "offset", "parse_seconds")
+_DATA_EXAMPLES = 10
+_LINE_OF_EXAMPLE = re.compile(r", line (\d+): ")
+
+
+def combine_data_stats(per_rank):
+    """One ``data_stats`` dict from every rank's ``dataset.stats()`` (None for ranks that read
+    no data, e.g. PS servers).
+
+    Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``: each rank counts
+    its own share); takes the file's own figures once (``kind``, ``path``, ``format``,
+    ``data_lines``: every rank counts the data lines of the whole file); keeps each rank's
+    share and position apart in ``per_rank``, and up to 10 ``bad_line_examples`` of all ranks
+    in line order. Returns {} when no rank read data.
+    """
+    readers = [s for s in per_rank if s]
+    if not readers:
+        return {}
+    first = readers[0]
+    combined = {k: first[k] for k in ("kind", "path", "format", "data_lines", "world_size") if k in first}
+    for key in _ADDITIVE_DATA_STATS:
+        combined[key] = int(sum(int(s.get(key, 0)) for s in readers))
+    examples = [e for s in readers for e in s.get("bad_line_examples", [])]
+    combined["bad_line_examples"] = sorted(examples, key=_line_of_example)[:_DATA_EXAMPLES]
+    combined["per_rank"] = [{k: s[k] for k in _PER_RANK_DATA_STATS if k in s} for s in readers]
+    return combined
+
+
+def _line_of_example(example):
+    match = _LINE_OF_EXAMPLE.search(example)
+    return int(match.group(1)) if match else 0
+
+
+def skipped_lines_summary(combined, shown=3):
+    """The one-line console summary of skipped malformed lines, or None when none was skipped."""
+    if not combined or not combined.get("bad_lines"):
+        return None
+    path = combined.get("path", "?")
+    examples = [e[len(path) + 2:] if e.startswith(f"{path}, ") else e
+                for e in combined["bad_line_examples"][:shown]]
+    more = combined["bad_lines"] - len(examples)
+    return (f"data: skipped {combined['bad_lines']} malformed line(s) of {combined.get('data_lines', '?')} "
+            f"in {path} (on_bad_line=skip; {combined['rows']} rows are used), e.g. "
+            + "; ".join(examples) + (f"; and {more} more (data_stats in the metrics)" if more > 0 else ""))
 
 
 def save_npz(path, *args, **arrays):

@@ -111,3 +111,39 @@ def test_write_failures_at_the_end_are_one_clear_error_and_leave_no_temporary_fi
         f"error: cannot write the metrics file {target}: No space left on device; the metrics of "
         f"this run were not saved")
     assert sorted(os.listdir(tiny_tmpfs)) == before
+
+
+# ---------------------------------------------------------------- 6. skip-mode reporting
+def _criteo_with_bad_lines(tmp_path, bad_lines):
+    from hybridps.data import SAMPLE_CRITEO_CSV
+    lines = open(SAMPLE_CRITEO_CSV).read().splitlines()
+    for number in bad_lines:                      # physical line numbers (1 is the header)
+        lines[number - 1] = "2" + lines[number - 1][1:]          # label 2: malformed
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_data_stats_sum_only_what_adds_up_and_keep_examples_of_every_rank(tmp_path):
+    from hybridps.data import CriteoReader
+    from hybridps.trainer import combine_data_stats, skipped_lines_summary
+    path = _criteo_with_bad_lines(tmp_path, [3, 4, 10, 50, 51, 52, 53])
+    readers = [CriteoReader(path, rank=r, world_size=2, on_bad_line="skip") for r in range(2)]
+    combined = combine_data_stats([r.stats() for r in readers] + [None])     # + a PS server
+    assert combined["data_lines"] == 200 and combined["world_size"] == 2   # the file's, not summed
+    assert combined["bad_lines"] == 7 and combined["rows"] == 193
+    assert combined["positives"] == sum(int(r.labels.sum()) for r in readers)
+    assert [p["rank"] for p in combined["per_rank"]] == [0, 1]
+    assert [p["rows"] for p in combined["per_rank"]] == [r.num_rows for r in readers]
+    assert all(p["epoch"] == 0 and "parse_seconds" in p for p in combined["per_rank"])
+    lines = [int(e.split(", line ")[1].split(":")[0]) for e in combined["bad_line_examples"]]
+    assert lines == [3, 4, 10, 50, 51, 52, 53]       # both ranks' lines (data line i -> rank i % 2)
+    assert all(e.startswith(f"{path}, line ") and "label must be 0 or 1" in e
+               for e in combined["bad_line_examples"])
+    summary = skipped_lines_summary(combined)
+    assert summary.startswith(f"data: skipped 7 malformed line(s) of 200 in {path} (on_bad_line=skip; "
+                              f"193 rows are used), e.g. line 3: label must be 0 or 1, got '2'; line 4: ")
+    assert summary.endswith("; and 4 more (data_stats in the metrics)") and "\n" not in summary
+    assert skipped_lines_summary(combine_data_stats([None])) is None
+    clean = _criteo_with_bad_lines(tmp_path, [])
+    assert skipped_lines_summary(combine_data_stats([CriteoReader(clean).stats()])) is None
