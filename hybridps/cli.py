@@ -33,6 +33,9 @@ def _add_train_arguments(parser):
     parser.add_argument("--dense-learning-rate", type=float)
     parser.add_argument("--table-layout", choices=["shared", "per_field"])
     parser.add_argument("--min-count", type=int, help="feature admission threshold (hits)")
+    parser.add_argument("--nonfinite", choices=["raise", "skip"],
+                        help="a NaN/Inf embedding gradient: stop with an error (raise, default) or "
+                             "skip that row's update and count it (skip)")
     parser.add_argument("--on-bad-line", choices=["raise", "skip"])
     parser.add_argument("--num-fields", type=int, help="synthetic data: categorical fields")
     parser.add_argument("--num-dense", type=int, help="synthetic data: dense features")

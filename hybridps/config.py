@@ -36,6 +36,7 @@ SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 INITIALIZERS = ("normal", "uniform", "zeros")
 TABLE_LAYOUTS = ("shared", "per_field")
+NONFINITE = ("raise", "skip")             # what a table does with a NaN/Inf row gradient
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainConfig:
     initializer: str = "normal"
     init_std: float = 0.01
     min_count: int = 1
+    nonfinite: str = "raise"              # a NaN/Inf row gradient: raise, or skip that row (counted)
     # dense parameters (default: same optimizer and rate as the embeddings)
     dense_optimizer: Optional[str] = None
     dense_learning_rate: Optional[float] = None
@@ -290,6 +292,7 @@ def validate(c):
     _check(c.initializer in INITIALIZERS, "initializer", c.initializer, ", ".join(INITIALIZERS))
     _check(c.init_std >= 0, "init_std", c.init_std, "a number >= 0")
     _check(c.min_count >= 1, "min_count", c.min_count, "an integer >= 1")
+    _check(c.nonfinite in NONFINITE, "nonfinite", c.nonfinite, ", ".join(NONFINITE))
     _check(c.on_bad_line in ("raise", "skip"), "on_bad_line", c.on_bad_line, "raise, skip")
     _check(c.num_fields >= 1, "num_fields", c.num_fields, "an integer >= 1")
     _check(c.num_dense >= 0, "num_dense", c.num_dense, "an integer >= 0")

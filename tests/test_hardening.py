@@ -147,3 +147,28 @@ def test_data_stats_sum_only_what_adds_up_and_keep_examples_of_every_rank(tmp_pa
     assert skipped_lines_summary(combine_data_stats([None])) is None
     clean = _criteo_with_bad_lines(tmp_path, [])
     assert skipped_lines_summary(combine_data_stats([CriteoReader(clean).stats()])) is None
+
+
+# ---------------------------------------------------------------- 7. nonfinite
+def test_nonfinite_is_a_config_field_and_flag_that_reaches_the_tables():
+    from hybridps.cli import build_parser
+    from hybridps.embedding import make_table
+    from hybridps.errors import NonFiniteGradientError
+    keys, grads = np.array([1, 2, 3]), np.ones((3, 4), np.float32)
+    grads[1, 2] = np.nan
+    strict = make_table(make_config(overrides={"dim": 4}), table_id=0)
+    strict.lookup_or_insert(keys)
+    with pytest.raises(NonFiniteGradientError) as info:
+        strict.apply_gradients(keys, grads, step=1)
+    advice = str(info.value)
+    assert "--nonfinite skip" in advice and "nonfinite: skip" in advice
+    args = build_parser().parse_args(["train", "--nonfinite", "skip", "--dim", "4"])
+    config = make_config(None, {k: v for k, v in vars(args).items()
+                                if k not in ("command", "config", "func")})
+    assert config.nonfinite == "skip"
+    lenient = make_table(config, table_id=0)
+    lenient.lookup_or_insert(keys)
+    lenient.apply_gradients(keys, grads, step=1)
+    assert lenient.skipped_nonfinite_grads == 1 and lenient.applied_row_updates == 2
+    with pytest.raises(ConfigError, match=r"'nonfinite': 'ignore' is invalid; allowed: raise, skip"):
+        make_config(overrides={"nonfinite": "ignore"})
