@@ -24,7 +24,7 @@ import numpy as np
 from hybridps import config as config_module
 from hybridps import watchdog
 from hybridps.config import Mode, Sync
-from hybridps.errors import ConfigError, OutputError
+from hybridps.errors import ConfigError, DataError, OutputError
 from hybridps.metrics import AUCAccumulator, PhaseTimer, Progress, write_summary
 
 
@@ -115,10 +115,19 @@ class Trainer:
         hashes = self.comm.allgather_object(mine)
         differing = [r for r, h in enumerate(hashes) if h != hashes[0]]
         if differing:
+            shared = self.comm.allgather_object(config_module.shared_config(self.config))
+            fields = []
+            for name in sorted(set().union(*shared)):
+                values = [d.get(name) for d in shared]
+                if any(v != values[0] for v in values):
+                    shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)
+                                      if r == 0 or v != values[0])
+                    fields.append(f"{name} ({shown})")
             raise ConfigError(
                 f"ranks {differing} run a different effective config than rank 0 (config hash "
-                f"{hashes[0][:12]} on rank 0, {hashes[differing[0]][:12]} on rank {differing[0]}). "
-                f"Give every rank the same --config file and flags.")
+                f"{hashes[0][:12]} on rank 0, {hashes[differing[0]][:12]} on rank {differing[0]}); "
+                f"differing field(s): {'; '.join(fields)}. Give every rank the same --config file "
+                f"and flags.")
 
     def _check_output_paths(self):
         """Every rank checks the paths it will write before training (one ConfigError naming
@@ -133,16 +142,27 @@ class Trainer:
                                    f"{', '.join(map(str, ranks))})" if self.world_size > 1 else "")
             raise ConfigError("; ".join(m + where(r) for m, r in by_message.items()))
 
-    def _report_data(self):
-        """Collective, once the data is read: rank 0 prints one line about skipped lines
-        (on_bad_line=skip), with a few examples from every rank."""
+    def _check_data(self):
+        """Collective, once the data is read: every rank must have read the same file (size
+        and content hash; a DataError otherwise); rank 0 prints one line about skipped lines
+        (on_bad_line=skip), with a few examples from every rank, and warns when a batch is
+        larger than a rank's share of the file."""
         stats = getattr(self.dataset, "stats", None)
         if not callable(stats):
             return
-        combined = combine_data_stats(self.comm.allgather_object(None if self.is_server else stats()))
-        line = skipped_lines_summary(combined)
-        if line and self.rank == 0:
-            sys.stderr.write(f"[hybridps] {line}\n")
+        reading = not self.is_server
+        gathered = self.comm.allgather_object(
+            (stats(), self.dataset.fingerprint()) if reading and hasattr(self.dataset, "fingerprint")
+            else (stats() if reading else None, None))
+        different = data_file_differences([f for _, f in gathered])
+        if different:
+            raise DataError(different)
+        combined = combine_data_stats([s for s, _ in gathered])
+        messages = [skipped_lines_summary(combined),
+                    small_share_warning(combined, self.config.batch_size, self.config.steps)]
+        if self.rank == 0:
+            for line in filter(None, messages):
+                sys.stderr.write(f"[hybridps] {line}\n")
             sys.stderr.flush()
 
     def _build(self):
@@ -162,13 +182,14 @@ class Trainer:
             self.roles = PSRoles(self.world_size, c.num_servers)
             self.is_server = self.roles.is_server(self.rank)
             self.compute_ranks = self.roles.num_workers
+        config_module.check_job_config(c, self.world_size, self.compute_ranks)
         synthetic_options = (dict(num_fields=c.num_fields, num_dense=c.num_dense,
                                   vocab_size=c.vocab_size, zipf_a=c.zipf_a)
                              if c.data == "synthetic" else {})
         data_rank = 0 if self.is_server else self.rank
         self.dataset = make_dataset(c.data, rank=data_rank, world_size=self.compute_ranks, seed=c.seed,
                                     on_bad_line=c.on_bad_line, **synthetic_options)
-        self._report_data()
+        self._check_data()
         self.num_fields = getattr(self.dataset, "num_fields", c.num_fields)
         self.num_dense = getattr(self.dataset, "num_dense", c.num_dense)
         if c.table_groups is not None or c.table_layout != "shared":
@@ -449,6 +470,45 @@ def skipped_lines_summary(combined, shown=3):
     return (f"data: skipped {combined['bad_lines']} malformed line(s) of {combined.get('data_lines', '?')} "
             f"in {path} (on_bad_line=skip; {combined['rows']} rows are used), e.g. "
             + "; ".join(examples) + (f"; and {more} more (data_stats in the metrics)" if more > 0 else ""))
+
+
+def data_file_differences(fingerprints):
+    """A message naming the ranks whose data file differs from rank 0's (size or content), or
+    None; ``fingerprints`` per rank from ``dataset.fingerprint()`` (None: reads no file)."""
+    readers = [(r, f) for r, f in enumerate(fingerprints) if f]
+    if not readers:
+        return None
+    keys = ("file_bytes", "content_bytes", "content_blake2b", "data_lines")
+    first_rank, first = readers[0]
+    odd = [(r, f) for r, f in readers if any(f[k] != first[k] for k in keys)]
+    if not odd:
+        return None
+
+    def describe(rank, f):
+        return (f"rank {rank}: {f['file_bytes']} bytes on disk, {f['data_lines']} data lines, "
+                f"content blake2b {f['content_blake2b'][:16]}")
+
+    return (f"the data file {first['path']} is not the same file on every rank ("
+            + "; ".join([describe(first_rank, first)] + [describe(r, f) for r, f in odd[:4]])
+            + "): every rank must read identical data (a node-local copy that differs, or a file "
+              "still being written?)")
+
+
+def small_share_warning(combined, batch_size, steps):
+    """A warning when ``batch_size`` exceeds a rank's share of the file (every batch then
+    repeats rows), with the number of epochs the run reads; None otherwise."""
+    shares = [(p["rank"], p["rows"]) for p in (combined or {}).get("per_rank", []) if p.get("rows")]
+    if not shares:
+        return None
+    rank, rows = min(shares, key=lambda share: share[1])
+    if batch_size <= rows:
+        return None
+    return (f"warning: batch_size {batch_size} is larger than rank {rank}'s share of "
+            f"{combined.get('path')} ({rows} rows of {combined.get('data_lines')} data lines over "
+            f"{len(combined['per_rank'])} ranks): every batch repeats each row about "
+            f"{batch_size / rows:.0f} times, and {steps} steps read the share "
+            f"{steps * batch_size / rows:.0f} times (epochs). Use a smaller batch_size, fewer ranks "
+            f"or more data.")
 
 
 def save_npz(path, *args, **arrays):

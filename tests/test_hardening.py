@@ -172,3 +172,102 @@ def test_nonfinite_is_a_config_field_and_flag_that_reaches_the_tables():
     assert lenient.skipped_nonfinite_grads == 1 and lenient.applied_row_updates == 2
     with pytest.raises(ConfigError, match=r"'nonfinite': 'ignore' is invalid; allowed: raise, skip"):
         make_config(overrides={"nonfinite": "ignore"})
+
+
+# ---------------------------------------------------------------- 8. refused or warned
+def test_ssp_needs_a_staleness_and_asp_takes_none(tmp_path):
+    with pytest.raises(ConfigError, match=r"'staleness': sync=ssp needs a staleness bound"):
+        make_config(overrides={"sync": "ssp"})
+    path = tmp_path / "ssp.yaml"
+    path.write_text("sync: ssp\n")
+    with pytest.raises(ConfigError, match=r"'staleness': sync=ssp needs a staleness bound"):
+        make_config(str(path))
+    assert make_config(str(path), {"staleness": 2}).staleness == 2
+    assert make_config(overrides={"sync": "ssp", "staleness": 0}).staleness == 0   # explicit: BSP
+    for mode in ("collective", "ps"):
+        with pytest.raises(ConfigError, match=r"'staleness': 3 applies to sync=ssp only; asp has no"):
+            make_config(overrides={"sync": "asp", "staleness": 3, "mode": mode})
+
+
+def test_a_yaml_key_given_twice_is_refused_with_its_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model: dcn\nbatch_size: 64\nsteps: 5\nbatch_size: 128\n")
+    with pytest.raises(ConfigError) as info:
+        make_config(str(path))
+    assert str(info.value) == (f"config file {path}: key 'batch_size' is given twice (line 2 and line 4); "
+                               f"give each field once")
+    path.write_text("table_settings:\n  0: {max_rows: 5, max_rows: 6}\n")
+    with pytest.raises(ConfigError, match=r"key 'max_rows' is given twice \(line 2 and line 2\)"):
+        make_config(str(path))
+    path.write_text("\ufeffmodel: dcn\nhidden: [8]\n")          # a BOM is fine in YAML too
+    assert make_config(str(path)).model == "dcn"
+
+
+def test_settings_that_name_a_rank_the_job_does_not_have():
+    from hybridps.config import check_job_config
+    from hybridps.ps import PSRoles
+
+    def check(world_size, data_ranks, **fields):
+        check_job_config(make_config(overrides=fields), world_size, data_ranks)
+
+    check(2, 2, loader_delay_ms=5, delay_rank=1)
+    check(1, 1)
+    with pytest.raises(ConfigError, match=r"'delay_rank': 7 is not a training rank of this 1-rank job "
+                                          r"\(allowed: 0\)"):
+        check(1, 1, delay_rank=7)
+    with pytest.raises(ConfigError, match=r"'delay_rank': -1 is not a training rank .*loader_delay_ms \(now 5\)"):
+        check(2, 2, loader_delay_ms=5)
+    with pytest.raises(ConfigError, match=r"'delay_rank': 2 is not a training rank of this 3-rank job "
+                                          r"\(allowed: 0\.\.1\)"):
+        check(3, 2, mode="ps", loader_delay_ms=5, delay_rank=2)
+    check(2, 1, mode="ps", fail_at_step=3, fail_rank=0)
+    with pytest.raises(ConfigError, match=r"'fail_rank': rank 1 is a parameter server: the failure is "
+                                          r"injected in the training loop of the workers \(allowed: 0\)"):
+        check(2, 1, mode="ps", fail_at_step=3, fail_rank=1)
+    with pytest.raises(ConfigError, match=r"'fail_rank': rank 5 is not a rank of this 2-rank job"):
+        check(2, 2, fail_at_step=3, fail_rank=5)
+    with pytest.raises(ConfigError, match=r"'mode': ps needs at least 2 ranks .* this job has 1; start it "
+                                          r"with mpirun -np 2 or more, or use mode=collective"):
+        PSRoles(1, 1)
+
+
+def test_a_utf8_bom_before_the_header_is_accepted(tmp_path):
+    from hybridps.data import SAMPLE_CRITEO_CSV, CriteoReader
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + open(SAMPLE_CRITEO_CSV, "rb").read())
+    with_bom, plain = CriteoReader(path), CriteoReader(SAMPLE_CRITEO_CSV)
+    assert with_bom.format == "csv-header" and with_bom.num_rows == 200
+    np.testing.assert_array_equal(with_bom.keys, plain.keys)
+    np.testing.assert_array_equal(with_bom.dense, plain.dense)
+    assert with_bom.fingerprint()["content_blake2b"] == plain.fingerprint()["content_blake2b"]
+
+
+def test_a_batch_larger_than_a_share_warns_with_the_epochs_and_different_files_are_named(tmp_path):
+    from hybridps.data import CriteoReader
+    from hybridps.trainer import combine_data_stats, data_file_differences, small_share_warning
+    path = _criteo_with_bad_lines(tmp_path, [])
+    lines = path.read_text().splitlines()
+    ten = tmp_path / "ten.csv"
+    ten.write_text("\n".join(lines[:11]) + "\n")                  # header + 10 data lines
+    readers = [CriteoReader(ten, rank=r, world_size=2) for r in range(2)]
+    combined = combine_data_stats([r.stats() for r in readers])
+    assert small_share_warning(combined, 512, 100) == (
+        f"warning: batch_size 512 is larger than rank 0's share of {ten} (5 rows of 10 data lines over "
+        f"2 ranks): every batch repeats each row about 102 times, and 100 steps read the share 10240 "
+        f"times (epochs). Use a smaller batch_size, fewer ranks or more data.")
+    assert small_share_warning(combined, 5, 100) is None
+    assert data_file_differences([r.fingerprint() for r in readers] + [None]) is None
+    other = tmp_path / "other.csv"
+    other.write_text("\n".join(lines[:10] + [lines[12]]) + "\n")   # same size class, one row differs
+    message = data_file_differences([readers[0].fingerprint(), CriteoReader(other).fingerprint()])
+    assert message.startswith(f"the data file {ten} is not the same file on every rank (rank 0: ")
+    assert "; rank 1: " in message and "content blake2b" in message
+
+
+def test_rank_settings_out_of_range_stop_the_cli_at_start_without_traceback():
+    for flags, expected in ((["--delay-rank", "7"], "error: config field 'delay_rank': 7 is not a training "
+                                                    "rank of this 1-rank job (allowed: 0)"),
+                            (["--mode", "ps"], "error: config field 'mode': ps needs at least 2 ranks")):
+        proc = cli(["train", *SMALL, *flags])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-2000:]

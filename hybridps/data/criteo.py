@@ -10,6 +10,7 @@ Accepted layouts (detected from the first non-empty line of the file):
 
 The delimiter is a tab if the first line contains one, else a comma; the first line is a header
 if its first column is not a number and it names at least one Criteo column. Files ending in ``.gz`` are decompressed on the fly.
+A UTF-8 byte-order mark at the start of the file (spreadsheet exports) is ignored.
 Quoting is not supported (Criteo data never quotes).
 
 Values
@@ -40,6 +41,7 @@ The whole share is held in memory: dense float32 (N, 13), keys int64 (N, 26), la
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import time
@@ -61,6 +63,7 @@ CRITEO_COLUMNS = (["label"] + [f"I{i}" for i in range(1, NUM_DENSE + 1)]
 ON_BAD_LINE = ("raise", "skip")
 _MAX_EXAMPLES = 10
 _GZIP_CHUNK = 1 << 20           # decompressed bytes per read of a .gz file
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _is_number(text: str) -> bool:
@@ -127,6 +130,10 @@ class CriteoReader:
                     raw = fh.read()
         except OSError as exc:
             raise DataError(f"cannot read data file {self.path!r}: {exc}") from exc
+        if raw.startswith(_UTF8_BOM):    # a byte-order mark (spreadsheet exports): not part of the header
+            raw = raw[len(_UTF8_BOM):]
+        self.content_bytes = len(raw)
+        self.content_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -361,6 +368,14 @@ class CriteoReader:
                 "rank": self.rank, "world_size": self.world_size,
                 "positives": int(self.labels.sum()), "parse_seconds": self.parse_seconds,
                 "epoch": self.epoch, "offset": self.offset}
+
+    def fingerprint(self) -> dict:
+        """What identifies the file this rank read: its size on disk, and the size and a
+        BLAKE2b hash of its (decompressed) content, its data lines. Equal on every rank that
+        reads the same file; the trainer compares them across ranks at start-up."""
+        return {"path": self.path, "file_bytes": os.path.getsize(self.path),
+                "content_bytes": self.content_bytes, "content_blake2b": self.content_hash,
+                "data_lines": self.data_lines}
 
     def describe(self) -> dict:
         """Parameters of this dataset, for logs (same role as SyntheticCTR.describe)."""
