@@ -271,3 +271,33 @@ def test_rank_settings_out_of_range_stop_the_cli_at_start_without_traceback():
         proc = cli(["train", *SMALL, *flags])
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- 9. watchdog: stale states
+def test_a_state_file_not_refreshed_is_marked_with_the_process_state():
+    import signal
+    import socket
+    import time
+    from hybridps.watchdog import describe_state
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        now = time.time()
+        state = {"rank": 1, "size": 2, "host": socket.gethostname(), "pid": sleeper.pid, "refresh_s": 1.25,
+                 "written": now - 25.0, "collectives": [], "last": None,
+                 "main": {"step": 0, "where": ["trainer.py:140 __init__"]}}
+        text = describe_state(state, now=now)
+        first, second = text.splitlines()
+        assert first == (f"  rank 1 ({state['host']}, pid {sleeper.pid}): NO UPDATE for 25.0s although a "
+                         f"running rank refreshes its state every 1.25s: the rank is stopped (SIGSTOP, a "
+                         f"debugger) or hung outside Python (a C call holding the GIL); the process is "
+                         f"stopped (SIGSTOP/SIGTSTP). Its last state, 25.0s old:")
+        assert second.startswith(f"  rank 1 ({state['host']}, pid {sleeper.pid}, state written 25.0s ago): "
+                                 f"not in a collective (step 0)")
+        fresh = describe_state(dict(state, written=now - 2.0), now=now)
+        assert "NO UPDATE" not in fresh and len(fresh.splitlines()) == 1
+        assert "NO UPDATE" not in describe_state({k: v for k, v in state.items() if k != "refresh_s"}, now=now)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
