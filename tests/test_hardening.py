@@ -7,9 +7,9 @@ check the exit code and that no traceback is printed.
 """
 import json
 import os
+import re
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
@@ -301,3 +301,26 @@ def test_a_state_file_not_refreshed_is_marked_with_the_process_state():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# ---------------------------------------------------------------- 2 and 3 through the CLI
+def test_damaged_inputs_stop_the_cli_with_the_file_named_and_no_traceback(tmp_path):
+    import gzip
+    from hybridps.data import SAMPLE_CRITEO_CSV
+    data = gzip.compress(open(SAMPLE_CRITEO_CSV, "rb").read())
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(data[:len(data) // 2])
+    proc = cli(["train", *SMALL, "--data", cut, "--on-bad-line", "skip"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(rf"^error: {re.escape(str(cut))}, line \d+: damaged gzip file \(truncated",
+                     proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+    root = tmp_path / "ckpt"
+    (root / "ckpt-0000000010").mkdir(parents=True)              # a checkpoint without its manifest
+    (root / "latest").write_text("ckpt-0000000010\n")
+    before = sorted(os.listdir(root))
+    proc = cli(["train", *SMALL, "--checkpoint-dir", root, "--resume"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: cannot resume: no intact checkpoint under {root} (ckpt-0000000010: "
+                            f"{root}/ckpt-0000000010/manifest.json is missing"), error
+    assert sorted(os.listdir(root)) == before and not os.listdir(root / "ckpt-0000000010")
