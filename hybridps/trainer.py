@@ -137,9 +137,12 @@ class Trainer:
         for rank, messages in enumerate(problems):
             for message in messages:
                 by_message.setdefault(message, []).append(rank)
+        def where(ranks):
+            if self.world_size == 1:
+                return ""
+            return f" (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+
         if by_message:
-            where = (lambda ranks: f" (rank{'s' if len(ranks) > 1 else ''} "
-                                   f"{', '.join(map(str, ranks))})" if self.world_size > 1 else "")
             raise ConfigError("; ".join(m + where(r) for m, r in by_message.items()))
 
     def _check_data(self):
@@ -150,10 +153,11 @@ class Trainer:
         stats = getattr(self.dataset, "stats", None)
         if not callable(stats):
             return
-        reading = not self.is_server
-        gathered = self.comm.allgather_object(
-            (stats(), self.dataset.fingerprint()) if reading and hasattr(self.dataset, "fingerprint")
-            else (stats() if reading else None, None))
+        mine = None                       # PS servers read no data
+        if not self.is_server:
+            fingerprint = getattr(self.dataset, "fingerprint", None)
+            mine = (stats(), fingerprint() if callable(fingerprint) else None)
+        gathered = [g or (None, None) for g in self.comm.allgather_object(mine)]
         different = data_file_differences([f for _, f in gathered])
         if different:
             raise DataError(different)
@@ -283,9 +287,9 @@ class Trainer:
         """Steps (counted as completed steps) after which a checkpoint or delta is written:
         a membership test (``completed in points``), so nothing is O(steps) at start."""
         c = self.config
-        return ConsistentPoints([every for every in ((c.checkpoint_every if c.checkpoint_dir else 0),
-                                                     (c.delta_every if self.delta_exporter is not None else 0))
-                                 if every], c.steps)
+        everies = ((c.checkpoint_every if c.checkpoint_dir else 0),
+                   (c.delta_every if self.delta_exporter is not None else 0))
+        return ConsistentPoints([every for every in everies if every], c.steps)
 
     def _at_step_boundary(self, completed, end=False):
         """Checkpoint and delta export after ``completed`` steps (the tables are consistent).

@@ -16,9 +16,10 @@ often whatever it is doing (normal training included: one small write every 0.5-
 file that has not been refreshed for much longer belongs to a rank whose watchdog thread does
 not run: a stopped rank (SIGSTOP, a debugger) or one hung outside Python (a C call holding the
 GIL). The rank that trips reads every rank's file, prints them once (a stale one marked as
-such, with the process state when it runs on this node), and calls MPI_Abort. The directory is ``HYBRIDPS_WATCHDOG_DIR`` when set (use a
-shared file system to see ranks of other nodes), else ``<tmp>/hybridps-watchdog-<job key>``
-on each node. A rank's file is removed when it exits normally.
+such, with the process state when it runs on this node), and calls MPI_Abort. The directory
+is ``HYBRIDPS_WATCHDOG_DIR`` when set (use a shared file system to see ranks of other nodes),
+else ``<tmp>/hybridps-watchdog-<job key>`` on each node. A rank's file is removed when it
+exits normally.
 
 The step shown is the one given to :func:`set_step`, or else the integer local variable
 ``step`` of the innermost frame of the stuck thread's stack that has one (the training loop
