@@ -786,7 +786,9 @@ cdef class EmbeddingHashTable:
                 raise NonFiniteGradientError(
                     f"gradient for key {k[bad]} (position {bad}) in table {self.table_id} holds "
                     f"NaN or Inf at step {step}; nothing was applied. Lower the learning rate or "
-                    f"clip gradients, or set nonfinite=skip to skip such rows (counted).")
+                    f"clip gradients, or set nonfinite=skip (hybridps train --nonfinite skip, "
+                    f"config nonfinite: skip) to skip such rows (counted as "
+                    f"skipped_nonfinite_grads).")
         # Pass 1: find each key's row and sum duplicate keys into one accumulator per row.
         accum = np.empty((n, dim), dtype=np.float32)
         touched = np.empty(n, dtype=np.int64)

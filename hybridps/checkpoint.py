@@ -93,6 +93,7 @@ FORMAT = "hybridps-checkpoint"
 FORMAT_VERSION = 1
 CKPT_PREFIX = "ckpt-"
 TMP_PREFIX = ".tmp-ckpt-"
+DAMAGED_PREFIX = "damaged-"              # a refused checkpoint set aside by a resume (never pruned)
 LATEST = "latest"
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.npz"
@@ -101,6 +102,7 @@ DEFAULT_NUM_BUCKETS = 4096
 CANDIDATE_DTYPE = np.dtype([("key", "<i8"), ("hits", "<i8")])
 _CHUNK_BYTES = 16 << 20                  # records are built and written this much at a time
 _CKPT_NAME = re.compile(r"^ckpt-(\d{10})$")
+_CHECKPOINT_DIR_NAME = re.compile(r"^(damaged-)?ckpt-\d{10}(\.\d+)?$")   # one checkpoint, for inspect
 _META_FIELDS = ("hits", "last_update_step", "update_count")
 
 
@@ -207,10 +209,14 @@ class RestoreReport:
 
 @dataclasses.dataclass
 class ResumePoint:
-    """The newest intact checkpoint under a root (``path`` None if there is none)."""
+    """The newest intact checkpoint under a root (``path`` None if there is none).
+
+    ``damaged``: (path, problems) of every newer checkpoint that verification refused.
+    """
     path: object
     step: int
     warnings: list
+    damaged: list = dataclasses.field(default_factory=list)
 
 
 def _test_pause_seconds():
@@ -704,8 +710,8 @@ def resolve_checkpoint(path):
                               f"checkpoint (damaged, or a copy that did not finish)")
     latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
-        with open(latest) as fh:
-            name = fh.read().strip()
+        with open(latest, errors="replace") as fh:
+            name = fh.read(200).strip()
         if not _CKPT_NAME.match(name):
             raise CheckpointError(f"{latest} does not name a checkpoint (holds {name[:60]!r})")
         return os.path.join(path, name)
@@ -731,6 +737,8 @@ def load_manifest(ckpt_dir):
 
 def load_signed_json(path, expected_format):
     """A manifest written by :func:`signed_json_bytes`, checked against its own sha256."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a file (a directory?): {os.path.dirname(path)} is damaged")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: {os.path.dirname(path)} is not complete")
     with open(path, "rb") as fh:
@@ -813,8 +821,8 @@ def find_resume_point(root, verify="quick"):
     latest_path = os.path.join(root, LATEST)
     latest_step = None
     if os.path.isfile(latest_path):
-        with open(latest_path) as fh:
-            match = _CKPT_NAME.match(fh.read().strip())
+        with open(latest_path, errors="replace") as fh:
+            match = _CKPT_NAME.match(fh.read(200).strip())
         if match is None:
             warnings.append(f"{latest_path} does not name a checkpoint; trying every checkpoint")
         elif not os.path.isdir(os.path.join(root, match.group(0))):
@@ -830,26 +838,90 @@ def find_resume_point(root, verify="quick"):
             warnings.append(f"ignoring {', '.join(os.path.basename(p) for p in newer)}: newer than "
                             f"{LATEST} (an abandoned run or a save that did not finish)")
         candidates = [(s, p) for s, p in candidates if s <= latest_step]
+    damaged = []
     for step, path in reversed(candidates):
         problems = verify_checkpoint(path, level=verify)
         if not problems:
             if warnings and step != latest_step:
                 warnings.append(f"falling back to {path} (step {step})")
-            return ResumePoint(path, step, warnings)
-        shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
-        warnings.append(f"checkpoint {path} is damaged, skipping it: {shown}")
+            return ResumePoint(path, step, warnings, damaged)
+        damaged.append((path, problems))
+        warnings.append(f"checkpoint {path} is damaged, skipping it: {_shown(problems)}")
     if candidates:
-        warnings.append(f"no intact checkpoint under {root}; starting from step 0")
-    return ResumePoint(None, 0, warnings)
+        warnings.append(f"no intact checkpoint under {root}")
+    return ResumePoint(None, 0, warnings, damaged)
+
+
+def _shown(problems, limit=3):
+    return "; ".join(problems[:limit]) + (f" (+{len(problems) - limit} more)" if len(problems) > limit else "")
 
 
 def resume_candidates(root, verify="quick"):
     """(paths to try in order, warnings): the resume point, then every older checkpoint."""
+    paths, warnings, _ = _resume_plan(root, verify)
+    return paths, warnings
+
+
+def _resume_plan(root, verify="quick"):
+    """(paths to try in order, warnings, [(path, problems)] of the checkpoints refused)."""
     point = find_resume_point(root, verify)
     if point.path is None:
-        return [], point.warnings
+        return [], point.warnings, point.damaged
     older = [p for s, p in reversed(list_checkpoints(root)) if s < point.step]
-    return [point.path] + older, point.warnings
+    return [point.path] + older, point.warnings, point.damaged
+
+
+def set_aside_damaged(root, paths):
+    """Rename each refused checkpoint ``ckpt-<step>`` to ``damaged-ckpt-<step>`` (``.2``,
+    ``.3``, ... when taken), so that no later save prunes or replaces it; remove ``latest`` if
+    it names one of them. Returns the new paths.
+
+    Raises:
+        CheckpointError: a rename failed (nothing else is tried after it).
+    """
+    moved = []
+    latest_path = os.path.join(root, LATEST)
+    latest = None
+    if os.path.isfile(latest_path):
+        with open(latest_path, errors="replace") as fh:
+            latest = fh.read(200).strip()
+    for path in paths:
+        name = os.path.basename(os.path.normpath(path))
+        target = os.path.join(root, DAMAGED_PREFIX + name)
+        n = 1
+        while os.path.lexists(target):
+            n += 1
+            target = os.path.join(root, f"{DAMAGED_PREFIX}{name}.{n}")
+        try:
+            os.rename(path, target)
+        except OSError as exc:
+            raise CheckpointError(f"cannot set the damaged checkpoint {path} aside as {target}: {exc}") from None
+        moved.append(target)
+        if latest == name:
+            try:
+                os.unlink(latest_path)
+            except OSError as exc:
+                raise CheckpointError(f"cannot remove {latest_path} (it names the damaged {path}): {exc}") from None
+    if moved:
+        _fsync_dir(root)
+    return moved
+
+
+def _set_aside_collectively(comm, root, refused, log):
+    """rank 0 sets the refused checkpoints aside; every rank learns whether that worked."""
+    result = None
+    if comm.rank == 0:
+        try:
+            result = set_aside_damaged(root, [path for path, _ in refused])
+        except CheckpointError as exc:
+            result = exc
+    result = comm.bcast_object(result if not isinstance(result, CheckpointError) else str(result))
+    if isinstance(result, str):
+        raise CheckpointError(result)
+    if comm.rank == 0:
+        for (path, _), target in zip(refused, result):
+            log(f"kept the damaged {path} as {target} (no save prunes or replaces it; inspect it "
+                f"with `hybridps inspect {target}`, delete it when done)")
 
 
 def _read_index(ckpt_dir, manifest, name, bytes_read):
@@ -1213,14 +1285,22 @@ def save_trainer(trainer, step, data_state=None, dense_optimizer=None):
 def resume_trainer(trainer, log=None):
     """Restore a Trainer from the newest intact checkpoint under config.checkpoint_dir.
 
-    Damaged checkpoints are skipped (newest first) with a warning; without any, training
-    starts at step 0 (also with a warning). Warnings go to ``log`` (default: stderr on rank 0).
+    Damaged checkpoints are skipped (newest first) with a warning, and once an older one is
+    restored they are set aside as ``damaged-ckpt-<step>`` (:func:`set_aside_damaged`), so
+    the resumed run never prunes or replaces them. With no checkpoint at all under the root
+    (a first run: no ``ckpt-*`` directory, no ``latest``) training starts at step 0 with a
+    message. With checkpoints but none intact the resume is refused (CheckpointError naming
+    every damaged file; nothing is changed on disk) unless ``config.resume_fresh``: then the
+    damaged ones are set aside and training starts at step 0. Messages go to ``log``
+    (default: stderr on rank 0).
 
     Returns:
         the step to start at (the checkpoint's completed steps, or 0).
     Raises:
-        CheckpointError: the routing of keys to ranks disagrees with the checkpoint's owner
-            function (see the module docstring), or a checkpoint of another model.
+        CheckpointError: no intact checkpoint among existing ones (without resume_fresh), a
+            damaged checkpoint could not be set aside, the routing of keys to ranks disagrees
+            with the checkpoint's owner function (see the module docstring), or a checkpoint
+            of another model.
     """
     comm = trainer.comm
     log = log or (lambda message: sys.stderr.write(f"[hybridps] checkpoint: {message}\n"))
@@ -1236,10 +1316,11 @@ def resume_trainer(trainer, log=None):
         model = trainer.model if comm.rank == 0 else None
         optimizer = (make_dense_optimizer(c.effective_dense_optimizer, c.effective_dense_learning_rate)
                      if comm.rank == 0 else None)
-    warnings, candidates = [], None
+    plan = None
     if comm.rank == 0:
-        candidates, warnings = resume_candidates(root)
-    candidates, warnings = comm.bcast_object((candidates, warnings))
+        candidates, warnings, refused = _resume_plan(root)
+        plan = (candidates, warnings, refused, _latest_problem(root, candidates, refused))
+    candidates, warnings, refused, latest_problem = comm.bcast_object(plan)
     report = None
     for path in candidates:
         try:
@@ -1253,12 +1334,30 @@ def resume_trainer(trainer, log=None):
             raise
         except CheckpointError as exc:
             warnings.append(f"cannot restore {path}, trying an older one: {exc}")
+            refused.append((path, [str(exc)]))
     if report is None:
-        if candidates or not warnings:
-            warnings.append(f"no checkpoint to resume from under {root}; starting from step 0")
+        if not refused and latest_problem is None:   # nothing was ever checkpointed here
+            set_aside = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else [])
+                               if n.startswith(DAMAGED_PREFIX))
+            warnings.append(f"no checkpoint to resume from under {root}; starting from step 0"
+                            + (f" (set aside earlier: {', '.join(set_aside)})" if set_aside else ""))
+            if comm.rank == 0:
+                for message in warnings:
+                    log(message)
+            return 0
+        damage = "; ".join([f"{os.path.basename(p)}: {_shown(problems)}" for p, problems in refused]
+                           + ([latest_problem] if latest_problem else []))
+        if not getattr(trainer.config, "resume_fresh", False):
+            raise CheckpointError(
+                f"cannot resume: no intact checkpoint under {root} ({damage}). Nothing there was "
+                f"changed. Repair or move the damaged checkpoints away, or add --resume-fresh "
+                f"(config resume_fresh: true) to start from step 0 with them kept aside as "
+                f"{DAMAGED_PREFIX}ckpt-<step>")
         if comm.rank == 0:
             for message in warnings:
                 log(message)
+            log(f"resume_fresh: starting from step 0 (no intact checkpoint under {root})")
+        _set_aside_collectively(comm, root, refused, log)
         return 0
     check_routing(trainer.sharded.tables, report, comm, shard=shard)
     if report.data_state is not None and not getattr(trainer, "is_server", False):
@@ -1269,11 +1368,27 @@ def resume_trainer(trainer, log=None):
     if comm.rank == 0:
         for message in warnings + report.warnings:
             log(message)
+    if refused:   # newer than the one restored: the resumed run would prune or replace them
+        _set_aside_collectively(comm, root, refused, log)
+    if comm.rank == 0:
         where = (f"{comm.size} ranks" if roles is None else
                  f"{comm.size} ranks in PS mode, {roles.num_servers} of them servers")
         log(f"resumed from {report.path} (step {report.step}, saved on {report.saved_world_size} "
             f"ranks, restored on {where})")
     return report.step
+
+
+def _latest_problem(root, candidates, refused):
+    """What is wrong with ``latest`` when no checkpoint it could name exists (None: nothing,
+    or there are checkpoints to try or refuse)."""
+    path = os.path.join(root, LATEST)
+    if candidates or refused or not os.path.lexists(path):
+        return None
+    if not os.path.isfile(path):
+        return f"{path} is not a file"
+    with open(path, errors="replace") as fh:
+        name = fh.read(200).strip()
+    return f"{path} names {name[:60]!r}, which is not a checkpoint there"
 
 
 def check_routing(tables, report, comm, owner_fn=None, shard=None):
@@ -1315,21 +1430,27 @@ def check_routing(tables, report, comm, owner_fn=None, shard=None):
 def inspect_checkpoint(path, level="full"):
     """Summary and verification of one checkpoint directory (or a root's checkpoints).
 
+    A directory is one checkpoint if it holds a ``manifest.json`` entry (file or not) or is
+    named ``ckpt-<step>`` / ``damaged-ckpt-<step>``; otherwise it is a root.
+
     Returns:
         dict: for a checkpoint, ``path, ok, problems, step, world_size, mode, created,
         config_hash, model_hash, num_buckets, tables [{dim, optimizer, rows, candidates,
         bytes}], dense_variables, total_bytes, files``; for a root, ``root, latest,
-        checkpoints [...]`` and ``ok`` (the checkpoint ``latest`` names is intact).
+        checkpoints [...], set_aside`` (damaged checkpoints a resume renamed), ``problems``
+        (what is wrong with ``latest``, or no checkpoint at all) and ``ok`` (no problems: the
+        checkpoint ``latest`` names is intact).
     """
-    if not os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isdir(path):
-        latest = None
-        if os.path.isfile(os.path.join(path, LATEST)):
-            with open(os.path.join(path, LATEST)) as fh:
-                latest = fh.read().strip()
+    name = os.path.basename(os.path.normpath(path))
+    if os.path.isdir(path) and not (os.path.lexists(os.path.join(path, MANIFEST))
+                                    or _CHECKPOINT_DIR_NAME.match(name)):
         found = [inspect_checkpoint(p, level) for _, p in list_checkpoints(path)]
-        latest_ok = any(c["ok"] and os.path.basename(c["path"]) == latest for c in found)
-        return {"root": path, "latest": latest, "checkpoints": found,
-                "ok": bool(found) and latest_ok}
+        latest, problems = _inspect_latest(path, found)
+        if not found:
+            problems.append(f"no checkpoint (ckpt-<step> directory) under {path}")
+        set_aside = sorted(n for n in os.listdir(path) if n.startswith(DAMAGED_PREFIX))
+        return {"root": path, "latest": latest, "checkpoints": found, "set_aside": set_aside,
+                "problems": problems, "ok": not problems}
     summary = {"path": path, "problems": verify_checkpoint(path, level)}
     try:
         manifest = load_manifest(path)
@@ -1354,10 +1475,35 @@ def inspect_checkpoint(path, level="full"):
     return summary
 
 
+def _inspect_latest(root, found):
+    """(the name ``latest`` holds or None, problems with it) for a root's checkpoints."""
+    path = os.path.join(root, LATEST)
+    if not os.path.lexists(path):
+        return None, ([f"{path} is missing (resume tries every checkpoint, newest first)"]
+                      if found else [])
+    if not os.path.isfile(path):
+        return None, [f"{path} is not a file (it must be the pointer to the newest checkpoint)"]
+    with open(path, errors="replace") as fh:
+        latest = fh.read(200).strip()
+    if not _CKPT_NAME.match(latest):
+        return latest, [f"{path} does not name a checkpoint (holds {latest[:60]!r})"]
+    named = [c for c in found if os.path.basename(c["path"]) == latest]
+    if not named:
+        return latest, [f"{path} names {latest}, which does not exist"]
+    if not named[0]["ok"]:
+        return latest, [f"{path} names {latest}, which is damaged (see its problems above)"]
+    return latest, []
+
+
 def _format_summary(summary):
     if "root" in summary:
         lines = [f"{summary['root']}: latest -> {summary['latest']}"]
         lines += [_format_summary(c) for c in summary["checkpoints"]] or ["  no checkpoints"]
+        if summary.get("set_aside"):
+            lines.append(f"  set aside by a resume (damaged, never pruned): {', '.join(summary['set_aside'])}")
+        if summary["problems"]:
+            lines.append(f"{summary['root']}: NOT OK")
+            lines += [f"  - {p}" for p in summary["problems"]]
         return "\n".join(lines)
     if "step" not in summary:
         return f"{summary['path']}: DAMAGED\n" + "\n".join(f"  - {p}" for p in summary["problems"])

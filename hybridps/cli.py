@@ -33,6 +33,9 @@ def _add_train_arguments(parser):
     parser.add_argument("--dense-learning-rate", type=float)
     parser.add_argument("--table-layout", choices=["shared", "per_field"])
     parser.add_argument("--min-count", type=int, help="feature admission threshold (hits)")
+    parser.add_argument("--nonfinite", choices=["raise", "skip"],
+                        help="a NaN/Inf embedding gradient: stop with an error (raise, default) or "
+                             "skip that row's update and count it (skip)")
     parser.add_argument("--on-bad-line", choices=["raise", "skip"])
     parser.add_argument("--num-fields", type=int, help="synthetic data: categorical fields")
     parser.add_argument("--num-dense", type=int, help="synthetic data: dense features")
@@ -45,7 +48,11 @@ def _add_train_arguments(parser):
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
     parser.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (3)")
     parser.add_argument("--resume", action="store_const", const=True,
-                        help="continue from the newest intact checkpoint in --checkpoint-dir")
+                        help="continue from the newest intact checkpoint in --checkpoint-dir "
+                             "(none there: start at step 0; only damaged ones: refuse)")
+    parser.add_argument("--resume-fresh", action="store_const", const=True,
+                        help="with --resume: if every checkpoint is damaged, keep them aside as "
+                             "damaged-ckpt-<step> and start from step 0 instead of refusing")
     parser.add_argument("--num-buckets", type=int, help="virtual buckets of each table (fixed per model)")
     parser.add_argument("--delta-export-dir", help="write the rows updated every --delta-every steps here")
     parser.add_argument("--delta-every", type=int)

@@ -11,10 +11,14 @@ each rank is (hybridps.watchdog). What does not: keys, tables, hashing (hybridps
 launch commands (hybridps.launch).
 
 Signals: a rank killed by a signal (SIGKILL, the OOM killer) is noticed by mpirun (or by srun
-with ``--kill-on-bad-exit``), which ends the others. No Python handler is installed for
-SIGTERM: one would only run after the blocking MPI call returns, so mpirun's SIGTERM must keep
-its default action. ``faulthandler`` prints the Python stack of a rank that crashes (SIGSEGV,
-SIGBUS, SIGFPE, SIGABRT), and ``kill -USR1`` on mpirun prints every rank's stack.
+with ``--kill-on-bad-exit``), which ends the others. SIGTERM (Slurm before a time limit,
+scancel, mpirun forwarding its own) prints one line saying which rank got it and exits with
+code 143 (128 + 15) at once, also while the main thread is blocked in MPI: a Python handler
+alone would only run after the blocking call returns, so the signal's wake-up byte
+(``signal.set_wakeup_fd``) is read by a small thread that reports and exits. The graceful
+checkpoint-on-SIGTERM is not built yet. ``faulthandler`` prints the Python stack of a rank that
+crashes (SIGSEGV, SIGBUS, SIGFPE, SIGABRT), and ``kill -USR1`` on mpirun prints every rank's
+stack.
 
 mpi4py's upper-case buffer methods are used for every payload: they release the GIL and move
 raw memory; lower-case (pickling) methods only carry small control messages.
@@ -232,6 +236,7 @@ def install_abort_on_error(comm):
     their next collective.
     """
     _install_fault_handlers()
+    _install_termination_report(comm)
     if comm.size == 1:
         return
 
@@ -265,6 +270,55 @@ def _install_fault_handlers():
             faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
         except (AttributeError, ValueError, OSError, RuntimeError):
             pass
+
+
+_TERMINATION = {"reported": False, "lock": threading.Lock()}
+
+
+def _install_termination_report(comm):
+    """SIGTERM: print which rank got which signal, then exit 128 + signal (see the module doc)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def report(signum):
+        with _TERMINATION["lock"]:
+            if _TERMINATION["reported"]:
+                return
+            _TERMINATION["reported"] = True
+            from hybridps import watchdog
+            watchdog.discard_state()
+            who = f"[hybridps rank {comm.rank}/{comm.size}]" if comm.size > 1 else "[hybridps]"
+            name = signal.Signals(signum).name
+            try:
+                sys.stderr.write(f"{who} terminated by {name} (signal {signum}: sent by Slurm at a time "
+                                 f"limit, scancel or kill, or by mpirun ending the job); exiting with "
+                                 f"code {128 + signum}, no checkpoint written since the last one.\n")
+                sys.stderr.flush()
+            finally:
+                os._exit(128 + signum)
+
+    def watch(read_fd):
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                report(signal.SIGTERM)
+
+    try:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.signal(signal.SIGTERM, lambda signum, frame: report(signum))
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (OSError, ValueError, RuntimeError):
+        return
+    if previous != -1:      # someone else (an event loop) reads the wake-up bytes: keep theirs
+        signal.set_wakeup_fd(previous)
+        return
+    threading.Thread(target=watch, args=(read_fd,), name="hybridps-signals", daemon=True).start()
 
 
 def _start_watchdog(comm):

@@ -36,6 +36,7 @@ SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 INITIALIZERS = ("normal", "uniform", "zeros")
 TABLE_LAYOUTS = ("shared", "per_field")
+NONFINITE = ("raise", "skip")             # what a table does with a NaN/Inf row gradient
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainConfig:
     initializer: str = "normal"
     init_std: float = 0.01
     min_count: int = 1
+    nonfinite: str = "raise"              # a NaN/Inf row gradient: raise, or skip that row (counted)
     # dense parameters (default: same optimizer and rate as the embeddings)
     dense_optimizer: Optional[str] = None
     dense_learning_rate: Optional[float] = None
@@ -84,6 +86,7 @@ class TrainConfig:
     checkpoint_every: int = 0             # steps; 0 = only at the end when checkpoint_dir is set
     keep_checkpoints: int = 3
     resume: bool = False
+    resume_fresh: bool = False            # with resume: start from step 0 if no checkpoint is intact
     num_buckets: int = 4096               # virtual buckets of checkpointed rows (fixed per table)
     delta_export_dir: Optional[str] = None
     delta_every: int = 0
@@ -248,17 +251,53 @@ def make_config(yaml_path=None, overrides=None):
                           + f"; known fields: {', '.join(sorted(_FIELDS))}")
     config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(config)
+    if config.sync == Sync.SSP and "staleness" not in values:
+        raise ConfigError("config field 'staleness': sync=ssp needs a staleness bound (--staleness S, "
+                          "S >= 1 steps); without one it would run as BSP (staleness 0, which you "
+                          "may also give explicitly)")
     return config
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_key_loader():
+    """A yaml SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the
+    last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+                seen = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(key, seen[key], line)
+                        seen[key] = line
+                    except TypeError:       # an unhashable key: SafeLoader reports it
+                        continue
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def _load_yaml(path):
     import yaml
     if not os.path.exists(path):
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         try:
-            data = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
+            data = yaml.load(fh, Loader=_unique_key_loader()) or {}
+        except _DuplicateKey as exc:
+            key, first, again = exc.args
+            raise ConfigError(f"config file {path}: key {key!r} is given twice (line {first} and "
+                              f"line {again}); give each field once") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of field: value, got {type(data).__name__}")
@@ -289,6 +328,7 @@ def validate(c):
     _check(c.initializer in INITIALIZERS, "initializer", c.initializer, ", ".join(INITIALIZERS))
     _check(c.init_std >= 0, "init_std", c.init_std, "a number >= 0")
     _check(c.min_count >= 1, "min_count", c.min_count, "an integer >= 1")
+    _check(c.nonfinite in NONFINITE, "nonfinite", c.nonfinite, ", ".join(NONFINITE))
     _check(c.on_bad_line in ("raise", "skip"), "on_bad_line", c.on_bad_line, "raise, skip")
     _check(c.num_fields >= 1, "num_fields", c.num_fields, "an integer >= 1")
     _check(c.num_dense >= 0, "num_dense", c.num_dense, "an integer >= 0")
@@ -323,8 +363,15 @@ def validate(c):
     _check(c.loader_delay_ms >= 0, "loader_delay_ms", c.loader_delay_ms, "milliseconds >= 0")
     if c.resume and not c.checkpoint_dir:
         raise ConfigError("config field 'resume': needs checkpoint_dir (where to resume from)")
+    if c.resume_fresh and not c.resume:
+        raise ConfigError("config field 'resume_fresh': applies with resume (what to do when no "
+                          "checkpoint under checkpoint_dir is intact); add --resume")
     if c.sync == Sync.BSP:
         _check(c.staleness == 0, "staleness", c.staleness, "0 with sync=bsp (use sync=ssp for a bound > 0)")
+    if c.sync == Sync.ASP and c.staleness:
+        raise ConfigError(f"config field 'staleness': {c.staleness} applies to sync=ssp only; asp has "
+                          f"no staleness bound (max_inflight={c.max_inflight} limits how far pushes "
+                          f"trail); drop staleness or use sync=ssp")
     if c.table_groups is not None:
         flat = sorted(f for group in c.table_groups for f in group)
         _check(flat == list(range(c.num_fields)), "table_groups", c.table_groups,
@@ -353,13 +400,36 @@ def table_groups(c):
     return [list(range(c.num_fields))]
 
 
-def config_hash(c):
-    """sha256 of the canonical JSON of the settings every rank must share."""
+def shared_config(c):
+    """The settings every rank must share (the config without its per-rank fields), as a dict."""
     shared = c.to_dict()
-    for per_rank in ("metrics_out", "progress", "dump_state", "tf_threads", "resume",
+    for per_rank in ("metrics_out", "progress", "dump_state", "tf_threads", "resume", "resume_fresh",
                      "loader_delay_ms", "delay_rank", "watchdog_timeout"):
         shared.pop(per_rank, None)
-    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
+    return shared
+
+
+def config_hash(c):
+    """sha256 of the canonical JSON of the settings every rank must share."""
+    return hashlib.sha256(json.dumps(shared_config(c), sort_keys=True).encode()).hexdigest()
+
+
+def check_job_config(c, world_size, data_ranks):
+    """Raise ConfigError for a setting that names a rank this job does not have (or that would
+    do nothing on it); ``data_ranks`` are the ranks that train (all, or the PS workers).
+
+    Checked by the trainer once the world size is known."""
+    workers = f"0..{data_ranks - 1}" if data_ranks > 1 else "0"
+    if c.loader_delay_ms > 0 or c.delay_rank != -1:
+        if not 0 <= c.delay_rank < data_ranks:
+            raise ConfigError(
+                f"config field 'delay_rank': {c.delay_rank} is not a training rank of this "
+                f"{world_size}-rank job (allowed: {workers}); it names the rank whose data loader "
+                f"loader_delay_ms (now {c.loader_delay_ms:g}) slows")
+    if c.fail_at_step >= 0 and not 0 <= c.fail_rank < data_ranks:
+        what = ("a parameter server: the failure is injected in the training loop of the workers"
+                if data_ranks <= c.fail_rank < world_size else f"not a rank of this {world_size}-rank job")
+        raise ConfigError(f"config field 'fail_rank': rank {c.fail_rank} is {what} (allowed: {workers})")
 
 
 def env_tf_threads():

@@ -29,6 +29,11 @@ class DataError(HybridPSError, ValueError):
     """An input data file is malformed (the message names file and line)."""
 
 
+class OutputError(HybridPSError):
+    """An output (metrics file, state dump) could not be written: the message names the path
+    and the reason (disk full, permissions); no partial or temporary file is left."""
+
+
 class CommError(HybridPSError):
     """MPI or Horovod could not be initialised or a collective failed."""
 

@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from hybridps.errors import OutputError
+
 AUC_BINS = 100_000
 
 
@@ -105,13 +107,26 @@ class Progress:
 
 
 def write_summary(path, summary):
-    """Write the metrics JSON atomically (temporary file + rename)."""
+    """Write the metrics JSON atomically (temporary file + rename).
+
+    Raises:
+        OutputError: the file could not be written (disk full, permissions, a directory in
+            the way); the temporary file is removed and ``path`` is left as it was.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(summary, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(tmp, "w") as fh:
+            json.dump(summary, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write the metrics file {path}: {exc.strerror or exc}; "
+                          f"the metrics of this run were not saved") from None

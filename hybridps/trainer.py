@@ -15,6 +15,7 @@ gradient), so the push sends one summed row per unique key.
 """
 import gc
 import os
+import re
 import sys
 import time
 
@@ -23,7 +24,7 @@ import numpy as np
 from hybridps import config as config_module
 from hybridps import watchdog
 from hybridps.config import Mode, Sync
-from hybridps.errors import ConfigError
+from hybridps.errors import ConfigError, DataError, OutputError
 from hybridps.metrics import AUCAccumulator, PhaseTimer, Progress, write_summary
 
 
@@ -87,6 +88,7 @@ class Trainer:
         self.rank, self.world_size = self.comm.rank, self.comm.size
         self.tf = configure_tensorflow(default_tf_threads(config, self.comm.local_size))
         self._check_same_config()
+        self._check_output_paths()
         self._build()
         self.start_step = 0
         self.resume_messages = []
@@ -113,10 +115,59 @@ class Trainer:
         hashes = self.comm.allgather_object(mine)
         differing = [r for r, h in enumerate(hashes) if h != hashes[0]]
         if differing:
+            shared = self.comm.allgather_object(config_module.shared_config(self.config))
+            fields = []
+            for name in sorted(set().union(*shared)):
+                values = [d.get(name) for d in shared]
+                if any(v != values[0] for v in values):
+                    shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)
+                                      if r == 0 or v != values[0])
+                    fields.append(f"{name} ({shown})")
             raise ConfigError(
                 f"ranks {differing} run a different effective config than rank 0 (config hash "
-                f"{hashes[0][:12]} on rank 0, {hashes[differing[0]][:12]} on rank {differing[0]}). "
-                f"Give every rank the same --config file and flags.")
+                f"{hashes[0][:12]} on rank 0, {hashes[differing[0]][:12]} on rank {differing[0]}); "
+                f"differing field(s): {'; '.join(fields)}. Give every rank the same --config file "
+                f"and flags.")
+
+    def _check_output_paths(self):
+        """Every rank checks the paths it will write before training (one ConfigError naming
+        the field, the path and the ranks), so a long run does not fail at its end."""
+        problems = self.comm.allgather_object(output_path_problems(self.config, self.rank))
+        by_message = {}
+        for rank, messages in enumerate(problems):
+            for message in messages:
+                by_message.setdefault(message, []).append(rank)
+        def where(ranks):
+            if self.world_size == 1:
+                return ""
+            return f" (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+
+        if by_message:
+            raise ConfigError("; ".join(m + where(r) for m, r in by_message.items()))
+
+    def _check_data(self):
+        """Collective, once the data is read: every rank must have read the same file (size
+        and content hash; a DataError otherwise); rank 0 prints one line about skipped lines
+        (on_bad_line=skip), with a few examples from every rank, and warns when a batch is
+        larger than a rank's share of the file."""
+        stats = getattr(self.dataset, "stats", None)
+        if not callable(stats):
+            return
+        mine = None                       # PS servers read no data
+        if not self.is_server:
+            fingerprint = getattr(self.dataset, "fingerprint", None)
+            mine = (stats(), fingerprint() if callable(fingerprint) else None)
+        gathered = [g or (None, None) for g in self.comm.allgather_object(mine)]
+        different = data_file_differences([f for _, f in gathered])
+        if different:
+            raise DataError(different)
+        combined = combine_data_stats([s for s, _ in gathered])
+        messages = [skipped_lines_summary(combined),
+                    small_share_warning(combined, self.config.batch_size, self.config.steps)]
+        if self.rank == 0:
+            for line in filter(None, messages):
+                sys.stderr.write(f"[hybridps] {line}\n")
+            sys.stderr.flush()
 
     def _build(self):
         from hybridps.data import make_dataset
@@ -135,12 +186,14 @@ class Trainer:
             self.roles = PSRoles(self.world_size, c.num_servers)
             self.is_server = self.roles.is_server(self.rank)
             self.compute_ranks = self.roles.num_workers
+        config_module.check_job_config(c, self.world_size, self.compute_ranks)
         synthetic_options = (dict(num_fields=c.num_fields, num_dense=c.num_dense,
                                   vocab_size=c.vocab_size, zipf_a=c.zipf_a)
                              if c.data == "synthetic" else {})
         data_rank = 0 if self.is_server else self.rank
         self.dataset = make_dataset(c.data, rank=data_rank, world_size=self.compute_ranks, seed=c.seed,
                                     on_bad_line=c.on_bad_line, **synthetic_options)
+        self._check_data()
         self.num_fields = getattr(self.dataset, "num_fields", c.num_fields)
         self.num_dense = getattr(self.dataset, "num_dense", c.num_dense)
         if c.table_groups is not None or c.table_layout != "shared":
@@ -231,13 +284,12 @@ class Trainer:
                                started, steady_start, finished)
 
     def _consistent_points(self):
-        """Steps (counted as completed steps) after which a checkpoint or delta is written."""
-        c, points = self.config, set()
-        for every in ((c.checkpoint_every if c.checkpoint_dir else 0),
-                      (c.delta_every if self.delta_exporter is not None else 0)):
-            if every:
-                points.update(range(every, c.steps, every))
-        return points
+        """Steps (counted as completed steps) after which a checkpoint or delta is written:
+        a membership test (``completed in points``), so nothing is O(steps) at start."""
+        c = self.config
+        everies = ((c.checkpoint_every if c.checkpoint_dir else 0),
+                   (c.delta_every if self.delta_exporter is not None else 0))
+        return ConsistentPoints([every for every in everies if every], c.steps)
 
     def _at_step_boundary(self, completed, end=False):
         """Checkpoint and delta export after ``completed`` steps (the tables are consistent).
@@ -314,7 +366,8 @@ class Trainer:
         }
         data_stats = getattr(self.dataset, "stats", None)
         if callable(data_stats):
-            summary["data_stats"] = self._sum_over_ranks({} if self.is_server else data_stats())
+            summary["data_stats"] = combine_data_stats(
+                self.comm.allgather_object(None if self.is_server else data_stats()))
         if c.dump_state:
             self.dump_state(c.dump_state)
         if self.rank == 0 and c.metrics_out:
@@ -356,25 +409,187 @@ class Trainer:
         total = self.comm.allreduce_sum(local)
         return [dict(zip(names, map(int, row))) for row in total]
 
-    def _sum_over_ranks(self, stats):
-        """Sum the integer counters of a small dict over ranks (ranks may hold different keys)."""
-        total = {}
-        for rank_stats in self.comm.allgather_object(
-                {k: int(v) for k, v in stats.items() if isinstance(v, (int, np.integer))}):
-            for key, value in rank_stats.items():
-                total[key] = total.get(key, 0) + value
-        return total
-
     def dump_state(self, directory):
-        """Write rank 0's dense weights and every rank's table shards as npz (tests, debugging)."""
-        os.makedirs(directory, exist_ok=True)
+        """Write rank 0's dense weights and every rank's table shards as npz (tests, debugging).
+
+        Raises:
+            OutputError: a file could not be written (no partial file is left).
+        """
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the dump_state directory {directory}: "
+                              f"{exc.strerror or exc}") from None
         if self.rank == 0:
-            np.savez(os.path.join(directory, "dense.npz"),
+            save_npz(os.path.join(directory, "dense.npz"),
                      *[v.numpy() for v in self.model.trainable_variables])
         for t, shard in enumerate(self.sharded.export_shards()):
-            np.savez(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
+            save_npz(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
                      keys=shard["keys"], values=shard["values"], slots=shard["slots"])
         self.comm.barrier()
+
+
+_ADDITIVE_DATA_STATS = ("rows", "bad_lines", "positives")
+_PER_RANK_DATA_STATS = ("rank", "rows", "bad_lines", "positives", "epoch", "offset", "parse_seconds")
+_DATA_EXAMPLES = 10
+_LINE_OF_EXAMPLE = re.compile(r", line (\d+): ")
+
+
+def combine_data_stats(per_rank):
+    """One ``data_stats`` dict from every rank's ``dataset.stats()`` (None for ranks that read
+    no data, e.g. PS servers).
+
+    Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``: each rank counts
+    its own share); takes the file's own figures once (``kind``, ``path``, ``format``,
+    ``data_lines``: every rank counts the data lines of the whole file); keeps each rank's
+    share and position apart in ``per_rank``, and up to 10 ``bad_line_examples`` of all ranks
+    in line order. Returns {} when no rank read data.
+    """
+    readers = [s for s in per_rank if s]
+    if not readers:
+        return {}
+    first = readers[0]
+    combined = {k: first[k] for k in ("kind", "path", "format", "data_lines", "world_size") if k in first}
+    for key in _ADDITIVE_DATA_STATS:
+        combined[key] = int(sum(int(s.get(key, 0)) for s in readers))
+    examples = [e for s in readers for e in s.get("bad_line_examples", [])]
+    combined["bad_line_examples"] = sorted(examples, key=_line_of_example)[:_DATA_EXAMPLES]
+    combined["per_rank"] = [{k: s[k] for k in _PER_RANK_DATA_STATS if k in s} for s in readers]
+    return combined
+
+
+def _line_of_example(example):
+    match = _LINE_OF_EXAMPLE.search(example)
+    return int(match.group(1)) if match else 0
+
+
+def skipped_lines_summary(combined, shown=3):
+    """The one-line console summary of skipped malformed lines, or None when none was skipped."""
+    if not combined or not combined.get("bad_lines"):
+        return None
+    path = combined.get("path", "?")
+    examples = [e[len(path) + 2:] if e.startswith(f"{path}, ") else e
+                for e in combined["bad_line_examples"][:shown]]
+    more = combined["bad_lines"] - len(examples)
+    return (f"data: skipped {combined['bad_lines']} malformed line(s) of {combined.get('data_lines', '?')} "
+            f"in {path} (on_bad_line=skip; {combined['rows']} rows are used), e.g. "
+            + "; ".join(examples) + (f"; and {more} more (data_stats in the metrics)" if more > 0 else ""))
+
+
+def data_file_differences(fingerprints):
+    """A message naming the ranks whose data file differs from rank 0's (size or content), or
+    None; ``fingerprints`` per rank from ``dataset.fingerprint()`` (None: reads no file)."""
+    readers = [(r, f) for r, f in enumerate(fingerprints) if f]
+    if not readers:
+        return None
+    keys = ("file_bytes", "content_bytes", "content_blake2b", "data_lines")
+    first_rank, first = readers[0]
+    odd = [(r, f) for r, f in readers if any(f[k] != first[k] for k in keys)]
+    if not odd:
+        return None
+
+    def describe(rank, f):
+        return (f"rank {rank}: {f['file_bytes']} bytes on disk, {f['data_lines']} data lines, "
+                f"content blake2b {f['content_blake2b'][:16]}")
+
+    return (f"the data file {first['path']} is not the same file on every rank ("
+            + "; ".join([describe(first_rank, first)] + [describe(r, f) for r, f in odd[:4]])
+            + "): every rank must read identical data (a node-local copy that differs, or a file "
+              "still being written?)")
+
+
+def small_share_warning(combined, batch_size, steps):
+    """A warning when ``batch_size`` exceeds a rank's share of the file (every batch then
+    repeats rows), with the number of epochs the run reads; None otherwise."""
+    shares = [(p["rank"], p["rows"]) for p in (combined or {}).get("per_rank", []) if p.get("rows")]
+    if not shares:
+        return None
+    rank, rows = min(shares, key=lambda share: share[1])
+    if batch_size <= rows:
+        return None
+    return (f"warning: batch_size {batch_size} is larger than rank {rank}'s share of "
+            f"{combined.get('path')} ({rows} rows of {combined.get('data_lines')} data lines over "
+            f"{len(combined['per_rank'])} ranks): every batch repeats each row about "
+            f"{batch_size / rows:.0f} times, and {steps} steps read the share "
+            f"{steps * batch_size / rows:.0f} times (epochs). Use a smaller batch_size, fewer ranks "
+            f"or more data.")
+
+
+def save_npz(path, *args, **arrays):
+    """np.savez to ``path`` (built in memory, then written: a zip file that fails half-way
+    would complain again when collected); on a write failure the partial file is removed and
+    an OutputError names the path."""
+    import io
+    buffer = io.BytesIO()
+    np.savez(buffer, *args, **arrays)
+    try:
+        with open(path, "wb") as fh:
+            fh.write(buffer.getbuffer())
+    except OSError as exc:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def output_path_problems(config, rank):
+    """What is wrong with the output paths this rank will write (an empty list: nothing).
+
+    metrics_out (rank 0 writes it) must be a file name in a writable directory (missing
+    directories are created at the end); dump_state, checkpoint_dir and delta_export_dir must
+    be writable directories or creatable ones, and ``latest`` in checkpoint_dir, if present,
+    a file. Checks kinds and permissions (os.access), not free space.
+    """
+    problems = []
+    if config.metrics_out and rank == 0:
+        path = config.metrics_out
+        if os.path.isdir(path):
+            problems.append(f"config field 'metrics_out': {path} is a directory; give a file name "
+                            f"such as {os.path.join(path, 'metrics.json')}")
+        else:
+            problems += _creatable("metrics_out", os.path.dirname(os.path.abspath(path)), path)
+    for name in ("dump_state", "checkpoint_dir", "delta_export_dir"):
+        path = getattr(config, name)
+        if not path:
+            continue
+        if os.path.lexists(path) and not os.path.isdir(path):
+            problems.append(f"config field '{name}': {path} exists and is not a directory")
+            continue
+        problems += _creatable(name, os.path.abspath(path), path)
+        latest = os.path.join(path, "latest")
+        if name == "checkpoint_dir" and os.path.lexists(latest) and not os.path.isfile(latest):
+            problems.append(f"config field 'checkpoint_dir': {latest} is not a file (it must be "
+                            f"the pointer to the newest checkpoint, or absent); move it away")
+    return problems
+
+
+def _creatable(name, directory, given):
+    """Problems with writing into ``directory`` (created from its nearest existing ancestor)."""
+    ancestor = directory
+    while not os.path.lexists(ancestor):
+        parent = os.path.dirname(ancestor)
+        if parent == ancestor:
+            break
+        ancestor = parent
+    if not os.path.isdir(ancestor):
+        return [f"config field '{name}': cannot create {given}: {ancestor} is not a directory"]
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return [f"config field '{name}': cannot write {given}: {ancestor} is not writable "
+                f"(permissions or a read-only file system)"]
+    return []
+
+
+class ConsistentPoints:
+    """Completed-step counts ``k`` with ``0 < k < steps`` that are a multiple of one of
+    ``everies`` (``steps`` None: no end), as a membership test: ``k in points``."""
+
+    def __init__(self, everies, steps):
+        self.everies, self.steps = tuple(everies), steps
+
+    def __contains__(self, completed):
+        return (0 < completed and (self.steps is None or completed < self.steps)
+                and any(completed % every == 0 for every in self.everies))
 
 
 def freeze_python_heap():

@@ -11,10 +11,15 @@ training logic.
 Which ranks are stuck where, without relying on the stuck collective: each rank's watchdog
 thread writes its current state (collective or "not in a collective", step, Python stack) to
 ``rank<R>.json`` in a state directory once a state has lasted a quarter of the timeout
-(0.5 to 10 s; at most twice a second, never per call, nothing during normal training). The rank that trips reads every rank's file, prints
-them once, and calls MPI_Abort. The directory is ``HYBRIDPS_WATCHDOG_DIR`` when set (use a
-shared file system to see ranks of other nodes), else ``<tmp>/hybridps-watchdog-<job key>``
-on each node. A rank's file is removed when it exits normally.
+(0.5 to 10 s; at most twice a second, never per call), and refreshes the file at least that
+often whatever it is doing (normal training included: one small write every 0.5-10 s), so a
+file that has not been refreshed for much longer belongs to a rank whose watchdog thread does
+not run: a stopped rank (SIGSTOP, a debugger) or one hung outside Python (a C call holding the
+GIL). The rank that trips reads every rank's file, prints them once (a stale one marked as
+such, with the process state when it runs on this node), and calls MPI_Abort. The directory
+is ``HYBRIDPS_WATCHDOG_DIR`` when set (use a shared file system to see ranks of other nodes),
+else ``<tmp>/hybridps-watchdog-<job key>`` on each node. A rank's file is removed when it
+exits normally.
 
 The step shown is the one given to :func:`set_step`, or else the integer local variable
 ``step`` of the innermost frame of the stuck thread's stack that has one (the training loop
@@ -92,7 +97,7 @@ class _Watchdog:
 
     # ---------------------------------------------------------------- the polling thread
     def _loop(self):
-        previous_key, written_key, key_since = None, None, 0.0
+        previous_key, written_key, key_since, written_at = None, None, 0.0, _monotonic()
         while not self.stop_event.wait(POLL_INTERVAL_S):
             timeout_s = self.timeout()
             now = _monotonic()
@@ -110,7 +115,11 @@ class _Watchdog:
                 previous_key, key_since = key, now
             elif now - key_since >= _write_after(timeout_s) and (key != written_key or not snapshot):
                 self._write_state(snapshot, now)
-                written_key = key
+                written_key, written_at = key, now
+                continue
+            if now - written_at >= _write_after(timeout_s):     # the heartbeat of a live rank
+                self._write_state(snapshot, now)
+                written_key, written_at = key, now
 
     def timeout(self):
         if self.timeout_s is None:
@@ -128,7 +137,7 @@ class _Watchdog:
         frames = sys._current_frames()
         main_tid = threading.main_thread().ident
         state = {"rank": self.rank, "size": self.size, "job": self.job_key,
-                 "host": self.host, "pid": os.getpid(),
+                 "host": self.host, "pid": os.getpid(), "refresh_s": _write_after(self.timeout()),
                  "written": wall_now, "collectives": [], "last": None}
         for tid, (name, started) in snapshot:
             frame = frames.get(tid)
@@ -235,6 +244,24 @@ def _write_after(timeout_s):
     return min(max(timeout_s / 4.0, POLL_INTERVAL_S), 10.0)
 
 
+def _stale_after(refresh_s):
+    """Seconds after which a state file a live rank refreshes every ``refresh_s`` is stale."""
+    return 2.0 * refresh_s + 2.0 * POLL_INTERVAL_S
+
+
+def _process_state(host, pid):
+    """'stopped', 'a zombie', 'gone' ... of a process on this host (from /proc), else None."""
+    if host != socket.gethostname():
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            code = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone (no such process)"
+    return {"T": "stopped (SIGSTOP/SIGTSTP)", "t": "stopped by a debugger", "Z": "a zombie (exited)",
+            "D": "in uninterruptible I/O", "R": "running", "S": "sleeping"}.get(code, f"in state {code}")
+
+
 def describe_state(state, now=None):
     """One or more lines saying where the rank of a state file is (used in the dump)."""
     now = time.time() if now is None else now
@@ -242,6 +269,14 @@ def describe_state(state, now=None):
     head = (f"  rank {state['rank']} ({state['host']}, pid {state['pid']}, "
             f"state written {age:.1f}s ago):")
     lines = []
+    refresh_s = state.get("refresh_s")
+    if refresh_s is not None and age > _stale_after(refresh_s):
+        process = _process_state(state["host"], state["pid"])
+        lines.append(f"  rank {state['rank']} ({state['host']}, pid {state['pid']}): NO UPDATE for "
+                     f"{age:.1f}s although a running rank refreshes its state every {refresh_s:g}s: "
+                     f"the rank is stopped (SIGSTOP, a debugger) or hung outside Python (a C call "
+                     f"holding the GIL)" + (f"; the process is {process}" if process else "")
+                     + f". Its last state, {age:.1f}s old:")
     for c in state["collectives"]:
         step = f" (step {c['step']})" if c.get("step") is not None else ""
         lines.append(f"{head} in {c['name']}{step} for {c['seconds'] + age:.1f}s since "

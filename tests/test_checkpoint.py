@@ -412,6 +412,106 @@ def test_resume_trainer_without_checkpoints_starts_at_zero(tmp_path):
     assert "starting from step 0" in messages[-1]
 
 
+def _truncate(path, by=7):
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) - by)
+
+
+def _snapshot(root):
+    """{relative path: bytes} of every file under root (what a refused resume must not change)."""
+    out = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+def _resume_trainer_for(root, table, **overrides):
+    trainer = fake_trainer(root, table)
+    trainer.config = make_config(overrides=dict(TABLES_ONLY, checkpoint_dir=str(root), resume=True,
+                                                **overrides))
+    return trainer
+
+
+@pytest.fixture
+def three_damaged(tmp_path):
+    """ckpt-10/20/30, each with one truncated rows shard."""
+    table = filled_table("adagrad", dim=4, n=600)
+    config = make_config(overrides=TABLES_ONLY)
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]])
+        _truncate(os.path.join(ckpt_dir_of(tmp_path, step), "table-000.rank-00000.rows"))
+    return tmp_path
+
+
+def test_resume_with_every_checkpoint_damaged_refuses_and_changes_nothing(three_damaged):
+    root = three_damaged
+    before = _snapshot(root)
+    messages = []
+    with pytest.raises(CheckpointError) as info:
+        ckpt.resume_trainer(_resume_trainer_for(root, make_table("adagrad", dim=4)), log=messages.append)
+    text = str(info.value)
+    for step in (10, 20, 30):
+        assert f"ckpt-{step:010d}/table-000.rank-00000.rows: truncated" in text, text
+    assert "--resume-fresh" in text and "Nothing there was changed" in text
+    assert _snapshot(root) == before
+
+
+def test_resume_fresh_sets_damaged_checkpoints_aside_and_saves_never_touch_them(three_damaged):
+    root = three_damaged
+    before = _snapshot(root)
+    messages = []
+    trainer = _resume_trainer_for(root, make_table("adagrad", dim=4), resume_fresh=True)
+    assert ckpt.resume_trainer(trainer, log=messages.append) == 0
+    assert any("resume_fresh: starting from step 0" in m for m in messages)
+    assert sorted(os.listdir(root)) == [f"damaged-ckpt-{s:010d}" for s in (10, 20, 30)]
+    after = _snapshot(root)
+    assert {k.replace("damaged-", "", 1): v for k, v in after.items()} == {
+        k: v for k, v in before.items() if k != "latest"}
+    # the fresh run saves the same steps, keeping one: the damaged ones stay as they were
+    table = filled_table("sgd", dim=4, n=100)
+    for step in (10, 20, 30, 40):
+        ckpt.save_checkpoint(root, step, tables=[table], num_buckets=8, keep=1)
+    assert sorted(os.listdir(root)) == ([f"ckpt-{40:010d}"] + [f"damaged-ckpt-{s:010d}" for s in (10, 20, 30)]
+                                        + ["latest"])
+    assert {k: v for k, v in _snapshot(root).items() if k.startswith("damaged-")} == after
+    # a requeued run of the same command finds no checkpoint to refuse and says what is aside
+    again = []
+    for name in os.listdir(root):
+        if name.startswith("ckpt-") or name == "latest":
+            shutil.rmtree(os.path.join(root, name)) if name != "latest" else os.remove(os.path.join(root, name))
+    assert ckpt.resume_trainer(_resume_trainer_for(root, make_table("adagrad", dim=4)), log=again.append) == 0
+    assert "starting from step 0 (set aside earlier: damaged-ckpt-0000000010" in again[-1]
+
+
+def test_resume_falls_back_and_keeps_the_damaged_newer_checkpoints_aside(tmp_path):
+    table = filled_table("adagrad", dim=4, n=600)
+    config = make_config(overrides=TABLES_ONLY)
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]])
+    _truncate(os.path.join(ckpt_dir_of(tmp_path, 30), "table-000.rank-00000.rows"))
+    flip_byte(os.path.join(ckpt_dir_of(tmp_path, 20), "table-000.rank-00000.rows"), 10)  # seen at restore
+    damaged = {k: v for k, v in _snapshot(tmp_path).items() if k.startswith(("ckpt-0000000020", "ckpt-0000000030"))}
+    messages = []
+    trainer = _resume_trainer_for(tmp_path, make_table("adagrad", dim=4))
+    assert ckpt.resume_trainer(trainer, log=messages.append) == 10
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000000010", "damaged-ckpt-0000000020", "damaged-ckpt-0000000030"]
+    assert any("kept the damaged" in m and "damaged-ckpt-0000000030" in m for m in messages)
+    # the resumed run reaches steps 20 and 30 again and prunes to one: the damaged ones stay
+    for step in (20, 30):
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]], keep=1)
+    assert {k.replace("damaged-", "", 1): v for k, v in _snapshot(tmp_path).items()
+            if k.startswith("damaged-")} == damaged
+
+
+def test_resume_with_a_dangling_latest_and_no_checkpoint_refuses(tmp_path):
+    (tmp_path / "latest").write_text("ckpt-0000000050\n")
+    with pytest.raises(CheckpointError, match=r"latest names 'ckpt-0000000050', which is not a checkpoint"):
+        ckpt.resume_trainer(_resume_trainer_for(tmp_path, make_table("sgd")), log=lambda m: None)
+
+
 def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     script = os.path.join(REPO, "tests", "parallel", "checkpoint_scenarios.py")
     proc = subprocess.Popen([sys.executable, script, "crash", str(tmp_path)], cwd=REPO,
@@ -574,3 +674,67 @@ def test_check_routing_refuses_a_routing_that_ignores_buckets():
     plain_modulo = lambda k, w, b: (splitmix64(k) % np.uint64(w)).astype(np.int64)  # noqa: E731
     with pytest.raises(CheckpointError, match=r"routing must use owner\(key\) = \(mix64\(key\) % num_buckets\)"):
         ckpt.check_routing([table], report, comm, owner_fn=plain_modulo)
+
+
+def _inspect(args_list, capsys):
+    parser = argparse.ArgumentParser()
+    ckpt.add_inspect_arguments(parser)
+    args = parser.parse_args([str(a) for a in args_list])
+    code = args.func(args)
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("manifest missing", "manifest.json is missing: {d} is not complete"),
+    ("manifest a directory", "manifest.json is not a file (a directory?): {d} is damaged"),
+])
+def test_inspect_of_a_checkpoint_without_its_manifest_says_so(two_checkpoints, capsys, damage, expected):
+    root, _ = two_checkpoints
+    d = ckpt_dir_of(root, 20)
+    os.remove(os.path.join(d, "manifest.json"))
+    if damage == "manifest a directory":
+        os.mkdir(os.path.join(d, "manifest.json"))
+    code, out = _inspect([d], capsys)
+    assert code == 1
+    assert out.startswith(f"{d}: DAMAGED") and expected.format(d=d) in out
+    assert "latest -> None" not in out and "no checkpoints" not in out
+    code, out = _inspect([root], capsys)                # the root: latest names the damaged one
+    assert code == 1
+    assert f"{root}/latest names ckpt-0000000020, which is damaged" in out
+
+
+@pytest.mark.parametrize("latest, expected", [
+    (None, "{root}/latest is missing (resume tries every checkpoint, newest first)"),
+    (b"hello world\n", "{root}/latest does not name a checkpoint (holds 'hello world')"),
+    (b"\xff\xfe\x00garbage", "{root}/latest does not name a checkpoint (holds"),
+    (b"ckpt-0000000050\n", "{root}/latest names ckpt-0000000050, which does not exist"),
+    ("dir", "{root}/latest is not a file"),
+])
+def test_inspect_says_what_is_wrong_with_latest(two_checkpoints, capsys, latest, expected):
+    root, _ = two_checkpoints
+    os.remove(root / "latest")
+    if latest == "dir":
+        (root / "latest").mkdir()
+    elif latest is not None:
+        (root / "latest").write_bytes(latest)
+    code, out = _inspect([root], capsys)
+    assert code == 1, out
+    assert f"{root}: NOT OK" in out and expected.format(root=root) in out
+    assert out.count("verification (every sha256): OK") == 2        # the checkpoints themselves
+    code, out = _inspect([root, "--json"], capsys)
+    summary = json.loads(out)
+    assert not summary["ok"] and expected.format(root=root) in summary["problems"][0]
+
+
+def test_inspect_of_an_empty_root_and_of_set_aside_checkpoints(tmp_path, capsys):
+    code, out = _inspect([tmp_path], capsys)
+    assert code == 1 and f"no checkpoint (ckpt-<step> directory) under {tmp_path}" in out
+    table = filled_table("sgd", n=100)
+    ckpt.save_checkpoint(tmp_path, 10, tables=[table], num_buckets=8)
+    ckpt.save_checkpoint(tmp_path, 20, tables=[table], num_buckets=8)
+    ckpt.set_aside_damaged(str(tmp_path), [ckpt_dir_of(tmp_path, 20)])
+    code, out = _inspect([tmp_path], capsys)
+    assert code == 1 and "set aside by a resume (damaged, never pruned): damaged-ckpt-0000000020" in out
+    assert f"{tmp_path}/latest is missing" in out
+    code, out = _inspect([tmp_path / "damaged-ckpt-0000000020"], capsys)
+    assert code == 0 and "step 20" in out                # a set-aside checkpoint can be inspected alone

@@ -299,6 +299,51 @@ def test_reader_errors():
         CriteoReader(os.path.join(REPO, "no_such_file.csv"))
 
 
+def _gzip_sample(tmp_path, name="sample.csv.gz"):
+    import gzip as gzip_module
+    with open(SAMPLE_CRITEO_CSV, "rb") as fh:
+        text = fh.read()
+    path = tmp_path / name
+    with gzip_module.open(path, "wb") as fh:
+        fh.write(text)
+    return path, text
+
+
+@pytest.mark.parametrize("on_bad_line", ["raise", "skip"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_damaged_gzip_names_the_file_and_the_line(tmp_path, on_bad_line, world_size):
+    import zlib
+    path, text = _gzip_sample(tmp_path)
+    whole = CriteoReader(path, on_bad_line=on_bad_line)
+    assert whole.num_rows == 200
+    data = path.read_bytes()
+    # truncated: every line decompressed before the cut is counted
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(data[:len(data) // 2])
+    decompressed = zlib.decompressobj(31).decompress(data[:len(data) // 2])
+    line = decompressed.count(b"\n") + 1
+    assert 1 < line < text.count(b"\n")
+    for rank in range(world_size):
+        with pytest.raises(DataError) as err:
+            CriteoReader(cut, rank=rank, world_size=world_size, on_bad_line=on_bad_line)
+        assert f"{cut}, line {line}: damaged gzip file (truncated" in str(err.value)
+    # a flipped byte in the compressed stream: zlib's or the CRC's error, at some line
+    flipped = tmp_path / "flipped.csv.gz"
+    corrupt = bytearray(data)
+    corrupt[len(data) // 3] ^= 0x5A
+    flipped.write_bytes(bytes(corrupt))
+    with pytest.raises(DataError) as err:
+        CriteoReader(flipped, world_size=world_size, on_bad_line=on_bad_line)
+    message = str(err.value)
+    assert message.startswith(f"{flipped}, line ") and "damaged gzip file (corrupt: " in message
+    assert 1 <= int(message.split(", line ")[1].split(":")[0]) <= text.count(b"\n") + 1
+    # not gzip at all (a .gz name over plain text)
+    plain = tmp_path / "plain.csv.gz"
+    plain.write_bytes(text)
+    with pytest.raises(DataError, match=r"plain\.csv\.gz, line 1: damaged gzip file \(corrupt: Not a gzipped"):
+        CriteoReader(plain, on_bad_line=on_bad_line)
+
+
 # ----------------------------------------------------------------------------- synthetic
 def test_synthetic_batch_shapes_and_determinism():
     ds = SyntheticCTR(seed=7)

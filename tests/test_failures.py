@@ -195,3 +195,48 @@ def test_a_stuck_training_step_trips_the_watchdog(tmp_path):
     assert re.search(r"\[hybridps rank 1/2\] watchdog: stuck for [\d.]+s in \w+ \(step 0\)", out), out
     assert re.search(r"rank 0 \(.*\): not in a collective \(step 0\)", out), out
     assert re.search(r"rank 1 \(.*\): in \w+ \(step 0\) for [\d.]+s .* at comm\.py:\d+ ", out), out
+
+
+def test_sigterm_says_which_rank_got_it_and_exits_non_zero(tmp_path):
+    """Slurm signals every task of the job at its time limit: both ranks get SIGTERM."""
+    job = Job(_launch(*TRAIN_SMALL, "--log-every", "1"),
+              env={"HYBRIDPS_WATCHDOG_DIR": str(tmp_path / "watchdog")})
+    job.wait_for(r"^step 5/100000 ", timeout=120)
+    for rank in (0, 1):
+        os.kill(job.rank_pid(rank), signal.SIGTERM)
+    sent = time.monotonic()
+    code, ended = job.wait_exit(timeout=120)
+    out = job.output
+    print(f"SIGTERM: exit {code} {ended - sent:.2f}s after the signal\n{out[-2000:]}")
+    assert code != 0 and ended - sent < BOUND_S
+    for rank in (0, 1):
+        assert out.count(f"[hybridps rank {rank}/2] terminated by SIGTERM (signal 15: sent by Slurm at a time "
+                         f"limit, scancel or kill, or by mpirun ending the job); exiting with code 143") == 1, \
+            out[-3000:]
+    assert "Traceback" not in out
+
+
+def test_a_stopped_rank_is_reported_as_not_responding_not_with_an_old_stack(tmp_path):
+    job = Job(_launch(*TRAIN_SMALL, "--log-every", "1", "--watchdog-timeout", "5"),
+              env={"HYBRIDPS_WATCHDOG_DIR": str(tmp_path / "watchdog")})
+    job.wait_for(r"^step 5/100000 ", timeout=120)
+    victim = job.rank_pid(1)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        job.wait_for(r"watchdog: stuck for", timeout=60)
+        code, _ = job.wait_exit(timeout=60)
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out = job.output
+    print(out[-3000:])
+    assert code == WATCHDOG_EXIT_CODE
+    assert re.search(r"\[hybridps rank 0/2\] watchdog: stuck for [\d.]+s in \w+", out), out[-3000:]
+    match = re.search(r"rank 1 \(.*, pid (\d+)\): NO UPDATE for ([\d.]+)s although a running rank refreshes "
+                      r"its state every 1\.25s: the rank is stopped \(SIGSTOP, a debugger\) or hung outside "
+                      r"Python \(a C call holding the GIL\); the process is stopped \(SIGSTOP/SIGTSTP\)\. Its "
+                      r"last state", out)
+    assert match and int(match.group(1)) == victim and float(match.group(2)) >= 4.0, out[-3000:]

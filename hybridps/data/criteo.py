@@ -10,6 +10,7 @@ Accepted layouts (detected from the first non-empty line of the file):
 
 The delimiter is a tab if the first line contains one, else a comma; the first line is a header
 if its first column is not a number and it names at least one Criteo column. Files ending in ``.gz`` are decompressed on the fly.
+A UTF-8 byte-order mark at the start of the file (spreadsheet exports) is ignored.
 Quoting is not supported (Criteo data never quotes).
 
 Values
@@ -40,6 +41,7 @@ The whole share is held in memory: dense float32 (N, 13), keys int64 (N, 26), la
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import time
@@ -60,6 +62,8 @@ CRITEO_COLUMNS = (["label"] + [f"I{i}" for i in range(1, NUM_DENSE + 1)]
                   + [f"C{i}" for i in range(1, NUM_FIELDS + 1)])
 ON_BAD_LINE = ("raise", "skip")
 _MAX_EXAMPLES = 10
+_GZIP_CHUNK = 1 << 20           # decompressed bytes per read of a .gz file
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _is_number(text: str) -> bool:
@@ -118,12 +122,18 @@ class CriteoReader:
     def _read_lines(self) -> List[str]:
         if not os.path.isfile(self.path):
             raise DataError(f"data file {self.path!r} does not exist (or is not a file)")
-        opener = gzip.open if self.path.endswith(".gz") else open
         try:
-            with opener(self.path, "rb") as fh:
-                raw = fh.read()
+            if self.path.endswith(".gz"):
+                raw = self._read_gzip()
+            else:
+                with open(self.path, "rb") as fh:
+                    raw = fh.read()
         except OSError as exc:
             raise DataError(f"cannot read data file {self.path!r}: {exc}") from exc
+        if raw.startswith(_UTF8_BOM):    # a byte-order mark (spreadsheet exports): not part of the header
+            raw = raw[len(_UTF8_BOM):]
+        self.content_bytes = len(raw)
+        self.content_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -134,6 +144,25 @@ class CriteoReader:
         if lines and lines[-1] == "":
             lines.pop()
         return lines
+
+    def _read_gzip(self) -> bytes:
+        """The decompressed bytes; damaged data (truncated, corrupt, not gzip) raises a
+        DataError naming the file and the line the decompression had reached."""
+        parts, newlines = [], 0
+        try:
+            with gzip.open(self.path, "rb") as fh:
+                while True:
+                    chunk = fh.read1(_GZIP_CHUNK)
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    newlines += chunk.count(b"\n")
+        except (EOFError, gzip.zlib.error, gzip.BadGzipFile) as exc:   # zlib.error, via gzip
+            what = ("truncated: the compressed data ends before its end-of-stream marker"
+                    if isinstance(exc, EOFError) else f"corrupt: {exc}")
+            raise DataError(f"{self.path}, line {newlines + 1}: damaged gzip file ({what}); "
+                            f"{newlines} complete lines were decompressed before the damage") from None
+        return b"".join(parts)
 
     def _detect(self, lines: List[str]):
         """(first data line index, delimiter, column permutation or None, format name)."""
@@ -339,6 +368,14 @@ class CriteoReader:
                 "rank": self.rank, "world_size": self.world_size,
                 "positives": int(self.labels.sum()), "parse_seconds": self.parse_seconds,
                 "epoch": self.epoch, "offset": self.offset}
+
+    def fingerprint(self) -> dict:
+        """What identifies the file this rank read: its size on disk, and the size and a
+        BLAKE2b hash of its (decompressed) content, its data lines. Equal on every rank that
+        reads the same file; the trainer compares them across ranks at start-up."""
+        return {"path": self.path, "file_bytes": os.path.getsize(self.path),
+                "content_bytes": self.content_bytes, "content_blake2b": self.content_hash,
+                "data_lines": self.data_lines}
 
     def describe(self) -> dict:
         """Parameters of this dataset, for logs (same role as SyntheticCTR.describe)."""

@@ -9,10 +9,12 @@ from hybridps.config import table_policy
 
 
 def make_table(config, table_id, capacity_hint=1024):
-    """A table shard for table ``table_id`` with the config's optimizer, initializer and seed,
-    and the table's own admission threshold (``table_settings``, else ``min_count``)."""
+    """A table shard for table ``table_id`` with the config's optimizer, initializer, seed and
+    non-finite gradient policy (``nonfinite``), and the table's own admission threshold
+    (``table_settings``, else ``min_count``)."""
     return EmbeddingHashTable(
         dim=config.dim, optimizer=config.optimizer, learning_rate=config.learning_rate,
         initializer=config.initializer, init_mean=0.0, init_std=config.init_std,
         init_low=-config.init_std, init_high=config.init_std, seed=config.seed,
-        table_id=table_id, min_count=table_policy(config, table_id)["min_count"], capacity_hint=capacity_hint)
+        table_id=table_id, min_count=table_policy(config, table_id)["min_count"],
+        nonfinite=config.nonfinite, capacity_hint=capacity_hint)

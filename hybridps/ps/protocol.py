@@ -20,6 +20,10 @@ class PSRoles:
     """Which ranks serve and which train: servers are the last ``num_servers`` ranks."""
 
     def __init__(self, world_size, num_servers):
+        if world_size == 1:
+            raise ConfigError("config field 'mode': ps needs at least 2 ranks (the last num_servers "
+                              "ranks serve, the others train) and this job has 1; start it with "
+                              "mpirun -np 2 or more, or use mode=collective")
         if num_servers >= world_size:
             raise ConfigError(f"config field 'num_servers': {num_servers} servers leave no worker "
                               f"among {world_size} ranks; use at most {world_size - 1} "

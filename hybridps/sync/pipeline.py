@@ -29,6 +29,7 @@ The main thread only computes: it takes prefetched rows (``pull``) and hands gra
 Only the communication thread touches the tables while training runs. ``finish`` drains every
 outstanding push and dense update, so nothing pushed is lost at the end of training.
 """
+import itertools
 import threading
 
 from hybridps.config import Sync
@@ -39,36 +40,79 @@ POLL_INTERVAL_S = 0.001   # the exchange thread tests its non-blocking collectiv
 
 
 def ssp_schedule(start, steps, staleness):
-    """Operation order of SSP(staleness): [("push"|"pull", step), ...], identical on every rank."""
-    for t in range(start, steps):
+    """Operation order of SSP(staleness): ("push"|"pull", step) pairs, identical on every rank.
+
+    A generator: ``steps`` None has no end (train until stopped), otherwise the last pushes
+    drain after pull(steps - 1)."""
+    for t in (range(start, steps) if steps is not None else itertools.count(start)):
         if t - staleness - 1 >= start:
             yield ("push", t - staleness - 1)
         yield ("pull", t)
-    for k in range(max(steps - staleness - 1, start), steps):
-        yield ("push", k)
+    if steps is not None:
+        for k in range(max(steps - staleness - 1, start), steps):
+            yield ("push", k)
 
 
 def asp_schedule(start, steps, lag):
-    """Operation order of ASP: pulls first, pushes trailing by ``lag`` steps."""
-    for t in range(start, steps):
+    """Operation order of ASP: pulls first, pushes trailing by ``lag`` steps (``steps`` None:
+    no end)."""
+    for t in (range(start, steps) if steps is not None else itertools.count(start)):
         yield ("pull", t)
         if t - lag >= start:
             yield ("push", t - lag)
-    for k in range(max(steps - lag, start), steps):
-        yield ("push", k)
+    if steps is not None:
+        for k in range(max(steps - lag, start), steps):
+            yield ("push", k)
 
 
 def with_fences(schedule, fences):
     """Insert a fence before pull(k) for each k in ``fences``: every push of a step < k moves
     ahead of it, so at the fence the tables hold exactly the updates of steps < k (a
-    consistent point for a checkpoint or a delta export). Depends only on step numbers."""
-    ops, fences = list(schedule), sorted(set(fences))
-    for k in fences:
-        at = next((i for i, op in enumerate(ops) if op == ("pull", k)), len(ops))
-        late = [op for op in ops[at:] if op[0] == "push" and op[1] < k]
-        rest = [op for op in ops[at:] if not (op[0] == "push" and op[1] < k)]
-        ops = ops[:at] + late + [("fence", k)] + rest
-    return ops
+    consistent point for a checkpoint or a delta export). Depends only on step numbers.
+
+    Lazy: a generator that holds no list of operations or fences, O(1) work per operation,
+    so its start-up cost depends neither on the number of steps nor on that of fences, and it
+    works on an unbounded schedule. ``schedule`` is one of :func:`ssp_schedule` /
+    :func:`asp_schedule` (pulls of consecutive steps in order, every pulled step pushed once,
+    pushes in step order); ``fences`` is anything that answers ``k in fences`` (a set, a range,
+    or a predicate object such as the trainer's consistent points). A fence step that no pull
+    matches (only possible for a finite, iterable ``fences``) comes at the end, in step order.
+    """
+    next_push = None          # the lowest step not pushed yet (pushes come in step order)
+    first_pull = last_pull = None
+    for op in schedule:
+        kind, step = op
+        if kind == "pull":
+            if first_pull is None:
+                first_pull = next_push = step
+            last_pull = step
+            if step in fences:
+                # the pushes of steps < step that the schedule has further on move ahead
+                for k in range(next_push, step):
+                    yield ("push", k)
+                next_push = max(next_push, step)
+                yield ("fence", step)
+            yield op
+        else:
+            if next_push is not None and step < next_push:
+                continue          # already moved ahead of a fence
+            next_push = step + 1
+            yield op
+    if hasattr(fences, "__iter__"):   # fences no pull matched (pulls are consecutive steps)
+        unmatched = {k for k in fences if first_pull is None or not first_pull <= k <= last_pull}
+        for k in sorted(unmatched):
+            yield ("fence", k)
+
+
+class _StepsBetween:
+    """The steps k of ``steps`` with ``low < k < high`` (``high`` None: no bound), as a
+    membership test only: nothing is listed, whatever the number of steps."""
+
+    def __init__(self, steps, low, high):
+        self.steps, self.low, self.high = steps, low, high
+
+    def __contains__(self, k):
+        return self.low < k and (self.high is None or k < self.high) and k in self.steps
 
 
 class _Mailbox:
@@ -137,7 +181,7 @@ class PipelinedCollectiveBackend:
             schedule = ssp_schedule(start_step, self.steps, self.config.staleness)
         else:
             schedule = asp_schedule(start_step, self.steps, self.max_inflight)
-        self.schedule = with_fences(schedule, [k for k in fence_steps if start_step < k < self.steps])
+        self.schedule = with_fences(schedule, _StepsBetween(fence_steps, start_step, self.steps))
         self.comm_thread = threading.Thread(target=self._run_guarded, args=(self._comm_loop,),
                                             name="hybridps-exchange", daemon=True)
         self.comm_thread.start()
