@@ -14,8 +14,12 @@ from hybridps.errors import HybridPSError
 
 def _add_train_arguments(parser):
     parser.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
-    parser.add_argument("--model", choices=["deepfm", "wide_deep", "dcn"])
-    parser.add_argument("--data", help="'synthetic' (built-in generator) or a Criteo TSV/CSV path")
+    parser.add_argument("--model", help="a built-in model (deepfm, wide_deep, dcn, din) or your "
+                                         "own build function: path/to/file.py:build or "
+                                         "package.module:build")
+    parser.add_argument("--data", help="'synthetic' (built-in generator), 'sample' (the bundled Criteo "
+                                        "sample), a Criteo TSV/CSV path, or, with a 'features:' "
+                                        "schema in --config, a CSV/TSV path of those columns")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int, help="samples per rank per step")
     parser.add_argument("--sync", choices=["bsp", "ssp", "asp"])
@@ -135,9 +139,10 @@ def build_parser():
     train_cmd = bench_sub.add_parser("train", help="collective BSP vs TF+Horovod baseline vs compute ceiling")
     train_bench.add_arguments(train_cmd)
     train_cmd.set_defaults(func=train_bench.main)
-    from hybridps import checkpoint, export
-    checkpoint.add_inspect_arguments(sub.add_parser("inspect", help="summarize and verify a checkpoint"))
-    export.add_export_arguments(sub.add_parser("export", help="checkpoint -> TensorFlow SavedModel for serving"))
+    from hybridps.checkpoint.inspect import add_inspect_arguments
+    from hybridps.export.saved_model import add_export_arguments
+    add_inspect_arguments(sub.add_parser("inspect", help="summarize and verify a checkpoint"))
+    add_export_arguments(sub.add_parser("export", help="checkpoint -> TensorFlow SavedModel for serving"))
     from hybridps.bench import compare as compare_bench
     compare_cmd = bench_sub.add_parser("compare", help="collective vs parameter-server vs TF+Horovod, N ranks each")
     compare_bench.add_arguments(compare_cmd)
@@ -166,10 +171,8 @@ def _report_and_exit(exc):
 
 
 def _rank_and_size():
-    if "mpi4py.MPI" in sys.modules:
-        from mpi4py import MPI
-        return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-    return 0, 1
+    from hybridps.comm import initialized_rank_and_size
+    return initialized_rank_and_size()
 
 
 if __name__ == "__main__":

@@ -174,6 +174,73 @@ class Comm:
     def abort(self, code=1):
         self.world.Abort(code)
 
+    # ---------------------------------------------------------------- point to point (PS mode)
+    @property
+    def ANY_SOURCE(self):
+        return self.MPI.ANY_SOURCE
+
+    def send(self, array, dest, tag):
+        """Blocking send of a contiguous numpy buffer on the exchange communicator."""
+        self.exchange.Send(array, dest=dest, tag=tag)
+
+    def isend(self, array, dest, tag):
+        """Non-blocking send; keep ``array`` alive until the request completes."""
+        return self.exchange.Isend(array, dest=dest, tag=tag)
+
+    def irecv(self, array, source, tag):
+        """Non-blocking receive into ``array``."""
+        return self.exchange.Irecv(array, source=source, tag=tag)
+
+    def recv(self, array, source, tag):
+        """Blocking receive into ``array`` (``source`` may be ANY_SOURCE); returns the source."""
+        status = self.MPI.Status()
+        self.exchange.Recv(array, source=source, tag=tag, status=status)
+        return status.Get_source()
+
+    @staticmethod
+    def test(request):
+        """Whether a non-blocking request has completed (never waits)."""
+        return request.Test()
+
+    def waitall(self, requests):
+        self.MPI.Request.Waitall(list(requests))
+
+
+class SingleProcessComm:
+    """The comm of a job of one process without MPI (tests, export, inspect): rank 0 of 1.
+
+    A stand-in beside the real communicator for the collectives that checkpoints, exports and
+    metrics use; anything they gather or reduce is this process's own value.
+    """
+    rank, size, local_rank, local_size = 0, 1, 0, 1
+
+    def barrier(self):
+        pass
+
+    def allgather_object(self, obj):
+        return [obj]
+
+    def gather_object(self, obj, root=0):
+        return [obj]
+
+    def bcast_object(self, obj, root=0):
+        return obj
+
+    def allreduce_sum(self, array):
+        return np.array(array, copy=True)
+
+    def allreduce_max(self, array):
+        return np.array(array, copy=True)
+
+
+def initialized_rank_and_size():
+    """(rank, size) of COMM_WORLD if MPI is initialised in this process, else (0, 1)."""
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+        if MPI.Is_initialized():
+            return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    return 0, 1
+
 
 def init(with_horovod=True, horovod_cycle_time_ms=None):
     """Initialise MPI (thread level MULTIPLE) and, optionally, Horovod on COMM_WORLD, once.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hybridps.errors import ConfigError
+from hybridps.models.registry import check_model_spec
 
 
 class Sync(str, enum.Enum):
@@ -31,7 +32,6 @@ class Mode(str, enum.Enum):
     PS = "ps"                   # parameter servers (comparison mode)
 
 
-MODELS = ("deepfm", "wide_deep", "dcn")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 INITIALIZERS = ("normal", "uniform", "zeros")
@@ -52,6 +52,8 @@ class TrainConfig:
     num_servers: int = 1
     seed: int = 0
     metrics_out: Optional[str] = None
+    # the feature schema (YAML 'features:' mapping, hybridps.schema); None: the Criteo preset
+    features: Optional[Dict[str, Any]] = None
     # model
     dim: int = 16
     hidden: List[int] = field(default_factory=lambda: [256, 128])
@@ -74,6 +76,8 @@ class TrainConfig:
     num_dense: int = 13
     vocab_size: int = 100_000
     zipf_a: float = 1.2
+    list_mean_length: float = 10.0        # synthetic data: mean length of list features
+    list_max_length: int = 50             # synthetic data: longest list (lists without max_len)
     # reporting
     warmup_steps: int = 5
     log_every: int = 20
@@ -126,13 +130,6 @@ class TrainConfig:
 TABLE_POLICY_FIELDS = ("min_count", "ttl_steps", "max_rows", "eviction")
 
 
-def table_policy(c, table_id):
-    """min_count, ttl_steps, max_rows and eviction of table ``table_id``: its own
-    ``table_settings`` entry where it has one, the global fields otherwise."""
-    own = (c.table_settings or {}).get(int(table_id), {})
-    return {name: own.get(name, getattr(c, name)) for name in TABLE_POLICY_FIELDS}
-
-
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -160,6 +157,11 @@ def _coerce(name, value):
                               f"indices, e.g. [[0, 1, 2], [3]], got {value!r}") from None
     if name == "table_settings":
         return _coerce_table_settings(value)
+    if name == "features":
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config field 'features': expected a mapping (label, dense, "
+                              f"sparse, tables), got {value!r}")
+        return value
     if value is None:
         if default is None:
             return None
@@ -311,7 +313,7 @@ def _check(ok, name, value, allowed):
 
 def validate(c):
     """Raise ConfigError for the first field whose value is out of range."""
-    _check(c.model in MODELS, "model", c.model, ", ".join(MODELS))
+    check_model_spec(c.model)
     _check(c.steps >= 1, "steps", c.steps, "an integer >= 1")
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1 (per rank)")
     _check(c.staleness >= 0, "staleness", c.staleness, "an integer >= 0")
@@ -345,13 +347,6 @@ def validate(c):
     _check(c.ttl_steps >= 0, "ttl_steps", c.ttl_steps, "an integer >= 0 (0 = never)")
     _check(c.max_rows >= 0, "max_rows", c.max_rows, "an integer >= 0 (0 = unlimited)")
     _check(c.eviction in ("lfu", "lru"), "eviction", c.eviction, "lfu, lru")
-    for table, own in sorted((c.table_settings or {}).items()):
-        policy = table_policy(c, table)
-        where = f"table_settings.{table}."
-        _check(policy["min_count"] >= 1, where + "min_count", policy["min_count"], "an integer >= 1")
-        _check(policy["ttl_steps"] >= 0, where + "ttl_steps", policy["ttl_steps"], "an integer >= 0 (0 = never)")
-        _check(policy["max_rows"] >= 0, where + "max_rows", policy["max_rows"], "an integer >= 0 (0 = unlimited)")
-        _check(policy["eviction"] in ("lfu", "lru"), where + "eviction", policy["eviction"], "lfu, lru")
     _check(c.watchdog_timeout > 0, "watchdog_timeout", c.watchdog_timeout, "seconds > 0")
     _check(c.max_inflight >= 1, "max_inflight", c.max_inflight, "an integer >= 1")
     _check(c.dense_staleness >= 0, "dense_staleness", c.dense_staleness, "an integer >= 0")
@@ -372,32 +367,9 @@ def validate(c):
         raise ConfigError(f"config field 'staleness': {c.staleness} applies to sync=ssp only; asp has "
                           f"no staleness bound (max_inflight={c.max_inflight} limits how far pushes "
                           f"trail); drop staleness or use sync=ssp")
-    if c.table_groups is not None:
-        flat = sorted(f for group in c.table_groups for f in group)
-        _check(flat == list(range(c.num_fields)), "table_groups", c.table_groups,
-               f"groups that together list every field 0..{c.num_fields - 1} exactly once")
-    check_table_settings(c, len(table_groups(c)))
-
-
-def check_table_settings(c, num_tables):
-    """Raise ConfigError if ``table_settings`` names a table beyond the ``num_tables`` tables.
-
-    Checked with the config's field count here and again by the trainer once the data has
-    told the real one (a Criteo file has 26 fields whatever num_fields says)."""
-    beyond = sorted(t for t in (c.table_settings or {}) if t >= num_tables)
-    if beyond:
-        raise ConfigError(f"config field 'table_settings': table(s) {beyond} do not exist: this "
-                          f"layout has {num_tables} table(s), indices 0..{num_tables - 1} "
-                          f"(table_layout={c.table_layout}, table_groups={c.table_groups})")
-
-
-def table_groups(c):
-    """Field indices of each embedding table, from ``table_groups`` or ``table_layout``."""
-    if c.table_groups is not None:
-        return [list(g) for g in c.table_groups]
-    if c.table_layout == "per_field":
-        return [[f] for f in range(c.num_fields)]
-    return [list(range(c.num_fields))]
+    # the feature schema (or the Criteo preset's tables: table_groups, table_settings)
+    from hybridps.schema import build_schema
+    build_schema(c)
 
 
 def shared_config(c):

@@ -233,17 +233,18 @@ def build_schema(config, num_fields=None, num_dense=None):
                          num_dense if num_dense is not None else config.num_dense)
 
 
-def _table(config, name, own):
+def _table(config, name, own, where=None):
     values = {field: own.get(field, getattr(config, field)) for field in TABLE_FIELDS}
     table = TableConfig(name=name, **values)
-    _check_table(table, f"features.tables.{name}")
+    _check_table(table, where or f"features.tables.{name}")
     return table
 
 
 def _check_table(table, where):
     def check(ok, field, allowed):
         if not ok:
-            raise ConfigError(f"{where}.{field}: {getattr(table, field)!r} is invalid; allowed: {allowed}")
+            raise ConfigError(f"config field '{where}.{field}': {getattr(table, field)!r} is "
+                              f"invalid; allowed: {allowed}")
     check(_is_int(table.dim) and table.dim >= 1, "dim", "an integer >= 1")
     check(table.optimizer in SPARSE_OPTIMIZERS, "optimizer", ", ".join(SPARSE_OPTIMIZERS))
     check(_is_number(table.learning_rate) and table.learning_rate > 0, "learning_rate", "a number > 0")
@@ -269,8 +270,9 @@ def criteo_field_groups(config, num_fields):
         groups = [list(g) for g in config.table_groups]
         flat = sorted(f for g in groups for f in g)
         if flat != list(range(num_fields)):
-            raise ConfigError(f"config field 'table_groups' must name every field 0..{num_fields - 1} "
-                              f"exactly once, got {config.table_groups}")
+            raise ConfigError(f"config field 'table_groups': {config.table_groups!r} is invalid; "
+                              f"allowed: groups that together list every field 0..{num_fields - 1} "
+                              f"exactly once")
         return groups
     if config.table_layout == "per_field":
         return [[f] for f in range(num_fields)]
@@ -282,6 +284,10 @@ def criteo_preset(config, num_fields=CRITEO_NUM_FIELDS, num_dense=CRITEO_NUM_DEN
     ``table_layout`` / ``table_groups`` say, each field its own key space (its 0-based index,
     so fields sharing a table never share a row), ``table_settings`` for per-table admission
     and eviction (by table index)."""
+    if not _is_int(num_fields) or num_fields < 1:
+        raise ConfigError(f"config field 'num_fields': {num_fields!r} is invalid; allowed: an integer >= 1")
+    if not _is_int(num_dense) or num_dense < 0:
+        raise ConfigError(f"config field 'num_dense': {num_dense!r} is invalid; allowed: an integer >= 0")
     groups = criteo_field_groups(config, num_fields)
     settings = config.table_settings or {}
     beyond = sorted(t for t in settings if t >= len(groups))
@@ -295,7 +301,8 @@ def criteo_preset(config, num_fields=CRITEO_NUM_FIELDS, num_dense=CRITEO_NUM_DEN
         names = [f"C{g[0] + 1}" for g in groups]
     else:
         names = [f"group{t}" for t in range(len(groups))]
-    tables = tuple(_table(config, name, dict(settings.get(t, {}))) for t, name in enumerate(names))
+    tables = tuple(_table(config, name, dict(settings.get(t, {})), where=f"table_settings.{t}")
+                   for t, name in enumerate(names))
     table_of_field = {f: names[t] for t, g in enumerate(groups) for f in g}
     sparse = tuple(SparseFeature(name=f"C{f + 1}", column=f"C{f + 1}", table=table_of_field[f],
                                  key_space=str(f), hash="prehashed") for f in range(num_fields))

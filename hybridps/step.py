@@ -78,6 +78,44 @@ def model_inputs(tf, layout, dense, rows, group_rows, feature_inputs):
     return inputs
 
 
+def sample_inputs(tf, schema, batch=1):
+    """Zero inputs of the model contract for ``batch`` samples (sequences of length 0)."""
+    inputs = {"dense": tf.zeros((batch, schema.num_dense), tf.float32)}
+    for feature in schema.sparse:
+        dim = schema.table_of(feature).dim
+        if feature.is_sequence:
+            inputs[feature.name] = tf.zeros((batch, feature.max_len, dim), tf.float32)
+            inputs[f"{feature.name}_length"] = tf.zeros((batch,), tf.int32)
+        else:
+            inputs[feature.name] = tf.zeros((batch, dim), tf.float32)
+    return inputs
+
+
+def build_on_sample(tf, model, schema):
+    """Call the model once on zero inputs, so its weights exist, and check the contract: a
+    model that reads an input the schema does not provide, or returns another shape than (B,)
+    or (B, 1), fails here with a message naming the input or the shape.
+
+    Raises:
+        ConfigError: naming the missing input (and the inputs there are) or the bad shape.
+    """
+    from hybridps.errors import ConfigError
+    inputs = sample_inputs(tf, schema, batch=2)
+    try:
+        outputs = model(inputs, training=False)
+    except KeyError as exc:
+        raise ConfigError(f"the model reads the input {exc.args[0]!r}, which the schema does not "
+                          f"provide; its inputs are {sorted(inputs)} (dense features in "
+                          f"inputs['dense'])") from None
+    shape = tuple(getattr(outputs, "shape", ()))
+    if shape not in ((2,), (2, 1)):
+        raise ConfigError(f"the model returns shape {shape} for a batch of 2; it must return "
+                          f"logits of shape (batch,) or (batch, 1)")
+    if not model.trainable_variables:
+        raise ConfigError("the model has no trainable variables after its first call")
+    return model
+
+
 def logits_of(tf, outputs):
     """A model's output as (B,) logits: (B,) or (B, 1) accepted."""
     if outputs.shape.rank == 2 and outputs.shape[-1] == 1:

@@ -1,31 +1,23 @@
-"""The training loop: data -> pull -> TF step -> dense step + push; metrics at the end.
+"""The training loop: batch -> backend.pull -> TF step -> backend.dense_step + push.
 
-What lives here: :class:`Trainer`, which builds the data source, the model, the sharded
-embedding and a backend from a TrainConfig, checks that every rank runs the same config, and
-runs the steps. It talks to the backend only through ``pull`` / ``push`` / ``dense_step``
-(hybridps.backend), so it does not know whether parameters live in the collective shards or
-on parameter servers. What does not: MPI details (hybridps.comm), the exchange
-(hybridps.embedding), the models' math (hybridps.models).
-
-The TF step is one tf.function with a fixed input signature (``None`` for the batch and the
-number of unique rows), so it is traced once. It takes the step's unique rows and the
-(B, F) inverse index, gathers the (B, F, dim) embeddings inside the tape, and returns the
-gradient w.r.t. the unique rows: TF sums the gradients of repeated keys (the gather's
-gradient), so the push sends one summed row per unique key.
+What lives here: :class:`Trainer`, which builds a run from a TrainConfig (start-up checks, the
+feature schema, the data source, the model, a backend from hybridps.backends.factory, the
+checkpoint manager) and runs the steps, with checkpoints and delta exports at consistent
+points. It talks to the backend only through the Backend interface (hybridps.backends.base),
+so it does not know collective vs parameter server or BSP vs ASP. What does not: MPI details
+(hybridps.comm), the exchange (hybridps.sparse), pooling and the loss (hybridps.step), the
+models' math (hybridps.models), the metric reductions (hybridps.metrics.summary).
 """
 import gc
 import os
-import re
-import sys
 import time
 
 import numpy as np
 
 from hybridps import config as config_module
-from hybridps import watchdog
-from hybridps.config import Mode, Sync
-from hybridps.errors import ConfigError, DataError, OutputError
-from hybridps.metrics import AUCAccumulator, PhaseTimer, Progress, write_summary
+from hybridps import startup, watchdog
+from hybridps.backends import factory
+from hybridps.metrics import Progress, RunRecord, summarize_run, write_summary
 
 
 def configure_tensorflow(threads):
@@ -38,23 +30,6 @@ def configure_tensorflow(threads):
     except RuntimeError:
         pass  # already initialised in this process (tests); keep the first setting
     return tf
-
-
-def horovod_cycle_time_ms(config):
-    """Horovod's negotiation cycle for this run, unless HOROVOD_CYCLE_TIME is set.
-
-    Horovod's background thread negotiates with every rank once per cycle, with blocking MPI
-    calls that busy-poll. At Horovod's default of 1 ms that negotiation delayed the sparse
-    exchange's collectives (alltoallv of 220 KB, 2 ranks on 2 cores: p90 latency 3.0 ms against
-    0.06 ms without Horovod, 0.12 ms at 5 ms and 0.06 ms at 20 ms). BSP hands the dense allreduce
-    to a thread that overlaps it with the sparse push and pull (hybridps.sync.bsp), so a 10 ms
-    cycle adds no latency there: BSP ran 9% faster than at 1 ms (134k against 123k samples/s,
-    median of 4 runs of the DeepFM benchmark). Under SSP the dense update is on the critical
-    path of every step (the step waits for it), so it keeps Horovod's 1 ms.
-    """
-    if config.mode == Mode.COLLECTIVE and config.sync == Sync.SSP:
-        return 1.0
-    return 10.0
 
 
 def default_tf_threads(config, local_size):
@@ -70,6 +45,12 @@ def default_tf_threads(config, local_size):
 class Trainer:
     """Trains one model on one process of an MPI job (or alone).
 
+    Args:
+        config: a TrainConfig (hybridps.config.make_config).
+        comm: hybridps.comm.Comm (default: initialise MPI as the config needs).
+        model_fn: the user's ``build(schema, config) -> tf.keras.Model`` (default: the config's
+            ``model``, a built-in name or ``file.py:build``).
+
     Example::
 
         config = make_config(overrides={"model": "deepfm", "steps": 50})
@@ -77,507 +58,157 @@ class Trainer:
         print(summary["auc"])
     """
 
-    def __init__(self, config, comm=None):
+    def __init__(self, config, comm=None, model_fn=None):
         from hybridps import comm as comm_module
         self.config = config
-        # PS mode moves dense parameters through the servers: no Horovod, so no idle
-        # negotiation thread competing with the PS traffic.
-        self.comm = comm or comm_module.init(with_horovod=config.mode == Mode.COLLECTIVE,
-                                             horovod_cycle_time_ms=horovod_cycle_time_ms(config))
+        with_horovod, cycle_ms = factory.communication(config)
+        self.comm = comm or comm_module.init(with_horovod=with_horovod, horovod_cycle_time_ms=cycle_ms)
         watchdog.configure(config.watchdog_timeout)
         self.rank, self.world_size = self.comm.rank, self.comm.size
         self.tf = configure_tensorflow(default_tf_threads(config, self.comm.local_size))
-        self._check_same_config()
-        self._check_output_paths()
-        self._build()
-        self.start_step = 0
-        self.resume_messages = []
-        if config.resume:
-            from hybridps import checkpoint
-            self.start_step = checkpoint.resume_trainer(self, log=self._log_resume)
-            # the checkpoint holds every update of the steps before start_step
-            self.sharded.applied_through = self.start_step - 1
-        self.delta_exporter = None
-        if config.delta_export_dir and config.delta_every:
-            from hybridps.export import DeltaExporter
-            self.delta_exporter = DeltaExporter.for_trainer(self, start_step=self.start_step)
+        startup.check_same_config(self.comm, config)
+        startup.check_output_paths(self.comm, config)
+        self.placement = factory.placement(config, self.world_size, self.rank)
+        self.compute_ranks = self.placement.data_ranks
+        config_module.check_job_config(config, self.world_size, self.compute_ranks)
+        self._build(model_fn)
+        self.start_step, self.resume_messages = 0, []
+        if config.resume and self.checkpoints is not None:
+            step, data_state, self.resume_messages = self.checkpoints.resume(self.backend.restore_target())
+            self.backend.load_state(step)
+            if data_state is not None and self.dataset is not None:
+                self.dataset.restore(data_state)
+            self.start_step = step
+        self.deltas = None
 
-    # ------------------------------------------------------------------ construction
-    def _log_resume(self, message):
-        """Resume messages (fallbacks to an older checkpoint included): kept and shown on rank 0."""
-        self.resume_messages.append(message)
-        if self.rank == 0:
-            sys.stderr.write(f"[hybridps] checkpoint: {message}\n")
-            sys.stderr.flush()
-
-    def _check_same_config(self):
-        mine = config_module.config_hash(self.config)
-        hashes = self.comm.allgather_object(mine)
-        differing = [r for r, h in enumerate(hashes) if h != hashes[0]]
-        if differing:
-            shared = self.comm.allgather_object(config_module.shared_config(self.config))
-            fields = []
-            for name in sorted(set().union(*shared)):
-                values = [d.get(name) for d in shared]
-                if any(v != values[0] for v in values):
-                    shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)
-                                      if r == 0 or v != values[0])
-                    fields.append(f"{name} ({shown})")
-            raise ConfigError(
-                f"ranks {differing} run a different effective config than rank 0 (config hash "
-                f"{hashes[0][:12]} on rank 0, {hashes[differing[0]][:12]} on rank {differing[0]}); "
-                f"differing field(s): {'; '.join(fields)}. Give every rank the same --config file "
-                f"and flags.")
-
-    def _check_output_paths(self):
-        """Every rank checks the paths it will write before training (one ConfigError naming
-        the field, the path and the ranks), so a long run does not fail at its end."""
-        problems = self.comm.allgather_object(output_path_problems(self.config, self.rank))
-        by_message = {}
-        for rank, messages in enumerate(problems):
-            for message in messages:
-                by_message.setdefault(message, []).append(rank)
-        def where(ranks):
-            if self.world_size == 1:
-                return ""
-            return f" (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
-
-        if by_message:
-            raise ConfigError("; ".join(m + where(r) for m, r in by_message.items()))
-
-    def _check_data(self):
-        """Collective, once the data is read: every rank must have read the same file (size
-        and content hash; a DataError otherwise); rank 0 prints one line about skipped lines
-        (on_bad_line=skip), with a few examples from every rank, and warns when a batch is
-        larger than a rank's share of the file."""
-        stats = getattr(self.dataset, "stats", None)
-        if not callable(stats):
-            return
-        mine = None                       # PS servers read no data
-        if not self.is_server:
-            fingerprint = getattr(self.dataset, "fingerprint", None)
-            mine = (stats(), fingerprint() if callable(fingerprint) else None)
-        gathered = [g or (None, None) for g in self.comm.allgather_object(mine)]
-        different = data_file_differences([f for _, f in gathered])
-        if different:
-            raise DataError(different)
-        combined = combine_data_stats([s for s, _ in gathered])
-        messages = [skipped_lines_summary(combined),
-                    small_share_warning(combined, self.config.batch_size, self.config.steps)]
-        if self.rank == 0:
-            for line in filter(None, messages):
-                sys.stderr.write(f"[hybridps] {line}\n")
-            sys.stderr.flush()
-
-    def _build(self):
-        from hybridps.data import make_dataset
-        from hybridps.dense import DenseSync
-        from hybridps.embedding import ShardedEmbedding
+    def _build(self, model_fn):
+        from hybridps.checkpoint import CheckpointManager
+        from hybridps.data import open_data, preset_shape
         from hybridps.models import build_model
-        from hybridps.sync import make_collective_backend
-        c = self.config
-        # PS mode: the last num_servers ranks serve; the workers read the data exactly as the
-        # same number of collective ranks would, so the two modes see identical batches.
-        self.roles = None
-        self.is_server = False
-        self.compute_ranks = self.world_size
-        if c.mode == Mode.PS:
-            from hybridps.ps import PSRoles
-            self.roles = PSRoles(self.world_size, c.num_servers)
-            self.is_server = self.roles.is_server(self.rank)
-            self.compute_ranks = self.roles.num_workers
-        config_module.check_job_config(c, self.world_size, self.compute_ranks)
-        synthetic_options = (dict(num_fields=c.num_fields, num_dense=c.num_dense,
-                                  vocab_size=c.vocab_size, zipf_a=c.zipf_a)
-                             if c.data == "synthetic" else {})
-        data_rank = 0 if self.is_server else self.rank
-        self.dataset = make_dataset(c.data, rank=data_rank, world_size=self.compute_ranks, seed=c.seed,
-                                    on_bad_line=c.on_bad_line, **synthetic_options)
-        self._check_data()
-        self.num_fields = getattr(self.dataset, "num_fields", c.num_fields)
-        self.num_dense = getattr(self.dataset, "num_dense", c.num_dense)
-        if c.table_groups is not None or c.table_layout != "shared":
-            if self.num_fields != c.num_fields:
-                raise ConfigError(f"the data has {self.num_fields} categorical fields but the config "
-                                  f"says num_fields={c.num_fields}; set num_fields to match")
-        groups = config_module.table_groups(
-            c if self.num_fields == c.num_fields else _with_fields(c, self.num_fields))
-        self.model = build_model(c.model, num_fields=self.num_fields, num_dense=self.num_dense,
-                                 dim=c.dim, hidden=tuple(c.hidden), cross_layers=c.cross_layers,
-                                 seed=c.seed)
-        self.sharded = ShardedEmbedding(self.comm, c, groups)
-        if c.mode == Mode.PS:
-            from hybridps.ps import ParameterServer, PSWorkerBackend
-            variables = self.model.trainable_variables
-            if self.is_server:
-                dense_size = sum(int(np.prod(v.shape)) for v in variables)
-                self.server = ParameterServer(self.comm, c, self.roles, self.sharded, dense_size)
-                self.backend = None
-            else:
-                self.backend = PSWorkerBackend(self.comm, self.roles, self.sharded, variables,
-                                               c.effective_dense_optimizer,
-                                               c.effective_dense_learning_rate)
-        else:
-            self.dense = DenseSync(self.model.trainable_variables, c.effective_dense_optimizer,
-                                   c.effective_dense_learning_rate, self.world_size)
-            self.backend = make_collective_backend(c, self.comm, self.sharded, self.dense)
-        self.compute_step = make_compute_step(self.tf, self.model, self.num_fields, self.num_dense, c.dim)
+        from hybridps.schema import build_schema
+        from hybridps.sparse.layout import SparseLayout
+        from hybridps.step import build_on_sample, make_train_step
+        c, tf, p = self.config, self.tf, self.placement
+        self.schema = build_schema(c, *preset_shape(c))
+        self.dataset = (open_data(c, self.schema, rank=p.data_rank, world_size=p.data_ranks)
+                        if p.computes else None)
+        startup.check_data(self.comm, c, self.dataset)
+        # the same initial weights on every rank count for models with unseeded initializers
+        tf.keras.utils.set_random_seed(c.seed)
+        self.model = (model_fn or (lambda schema, config: build_model(c.model, schema, config)))(self.schema, c)
+        build_on_sample(tf, self.model, self.schema)
+        self.backend = factory.make_backend(c, self.comm, self.schema, self.model)
+        self.train_step = make_train_step(tf, self.model, SparseLayout(self.schema), self.schema.num_dense)
+        self.checkpoints = CheckpointManager(c, self.schema, self.comm) if c.checkpoint_dir else None
 
     # ------------------------------------------------------------------ the loop
     def run(self):
         """Train ``config.steps`` steps; returns the summary dict (also written to metrics_out)."""
         c, tf = self.config, self.tf
-        global_batch = float(c.batch_size * self.compute_ranks)
-        timer = PhaseTimer()
-        auc = AUCAccumulator()
+        record = RunRecord(steps=c.steps, start_step=self.start_step)
+        if self.backend.serves:   # serve until every worker is done, then join the reductions
+            self.backend.serve(self.start_step, on_consistent_point=self._at_step_boundary)
+            self._at_step_boundary(c.steps, end=True)
+            record.finished = time.perf_counter()
+            return self._summarize(record)
+        global_batch = tf.constant(float(c.batch_size * self.compute_ranks))
         auc_from_step = int(c.steps * (1.0 - c.auc_window))
-        local_loss_sums = np.zeros(c.steps, dtype=np.float64)
-        if self.is_server:   # serve until every worker is done, then join the metric reductions
-            started = time.perf_counter()
-            self.server.run(start_step=self.start_step, on_consistent_point=self._at_step_boundary)
-            self._at_end_of_training()
-            return self._summarize(timer, auc, local_loss_sums, 0, 0, started, None, started)
         progress = Progress(c.steps, enabled=c.progress and self.rank == 0, log_every=c.log_every)
-        keys_sent = keys_received = 0
         first = self.start_step
         batches = self.dataset.iter_batches(c.batch_size, c.steps - first)
         if c.loader_delay_ms > 0 and self.rank == c.delay_rank:
             batches = _delayed(batches, c.loader_delay_ms / 1000.0)
         fences = self._consistent_points()
         self.backend.start(batches, start_step=first, fence_steps=fences)
-        steady_start = None
-        started = time.perf_counter()
+        timer = record.timer
         timer.start()
         for step in range(first, c.steps):
             if step == first + c.warmup_steps:
                 freeze_python_heap()
-                steady_start = time.perf_counter()
+                record.steady_start = time.perf_counter()
                 timer.restart()
             if step == c.fail_at_step and self.rank == c.fail_rank:
                 raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
                                    f"(fail_at_step testing aid)")
-            batch, plan, unique_rows = self.backend.pull(step)
+            batch, plan, rows = self.backend.pull(step)
             timer.mark("pull")
-            loss_sum, logits, dense_grads, row_grads = self.compute_step(
-                batch.dense, unique_rows, plan.inverse, batch.labels, tf.constant(global_batch))
+            loss_sum, logits, dense_grads, row_grads = self.train_step(
+                batch.dense, batch.labels, global_batch, rows, plan.group_rows, *plan.step_inputs)
             row_grads = row_grads.numpy()
             timer.mark("compute")
             self.backend.dense_step(dense_grads, step)
             timer.mark("dense")
             self.backend.push(plan, row_grads, step)
             timer.mark("push")
-            local_loss_sums[step] = float(loss_sum)
-            keys_sent += plan.keys_sent
-            keys_received += plan.keys_received
+            record.add_step(step, loss_sum, plan, batch)
             if step >= auc_from_step:
-                auc.update(batch.labels, 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64))))
+                record.auc.update(batch.labels, 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64))))
             if step + 1 in fences:
                 self.backend.at_consistent_point(step + 1, lambda: self._at_step_boundary(step + 1))
             if self.rank == 0 and c.progress:
-                elapsed = time.perf_counter() - started
-                progress.update(step, local_loss_sums[step] / c.batch_size,
-                                (step + 1 - first) * global_batch / max(elapsed, 1e-9))
+                elapsed = time.perf_counter() - record.started
+                progress.update(step, record.loss_sums[step] / c.batch_size,
+                                (step + 1 - first) * c.batch_size * self.compute_ranks / max(elapsed, 1e-9))
         self.backend.finish()     # every pushed gradient and dense update is applied after this
-        finished = time.perf_counter()
-        self._at_end_of_training()
-        return self._summarize(timer, auc, local_loss_sums, keys_sent, keys_received,
-                               started, steady_start, finished)
+        record.finished = time.perf_counter()
+        self._at_step_boundary(c.steps, end=True)
+        return self._summarize(record)
 
     def _consistent_points(self):
         """Steps (counted as completed steps) after which a checkpoint or delta is written:
         a membership test (``completed in points``), so nothing is O(steps) at start."""
         c = self.config
         everies = ((c.checkpoint_every if c.checkpoint_dir else 0),
-                   (c.delta_every if self.delta_exporter is not None else 0))
+                   (c.delta_every if c.delta_export_dir else 0))
         return ConsistentPoints([every for every in everies if every], c.steps)
 
     def _at_step_boundary(self, completed, end=False):
         """Checkpoint and delta export after ``completed`` steps (the tables are consistent).
 
         Collective over every rank, servers included (they call it from their serving loop).
-        In PS mode the dense state lives on the servers: it is first gathered into rank 0's
-        model and a Keras optimizer, which the checkpoint and the delta then save.
+        ``backend.state()`` gathers the dense state where it lives elsewhere (PS servers).
         """
         c = self.config
-        save = bool(c.checkpoint_dir) and (end or bool(c.checkpoint_every
-                                                       and completed % c.checkpoint_every == 0))
-        if not save and self.delta_exporter is None:
+        save = self.checkpoints is not None and (end or bool(c.checkpoint_every and
+                                                            completed % c.checkpoint_every == 0))
+        delta = bool(c.delta_export_dir and c.delta_every and completed % c.delta_every == 0)
+        if not save and not delta:
             return
-        dense_optimizer = None         # collective: save_trainer takes self.dense.optimizer
-        if self.roles is not None:
-            from hybridps.ps.dense_state import gather_to_keras
-            dense_optimizer = gather_to_keras(self)
+        state = self.backend.state()
         if save:
-            from hybridps import checkpoint
-            checkpoint.save_trainer(self, completed, dense_optimizer=dense_optimizer)
-        if self.delta_exporter is not None:
-            self.delta_exporter.maybe_export(completed)
+            self.checkpoints.save(completed, state,
+                                  self.dataset.state() if self.dataset is not None else None)
+        if delta:
+            self._delta_exporter(state).maybe_export(completed)
 
-    def _at_end_of_training(self):
-        """The final checkpoint and delta (every rank; after the backend's finish)."""
-        self._at_step_boundary(self.config.steps, end=True)
+    def _delta_exporter(self, state):
+        if self.deltas is None:
+            from hybridps.checkpoint import model_signature, signature_hash
+            from hybridps.export import DeltaExporter
+            c = self.config
+            signature = model_signature(c, self.schema, state.tables, c.num_buckets)
+            self.deltas = DeltaExporter(c.delta_export_dir, state.tables, comm=self.comm,
+                                        model=state.model, every=c.delta_every,
+                                        start_step=self.start_step,
+                                        model_hash=signature_hash(signature))
+        return self.deltas
 
     # ------------------------------------------------------------------ reporting
-    def _summarize(self, timer, auc, local_loss_sums, keys_sent, keys_received,
-                   started, steady_start, finished):
+    def _summarize(self, record):
         c = self.config
-        global_batch = c.batch_size * self.compute_ranks
-        losses = self.comm.allreduce_sum(local_loss_sums)[self.start_step:] / global_batch
-        positives = self.comm.allreduce_sum(auc.positives)
-        negatives = self.comm.allreduce_sum(auc.negatives)
-        steps_run = c.steps - self.start_step
-        steady_steps = steps_run - c.warmup_steps if steady_start is not None else steps_run
-        steady_seconds = finished - (steady_start if steady_start is not None else started)
-        slowest = float(self.comm.allreduce_max(np.array([steady_seconds]))[0])
-        stats = self.backend.stats() if self.backend is not None else {
-            "bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
-            "table_rows": self.sharded.table_sizes()}
-        volume = self.comm.allreduce_sum(np.array(
-            [keys_sent, keys_received, stats["bytes_sent"], stats["bytes_received"]], dtype=np.int64))
-        rows = self.comm.allreduce_sum(np.array(stats["table_rows"], dtype=np.int64))
-        phases = timer.per_step_ms(steady_steps)
-        phase_max = self.comm.allreduce_max(np.array(list(phases.values())))
-        summary = {
-            "steps": c.steps, "ranks": self.world_size, "global_batch_size": global_batch,
-            "computing_ranks": self.compute_ranks,
-            "num_servers": c.num_servers if c.mode == Mode.PS else 0,
-            "samples_per_s": steady_steps * global_batch / max(slowest, 1e-9),
-            "final_loss": float(losses[-1]), "loss_trajectory": [float(x) for x in losses],
-            "first_step": self.start_step, "resume_messages": self.resume_messages,
-            "auc": AUCAccumulator.auc_from_histograms(positives, negatives),
-            "auc_steps": [int(c.steps * (1.0 - c.auc_window)), c.steps],
-            "mode": c.mode.value, "sync": c.sync.value, "staleness": c.staleness,
-            "model": c.model, "data": c.data, "seed": c.seed,
-            "elapsed_s": finished - started, "warmup_steps": c.warmup_steps,
-            "exchange": {"keys_sent_per_step": float(volume[0]) / steps_run / self.compute_ranks,
-                         "keys_received_per_step": float(volume[1]) / steps_run / self.compute_ranks,
-                         "bytes_sent_per_step": float(volume[2]) / steps_run / self.compute_ranks,
-                         "bytes_received_per_step": float(volume[3]) / steps_run / self.compute_ranks,
-                         "per": "computing rank"},
-            "table_rows": [int(r) for r in rows],
-            **self._consistency_metrics(),
-            **self._dense_lag_metrics(stats),
-            "phase_ms_per_step_max_over_ranks": dict(zip(phases.keys(), map(float, phase_max))),
-            "peak_rss_mb": float(self.comm.allreduce_max(np.array([_peak_rss_mb()]))[0]),
-            "dense_parameters": int(sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)),
-            "table_counters": self._table_counters(),
-            "table_policies": self.sharded.policies,
-            "config_hash": config_module.config_hash(c),
-        }
-        data_stats = getattr(self.dataset, "stats", None)
-        if callable(data_stats):
-            summary["data_stats"] = combine_data_stats(
-                self.comm.allgather_object(None if self.is_server else data_stats()))
+        summary = summarize_run(
+            self.comm, c, self.schema, record, self.backend.stats(),
+            compute_ranks=self.compute_ranks,
+            dense_parameters=sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
+            data_stats=self.dataset.stats() if callable(getattr(self.dataset, "stats", None)) else None,
+            resume_messages=self.resume_messages)
         if c.dump_state:
-            self.dump_state(c.dump_state)
+            from hybridps.checkpoint.dump import dump_state
+            state = self.backend.state()
+            dump_state(c.dump_state, self.comm, self.model, state.tables)
         if self.rank == 0 and c.metrics_out:
             write_summary(c.metrics_out, summary)
         return summary
-
-    def _consistency_metrics(self):
-        """Observed staleness (all owners' reads) and the pushed == applied gradient count."""
-        from hybridps.embedding.sharded import STALENESS_BINS
-        s = self.sharded
-        histogram = self.comm.allreduce_sum(s.staleness_histogram)
-        per_step = np.zeros(self.config.steps, dtype=np.int64)
-        for step, value in s.staleness_max_by_step.items():
-            per_step[step] = value
-        per_step = self.comm.allreduce_max(per_step)[self.start_step:]
-        counts = self.comm.allreduce_sum(np.array([s.row_grads_pushed, s.row_grads_applied], dtype=np.int64))
-        reads = max(int(histogram.sum()), 1)
-        nonzero = np.nonzero(histogram)[0]
-        return {"staleness_max": int(nonzero.max()) if len(nonzero) else 0,
-                "staleness_mean": float((histogram * np.arange(STALENESS_BINS)).sum() / reads),
-                "staleness_histogram": [int(x) for x in histogram[:int(nonzero.max()) + 1]] if len(nonzero) else [0],
-                "staleness_max_per_step": [int(x) for x in per_step],
-                "row_grads_pushed": int(counts[0]), "row_grads_applied": int(counts[1])}
-
-    def _dense_lag_metrics(self, stats):
-        """How many of the latest steps' dense updates a TF step missed: max and mean over every
-        step of every computing rank (collective mode; PS mode has no dense thread)."""
-        if self.config.mode != Mode.COLLECTIVE:
-            return {}
-        worst, total, count = stats["dense_lag"]
-        worst = int(self.comm.allreduce_max(np.array([worst], dtype=np.int64))[0])
-        total, count = self.comm.allreduce_sum(np.array([total, count], dtype=np.int64))
-        return {"dense_staleness_max": worst, "dense_staleness_mean": float(total) / max(int(count), 1)}
-
-    def _table_counters(self):
-        names = ("admitted_keys", "refused_inserts", "evicted_rows", "dropped_unadmitted_grads",
-                 "dropped_missing_grads", "skipped_nonfinite_grads", "applied_row_updates")
-        local = np.array([[t.counters()[n] for n in names] for t in self.sharded.tables], dtype=np.int64)
-        total = self.comm.allreduce_sum(local)
-        return [dict(zip(names, map(int, row))) for row in total]
-
-    def dump_state(self, directory):
-        """Write rank 0's dense weights and every rank's table shards as npz (tests, debugging).
-
-        Raises:
-            OutputError: a file could not be written (no partial file is left).
-        """
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create the dump_state directory {directory}: "
-                              f"{exc.strerror or exc}") from None
-        if self.rank == 0:
-            save_npz(os.path.join(directory, "dense.npz"),
-                     *[v.numpy() for v in self.model.trainable_variables])
-        for t, shard in enumerate(self.sharded.export_shards()):
-            save_npz(os.path.join(directory, f"table{t}.rank{self.rank}.npz"),
-                     keys=shard["keys"], values=shard["values"], slots=shard["slots"])
-        self.comm.barrier()
-
-
-_ADDITIVE_DATA_STATS = ("rows", "bad_lines", "positives")
-_PER_RANK_DATA_STATS = ("rank", "rows", "bad_lines", "positives", "epoch", "offset", "parse_seconds")
-_DATA_EXAMPLES = 10
-_LINE_OF_EXAMPLE = re.compile(r", line (\d+): ")
-
-
-def combine_data_stats(per_rank):
-    """One ``data_stats`` dict from every rank's ``dataset.stats()`` (None for ranks that read
-    no data, e.g. PS servers).
-
-    Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``: each rank counts
-    its own share); takes the file's own figures once (``kind``, ``path``, ``format``,
-    ``data_lines``: every rank counts the data lines of the whole file); keeps each rank's
-    share and position apart in ``per_rank``, and up to 10 ``bad_line_examples`` of all ranks
-    in line order. Returns {} when no rank read data.
-    """
-    readers = [s for s in per_rank if s]
-    if not readers:
-        return {}
-    first = readers[0]
-    combined = {k: first[k] for k in ("kind", "path", "format", "data_lines", "world_size") if k in first}
-    for key in _ADDITIVE_DATA_STATS:
-        combined[key] = int(sum(int(s.get(key, 0)) for s in readers))
-    examples = [e for s in readers for e in s.get("bad_line_examples", [])]
-    combined["bad_line_examples"] = sorted(examples, key=_line_of_example)[:_DATA_EXAMPLES]
-    combined["per_rank"] = [{k: s[k] for k in _PER_RANK_DATA_STATS if k in s} for s in readers]
-    return combined
-
-
-def _line_of_example(example):
-    match = _LINE_OF_EXAMPLE.search(example)
-    return int(match.group(1)) if match else 0
-
-
-def skipped_lines_summary(combined, shown=3):
-    """The one-line console summary of skipped malformed lines, or None when none was skipped."""
-    if not combined or not combined.get("bad_lines"):
-        return None
-    path = combined.get("path", "?")
-    examples = [e[len(path) + 2:] if e.startswith(f"{path}, ") else e
-                for e in combined["bad_line_examples"][:shown]]
-    more = combined["bad_lines"] - len(examples)
-    return (f"data: skipped {combined['bad_lines']} malformed line(s) of {combined.get('data_lines', '?')} "
-            f"in {path} (on_bad_line=skip; {combined['rows']} rows are used), e.g. "
-            + "; ".join(examples) + (f"; and {more} more (data_stats in the metrics)" if more > 0 else ""))
-
-
-def data_file_differences(fingerprints):
-    """A message naming the ranks whose data file differs from rank 0's (size or content), or
-    None; ``fingerprints`` per rank from ``dataset.fingerprint()`` (None: reads no file)."""
-    readers = [(r, f) for r, f in enumerate(fingerprints) if f]
-    if not readers:
-        return None
-    keys = ("file_bytes", "content_bytes", "content_blake2b", "data_lines")
-    first_rank, first = readers[0]
-    odd = [(r, f) for r, f in readers if any(f[k] != first[k] for k in keys)]
-    if not odd:
-        return None
-
-    def describe(rank, f):
-        return (f"rank {rank}: {f['file_bytes']} bytes on disk, {f['data_lines']} data lines, "
-                f"content blake2b {f['content_blake2b'][:16]}")
-
-    return (f"the data file {first['path']} is not the same file on every rank ("
-            + "; ".join([describe(first_rank, first)] + [describe(r, f) for r, f in odd[:4]])
-            + "): every rank must read identical data (a node-local copy that differs, or a file "
-              "still being written?)")
-
-
-def small_share_warning(combined, batch_size, steps):
-    """A warning when ``batch_size`` exceeds a rank's share of the file (every batch then
-    repeats rows), with the number of epochs the run reads; None otherwise."""
-    shares = [(p["rank"], p["rows"]) for p in (combined or {}).get("per_rank", []) if p.get("rows")]
-    if not shares:
-        return None
-    rank, rows = min(shares, key=lambda share: share[1])
-    if batch_size <= rows:
-        return None
-    return (f"warning: batch_size {batch_size} is larger than rank {rank}'s share of "
-            f"{combined.get('path')} ({rows} rows of {combined.get('data_lines')} data lines over "
-            f"{len(combined['per_rank'])} ranks): every batch repeats each row about "
-            f"{batch_size / rows:.0f} times, and {steps} steps read the share "
-            f"{steps * batch_size / rows:.0f} times (epochs). Use a smaller batch_size, fewer ranks "
-            f"or more data.")
-
-
-def save_npz(path, *args, **arrays):
-    """np.savez to ``path`` (built in memory, then written: a zip file that fails half-way
-    would complain again when collected); on a write failure the partial file is removed and
-    an OutputError names the path."""
-    import io
-    buffer = io.BytesIO()
-    np.savez(buffer, *args, **arrays)
-    try:
-        with open(path, "wb") as fh:
-            fh.write(buffer.getbuffer())
-    except OSError as exc:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def output_path_problems(config, rank):
-    """What is wrong with the output paths this rank will write (an empty list: nothing).
-
-    metrics_out (rank 0 writes it) must be a file name in a writable directory (missing
-    directories are created at the end); dump_state, checkpoint_dir and delta_export_dir must
-    be writable directories or creatable ones, and ``latest`` in checkpoint_dir, if present,
-    a file. Checks kinds and permissions (os.access), not free space.
-    """
-    problems = []
-    if config.metrics_out and rank == 0:
-        path = config.metrics_out
-        if os.path.isdir(path):
-            problems.append(f"config field 'metrics_out': {path} is a directory; give a file name "
-                            f"such as {os.path.join(path, 'metrics.json')}")
-        else:
-            problems += _creatable("metrics_out", os.path.dirname(os.path.abspath(path)), path)
-    for name in ("dump_state", "checkpoint_dir", "delta_export_dir"):
-        path = getattr(config, name)
-        if not path:
-            continue
-        if os.path.lexists(path) and not os.path.isdir(path):
-            problems.append(f"config field '{name}': {path} exists and is not a directory")
-            continue
-        problems += _creatable(name, os.path.abspath(path), path)
-        latest = os.path.join(path, "latest")
-        if name == "checkpoint_dir" and os.path.lexists(latest) and not os.path.isfile(latest):
-            problems.append(f"config field 'checkpoint_dir': {latest} is not a file (it must be "
-                            f"the pointer to the newest checkpoint, or absent); move it away")
-    return problems
-
-
-def _creatable(name, directory, given):
-    """Problems with writing into ``directory`` (created from its nearest existing ancestor)."""
-    ancestor = directory
-    while not os.path.lexists(ancestor):
-        parent = os.path.dirname(ancestor)
-        if parent == ancestor:
-            break
-        ancestor = parent
-    if not os.path.isdir(ancestor):
-        return [f"config field '{name}': cannot create {given}: {ancestor} is not a directory"]
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return [f"config field '{name}': cannot write {given}: {ancestor} is not writable "
-                f"(permissions or a read-only file system)"]
-    return []
 
 
 class ConsistentPoints:
@@ -604,44 +235,8 @@ def freeze_python_heap():
     gc.freeze()
 
 
-def _peak_rss_mb():
-    """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _delayed(batches, seconds):
     """A slower data loader (testing aid): sleep before every batch."""
     for batch in batches:
         time.sleep(seconds)
         yield batch
-
-
-def _with_fields(config, num_fields):
-    import dataclasses
-    return dataclasses.replace(config, num_fields=num_fields)
-
-
-def make_compute_step(tf, model, num_fields, num_dense, dim):
-    """The TF forward/backward on (dense, unique rows, inverse, labels), traced once.
-
-    Returns a function -> (loss_sum, logits, dense_grads, unique_row_grads) where loss_sum is
-    this rank's sum of sample losses and gradients are of (loss_sum / global_batch_size).
-    """
-    variables = model.trainable_variables
-
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, num_dense], tf.float32), tf.TensorSpec([None, dim], tf.float32),
-        tf.TensorSpec([None, num_fields], tf.int32), tf.TensorSpec([None], tf.float32),
-        tf.TensorSpec([], tf.float32)])
-    def compute_step(dense, unique_rows, inverse, labels, global_batch_size):
-        with tf.GradientTape() as tape:
-            tape.watch(unique_rows)
-            embeddings = tf.gather(unique_rows, inverse)
-            logits = model((dense, embeddings), training=True)
-            loss_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
-            loss = loss_sum / global_batch_size
-        grads = tape.gradient(loss, variables + [unique_rows])
-        return loss_sum, logits, grads[:-1], tf.convert_to_tensor(grads[-1])
-
-    return compute_step

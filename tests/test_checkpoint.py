@@ -21,8 +21,13 @@ import numpy as np
 import pytest
 
 from hybridps import checkpoint as ckpt
+from hybridps.backends.base import BackendState
+from hybridps.comm import SingleProcessComm
+from hybridps.dense.optimizer_state import optimizer_variables
+from hybridps.schema import build_schema
+from hybridps.sparse import routing
 from hybridps._hashtable import EmbeddingHashTable
-from hybridps.config import config_hash, make_config, table_groups
+from hybridps.config import config_hash, make_config
 from hybridps.errors import CheckpointError, HybridPSError
 from tests.mpi_util import REPO
 from tests.reference import mix64_array as splitmix64
@@ -33,6 +38,12 @@ EXPORT_KINDS = ("keys", "values", "slots", "hits", "last_update_step", "update_c
 
 
 
+
+
+def table_groups(config):
+    """Field indices of each table of the Criteo preset (hybridps.schema)."""
+    from hybridps.schema import criteo_field_groups
+    return criteo_field_groups(config, config.num_fields)
 
 def make_table(optimizer, dim=6, table_id=0, min_count=2):
     return EmbeddingHashTable(dim=dim, optimizer=optimizer, learning_rate=0.05, seed=5,
@@ -84,14 +95,14 @@ def flip_byte(path, offset):
 def test_owner_is_bucket_mod_world_size_and_matches_plain_modulo_when_world_divides_buckets():
     keys = np.random.default_rng(0).integers(-2**63, 2**63 - 1, size=20000, dtype=np.int64)
     mixed = splitmix64(keys)
-    np.testing.assert_array_equal(ckpt.bucket_ids(keys, 4096), (mixed % np.uint64(4096)).astype(np.int64))
+    np.testing.assert_array_equal(routing.bucket_ids(keys, 4096), (mixed % np.uint64(4096)).astype(np.int64))
     for world in (1, 2, 4, 8):
-        np.testing.assert_array_equal(ckpt.owner_ranks(keys, 4096, world),
+        np.testing.assert_array_equal(routing.owner_ranks(keys, world, 4096),
                                       (mixed % np.uint64(world)).astype(np.int32))
-    three = ckpt.owner_ranks(keys, 4096, 3)
+    three = routing.owner_ranks(keys, 3, 4096)
     np.testing.assert_array_equal(three, ((mixed % np.uint64(4096)) % np.uint64(3)).astype(np.int32))
     assert np.any(three != (mixed % np.uint64(3)).astype(np.int32))   # differs from mix64 % 3
-    owned = np.concatenate([ckpt.buckets_of_rank(r, 3, 4096) for r in range(3)])
+    owned = np.concatenate([routing.buckets_of_rank(r, 3, 4096) for r in range(3)])
     assert sorted(owned.tolist()) == list(range(4096))
     assert np.bincount(three, minlength=3).min() > 6400            # balanced
 
@@ -168,8 +179,9 @@ def small_config(**overrides):
 def trained_dense(tf, config, steps=3, seed=0):
     from hybridps.dense import make_dense_optimizer
     from hybridps.models import build_model
-    model = build_model(config.model, config.num_fields, config.num_dense, config.dim,
-                        hidden=tuple(config.hidden), seed=config.seed)
+    from hybridps.step import build_on_sample
+    schema = build_schema(config)
+    model = build_on_sample(tf, build_model(config.model, schema, config), schema)
     optimizer = make_dense_optimizer(config.effective_dense_optimizer, 0.01)
     rng = np.random.default_rng(seed)
     for _ in range(steps):
@@ -183,20 +195,19 @@ def test_dense_weights_and_optimizer_state_round_trip(tmp_path, tf):
     config = small_config()
     model, optimizer = trained_dense(tf, config)
     tables = [filled_table("adam", dim=4, table_id=t, n=200) for t in range(2)]
-    ckpt.save_checkpoint(tmp_path, 3, tables=tables, config=config, field_groups=table_groups(config),
+    ckpt.save_checkpoint(tmp_path, 3, tables=tables, config=config,
                          model=model, optimizer=optimizer,
                          data_state={"kind": "synthetic", "next_step": 3})
     other_model, other_opt = trained_dense(tf, small_config(), steps=0)  # unbuilt optimizer
     for v in other_model.variables:
         v.assign(tf.zeros_like(v))
     fresh = [make_table("adam", dim=4, table_id=t) for t in range(2)]
-    report = ckpt.restore_checkpoint(tmp_path, tables=fresh, config=config,
-                                     field_groups=table_groups(config), model=other_model,
+    report = ckpt.restore_checkpoint(tmp_path, tables=fresh, config=config, model=other_model,
                                      optimizer=other_opt)
     for a, b in zip(model.variables, other_model.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(other_opt.iterations.numpy()) == 3
-    for a, b in zip(ckpt._optimizer_variables(optimizer), ckpt._optimizer_variables(other_opt)):
+    for a, b in zip(optimizer_variables(optimizer), optimizer_variables(other_opt)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert report.data_state == {"kind": "synthetic", "next_step": 3}
     assert report.bytes_read["dense"] == os.path.getsize(os.path.join(report.path, "dense.npz"))
@@ -212,8 +223,7 @@ def test_manifest_content(tmp_path, tf):
     model, optimizer = trained_dense(tf, config, steps=1)
     tables = [filled_table("adam", dim=4, table_id=t, n=300 + 100 * t) for t in range(2)]
     np.random.seed(123)
-    info = ckpt.save_checkpoint(tmp_path, 42, tables=tables, config=config,
-                                field_groups=table_groups(config), model=model, optimizer=optimizer,
+    info = ckpt.save_checkpoint(tmp_path, 42, tables=tables, config=config, model=model, optimizer=optimizer,
                                 data_state={"kind": "synthetic", "next_step": 42})
     d = ckpt_dir_of(tmp_path, 42)
     assert info.path == d
@@ -239,7 +249,7 @@ def test_manifest_content(tmp_path, tf):
     assert names == [v.name for v in model.variables]
     shapes = [v["shape"] for v in manifest["dense"]["model_variables"]]
     assert shapes == [list(v.shape) for v in model.variables]
-    assert len(manifest["dense"]["optimizer"]["variables"]) == len(ckpt._optimizer_variables(optimizer))
+    assert len(manifest["dense"]["optimizer"]["variables"]) == len(optimizer_variables(optimizer))
     with open(os.path.join(d, "rank-00000.state.json")) as fh:
         state = json.load(fh)
     np.random.seed(123)
@@ -280,7 +290,7 @@ def two_checkpoints(tmp_path):
     table = filled_table("adagrad", dim=4, n=1500)
     config = make_config(overrides=TABLES_ONLY)
     for step in (10, 20):
-        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]])
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config)
         table.apply_gradients(sorted_export(table)["keys"][:50], np.ones((50, 4), np.float32), step=11)
     return tmp_path, table
 
@@ -338,15 +348,15 @@ def test_missing_and_truncated_files(two_checkpoints):
 def test_manifest_of_another_model_or_table_dims(tmp_path, tf):
     config = small_config()
     tables = [make_table("adam", dim=4, table_id=t) for t in range(2)]
-    ckpt.save_checkpoint(tmp_path, 5, tables=tables, config=config, field_groups=table_groups(config))
+    ckpt.save_checkpoint(tmp_path, 5, tables=tables, config=config)
     other = small_config(hidden=[16])
     fresh = [make_table("adam", dim=4, table_id=t) for t in range(2)]
     with pytest.raises(ckpt.CheckpointMismatchError,
                        match=r"another model: hidden \[8\] in the checkpoint, \[16\] here"):
-        ckpt.restore_checkpoint(tmp_path, tables=fresh, config=other, field_groups=table_groups(other))
+        ckpt.restore_checkpoint(tmp_path, tables=fresh, config=other)
     buckets = small_config(num_buckets=64)
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"num_buckets 16 in the checkpoint, 64 here"):
-        ckpt.restore_checkpoint(tmp_path, tables=fresh, config=buckets, field_groups=table_groups(buckets))
+        ckpt.restore_checkpoint(tmp_path, tables=fresh, config=buckets)
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"table 1: dim 4 in the checkpoint, 8 here"):
         ckpt.restore_checkpoint(tmp_path, tables=[make_table("adam", dim=4), make_table("adam", dim=8)])
     # a manifest re-signed with another model hash (config hash) is refused as well
@@ -358,7 +368,7 @@ def test_manifest_of_another_model_or_table_dims(tmp_path, tf):
     with open(os.path.join(d, "manifest.json"), "wb") as fh:
         fh.write(ckpt.signed_json_bytes(manifest))
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"dim 32 in the checkpoint, 4 here"):
-        ckpt.restore_checkpoint(tmp_path, tables=fresh, config=config, field_groups=table_groups(config))
+        ckpt.restore_checkpoint(tmp_path, tables=fresh, config=config)
     manifest["model_hash"] = "0" * 64                     # hash no longer matches its signature
     with open(os.path.join(d, "manifest.json"), "wb") as fh:
         fh.write(ckpt.signed_json_bytes(manifest))
@@ -381,14 +391,25 @@ def test_find_resume_point_falls_back_to_newest_intact(two_checkpoints):
     assert point.path is None and point.step == 0 and "no intact checkpoint" in point.warnings[-1]
 
 
+def resume_trainer(trainer, log):
+    """Resume as the Trainer does: CheckpointManager.resume into the backend's state (here a
+    tables-only model), then the data position; returns the step to start at."""
+    manager = ckpt.CheckpointManager(trainer.config, build_schema(trainer.config), trainer.comm, log=log)
+    state = BackendState(tables=trainer.sharded.tables, shard=(0, 1), model=None, dense_optimizer=None)
+    step, data_state, _ = manager.resume(state)
+    if data_state is not None:
+        trainer.dataset.restore(data_state)
+    return step
+
+
 def fake_trainer(root, table):
-    """What resume_trainer uses of a Trainer, for a tables-only model (one process)."""
+    """What a resume uses of a Trainer, for a tables-only model (one process)."""
     dataset = types.SimpleNamespace(restored=None)
     dataset.restore = lambda state: setattr(dataset, "restored", state)
     return types.SimpleNamespace(
-        comm=ckpt.SingleProcessComm(),
+        comm=SingleProcessComm(),
         config=make_config(overrides=dict(TABLES_ONLY, checkpoint_dir=str(root), resume=True)),
-        sharded=types.SimpleNamespace(tables=[table], field_groups=[[0]]), model=None,
+        sharded=types.SimpleNamespace(tables=[table]), model=None,
         dense=types.SimpleNamespace(optimizer=None), dataset=dataset, num_fields=1, num_dense=0)
 
 
@@ -396,7 +417,7 @@ def test_resume_trainer_skips_a_checkpoint_whose_bucket_checksum_fails(two_check
     root, table = two_checkpoints
     flip_byte(os.path.join(ckpt_dir_of(root, 20), "table-000.rank-00000.rows"), 10)
     trainer, messages = fake_trainer(root, make_table("adagrad", dim=4)), []
-    assert ckpt.resume_trainer(trainer, log=messages.append) == 10
+    assert resume_trainer(trainer, log=messages.append) == 10
     assert any("cannot restore" in m and "checksum mismatch" in m for m in messages)
     assert "resumed from" in messages[-1] and "step 10" in messages[-1]
     # the restored rows are those of step 10: the step-11 updates are absent
@@ -408,7 +429,7 @@ def test_resume_trainer_skips_a_checkpoint_whose_bucket_checksum_fails(two_check
 def test_resume_trainer_without_checkpoints_starts_at_zero(tmp_path):
     messages = []
     trainer = fake_trainer(tmp_path / "none", make_table("sgd"))
-    assert ckpt.resume_trainer(trainer, log=messages.append) == 0
+    assert resume_trainer(trainer, log=messages.append) == 0
     assert "starting from step 0" in messages[-1]
 
 
@@ -441,7 +462,7 @@ def three_damaged(tmp_path):
     table = filled_table("adagrad", dim=4, n=600)
     config = make_config(overrides=TABLES_ONLY)
     for step in (10, 20, 30):
-        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]])
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config)
         _truncate(os.path.join(ckpt_dir_of(tmp_path, step), "table-000.rank-00000.rows"))
     return tmp_path
 
@@ -451,7 +472,7 @@ def test_resume_with_every_checkpoint_damaged_refuses_and_changes_nothing(three_
     before = _snapshot(root)
     messages = []
     with pytest.raises(CheckpointError) as info:
-        ckpt.resume_trainer(_resume_trainer_for(root, make_table("adagrad", dim=4)), log=messages.append)
+        resume_trainer(_resume_trainer_for(root, make_table("adagrad", dim=4)), log=messages.append)
     text = str(info.value)
     for step in (10, 20, 30):
         assert f"ckpt-{step:010d}/table-000.rank-00000.rows: truncated" in text, text
@@ -464,7 +485,7 @@ def test_resume_fresh_sets_damaged_checkpoints_aside_and_saves_never_touch_them(
     before = _snapshot(root)
     messages = []
     trainer = _resume_trainer_for(root, make_table("adagrad", dim=4), resume_fresh=True)
-    assert ckpt.resume_trainer(trainer, log=messages.append) == 0
+    assert resume_trainer(trainer, log=messages.append) == 0
     assert any("resume_fresh: starting from step 0" in m for m in messages)
     assert sorted(os.listdir(root)) == [f"damaged-ckpt-{s:010d}" for s in (10, 20, 30)]
     after = _snapshot(root)
@@ -482,7 +503,7 @@ def test_resume_fresh_sets_damaged_checkpoints_aside_and_saves_never_touch_them(
     for name in os.listdir(root):
         if name.startswith("ckpt-") or name == "latest":
             shutil.rmtree(os.path.join(root, name)) if name != "latest" else os.remove(os.path.join(root, name))
-    assert ckpt.resume_trainer(_resume_trainer_for(root, make_table("adagrad", dim=4)), log=again.append) == 0
+    assert resume_trainer(_resume_trainer_for(root, make_table("adagrad", dim=4)), log=again.append) == 0
     assert "starting from step 0 (set aside earlier: damaged-ckpt-0000000010" in again[-1]
 
 
@@ -490,18 +511,18 @@ def test_resume_falls_back_and_keeps_the_damaged_newer_checkpoints_aside(tmp_pat
     table = filled_table("adagrad", dim=4, n=600)
     config = make_config(overrides=TABLES_ONLY)
     for step in (10, 20, 30):
-        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]])
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config)
     _truncate(os.path.join(ckpt_dir_of(tmp_path, 30), "table-000.rank-00000.rows"))
     flip_byte(os.path.join(ckpt_dir_of(tmp_path, 20), "table-000.rank-00000.rows"), 10)  # seen at restore
     damaged = {k: v for k, v in _snapshot(tmp_path).items() if k.startswith(("ckpt-0000000020", "ckpt-0000000030"))}
     messages = []
     trainer = _resume_trainer_for(tmp_path, make_table("adagrad", dim=4))
-    assert ckpt.resume_trainer(trainer, log=messages.append) == 10
+    assert resume_trainer(trainer, log=messages.append) == 10
     assert sorted(os.listdir(tmp_path)) == ["ckpt-0000000010", "damaged-ckpt-0000000020", "damaged-ckpt-0000000030"]
     assert any("kept the damaged" in m and "damaged-ckpt-0000000030" in m for m in messages)
     # the resumed run reaches steps 20 and 30 again and prunes to one: the damaged ones stay
     for step in (20, 30):
-        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, field_groups=[[0]], keep=1)
+        ckpt.save_checkpoint(tmp_path, step, tables=[table], config=config, keep=1)
     assert {k.replace("damaged-", "", 1): v for k, v in _snapshot(tmp_path).items()
             if k.startswith("damaged-")} == damaged
 
@@ -509,7 +530,7 @@ def test_resume_falls_back_and_keeps_the_damaged_newer_checkpoints_aside(tmp_pat
 def test_resume_with_a_dangling_latest_and_no_checkpoint_refuses(tmp_path):
     (tmp_path / "latest").write_text("ckpt-0000000050\n")
     with pytest.raises(CheckpointError, match=r"latest names 'ckpt-0000000050', which is not a checkpoint"):
-        ckpt.resume_trainer(_resume_trainer_for(tmp_path, make_table("sgd")), log=lambda m: None)
+        resume_trainer(_resume_trainer_for(tmp_path, make_table("sgd")), log=lambda m: None)
 
 
 def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
@@ -590,6 +611,11 @@ def _rows_by_hand(tables, keys, groups, dim):
     return emb
 
 
+def criteo_inputs(dense, emb):
+    """The model input dict of the Criteo preset from dense (B, D) and emb (B, F, dim)."""
+    return {"dense": dense, **{f"C{f + 1}": emb[:, f] for f in range(emb.shape[1])}}
+
+
 def _train_tables(tables, step, rng, keys_pool):
     for table in tables:
         touched = rng.choice(keys_pool, size=60, replace=False)
@@ -608,7 +634,7 @@ def test_export_saved_model_and_apply_delta(tmp_path, tf):
     model, optimizer = trained_dense(tf, config, steps=2)
     for step in range(3):
         _train_tables(tables, step, rng, pool[:200])
-    ckpt.save_checkpoint(tmp_path / "ckpt", 3, tables=tables, config=config, field_groups=groups,
+    ckpt.save_checkpoint(tmp_path / "ckpt", 3, tables=tables, config=config,
                          model=model, optimizer=optimizer)
     result = export.export_saved_model(tmp_path / "ckpt", tmp_path / "serving" / "1")
     assert result["step"] == 3 and result["rows"] == [t.size for t in tables]
@@ -617,10 +643,10 @@ def test_export_saved_model_and_apply_delta(tmp_path, tf):
     keys[:5] = [[7, 8, 9]] * 5                               # never seen: zeros
     dense = rng.standard_normal((64, 2)).astype(np.float32)
     served = loaded.signatures["serving_default"](dense=tf.constant(dense), keys=tf.constant(keys))
-    expected = model((dense, _rows_by_hand(tables, keys, groups, 4)), training=False).numpy()
+    expected = model(criteo_inputs(dense, _rows_by_hand(tables, keys, groups, 4)), training=False).numpy()
     np.testing.assert_allclose(served["logit"].numpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(served["probability"].numpy(), 1 / (1 + np.exp(-expected)), rtol=1e-5)
-    zero_logit = model((dense[:5], np.zeros((5, 3, 4), np.float32)), training=False).numpy()
+    zero_logit = model(criteo_inputs(dense[:5], np.zeros((5, 3, 4), np.float32)), training=False).numpy()
     np.testing.assert_allclose(served["logit"].numpy()[:5], zero_logit, rtol=1e-5, atol=1e-6)
 
     # train on (new keys too), write deltas every 2 steps, apply them in order
@@ -640,7 +666,7 @@ def test_export_saved_model_and_apply_delta(tmp_path, tf):
         export.apply_delta(loaded, path)
     assert int(loaded.step.numpy()) == 6
     served = loaded.serve(tf.constant(dense), tf.constant(keys))
-    expected = model((dense, _rows_by_hand(tables, keys, groups, 4)), training=False).numpy()
+    expected = model(criteo_inputs(dense, _rows_by_hand(tables, keys, groups, 4)), training=False).numpy()
     np.testing.assert_allclose(served["logit"].numpy(), expected, rtol=1e-5, atol=1e-6)
 
     # TF Serving path: a new version directory from the saved model + the deltas
@@ -665,12 +691,12 @@ def test_export_saved_model_and_apply_delta(tmp_path, tf):
 
 def test_check_routing_refuses_a_routing_that_ignores_buckets():
     keys = np.random.default_rng(3).integers(-2**63, 2**63 - 1, size=5000, dtype=np.int64)
-    mine = keys[ckpt.owner_ranks(keys, 4096, 3) == 0]             # what rank 0 of 3 restores
+    mine = keys[routing.owner_ranks(keys, 3, 4096) == 0]             # what rank 0 of 3 restores
     table = make_table("sgd", min_count=1)
     table.import_rows(mine, np.zeros((len(mine), 6), np.float32))
     comm = types.SimpleNamespace(rank=0, size=3, allgather_object=lambda x: [x])
     report = types.SimpleNamespace(num_buckets=4096)
-    ckpt.check_routing([table], report, comm, owner_fn=lambda k, w, b: ckpt.owner_ranks(k, b, w))
+    ckpt.check_routing([table], report, comm, owner_fn=lambda k, w, b: routing.owner_ranks(k, w, b))
     plain_modulo = lambda k, w, b: (splitmix64(k) % np.uint64(w)).astype(np.int64)  # noqa: E731
     with pytest.raises(CheckpointError, match=r"routing must use owner\(key\) = \(mix64\(key\) % num_buckets\)"):
         ckpt.check_routing([table], report, comm, owner_fn=plain_modulo)

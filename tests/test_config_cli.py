@@ -10,11 +10,18 @@ import sys
 import numpy as np
 import pytest
 
-from hybridps.config import Sync, config_hash, make_config, table_groups
+from hybridps.config import Sync, config_hash, make_config
 from hybridps.errors import ConfigError
+
 from hybridps.metrics import AUCAccumulator
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available
 
+
+
+def table_groups(config):
+    """Field indices of each table of the Criteo preset (hybridps.schema)."""
+    from hybridps.schema import criteo_field_groups
+    return criteo_field_groups(config, config.num_fields)
 
 def test_defaults_are_valid_and_typed():
     c = make_config()
@@ -56,7 +63,7 @@ def test_unknown_yaml_field_is_reported_with_the_file(tmp_path):
 
 
 def test_ps_mode_needs_a_worker():
-    from hybridps.ps import PSRoles
+    from hybridps.backends.ps.protocol import PSRoles
     with pytest.raises(ConfigError, match="'num_servers': 2 servers leave no worker among 2 ranks"):
         PSRoles(2, 2)
 
@@ -138,8 +145,13 @@ def test_admission_and_eviction_during_training_show_in_metrics(tmp_path):
 
 
 # ---------------------------------------------------------------- per-table admission and eviction
+def table_policy(config, table):
+    """Table ``table``'s admission and eviction in the Criteo preset's schema."""
+    from hybridps.schema import build_schema
+    return build_schema(config).tables[table].policy()
+
+
 def test_table_settings_from_yaml_and_json_override_the_global_fields(tmp_path):
-    from hybridps.config import table_policy
     path = tmp_path / "c.yaml"
     path.write_text("table_layout: per_field\nnum_fields: 4\nmax_rows: 500\n"
                     "table_settings:\n  1: {max_rows: 10, eviction: lru}\n  3: {min_count: 4}\n")

@@ -1,4 +1,4 @@
-"""Unit tests of the per-step exchange kernels (hybridps._kernels via hybridps.embedding):
+"""Unit tests of the per-step exchange kernels (hybridps._kernels via hybridps.sparse):
 unique keys and their inverse, the send order of the fused exchange, and the owner's staleness
 histogram. Expected values come from numpy (np.unique, a sort) and the splitmix64 reference in
 tests/reference.py, never from the kernels themselves.
@@ -9,8 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridps._kernels import count_staleness
-from hybridps.embedding.routing import unique_inverse
-from hybridps.embedding.sharded import route_unique_keys
+from hybridps.config import make_config
+from hybridps.data.batch import Batch
+from hybridps.schema import build_schema
+from hybridps.sparse.layout import SparseLayout
+from hybridps.sparse.plan import plan_batch
+from hybridps.sparse.routing import unique_inverse
 from tests.reference import mix64_array
 
 KEYS = st.lists(st.integers(-2**63, 2**63 - 1) | st.integers(0, 30), min_size=0, max_size=300)
@@ -41,8 +45,10 @@ def test_route_unique_keys_gives_the_send_buffer_and_its_inverse(batch, fields, 
     keys = rng.integers(0, 12, size=(batch, fields)) * 7919 + rng.integers(0, 2, size=(batch, fields)) * 2**40
     groups = {"shared": [list(range(fields))], "per_field": [[f] for f in range(fields)],
               "pairs": [list(range(fields))[i:i + 2] for i in range(0, fields, 2)]}[layout]
-    groups = [np.asarray(g) for g in groups]
-    send_keys, inverse, counts = route_unique_keys(keys, groups, world, 4096)
+    schema = build_schema(make_config(overrides={"num_fields": fields, "table_groups": groups}))
+    batch_of = Batch(dense=np.zeros((batch, 0)), keys=keys, labels=np.zeros(batch))
+    plan = plan_batch(SparseLayout(schema), batch_of, world, 4096, step=0)
+    send_keys, inverse, counts = plan.unique_keys, plan.inverse, plan.send_counts
     assert counts.shape == (world, len(groups)) and counts.sum() == len(send_keys)
     assert inverse.dtype == np.int32 and inverse.shape == keys.shape
     np.testing.assert_array_equal(send_keys[inverse], keys)           # every (sample, field)

@@ -55,7 +55,7 @@ def fill(directory):
 
 # ---------------------------------------------------------------- 4. output paths
 def test_output_paths_are_checked_at_start(tmp_path):
-    from hybridps.trainer import output_path_problems
+    from hybridps.startup import output_path_problems
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     a_dir = tmp_path / "a_dir"
@@ -96,7 +96,7 @@ def test_output_path_problems_stop_the_cli_at_start_without_traceback(tmp_path):
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_write_failures_at_the_end_are_one_clear_error_and_leave_no_temporary_file(tiny_tmpfs):
     from hybridps.metrics import write_summary
-    from hybridps.trainer import save_npz
+    from hybridps.checkpoint.dump import save_npz
     fill(tiny_tmpfs)
     before = sorted(os.listdir(tiny_tmpfs))
     target = tiny_tmpfs / "metrics.json"
@@ -126,7 +126,7 @@ def _criteo_with_bad_lines(tmp_path, bad_lines):
 
 def test_data_stats_sum_only_what_adds_up_and_keep_examples_of_every_rank(tmp_path):
     from hybridps.data import CriteoReader
-    from hybridps.trainer import combine_data_stats, skipped_lines_summary
+    from hybridps.data.stats import combine_data_stats, skipped_lines_summary
     path = _criteo_with_bad_lines(tmp_path, [3, 4, 10, 50, 51, 52, 53])
     readers = [CriteoReader(path, rank=r, world_size=2, on_bad_line="skip") for r in range(2)]
     combined = combine_data_stats([r.stats() for r in readers] + [None])     # + a PS server
@@ -152,8 +152,13 @@ def test_data_stats_sum_only_what_adds_up_and_keep_examples_of_every_rank(tmp_pa
 # ---------------------------------------------------------------- 7. nonfinite
 def test_nonfinite_is_a_config_field_and_flag_that_reaches_the_tables():
     from hybridps.cli import build_parser
-    from hybridps.embedding import make_table
     from hybridps.errors import NonFiniteGradientError
+    from hybridps.schema import build_schema
+    from hybridps.sparse.table import make_table as make_schema_table
+
+    def make_table(config, table_id):
+        return make_schema_table(build_schema(config).tables[table_id], table_id, config.seed,
+                                 config.nonfinite)
     keys, grads = np.array([1, 2, 3]), np.ones((3, 4), np.float32)
     grads[1, 2] = np.nan
     strict = make_table(make_config(overrides={"dim": 4}), table_id=0)
@@ -205,7 +210,7 @@ def test_a_yaml_key_given_twice_is_refused_with_its_lines(tmp_path):
 
 def test_settings_that_name_a_rank_the_job_does_not_have():
     from hybridps.config import check_job_config
-    from hybridps.ps import PSRoles
+    from hybridps.backends.ps.protocol import PSRoles
 
     def check(world_size, data_ranks, **fields):
         check_job_config(make_config(overrides=fields), world_size, data_ranks)
@@ -244,7 +249,7 @@ def test_a_utf8_bom_before_the_header_is_accepted(tmp_path):
 
 def test_a_batch_larger_than_a_share_warns_with_the_epochs_and_different_files_are_named(tmp_path):
     from hybridps.data import CriteoReader
-    from hybridps.trainer import combine_data_stats, data_file_differences, small_share_warning
+    from hybridps.data.stats import combine_data_stats, data_file_differences, small_share_warning
     path = _criteo_with_bad_lines(tmp_path, [])
     lines = path.read_text().splitlines()
     ten = tmp_path / "ten.csv"

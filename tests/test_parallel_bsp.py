@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from hybridps.config import make_config
 from tests.mpi_util import REPO, load_dumped_state, run_mpi
 
 WORLD_SIZES = (1, 2, 4)
@@ -79,8 +80,10 @@ def _reference_run(optimizer, steps, global_batch, dim, hidden, seed, lr, field_
     """Independent single-process TF: tf.Variable table, tf.gather, Keras optimizer everywhere."""
     import tensorflow as tf
     from hybridps.data import SAMPLE_CRITEO_CSV, CriteoReader
-    from hybridps.embedding.table import initial_rows
     from hybridps.models import build_model
+    from hybridps.schema import build_schema
+    from hybridps.sparse.table import initial_rows
+    from hybridps.step import build_on_sample
     batches = list(CriteoReader(SAMPLE_CRITEO_CSV).iter_batches(global_batch, steps))
     key_table = {}
     for batch in batches:
@@ -92,7 +95,10 @@ def _reference_run(optimizer, steps, global_batch, dim, hidden, seed, lr, field_
     init = np.concatenate([initial_rows(np.array([k], dtype=np.int64), dim, "normal", seed,
                                         key_table[k], 0.0, 0.01) for k in vocab])
     table = tf.Variable(init)
-    model = build_model("deepfm", 26, 13, dim, hidden=hidden, seed=seed)
+    config = make_config(overrides={"dim": dim, "hidden": list(hidden), "seed": seed,
+                                    "table_groups": field_groups})
+    schema = build_schema(config)
+    model = build_on_sample(tf, build_model("deepfm", schema, config), schema)
     variables = model.trainable_variables + [table]
     if optimizer == "sgd":
         opt = tf.keras.optimizers.SGD(lr)
@@ -102,7 +108,9 @@ def _reference_run(optimizer, steps, global_batch, dim, hidden, seed, lr, field_
     for batch in batches:
         ids = np.vectorize(index.get)(batch.keys)
         with tf.GradientTape() as tape:
-            logits = model((batch.dense, tf.gather(table, ids)), training=True)
+            emb = tf.gather(table, ids)
+            inputs = {"dense": batch.dense, **{f"C{f + 1}": emb[:, f] for f in range(26)}}
+            logits = model(inputs, training=True)
             loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=batch.labels, logits=logits))
         grads = tape.gradient(loss, variables)
         grads = [tf.convert_to_tensor(g) for g in grads]   # dense table gradient: zero rows stay put

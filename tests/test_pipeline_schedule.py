@@ -1,4 +1,4 @@
-"""The SSP/ASP operation schedule (hybridps.sync.pipeline) is lazy and equals the eager one.
+"""The SSP/ASP operation schedule (hybridps.backends.collective.pipeline) is lazy and equals the eager one.
 
 The reference is the eager ``with_fences`` hybridps shipped before (it rebuilt the whole
 operation list once per fence, so a run of 1e5 steps with 1,000 fences spent 45 s in it before
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from hybridps.sync.pipeline import asp_schedule, ssp_schedule, with_fences
+from hybridps.backends.collective.pipeline import asp_schedule, ssp_schedule, with_fences
 from hybridps.trainer import ConsistentPoints
 
 

@@ -7,7 +7,7 @@ through ``hvd.DistributedGradientTape`` (embedding gradients travel as IndexedSl
 allgathered), Keras Adagrad on every variable.
 
 ``python -m hybridps.bench.train_worker ceiling OUT.json ...``: the compute-only ceiling: the
-very TF step hybridps runs (hybridps.trainer.make_compute_step) plus the local dense update,
+very TF step hybridps runs (hybridps.step.make_train_step) plus the local dense update,
 on unique rows and inverse indices prepared before timing, with no communication and no table
 work, and without Horovod (whose background thread negotiates every cycle even when idle). Run
 on N ranks at once, each on its own core, it bounds what any distribution scheme can reach on
@@ -35,6 +35,7 @@ def _parse(argv=None):
     p.add_argument("--num-buckets", type=int, default=1 << 21)
     p.add_argument("--learning-rate", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="a YAML config (its 'features:' schema: the workload)")
     return p.parse_args(argv)
 
 
@@ -65,13 +66,24 @@ def _finish(comm, args, role, elapsed, losses, auc_acc, model):
 
 
 def _workload(args, comm):
-    """The benchmark's data (this rank's synthetic share) and its DeepFM, as hybridps train builds them."""
-    from hybridps.data import SyntheticCTR
+    """The benchmark's data (this rank's share) and its DeepFM, as hybridps train builds them:
+    the Criteo layout on synthetic data, or the schema of ``--config`` (bench train
+    --workload multihot)."""
+    import tensorflow as tf
+    from hybridps.config import make_config
+    from hybridps.data import open_data, preset_shape
     from hybridps.models import build_model
-    data = SyntheticCTR(num_fields=args.num_fields, num_dense=args.num_dense,
-                        vocab_size=args.vocab_size, seed=args.seed, rank=comm.rank,
-                        world_size=comm.size)
-    return data, build_model("deepfm", args.num_fields, args.num_dense, args.dim, seed=args.seed)
+    from hybridps.schema import build_schema
+    from hybridps.step import build_on_sample
+    config = make_config(args.config, overrides={
+        "data": "synthetic", "dim": args.dim, "num_fields": args.num_fields, "num_dense": args.num_dense,
+        "vocab_size": args.vocab_size, "seed": args.seed})
+    schema = build_schema(config, *preset_shape(config))
+    data = open_data(config, schema, rank=comm.rank, world_size=comm.size)
+    tf.keras.utils.set_random_seed(config.seed)
+    model = build_model("deepfm", schema, config)
+    build_on_sample(tf, model, schema)
+    return data, model, schema
 
 
 def run_tf_baseline(args):
@@ -79,7 +91,8 @@ def run_tf_baseline(args):
     from hybridps.trainer import freeze_python_heap
     import horovod.tensorflow as hvd
     from hybridps.metrics import AUCAccumulator
-    data, model = _workload(args, comm)
+    data, model, schema = _workload(args, comm)
+    names = [f.name for f in schema.single_features]
     embedding = tf.keras.layers.Embedding(
         args.num_buckets, args.dim,
         embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.01, seed=args.seed))
@@ -95,7 +108,9 @@ def run_tf_baseline(args):
                                   tf.TensorSpec([None], tf.float32)])
     def train_step(dense, buckets, labels):
         with tf.GradientTape() as tape:
-            logits = model((dense, embedding(buckets)), training=True)
+            emb = embedding(buckets)
+            inputs = {"dense": dense, **{name: emb[:, j] for j, name in enumerate(names)}}
+            logits = model(inputs, training=True)
             loss_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
             loss = loss_sum / global_batch
         tape = hvd.DistributedGradientTape(tape, op=hvd.Sum)
@@ -119,28 +134,41 @@ def run_tf_baseline(args):
 
 def run_ceiling(args):
     comm, tf = _setup(with_horovod=False)     # no communication at all, not even Horovod's idle cycle
-    from hybridps.dense import DenseSync
-    from hybridps.embedding.routing import unique_inverse
-    from hybridps.embedding.table import initial_rows
+    from hybridps._kernels import permute_blocks
+    from hybridps.dense.sync import DenseSync
     from hybridps.metrics import AUCAccumulator
-    from hybridps.trainer import freeze_python_heap, make_compute_step
-    data, model = _workload(args, comm)
+    from hybridps.sparse.layout import SparseLayout
+    from hybridps.sparse.plan import plan_batch
+    from hybridps.sparse.table import initial_rows
+    from hybridps.step import make_train_step
+    from hybridps.trainer import freeze_python_heap
+    data, model, schema = _workload(args, comm)
     dense = DenseSync(model.trainable_variables, "adagrad", args.learning_rate, world_size=1)
-    step_fn = make_compute_step(tf, model, args.num_fields, args.num_dense, args.dim)
+    layout = SparseLayout(schema)
+    step_fn = make_train_step(tf, model, layout, schema.num_dense)
     prepared = []
-    for batch in data.iter_batches(args.batch_size, args.steps):
-        uniq, inverse = unique_inverse(batch.keys.ravel())
-        rows = initial_rows(uniq, args.dim, "normal", args.seed, 0, 0.0, 0.01)
-        prepared.append((batch, rows, inverse.reshape(batch.keys.shape)))
+    for step, batch in enumerate(data.iter_batches(args.batch_size, args.steps)):
+        plan = plan_batch(layout, batch, 1, 4096, step)
+        parts, start = [], 0           # one owner: the send order is table order
+        for t, table in enumerate(schema.tables):
+            count = int(plan.send_counts[0, t])
+            parts.append(initial_rows(plan.unique_keys[start:start + count], table.dim, "normal",
+                                      args.seed, t, 0.0, 0.01).ravel())
+            start += count
+        rows = np.concatenate(parts).astype(np.float32)
+        if plan.permutation is not None:
+            rows = permute_blocks(rows, *plan.permutation)
+        prepared.append((batch, rows, plan))
     global_batch = tf.constant(float(args.batch_size * comm.size))
     losses, auc_acc = [], AUCAccumulator()
     comm.barrier()
     start = None
-    for step, (batch, rows, inverse) in enumerate(prepared):
+    for step, (batch, rows, plan) in enumerate(prepared):
         if step == args.warmup_steps:
             freeze_python_heap()          # as hybridps train does after its warm-up
             start = time.perf_counter()
-        loss_sum, logits, grads, row_grads = step_fn(batch.dense, rows, inverse, batch.labels, global_batch)
+        loss_sum, logits, grads, row_grads = step_fn(batch.dense, batch.labels, global_batch, rows,
+                                                     plan.group_rows, *plan.step_inputs)
         dense.apply_local(grads)
         row_grads.numpy()
         losses.append(float(loss_sum))

@@ -28,7 +28,7 @@ from hybridps.data.synthetic import SyntheticCTR
 from hybridps.errors import ConfigError, DataError
 
 __all__ = ["Batch", "SyntheticCTR", "CriteoReader", "feature_keys", "integer_feature_keys",
-           "missing_key", "roc_auc", "SAMPLE_CRITEO_CSV", "make_dataset"]
+           "missing_key", "roc_auc", "SAMPLE_CRITEO_CSV", "make_dataset", "open_data", "preset_shape"]
 
 #: The bundled 200-row Criteo sample (CSV with header; provenance in samples/NOTICE.md).
 SAMPLE_CRITEO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples",
@@ -66,3 +66,49 @@ def make_dataset(spec: Union[str, os.PathLike], *, rank: int = 0, world_size: in
                         f"existing file")
     return CriteoReader(path, rank=rank, world_size=world_size, on_bad_line=on_bad_line,
                         batch_size=batch_size)
+
+
+def _is_file_spec(spec):
+    return spec != "synthetic"
+
+
+def preset_shape(config):
+    """(num_fields, num_dense) of the Criteo preset for this run: a Criteo file has 26 and 13
+    whatever the config says (a per-field or grouped table layout must then say 26 too);
+    synthetic data has the config's."""
+    if config.features is not None or not _is_file_spec(config.data):
+        return config.num_fields, config.num_dense
+    from hybridps.data.criteo import NUM_DENSE, NUM_FIELDS
+    if (config.table_groups is not None or config.table_layout != "shared") and config.num_fields != NUM_FIELDS:
+        raise ConfigError(f"the data has {NUM_FIELDS} categorical fields but the config says "
+                          f"num_fields={config.num_fields}; set num_fields to match")
+    return NUM_FIELDS, NUM_DENSE
+
+
+def open_data(config, schema, *, rank, world_size):
+    """The data source of a run: synthetic data (the Criteo layout, or any schema's), a Criteo
+    file (the preset), or a schema-described CSV/TSV file.
+
+    Args:
+        config: TrainConfig (``data``, ``seed``, ``on_bad_line``, synthetic options).
+        schema: the run's FeatureSchema.
+        rank, world_size: this rank's share of the data among the ranks that read it.
+    Raises:
+        DataError, ConfigError: naming the file or the field.
+    """
+    spec = os.fspath(config.data)
+    if schema.preset == "criteo":
+        options = (dict(num_fields=len(schema.sparse), num_dense=schema.num_dense,
+                        vocab_size=config.vocab_size, zipf_a=config.zipf_a)
+                   if spec == "synthetic" else {})
+        return make_dataset(spec, rank=rank, world_size=world_size, seed=config.seed,
+                            on_bad_line=config.on_bad_line, **options)
+    if spec == "synthetic":
+        from hybridps.data.synthetic_schema import make_schema_synthetic
+        return make_schema_synthetic(schema, config, rank, world_size)
+    if spec in _SAMPLE_SPECS:
+        raise ConfigError(f"data {spec!r} is the bundled Criteo sample, which has the Criteo "
+                          f"layout; a 'features:' schema needs its own data file")
+    from hybridps.data.schema_csv import SchemaCSVReader
+    return SchemaCSVReader(spec, schema, rank=rank, world_size=world_size,
+                           on_bad_line=config.on_bad_line)

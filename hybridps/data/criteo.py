@@ -40,7 +40,6 @@ The whole share is held in memory: dense float32 (N, 13), keys int64 (N, 26), la
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import math
 import os
@@ -49,6 +48,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
+from hybridps.data.files import read_bytes
 from hybridps.data.batch import Batch, check_int, resolve_batch_size
 from hybridps.data.hashing import feature_keys
 from hybridps.errors import ConfigError, DataError
@@ -62,7 +62,6 @@ CRITEO_COLUMNS = (["label"] + [f"I{i}" for i in range(1, NUM_DENSE + 1)]
                   + [f"C{i}" for i in range(1, NUM_FIELDS + 1)])
 ON_BAD_LINE = ("raise", "skip")
 _MAX_EXAMPLES = 10
-_GZIP_CHUNK = 1 << 20           # decompressed bytes per read of a .gz file
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -120,16 +119,7 @@ class CriteoReader:
 
     # ------------------------------------------------------------------ parsing
     def _read_lines(self) -> List[str]:
-        if not os.path.isfile(self.path):
-            raise DataError(f"data file {self.path!r} does not exist (or is not a file)")
-        try:
-            if self.path.endswith(".gz"):
-                raw = self._read_gzip()
-            else:
-                with open(self.path, "rb") as fh:
-                    raw = fh.read()
-        except OSError as exc:
-            raise DataError(f"cannot read data file {self.path!r}: {exc}") from exc
+        raw = read_bytes(self.path)
         if raw.startswith(_UTF8_BOM):    # a byte-order mark (spreadsheet exports): not part of the header
             raw = raw[len(_UTF8_BOM):]
         self.content_bytes = len(raw)
@@ -144,25 +134,6 @@ class CriteoReader:
         if lines and lines[-1] == "":
             lines.pop()
         return lines
-
-    def _read_gzip(self) -> bytes:
-        """The decompressed bytes; damaged data (truncated, corrupt, not gzip) raises a
-        DataError naming the file and the line the decompression had reached."""
-        parts, newlines = [], 0
-        try:
-            with gzip.open(self.path, "rb") as fh:
-                while True:
-                    chunk = fh.read1(_GZIP_CHUNK)
-                    if not chunk:
-                        break
-                    parts.append(chunk)
-                    newlines += chunk.count(b"\n")
-        except (EOFError, gzip.zlib.error, gzip.BadGzipFile) as exc:   # zlib.error, via gzip
-            what = ("truncated: the compressed data ends before its end-of-stream marker"
-                    if isinstance(exc, EOFError) else f"corrupt: {exc}")
-            raise DataError(f"{self.path}, line {newlines + 1}: damaged gzip file ({what}); "
-                            f"{newlines} complete lines were decompressed before the damage") from None
-        return b"".join(parts)
 
     def _detect(self, lines: List[str]):
         """(first data line index, delimiter, column permutation or None, format name)."""

@@ -18,6 +18,7 @@ share is held in memory (hybridps.data.share).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import time
@@ -75,6 +76,8 @@ class SchemaCSVReader(InMemoryShare):
         import pyarrow.compute as pc
         import pyarrow.csv as pcsv
         raw = read_bytes(self.path)
+        self.content_bytes = len(raw)
+        self.content_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
         if raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         first_line = raw.split(b"\n", 1)[0]
@@ -143,9 +146,15 @@ class SchemaCSVReader(InMemoryShare):
             self.bad_line_examples.append(f"{where}: {problem}")
 
     # ------------------------------------------------------------------ info
+    def fingerprint(self) -> dict:
+        """What identifies the file this rank read (compared across ranks at start-up)."""
+        return {"path": self.path, "file_bytes": os.path.getsize(self.path),
+                "content_bytes": self.content_bytes, "content_blake2b": self.content_hash,
+                "data_lines": self.data_lines}
+
     def stats(self) -> dict:
         """What was read: counts, skipped lines, parse time."""
-        return {"kind": self.kind, "path": self.path, "data_lines": self.data_lines,
+        return {"kind": self.kind, "path": self.path, "format": "csv", "data_lines": self.data_lines,
                 "rows": self.num_rows, "bad_lines": self.bad_lines,
                 "bad_line_examples": list(self.bad_line_examples), "rank": self.rank,
                 "world_size": self.world_size, "positives": int(self.share.labels.sum()),

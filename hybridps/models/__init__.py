@@ -1,47 +1,37 @@
-"""CTR models over (dense features, already looked-up embeddings): DeepFM, Wide&Deep, DCN.
+"""The models: Keras models on hybridps' input contract, and the registry of built-ins.
 
-Every model is called as `model((dense, emb), training=...)` with dense float32
-(B, num_dense) and emb float32 (B, num_fields, dim), and returns logits of shape (B,).
-Models own no embedding tables and know nothing of ranks: the trainer pulls the rows,
-watches `emb` on its tape and sends the row gradients back.
+Every model is called as ``model(inputs, training=...)`` with ``inputs`` a dict:
+``inputs["dense"]`` float32 (B, D); per single-valued or pooled feature ``inputs[name]`` float32
+(B, dim); per sequence ``inputs[name]`` float32 (B, max_len, dim), zeros at padding, and
+``inputs[name + "_length"]`` int32 (B,). It returns logits (B,) or (B, 1). Models own no
+embedding tables and know nothing of ranks: the trainer pulls and pools the rows and sends
+their gradients back. Built-ins: DeepFM, Wide&Deep, DCN, DIN (``registry.MODEL_NAMES``); a
+user's model is a function ``build(schema, config)`` named by ``--model file.py:build`` or
+``--model package.module:build``.
+
+TensorFlow is imported only when a model class or :func:`build_model` is used, so the registry
+(model names, spec checks) costs nothing to import.
 """
-from typing import Sequence
+from hybridps.models.registry import BUILTIN_MODELS, MODEL_NAMES, check_model_spec, load_build_function
 
-import tensorflow as tf
+_LAZY = {"DeepFM": "deepfm", "fm_second_order": "deepfm", "WideDeep": "wide_deep", "DCN": "dcn",
+         "CrossNetwork": "dcn", "cross_step": "dcn", "DIN": "din", "AttentionPooling": "din",
+         "attention_pairs": "din", "mean_logloss": "loss", "logloss_sum": "loss",
+         "CTRModel": "_base", "MLP": "_base"}
 
-from hybridps.errors import ConfigError
-from hybridps.models.dcn import DCN, CrossNetwork, cross_step
-from hybridps.models.deepfm import DeepFM, fm_second_order
-from hybridps.models.loss import logloss_sum, mean_logloss
-from hybridps.models.wide_deep import WideDeep
-
-MODELS = {"deepfm": DeepFM, "wide_deep": WideDeep, "dcn": DCN}
-
-__all__ = ["MODELS", "build_model", "DeepFM", "WideDeep", "DCN", "CrossNetwork", "cross_step",
-           "fm_second_order", "mean_logloss", "logloss_sum"]
+__all__ = ["BUILTIN_MODELS", "MODEL_NAMES", "build_model", "check_model_spec",
+           "load_build_function"] + sorted(_LAZY)
 
 
-def build_model(name: str, num_fields: int, num_dense: int, dim: int, *,
-                hidden: Sequence[int] = (256, 128), cross_layers: int = 3,
-                seed: int = 0) -> tf.keras.Model:
-    """Build a CTR model with its weights already created (deterministically from `seed`).
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"hybridps.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'hybridps.models' has no attribute {name!r}")
 
-    Args:
-        name: "deepfm", "wide_deep" or "dcn".
-        num_fields: number of categorical fields (embeddings per sample), >= 1.
-        num_dense: number of dense features, >= 0.
-        dim: embedding dimension, >= 1.
-        hidden: widths of the deep MLP's hidden layers (may be empty).
-        cross_layers: number of cross layers (DCN only; ignored by the others), >= 0.
-        seed: initialization seed, >= 0: same seed, same weights in every process.
-    Returns:
-        The model, called once on zeros so `trainable_variables` exists, in a fixed order.
-    Raises:
-        ConfigError: unknown name or invalid argument.
-    """
-    if name not in MODELS:
-        raise ConfigError(f"model name {name!r} is unknown: expected one of {sorted(MODELS)}")
-    kwargs = {"cross_layers": cross_layers} if name == "dcn" else {}
-    model = MODELS[name](num_fields, num_dense, dim, hidden=hidden, seed=seed, **kwargs)
-    model((tf.zeros((1, num_dense)), tf.zeros((1, num_fields, dim))), training=False)
-    return model
+
+def build_model(spec, schema, config):
+    """The model ``spec`` names (a built-in or ``file.py:build`` / ``module:build``), built by
+    ``build(schema, config)``: the built-ins create their layers here and their weights on the
+    first call (hybridps.trainer builds every model on a first batch)."""
+    return load_build_function(spec)(schema, config)

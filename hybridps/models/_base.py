@@ -1,7 +1,10 @@
-"""Shared pieces of the CTR models: argument checks, seeded layers, the MLP and the base class.
+"""Shared pieces of the built-in models: argument checks, seeded layers, the MLP, the base class.
 
-Lives here: what DeepFM, Wide&Deep and DCN have in common (the (dense, emb) -> logits contract,
-seeding, get_config). Not here: anything about embedding tables or distribution.
+Lives here: what DeepFM, Wide&Deep, DCN and DIN have in common: the input contract (a dict:
+``inputs["dense"]`` float32 (B, D); per single-valued or pooled feature ``inputs[name]`` float32
+(B, dim); per sequence ``inputs[name]`` float32 (B, max_len, dim), zeros at padding, and
+``inputs[name + "_length"]`` int32 (B,)), seeding, get_config. Not here: anything about
+embedding tables or distribution: the models only see looked-up, pooled vectors.
 """
 import hashlib
 from typing import Optional, Sequence, Tuple
@@ -30,7 +33,7 @@ def seeded_dense(units: int, seed: int, *, activation: Optional[str] = None,
         bias_initializer=tf.keras.initializers.Zeros())
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"model argument {name}={value!r} is invalid: "
                           f"expected an integer >= {minimum}")
@@ -44,12 +47,8 @@ def check_hidden(hidden: Sequence[int]) -> Tuple[int, ...]:
                           f"expected a sequence of positive integers such as (256, 128)")
     widths = tuple(hidden)
     for width in widths:
-        _check_int("hidden[i]", width, 1)
+        check_int("hidden[i]", width, 1)
     return widths
-
-
-def _matches(shape, expected) -> bool:
-    return all(size is None or size == want for size, want in zip(shape, expected))
 
 
 class MLP(tf.keras.layers.Layer):
@@ -72,46 +71,71 @@ class MLP(tf.keras.layers.Layer):
         return {"units": list(self.units), "seed": self.seed, "name": self.name}
 
 
-class CTRModel(tf.keras.Model):
-    """Base of the CTR models: called as `model((dense, emb))`, returns logits of shape (B,).
+def masked_mean(sequence, lengths):
+    """Mean over the first ``lengths`` positions of a (B, L, dim) sequence (zeros if empty)."""
+    total = tf.reduce_sum(sequence, axis=1)          # padding positions are zeros
+    count = tf.cast(tf.maximum(lengths, 1), sequence.dtype)[:, None]
+    return total / count
 
-    `dense` is float32 (B, num_dense), `emb` the already looked-up embeddings, float32
-    (B, num_fields, dim). Subclasses create their layers in __init__, in a fixed order, so
-    `trainable_variables` has the same order in every process.
+
+class CTRModel(tf.keras.Model):
+    """Base of the built-in models: ``model(inputs)`` on the input contract (module docstring),
+    logits of shape (B,).
+
+    Args:
+        schema: hybridps.schema.FeatureSchema (the features, their kinds and dims).
+        hidden: widths of the deep MLP's hidden layers (may be empty).
+        seed: initialization seed: same seed, same weights in every process.
+
+    Subclasses create their layers in __init__, in a fixed order, so ``trainable_variables`` has
+    the same order in every process.
     """
 
-    def __init__(self, num_fields: int, num_dense: int, dim: int,
-                 hidden: Sequence[int] = (256, 128), seed: int = 0,
+    def __init__(self, schema, hidden: Sequence[int] = (256, 128), seed: int = 0,
                  name: Optional[str] = None):
         super().__init__(name=name)
-        self.num_fields = _check_int("num_fields", num_fields, 1)
-        self.num_dense = _check_int("num_dense", num_dense, 0)
-        self.dim = _check_int("dim", dim, 1)
+        self.schema = schema
         self.hidden = check_hidden(hidden)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
+        self.num_dense = schema.num_dense
+        self.feature_names = [f.name for f in schema.sparse]
+        self.sequence_names = {f.name for f in schema.sparse if f.is_sequence}
+        self.feature_dims = [schema.table_of(f).dim for f in schema.sparse]
 
-    def split_inputs(self, inputs):
-        """(dense, emb) as float32 tensors, after checking their static shapes."""
-        dense, emb = inputs
-        dense = tf.convert_to_tensor(dense, tf.float32)
-        emb = tf.convert_to_tensor(emb, tf.float32)
-        if dense.shape.rank != 2 or not _matches(dense.shape[1:], (self.num_dense,)):
-            raise ConfigError(f"{self.name} expects dense of shape (batch, {self.num_dense}), "
-                              f"got {dense.shape}: check num_dense against the data")
-        if emb.shape.rank != 3 or not _matches(emb.shape[1:], (self.num_fields, self.dim)):
-            raise ConfigError(f"{self.name} expects emb of shape (batch, {self.num_fields}, "
-                              f"{self.dim}), got {emb.shape}: check num_fields and dim")
-        return dense, emb
+    def dense_input(self, inputs):
+        dense = tf.convert_to_tensor(inputs["dense"], tf.float32)
+        if dense.shape.rank != 2 or dense.shape[1] not in (None, self.num_dense):
+            raise ConfigError(f"{self.name} expects inputs['dense'] of shape (batch, "
+                              f"{self.num_dense}), got {dense.shape}: check the schema's dense "
+                              f"features against the data")
+        return dense
 
-    def deep_input(self, dense, emb):
-        """concat(flatten(emb), dense): (B, num_fields * dim + num_dense)."""
-        flat = tf.reshape(emb, (-1, self.num_fields * self.dim))
-        return tf.concat([flat, dense], axis=1)
+    def feature_vectors(self, inputs, names=None):
+        """One (B, dim) tensor per sparse feature, in schema order; a sequence is reduced to
+        the mean of its positions (DIN attends over it instead)."""
+        out = []
+        for name, dim in zip(self.feature_names, self.feature_dims):
+            if names is not None and name not in names:
+                continue
+            value = tf.convert_to_tensor(inputs[name], tf.float32)
+            if name in self.sequence_names:
+                if value.shape.rank != 3 or value.shape[-1] not in (None, dim):
+                    raise ConfigError(f"{self.name} expects inputs[{name!r}] of shape (batch, "
+                                      f"max_len, {dim}), got {value.shape}")
+                value = masked_mean(value, inputs[f"{name}_length"])
+            elif value.shape.rank != 2 or value.shape[-1] not in (None, dim):
+                raise ConfigError(f"{self.name} expects inputs[{name!r}] of shape (batch, {dim}), "
+                                  f"got {value.shape}: check the schema's dims")
+            out.append(value)
+        return out
 
     def get_config(self):
-        return {"num_fields": self.num_fields, "num_dense": self.num_dense, "dim": self.dim,
-                "hidden": list(self.hidden), "seed": self.seed, "name": self.name}
+        return {"schema": self.schema.to_dict(), "hidden": list(self.hidden), "seed": self.seed,
+                "name": self.name}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        from hybridps.schema import schema_from_dict
+        config = dict(config)
+        config["schema"] = schema_from_dict(config["schema"])
         return cls(**config)

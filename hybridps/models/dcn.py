@@ -1,7 +1,8 @@
 """DCN (Wang et al. 2017, "Deep & Cross Network", the v1 cross network) over looked-up embeddings.
 
-x0 = concat(flatten(emb), dense); each cross layer computes x_{l+1} = x0 * (x_l . w_l) + b_l + x_l
-with a vector w_l; a deep MLP runs on x0 in parallel; logit = Dense(1)(concat(cross, deep)).
+x0 = concat(every feature's vector, dense); each cross layer computes
+x_{l+1} = x0 * (x_l . w_l) + b_l + x_l with a vector w_l; a deep MLP runs on x0 in parallel;
+logit = Dense(1)(concat(cross, deep)). Features may have different dims.
 """
 from typing import Optional, Sequence
 
@@ -57,18 +58,16 @@ class CrossNetwork(tf.keras.layers.Layer):
 
 @tf.keras.utils.register_keras_serializable(package="hybridps")
 class DCN(CTRModel):
-    """DCN: logit = Dense(1)(concat(cross network(x0), MLP(x0))), x0 = concat(flat emb, dense).
+    """DCN: logit = Dense(1)(concat(cross network(x0), MLP(x0))), x0 = concat(vectors, dense).
 
     Example:
-        model = DCN(num_fields=26, num_dense=13, dim=16, cross_layers=3, seed=0)
-        logits = model((dense, emb), training=True)   # dense (B, 13), emb (B, 26, 16)
-        loss = mean_logloss(labels, logits)            # logits: (B,)
+        model = DCN(schema, hidden=(256, 128), cross_layers=3, seed=0)
+        logits = model(inputs, training=True)
     """
 
-    def __init__(self, num_fields: int, num_dense: int, dim: int,
-                 hidden: Sequence[int] = (256, 128), cross_layers: int = 3, seed: int = 0,
-                 name: Optional[str] = None):
-        super().__init__(num_fields, num_dense, dim, hidden, seed, name=name)
+    def __init__(self, schema, hidden: Sequence[int] = (256, 128), cross_layers: int = 3,
+                 seed: int = 0, name: Optional[str] = None):
+        super().__init__(schema, hidden, seed, name=name)
         if isinstance(cross_layers, bool) or not isinstance(cross_layers, int) or cross_layers < 0:
             raise ConfigError(f"model argument cross_layers={cross_layers!r} is invalid: "
                               f"expected an integer >= 0")
@@ -78,10 +77,14 @@ class DCN(CTRModel):
         self.head = seeded_dense(1, derive_seed(seed, 2), name="head")
 
     def call(self, inputs, training=None):
-        dense, emb = self.split_inputs(inputs)
-        x0 = self.deep_input(dense, emb)
+        dense = self.dense_input(inputs)
+        x0 = tf.concat(self.feature_vectors(inputs) + [dense], axis=1)
         both = tf.concat([self.cross(x0), self.mlp(x0)], axis=1)
         return tf.squeeze(self.head(both), axis=-1)
 
     def get_config(self):
         return {**super().get_config(), "cross_layers": self.cross_layers}
+
+
+def build(schema, config):
+    return DCN(schema, hidden=tuple(config.hidden), cross_layers=config.cross_layers, seed=config.seed)

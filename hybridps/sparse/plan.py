@@ -103,7 +103,7 @@ def plan_batch(layout, batch, num_owners, num_buckets, step):
             continue
         matrix = np.empty((size, len(columns)), dtype=np.int32)
         if layout.whole_keys_table is not None and len(columns) == keys.shape[1]:
-            matrix = tf_index[inverses[layout.whole_keys_table][:size * len(columns)]].reshape(size, -1)
+            matrix = tf_index[inverses[layout.whole_keys_table][:size * len(columns)]].reshape(size, len(columns))
         else:
             for j, column in enumerate(columns):
                 t = layout.column_table[column]

@@ -1,7 +1,7 @@
 """Scenarios run inside one MPI job (`mpirun -np N python tests/parallel/bsp_scenarios.py OUT`).
 
 Grouped so a test session starts few TensorFlow processes:
-  1. exchange edge cases on ShardedEmbedding (no TF): a rank with no keys for some owner, all
+  1. exchange edge cases on CollectiveExchange (no TF): a rank with no keys for some owner, all
      keys on one owner, duplicate keys across ranks, a batch of all-new keys, an empty batch.
      Expected rows come from the key-seeded initializer and from gradients every rank can
      recompute for every other rank (a pure function of (rank, key)).
@@ -18,8 +18,11 @@ import numpy as np
 
 from hybridps import comm as comm_module
 from hybridps.config import make_config
-from hybridps.embedding import ShardedEmbedding, owner_ranks
-from hybridps.embedding.table import initial_rows
+from hybridps.data.batch import Batch
+from hybridps.schema import build_schema
+from hybridps.sparse import CollectiveExchange, OwnerShard, SparseLayout
+from hybridps.sparse.routing import owner_ranks
+from hybridps.sparse.table import initial_rows
 
 GLOBAL_BATCH = 32
 STEPS = 6
@@ -36,17 +39,21 @@ def exchange_case(comm, name, local_keys_by_rank, dim=4):
     """Pull then push one batch per rank with SGD; check pulled rows and updated owner rows."""
     config = make_config(overrides={"dim": dim, "optimizer": "sgd", "learning_rate": LR,
                                     "seed": 7, "num_fields": 1})
-    sharded = ShardedEmbedding(comm, config, [[0]])
+    schema = build_schema(config)
+    shard = OwnerShard(schema, config.seed)
+    exchange = CollectiveExchange(comm, SparseLayout(schema), shard, config.num_buckets)
     mine = np.asarray(local_keys_by_rank[comm.rank], dtype=np.int64).reshape(-1, 1)
-    plan, unique_rows = sharded.pull(mine, step=1)
+    batch = Batch(dense=np.zeros((len(mine), 0)), keys=mine, labels=np.zeros(len(mine)))
+    plan, unique_rows = exchange.pull(batch, step=1)
+    unique_rows = unique_rows.reshape(-1, dim)
     expected_init = initial_rows(plan.unique_keys, dim, "normal", 7, 0, 0.0, config.init_std)
     np.testing.assert_array_equal(unique_rows, expected_init, err_msg=f"{name}: pulled rows")
     np.testing.assert_array_equal(plan.unique_keys[plan.inverse[:, 0]], mine[:, 0])
-    sharded.push(plan, fake_grads(comm.rank, plan.unique_keys, dim), step=1)
+    exchange.push(plan, fake_grads(comm.rank, plan.unique_keys, dim), step=1)
     # Every key this rank owns: init - lr * sum over ranks that had it of their gradient.
     all_keys = np.unique(np.concatenate([np.asarray(k, dtype=np.int64) for k in local_keys_by_rank]))
     owned = all_keys[owner_ranks(all_keys, comm.size, config.num_buckets) == comm.rank]
-    table = sharded.tables[0]
+    table = shard.tables[0]
     assert table.size == len(owned), f"{name}: rank {comm.rank} holds {table.size} rows, owns {len(owned)}"
     if len(owned):
         expected = initial_rows(owned, dim, "normal", 7, 0, 0.0, config.init_std).astype(np.float64)

@@ -11,8 +11,8 @@ tests/test_checkpoint.py start them).
                     (workers) hold no keys. Dumps to OUT/restored-ps.
   damaged OUT       (mpirun -np 2) restore a copy of OUT/ckpt with one byte flipped in a
                     bucket that only rank 1 reads: every rank must raise the same CheckpointError.
-  trainer OUT       (mpirun -np 2) Trainer runs: 6 steps straight; 3 steps + save_trainer;
-                    a fresh Trainer that resume_trainer()s and runs 3 more. Dumps the three states.
+  trainer OUT       (mpirun -np 2) Trainer runs: 6 steps straight; 3 steps + a checkpoint;
+                    a fresh Trainer that resumes and runs 3 more. Dumps the three states.
   crash OUT         (one process, no MPI) save step 1, dump the tables, then save step 2 with
                     HYBRIDPS_CKPT_TEST_PAUSE set: the test kills it while it writes.
 """
@@ -24,6 +24,8 @@ import sys
 import numpy as np
 
 from hybridps import checkpoint as ckpt
+from hybridps.sparse.routing import owner_ranks
+from hybridps.sparse.shard import TABLE_COUNTERS
 from hybridps._hashtable import EmbeddingHashTable
 
 NUM_BUCKETS = 256
@@ -41,7 +43,7 @@ def fill_tables(tables, rank, world_size, rows_per_table=6000):
     rng = np.random.default_rng(1000 + rank)
     for t, table in enumerate(tables):
         pool = np.unique(rng.integers(-2**62, 2**62, size=rows_per_table * world_size * 2))
-        mine = pool[ckpt.owner_ranks(pool, NUM_BUCKETS, world_size) == rank][:rows_per_table]
+        mine = pool[owner_ranks(pool, world_size, NUM_BUCKETS) == rank][:rows_per_table]
         table.lookup_or_insert(mine, step=1)                 # first hit: candidates (min_count 2)
         admitted = mine[: int(len(mine) * 0.8)]
         table.lookup_or_insert(admitted, step=2)             # second hit: admitted rows
@@ -58,7 +60,7 @@ def dump_tables(path, tables):
         for name, value in table.export().items():
             arrays[f"t{t}_{name}"] = value
         arrays[f"t{t}_counters"] = np.array(
-            [table.counters()[n] for n in ckpt._COUNTER_NAMES], dtype=np.int64)
+            [table.counters()[n] for n in TABLE_COUNTERS], dtype=np.int64)
     np.savez(path, **arrays)
 
 
@@ -86,7 +88,7 @@ def scenario_restore(comm, out, ps_servers=0):
     for t, table in enumerate(tables):
         keys = table.export(values=False)
         for kind in ("keys", "candidate_keys"):
-            owners_of_keys = ckpt.owner_ranks(keys[kind], NUM_BUCKETS, owners)
+            owners_of_keys = owner_ranks(keys[kind], owners, NUM_BUCKETS)
             assert np.all(owners_of_keys == owner), f"table {t}: rank {comm.rank} got {kind} it does not own"
     target = os.path.join(out, "restored-ps" if ps_servers else f"restored-np{comm.size}")
     os.makedirs(target, exist_ok=True)
@@ -140,7 +142,7 @@ def scenario_trainer(comm, out):
 
     def final_state(trainer):
         state = {f"dense_{i}": v.numpy() for i, v in enumerate(trainer.model.variables)}
-        for t, table in enumerate(trainer.sharded.tables):
+        for t, table in enumerate(trainer.backend.state().tables):
             exported = table.export()
             order = np.argsort(exported["keys"])
             for name in ("keys", "values", "slots", "hits", "update_count"):
@@ -158,7 +160,7 @@ def scenario_trainer(comm, out):
     start = resumed.start_step
     assert start == 3, start
     assert resumed.dataset.state()["next_step"] == 3, resumed.dataset.state()
-    assert int(resumed.dense.optimizer.iterations.numpy()) == 3
+    assert int(resumed.backend.state().dense_optimizer.iterations.numpy()) == 3
     resumed.run()
     np.savez(os.path.join(out, f"trainer_straight.rank{comm.rank}.npz"), **final_state(straight))
     np.savez(os.path.join(out, f"trainer_resumed.rank{comm.rank}.npz"), **final_state(resumed))

@@ -14,7 +14,7 @@ import numpy as np
 from hybridps import comm as comm_module
 from hybridps.config import make_config
 from hybridps.data import SAMPLE_CRITEO_CSV, Batch
-from hybridps.embedding.routing import owner_ranks
+from hybridps.sparse.routing import owner_ranks
 from hybridps.trainer import Trainer
 
 EQUIVALENCE = {"model": "deepfm", "data": SAMPLE_CRITEO_CSV, "steps": 5, "batch_size": 8,

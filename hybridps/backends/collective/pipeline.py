@@ -24,7 +24,7 @@ starts once the dense updates of every step <= t - D - 1 are applied (D = 0: the
 step's too). Under ASP the main thread waits only when max_inflight dense updates are queued,
 so dense gradients may be applied late. The dense lag each TF step actually had is measured
 (``dense_staleness_max`` / ``_mean``).
-The main thread only computes: it takes prefetched rows (``pull``) and hands gradients over
+The training thread only computes: it takes prefetched rows (``pull``) and hands gradients over
 (``push``), blocking when ``max_inflight`` results are already waiting, so memory stays bounded.
 Only the communication thread touches the tables while training runs. ``finish`` drains every
 outstanding push and dense update, so nothing pushed is lost at the end of training.
@@ -32,8 +32,9 @@ outstanding push and dense update, so nothing pushed is lost at the end of train
 import itertools
 import threading
 
+from hybridps.backends.collective.bsp import CollectiveBackend
 from hybridps.config import Sync
-from hybridps.dense import DenseAllreduceThread
+from hybridps.dense.thread import DenseAllreduceThread
 from hybridps.errors import HybridPSError
 
 POLL_INTERVAL_S = 0.001   # the exchange thread tests its non-blocking collectives this often
@@ -147,14 +148,12 @@ class _Mailbox:
             self.cond.notify_all()
 
 
-class PipelinedCollectiveBackend:
-    """The collective backend for SSP and ASP (a Backend, see hybridps.backend)."""
+class PipelinedBackend(CollectiveBackend):
+    """The collective backend for SSP and ASP (see the module docstring)."""
 
-    def __init__(self, config, comm, sharded, dense):
+    def __init__(self, config, comm, exchange, dense, model):
+        super().__init__(comm, exchange, dense, model)
         self.config = config
-        self.comm = comm
-        self.sharded = sharded
-        self.dense = dense
         self.sync = config.sync
         self.steps = config.steps
         self.max_inflight = config.max_inflight
@@ -164,8 +163,7 @@ class PipelinedCollectiveBackend:
         self.grads = _Mailbox(self)
         self.error = None
         self.comm_thread = None
-        self.dense_thread = None
-        sharded.poll_interval = POLL_INTERVAL_S
+        exchange.poll_interval = POLL_INTERVAL_S
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, batches, start_step=0, fence_steps=()):
@@ -206,11 +204,11 @@ class PipelinedCollectiveBackend:
                 # Bounded prefetch: at most max_inflight pulled steps wait for the main thread.
                 self.pulled.wait_below(self.max_inflight)
                 batch = next(self.batches)
-                plan, rows = self.sharded.pull(batch.keys, step)
+                plan, rows = self.exchange.pull(batch, step)
                 self.pulled.put(step, (batch, plan, rows))
             elif op == "push":
                 plan, row_grads = self.grads.take(step)
-                self.sharded.push(plan, row_grads, step)
+                self.exchange.push(plan, row_grads, step)
             else:   # fence: the main thread owns the tables until it releases the fence
                 self.fence_reached.put(step, True)
                 self.fence_released.take(step)
@@ -235,8 +233,8 @@ class PipelinedCollectiveBackend:
         self.dense_thread.record_lag(step)
         return pulled
 
-    def push(self, plan, unique_row_grads, step):
-        self.grads.put(step, (plan, unique_row_grads))
+    def push(self, plan, row_grads, step):
+        self.grads.put(step, (plan, row_grads))
 
     def dense_step(self, grads, step):
         self.dense_thread.submit(grads)
@@ -249,7 +247,3 @@ class PipelinedCollectiveBackend:
         self.raise_if_failed()
         if self.dense_thread is not None:
             self.dense_thread.close()
-
-    def stats(self):
-        return {"bytes_sent": self.sharded.bytes_sent, "bytes_received": self.sharded.bytes_received,
-                "table_rows": self.sharded.table_sizes(), "dense_lag": self.dense_thread.lag_summary()}

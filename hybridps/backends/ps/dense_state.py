@@ -7,14 +7,15 @@ written by rank 0), so a checkpoint saved in one mode restores in the other:
 
 * save: every server sends its chunk and optimizer slots to rank 0 (worker 0), which writes
   them into its model's variables and into a Keras optimizer of the same kind
-  (:func:`gather_to_keras`); the checkpoint writer then saves those.
+  (:func:`gather_dense_state`); the checkpoint writer then saves those.
 * resume: rank 0 restores the model and a Keras optimizer from the checkpoint as collective
   mode does, and :func:`worker_optimizer_from_keras` turns the optimizer into the numpy state
   worker 0 hands to the servers when training starts.
 """
 import numpy as np
 
-from hybridps.ps.protocol import NumpyDenseOptimizer
+from hybridps.backends.ps.dense_optimizer import NumpyDenseOptimizer
+from hybridps.dense.optimizer_state import build_optimizer, optimizer_variables
 
 
 def _variables_and_shapes(model):
@@ -22,20 +23,22 @@ def _variables_and_shapes(model):
     return variables, [tuple(v.shape) for v in variables]
 
 
-def gather_to_keras(trainer):
+def gather_dense_state(comm, config, server_part, model):
     """Collective over all ranks: the servers' dense state into rank 0's model and a Keras optimizer.
 
+    Args:
+        server_part: a server's ``dense_state()``; None on workers.
+        model: rank 0's Keras model (None elsewhere).
     Returns:
         on rank 0 the Keras optimizer holding the servers' optimizer state (the model's
         variables now hold the servers' dense parameters); None on every other rank.
     """
-    from hybridps.checkpoint import _optimizer_variables
-    from hybridps.dense import make_dense_optimizer
-    c = trainer.config
-    parts = trainer.comm.gather_object(trainer.server.dense_state() if trainer.is_server else None)
-    if trainer.rank != 0:
+    from hybridps.dense.sync import make_dense_optimizer
+    c = config
+    parts = comm.gather_object(server_part)
+    if comm.rank != 0:
         return None
-    variables, shapes = _variables_and_shapes(trainer.model)
+    variables, shapes = _variables_and_shapes(model)
     total = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
     state = NumpyDenseOptimizer(c.effective_dense_optimizer, c.effective_dense_learning_rate, total)
     flat = np.empty(total, dtype=np.float32)
@@ -57,16 +60,15 @@ def gather_to_keras(trainer):
         variable.assign(flat[start:start + size].reshape(shape))
         start += size
     optimizer = make_dense_optimizer(c.effective_dense_optimizer, c.effective_dense_learning_rate)
-    optimizer.build(variables)
-    for variable, value in zip(_optimizer_variables(optimizer), state.to_keras_arrays(shapes)):
+    build_optimizer(optimizer, variables)
+    for variable, value in zip(optimizer_variables(optimizer), state.to_keras_arrays(shapes)):
         variable.assign(value)
     return optimizer
 
 
 def worker_optimizer_from_keras(config, model, optimizer):
     """The numpy dense optimizer state equal to a restored Keras optimizer (for worker 0)."""
-    from hybridps.checkpoint import _optimizer_variables
     _, shapes = _variables_and_shapes(model)
-    arrays = [v.numpy() for v in _optimizer_variables(optimizer)]
+    arrays = [v.numpy() for v in optimizer_variables(optimizer)]
     return NumpyDenseOptimizer.from_keras_arrays(config.effective_dense_optimizer,
                                                  config.effective_dense_learning_rate, arrays, shapes)

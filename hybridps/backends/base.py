@@ -1,0 +1,109 @@
+"""The interface between the Trainer and where parameters live, and what a backend reports.
+
+What lives here: :class:`Backend`, the base class every backend derives from (the Trainer only
+ever calls these methods, so it knows neither collective vs parameter server nor BSP vs ASP),
+:class:`BackendState` (what a checkpoint saves and restores: hybridps.checkpoint works on it,
+never on a Trainer) and :func:`shard_stats` (the figures every backend reports alike). What
+does not: choosing a backend (hybridps.backends.factory, the only switch on mode and sync).
+
+A step on a computing rank: ``pull(step)`` -> (batch, plan, rows) -> the TF step ->
+``dense_step(grads, step)`` -> ``push(plan, row_grads, step)``; ``at_consistent_point(k,
+action)`` after step k - 1 at checkpoint and delta steps; ``finish()`` at the end. A PS server
+rank runs ``serve(on_consistent_point)`` instead (``serves`` is True there).
+"""
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass
+class BackendState:
+    """What a checkpoint holds of one rank, and what a restore fills.
+
+    Attributes:
+        tables: this rank's table shards in schema order (empty on ranks that own no keys).
+        shard: (index, count) of this rank among the key owners, or None if it owns none
+            (a PS worker).
+        model: the Keras model whose variables are the dense parameters (rank 0 saves them).
+        dense_optimizer: the Keras optimizer holding the dense optimizer state (rank 0), or
+            None where this rank does not hold it.
+    """
+    tables: list
+    shard: Optional[tuple]
+    model: object
+    dense_optimizer: object
+
+
+class Backend:
+    """Parameter access of one training process (see the module docstring).
+
+    Attributes:
+        serves: this rank serves parameters (a PS server) instead of training.
+        compute_ranks: the number of ranks that train (read data, run TF steps).
+        compute_rank: this rank's index among them (None on a server).
+    """
+
+    serves = False
+
+    def start(self, batches, start_step=0, fence_steps=()):
+        """Make the initial state identical everywhere (broadcast dense weights) and take the
+        iterator of this rank's batches, starting at ``start_step``; ``k in fence_steps`` says
+        whether ``at_consistent_point(k, ...)`` will be called after step k - 1."""
+        raise NotImplementedError
+
+    def pull(self, step):
+        """Step ``step``'s batch and the rows of its unique keys: (batch, plan, rows), rows
+        flat float32 in the TF step's order (hybridps.sparse.layout)."""
+        raise NotImplementedError
+
+    def dense_step(self, grads, step):
+        """This rank's dense gradients (its share of the global mean loss)."""
+        raise NotImplementedError
+
+    def push(self, plan, row_grads, step):
+        """Row gradients (flat float32, the TF step's order) for the plan's unique keys."""
+        raise NotImplementedError
+
+    def at_consistent_point(self, step, action):
+        """Run ``action()`` (checkpoint, delta export) when the tables hold exactly the updates
+        of steps < ``step`` (collective: every rank, servers included, takes part)."""
+        raise NotImplementedError
+
+    def finish(self):
+        """Drain anything in flight; after it, every pushed gradient has been applied."""
+        raise NotImplementedError
+
+    def serve(self, start_step, on_consistent_point):
+        """PS server ranks only: serve until every worker is done."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve")
+
+    def stats(self):
+        """The counters of the metrics file, the same keys in every backend (shard_stats)."""
+        raise NotImplementedError
+
+    def state(self):
+        """This rank's BackendState to checkpoint (collective in PS mode: the servers' dense
+        state is gathered into rank 0's model and optimizer)."""
+        raise NotImplementedError
+
+    def restore_target(self):
+        """The BackendState a restore fills (fresh tables, the model, a dense optimizer)."""
+        raise NotImplementedError
+
+    def load_state(self, step):
+        """After a restore of a checkpoint taken after ``step`` completed steps."""
+        raise NotImplementedError
+
+
+def shard_stats(shard, bytes_sent, bytes_received, row_grads_pushed, dense_lag=None):
+    """The stats() dict every backend returns: exchange volume, table rows and counters,
+    observed staleness, pushed and applied row gradients, and the dense lag ([max, sum,
+    steps] of the TF steps' dense staleness, None where it is not measured)."""
+    return {"bytes_sent": int(bytes_sent), "bytes_received": int(bytes_received),
+            "table_rows": shard.table_sizes(), "table_counters": shard.counters(),
+            "staleness_histogram": shard.staleness_histogram,
+            "staleness_max_by_step": dict(shard.staleness_max_by_step),
+            "row_grads_pushed": int(row_grads_pushed), "row_grads_applied": int(shard.row_grads_applied),
+            "dense_lag": dense_lag}
+
+
+__all__ = ["Backend", "BackendState", "shard_stats"]

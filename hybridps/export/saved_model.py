@@ -1,0 +1,258 @@
+"""Export for serving: a TensorFlow SavedModel with its embeddings, run from raw feature ids.
+
+What lives here: :class:`ServingModule` (built by :func:`build_serving_module` from a
+checkpoint), :func:`export_saved_model` and the ``hybridps export`` command. What does not: the
+checkpoint format and its verification (hybridps.checkpoint), deltas (hybridps.export.delta),
+the models' math (hybridps.models).
+
+The module
+----------
+* One ``tf.lookup.experimental.MutableHashTable`` per embedding table, int64 key -> float32 row
+  of the table's dim (the value only; optimizer slots are not needed to serve). A mutable table
+  so a delta can be applied in place (``apply_rows_<t>``, ``remove_rows_<t>`` per table). Its
+  default is a row of zeros: a key the training never admitted (min_count), never saw, or
+  evicted reads zeros. (Training gives a never-seen key its key-seeded initial row, noise of
+  scale init_std; zeros are the neutral choice for serving.)
+* The model's variables (the model rebuilt from the manifest, loaded from dense.npz).
+* ``serve`` (the ``serving_default`` signature), no custom ops:
+
+  - a ``features:`` schema: ``dense`` float32 [None, num_dense] and, per sparse feature, its raw
+    int64 ids, [None] for a single-valued feature, [None, None] for a list (valid ids first,
+    padded with -1; -1 is also a missing single value). The module hashes the ids by each
+    feature's key space in TensorFlow ops (hybridps.data.hashing), exactly as training did;
+    text values are turned into ids by the caller with ``hybridps.data.hashing.text_ids``.
+    Pooling is training's: sum, mean, sqrtn over the valid ids (an empty list pools to zeros);
+    a sequence takes its first max_len ids, zero-padded, with its length.
+  - the Criteo preset: ``dense`` float32 [None, 13] and ``keys`` int64 [None, 26], the keys as
+    hybridps.data.criteo computes them (as earlier versions of hybridps exported).
+
+  It returns ``probability`` and ``logit`` (float32 [None]).
+"""
+import os
+import time
+
+from hybridps.checkpoint.format import model_config_of, schema_of
+from hybridps.checkpoint.reader import load_manifest, read_dense, read_table_rows, resolve_checkpoint, verify_checkpoint
+from hybridps.data.hashing import GOLDEN, MISSING_ID, space_seed
+from hybridps.errors import CheckpointError
+from hybridps.export.saving import save_atomically
+
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    return tf
+
+
+def tf_space_keys(tf, ids, key_space):
+    """hybridps.data.hashing.space_keys in TensorFlow ops (uint64 arithmetic wraps)."""
+    def mix(z):
+        z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(30, tf.uint64))) * tf.constant(_M1, tf.uint64)
+        z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(27, tf.uint64))) * tf.constant(_M2, tf.uint64)
+        return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, tf.uint64)))
+    u = tf.bitcast(ids, tf.uint64)
+    seed = tf.constant(space_seed(key_space), tf.uint64)
+    return tf.bitcast(mix(tf.bitwise.bitwise_xor(mix(u + tf.constant(GOLDEN, tf.uint64)), seed)), tf.int64)
+
+
+def build_model_from_manifest(manifest):
+    """The Keras model the checkpoint was trained with (fresh weights, built on a sample)."""
+    from hybridps.models import build_model
+    from hybridps.step import build_on_sample
+    schema = schema_of(manifest)
+    config = model_config_of(manifest)
+    model = build_model(config.model, schema, config)
+    build_on_sample(_tf(), model, schema)
+    return model, schema
+
+
+def _make_serving_module_class(tf):
+    class ServingModule(tf.Module):
+        """A CTR model with its embedding tables, served from raw feature ids (module doc)."""
+
+        def __init__(self, model, schema, tables_rows, step, model_hash):
+            super().__init__(name="hybridps_serving")
+            self.dense_variables = list(model.variables)
+            self.tables = []
+            for t, (table_config, (keys, values)) in enumerate(zip(schema.tables, tables_rows)):
+                table = tf.lookup.experimental.MutableHashTable(
+                    tf.int64, tf.float32, default_value=tf.zeros([table_config.dim], tf.float32),
+                    name=f"table_{t}")
+                if len(keys):
+                    table.insert(tf.constant(keys, tf.int64), tf.constant(values, tf.float32))
+                self.tables.append(table)
+            self.step = tf.Variable(int(step), dtype=tf.int64, trainable=False, name="step")
+            self.model_hash = tf.Variable(model_hash, dtype=tf.string, trainable=False, name="model_hash")
+            self.serve = _serve_function(tf, model, schema, self.tables)
+            for t, (table, table_config) in enumerate(zip(self.tables, schema.tables)):
+                setattr(self, f"apply_rows_{t}", _apply_rows_function(tf, table, table_config.dim))
+                setattr(self, f"remove_rows_{t}", _remove_rows_function(tf, table))
+            variables = self.dense_variables
+
+            @tf.function(input_signature=[[tf.TensorSpec(v.shape, v.dtype) for v in variables]])
+            def assign_dense(values):
+                for variable, value in zip(variables, values):
+                    variable.assign(value)
+                return tf.constant(len(variables))
+
+            self.assign_dense = assign_dense
+
+    return ServingModule
+
+
+def _apply_rows_function(tf, table, dim):
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="keys"),
+                                  tf.TensorSpec([None, dim], tf.float32, name="values")])
+    def apply_rows(keys, values):
+        table.insert(keys, values)
+        return tf.size(keys)
+    return apply_rows
+
+
+def _remove_rows_function(tf, table):
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="keys")])
+    def remove_rows(keys):
+        table.remove(keys)
+        return tf.size(keys)
+    return remove_rows
+
+
+def _serve_function(tf, model, schema, tables):
+    table_of = {t.name: tables[i] for i, t in enumerate(schema.tables)}
+    dims = {t.name: t.dim for t in schema.tables}
+    dense_spec = tf.TensorSpec([None, schema.num_dense], tf.float32, name="dense")
+
+    def probability(inputs):
+        from hybridps.step import logits_of
+        logit = logits_of(tf, model(inputs, training=False))
+        return {"logit": logit, "probability": tf.sigmoid(logit)}
+
+    if schema.preset == "criteo":
+        singles = schema.single_features
+
+        @tf.function(input_signature=[dense_spec, tf.TensorSpec([None, len(singles)], tf.int64, name="keys")])
+        def serve(dense, keys):
+            inputs = {"dense": dense}
+            for j, feature in enumerate(singles):
+                rows = table_of[feature.table].lookup(keys[:, j])
+                inputs[feature.name] = tf.ensure_shape(rows, [None, dims[feature.table]])
+            return probability(inputs)
+        return serve
+
+    specs = [dense_spec] + [tf.TensorSpec([None] if not f.is_list else [None, None], tf.int64, name=f.name)
+                            for f in schema.sparse]
+
+    @tf.function(input_signature=specs)
+    def serve(dense, *ids):
+        inputs = {"dense": dense}
+        for feature, raw in zip(schema.sparse, ids):
+            table, dim = table_of[feature.table], dims[feature.table]
+            if not feature.is_list:
+                rows = table.lookup(tf_space_keys(tf, raw, feature.key_space))
+                inputs[feature.name] = tf.ensure_shape(rows, [None, dim])
+                continue
+            if feature.max_len is not None:
+                raw = raw[:, :feature.max_len]
+            valid = tf.not_equal(raw, MISSING_ID)
+            rows = tf.ensure_shape(table.lookup(tf_space_keys(tf, raw, feature.key_space)),
+                                   [None, None, dim])                               # (B, L, dim)
+            rows = rows * tf.cast(valid, tf.float32)[:, :, None]
+            lengths = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
+            if feature.is_sequence:
+                pad = feature.max_len - tf.shape(rows)[1]
+                rows = tf.pad(rows, [[0, 0], [0, pad], [0, 0]])
+                inputs[feature.name] = tf.ensure_shape(rows, [None, feature.max_len, dim])
+                inputs[f"{feature.name}_length"] = lengths
+                continue
+            pooled = tf.reduce_sum(rows, axis=1)
+            if feature.pooling != "sum":
+                count = tf.cast(tf.maximum(lengths, 1), tf.float32)[:, None]
+                pooled = pooled / (count if feature.pooling == "mean" else tf.sqrt(count))
+            inputs[feature.name] = tf.ensure_shape(pooled, [None, dim])
+        return probability(inputs)
+
+    return serve
+
+
+def build_serving_module(checkpoint):
+    """The ServingModule of a checkpoint (directory or root), not yet saved.
+
+    Reads every table's rows (CRC-checked per bucket) and the dense state (sha256-checked).
+    Returns:
+        (module, manifest).
+    """
+    tf = _tf()
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    problems = verify_checkpoint(ckpt_dir, level="quick")
+    if problems:
+        raise CheckpointError(f"cannot export the damaged checkpoint {ckpt_dir}: " + "; ".join(problems))
+    manifest = load_manifest(ckpt_dir)
+    model, schema = build_model_from_manifest(manifest)
+    model_values, _ = read_dense(ckpt_dir, manifest)
+    if len(model_values) != len(model.variables):
+        raise CheckpointError(f"{ckpt_dir}: {len(model_values)} dense variables saved, the rebuilt "
+                              f"model has {len(model.variables)}")
+    for variable, value in zip(model.variables, model_values):
+        variable.assign(value)
+    tables_rows = []
+    for t in range(len(manifest["tables"])):
+        rows = read_table_rows(ckpt_dir, manifest, t)
+        tables_rows.append((rows["keys"], rows["values"]))
+    module = _make_serving_module_class(tf)(model, schema, tables_rows, manifest["step"],
+                                            manifest["model_hash"])
+    return module, manifest
+
+
+def export_saved_model(checkpoint, out_dir, *, overwrite=False, deltas=()):
+    """Write a SavedModel that serves the checkpoint's model from raw feature ids.
+
+    Args:
+        checkpoint: a checkpoint directory or a checkpoint root (its ``latest``).
+        out_dir: the SavedModel directory (for TF Serving: ``BASE/<version>``).
+        overwrite: replace an existing ``out_dir``.
+        deltas: delta directories to apply, in order, before saving.
+    Returns:
+        dict: ``path``, ``step``, ``rows`` per table, ``seconds``.
+    Raises:
+        CheckpointError: damaged checkpoint, no model description, ``out_dir`` exists.
+    """
+    from hybridps.export.delta import apply_delta
+    started = time.perf_counter()
+    tf = _tf()
+    module, manifest = build_serving_module(checkpoint)
+    for delta_dir in deltas:
+        apply_delta(module, delta_dir)
+    path = save_atomically(tf, module, out_dir, overwrite)
+    return {"path": path, "step": int(module.step.numpy()),
+            "rows": [int(t.size().numpy()) for t in module.tables],
+            "seconds": time.perf_counter() - started, "schema": schema_of(manifest)}
+
+
+def add_export_arguments(parser):
+    """Arguments of ``hybridps export``; sets ``func`` to :func:`export_main`."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint directory, or a checkpoint root (its latest)")
+    parser.add_argument("--out", required=True,
+                        help="SavedModel directory to write (for TF Serving: BASE/<version>)")
+    parser.add_argument("--delta", action="append", default=[],
+                        help="a delta directory to apply before saving (repeat, in order)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(func=export_main)
+
+
+def export_main(args):
+    """``hybridps export --checkpoint DIR --out SAVEDMODEL``: print what was written."""
+    result = export_saved_model(args.checkpoint, args.out, overwrite=args.overwrite, deltas=args.delta)
+    schema = result["schema"]
+    if schema.preset == "criteo":
+        inputs = f"dense float32 [None, {schema.num_dense}], keys int64 [None, {len(schema.sparse)}]"
+    else:
+        inputs = ", ".join([f"dense float32 [None, {schema.num_dense}]"] + [
+            f"{f.name} int64 " + ("[None, None] (-1 padded)" if f.is_list else "[None]")
+            for f in schema.sparse])
+    print(f"exported step {result['step']} ({', '.join(map(str, result['rows']))} rows per table) "
+          f"to {result['path']} in {result['seconds']:.1f}s; serving signature 'serving_default': "
+          f"serve({inputs}) -> {{probability, logit}}")
+    return 0

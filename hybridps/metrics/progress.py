@@ -1,0 +1,33 @@
+"""The progress line of rank 0: a bar on a terminal, a log line every ``log_every`` steps otherwise."""
+import sys
+import time
+
+
+class Progress:
+    """A progress bar on a terminal, periodic log lines otherwise (rank 0 only)."""
+
+    def __init__(self, total, enabled, log_every, stream=sys.stderr):
+        self.total = total
+        self.enabled = enabled
+        self.log_every = log_every
+        self.stream = stream
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.started = time.perf_counter()
+
+    def update(self, step, loss, samples_per_s):
+        if not self.enabled:
+            return
+        done = step + 1
+        if self.tty:
+            width = 30
+            filled = int(width * done / self.total)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+                              f"rank-0 loss {loss:.4f} {samples_per_s:,.0f} samples/s")
+            if done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif done % self.log_every == 0 or done == self.total:
+            elapsed = time.perf_counter() - self.started
+            self.stream.write(f"step {done}/{self.total} rank-0 loss {loss:.4f} "
+                              f"{samples_per_s:,.0f} samples/s elapsed {elapsed:.1f}s\n")
+            self.stream.flush()

@@ -1,0 +1,188 @@
+"""The run summary: every rank's accumulators reduced over all ranks, and the metrics file.
+
+What lives here: :class:`RunRecord` (what the training loop accumulates on each rank),
+:func:`summarize_run` (collective: losses, AUC, throughput, exchange volume, observed
+staleness, dense lag, table rows, counters and policies, phase timings, memory, data
+statistics) and :func:`write_summary` (the JSON file, atomically). What does not: the loop
+(hybridps.trainer), the backends' counters themselves (``Backend.stats()``).
+"""
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from hybridps.data.stats import combine_data_stats
+from hybridps.errors import OutputError
+from hybridps.metrics.accumulate import AUCAccumulator, PhaseTimer
+from hybridps.sparse.shard import STALENESS_BINS, TABLE_COUNTERS
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What one rank accumulates while it trains (every field local to the rank)."""
+    steps: int                       # the last step + 1 of the run
+    start_step: int = 0
+    loss_sums: np.ndarray = None     # per step, this rank's sum of sample losses
+    auc: AUCAccumulator = dataclasses.field(default_factory=AUCAccumulator)
+    timer: PhaseTimer = dataclasses.field(default_factory=PhaseTimer)
+    keys_sent: int = 0
+    keys_received: int = 0
+    truncated: dict = dataclasses.field(default_factory=dict)    # feature -> ids dropped
+    started: float = 0.0
+    steady_start: float = None
+    finished: float = 0.0
+
+    def __post_init__(self):
+        if self.loss_sums is None:
+            self.loss_sums = np.zeros(self.steps, dtype=np.float64)
+        self.started = self.finished = time.perf_counter()
+
+    def add_step(self, step, loss_sum, plan, batch):
+        self.loss_sums[step] = float(loss_sum)
+        self.keys_sent += plan.keys_sent
+        self.keys_received += plan.keys_received
+        for name, count in batch.truncated.items():
+            self.truncated[name] = self.truncated.get(name, 0) + int(count)
+
+
+def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_parameters,
+                  data_stats=None, resume_messages=()):
+    """The summary dict of a run (collective over all ranks, servers included).
+
+    Args:
+        record: this rank's RunRecord.
+        stats: this rank's ``backend.stats()``.
+        compute_ranks: ranks that trained (the global batch is batch_size x this).
+        data_stats: this rank's ``dataset.stats()`` (None where no data is read).
+    """
+    c = config
+    global_batch = c.batch_size * compute_ranks
+    losses = comm.allreduce_sum(record.loss_sums)[record.start_step:] / global_batch
+    positives = comm.allreduce_sum(record.auc.positives)
+    negatives = comm.allreduce_sum(record.auc.negatives)
+    steps_run = record.steps - record.start_step
+    steady = record.steady_start is not None
+    steady_steps = steps_run - c.warmup_steps if steady else steps_run
+    steady_seconds = record.finished - (record.steady_start if steady else record.started)
+    slowest = float(comm.allreduce_max(np.array([steady_seconds]))[0])
+    volume = comm.allreduce_sum(np.array([record.keys_sent, record.keys_received, stats["bytes_sent"],
+                                          stats["bytes_received"]], dtype=np.int64))
+    rows = comm.allreduce_sum(np.array(stats["table_rows"], dtype=np.int64))
+    phases = record.timer.per_step_ms(steady_steps)
+    phase_max = comm.allreduce_max(np.array(list(phases.values())))
+    per_rank = lambda total: float(total) / max(steps_run, 1) / compute_ranks   # noqa: E731
+    summary = {
+        "steps": record.steps, "ranks": comm.size, "global_batch_size": global_batch,
+        "computing_ranks": compute_ranks, "num_servers": comm.size - compute_ranks,
+        "samples_per_s": steady_steps * global_batch / max(slowest, 1e-9),
+        "final_loss": float(losses[-1]) if len(losses) else float("nan"),
+        "loss_trajectory": [float(x) for x in losses],
+        "first_step": record.start_step, "resume_messages": list(resume_messages),
+        "auc": AUCAccumulator.auc_from_histograms(positives, negatives),
+        "auc_steps": [int(record.steps * (1.0 - c.auc_window)), record.steps],
+        "mode": c.mode.value, "sync": c.sync.value, "staleness": c.staleness,
+        "model": c.model, "data": c.data, "seed": c.seed,
+        "elapsed_s": record.finished - record.started, "warmup_steps": c.warmup_steps,
+        "exchange": {"keys_sent_per_step": per_rank(volume[0]),
+                     "keys_received_per_step": per_rank(volume[1]),
+                     "bytes_sent_per_step": per_rank(volume[2]),
+                     "bytes_received_per_step": per_rank(volume[3]),
+                     "per": "computing rank"},
+        "table_rows": [int(r) for r in rows],
+        "table_names": [t.name for t in schema.tables],
+        **_consistency(comm, record, stats),
+        **_dense_lag(comm, stats),
+        "phase_ms_per_step_max_over_ranks": dict(zip(phases.keys(), map(float, phase_max))),
+        "peak_rss_mb": float(comm.allreduce_max(np.array([peak_rss_mb()]))[0]),
+        "dense_parameters": int(dense_parameters),
+        "table_counters": _table_counters(comm, stats),
+        "table_policies": [t.policy() for t in schema.tables],
+        "truncated_ids": _truncated(comm, record),
+    }
+    from hybridps.config import config_hash
+    summary["config_hash"] = config_hash(c)
+    gathered = comm.allgather_object(data_stats)
+    if any(s is not None for s in gathered):
+        summary["data_stats"] = combine_data_stats(gathered)
+    return summary
+
+
+def _consistency(comm, record, stats):
+    """Observed staleness (all owners' reads) and the pushed == applied gradient count."""
+    histogram = comm.allreduce_sum(stats["staleness_histogram"])
+    per_step = np.zeros(record.steps, dtype=np.int64)
+    for step, value in stats["staleness_max_by_step"].items():
+        if step < record.steps:
+            per_step[step] = value
+    per_step = comm.allreduce_max(per_step)[record.start_step:]
+    counts = comm.allreduce_sum(np.array([stats["row_grads_pushed"], stats["row_grads_applied"]],
+                                         dtype=np.int64))
+    reads = max(int(histogram.sum()), 1)
+    nonzero = np.nonzero(histogram)[0]
+    top = int(nonzero.max()) if len(nonzero) else 0
+    return {"staleness_max": top,
+            "staleness_mean": float((histogram * np.arange(STALENESS_BINS)).sum() / reads),
+            "staleness_histogram": [int(x) for x in histogram[:top + 1]] if len(nonzero) else [0],
+            "staleness_max_per_step": [int(x) for x in per_step],
+            "row_grads_pushed": int(counts[0]), "row_grads_applied": int(counts[1])}
+
+
+def _dense_lag(comm, stats):
+    """How many of the latest steps' dense updates a TF step missed: max and mean over every
+    step of every computing rank (where the backend measures it: the collective modes)."""
+    measured = comm.allgather_object(stats["dense_lag"] is not None)
+    if not any(measured):
+        return {}
+    worst, total, count = stats["dense_lag"] or (0, 0, 0)
+    worst = int(comm.allreduce_max(np.array([worst], dtype=np.int64))[0])
+    total, count = comm.allreduce_sum(np.array([total, count], dtype=np.int64))
+    return {"dense_staleness_max": worst, "dense_staleness_mean": float(total) / max(int(count), 1)}
+
+
+def _table_counters(comm, stats):
+    local = np.array([[c[n] for n in TABLE_COUNTERS] for c in stats["table_counters"]], dtype=np.int64)
+    total = comm.allreduce_sum(local.reshape(len(stats["table_counters"]), len(TABLE_COUNTERS)))
+    return [dict(zip(TABLE_COUNTERS, map(int, row))) for row in total]
+
+
+def _truncated(comm, record):
+    gathered = comm.allgather_object(record.truncated)
+    total = {}
+    for part in gathered:
+        for name, count in part.items():
+            total[name] = total.get(name, 0) + count
+    return total
+
+
+def peak_rss_mb():
+    """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write_summary(path, summary):
+    """Write the metrics JSON atomically (temporary file + rename).
+
+    Raises:
+        OutputError: the file could not be written (disk full, permissions, a directory in
+            the way); the temporary file is removed and ``path`` is left as it was.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(tmp, "w") as fh:
+            json.dump(summary, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write the metrics file {path}: {exc.strerror or exc}; "
+                          f"the metrics of this run were not saved") from None
