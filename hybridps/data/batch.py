@@ -62,6 +62,14 @@ class Batch:
                                 f"lengths {lengths.shape} summing to {int(lengths.sum())} for "
                                 f"a batch of {b}")
 
+    def list_offsets(self, name):
+        """(B + 1,) int64 start of each sample's ids in a list feature's values (cached)."""
+        cache = self.__dict__.setdefault("_offsets", {})
+        if name not in cache:
+            lengths = self.lists[name][1]
+            cache[name] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        return cache[name]
+
     @property
     def size(self) -> int:
         """Number of samples B."""
@@ -79,7 +87,17 @@ class Batch:
         return self.size
 
     def take(self, index) -> "Batch":
-        """The samples at ``index`` (an int array or a slice), lists included."""
+        """The samples at ``index`` (an int array, or a slice: views where possible), lists
+        included."""
+        if isinstance(index, slice) and index.step in (None, 1):
+            start, stop, _ = index.indices(self.size)
+            lists = {}
+            for name, (values, lengths) in self.lists.items():
+                offsets = self.list_offsets(name)
+                lists[name] = (values[offsets[start]:offsets[stop]], lengths[start:stop])
+            return Batch(dense=self.dense[start:stop], keys=self.keys[start:stop],
+                         labels=self.labels[start:stop], lists=lists,
+                         groups=None if self.groups is None else self.groups[start:stop])
         rows = np.arange(self.size)[index] if isinstance(index, slice) else np.asarray(index)
         lists = {name: take_lists(values, lengths, rows)
                  for name, (values, lengths) in self.lists.items()}

@@ -49,6 +49,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 
 from hybridps.data.files import read_bytes
+from hybridps.data.share import InMemoryShare
 from hybridps.data.batch import Batch, check_int, resolve_batch_size
 from hybridps.data.hashing import feature_keys
 from hybridps.errors import ConfigError, DataError
@@ -77,7 +78,7 @@ class _BadLine(Exception):
     pass
 
 
-class CriteoReader:
+class CriteoReader(InMemoryShare):
     """This rank's share of a Criteo-format file, in memory, served as batches.
 
     Args:
@@ -216,7 +217,6 @@ class CriteoReader:
             cat_rows.append(cols[1 + NUM_DENSE:])
         self.data_lines = data_index
         n = len(labels)
-        self.num_rows = n
         self.labels = np.array(labels, dtype=np.float32)
         raw = np.array(dense_rows, dtype=np.float64).reshape(n, NUM_DENSE)
         self.dense = np.log1p(np.maximum(raw, 0.0)).astype(np.float32)
@@ -225,24 +225,10 @@ class CriteoReader:
             for f, column in enumerate(zip(*cat_rows)):
                 keys[:, f] = feature_keys(f, column)
         self.keys = keys
+        self.share = Batch(dense=self.dense, keys=self.keys, labels=self.labels)
 
     # ------------------------------------------------------------------ serving
-    def __len__(self) -> int:
-        return self.num_rows
-
-    def _require_rows(self) -> None:
-        if self.num_rows == 0:
-            raise DataError(
-                f"rank {self.rank} of {self.world_size} has no valid rows of {self.path!r} "
-                f"({self.data_lines} data lines in the file, {self.bad_lines} of this rank's "
-                f"lines skipped as malformed)")
-
-    def _rows(self, idx) -> Batch:
-        return Batch(dense=self.dense[idx], keys=self.keys[idx], labels=self.labels[idx])
-
-    def rows(self, start: int, stop: int) -> Batch:
-        """Rows ``[start, stop)`` of this rank's share as one Batch (no position change)."""
-        return self._rows(slice(start, stop))
+    # iter_batches, rows, state and restore: hybridps.data.share.InMemoryShare
 
     def batches(self, batch_size: Optional[int] = None, epochs: Optional[int] = 1,
                 drop_remainder: bool = False) -> Iterator[Batch]:
@@ -271,65 +257,7 @@ class CriteoReader:
             self.offset = 0
             done += 1
 
-    def iter_batches(self, batch_size: Optional[int] = None,
-                     num_steps: Optional[int] = None) -> Iterator[Batch]:
-        """Exactly ``num_steps`` batches of exactly ``batch_size`` rows (forever if None).
-
-        Cycles over the share epoch after epoch; a batch that crosses the end of an epoch
-        continues at the start of the next one. The position advances before each batch is
-        handed out.
-        """
-        b = resolve_batch_size(batch_size, self.default_batch_size)
-        if num_steps is not None:
-            num_steps = check_int("num_steps", num_steps, 0)
-        self._require_rows()
-        n = self.num_rows
-        produced = 0
-        while num_steps is None or produced < num_steps:
-            start = self.offset
-            if start + b <= n:
-                batch = self.rows(start, start + b)
-            else:
-                batch = self._rows((start + np.arange(b)) % n)
-            end = start + b
-            self.epoch += end // n
-            self.offset = end % n
-            produced += 1
-            yield batch
-
-    # ------------------------------------------------------------------ position / info
-    def state(self) -> dict:
-        """The data position, for checkpoints. ``global_offset`` (lines consumed in this epoch
-        by all ranks together, assuming ranks move in lockstep) lets :meth:`restore` continue
-        on a different world size."""
-        return {"kind": self.kind, "path": self.path, "epoch": self.epoch,
-                "offset": self.offset, "rank": self.rank, "world_size": self.world_size,
-                "data_lines": self.data_lines,
-                "global_offset": self.offset * self.world_size}
-
-    position = property(state)
-
-    def restore(self, state: dict) -> None:
-        """Continue at the position of :meth:`state`. With the same world size, the exact
-        (epoch, offset); with another, offset = global_offset // world_size."""
-        if not isinstance(state, dict) or state.get("kind") != self.kind:
-            raise DataError(f"cannot restore a Criteo reader from state {state!r}")
-        if state.get("data_lines") != self.data_lines:
-            raise DataError(
-                f"data state was saved for a file with {state.get('data_lines')} data lines, "
-                f"{self.path!r} has {self.data_lines}: not the same data")
-        epoch = check_int("epoch", state.get("epoch"), 0)
-        if state.get("world_size") == self.world_size:
-            offset = check_int("offset", state.get("offset"), 0)
-        else:
-            offset = check_int("global_offset", state.get("global_offset"), 0) \
-                // self.world_size
-        if offset > self.num_rows:
-            raise DataError(f"data state offset {offset} is beyond this rank's "
-                            f"{self.num_rows} rows")
-        self.epoch, self.offset = epoch, offset
-        if self.num_rows and self.offset == self.num_rows:
-            self.epoch, self.offset = self.epoch + 1, 0
+    position = property(InMemoryShare.state)
 
     def stats(self) -> dict:
         """What was read: format, counts, skipped lines, parse time."""

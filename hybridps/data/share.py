@@ -38,7 +38,9 @@ class InMemoryShare:
     def _require_rows(self):
         if self.num_rows == 0:
             raise DataError(f"rank {self.rank} of {self.world_size} has no valid rows of "
-                            f"{self.path!r} ({self.data_lines} data lines in the file)")
+                            f"{self.path!r} ({self.data_lines} data lines in the file, "
+                            f"{getattr(self, 'bad_lines', 0)} of this rank's lines skipped as "
+                            f"malformed)")
 
     def rows(self, start: int, stop: int) -> Batch:
         """Rows ``[start, stop)`` of this rank's share (no position change)."""
