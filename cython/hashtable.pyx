@@ -611,6 +611,37 @@ cdef class EmbeddingHashTable:
                 o[i] = row if row >= 0 else -1
         return out
 
+    def read(self, keys, out=None):
+        """Rows (embedding values) of the keys the table holds, zeros for any other key; the
+        table is not changed (no insert, no hit counted, no admission): the read of evaluation
+        and prediction, which reads what an exported model reads for an unseen key.
+
+        Args:
+            keys: 1-D int64 array (duplicates allowed).     # IN
+            out: optional float32 array (len(keys), dim).    # OUT
+        Returns:
+            the float32 array of rows, shape (len(keys), dim).
+        """
+        keys = _as_keys(keys, "keys")
+        cdef Py_ssize_t n = keys.shape[0], i
+        if out is None:
+            out = np.empty((n, self.dim), dtype=np.float32)
+        else:
+            _check_out(out, n, self.dim)
+        cdef const int64_t[::1] k = keys
+        cdef float[:, ::1] o = out
+        cdef int32_t row
+        cdef uint64_t ring[PREFETCH_DISTANCE]
+        with nogil:
+            self._ring_start(k, 0, ring)
+            for i in range(n):
+                row = slot_row(&self.slots[self._probe_from(k[i], self._ring_next(k, i, ring))])
+                if row >= 0:
+                    memcpy(&o[i, 0], self.rows + <int64_t>row * self.row_width, self.dim * sizeof(float))
+                else:
+                    memset(&o[i, 0], 0, self.dim * sizeof(float))
+        return out
+
     def lookup_or_insert(self, keys, out=None, int64_t step=0, versions=None, bint count_hits=True):
         """Rows (embedding values) of the keys, inserting new keys with their key-seeded row.
 

@@ -72,6 +72,13 @@ class Backend:
         """Drain anything in flight; after it, every pushed gradient has been applied."""
         raise NotImplementedError
 
+    def read(self, batch):
+        """The rows of a batch's unique keys for evaluation: (plan, rows) like ``pull``, but
+        read only (unseen keys read zeros; nothing is inserted or counted). Collective: every
+        computing rank calls it, at a consistent point."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate during training; "
+                                  f"evaluate a checkpoint with `hybridps evaluate`")
+
     def serve(self, start_step, on_consistent_point):
         """PS server ranks only: serve until every worker is done."""
         raise NotImplementedError(f"{type(self).__name__} does not serve")

@@ -53,13 +53,20 @@ class CollectiveExchange:
         self._count_bytes(plan.send_counts.sum() * 8, plan.recv_counts.sum() * 8)
         return plan
 
-    def pull(self, batch, step):
-        """Rows of a batch's unique keys: (plan, flat float32 rows in the TF step's order)."""
+    def pull(self, batch, step, read_only=False):
+        """Rows of a batch's unique keys: (plan, flat float32 rows in the TF step's order).
+
+        ``read_only``: the owners read their rows without inserting, admitting or measuring
+        anything (keys they do not hold read zeros): evaluation and prediction.
+        """
         plan = self.plan(batch, step)
         dims = self.shard.dims
         served_elements = OwnerShard.elements(plan.recv_counts, dims)
         wanted_elements = OwnerShard.elements(plan.send_counts, dims)
-        served = self.shard.lookup(plan.recv_keys, plan.recv_blocks, step, int(served_elements.sum()))
+        if read_only:
+            served = self.shard.read(plan.recv_keys, plan.recv_blocks, int(served_elements.sum()))
+        else:
+            served = self.shard.lookup(plan.recv_keys, plan.recv_blocks, step, int(served_elements.sum()))
         rows = self.comm.alltoallv(served, served_elements, wanted_elements,
                                    poll_interval=self.poll_interval)
         self._count_bytes(served.nbytes, rows.nbytes)

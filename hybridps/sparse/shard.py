@@ -91,6 +91,16 @@ class OwnerShard:
         self.record_staleness(step, versions)
         return served
 
+    def read(self, keys, blocks, num_elements):
+        """Rows of ``keys`` as :meth:`lookup` gives them, but read only: keys the shard does not
+        hold (or has not admitted) read zeros, nothing is inserted, counted or measured (the
+        read of evaluation and prediction)."""
+        served = np.empty(num_elements, dtype=np.float32)
+        for table, dim, table_blocks in zip(self.tables, self.dims, blocks):
+            for k0, k1, e0 in table_blocks:
+                table.read(keys[k0:k1], out=served[e0:e0 + (k1 - k0) * dim].reshape(k1 - k0, dim))
+        return served
+
     def apply(self, pushes, step):
         """Apply row gradients: ``pushes`` is a list of (keys, flat grads, blocks); per table one
         optimizer call, so a key in several pushes (or from several senders) is updated once

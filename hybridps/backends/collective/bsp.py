@@ -42,6 +42,17 @@ class CollectiveBackend(Backend):
         # the checkpoint holds every update of the steps before ``step``
         self.shard.applied_through = step - 1
 
+    def read(self, batch):
+        # blocking collectives on the calling thread: at a consistent point the exchange
+        # thread of SSP/ASP waits at its fence, so the calls cannot interleave with its own
+        exchange = self.exchange
+        saved = exchange.poll_interval, exchange.bytes_sent, exchange.bytes_received
+        exchange.poll_interval = None
+        try:
+            return exchange.pull(batch, -1, read_only=True)
+        finally:   # evaluation traffic is not training traffic: the counters stay as they were
+            exchange.poll_interval, exchange.bytes_sent, exchange.bytes_received = saved
+
 
 class BSPBackend(CollectiveBackend):
     """Synchronous sparse exchange + Horovod allreduce overlapped with it."""
