@@ -4,10 +4,10 @@ What lives here: the rank map line (rank 0 prints it at start when the ranks run
 one host, hybridps.comm; :func:`format_rank_map` / :func:`parse_rank_map`) and
 :class:`FailureScanner`, which ``hybridps launch`` feeds with the launcher's stderr as it
 passes it through unchanged (hybridps.launch.run_plan). The scanner recognizes that line and
-Open MPI's reports of a lost daemon, of a rank that died, and of a peer that hung up;
-:meth:`FailureScanner.summary` turns them into lines that name the host and its ranks, so a
-node that dies (its daemon and ranks killed at once) or drops off the network is reported as
-such: Open MPI names only the node. Pure text processing: no MPI, no processes.
+Open MPI's report of a lost daemon; :meth:`FailureScanner.summary` turns it into a line that
+names the host and its ranks, so a node that dies (its daemon and ranks killed at once) or
+drops off the network is reported as such: Open MPI names only the node. (A rank that dies
+alone is named by Open MPI itself: "process rank N ... on node X exited on signal S".) Pure text processing: no MPI, no processes.
 """
 import re
 
@@ -16,9 +16,6 @@ RANK_MAP_PREFIX = "[hybridps] ranks per host:"
 _RANK_MAP = re.compile(re.escape(RANK_MAP_PREFIX) + r"\s*(.*)$")
 _LOST_DAEMON = re.compile(r"ORTE has lost communication with a remote daemon")
 _REMOTE_DAEMON = re.compile(r"Remote daemon:\s*\S+\s+on node\s+(\S+)")
-_RANK_DIED = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+)")
-_PEER_HOST = re.compile(r"Peer host:\s*(\S+)")
-_LOCAL_HOST = re.compile(r"Local host:\s*(\S+)")
 
 
 def rank_ranges(ranks):
@@ -70,11 +67,8 @@ class FailureScanner:
     def __init__(self):
         self.rank_map = None            # {host: [ranks]} from hybridps' line
         self.lost_hosts = []            # hosts whose Open MPI daemon was lost
-        self.dead_ranks = []            # (rank, host, signal)
-        self.hung_up = []               # (local host, peer host) of "peer hung up" reports
         self._partial = ""
         self._in_lost_daemon = False
-        self._local_host = None
 
     def feed(self, text):
         """Scan a chunk of output (lines may be split across chunks)."""
@@ -101,20 +95,6 @@ class FailureScanner:
             if match.group(1) not in self.lost_hosts:
                 self.lost_hosts.append(match.group(1))
             self._in_lost_daemon = False
-            return
-        match = _RANK_DIED.search(line)
-        if match:
-            self.dead_ranks.append((int(match.group(1)), match.group(2), int(match.group(3))))
-            return
-        match = _LOCAL_HOST.search(line)
-        if match:
-            self._local_host = match.group(1)
-            return
-        match = _PEER_HOST.search(line)
-        if match:
-            pair = (self._local_host, match.group(1))
-            if pair not in self.hung_up:
-                self.hung_up.append(pair)
 
     def ranks_on(self, host):
         """Ranks of ``host`` per the rank map, or None when it is not known."""
@@ -127,18 +107,9 @@ class FailureScanner:
         self.close()
         if exit_code == 0:
             return []
-        lines = []
-        for host in self.lost_hosts:
-            lines.append(f"host {host} was lost: Open MPI's daemon there stopped answering (the "
-                         f"node died, or its network went down); {self._ranks_text(host)}. "
-                         f"The job ended with exit code {exit_code}.")
-        if not self.lost_hosts:
-            for local, peer in self.hung_up:
-                if any(host == peer for _, host, _ in self.dead_ranks):
-                    continue
-                lines.append(f"ranks on {local or '?'} lost their connection to host {peer} "
-                             f"(peer hung up); {self._ranks_text(peer)}.")
-        return lines
+        return [f"host {host} was lost: Open MPI's daemon there stopped answering (the node "
+                f"died, or its network went down); {self._ranks_text(host)}. The job ended "
+                f"with exit code {exit_code}." for host in self.lost_hosts]
 
     def _ranks_text(self, host):
         ranks = self.ranks_on(host)

@@ -87,6 +87,9 @@ class Trainer:
         self.rank, self.world_size = self.comm.rank, self.comm.size
         self.tf = configure_tensorflow(default_tf_threads(config, self.comm.local_size))
         self._check_same_config()
+        from hybridps.shared_dir import require_shared   # checkpoints need one directory for all
+        require_shared(self.comm, {"--checkpoint-dir": config.checkpoint_dir,
+                                   "--delta-export-dir": config.delta_export_dir})
         self._build()
         self.start_step = 0
         self.resume_messages = []
