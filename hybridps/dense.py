@@ -16,6 +16,7 @@ import threading
 
 import tensorflow as tf
 
+from hybridps import watchdog
 from hybridps.errors import HybridPSError
 
 
@@ -68,7 +69,6 @@ class DenseSync:
         if self.world_size == 1:
             return list(grads)
         import horovod.tensorflow as hvd
-        from hybridps import watchdog
         with watchdog.collective("dense_allreduce"):
             return hvd.grouped_allreduce(list(grads), op=hvd.Sum)
 
@@ -138,7 +138,8 @@ class DenseAllreduceThread:
                 if self.applied >= need:
                     return
                 if not self.reduced:
-                    self.cond.wait(0.1)
+                    with watchdog.traced("dense_wait"):     # exchange traces (benchmarks)
+                        self.cond.wait(0.1)
 
     def record_lag(self, step):
         """Count how many of the latest steps' dense updates the TF step ``step`` misses (0: it

@@ -194,15 +194,19 @@ class Trainer:
         if c.loader_delay_ms > 0 and self.rank == c.delay_rank:
             batches = _delayed(batches, c.loader_delay_ms / 1000.0)
         fences = self._consistent_points()
+        from hybridps import exchange_trace        # benchmarks: HYBRIDPS_EXCHANGE_TRACE
+        exchange_trace.start()
         self.backend.start(batches, start_step=first, fence_steps=fences)
         steady_start = None
         started = time.perf_counter()
         timer.start()
         for step in range(first, c.steps):
+            watchdog.mark("step")              # exchange traces only (benchmarks)
             if step == first + c.warmup_steps:
                 freeze_python_heap()
                 steady_start = time.perf_counter()
                 timer.restart()
+                watchdog.mark("steady_start")
             if step == c.fail_at_step and self.rank == c.fail_rank:
                 raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
                                    f"(fail_at_step testing aid)")
@@ -229,6 +233,7 @@ class Trainer:
                                 (step + 1 - first) * global_batch / max(elapsed, 1e-9))
         self.backend.finish()     # every pushed gradient and dense update is applied after this
         finished = time.perf_counter()
+        watchdog.mark("train_end")
         self._at_end_of_training()
         return self._summarize(timer, auc, local_loss_sums, keys_sent, keys_received,
                                started, steady_start, finished)
@@ -318,6 +323,9 @@ class Trainer:
         data_stats = getattr(self.dataset, "stats", None)
         if callable(data_stats):
             summary["data_stats"] = self._sum_over_ranks({} if self.is_server else data_stats())
+        from hybridps import exchange_trace
+        exchange_trace.write(self.rank, steady_steps, {"mode": c.mode.value, "sync": c.sync.value,
+                                                       "server": self.is_server})
         if c.dump_state:
             self.dump_state(c.dump_state)
         if self.rank == 0 and c.metrics_out:

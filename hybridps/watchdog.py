@@ -53,6 +53,9 @@ _active = {}
 # [name, end monotonic] of the last collective that completed on any thread
 _last = [None, 0.0]
 _explicit_step = [None]
+# While exchange tracing is on (hybridps.exchange_trace, benchmarks only): a deque that every
+# collective appends (name, thread name, start, end) to.
+_trace = [None]
 
 
 class collective:
@@ -60,7 +63,7 @@ class collective:
 
     Cheap enough for every call (an object, two dict operations); nesting is allowed.
     """
-    __slots__ = ("name", "_tid", "_outer")
+    __slots__ = ("name", "_tid", "_outer", "_start")
 
     def __init__(self, name):
         self.name = name
@@ -68,7 +71,8 @@ class collective:
     def __enter__(self):
         tid = self._tid = _get_ident()
         self._outer = _active.get(tid)
-        _active[tid] = (self.name, _monotonic())
+        self._start = _monotonic()
+        _active[tid] = (self.name, self._start)
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -77,8 +81,35 @@ class collective:
         else:
             _active[self._tid] = self._outer
         _last[0] = self.name
-        _last[1] = _monotonic()
+        end = _last[1] = _monotonic()
+        if _trace[0] is not None:
+            _trace[0].append((self.name, threading.current_thread().name, self._start, end))
         return False
+
+
+class traced:
+    """``with traced("dense_wait"): ...`` records a span in the exchange trace only (no watchdog
+    state; nothing at all when tracing is off)."""
+    __slots__ = ("name", "_start")
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self._start = _monotonic()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if _trace[0] is not None:
+            _trace[0].append((self.name, threading.current_thread().name, self._start, _monotonic()))
+        return False
+
+
+def mark(name):
+    """Record an instant event in the exchange trace (nothing when tracing is off)."""
+    if _trace[0] is not None:
+        now = _monotonic()
+        _trace[0].append((name, threading.current_thread().name, now, now))
 
 
 def set_step(step):

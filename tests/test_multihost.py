@@ -19,6 +19,7 @@ Skipped with the reason when the bed cannot be built (not root, no ip/tc, no net
 """
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -434,3 +435,71 @@ def test_hostfile_builds_the_mpirun_command_with_keepalive(tmp_path):
         launch.build_plan(["prog"], env, num_ranks=2, hosts="a,b", hostfile=str(hostfile))
     with pytest.raises(ConfigError, match="cannot read"):
         launch.build_plan(["prog"], env, hostfile=str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------ bench scale
+def test_exchange_time_is_the_least_held_up_ranks_per_step(tmp_path):
+    from hybridps.bench.scale import exchange_from_traces
+
+    def trace(rank, events, server=False):
+        path = tmp_path / f"t.rank{rank}.json"
+        path.write_text(json.dumps({"rank": rank, "server": server, "events": events}))
+        return str(path)
+
+    m = "MainThread"
+    # two steady steps [1, 2) and [2, 3); rank 0 waits 0.5 s + 0.1 s (overlapping calls count
+    # once), rank 1 0.2 s and 0.4 s; a call on another thread and one before the warm-up end
+    # do not count
+    rank0 = [["alltoallv", m, 0.2, 0.9], ["steady_start", m, 1.0, 1.0], ["step", m, 1.0, 1.0],
+             ["alltoallv", m, 1.1, 1.5], ["dense_wait", m, 1.4, 1.6], ["step", m, 2.0, 2.0],
+             ["alltoall_counts", m, 2.1, 2.2], ["alltoallv", "hybridps-dense", 2.0, 2.9],
+             ["train_end", m, 3.0, 3.0]]
+    rank1 = [["steady_start", m, 1.0, 1.0], ["step", m, 1.0, 1.0], ["alltoallv", m, 1.7, 1.9],
+             ["step", m, 2.0, 2.0], ["alltoallv", m, 2.1, 2.5], ["train_end", m, 3.0, 3.0]]
+    server = [["steady_start", m, 1.0, 1.0], ["ps_pull", m, 1.0, 3.0], ["train_end", m, 3.0, 3.0]]
+    paths = [trace(0, rank0), trace(1, rank1), trace(2, server, server=True)]
+    least, mean = exchange_from_traces("collective-bsp", paths)
+    assert least == pytest.approx(1000 * (0.2 + 0.1) / 2)
+    assert mean == pytest.approx(1000 * (0.5 + 0.1 + 0.2 + 0.4) / 4)
+    assert exchange_from_traces("ps-bsp", paths[2:]) == (None, None)      # servers are not counted
+
+
+def test_time_model_terms():
+    from hybridps.bench.scale import WIRE_PER_PAYLOAD, model_exchange_ms
+    u, d, p = 27_000, 16, 143_000
+    rate = 1e9 / 8 / (1514 / 1448 + 33 / 1448)     # payload bytes/s of a 1 Gbit/s link, MTU 1500
+    assert WIRE_PER_PAYLOAD == pytest.approx(1.0684, abs=1e-4)
+    # collective, 4 hosts: 3/4 of keys, rows and gradients leave the host, plus the ring allreduce
+    volume = 0.75 * (8 * u + 8 * d * u) + 2 * 0.75 * 4 * p
+    rounds = 4 + 2 * 3
+    got = model_exchange_ms("collective-bsp", 4, 1.0, 0.2, u, d, p, 4096, 26)
+    assert got == pytest.approx(rounds * 0.2 + volume / rate * 1000)
+    # PS BSP, 2 hosts (1 server, 1 worker): the worker's 8 U + 8 d U + 8 P through one link
+    got = model_exchange_ms("ps-bsp", 2, 10.0, 0.0, u, d, p, 4096, 26)
+    assert got == pytest.approx((8 * u + 8 * d * u + 8 * p) / (10 * rate) * 1000)
+    # the baseline allgathers every rank's B x F (4 d + 8) bytes: grows with the hosts
+    small = model_exchange_ms("tf-baseline", 4, 1.0, 0.0, u, d, p, 4096, 26)
+    big = model_exchange_ms("tf-baseline", 64, 1.0, 0.0, u, d, p, 4096, 26)
+    assert big > 15 * small
+    assert model_exchange_ms("collective-bsp", 64, 1.0, 0.0, u, d, p, 4096, 26) < 1.4 * \
+        model_exchange_ms("collective-bsp", 4, 1.0, 0.0, u, d, p, 4096, 26)
+
+
+def test_bench_scale_smoke_writes_every_case(can_build, tmp_path):
+    from hybridps.bench.scale import CASES, run_scale_bench
+    report = run_scale_bench(str(tmp_path), hosts=(2,), bandwidths=(1.0,), steps=4, warmup_steps=1,
+                             batch_size=64, dim=4, vocab_size=500, host_floor=False, timeout=240)
+    assert [c["name"] for c in report["cases"]] == list(CASES)
+    for case in report["cases"]:
+        assert case["hosts"] == 2 and case["bandwidth_gbit"] == 1.0
+        for key in ("samples_per_s", "bytes_per_step_per_rank", "exchange_ms", "model_exchange_ms",
+                    "link_bytes_per_step", "compute_ms"):
+            assert isinstance(case[key], float) and math.isfinite(case[key]) and case[key] > 0, (case["name"], key)
+    assert {p["hosts"] for p in report["prediction"]} >= {8, 16, 32, 64, 128, 256}
+    with open(tmp_path / "scale.json") as fh:
+        assert json.load(fh)["cases"] == report["cases"]
+    assert (tmp_path / "scale.md").read_text().count("|") > 40
+    assert os.path.getsize(tmp_path / "scale.png") > 1000
+    assert len(list((tmp_path / "traces").glob("collective-bsp-2h-1g.rank*.json"))) == 2
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"hps{os.getpid()}-" not in listed, "bench scale left its namespaces"

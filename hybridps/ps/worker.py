@@ -11,6 +11,7 @@ optimizer state (fresh, or restored from a checkpoint into ``initial_optimizer``
 """
 import numpy as np
 
+from hybridps import watchdog
 from hybridps.embedding.sharded import ExchangePlan, route_unique_keys
 from hybridps.ps.protocol import (OP_CONSISTENT_POINT, OP_DONE, OP_PULL, OP_PUSH, TAG_COUNTS,
                                   TAG_DENSE_GRADS, TAG_HEADER, TAG_INIT_DENSE, TAG_INIT_OPTIMIZER,
@@ -106,6 +107,7 @@ class PSWorkerBackend:
                 (comm.Isend(header(OP_PUSH, step, self.worker, len(row_part)), dest=server, tag=TAG_HEADER), None),
                 (comm.Isend(row_part, dest=server, tag=TAG_ROW_GRADS), row_part),
                 (comm.Isend(dense_part, dest=server, tag=TAG_DENSE_GRADS), dense_part)]
+        watchdog.mark("ps_push_posted")
         self.sharded.row_grads_pushed += len(grads)
         self.sharded._count_bytes(grads.nbytes + self._dense_grads.nbytes, 0)
 
@@ -124,12 +126,14 @@ class PSWorkerBackend:
         flat = np.empty(sum(self.sizes), dtype=np.float32)
         receives = [self.comm.exchange.Irecv(flat[a:b], source=server, tag=TAG_REPLY_DENSE)
                     for server, (a, b) in zip(self.roles.server_ranks, self.chunks)]
-        self.mpi.Request.Waitall(list(extra) + receives)
+        with watchdog.collective("ps_pull"):      # a dead server trips the watchdog
+            self.mpi.Request.Waitall(list(extra) + receives)
         return flat
 
     def _wait_sends(self):
         if self.pending_sends:
-            self.mpi.Request.Waitall([r for r, _ in self.pending_sends])
+            with watchdog.collective("ps_push"):
+                self.mpi.Request.Waitall([r for r, _ in self.pending_sends])
             self.pending_sends = []
 
     def _flat_dense(self):

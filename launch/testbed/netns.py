@@ -282,15 +282,20 @@ class TestBed:
         return {"HYBRIDPS_TESTBED_DIR": self.run_dir}
 
     def mpi_env(self, keepalive_s=5):
-        """Environment for Open MPI on this bed: the rsh agent, TCP between hosts only on the
-        bed's subnet, no tree spawn, and TCP keepalive on the daemons' connections so that a
-        host that vanishes (link down) is noticed in about ``keepalive_s`` + 3 s."""
+        """Environment for Open MPI on this bed: the rsh agent, no tree spawn, TCP between
+        hosts only on the bed's subnet (shared memory within a host), TCP keepalive on the
+        daemons' connections so that a host that vanishes (link down) is noticed in about
+        ``keepalive_s`` + 3 s, and a 32 MiB eager limit for the TCP transport (``hybridps
+        launch`` sets 4 MiB on several hosts: a message above the eager limit goes by
+        rendezvous, and two-way traffic of such messages ran at 0.54 of a 1 Gbit/s link; 32 MiB
+        also covers the 7.7 MB allgather blocks of the TF+Horovod baseline)."""
         env = dict(self.env())
         mca = {"plm_rsh_agent": AGENT, "plm_rsh_no_tree_spawn": "1",
                "pml": "ob1", "btl": "self,vader,tcp",
                "btl_tcp_if_include": self.subnet, "oob_tcp_if_include": self.subnet,
                "oob_tcp_keepalive_time": str(keepalive_s), "oob_tcp_keepalive_intvl": "1",
-               "oob_tcp_keepalive_probes": "3"}
+               "oob_tcp_keepalive_probes": "3",
+               "btl_tcp_eager_limit": str(32 << 20), "btl_tcp_max_send_size": str(32 << 20)}
         env.update({f"OMPI_MCA_{k}": v for k, v in mca.items()})
         return env
 
@@ -348,9 +353,12 @@ print(statistics.median(times) * 1e6)
 
 
 def _tbf_args(gbit):
-    """tbf at ``gbit``: a burst of 0.5 ms at the rate (at least 64 KiB, enough for one GSO
-    packet) and a 20 ms queue."""
-    burst = max(64 * 1024, int(gbit * 1e9 / 8 * 0.0005))
+    """tbf at ``gbit``: a burst of 0.5 ms at the rate, at least 256 KiB, so that a 64 KiB GSO
+    packet passes whole (with a burst of 64 KiB tbf cut every one into MTU-sized segments and
+    the CPU, not the rate, limited two-way traffic to 0.59 Gbit/s each way at 1 Gbit/s; with
+    256 KiB: 0.95); and a 20 ms queue (2 ms lost packets to incast at 4 hosts, stalling TCP
+    for its 200 ms minimum retransmission timeout)."""
+    burst = max(256 * 1024, int(gbit * 1e9 / 8 * 0.0005))
     return ["rate", _format_rate(gbit), "burst", str(burst), "latency", "20ms"]
 
 
