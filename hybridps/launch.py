@@ -320,10 +320,12 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
     env_vars["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(int(max(15, min(60, timeout / 2))))
     env_vars["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(int(max(30, timeout)))
     multi_host = len({h for h, _ in host_slots}) > 1 or (env.in_slurm and len(env.slurm_nodes) > 1)
-    if multi_host and openmpi and launcher in ("mpirun", "horovodrun"):
-        env_vars.update(OPENMPI_MULTI_HOST)
-        notes.append("several hosts: TCP keepalive between mpirun and its daemons (a lost node "
-                     "ends the job in about 20 s); 4 MiB eager limit for the TCP transport")
+    if multi_host and openmpi:
+        keepalive = launcher in ("mpirun", "horovodrun")     # srun watches its nodes itself
+        env_vars.update({k: v for k, v in OPENMPI_MULTI_HOST.items() if keepalive or "btl_tcp" in k})
+        notes.append("several hosts: " + ("TCP keepalive between mpirun and its daemons (a lost "
+                                          "node ends the job in about 20 s); " if keepalive else "")
+                     + "4 MiB eager limit for Open MPI's TCP transport")
     kept = sorted(name for name in env_vars if name in environ)
     for name in kept:
         del env_vars[name]

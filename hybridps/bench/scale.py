@@ -425,6 +425,7 @@ def _markdown(report):
 def _plot(path, report):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     fig = Figure(figsize=(12, 4.8))
     FigureCanvasAgg(fig)
     colors = {"collective-bsp": "tab:blue", "collective-asp": "tab:cyan", "ps-bsp": "tab:red",
@@ -447,6 +448,10 @@ def _plot(path, report):
                            marker="o", edgecolor="black", zorder=3)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _pos: f"{value:g}")   # no mathtext labels
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("hosts (1 rank each)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

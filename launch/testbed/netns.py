@@ -48,7 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 AGENT = os.path.join(HERE, "rsh-agent")
 SUPERNET = (198, 18)                 # 198.18.0.0/15: 512 /24 subnets
 PREFIX_PATTERN = re.compile(r"^(hps(\d+)-\d+)-(h\d+|sw)$")
-RUN_DIR_PATTERN = re.compile(r"^(hps(\d+)-\d+)-testbed-")
+RUN_DIR_PATTERN = re.compile(r"^(hps(\d+)-\d+)-(testbed|slurm)-")   # in /tmp or /var/tmp
 _COUNTER = [0]
 
 
@@ -405,12 +405,12 @@ def leftovers(include_live=False):
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
     namespaces = [n for n in names if PREFIX_PATTERN.match(n)
                   and (include_live or not _alive(int(PREFIX_PATTERN.match(n).group(2))))]
-    tmp = tempfile.gettempdir()
     directories = []
-    for entry in sorted(os.listdir(tmp)):
-        match = RUN_DIR_PATTERN.match(entry)
-        if match and (include_live or not _alive(int(match.group(2)))):
-            directories.append(os.path.join(tmp, entry))
+    for parent in sorted({tempfile.gettempdir(), "/var/tmp"}):
+        for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+            match = RUN_DIR_PATTERN.match(entry)
+            if match and (include_live or not _alive(int(match.group(2)))):
+                directories.append(os.path.join(parent, entry))
     return namespaces, directories
 
 
