@@ -469,11 +469,16 @@ def test_time_model_terms():
     u, d, p = 27_000, 16, 143_000
     rate = 1e9 / 8 / (1514 / 1448 + 33 / 1448)     # payload bytes/s of a 1 Gbit/s link, MTU 1500
     assert WIRE_PER_PAYLOAD == pytest.approx(1.0684, abs=1e-4)
-    # collective, 4 hosts: 3/4 of keys, rows and gradients leave the host, plus the ring allreduce
-    volume = 0.75 * (8 * u + 8 * d * u) + 2 * 0.75 * 4 * p
-    rounds = 4 + 2 * 3
-    got = model_exchange_ms("collective-bsp", 4, 1.0, 0.2, u, d, p, 4096, 26)
-    assert got == pytest.approx(rounds * 0.2 + volume / rate * 1000)
+    # collective, 4 hosts: 3/4 of keys, rows and gradients leave the host (4 collectives), plus
+    # the allreduce (2 (N-1)/N x 4 P bytes in 2 log2 N rounds) ...
+    sparse, dense = 0.75 * (8 * u + 8 * d * u), 2 * 0.75 * 4 * p
+    got = model_exchange_ms("collective-asp", 4, 1.0, 0.2, u, d, p, 4096, 26)
+    assert got == pytest.approx((4 + 4) * 0.2 + (sparse + dense) / rate * 1000)
+    # ... which BSP's main thread waits for only beyond the local work it overlaps
+    got = model_exchange_ms("collective-bsp", 4, 1.0, 0.2, u, d, p, 4096, 26, local_ms=30.0)
+    assert got == pytest.approx(4 * 0.2 + sparse / rate * 1000)
+    got = model_exchange_ms("collective-bsp", 4, 1.0, 0.2, u, d, p, 4096, 26, local_ms=1.0)
+    assert got == pytest.approx(8 * 0.2 + (sparse + dense) / rate * 1000 - 1.0)
     # PS BSP, 2 hosts (1 server, 1 worker): the worker's 8 U + 8 d U + 8 P through one link
     got = model_exchange_ms("ps-bsp", 2, 10.0, 0.0, u, d, p, 4096, 26)
     assert got == pytest.approx((8 * u + 8 * d * u + 8 * p) / (10 * rate) * 1000)
@@ -493,9 +498,11 @@ def test_bench_scale_smoke_writes_every_case(can_build, tmp_path):
     for case in report["cases"]:
         assert case["hosts"] == 2 and case["bandwidth_gbit"] == 1.0
         for key in ("samples_per_s", "bytes_per_step_per_rank", "exchange_ms", "model_exchange_ms",
-                    "link_bytes_per_step", "compute_ms"):
+                    "link_bytes_per_step", "compute_ms", "measured_vs_model"):
             assert isinstance(case[key], float) and math.isfinite(case[key]) and case[key] > 0, (case["name"], key)
     assert {p["hosts"] for p in report["prediction"]} >= {8, 16, 32, 64, 128, 256}
+    assert set(report["checks"]) == {"measured_vs_model_within_15pct",
+                                     "measured_vs_model_with_host_floor_within_15pct"}
     with open(tmp_path / "scale.json") as fh:
         assert json.load(fh)["cases"] == report["cases"]
     assert (tmp_path / "scale.md").read_text().count("|") > 40
