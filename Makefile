@@ -55,12 +55,12 @@ slurm:
 # Tools of the network-namespace test bed (launch/testbed/netns.py) that tests/test_multihost.py
 # and `hybridps bench scale` build their hosts with (the tests skip without them or without root).
 testbed:
-	@if command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1; then \
-	  echo "setup: ip, tc and unshare present: $$(command -v ip)"; \
+	@if command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1 && command -v nsenter >/dev/null 2>&1; then \
+	  echo "setup: ip, tc, unshare and nsenter present: $$(command -v ip)"; \
 	elif [ "$$(id -u)" != 0 ]; then \
-	  echo "setup: ip/tc/unshare missing and not root: tests/test_multihost.py will be skipped" >&2; \
+	  echo "setup: ip/tc/unshare/nsenter missing and not root: tests/test_multihost.py will be skipped" >&2; \
 	else \
-	  echo "setup: installing iproute2 and util-linux from apt (the test bed's ip, tc, unshare)"; \
+	  echo "setup: installing iproute2 and util-linux from apt (the test bed's ip, tc, unshare, nsenter)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux >/dev/null; \
 	fi
 

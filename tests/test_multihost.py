@@ -76,6 +76,8 @@ def make_bed(can_build):
         bed.down()
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert not any(name in listed.split() for name in names), "the bed left namespaces"
+        left = [e for e in os.listdir("/tmp") if bed.prefix + "-" in e]
+        assert not left, f"the bed left {left} in /tmp"
 
 
 def bed_env(bed, **extra):

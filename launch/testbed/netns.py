@@ -17,7 +17,7 @@ host namespace has its address and the one link route of its /24, no default rou
 switch namespace has the bridge and no address at all. So no packet can go anywhere but a host
 of this bed (and each namespace's own loopback). Names carry a prefix unique to the run
 (``hps<pid>-<n>``: namespaces ``<prefix>-h<i>`` and ``<prefix>-sw``, run directory
-``/tmp/<prefix>-testbed-*``); interface names live inside the namespaces (``eth0`` on a host,
+``/tmp/<prefix>-testbed-*``, a Slurm on the bed in ``/var/tmp/<prefix>-slurm-*``); interface names live inside the namespaces (``eth0`` on a host,
 ``p<i>`` and ``br0`` on the switch), so two runs cannot collide.
 
 Links: host i's ``eth0`` is shaped on egress (upload) and the switch port ``p<i>`` on egress
@@ -49,6 +49,9 @@ AGENT = os.path.join(HERE, "rsh-agent")
 SUPERNET = (198, 18)                 # 198.18.0.0/15: 512 /24 subnets
 PREFIX_PATTERN = re.compile(r"^(hps(\d+)-\d+)-(h\d+|sw)$")
 RUN_DIR_PATTERN = re.compile(r"^(hps(\d+)-\d+)-(testbed|slurm)-")   # in /tmp or /var/tmp
+# What jobs on a bed's hosts leave in /tmp when killed: Open MPI's session directories and the
+# hybridps watchdog's state directories, both named after the bed's host names.
+HOST_DIR_PATTERN = re.compile(r"^(?:ompi\.|hybridps-watchdog-)(hps(\d+)-\d+)-h\d+[.-]")
 _COUNTER = [0]
 
 
@@ -67,7 +70,7 @@ def unavailable_reason():
     """Why a test bed cannot be built on this machine, or None when it can (tests skip on it)."""
     if os.geteuid() != 0:
         return "the namespace test bed needs root (ip netns add, veth, tc)"
-    for tool in ("ip", "tc", "unshare"):
+    for tool in ("ip", "tc", "unshare", "nsenter"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install -y iproute2 util-linux)"
     probe = f"hps{os.getpid()}-0-sw"          # matches PREFIX_PATTERN: a crash here is cleaned up too
@@ -182,6 +185,11 @@ class TestBed:
         for name in reversed(self._created):
             problems += _remove_namespace(name)
         self._created = []
+        tmp = tempfile.gettempdir()
+        for entry in os.listdir(tmp):
+            match = HOST_DIR_PATTERN.match(entry)
+            if match and match.group(1) == self.prefix:
+                shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
@@ -408,7 +416,7 @@ def leftovers(include_live=False):
     directories = []
     for parent in sorted({tempfile.gettempdir(), "/var/tmp"}):
         for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-            match = RUN_DIR_PATTERN.match(entry)
+            match = RUN_DIR_PATTERN.match(entry) or HOST_DIR_PATTERN.match(entry)
             if match and (include_live or not _alive(int(match.group(2)))):
                 directories.append(os.path.join(parent, entry))
     return namespaces, directories
