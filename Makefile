@@ -2,7 +2,8 @@
 #
 #   make demo    short 2-rank training run on synthetic data (sets everything up first)
 #   make test    the whole test suite (sets everything up first, including the Slurm and
-#                munge packages that tests/test_slurm.py starts a single-node Slurm from)
+#                munge packages that tests/test_slurm.py starts a single-node Slurm from, and
+#                iproute2 for the network-namespace hosts of tests/test_multihost.py)
 #   make setup   Open MPI (from apt, only when no mpicc is on PATH), .venv, pinned Python
 #                packages from requirements.txt, Horovod built against this MPI and TF
 #                (wheel cached in $(WHEEL_CACHE)), hybridps in editable mode.
@@ -27,7 +28,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # slurmctld, slurmd and munged live in sbin, which a non-login root shell may lack
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: setup test demo bench clean mpi slurm
+.PHONY: setup test demo bench clean mpi slurm testbed
 setup: $(STAMPS)/hybridps
 
 mpi:
@@ -49,6 +50,18 @@ slurm:
 	else \
 	  echo "setup: installing Slurm and munge from apt (slurmctld slurmd slurm-client munge)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; \
+	fi
+
+# Tools of the network-namespace test bed (launch/testbed/netns.py) that tests/test_multihost.py
+# and `hybridps bench scale` build their hosts with (the tests skip without them or without root).
+testbed:
+	@if command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1 && command -v nsenter >/dev/null 2>&1; then \
+	  echo "setup: ip, tc, unshare and nsenter present: $$(command -v ip)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "setup: ip/tc/unshare/nsenter missing and not root: tests/test_multihost.py will be skipped" >&2; \
+	else \
+	  echo "setup: installing iproute2 and util-linux from apt (the test bed's ip, tc, unshare, nsenter)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux >/dev/null; \
 	fi
 
 $(STAMPS)/venv:
@@ -76,7 +89,7 @@ $(STAMPS)/hybridps: $(STAMPS)/horovod setup.py $(wildcard cython/*.pyx cython/*.
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: setup slurm
+test: setup slurm testbed
 	$(VENV)/bin/pytest -q tests
 
 demo: setup

@@ -1,4 +1,4 @@
-"""Command line: ``hybridps train | launch | doctor | bench table | bench train``.
+"""Command line: ``hybridps train | launch | doctor | bench table | train | compare | scale``.
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
 (or ``python -m hybridps.cli train ...``), or alone without mpirun. Flags override the YAML
@@ -147,6 +147,11 @@ def build_parser():
     compare_cmd = bench_sub.add_parser("compare", help="collective vs parameter-server vs TF+Horovod, N ranks each")
     compare_bench.add_arguments(compare_cmd)
     compare_cmd.set_defaults(func=compare_bench.main)
+    from hybridps.bench import scale as scale_bench
+    scale_cmd = bench_sub.add_parser("scale", help="2 and 4 hosts of the network-namespace test bed "
+                                                   "(root), 1 and 10 Gbit/s links, vs the scaling model")
+    scale_bench.add_arguments(scale_cmd)
+    scale_cmd.set_defaults(func=scale_bench.main)
     return parser
 
 

@@ -7,7 +7,7 @@ on the same communicator, rank / size / local rank, alltoallv helpers over numpy
 turns an uncaught exception on any rank into an MPI_Abort of the whole job, so that no rank
 is left hanging in a collective. Every collective runs inside ``watchdog.collective(name)``:
 one that does not complete within the watchdog timeout aborts the job with a dump of where
-each rank is (hybridps.watchdog). What does not: keys, tables, hashing (hybridps.embedding),
+each rank is (hybridps.watchdog). What does not: keys, tables, hashing (hybridps.sparse),
 launch commands (hybridps.launch).
 
 Signals: a rank killed by a signal (SIGKILL, the OOM killer) is noticed by mpirun (or by srun
@@ -45,7 +45,7 @@ _MPI_DTYPES = {np.dtype(np.int64): "INT64_T", np.dtype(np.int32): "INT32_T",
 
 def _local_rank_and_size(rank, size):
     """Local rank/size from whichever launcher set them: Open MPI, PMI (MPICH/Hydra), Slurm."""
-    from hybridps.launch import local_rank_and_size
+    from hybridps.hosts import local_rank_and_size
     local_rank, local_size, _source = local_rank_and_size(os.environ, rank, size)
     return local_rank, local_size
 
@@ -66,6 +66,7 @@ class Comm:
         self.local_rank, self.local_size = _local_rank_and_size(self.rank, self.size)
         self.with_horovod = with_horovod
         self.thread_level = mpi.Query_thread()
+        self.hosts = None               # host name of every rank (learnt at init when size > 1)
 
     # ---------------------------------------------------------------- buffer collectives
     def _mpi_type(self, array):
@@ -352,8 +353,8 @@ def _install_termination_report(comm):
             if _TERMINATION["reported"]:
                 return
             _TERMINATION["reported"] = True
-            from hybridps import watchdog
-            watchdog.discard_state()
+            # the watchdog state file stays: a job ended from outside may have been stuck, and
+            # the file says where this rank was (hybridps.watchdog)
             who = f"[hybridps rank {comm.rank}/{comm.size}]" if comm.size > 1 else "[hybridps]"
             name = signal.Signals(signum).name
             try:
@@ -389,12 +390,84 @@ def _install_termination_report(comm):
 
 
 def _start_watchdog(comm):
-    """Start this rank's collective watchdog (hybridps.watchdog); nothing to watch on one rank."""
+    """Start this rank's collective watchdog (hybridps.watchdog); nothing to watch on one rank.
+
+    Also learns every rank's host: on more than one host rank 0 prints the rank map
+    (hybridps.postmortem reads it back when a host is lost)."""
     if comm.size == 1:
         return
     import socket
     from hybridps import watchdog
+    from hybridps.postmortem import format_rank_map
     # One key per job, equal on every rank: names the default directory of watchdog state files.
     job_key = comm.world.bcast(f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
                                if comm.rank == 0 else None, root=0)
-    watchdog.start(comm.rank, comm.size, comm.abort, job_key)
+    comm.hosts = comm.world.allgather(socket.gethostname())
+    if comm.rank == 0 and len(set(comm.hosts)) > 1:
+        sys.stderr.write(format_rank_map(comm.hosts) + "\n")
+        sys.stderr.flush()
+    watchdog.start(comm.rank, comm.size, comm.abort, job_key, peers=WatchdogPeers(comm),
+                   hosts=comm.hosts)
+
+
+class WatchdogPeers:
+    """The watchdogs' own channel: point-to-point messages on a duplicate of COMM_WORLD.
+
+    A rank whose collective is stuck asks every other rank for its state and gets the answers
+    over MPI, so the watchdog's report needs no shared directory; each rank's watchdog thread
+    answers asks when it polls (hybridps.watchdog). Small pickled control messages only,
+    received by probing (nothing stays posted, so MPI_Finalize finds no pending receive).
+    Errors return instead of aborting: a peer on a dead host must not abort the report.
+    """
+
+    ASK, ANSWER = 901, 902
+
+    def __init__(self, comm):
+        self.MPI = comm.MPI
+        self.channel = comm.world.Dup()
+        self.channel.Set_errhandler(comm.MPI.ERRORS_RETURN)
+        self.rank, self.size = comm.rank, comm.size
+        self.sends = []
+
+    def asks(self):
+        """Ranks that asked for this rank's state since the last call."""
+        asking = []
+        status = self.MPI.Status()
+        try:
+            while self.channel.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.ASK, status=status):
+                source = status.Get_source()
+                self.channel.recv(source=source, tag=self.ASK)
+                asking.append(source)
+        except self.MPI.Exception:
+            pass
+        return asking
+
+    def answer(self, rank, state):
+        try:
+            self.sends.append(self.channel.isend(state, dest=rank, tag=self.ANSWER))
+        except self.MPI.Exception:
+            pass
+
+    def ask_all(self, timeout_s, on_ask):
+        """Ask every other rank for its state; wait up to ``timeout_s`` for the answers while
+        still answering asks (``on_ask(rank)`` is called for each). Returns {rank: state}."""
+        for rank in range(self.size):
+            if rank != self.rank:
+                try:
+                    self.sends.append(self.channel.isend(self.rank, dest=rank, tag=self.ASK))
+                except self.MPI.Exception:
+                    pass
+        answers = {}
+        status = self.MPI.Status()
+        deadline = time.monotonic() + timeout_s
+        while len(answers) < self.size - 1 and time.monotonic() < deadline:
+            for rank in self.asks():
+                on_ask(rank)
+            try:
+                while self.channel.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.ANSWER, status=status):
+                    source = status.Get_source()
+                    answers[source] = self.channel.recv(source=source, tag=self.ANSWER)
+            except self.MPI.Exception:
+                break
+            time.sleep(0.01)
+        return answers

@@ -430,3 +430,8 @@ def env_watchdog_timeout():
 def env_watchdog_dir():
     """HYBRIDPS_WATCHDOG_DIR (where ranks leave their watchdog state), or None when unset."""
     return os.environ.get("HYBRIDPS_WATCHDOG_DIR") or None
+
+
+def env_exchange_trace():
+    """HYBRIDPS_EXCHANGE_TRACE: path prefix of per-rank exchange traces (benchmarks), or None."""
+    return os.environ.get("HYBRIDPS_EXCHANGE_TRACE") or None

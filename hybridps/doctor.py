@@ -290,14 +290,23 @@ def format_report(gathered, size):
     for rank, (_checks, _versions, layout) in enumerate(gathered):
         hosts.setdefault(layout["host"], []).append(rank)
     lines.append(f"hybridps doctor: {size} rank(s) on {len(hosts)} host(s)")
+    layout_problems = []
     for host, ranks in hosts.items():
         layout = gathered[ranks[0]][2]
         slowest = max(gathered[r][2]["alltoallv_ms"] for r in ranks)
         bound = sorted({gathered[r][2]["bound_to"] for r in ranks})
+        local_ranks = sorted(gathered[r][2]["local_rank"] for r in ranks)
+        local_sizes = sorted({gathered[r][2]["local_size"] for r in ranks})
         lines.append(f"  {host}: ranks {_ranges(ranks)}, {layout['cores']} cores (each rank may "
                      f"use {'/'.join(map(str, bound))}), "
-                     f"local rank/size from {layout['source']} ({layout['local_size']} per node), "
-                     f"small alltoallv {slowest:.2f} ms")
+                     f"local rank/size from {layout['source']} (local ranks {_ranges(local_ranks)} "
+                     f"of {'/'.join(map(str, local_sizes))} per node), small alltoallv {slowest:.2f} ms")
+        if local_ranks != list(range(len(ranks))) or local_sizes != [len(ranks)]:
+            layout_problems.append(
+                f"{host} runs {len(ranks)} rank(s) ({_ranges(ranks)}) but the launcher gave them "
+                f"local ranks {local_ranks} and local size(s) {local_sizes}: per-node settings "
+                f"(threads per rank, oversubscription) would be wrong; check how the job was "
+                f"started (hostfile / --hosts / Slurm tasks per node)")
     base_versions = gathered[0][1]
     lines.append("versions (rank 0):")
     for name, value in base_versions.items():
@@ -315,6 +324,11 @@ def format_report(gathered, size):
                 seen.setdefault(("FAIL", f"rank {rank} has {name} {value} but rank 0 has "
                                          f"{base_versions.get(name)}: every node needs the same "
                                          f"software (same venv / modules)"), []).append(rank)
+    for message in layout_problems:
+        seen.setdefault(("FAIL", message), []).extend(range(size))
+    if not layout_problems and len(hosts) > 1:
+        seen.setdefault(("ok", f"local ranks and sizes match the {len(hosts)} hosts the ranks run "
+                               f"on"), []).extend(range(size))
     for (status, message), ranks in seen.items():
         where = "" if len(ranks) == size else f" [rank {_ranges(ranks)}]"
         lines.append(f"  [{status:4s}] {message}{where}")

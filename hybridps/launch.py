@@ -20,7 +20,14 @@ Settings applied (DESIGN.md sections 1 and 7):
     that dies ends the step;
   * Horovod: its stall check shuts Horovod down (every rank then raises, and the job aborts)
     when an allreduce waits longer than the watchdog timeout (at least 30 s) for tensors some
-    ranks never send.
+    ranks never send;
+  * Open MPI on several hosts (``--hosts`` / ``--hostfile``): TCP keepalive on the connections
+    between mpirun and its daemons (``oob_tcp_keepalive_*``: 10 s idle, then 5 probes 2 s
+    apart), so a node that dies or drops off the network ends the job within about 20 s
+    instead of Open MPI's default of 8 minutes (:func:`run_plan` then names the lost host and
+    the ranks that ran there, hybridps.postmortem); and a 4 MiB eager limit for the TCP
+    transport (``btl_tcp_eager_limit``, ``btl_tcp_max_send_size``), which doubled two-way
+    alltoallv throughput over TCP.
 Variables already set in the caller's environment are kept (the user's choice wins).
 """
 import math
@@ -31,16 +38,28 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from hybridps.errors import ConfigError
+
+from hybridps.hosts import (expand_nodelist, local_rank_and_size, parse_hostfile,  # noqa: F401
+                            parse_hosts, slurm_tasks_on_node, _int_or_none)
 
 LAUNCHERS = ("auto", "mpirun", "horovodrun", "srun")
 BINDINGS = ("none", "core")
 MPI_FLAVORS = ("openmpi", "mpich", "intel", "unknown")
 HYBRIDPS_COMMANDS = ("train", "bench", "doctor", "export", "inspect")
 DEFAULT_WATCHDOG_TIMEOUT_S = 300.0
+# Open MPI on several hosts: a lost node is noticed after 10 s without traffic plus 5
+# unanswered probes 2 s apart; messages up to 4 MiB go eagerly over TCP (no rendezvous round
+# trip: alltoallv ran at 0.53 of a 1 Gbit/s link in both directions with the default 64 KiB
+# limit, at 0.95 with 4 MiB, on the network-namespace test bed).
+OPENMPI_MULTI_HOST = {"OMPI_MCA_oob_tcp_keepalive_time": "10", "OMPI_MCA_oob_tcp_keepalive_intvl": "2",
+                      "OMPI_MCA_oob_tcp_keepalive_probes": "5",
+                      "OMPI_MCA_btl_tcp_eager_limit": str(4 << 20),
+                      "OMPI_MCA_btl_tcp_max_send_size": str(4 << 20)}
 _SRUN_PLUGIN = {"openmpi": "pmix", "mpich": "pmi2", "intel": "pmi2", "unknown": "pmix"}
 
 
@@ -71,6 +90,8 @@ class LaunchPlan:
     ranks: int = 0
     ranks_per_node: int = 0
     threads_per_rank: int = 0
+    hosts: List[str] = field(default_factory=list)   # from --hosts / --hostfile
+    multi_host: bool = False
 
     def command_line(self):
         """The plan as one shell line: ``VAR=value ... launcher args`` (copy-pastable)."""
@@ -79,96 +100,12 @@ class LaunchPlan:
 
 
 # ------------------------------------------------------------------ pure readers of the environment
-def local_rank_and_size(environ, rank=0, size=1):
-    """Local rank and local size of this process, from whichever launcher set them.
-
-    Open MPI (``OMPI_COMM_WORLD_LOCAL_*``, also under srun with PMIx) is checked first, then
-    MPICH / Intel MPI Hydra (``MPI_LOCALRANKID``, ``MPI_LOCALNRANKS``), generic PMI
-    (``PMI_LOCAL_RANK``, ``PMI_LOCAL_SIZE``), then Slurm (``SLURM_LOCALID`` with the tasks on
-    this node from ``SLURM_TASKS_PER_NODE`` and ``SLURM_NODEID``). ``mpirun`` inside a Slurm
-    job inherits the batch script's ``SLURM_*`` variables, hence the order.
-
-    Args:
-        environ: a mapping like os.environ.
-        rank, size: the global rank and size, returned when no launcher variable is present.
-    Returns:
-        (local_rank, local_size, source) where source names the variable family used
-        ("openmpi", "hydra", "pmi", "slurm" or "none").
-    """
-    for source, rank_var, size_var in (("openmpi", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-                                       ("hydra", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-                                       ("pmi", "PMI_LOCAL_RANK", "PMI_LOCAL_SIZE")):
-        local_rank = _int_or_none(environ.get(rank_var))
-        if local_rank is not None:
-            local_size = _int_or_none(environ.get(size_var))
-            return local_rank, local_size if local_size else size, source
-    local_rank = _int_or_none(environ.get("SLURM_LOCALID"))
-    if local_rank is not None:
-        local_size = slurm_tasks_on_node(environ)
-        return local_rank, local_size if local_size else size, "slurm"
-    return rank, size, "none"
-
-
-def slurm_tasks_on_node(environ):
-    """Tasks Slurm places on this node: ``SLURM_TASKS_PER_NODE`` (e.g. ``2(x3),1``) indexed by
-    ``SLURM_NODEID``, else ``SLURM_NTASKS_PER_NODE``; None when neither is set."""
-    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
-    if spec:
-        counts = []
-        for part in spec.split(","):
-            match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-            if not match:
-                counts = []
-                break
-            counts += [int(match.group(1))] * int(match.group(2) or 1)
-        node = _int_or_none(environ.get("SLURM_NODEID")) or 0
-        if counts:
-            return counts[min(node, len(counts) - 1)]
-    return _int_or_none(environ.get("SLURM_NTASKS_PER_NODE"))
-
-
-def expand_nodelist(nodelist):
-    """Expand a Slurm host list: ``node[01-03,07],gpu1`` -> node01 node02 node03 node07 gpu1."""
-    hosts = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", nodelist or ""):
-        prefix, ranges, suffix = match.group(1), match.group(2), match.group(3)
-        if not ranges:
-            hosts.append(prefix + suffix)
-            continue
-        for item in ranges.split(","):
-            low, _, high = item.partition("-")
-            width = len(low)
-            for number in range(int(low), int(high or low) + 1):
-                hosts.append(f"{prefix}{number:0{width}d}{suffix}")
-    return hosts
-
-
-def parse_hosts(hosts):
-    """``h1:2,h2:2`` or ``h1,h2`` -> [(host, slots or None)].
-
-    Raises:
-        ConfigError: an entry with a bad slot count.
-    """
-    parsed = []
-    for item in (hosts or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, _, slots = item.partition(":")
-        if slots and not slots.isdigit() or slots == "0":
-            raise ConfigError(f"--hosts entry {item!r}: expected host or host:slots with slots >= 1")
-        parsed.append((name, int(slots) if slots else None))
-    return parsed
-
-
-def _int_or_none(value):
-    value = (value or "").strip()
-    return int(value) if value.isdigit() else None
 
 
 # ------------------------------------------------------------------ the builder
 def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="none",
-               threads_per_rank=0, extra_args=(), environ=None, watchdog_timeout=None):
+               threads_per_rank=0, extra_args=(), environ=None, watchdog_timeout=None,
+               hostfile=None):
     """Build the command and environment that start ``program`` on ``num_ranks`` ranks.
 
     Pure: it reads only its arguments (``environ`` is the caller's environment, used to keep
@@ -181,6 +118,8 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
         launcher: one of LAUNCHERS; "auto" is srun inside a Slurm allocation (when srun and
             a suitable MPI plugin are there), else mpirun.
         hosts: ``"h1:2,h2:2"`` (slots optional), or None for this node / the allocation.
+        hostfile: path of an MPI hostfile (instead of ``hosts``), passed to the launcher as
+            is; read here (:func:`parse_hostfile`) for the ranks per node and the rank count.
         bind: "none" or "core" (``threads_per_rank`` cores per rank).
         threads_per_rank: 0 = cores of the node // ranks per node.
         extra_args: passed to the launcher before the program.
@@ -200,7 +139,19 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
     if not program:
         raise ConfigError("nothing to launch; e.g. hybridps launch -np 2 -- train --steps 100")
     notes = []
+    if hostfile and launcher == "auto":
+        launcher = "mpirun"
+        notes.append("launcher mpirun: a hostfile was given")
     launcher = _choose_launcher(launcher, env, notes)
+    if hostfile and hosts:
+        raise ConfigError("give either --hosts or --hostfile, not both")
+    if hostfile and launcher == "srun":
+        raise ConfigError("--hostfile does not apply to srun: it runs on the nodes of the Slurm "
+                          "allocation (use --hosts to pick some of them, or --launcher mpirun)")
+    host_slots = parse_hostfile(hostfile) if hostfile else parse_hosts(hosts)
+    if num_ranks is None and hostfile and all(s for _, s in host_slots):
+        num_ranks = sum(s for _, s in host_slots)
+        notes.append(f"{num_ranks} ranks: the slots of {hostfile}")
     if num_ranks is None:
         if not env.slurm_ntasks:
             raise ConfigError("give the number of ranks with -np N (outside a Slurm allocation "
@@ -209,7 +160,6 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
         notes.append(f"{num_ranks} ranks: the tasks of this Slurm allocation (SLURM_NTASKS)")
     if num_ranks < 1:
         raise ConfigError(f"-np {num_ranks}: need at least 1 rank")
-    host_slots = parse_hosts(hosts)
     if not host_slots and launcher == "horovodrun" and len(env.slurm_nodes) > 1:
         per_node = env.slurm_tasks_per_node or math.ceil(num_ranks / len(env.slurm_nodes))
         host_slots = [(h, per_node) for h in env.slurm_nodes]
@@ -218,7 +168,8 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
         even = math.ceil(num_ranks / len(host_slots))
         host_slots = [(h, s or even) for h, s in host_slots]
         if sum(s for _, s in host_slots) < num_ranks:
-            raise ConfigError(f"--hosts {hosts!r} has {sum(s for _, s in host_slots)} slots for "
+            source = f"--hostfile {hostfile}" if hostfile else f"--hosts {hosts!r}"
+            raise ConfigError(f"{source} has {sum(s for _, s in host_slots)} slots for "
                               f"{num_ranks} ranks; add hosts or slots (host:slots)")
         ranks_per_node = min(max(s for _, s in host_slots), num_ranks)
     elif env.in_slurm and (env.slurm_tasks_per_node or len(env.slurm_nodes) > 1):
@@ -248,6 +199,13 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
     # Floors of 15 / 30 s: ranks reach Horovod's first broadcast seconds apart at start-up.
     env_vars["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(int(max(15, min(60, timeout / 2))))
     env_vars["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(int(max(30, timeout)))
+    multi_host = len({h for h, _ in host_slots}) > 1 or (env.in_slurm and len(env.slurm_nodes) > 1)
+    if multi_host and openmpi:
+        keepalive = launcher in ("mpirun", "horovodrun")     # srun watches its nodes itself
+        env_vars.update({k: v for k, v in OPENMPI_MULTI_HOST.items() if keepalive or "btl_tcp" in k})
+        notes.append("several hosts: " + ("TCP keepalive between mpirun and its daemons (a lost "
+                                          "node ends the job in about 20 s); " if keepalive else "")
+                     + "4 MiB eager limit for Open MPI's TCP transport")
     kept = sorted(name for name in env_vars if name in environ)
     for name in kept:
         del env_vars[name]
@@ -260,12 +218,16 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
         argv = _horovodrun_argv(env, num_ranks, host_slots, bind, threads, oversubscribed)
     elif openmpi:
         argv = _openmpi_argv(env, num_ranks, host_slots, bind, threads, oversubscribed,
-                             list(env_vars) + list(kept), environ)
+                             list(env_vars) + list(kept), environ, hostfile)
     else:
-        argv = _hydra_argv(env, num_ranks, host_slots, bind, env_vars)
+        argv = _hydra_argv(env, num_ranks, host_slots, bind, env_vars, hostfile)
+    if launcher == "horovodrun" and hostfile:
+        at = argv.index("-H")
+        argv[at:at + 2] = ["--hostfile", hostfile]
     argv += list(extra_args) + list(program)
     return LaunchPlan(launcher=launcher, argv=argv, env=env_vars, notes=notes, ranks=num_ranks,
-                      ranks_per_node=ranks_per_node, threads_per_rank=threads)
+                      ranks_per_node=ranks_per_node, threads_per_rank=threads,
+                      hosts=[h for h, _ in host_slots], multi_host=multi_host)
 
 
 def _choose_launcher(launcher, env, notes):
@@ -303,9 +265,12 @@ def _binding_words(bind, threads, dash="--"):
     return [f"{dash}bind-to", "none", f"{dash}map-by", "slot"]
 
 
-def _openmpi_argv(env, num_ranks, host_slots, bind, threads, oversubscribed, exported, environ):
+def _openmpi_argv(env, num_ranks, host_slots, bind, threads, oversubscribed, exported, environ,
+                  hostfile=None):
     argv = [env.mpirun, "-np", str(num_ranks)]
-    if host_slots:
+    if hostfile:
+        argv += ["--hostfile", hostfile]
+    elif host_slots:
         argv += ["--host", ",".join(f"{h}:{s}" for h, s in host_slots)]
     if oversubscribed:
         argv.append("--oversubscribe")
@@ -320,9 +285,11 @@ def _openmpi_argv(env, num_ranks, host_slots, bind, threads, oversubscribed, exp
     return argv
 
 
-def _hydra_argv(env, num_ranks, host_slots, bind, env_vars):
+def _hydra_argv(env, num_ranks, host_slots, bind, env_vars, hostfile=None):
     argv = [env.mpirun, "-n", str(num_ranks)]
-    if host_slots:
+    if hostfile:
+        argv += ["-f", hostfile]
+    elif host_slots:
         argv += ["-hosts", ",".join(f"{h}:{s}" for h, s in host_slots)]
     argv += ["-bind-to", "core" if bind == "core" else "none"]
     for name, value in sorted(env_vars.items()):
@@ -420,6 +387,10 @@ def run_plan(plan, stream=None, dry_run=False):
     (mpirun forwards SIGUSR1/2 to every rank: ``kill -USR1`` prints each rank's Python stack).
     Ctrl-C reaches the launcher through the terminal's process group. A launcher killed by a
     signal gives 128 + the signal number.
+
+    On several hosts the launcher's stderr passes through a pipe, unchanged, into
+    hybridps.postmortem's scanner: when the job fails because a host was lost, a last line
+    names the host and the ranks that ran there.
     """
     stream = stream or sys.stdout
     for note in plan.notes:
@@ -428,10 +399,20 @@ def run_plan(plan, stream=None, dry_run=False):
     stream.flush()
     if dry_run:
         return 0
+    scanner = None
     try:
-        child = subprocess.Popen(plan.argv, env=dict(os.environ, **plan.env))
+        if plan.multi_host:
+            from hybridps.postmortem import FailureScanner
+            scanner = FailureScanner()
+            child = subprocess.Popen(plan.argv, env=dict(os.environ, **plan.env), stderr=subprocess.PIPE)
+        else:
+            child = subprocess.Popen(plan.argv, env=dict(os.environ, **plan.env))
     except OSError as exc:
         raise ConfigError(f"could not start {plan.argv[0]}: {exc}") from None
+    copier = None
+    if scanner is not None:
+        copier = threading.Thread(target=_copy_stderr, args=(child.stderr, scanner), daemon=True)
+        copier.start()
     previous = {}
 
     def forward(signum, _frame):
@@ -446,7 +427,34 @@ def run_plan(plan, stream=None, dry_run=False):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 128 - code if code < 0 else code
+    code = 128 - code if code < 0 else code
+    if copier is not None:
+        copier.join(timeout=10)
+        for line in scanner.summary(code):
+            sys.stderr.write(f"hybridps launch: {line}\n")
+        sys.stderr.flush()
+    return code
+
+
+def _copy_stderr(pipe, scanner):
+    """Pass the launcher's stderr through unchanged (as it arrives) and scan it."""
+    out = getattr(sys.stderr, "buffer", None)
+    fd = pipe.fileno()
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        if out is not None:
+            out.write(data)
+            out.flush()
+        else:
+            sys.stderr.write(data.decode("utf-8", "replace"))
+            sys.stderr.flush()
+        scanner.feed(data.decode("utf-8", "replace"))
+    pipe.close()
 
 
 def add_arguments(parser):
@@ -455,6 +463,8 @@ def add_arguments(parser):
                         help="number of ranks (default inside Slurm: all tasks of the allocation)")
     parser.add_argument("--hosts", "-H", help="host list, e.g. node1:4,node2:4 (default: this node "
                                               "or the Slurm allocation)")
+    parser.add_argument("--hostfile", help="MPI hostfile ('host slots=N' lines); -np defaults to "
+                                           "its slots")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="auto",
                         help="auto: srun inside a Slurm allocation, else mpirun")
     parser.add_argument("--bind", choices=BINDINGS, default="none",
@@ -481,7 +491,7 @@ def main(args):
     environment = detect_environment()
     timeout = args.watchdog_timeout or train_watchdog_timeout(program_args) or env_watchdog_timeout()
     plan = build_plan(hybridps_program(program_args), environment, num_ranks=args.num_ranks,
-                      launcher=args.launcher, hosts=args.hosts, bind=args.bind,
+                      launcher=args.launcher, hosts=args.hosts, hostfile=args.hostfile, bind=args.bind,
                       threads_per_rank=args.threads_per_rank, extra_args=args.launcher_args,
                       environ=os.environ, watchdog_timeout=timeout)
     return run_plan(plan, dry_run=args.dry_run)

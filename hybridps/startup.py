@@ -13,6 +13,7 @@ from hybridps import config as config_module
 from hybridps.data.stats import (combine_data_stats, data_file_differences, skipped_lines_summary,
                                  small_share_warning)
 from hybridps.errors import ConfigError, DataError
+from hybridps.shared_dir import require_shared
 
 
 def check_same_config(comm, config):
@@ -52,6 +53,9 @@ def check_output_paths(comm, config):
 
     if by_message:
         raise ConfigError("; ".join(m + where(r) for m, r in by_message.items()))
+    # checkpoints and deltas are written by every rank into one directory: all must see it
+    require_shared(comm, {"--checkpoint-dir": config.checkpoint_dir,
+                          "--delta-export-dir": config.delta_export_dir})
 
 
 def check_data(comm, config, dataset):

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from hybridps import config as config_module
-from hybridps import startup, watchdog
+from hybridps import exchange_trace, startup, watchdog
 from hybridps.backends import factory
 from hybridps.metrics import Progress, RunRecord, summarize_run, write_summary
 
@@ -119,14 +119,17 @@ class Trainer:
         if c.loader_delay_ms > 0 and self.rank == c.delay_rank:
             batches = _delayed(batches, c.loader_delay_ms / 1000.0)
         fences = self._consistent_points()
+        exchange_trace.start()                 # benchmarks: HYBRIDPS_EXCHANGE_TRACE
         self.backend.start(batches, start_step=first, fence_steps=fences)
         timer = record.timer
         timer.start()
         for step in range(first, c.steps):
+            watchdog.mark("step")              # exchange traces only (benchmarks)
             if step == first + c.warmup_steps:
                 freeze_python_heap()
                 record.steady_start = time.perf_counter()
                 timer.restart()
+                watchdog.mark("steady_start")
             if step == c.fail_at_step and self.rank == c.fail_rank:
                 raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
                                    f"(fail_at_step testing aid)")
@@ -151,6 +154,7 @@ class Trainer:
                                 (step + 1 - first) * c.batch_size * self.compute_ranks / max(elapsed, 1e-9))
         self.backend.finish()     # every pushed gradient and dense update is applied after this
         record.finished = time.perf_counter()
+        watchdog.mark("train_end")
         self._at_step_boundary(c.steps, end=True)
         return self._summarize(record)
 
@@ -202,6 +206,9 @@ class Trainer:
             dense_parameters=sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
             data_stats=self.dataset.stats() if callable(getattr(self.dataset, "stats", None)) else None,
             resume_messages=self.resume_messages)
+        steps_run = c.steps - self.start_step
+        exchange_trace.write(self.rank, steps_run - c.warmup_steps if record.steady_start else steps_run,
+                             {"mode": c.mode.value, "sync": c.sync.value, "server": self.backend.serves})
         if c.dump_state:
             from hybridps.checkpoint.dump import dump_state
             state = self.backend.state()

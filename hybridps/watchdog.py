@@ -5,21 +5,29 @@ of its collectives (it records name and start time of the calling thread's curre
 collective: two dict operations, no lock, no thread wake-up); the watchdog thread, one per
 rank, which polls every ``POLL_INTERVAL_S``; :func:`configure` (the timeout, from
 ``TrainConfig.watchdog_timeout`` or ``HYBRIDPS_WATCHDOG_TIMEOUT``); and the cross-rank dump.
-What does not: MPI itself (hybridps.comm hands :func:`start` its abort function) and any
-training logic.
+What does not: MPI itself (hybridps.comm hands :func:`start` its abort function and the
+channel to the other ranks' watchdogs) and any training logic.
 
-Which ranks are stuck where, without relying on the stuck collective: each rank's watchdog
-thread writes its current state (collective or "not in a collective", step, Python stack) to
-``rank<R>.json`` in a state directory once a state has lasted a quarter of the timeout
-(0.5 to 10 s; at most twice a second, never per call), and refreshes the file at least that
-often whatever it is doing (normal training included: one small write every 0.5-10 s), so a
-file that has not been refreshed for much longer belongs to a rank whose watchdog thread does
-not run: a stopped rank (SIGSTOP, a debugger) or one hung outside Python (a C call holding the
-GIL). The rank that trips reads every rank's file, prints them once (a stale one marked as
-such, with the process state when it runs on this node), and calls MPI_Abort. The directory
-is ``HYBRIDPS_WATCHDOG_DIR`` when set (use a shared file system to see ranks of other nodes),
-else ``<tmp>/hybridps-watchdog-<job key>`` on each node. A rank's file is removed when it
-exits normally.
+Which ranks are stuck where, without relying on the stuck collective: the rank that trips
+asks every other rank for its state (collective or "not in a collective", step, Python stack)
+over a point-to-point channel of the watchdogs' own (hybridps.comm.WatchdogPeers: MPI
+messages on a duplicate communicator, which each rank's watchdog thread answers when it
+polls), waits up to ``ASK_TIMEOUT_S`` for the answers, prints them once and calls MPI_Abort.
+So the report needs no shared directory: ranks on other hosts answer over the network, and a
+rank that does not answer is named with its host (down, unreachable, or stuck outside Python).
+Only one rank reports: the first to trip; a rank that was asked for its state before it
+tripped, or by a lower rank while it was asking, leaves the report to the asker.
+
+State files, as well: each rank's watchdog thread writes its state to ``rank<R>.json`` in a
+state directory once a state has lasted a quarter of the timeout (0.5 to 10 s; at most twice
+a second, never per call), and refreshes the file at least that often whatever it is doing
+(normal training included: one small write every 0.5-10 s), so a file that has not been
+refreshed for much longer belongs to a rank whose watchdog thread does not run: a stopped rank
+(SIGSTOP, a debugger) or one hung outside Python (a C call holding the GIL). The report uses a
+rank's file when the rank did not answer, a stale one marked as such (with the process state
+when it runs on this node). The directory is ``HYBRIDPS_WATCHDOG_DIR`` when set, else
+``<tmp>/hybridps-watchdog-<job key>`` on each node. A rank's file is removed when it exits
+normally.
 
 The step shown is the one given to :func:`set_step`, or else the integer local variable
 ``step`` of the innermost frame of the stuck thread's stack that has one (the training loop
@@ -38,6 +46,7 @@ import traceback
 POLL_INTERVAL_S = 0.5
 DEFAULT_TIMEOUT_S = 300.0
 EXIT_CODE = 124                 # MPI_Abort error code of a watchdog abort (as timeout(1))
+ASK_TIMEOUT_S = 2.0             # how long the tripping rank waits for the other ranks' states
 _STACK_FRAMES = 6
 
 _get_ident = threading.get_ident
@@ -48,6 +57,9 @@ _active = {}
 # [name, end monotonic] of the last collective that completed on any thread
 _last = [None, 0.0]
 _explicit_step = [None]
+# While exchange tracing is on (hybridps.exchange_trace, benchmarks only): a deque that every
+# collective appends (name, thread name, start, end) to.
+_trace = [None]
 
 
 class collective:
@@ -55,7 +67,7 @@ class collective:
 
     Cheap enough for every call (an object, two dict operations); nesting is allowed.
     """
-    __slots__ = ("name", "_tid", "_outer")
+    __slots__ = ("name", "_tid", "_outer", "_start")
 
     def __init__(self, name):
         self.name = name
@@ -63,7 +75,8 @@ class collective:
     def __enter__(self):
         tid = self._tid = _get_ident()
         self._outer = _active.get(tid)
-        _active[tid] = (self.name, _monotonic())
+        self._start = _monotonic()
+        _active[tid] = (self.name, self._start)
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -72,8 +85,35 @@ class collective:
         else:
             _active[self._tid] = self._outer
         _last[0] = self.name
-        _last[1] = _monotonic()
+        end = _last[1] = _monotonic()
+        if _trace[0] is not None:
+            _trace[0].append((self.name, threading.current_thread().name, self._start, end))
         return False
+
+
+class traced:
+    """``with traced("dense_wait"): ...`` records a span in the exchange trace only (no watchdog
+    state; nothing at all when tracing is off)."""
+    __slots__ = ("name", "_start")
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self._start = _monotonic()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if _trace[0] is not None:
+            _trace[0].append((self.name, threading.current_thread().name, self._start, _monotonic()))
+        return False
+
+
+def mark(name):
+    """Record an instant event in the exchange trace (nothing when tracing is off)."""
+    if _trace[0] is not None:
+        now = _monotonic()
+        _trace[0].append((name, threading.current_thread().name, now, now))
 
 
 def set_step(step):
@@ -82,8 +122,11 @@ def set_step(step):
 
 
 class _Watchdog:
-    def __init__(self, rank, size, abort, state_dir, job_key):
+    def __init__(self, rank, size, abort, state_dir, job_key, peers=None, hosts=None):
         self.rank, self.size = rank, size
+        self.peers = peers              # hybridps.comm.WatchdogPeers, or None
+        self.hosts = hosts              # host name of every rank, or None
+        self.asked_at = {}              # rank -> monotonic time it last asked for our state
         self.job_key = job_key
         self.owns_dir = False            # True for the default directory (removed when empty)
         self.abort = abort
@@ -101,6 +144,9 @@ class _Watchdog:
         while not self.stop_event.wait(POLL_INTERVAL_S):
             timeout_s = self.timeout()
             now = _monotonic()
+            if self.peers is not None:
+                for rank in self.peers.asks():
+                    self._answer(rank)
             snapshot = list(_active.items())
             for tid, (name, started) in snapshot:
                 if now - started > timeout_s:
@@ -153,13 +199,16 @@ class _Watchdog:
             state["main"] = {"step": _step_of(frame), "where": _where(frame)}
         return state
 
-    def _write_state(self, snapshot, now):
+    def _safe_state(self, snapshot, now):
         try:
-            state = self._state(snapshot, now)
+            return self._state(snapshot, now)
         except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
             # a frame that vanished while being read; never let the watchdog take a rank down
-            state = {"rank": self.rank, "size": self.size, "job": self.job_key, "host": self.host,
-                     "pid": os.getpid(), "written": time.time(), "collectives": [], "last": None}
+            return {"rank": self.rank, "size": self.size, "job": self.job_key, "host": self.host,
+                    "pid": os.getpid(), "written": time.time(), "collectives": [], "last": None}
+
+    def _write_state(self, snapshot, now):
+        state = self._safe_state(snapshot, now)
         tmp = f"{self.state_path}.tmp"
         try:
             os.makedirs(self.state_dir, exist_ok=True)
@@ -182,25 +231,48 @@ class _Watchdog:
             except OSError:
                 pass
 
+    def _answer(self, rank):
+        self.asked_at[rank] = _monotonic()
+        self.peers.answer(rank, self._safe_state(list(_active.items()), _monotonic()))
+
     # ---------------------------------------------------------------- tripping
     def _trip(self, tid, name, started, now, timeout_s):
+        started_wall = time.time() - (now - started)
         mine = self._write_state(list(_active.items()), now)
         stuck = next((c for c in mine["collectives"] if c["name"] == name), {"step": None})
         step = f" (step {stuck['step']})" if stuck.get("step") is not None else ""
-        first = self._claim_report()
+        states = {self.rank: mine}
+        if self.peers is not None:
+            # Asked before tripping: the asker reports. Else ask; of two ranks asking at once,
+            # the lower one reports.
+            first = not any(now - t < timeout_s for t in self.asked_at.values())
+            lower_asked = []
+
+            def on_ask(rank):
+                self._answer(rank)
+                if rank < self.rank:
+                    lower_asked.append(rank)
+
+            if first:
+                states.update(self.peers.ask_all(ASK_TIMEOUT_S, on_ask))
+                first = not lower_asked
+            source = f"answers over MPI; files in {self.state_dir} for ranks that did not answer"
+        else:
+            first = self._claim_report()
+            source = f"from {self.state_dir}"
         if first:
             lines = [f"{self.prefix} watchdog: stuck for {now - started:.1f}s in {name}{step} "
-                     f"started at {_clock(time.time() - (now - started))} (timeout {timeout_s:g}s: "
+                     f"started at {_clock(started_wall)} (timeout {timeout_s:g}s: "
                      f"watchdog_timeout / HYBRIDPS_WATCHDOG_TIMEOUT); aborting the whole job.",
-                     f"{self.prefix} watchdog: state of every rank (from {self.state_dir}):"]
-            lines += self._describe_all_ranks()
+                     f"{self.prefix} watchdog: state of every rank ({source}):"]
+            lines += self._describe_all_ranks(states)
             lines.append(f"{self.prefix} watchdog: a rank 'not in a collective' while the others "
                          f"wait is the one to look at (slow data, a hang, or code paths that "
                          f"differ between ranks); raise watchdog_timeout if the wait is legitimate.")
             sys.stderr.write("\n".join(lines) + "\n")
             sys.stderr.flush()
         else:
-            # Another rank of this node reported first and is aborting the job; give it time.
+            # Another rank reports and is aborting the job; give it time.
             self.stop_event.wait(5.0)
         try:
             self.abort(EXIT_CODE)
@@ -218,19 +290,27 @@ class _Watchdog:
         os.close(fd)
         return True
 
-    def _describe_all_ranks(self):
+    def _describe_all_ranks(self, states):
         lines = []
         for rank in range(self.size):
             path = os.path.join(self.state_dir, f"rank{rank}.json")
-            try:
-                with open(path) as fh:
-                    state = json.load(fh)
-            except (OSError, ValueError):
-                state = None
+            state = states.get(rank)
+            if state is None:
+                try:
+                    with open(path) as fh:
+                        state = json.load(fh)
+                except (OSError, ValueError):
+                    state = None
             if state is None or state.get("job") != self.job_key:
-                lines.append(f"  rank {rank}: no state (on another node without a shared "
-                             f"HYBRIDPS_WATCHDOG_DIR, or exited, or no state lasted "
-                             f"{_write_after(self.timeout()):g}s)")
+                host = f" ({self.hosts[rank]})" if self.hosts else ""
+                if self.peers is not None:
+                    lines.append(f"  rank {rank}{host}: no answer within {ASK_TIMEOUT_S:g}s and no "
+                                 f"state file: its host{host} is down or unreachable, or the "
+                                 f"process exited or is stuck outside Python")
+                else:
+                    lines.append(f"  rank {rank}: no state (on another node without a shared "
+                                 f"HYBRIDPS_WATCHDOG_DIR, or exited, or no state lasted "
+                                 f"{_write_after(self.timeout()):g}s)")
                 continue
             try:
                 lines.append(describe_state(state))
@@ -324,13 +404,17 @@ def _step_of(frame):
 _STATE = {"watchdog": None}
 
 
-def start(rank, size, abort, job_key):
+def start(rank, size, abort, job_key, peers=None, hosts=None):
     """Start this rank's watchdog thread (hybridps.comm.init calls it once, with size > 1).
 
     Args:
         rank, size: this process' rank and the world size.
         abort: callable(error_code) that aborts the whole job (MPI_Abort).
         job_key: a string equal on every rank of the job (names the default state directory).
+        peers: the channel to ask other ranks for their state (hybridps.comm.WatchdogPeers:
+            ``asks()``, ``answer(rank, state)``, ``ask_all(timeout_s, on_ask)``), or None to
+            rely on state files only.
+        hosts: host name of every rank (named for ranks that do not answer), or None.
     Returns:
         the watchdog (an internal object); :func:`configure` sets its timeout.
     """
@@ -339,7 +423,7 @@ def start(rank, size, abort, job_key):
     from hybridps.config import env_watchdog_dir
     user_dir = env_watchdog_dir()
     state_dir = user_dir or os.path.join(tempfile.gettempdir(), f"hybridps-watchdog-{job_key}")
-    watchdog = _Watchdog(rank, size, abort, state_dir, job_key)
+    watchdog = _Watchdog(rank, size, abort, state_dir, job_key, peers=peers, hosts=hosts)
     watchdog.owns_dir = not user_dir
     watchdog.timeout_s = _STATE.get("timeout_s")
     watchdog.remove_state()             # a stale file of an earlier job in a reused directory

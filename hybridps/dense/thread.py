@@ -7,6 +7,7 @@ them; the measured dense lag. What does not: the arithmetic (DenseSync).
 import collections
 import threading
 
+from hybridps import watchdog
 from hybridps.errors import HybridPSError
 
 
@@ -71,7 +72,8 @@ class DenseAllreduceThread:
                 if self.applied >= need:
                     return
                 if not self.reduced:
-                    self.cond.wait(0.1)
+                    with watchdog.traced("dense_wait"):     # exchange traces (benchmarks)
+                        self.cond.wait(0.1)
 
     def record_lag(self, step):
         """Count how many of the latest steps' dense updates the TF step ``step`` misses (0: it

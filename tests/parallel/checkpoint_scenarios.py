@@ -78,7 +78,7 @@ def scenario_save(comm, out):
 
 def scenario_restore(comm, out, ps_servers=0):
     tables = make_tables()
-    if ps_servers:        # the last ps_servers ranks serve (hybridps.ps.PSRoles)
+    if ps_servers:        # the last ps_servers ranks serve (hybridps.backends.ps.protocol.PSRoles)
         workers = comm.size - ps_servers
         shard = (comm.rank - workers, ps_servers) if comm.rank >= workers else ckpt.NO_SHARD
         owner, owners = comm.rank - workers, ps_servers

@@ -8,6 +8,7 @@ rules (the server), the exchange plan (hybridps.sparse).
 """
 import numpy as np
 
+from hybridps import watchdog
 from hybridps.backends.ps.protocol import (HEADER_LEN, TAG_COUNTS, TAG_DENSE_GRADS, TAG_HEADER,
                                            TAG_INIT_DENSE, TAG_INIT_OPTIMIZER, TAG_KEYS,
                                            TAG_REPLY_DENSE, TAG_REPLY_ROWS, TAG_ROW_GRADS, header)
@@ -31,9 +32,15 @@ class Pending:
         """Drop the completed requests (without waiting)."""
         self.items = [(r, b) for r, b in self.items if not self.comm.test(r)]
 
-    def wait(self):
+    def wait(self, name=None):
+        """Wait for every request; ``name`` runs the wait under the collective watchdog (a
+        worker waiting for a dead server trips it instead of hanging)."""
         if self.items:
-            self.comm.waitall([r for r, _ in self.items])
+            if name is None:
+                self.comm.waitall([r for r, _ in self.items])
+            else:
+                with watchdog.collective(name):
+                    self.comm.waitall([r for r, _ in self.items])
             self.items = []
 
 

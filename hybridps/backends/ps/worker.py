@@ -13,6 +13,7 @@ optimizer state (fresh, or restored from a checkpoint into ``initial_optimizer``
 """
 import numpy as np
 
+from hybridps import watchdog
 from hybridps._kernels import permute_blocks
 from hybridps.backends.base import Backend, BackendState, shard_stats
 from hybridps.backends.ps.dense_optimizer import NumpyDenseOptimizer
@@ -87,7 +88,7 @@ class PSWorkerBackend(Backend):
     def pull(self, step):
         batch = next(self.batches)
         plan = plan_batch(self.layout, batch, self.roles.num_servers, self.config.num_buckets, step)
-        self.pending.wait()
+        self.pending.wait("ps_push")
         counts = plan.send_counts
         key_offsets = np.concatenate([[0], np.cumsum(counts.sum(1))])
         elements = OwnerShard.elements(counts, self.shard.dims)
@@ -123,6 +124,7 @@ class PSWorkerBackend(Backend):
                                      int(key_offsets[s + 1] - key_offsets[s]),
                                      grads[elem_offsets[s]:elem_offsets[s + 1]],
                                      self._dense_grads[a:b], self.pending)
+        watchdog.mark("ps_push_posted")
         self.row_grads_pushed += plan.keys_sent
         self.bytes_sent += grads.nbytes + self._dense_grads.nbytes
 
@@ -156,7 +158,7 @@ class PSWorkerBackend(Backend):
         flat = np.empty(sum(self.sizes), dtype=np.float32)
         for server, (a, b) in zip(self.roles.server_ranks, self.chunks):
             self.transport.post_dense(server, flat[a:b], requests)
-        requests.wait()
+        requests.wait("ps_pull")
         return flat
 
     def _flat_dense(self):
