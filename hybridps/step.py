@@ -91,6 +91,16 @@ def sample_inputs(tf, schema, batch=1):
     return inputs
 
 
+class _RecordingInputs(dict):
+    """The sample input dict; remembers a key the model asks for that it does not hold (Keras
+    rebuilds a dict input as the same type, so the subclass reaches the model's call)."""
+    missing = []
+
+    def __missing__(self, key):
+        _RecordingInputs.missing.append(key)
+        raise KeyError(key)
+
+
 def build_on_sample(tf, model, schema):
     """Call the model once on zero inputs, so its weights exist, and check the contract: a
     model that reads an input the schema does not provide, or returns another shape than (B,)
@@ -100,11 +110,13 @@ def build_on_sample(tf, model, schema):
         ConfigError: naming the missing input (and the inputs there are) or the bad shape.
     """
     from hybridps.errors import ConfigError
-    inputs = sample_inputs(tf, schema, batch=2)
+    inputs = _RecordingInputs(sample_inputs(tf, schema, batch=2))
+    _RecordingInputs.missing = []
     try:
         outputs = model(inputs, training=False)
-    except KeyError as exc:
-        raise ConfigError(f"the model reads the input {exc.args[0]!r}, which the schema does not "
+    except KeyError as exc:   # Keras rewrites the message; the recorded key is the one read
+        name = _RecordingInputs.missing[0] if _RecordingInputs.missing else exc.args[0]
+        raise ConfigError(f"the model reads the input {name!r}, which the schema does not "
                           f"provide; its inputs are {sorted(inputs)} (dense features in "
                           f"inputs['dense'])") from None
     shape = tuple(getattr(outputs, "shape", ()))

@@ -76,3 +76,14 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
         assert json.load(fh)["cases"] == report["cases"]
     assert (tmp_path / "train.md").read_text().count("|") > 20
     assert os.path.getsize(tmp_path / "train.png") > 1000
+
+
+def test_bench_train_multihot_workload(tmp_path, mpi_env):
+    from hybridps.bench.train import run_train_bench
+    report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
+                             dim=4, vocab_size=500, timeout=240, workload="multihot")
+    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "hybridps-asp", "compute-ceiling"]
+    for case in report["cases"]:
+        assert math.isfinite(case["final_loss"]) and case["samples_per_s"] > 0
+    assert report["ratios"]["vs_ceiling"] > 0 and report["ratios"]["vs_tf_baseline"] is None
+    assert [f["pooling"] for f in report["settings"]["features"]["sparse"][26:]] == ["mean"] * 3 + ["none"]

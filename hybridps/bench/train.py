@@ -31,6 +31,27 @@ OVERSUBSCRIBE_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1", "OMP_NUM_THREADS": "1"
                      "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 TARGETS = {"vs_tf_baseline": 5.0, "vs_ceiling": 0.60, "asp_vs_bsp": 1.2, "ssp1_vs_bsp": 1.1}
+
+
+def multihot_features(num_fields=26, num_dense=13, dim=16, multi_hot=3, max_len=50):
+    """The ``features:`` schema of the multihot workload: ``num_fields`` single-valued fields in
+    one table (each its own key space, as the Criteo preset keeps its fields apart), ``multi_hot``
+    mean-pooled list fields in a second table, one sequence of at most ``max_len`` ids in a
+    third; every table at ``dim`` (DeepFM's FM term needs one dim). List lengths follow the
+    synthetic generator's law (mean list_mean_length 10, at most list_max_length 50)."""
+    return {"label": "label",
+            "dense": [{"name": f"I{i + 1}"} for i in range(num_dense)],
+            "sparse": ([{"name": f"C{i + 1}", "table": "fields", "key_space": f"C{i + 1}"}
+                        for i in range(num_fields)]
+                       + [{"name": f"tags{i + 1}", "table": "tags", "pooling": "mean",
+                           "key_space": f"tags{i + 1}"} for i in range(multi_hot)]
+                       + [{"name": "history", "table": "items", "pooling": "none", "max_len": max_len}]),
+            "tables": {"fields": {"dim": dim}, "tags": {"dim": dim}, "items": {"dim": dim}}}
+
+
+# Cases per workload (the multihot workload has no TF baseline: a fixed Embedding layer has no
+# pooling of lists in the baseline program).
+WORKLOADS = {"criteo": None, "multihot": ("hybridps-bsp", "hybridps-asp", "compute-ceiling")}
 STRAGGLER_MS = 15.0      # about a quarter of a DeepFM step at batch 4096 on this machine
 
 
@@ -45,6 +66,10 @@ def add_arguments(parser):
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per case")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every case this many times (round-robin); report the median run")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="criteo",
+                        help="criteo: 26 single-valued fields (DESIGN.md section 9); multihot: 26 "
+                             "single-valued fields, 3 mean-pooled multi-hot fields and a sequence")
+    parser.add_argument("--cases", help="comma-separated case names to run (default: all of the workload)")
 
 
 def _mpirun(ranks, argv, timeout):
@@ -80,11 +105,17 @@ def run_rounds(plan, repeats, run_case):
 
 
 def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4096, dim=16,
-                    vocab_size=100_000, timeout=1200, repeats=1):
-    """Run every case (``repeats`` rounds); returns the train.json object."""
+                    vocab_size=100_000, timeout=1200, repeats=1, workload="criteo", cases=None):
+    """Run every case (``repeats`` rounds) of a workload; returns the train.json object."""
     os.makedirs(out_dir, exist_ok=True)
     common = ["--steps", str(steps), "--warmup-steps", str(warmup_steps), "--batch-size",
               str(batch_size), "--dim", str(dim), "--vocab-size", str(vocab_size)]
+    if workload == "multihot":
+        import yaml
+        config = os.path.join(out_dir, "multihot.yaml")
+        with open(config, "w") as fh:
+            yaml.safe_dump({"features": multihot_features(dim=dim)}, fh, sort_keys=False)
+        common += ["--config", config]
     cases = []
     train = ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
              "--mode", "collective", "--optimizer", "adagrad", "--no-progress"]
@@ -103,6 +134,12 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         ("tf-baseline", ["-m", "hybridps.bench.train_worker", "tf-baseline"]),
         ("compute-ceiling", ["-m", "hybridps.bench.train_worker", "ceiling"]),
     ]
+    wanted = set(cases.split(",")) if cases else WORKLOADS[workload]
+    if wanted is not None:
+        unknown = sorted(set(wanted) - {name for name, _ in plan})
+        if unknown:
+            raise SystemExit(f"bench train: unknown case(s) {unknown}; cases: {[n for n, _ in plan]}")
+        plan = [(name, argv) for name, argv in plan if name in wanted]
 
     def run_case(name, argv):
         result_path = os.path.join(out_dir, f"{name}.json")
@@ -129,26 +166,32 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
             case["bytes_per_step"] = (result["exchange"]["bytes_sent_per_step"]
                                       + result["exchange"]["bytes_received_per_step"])
         cases.append(case)
-    by_name = {c["name"]: c for c in cases}
-    ours = by_name["hybridps-bsp"]["samples_per_s"]
-    ceiling = by_name["compute-ceiling"]["samples_per_s"]
+    by_name = {c["name"]: c["samples_per_s"] for c in cases}
+    ours, ceiling = by_name.get("hybridps-bsp"), by_name.get("compute-ceiling")
     for case in cases:
-        case["fraction_of_ceiling"] = case["samples_per_s"] / ceiling
-        case["vs_bsp"] = case["samples_per_s"] / ours
-    ratios = {"vs_tf_baseline": ours / by_name["tf-baseline"]["samples_per_s"],
-              "vs_ceiling": ours / ceiling,
-              "asp_vs_bsp": by_name["hybridps-asp"]["samples_per_s"] / ours,
-              "ssp1_vs_bsp": by_name["hybridps-ssp1"]["samples_per_s"] / ours}
-    straggling_bsp = by_name["hybridps-bsp-straggler"]["samples_per_s"]
-    informational = {"ssp1_dense1_vs_bsp": by_name["hybridps-ssp1-dense1"]["samples_per_s"] / ours,
-                     "ssp1_vs_bsp_with_straggler": by_name["hybridps-ssp1-straggler"]["samples_per_s"] / straggling_bsp,
-                     "asp_vs_bsp_with_straggler": by_name["hybridps-asp-straggler"]["samples_per_s"] / straggling_bsp}
+        case["fraction_of_ceiling"] = case["samples_per_s"] / ceiling if ceiling else None
+        case["vs_bsp"] = case["samples_per_s"] / ours if ours else None
+
+    def ratio(a, b):
+        return by_name[a] / by_name[b] if a in by_name and b in by_name else None
+
+    ratios = {"vs_tf_baseline": ratio("hybridps-bsp", "tf-baseline"),
+              "vs_ceiling": ratio("hybridps-bsp", "compute-ceiling"),
+              "asp_vs_bsp": ratio("hybridps-asp", "hybridps-bsp"),
+              "ssp1_vs_bsp": ratio("hybridps-ssp1", "hybridps-bsp")}
+    informational = {"asp_vs_ceiling": ratio("hybridps-asp", "compute-ceiling"),
+                     "ssp1_dense1_vs_bsp": ratio("hybridps-ssp1-dense1", "hybridps-bsp"),
+                     "ssp1_vs_bsp_with_straggler": ratio("hybridps-ssp1-straggler", "hybridps-bsp-straggler"),
+                     "asp_vs_bsp_with_straggler": ratio("hybridps-asp-straggler", "hybridps-bsp-straggler")}
     report = {"cases": cases, "ratios": ratios, "targets": TARGETS, "other_ratios": informational,
+              "workload": workload,
               "settings": {"ranks": ranks, "steps": steps, "warmup_steps": warmup_steps, "repeats": repeats,
-                           "straggler_ms": STRAGGLER_MS,
+                           "straggler_ms": STRAGGLER_MS, "workload": workload,
                            "batch_size_per_rank": batch_size, "dim": dim, "vocab_size": vocab_size,
                            "model": "deepfm", "num_fields": 26, "num_dense": 13},
               "machine": bench_environment()}
+    if workload == "multihot":
+        report["settings"]["features"] = multihot_features(dim=dim)
     write_json(os.path.join(out_dir, "train.json"), report)
     table = markdown_table(cases, [("name", "case", ""), ("samples_per_s", "samples/s", ",.0f"),
                                    ("fraction_of_ceiling", "of ceiling", ".2f"), ("vs_bsp", "vs BSP", ".2f"),
@@ -158,14 +201,10 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
                                    ("dense_staleness_max", "dense staleness max", ""), ("ranks", "ranks", "")])
     labels = {"vs_tf_baseline": "hybridps-bsp / tf-baseline", "vs_ceiling": "hybridps-bsp / compute-ceiling",
               "asp_vs_bsp": "hybridps-asp / hybridps-bsp", "ssp1_vs_bsp": "hybridps-ssp1 / hybridps-bsp"}
-    lines = [table, ""] + [
+    lines = [table, "", f"workload: {workload}"] + [
         f"{labels[k]} = {ratios[k]:.2f} (target >= {TARGETS[k]}: {'met' if ratios[k] >= TARGETS[k] else 'NOT met'})"
-        for k in labels]
-    lines.append(f"hybridps-ssp1-dense1 / hybridps-bsp = {informational['ssp1_dense1_vs_bsp']:.2f} "
-                 f"(SSP(1) with --dense-staleness 1; no target)")
-    lines.append(f"with rank 1's loader {STRAGGLER_MS:g} ms slower per batch: SSP(1) / BSP = "
-                 f"{informational['ssp1_vs_bsp_with_straggler']:.2f}, ASP / BSP = "
-                 f"{informational['asp_vs_bsp_with_straggler']:.2f} (no target)")
+        for k in labels if ratios[k] is not None]
+    lines += [f"{name} = {value:.2f} (no target)" for name, value in informational.items() if value is not None]
     if repeats > 1:
         lines.append(f"median of {repeats} runs per case; every run's samples/s: " + "; ".join(
             f"{c['name']} " + ", ".join(f"{x:,.0f}" for x in c["samples_per_s_runs"]) for c in cases))
@@ -178,7 +217,7 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         fh.write(text)
     bar_chart(os.path.join(out_dir, "train.png"), [c["name"] for c in cases],
               {"samples/s": [c["samples_per_s"] for c in cases]},
-              title=f"DeepFM training throughput, {ranks} ranks", ylabel="samples / s")
+              title=f"DeepFM training throughput ({workload} workload), {ranks} ranks", ylabel="samples / s")
     print(text)
     return report
 
@@ -186,4 +225,5 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
 def main(args):
     run_train_bench(args.out, ranks=args.ranks, steps=args.steps, warmup_steps=args.warmup_steps,
                     batch_size=args.batch_size, dim=args.dim, vocab_size=args.vocab_size,
-                    timeout=args.timeout, repeats=args.repeats)
+                    timeout=args.timeout, repeats=args.repeats, workload=args.workload,
+                    cases=args.cases)

@@ -158,7 +158,8 @@ class SchemaCSVReader(InMemoryShare):
                 "rows": self.num_rows, "bad_lines": self.bad_lines,
                 "bad_line_examples": list(self.bad_line_examples), "rank": self.rank,
                 "world_size": self.world_size, "positives": int(self.share.labels.sum()),
-                "parse_seconds": self.parse_seconds, "epoch": self.epoch, "offset": self.offset}
+                "parse_seconds": self.parse_seconds, "epoch": self.epoch, "offset": self.offset,
+                "truncated_ids": dict(self.share.truncated)}
 
     def __repr__(self) -> str:
         return (f"SchemaCSVReader({self.path!r}, rank={self.rank}/{self.world_size}, "

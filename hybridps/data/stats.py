@@ -33,6 +33,12 @@ def combine_data_stats(per_rank):
     examples = [e for s in readers for e in s.get("bad_line_examples", [])]
     combined["bad_line_examples"] = sorted(examples, key=_line_of_example)[:_DATA_EXAMPLES]
     combined["per_rank"] = [{k: s[k] for k in _PER_RANK_DATA_STATS if k in s} for s in readers]
+    truncated = {}
+    for s in readers:               # ids dropped from lists longer than max_len, as read
+        for name, count in s.get("truncated_ids", {}).items():
+            truncated[name] = truncated.get(name, 0) + int(count)
+    if truncated:
+        combined["truncated_ids"] = truncated
     return combined
 
 

@@ -8,9 +8,10 @@ determinism: a batch is a pure function of (seed, rank, step, batch size)) to th
   ``zipf_a``), keys ``space_keys(feature's key space, id)`` as every schema reader computes
   them, so the same ids written to a file read back as the same keys;
 * list features (multi-hot and sequences): a length per sample from the bounded Zipf law
-  ``P(L = k) ∝ (k + 1) ** -a_len`` over ``k = 0 .. cap`` (cap = the feature's ``max_len``, else
-  ``list_max_length``), with ``a_len`` solved so that the mean length is ``list_mean_length``
-  (0 lengths occur: empty lists); then that many ids from the feature's Zipf law;
+  ``P(L = k) ∝ (k + 1) ** -a_len`` over ``k = 0 .. list_max_length``, with ``a_len`` solved so
+  that the mean length is ``list_mean_length`` (0 lengths occur: empty lists); then that many
+  ids from the feature's Zipf law; a feature with ``max_len`` keeps its first max_len ids
+  (the rest are counted in ``Batch.truncated``, as a reader truncates a file's lists);
 * dense features: i.i.d. N(0, 1), ``schema.num_dense`` of them;
 * labels: ``Bernoulli(sigmoid(logit))`` with the planted logit of SyntheticCTR over the
   single-valued keys (per-key weights, dense weights, pairwise interactions) plus, for each list
@@ -26,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from hybridps._synthetic import alias_ids, key_weights
-from hybridps.data.batch import Batch
+from hybridps.data.batch import Batch, truncate_lists
 from hybridps.data.hashing import space_keys
 from hybridps.data.synthetic import SyntheticCTR, _alias_table
 from hybridps.errors import ConfigError
@@ -75,10 +76,9 @@ class SchemaSynthetic(SyntheticCTR):
         self.single_seeds = [f.key_space for f in singles]
         self.list_scale = float(list_scale)
         self.lists = []
+        a_len = length_exponent(float(list_mean_length), int(list_max_length))
+        prob, alias, _ = _alias_table(int(list_max_length) + 1, round(a_len, 12))
         for f in schema.list_features:
-            cap = f.max_len or int(list_max_length)
-            a_len = length_exponent(float(list_mean_length), cap)
-            prob, alias, _ = _alias_table(cap + 1, round(a_len, 12))
             self.lists.append((f, prob.astype(np.float32), alias))
         vocab = self.vocab_sizes[0]
         prob, alias, _ = _alias_table(vocab, self.zipf_a)
@@ -103,14 +103,18 @@ class SchemaSynthetic(SyntheticCTR):
         return singles, lists, dense, rng.random(n)
 
     def _hash(self, singles, lists):
+        """(keys (n, S), {name: (keys, lengths)} truncated to max_len, {name: ids dropped})."""
         keys = np.empty(singles.shape, dtype=np.int64)
         for column, space in enumerate(self.single_seeds):
             keys[:, column] = space_keys(space, singles[:, column])
-        hashed = {}
+        hashed, truncated = {}, {}
         for feature, _, _ in self.lists:
             ids, lengths = lists[feature.name]
+            ids, lengths, dropped = truncate_lists(ids, lengths, feature.max_len)
             hashed[feature.name] = (space_keys(feature.key_space, ids), lengths)
-        return keys, hashed
+            if dropped:
+                truncated[feature.name] = dropped
+        return keys, hashed, truncated
 
     def _logits_of(self, keys, lists, dense):
         logit = self._logits(keys, dense) if self.single_seeds else np.full(len(dense), self.bias or 0.0)
@@ -126,17 +130,18 @@ class SchemaSynthetic(SyntheticCTR):
 
     def _make_batch(self, rng, n):
         singles, lists, dense, label_u = self._draw_ids(rng, n)
-        keys, hashed = self._hash(singles, lists)
-        batch = Batch(dense=dense, keys=keys, labels=np.zeros(n, np.float32), lists=hashed)
+        keys, hashed, truncated = self._hash(singles, lists)
+        batch = Batch(dense=dense, keys=keys, labels=np.zeros(n, np.float32), lists=hashed,
+                      truncated=truncated)
         batch.labels = (label_u < self.true_probabilities(batch)).astype(np.float32)
         return batch
 
     def raw_batch(self, step: int, batch_size: int):
         """The samples of :meth:`batch` (step, batch_size) as raw ids: (single ids (B, S),
-        {name: (ids, lengths)}, dense (B, D), labels (B,))."""
+        {name: (ids, lengths)} before truncation to max_len, dense (B, D), labels (B,))."""
         rng = self._rng(self.seed, self.rank, step)
         singles, lists, dense, label_u = self._draw_ids(rng, batch_size)
-        keys, hashed = self._hash(singles, lists)
+        keys, hashed, _ = self._hash(singles, lists)
         batch = Batch(dense=dense, keys=keys, labels=np.zeros(batch_size, np.float32), lists=hashed)
         return singles, lists, dense, (label_u < self.true_probabilities(batch)).astype(np.float32)
 
@@ -150,7 +155,7 @@ class SchemaSynthetic(SyntheticCTR):
         fixed sample of 8192 draws that depends on the seed only)."""
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=(0xCA11C,))))
         singles, lists, dense, _ = self._draw_ids(rng, 8192)
-        keys, hashed = self._hash(singles, lists)
+        keys, hashed, _ = self._hash(singles, lists)
         saved, self.bias = self.bias, 0.0
         z = self._logits_of(keys, hashed, dense)
         self.bias = saved

@@ -16,7 +16,9 @@ The module
 * The model's variables (the model rebuilt from the manifest, loaded from dense.npz).
 * ``serve`` (the ``serving_default`` signature), no custom ops:
 
-  - a ``features:`` schema: ``dense`` float32 [None, num_dense] and, per sparse feature, its raw
+  - a ``features:`` schema: ``dense`` float32 [None, num_dense], the raw values in schema order
+    (the module applies the schema's transforms, log1p(max(x, 0)); a missing value is the
+    feature's ``fill``, which the caller passes) and, per sparse feature, its raw
     int64 ids, [None] for a single-valued feature, [None, None] for a list (valid ids first,
     padded with -1; -1 is also a missing single value). The module hashes the ids by each
     feature's key space in TensorFlow ops (hybridps.data.hashing), exactly as training did;
@@ -144,8 +146,13 @@ def _serve_function(tf, model, schema, tables):
     specs = [dense_spec] + [tf.TensorSpec([None] if not f.is_list else [None, None], tf.int64, name=f.name)
                             for f in schema.sparse]
 
+    log1p_columns = [j for j, f in enumerate(schema.dense) if f.transform == "log1p"]
+
     @tf.function(input_signature=specs)
     def serve(dense, *ids):
+        if log1p_columns:             # the schema's transforms, as the readers apply them
+            mask = tf.constant([j in log1p_columns for j in range(schema.num_dense)])
+            dense = tf.where(mask, tf.math.log1p(tf.maximum(dense, 0.0)), dense)
         inputs = {"dense": dense}
         for feature, raw in zip(schema.sparse, ids):
             table, dim = table_of[feature.table], dims[feature.table]

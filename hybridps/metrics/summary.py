@@ -106,6 +106,9 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
     gathered = comm.allgather_object(data_stats)
     if any(s is not None for s in gathered):
         summary["data_stats"] = combine_data_stats(gathered)
+        # readers that hold their share truncate lists once, when they read the file
+        for name, count in summary["data_stats"].get("truncated_ids", {}).items():
+            summary["truncated_ids"][name] = summary["truncated_ids"].get(name, 0) + count
     return summary
 
 
