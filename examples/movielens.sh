@@ -9,4 +9,4 @@ export OMPI_MCA_mpi_yield_when_idle=1 OMP_NUM_THREADS=1 HYBRIDPS_TF_THREADS=1 TF
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 [ -f movielens.csv ] || .venv/bin/python examples/movielens/make_data.py movielens.csv
 mpirun -np 2 --oversubscribe --bind-to none .venv/bin/hybridps train \
-  --config examples/movielens/config.yaml --steps "${STEPS:-150}" --metrics-out movielens-metrics.json
+  --config examples/movielens/config.yaml --steps "${STEPS:-300}" --metrics-out movielens-metrics.json

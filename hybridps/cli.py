@@ -41,6 +41,9 @@ def _add_train_arguments(parser):
                         help="a NaN/Inf embedding gradient: stop with an error (raise, default) or "
                              "skip that row's update and count it (skip)")
     parser.add_argument("--on-bad-line", choices=["raise", "skip"])
+    parser.add_argument("--shuffle", action="store_const", const=True,
+                        help="Parquet/TFRecord: shuffle parts and rows every epoch (seeded by --seed)")
+    parser.add_argument("--shuffle-buffer", type=int, help="rows in the shuffle buffer (with --shuffle)")
     parser.add_argument("--num-fields", type=int, help="synthetic data: categorical fields")
     parser.add_argument("--num-dense", type=int, help="synthetic data: dense features")
     parser.add_argument("--vocab-size", type=int, help="synthetic data: ids per field")

@@ -72,6 +72,8 @@ class TrainConfig:
     dense_learning_rate: Optional[float] = None
     # data
     on_bad_line: str = "raise"
+    shuffle: bool = False                 # Parquet/TFRecord: shuffle parts and rows per epoch (seeded)
+    shuffle_buffer: int = 0               # rows in the shuffle buffer (0 or 1: within a part only)
     num_fields: int = 26
     num_dense: int = 13
     vocab_size: int = 100_000
@@ -332,6 +334,7 @@ def validate(c):
     _check(c.min_count >= 1, "min_count", c.min_count, "an integer >= 1")
     _check(c.nonfinite in NONFINITE, "nonfinite", c.nonfinite, ", ".join(NONFINITE))
     _check(c.on_bad_line in ("raise", "skip"), "on_bad_line", c.on_bad_line, "raise, skip")
+    _check(c.shuffle_buffer >= 0, "shuffle_buffer", c.shuffle_buffer, "an integer >= 0")
     _check(c.num_fields >= 1, "num_fields", c.num_fields, "an integer >= 1")
     _check(c.num_dense >= 0, "num_dense", c.num_dense, "an integer >= 0")
     _check(c.vocab_size >= 1, "vocab_size", c.vocab_size, "an integer >= 1")

@@ -15,7 +15,7 @@ GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller"
 
 def main(path, rows=20000, seed=7):
     rng = np.random.default_rng(seed)
-    users, movies = 500, 800
+    users, movies = 300, 500
     taste = rng.normal(size=(users, len(GENRES)))
     movie_genres = rng.random((movies, len(GENRES))) < 0.22
     quality = rng.normal(scale=0.5, size=movies)
@@ -28,7 +28,7 @@ def main(path, rows=20000, seed=7):
             genres = [g for g, on in zip(GENRES, movie_genres[m]) if on]
             history = liked[u][:30]
             similarity = (np.mean([movie_genres[h] @ movie_genres[m] for h in history]) if history else 0.0)
-            logit = 0.8 * taste[u] @ movie_genres[m] + quality[m] + 0.6 * similarity - 0.5
+            logit = 1.5 * taste[u] @ movie_genres[m] + 2.0 * quality[m] + 0.6 * similarity - 0.5
             label = int(rng.random() < 1 / (1 + np.exp(-logit)))
             hour = int(rng.integers(0, 24))
             fh.write(f"{label},u{u},{m},{'|'.join(genres)},{'|'.join(map(str, history))},{hour},"

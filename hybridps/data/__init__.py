@@ -109,6 +109,45 @@ def open_data(config, schema, *, rank, world_size):
     if spec in _SAMPLE_SPECS:
         raise ConfigError(f"data {spec!r} is the bundled Criteo sample, which has the Criteo "
                           f"layout; a 'features:' schema needs its own data file")
-    from hybridps.data.schema_csv import SchemaCSVReader
-    return SchemaCSVReader(spec, schema, rank=rank, world_size=world_size,
-                           on_bad_line=config.on_bad_line)
+    kind, paths = data_files(spec)
+    if kind == "csv":
+        if len(paths) > 1:
+            raise ConfigError(f"data {spec!r}: a CSV/TSV run reads one file, this names "
+                              f"{len(paths)}; use Parquet or TFRecord parts for several files")
+        from hybridps.data.schema_csv import SchemaCSVReader
+        return SchemaCSVReader(paths[0], schema, rank=rank, world_size=world_size,
+                               on_bad_line=config.on_bad_line)
+    options = dict(rank=rank, world_size=world_size, on_bad_line=config.on_bad_line,
+                   shuffle=config.shuffle, shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+    if kind == "parquet":
+        from hybridps.data.parquet import ParquetReader
+        return ParquetReader(paths, schema, **options)
+    from hybridps.data.tfrecord import TFRecordReader
+    return TFRecordReader(paths, schema, **options)
+
+
+_SUFFIXES = {"parquet": (".parquet", ".pq"), "tfrecord": (".tfrecord", ".tfrecords", ".tfr"),
+             "csv": (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")}
+
+
+def data_files(spec):
+    """(format, files) of a data spec of a schema run: ``parquet:PATHS``, ``tfrecord:PATHS``,
+    ``csv:PATH``, or PATHS alone with the format from the file names (PATHS: a file, a
+    directory, a glob, or several separated by commas: hybridps.data.files.expand_paths).
+
+    Raises:
+        DataError: nothing there, or files of several formats (or of none known) mixed.
+    """
+    from hybridps.data.files import expand_paths
+    kind, _, rest = spec.partition(":")
+    if kind in _SUFFIXES and rest:
+        return kind, expand_paths(rest, _SUFFIXES[kind])
+    paths = expand_paths(spec, sum(_SUFFIXES.values(), ()))
+    kinds = {k for p in paths for k, suffixes in _SUFFIXES.items() if p.endswith(suffixes)}
+    unknown = [p for p in paths if not any(p.endswith(s) for s in sum(_SUFFIXES.values(), ()))]
+    if unknown or len(kinds) != 1:
+        raise DataError(f"data {spec!r}: cannot tell the format of "
+                        f"{unknown[:3] if unknown else sorted(kinds)}; name it: parquet:PATH, "
+                        f"tfrecord:PATH or csv:PATH (files ending in .parquet/.pq, "
+                        f".tfrecord/.tfrecords, .csv/.tsv are recognised)")
+    return kinds.pop(), paths

@@ -45,6 +45,7 @@ class ColumnConverter:
     def __init__(self, schema):
         self.schema = schema
         self.seeds = {f.name: space_seed(f.key_space) for f in schema.sparse}
+        self.single_seeds = np.array([self.seeds[f.name] for f in schema.single_features], dtype=np.uint64)
         self.columns = ([schema.label] + [f.column for f in schema.dense]
                         + [f.column for f in schema.sparse]
                         + ([schema.group_by] if schema.group_by else []))
@@ -62,7 +63,7 @@ class ColumnConverter:
 
     def convert(self, table, where):
         """The Batch of an Arrow table's rows (``where`` names the source in errors)."""
-        from hybridps._kernels import hash_int_ids
+        from hybridps._kernels import hash_int_id_columns, hash_int_ids
         self.check_columns(table.column_names, where)
         size = table.num_rows
         labels = self._labels(table.column(self.schema.label), where)
@@ -70,10 +71,10 @@ class ColumnConverter:
         for j, feature in enumerate(self.schema.dense):
             dense[:, j] = self._dense(table.column(feature.column), feature, where)
         singles = self.schema.single_features
-        keys = np.empty((size, len(singles)), dtype=np.int64)
+        ids = np.empty((size, len(singles)), dtype=np.int64)
         for j, feature in enumerate(singles):
-            keys[:, j] = hash_int_ids(self._ids(table.column(feature.column), feature.column, where),
-                                      self.seeds[feature.name])
+            ids[:, j] = self._ids(table.column(feature.column), feature.column, where)
+        keys = hash_int_id_columns(ids, self.single_seeds)
         lists, truncated = {}, {}
         for feature in self.schema.list_features:
             values, lengths = self._list(table.column(feature.column), feature, where)
@@ -132,7 +133,11 @@ class ColumnConverter:
         column = _combined(column)
         kind = column.type
         if pa.types.is_integer(kind):
-            return pc.fill_null(pc.cast(column, pa.int64()), MISSING_ID).to_numpy(zero_copy_only=False)
+            if kind != pa.int64():
+                column = pc.cast(column, pa.int64())
+            if column.null_count:
+                column = pc.fill_null(column, MISSING_ID)
+            return column.to_numpy(zero_copy_only=False)
         if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
             return _text_column_ids(column)
         if pa.types.is_dictionary(kind):
@@ -151,6 +156,14 @@ class ColumnConverter:
             _bad_type(where, feature.column, kind, f"lists of ids (list feature {feature.name!r}), "
                                                    f"or text split by {feature.separator!r}")
         item = kind.value_type
+        if pa.types.is_integer(item) and not column.null_count and not column.flatten().null_count:
+            # the common case, no missing list or id: values and lengths straight from the offsets
+            offsets = column.offsets.to_numpy(zero_copy_only=False)
+            ids = column.flatten()
+            if item != pa.int64():
+                ids = pc.cast(ids, pa.int64())
+            return (np.ascontiguousarray(ids.to_numpy(zero_copy_only=False), dtype=np.int64),
+                    np.diff(offsets).astype(np.int32))
         # drop missing and empty elements ("" between separators or of an empty cell)
         flat_rows = pc.list_parent_indices(column)
         values = pc.list_flatten(column)
@@ -175,7 +188,9 @@ class ColumnConverter:
 
 def _combined(column):
     """One Array of a ChunkedArray (Arrow tables hold chunked columns)."""
-    return column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if not hasattr(column, "combine_chunks"):
+        return column
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _text_column_ids(column):

@@ -1,0 +1,40 @@
+"""Reader of Parquet files described by a feature schema, through pyarrow.
+
+Columns (hybridps.data.columns): ``list<int64>`` / ``list<string>`` for multi-hot and
+sequence features, int64 or string for single-valued ones, numeric for dense, 0/1 labels; null
+is missing (a single value: the id -1; a list: empty; a list element: dropped; a dense value:
+the feature's ``fill``; a label: a bad row). Only the schema's columns are read. Parts are row
+groups: every row group of every file goes round-robin to the ranks, and each rank reads only its
+own (hybridps.data.partitioned: equal steps, epochs, shuffling, the position for resume).
+Vectorized: a row group is decoded by Arrow and converted with numpy; nothing runs per row.
+"""
+from hybridps.data.partitioned import PartitionedReader
+from hybridps.errors import DataError
+
+
+class ParquetReader(PartitionedReader):
+    """This rank's row groups of Parquet files (see the module docstring and PartitionedReader)."""
+
+    kind = "parquet"
+    part_name = "row group"
+
+    def _list_units(self):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        units, self._files = [], {}
+        for path in self.paths:
+            try:
+                handle = pq.ParquetFile(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+            self.converter.check_columns(handle.schema_arrow.names, path)
+            self._files[path] = handle
+            meta = handle.metadata
+            units += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        return units
+
+    def _read_unit(self, unit):
+        path, group, _ = unit
+        # one thread: a rank has one core (the TF step needs it); Arrow's pool would compete
+        return self._files[path].read_row_group(group, columns=self.converter.required_columns(),
+                                                use_threads=False)
