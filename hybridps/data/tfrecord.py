@@ -31,10 +31,7 @@ class TFRecordReader(PartitionedReader):
         path = unit[0]
         columns = self.converter.required_columns()
         sparse = {f.column: f for f in self.schema.sparse}
-        texts = set()
-        spec = {}
-        for column in columns:
-            spec[column] = tf.io.VarLenFeature(tf.string if column in texts else _kind_of(path, column))
+        spec = {column: tf.io.VarLenFeature(_kind_of(path, column)) for column in columns}
         records = list(tf.data.TFRecordDataset(path).batch(1 << 30).take(1))
         if not records:
             raise DataError(f"{path}: holds no records")
@@ -56,11 +53,14 @@ class TFRecordReader(PartitionedReader):
                     raise DataError(f"{path}, record {row}: feature {column!r} holds "
                                     f"{int(lengths[row])} values; a single-valued feature, a dense "
                                     f"feature or the label holds one")
-                mask = pa.array(lengths == 0)
-                dense = np.zeros(len(lengths), dtype=flat.dtype if flat.dtype != object else object)
-                dense[lengths == 1] = flat
-                arrays[column] = pa.array(dense, mask=mask) if flat.dtype != object else \
-                    pa.array([None if m else v.decode("utf-8") for v, m in zip(dense, lengths == 0)])
+                missing = lengths == 0
+                if flat.dtype == object:          # bytes_list: text, None where missing
+                    texts = iter(v.decode("utf-8") for v in flat)
+                    arrays[column] = pa.array([None if m else next(texts) for m in missing], pa.string())
+                else:
+                    values = np.zeros(len(lengths), dtype=flat.dtype)
+                    values[~missing] = flat
+                    arrays[column] = pa.array(values, mask=missing)
         return pa.table(arrays)
 
 
