@@ -551,12 +551,15 @@ def test_make_dataset():
 
 
 def test_package_imports_no_heavy_modules():
-    # statically: no module of hybridps.data imports TensorFlow, mpi4py or Horovod
+    # statically: no module of hybridps.data imports TensorFlow, mpi4py or Horovod; the one
+    # exception is the TFRecord reader, which parses records with TensorFlow inside its
+    # functions only, so importing hybridps.data never loads it
     # (importing hybridps.data at run time also imports hybridps/__init__, which is not ours)
     sources = glob.glob(os.path.join(REPO, "hybridps", "data", "*.py"))
     assert len(sources) >= 6
     for src in sources:
         tree = ast.parse(open(src).read())
+        top_level = {id(n) for n in tree.body}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -565,11 +568,14 @@ def test_package_imports_no_heavy_modules():
             else:
                 continue
             for name in names:
+                lazy_tf = src.endswith("tfrecord.py") and id(node) not in top_level and name == "tensorflow"
+                if lazy_tf:
+                    continue
                 assert name.split(".")[0] not in ("tensorflow", "mpi4py", "horovod", "keras"), (src, name)
                 assert name.split(".")[0] in ("__future__", "hybridps", "numpy", "os", "math",
                                               "gzip", "time", "typing", "dataclasses",
                                               "functools", "hashlib", "operator", "re", "io",
-                                              "glob", "pyarrow"), (src, name)
+                                              "glob", "pyarrow", "struct"), (src, name)
 
 
 def test_batch_validates_shapes():

@@ -34,6 +34,8 @@ class Batch:
             sequence features.
         truncated: feature name -> ids dropped from sequences longer than their max_len.
         groups: optional int64 (B,) ids of the schema's ``group_by`` column (evaluation).
+        row_ids: optional int64 (B,) position of each sample among all rows of the data
+            (readers of files set it: ``hybridps predict`` writes scores in input order).
     """
 
     dense: np.ndarray
@@ -42,6 +44,7 @@ class Batch:
     lists: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     truncated: Dict[str, int] = field(default_factory=dict)
     groups: Optional[np.ndarray] = None
+    row_ids: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.dense = np.asarray(self.dense, dtype=np.float32)
@@ -97,12 +100,14 @@ class Batch:
                 lists[name] = (values[offsets[start]:offsets[stop]], lengths[start:stop])
             return Batch(dense=self.dense[start:stop], keys=self.keys[start:stop],
                          labels=self.labels[start:stop], lists=lists,
-                         groups=None if self.groups is None else self.groups[start:stop])
+                         groups=None if self.groups is None else self.groups[start:stop],
+                         row_ids=None if self.row_ids is None else self.row_ids[start:stop])
         rows = np.arange(self.size)[index] if isinstance(index, slice) else np.asarray(index)
         lists = {name: take_lists(values, lengths, rows)
                  for name, (values, lengths) in self.lists.items()}
         return Batch(dense=self.dense[rows], keys=self.keys[rows], labels=self.labels[rows],
-                     lists=lists, groups=None if self.groups is None else self.groups[rows])
+                     lists=lists, groups=None if self.groups is None else self.groups[rows],
+                     row_ids=None if self.row_ids is None else self.row_ids[rows])
 
 
 def take_lists(values, lengths, rows):
@@ -149,3 +154,14 @@ def resolve_batch_size(batch_size, default_batch_size) -> int:
             raise ConfigError("batch_size not given and no default batch_size configured")
         return default_batch_size
     return check_int("batch_size", batch_size, 1)
+
+
+def empty_batch(schema):
+    """A batch of no samples of a schema (ranks with fewer evaluation rows send these)."""
+    return Batch(dense=np.zeros((0, schema.num_dense), np.float32),
+                 keys=np.zeros((0, len(schema.single_features)), np.int64),
+                 labels=np.zeros(0, np.float32),
+                 lists={f.name: (np.zeros(0, np.int64), np.zeros(0, np.int32))
+                        for f in schema.list_features},
+                 groups=np.zeros(0, np.int64) if schema.group_by else None,
+                 row_ids=np.zeros(0, np.int64))

@@ -175,6 +175,7 @@ class CriteoReader(InMemoryShare):
         cat_rows: List[list] = []
         data_index = 0
         isfinite = math.isfinite
+        row_ids: List[int] = []
         for lineno in range(start, len(lines)):
             line = lines[lineno]
             if not line or line.isspace():
@@ -215,6 +216,7 @@ class CriteoReader(InMemoryShare):
             labels.append(y)
             dense_rows.append(row)
             cat_rows.append(cols[1 + NUM_DENSE:])
+            row_ids.append(data_index - 1)
         self.data_lines = data_index
         n = len(labels)
         self.labels = np.array(labels, dtype=np.float32)
@@ -225,7 +227,8 @@ class CriteoReader(InMemoryShare):
             for f, column in enumerate(zip(*cat_rows)):
                 keys[:, f] = feature_keys(f, column)
         self.keys = keys
-        self.share = Batch(dense=self.dense, keys=self.keys, labels=self.labels)
+        self.share = Batch(dense=self.dense, keys=self.keys, labels=self.labels,
+                           row_ids=np.array(row_ids, dtype=np.int64))
 
     # ------------------------------------------------------------------ serving
     # iter_batches, rows, state and restore: hybridps.data.share.InMemoryShare

@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from hybridps.data.batch import Batch, check_int, resolve_batch_size
+from hybridps.data.batch import Batch, check_int, empty_batch, resolve_batch_size
 from hybridps.data.columns import ColumnConverter
 from hybridps.errors import ConfigError, DataError
 
@@ -52,10 +52,11 @@ def concat_batches(parts):
         for name, count in p.truncated.items():
             truncated[name] = truncated.get(name, 0) + count
     groups = None if parts[0].groups is None else np.concatenate([p.groups for p in parts])
+    row_ids = None if parts[0].row_ids is None else np.concatenate([p.row_ids for p in parts])
     return Batch(dense=np.concatenate([p.dense for p in parts]),
                  keys=np.concatenate([p.keys for p in parts]),
                  labels=np.concatenate([p.labels for p in parts]), lists=lists,
-                 truncated=truncated, groups=groups)
+                 truncated=truncated, groups=groups, row_ids=row_ids)
 
 
 class PartitionedReader:
@@ -90,6 +91,7 @@ class PartitionedReader:
         self.shuffle, self.shuffle_buffer, self.seed = bool(shuffle), int(shuffle_buffer), int(seed)
         self.converter = ColumnConverter(schema)
         self.units = self._list_units()          # [(path, part, rows)] of all files, in order
+        self.unit_start = dict(zip(self.units, np.concatenate([[0], np.cumsum([u[2] for u in self.units])[:-1]]).tolist()))
         self.data_lines = int(sum(rows for _, _, rows in self.units))
         if self.data_lines == 0:
             raise DataError(f"{self.path}: the {self.kind} data holds no rows")
@@ -134,6 +136,7 @@ class PartitionedReader:
         try:
             table = self._read_unit(unit)
             batch = self.converter.convert(table, where)
+            batch.row_ids = self.unit_start[unit] + np.arange(batch.size, dtype=np.int64)
         except DataError:
             if self.on_bad_line == "raise":
                 raise
@@ -221,11 +224,8 @@ class PartitionedReader:
         largest = max(sum(r for _, _, r in self.units_of(rank)) for rank in range(self.world_size))
         count = count if count is not None else -(-largest // batch_size)
         parts = list(self._plain_rows())
-        rows = concat_batches(parts) if parts else None
+        rows = concat_batches(parts) if parts else empty_batch(self.schema)
         for k in range(count):
-            if rows is None:
-                yield None
-                continue
             yield rows.take(slice(min(k * batch_size, rows.size), min((k + 1) * batch_size, rows.size)))
 
     def _plain_rows(self):

@@ -136,6 +136,7 @@ class SchemaCSVReader(InMemoryShare):
             values = pc.if_else(pc.equal(table.column(column), ""), None, table.column(column))
             table = table.set_column(index, column, pc.cast(pc.utf8_trim_whitespace(values), kind))
         self.share = self.converter.convert(table, self.path)
+        self.share.row_ids = line_index[keep].astype(np.int64)
 
     def _bad(self, data_index, column, problem, raw):
         where = f"{self.path}, line {_file_line(raw, data_index)}" + (f", column {column!r}" if column else "")

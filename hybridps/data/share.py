@@ -46,6 +46,15 @@ class InMemoryShare:
         """Rows ``[start, stop)`` of this rank's share (no position change)."""
         return self.share.take(slice(start, stop))
 
+    def epoch_batches(self, batch_size: int, count: Optional[int] = None) -> Iterator[Batch]:
+        """One pass over the share in order, ``count`` batches of at most ``batch_size`` rows
+        (default: as many as the share needs; the last ones smaller or empty): what evaluation
+        and prediction read. The position does not move."""
+        n = self.num_rows
+        count = count if count is not None else -(-n // batch_size)
+        for k in range(count):
+            yield self.share.take(slice(min(k * batch_size, n), min((k + 1) * batch_size, n)))
+
     def iter_batches(self, batch_size: Optional[int] = None,
                      num_steps: Optional[int] = None) -> Iterator[Batch]:
         """Exactly ``num_steps`` batches of exactly ``batch_size`` rows (forever if None).
