@@ -1,4 +1,5 @@
-"""Command line: ``hybridps train | launch | doctor | bench table | train | compare | scale``.
+"""Command line: ``hybridps train | launch | doctor | inspect | export | evaluate | predict |
+bench table | train | compare | scale``.
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
 (or ``python -m hybridps.cli train ...``), or alone without mpirun. Flags override the YAML
@@ -50,6 +51,12 @@ def _add_train_arguments(parser):
     parser.add_argument("--warmup-steps", type=int, help="steps excluded from samples_per_s")
     parser.add_argument("--log-every", type=int)
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    parser.add_argument("--eval-data", help="held-out data to evaluate on during training (collective "
+                                             "mode): a file spec like --data, or 'synthetic'")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluations (0: only at the end)")
+    parser.add_argument("--eval-batches", type=int, help="batches per rank of synthetic held-out data (10)")
+    parser.add_argument("--tensorboard-dir", help="rank 0 writes TensorBoard scalars (loss, AUC, "
+                                                   "samples/s, exchange bytes, staleness, eval) here")
     parser.add_argument("--dump-state", help="write final dense weights and table shards (npz) here")
     parser.add_argument("--checkpoint-dir", help="write sharded checkpoints here (atomic; keeps the last K)")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
@@ -106,7 +113,11 @@ def cmd_train(args):
     summary = trainer.run()
     if trainer.rank == 0:
         keys = ("steps", "ranks", "global_batch_size", "samples_per_s", "final_loss", "auc", "mode", "sync")
-        print(json.dumps({k: summary[k] for k in keys}, indent=2))
+        shown = {k: summary[k] for k in keys}
+        if summary.get("eval"):
+            last = summary["eval"][-1]
+            shown["eval"] = {k: last[k] for k in ("step", "rows", "auc", "gauc", "logloss", "calibration")}
+        print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -146,6 +157,12 @@ def build_parser():
     from hybridps.export.saved_model import add_export_arguments
     add_inspect_arguments(sub.add_parser("inspect", help="summarize and verify a checkpoint"))
     add_export_arguments(sub.add_parser("export", help="checkpoint -> TensorFlow SavedModel for serving"))
+    from hybridps.inference import add_evaluate_arguments, add_predict_arguments
+    add_evaluate_arguments(sub.add_parser(
+        "evaluate", help="a checkpoint's AUC, gAUC, logloss and calibration on held-out data "
+                         "(any number of ranks; nothing is written to the checkpoint)"))
+    add_predict_arguments(sub.add_parser(
+        "predict", help="a checkpoint's score of every row of a data file, in input order, to Parquet"))
     from hybridps.bench import compare as compare_bench
     compare_cmd = bench_sub.add_parser("compare", help="collective vs parameter-server vs TF+Horovod, N ranks each")
     compare_bench.add_arguments(compare_cmd)

@@ -16,6 +16,9 @@ Definitions (all over every rank's rows, not rank 0's share):
   by the schema's ``group_by`` column; ``gauc_groups`` is the number of groups used (groups of
   one class, hence of one row, have no AUC and are left out); None without ``group_by``.
 """
+import dataclasses
+from typing import Optional
+
 import numpy as np
 
 from hybridps.data.auc import roc_auc
@@ -23,20 +26,34 @@ from hybridps.data.auc import roc_auc
 _EPS = 1e-7
 
 
+@dataclasses.dataclass
+class Predictions:
+    """One rank's predictions: probability, label, group (or None) and row id (or None: the
+    reader did not number its rows) of every row, in the order the batches came."""
+    scores: np.ndarray
+    labels: np.ndarray
+    groups: Optional[np.ndarray]
+    row_ids: Optional[np.ndarray]
+
+
 def predict_batches(backend, predict_step, batches, tf):
-    """(probabilities, labels, groups or None) of ``batches`` on this rank (collective: every
-    computing rank calls it with the same number of batches; an empty batch is fine)."""
-    scores, labels, groups = [], [], []
+    """:class:`Predictions` of ``batches`` on this rank (collective: every computing rank calls
+    it with the same number of batches; an empty batch is fine)."""
+    scores, labels, groups, row_ids = [], [], [], []
     for batch in batches:
         plan, rows = backend.read(batch)
         logits = predict_step(batch.dense, rows, plan.group_rows, *plan.step_inputs).numpy()
-        scores.append(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
+        scores.append(1.0 / (1.0 + np.exp(-logits.astype(np.float64).reshape(-1))))
         labels.append(batch.labels)
-        if batch.groups is not None:
-            groups.append(batch.groups)
-    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.empty(0, dtype)  # noqa: E731
-    return (cat(scores, np.float64), cat(labels, np.float32),
-            cat(groups, np.int64) if groups else None)
+        groups.append(batch.groups)
+        row_ids.append(batch.row_ids)
+
+    def cat(parts, dtype):
+        if any(p is None for p in parts):
+            return None
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
+    return Predictions(cat(scores, np.float64), cat(labels, np.float32),
+                       cat(groups, np.int64), cat(row_ids, np.int64))
 
 
 def evaluation_metrics(comm, scores, labels, groups=None):
