@@ -87,6 +87,11 @@ class TrainConfig:
     progress: bool = True
     tf_threads: int = 0                   # 0: HYBRIDPS_TF_THREADS or cores / ranks per node
     dump_state: Optional[str] = None      # write final dense weights and table shards (npz)
+    tensorboard_dir: Optional[str] = None # rank 0 writes TensorBoard scalars here
+    # held-out evaluation during training (collective mode)
+    eval_data: Optional[str] = None       # held-out data (a file spec, or 'synthetic')
+    eval_every: int = 0                   # steps between evaluations (0: only at the end)
+    eval_batches: int = 10                # batches per rank of synthetic held-out data
     # checkpoints, export and eviction (issue: checkpoints)
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 0             # steps; 0 = only at the end when checkpoint_dir is set
@@ -344,6 +349,16 @@ def validate(c):
     _check(0 < c.auc_window <= 1, "auc_window", c.auc_window, "a fraction in (0, 1]")
     _check(c.tf_threads >= 0, "tf_threads", c.tf_threads, "an integer >= 0 (0 = automatic)")
     _check(c.checkpoint_every >= 0, "checkpoint_every", c.checkpoint_every, "an integer >= 0")
+    _check(c.eval_every >= 0, "eval_every", c.eval_every, "an integer >= 0 (0 = only at the end)")
+    _check(c.eval_batches >= 1, "eval_batches", c.eval_batches, "an integer >= 1")
+    if c.eval_every and not c.eval_data:
+        raise ConfigError(f"config field 'eval_every': {c.eval_every} needs eval_data (the held-out "
+                          f"data to evaluate on); add --eval-data PATH")
+    if c.eval_data and c.mode == Mode.PS:
+        raise ConfigError("config field 'eval_data': held-out evaluation during training runs in "
+                          "collective mode only (mode=ps workers do not own the tables); train, "
+                          "then evaluate the PS run's checkpoint with `hybridps evaluate "
+                          "--checkpoint DIR --data PATH`")
     _check(c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "an integer >= 1")
     _check(c.num_buckets >= 1, "num_buckets", c.num_buckets, "an integer >= 1")
     _check(c.delta_every >= 0, "delta_every", c.delta_every, "an integer >= 0")
@@ -379,7 +394,7 @@ def shared_config(c):
     """The settings every rank must share (the config without its per-rank fields), as a dict."""
     shared = c.to_dict()
     for per_rank in ("metrics_out", "progress", "dump_state", "tf_threads", "resume", "resume_fresh",
-                     "loader_delay_ms", "delay_rank", "watchdog_timeout"):
+                     "loader_delay_ms", "delay_rank", "watchdog_timeout", "tensorboard_dir"):
         shared.pop(per_rank, None)
     return shared
 

@@ -83,8 +83,8 @@ def output_path_problems(config, rank):
     """What is wrong with the output paths this rank will write (an empty list: nothing).
 
     metrics_out (rank 0 writes it) must be a file name in a writable directory (missing
-    directories are created at the end); dump_state, checkpoint_dir and delta_export_dir must
-    be writable directories or creatable ones, and ``latest`` in checkpoint_dir, if present,
+    directories are created at the end); dump_state, checkpoint_dir, delta_export_dir and (rank 0)
+    tensorboard_dir must be writable directories or creatable ones, and ``latest`` in checkpoint_dir, if present,
     a file. Checks kinds and permissions (os.access), not free space.
     """
     problems = []
@@ -95,7 +95,7 @@ def output_path_problems(config, rank):
                             f"such as {os.path.join(path, 'metrics.json')}")
         else:
             problems += _creatable("metrics_out", os.path.dirname(os.path.abspath(path)), path)
-    for name in ("dump_state", "checkpoint_dir", "delta_export_dir"):
+    for name in ("dump_state", "checkpoint_dir", "delta_export_dir") + (("tensorboard_dir",) if rank == 0 else ()):
         path = getattr(config, name)
         if not path:
             continue

@@ -10,6 +10,7 @@ models' math (hybridps.models), the metric reductions (hybridps.metrics.summary)
 """
 import gc
 import os
+import sys
 import time
 
 import numpy as np
@@ -80,6 +81,10 @@ class Trainer:
                 self.dataset.restore(data_state)
             self.start_step = step
         self.deltas = None
+        self.held_out = self._held_out() if config.eval_data else None
+        self.eval_log, self.eval_seconds = [], 0.0
+        from hybridps.metrics.tensorboard import TensorBoardLog
+        self.tensorboard = TensorBoardLog(self.tf, config.tensorboard_dir if self.rank == 0 else None)
 
     def _build(self, model_fn):
         from hybridps.checkpoint import CheckpointManager
@@ -100,6 +105,18 @@ class Trainer:
         self.backend = factory.make_backend(c, self.comm, self.schema, self.model)
         self.train_step = make_train_step(tf, self.model, SparseLayout(self.schema), self.schema.num_dense)
         self.checkpoints = CheckpointManager(c, self.schema, self.comm) if c.checkpoint_dir else None
+
+    def _held_out(self):
+        """The held-out data of ``eval_data`` (collective mode: every rank reads a share)."""
+        import dataclasses
+        from hybridps.inference import HeldOut
+        from hybridps.sparse.layout import SparseLayout
+        from hybridps.step import make_predict_step
+        c, p = self.config, self.placement
+        self.predict_step = make_predict_step(self.tf, self.model, SparseLayout(self.schema),
+                                              self.schema.num_dense)
+        return HeldOut(self.comm, dataclasses.replace(c, data=c.eval_data), self.schema,
+                       p.data_rank, p.data_ranks, c.batch_size, c.eval_batches)
 
     # ------------------------------------------------------------------ the loop
     def run(self):
@@ -144,10 +161,16 @@ class Trainer:
             self.backend.push(plan, row_grads, step)
             timer.mark("push")
             record.add_step(step, loss_sum, plan, batch)
+            self.tensorboard.train_step(step, record.loss_sums[step] / c.batch_size,
+                                        (step + 1 - first) * c.batch_size * self.compute_ranks
+                                        / max(time.perf_counter() - record.started, 1e-9), c.log_every)
             if step >= auc_from_step:
                 record.auc.update(batch.labels, 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64))))
             if step + 1 in fences:
+                paused = self.eval_seconds
                 self.backend.at_consistent_point(step + 1, lambda: self._at_step_boundary(step + 1))
+                if record.steady_start is not None:     # evaluation is not training time
+                    record.paused += self.eval_seconds - paused
             if self.rank == 0 and c.progress:
                 elapsed = time.perf_counter() - record.started
                 progress.update(step, record.loss_sums[step] / c.batch_size,
@@ -163,11 +186,13 @@ class Trainer:
         a membership test (``completed in points``), so nothing is O(steps) at start."""
         c = self.config
         everies = ((c.checkpoint_every if c.checkpoint_dir else 0),
-                   (c.delta_every if c.delta_export_dir else 0))
+                   (c.delta_every if c.delta_export_dir else 0),
+                   (c.eval_every if c.eval_data else 0))
         return ConsistentPoints([every for every in everies if every], c.steps)
 
     def _at_step_boundary(self, completed, end=False):
-        """Checkpoint and delta export after ``completed`` steps (the tables are consistent).
+        """Evaluation, checkpoint and delta export after ``completed`` steps (the tables are
+        consistent).
 
         Collective over every rank, servers included (they call it from their serving loop).
         ``backend.state()`` gathers the dense state where it lives elsewhere (PS servers).
@@ -176,6 +201,8 @@ class Trainer:
         save = self.checkpoints is not None and (end or bool(c.checkpoint_every and
                                                             completed % c.checkpoint_every == 0))
         delta = bool(c.delta_export_dir and c.delta_every and completed % c.delta_every == 0)
+        if self.held_out is not None and (end or (c.eval_every and completed % c.eval_every == 0)):
+            self._evaluate(completed)
         if not save and not delta:
             return
         state = self.backend.state()
@@ -184,6 +211,25 @@ class Trainer:
                                   self.dataset.state() if self.dataset is not None else None)
         if delta:
             self._delta_exporter(state).maybe_export(completed)
+
+    def _evaluate(self, completed):
+        """The held-out metrics of the model after ``completed`` steps (every computing rank):
+        appended to the summary's ``eval`` list, printed and logged by rank 0."""
+        from hybridps.evaluation import evaluation_metrics, predict_batches
+        started = time.perf_counter()
+        predicted = predict_batches(self.backend, self.predict_step, self.held_out.batches(), self.tf)
+        metrics = evaluation_metrics(self.comm, predicted.scores, predicted.labels, predicted.groups)
+        seconds = time.perf_counter() - started
+        self.eval_seconds += seconds
+        entry = {"step": int(completed), **metrics, "seconds": seconds}
+        self.eval_log.append(entry)
+        self.tensorboard.evaluation(completed, metrics)
+        if self.rank == 0 and self.config.progress:
+            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("auc", "gauc", "logloss", "calibration")
+                              if metrics.get(k) is not None)
+            sys.stderr.write(f"eval after step {completed}: {shown} ({metrics['rows']} rows, "
+                             f"{seconds:.1f}s)\n")
+            sys.stderr.flush()
 
     def _delta_exporter(self, state):
         if self.deltas is None:
@@ -206,6 +252,11 @@ class Trainer:
             dense_parameters=sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
             data_stats=self.dataset.stats() if callable(getattr(self.dataset, "stats", None)) else None,
             resume_messages=self.resume_messages)
+        if self.held_out is not None:
+            summary["eval"] = self.eval_log
+            summary["eval_seconds"] = self.eval_seconds
+        self.tensorboard.run_summary(summary)
+        self.tensorboard.close()
         steps_run = c.steps - self.start_step
         exchange_trace.write(self.rank, steps_run - c.warmup_steps if record.steady_start else steps_run,
                              {"mode": c.mode.value, "sync": c.sync.value, "server": self.backend.serves})

@@ -197,25 +197,29 @@ class PartitionedReader:
         per_epoch = self.batches_per_epoch(b)
         produced = 0
         while num_steps is None or produced < num_steps:
-            done = self.batches_done
-            stream = self._rows_of_epoch(self.epoch, 0 if self.shuffle else done * b)
+            if self.batches_done >= per_epoch:             # a position saved at an epoch's end
+                self.epoch, self.batches_done = self.epoch + 1, 0
+            done, epoch = self.batches_done, self.epoch
+            stream = self._rows_of_epoch(epoch, 0 if self.shuffle else done * b)
             first = done if not self.shuffle else 0        # the index of the first batch below
             for index, batch in enumerate(_fixed_size(stream, b), start=first):
                 if index < done:                           # shuffled: replaying up to the position
                     continue
+                # the position moves before the batch is handed out: past the epoch's end at its
+                # last batch (the remainder is counted then, not when the next one is asked for)
                 self.batches_done += 1
+                if self.batches_done == per_epoch:
+                    self.dropped_rows += self.num_rows - per_epoch * b
+                    self.epoch, self.batches_done = epoch + 1, 0
                 produced += 1
                 yield batch
-                if self.batches_done == per_epoch or (num_steps is not None and produced >= num_steps):
+                if self.epoch != epoch or (num_steps is not None and produced >= num_steps):
                     break
-            if self.batches_done < per_epoch and (num_steps is None or produced < num_steps):
+            if self.epoch == epoch and (num_steps is None or produced < num_steps):
                 raise DataError(f"{self.path}: rank {self.rank} read too few rows for its "
-                                f"{per_epoch} batches of epoch {self.epoch} ({self.bad_parts} parts "
+                                f"{per_epoch} batches of epoch {epoch} ({self.bad_parts} parts "
                                 f"skipped as unreadable); the data must give every rank the same "
                                 f"number of batches")
-            if self.batches_done == per_epoch:
-                self.dropped_rows += self.num_rows - per_epoch * b
-                self.epoch, self.batches_done = self.epoch + 1, 0
 
     def epoch_batches(self, batch_size, count=None):
         """One pass over this rank's share in order (no shuffling), ``count`` batches of at most

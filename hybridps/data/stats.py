@@ -7,7 +7,7 @@ What does not: reading (the readers), the metrics file (hybridps.metrics).
 """
 import re
 
-_ADDITIVE_DATA_STATS = ("rows", "bad_lines", "positives")
+_ADDITIVE_DATA_STATS = ("rows", "bad_lines", "positives", "dropped_rows", "bad_parts", "rows_read")
 _PER_RANK_DATA_STATS = ("rank", "rows", "bad_lines", "positives", "epoch", "offset", "parse_seconds")
 _DATA_EXAMPLES = 10
 _LINE_OF_EXAMPLE = re.compile(r", line (\d+): ")
@@ -17,9 +17,11 @@ def combine_data_stats(per_rank):
     """One ``data_stats`` dict from every rank's ``dataset.stats()`` (None for ranks that read
     no data, e.g. PS servers).
 
-    Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``: each rank counts
-    its own share); takes the file's own figures once (``kind``, ``path``, ``format``,
-    ``data_lines``: every rank counts the data lines of the whole file); keeps each rank's
+    Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``, and of the
+    partitioned readers ``dropped_rows`` (the remainder of each epoch no rank trains on),
+    ``bad_parts``, ``rows_read``: each rank counts its own share); takes the data's own figures
+    once (``kind``, ``path``, ``format``, ``data_lines``, ``parts``: every rank counts the
+    whole data); keeps each rank's
     share and position apart in ``per_rank``, and up to 10 ``bad_line_examples`` of all ranks
     in line order. Returns {} when no rank read data.
     """
@@ -27,9 +29,11 @@ def combine_data_stats(per_rank):
     if not readers:
         return {}
     first = readers[0]
-    combined = {k: first[k] for k in ("kind", "path", "format", "data_lines", "world_size") if k in first}
+    combined = {k: first[k] for k in ("kind", "path", "format", "data_lines", "parts", "world_size")
+                if k in first}
     for key in _ADDITIVE_DATA_STATS:
-        combined[key] = int(sum(int(s.get(key, 0)) for s in readers))
+        if key in ("rows", "bad_lines", "positives") or any(key in s for s in readers):
+            combined[key] = int(sum(int(s.get(key, 0)) for s in readers))
     examples = [e for s in readers for e in s.get("bad_line_examples", [])]
     combined["bad_line_examples"] = sorted(examples, key=_line_of_example)[:_DATA_EXAMPLES]
     combined["per_rank"] = [{k: s[k] for k in _PER_RANK_DATA_STATS if k in s} for s in readers]

@@ -2,7 +2,8 @@
 
 * :mod:`accumulate`: per-rank accumulators (progressive AUC histogram, phase timer);
 * :mod:`progress`: rank 0's progress line;
-* :mod:`summary`: the run summary reduced over all ranks, and the metrics file.
+* :mod:`summary`: the run summary reduced over all ranks, and the metrics file;
+* :mod:`tensorboard`: rank 0's TensorBoard scalars (imported where used: it needs TensorFlow).
 
 AUC is computed over all ranks' predictions, not rank 0's share: each rank histograms its
 predicted probabilities of positives and negatives into 100k equal-width bins, the histograms

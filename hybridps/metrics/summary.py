@@ -33,6 +33,7 @@ class RunRecord:
     started: float = 0.0
     steady_start: float = None
     finished: float = 0.0
+    paused: float = 0.0              # seconds of steady time spent evaluating (not training)
 
     def __post_init__(self):
         if self.loss_sums is None:
@@ -65,7 +66,7 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
     steps_run = record.steps - record.start_step
     steady = record.steady_start is not None
     steady_steps = steps_run - c.warmup_steps if steady else steps_run
-    steady_seconds = record.finished - (record.steady_start if steady else record.started)
+    steady_seconds = record.finished - (record.steady_start if steady else record.started) - record.paused
     slowest = float(comm.allreduce_max(np.array([steady_seconds]))[0])
     volume = comm.allreduce_sum(np.array([record.keys_sent, record.keys_received, stats["bytes_sent"],
                                           stats["bytes_received"]], dtype=np.int64))
