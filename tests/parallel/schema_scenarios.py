@@ -44,8 +44,8 @@ def predictions(trainer, path):
     from hybridps.step import make_predict_step
     step = make_predict_step(tf, trainer.model, SparseLayout(trainer.schema), trainer.schema.num_dense)
     share = trainer.dataset.share
-    scores, labels, _ = predict_batches(trainer.backend, step, [share.take(slice(0, share.size))], tf)
-    np.savez(path, scores=scores, labels=labels)
+    predicted = predict_batches(trainer.backend, step, [share.take(slice(0, share.size))], tf)
+    np.savez(path, scores=predicted.scores, labels=predicted.labels)
 
 
 def main(out, config_path, phase):
