@@ -12,7 +12,11 @@ Zipf IDs, Adagrad):
     or preprocessing on one node): what not waiting for the slower rank is worth;
   * ``tf-baseline``: plain TF + Horovod, fixed-size Embedding over hashed buckets, gradients
     through hvd.DistributedGradientTape (hybridps.bench.train_worker);
-  * ``compute-ceiling``: the same TF step on rows already in memory, no communication.
+  * ``compute-ceiling``: the same TF step on rows already in memory, no communication;
+  * ``hybridps-bsp-parquet`` (``--workload multihot --data parquet``): BSP reading the same
+    workload from Parquet files written first (hybridps.bench.parquet_data), against
+    ``hybridps-bsp`` on the synthetic generator; the reader's ms per batch on one core is
+    measured on the files too.
 Each case is its own ``mpirun`` job, run one after another on the same machine, so the
 ratios compare like with like. With ``--repeats R`` the whole list runs R times round-robin
 (so a slow spell of a shared machine hits every case alike) and each case reports the run with
@@ -30,7 +34,9 @@ OVERSUBSCRIBE_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1", "OMP_NUM_THREADS": "1"
                      "HYBRIDPS_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
                      "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
-TARGETS = {"vs_tf_baseline": 5.0, "vs_ceiling": 0.60, "asp_vs_bsp": 1.2, "ssp1_vs_bsp": 1.1}
+TARGETS = {"vs_tf_baseline": 5.0, "vs_ceiling": 0.60, "asp_vs_bsp": 1.2, "ssp1_vs_bsp": 1.1,
+           "parquet_vs_synthetic": 0.9}
+PARQUET_BATCHES_PER_RANK = 32     # row groups written per rank (longer runs wrap the epoch)
 
 
 def multihot_features(num_fields=26, num_dense=13, dim=16, multi_hot=3, max_len=50):
@@ -70,6 +76,9 @@ def add_arguments(parser):
                         help="criteo: 26 single-valued fields (DESIGN.md section 9); multihot: 26 "
                              "single-valued fields, 3 mean-pooled multi-hot fields and a sequence")
     parser.add_argument("--cases", help="comma-separated case names to run (default: all of the workload)")
+    parser.add_argument("--data", choices=["synthetic", "parquet"], default="synthetic",
+                        help="multihot workload: parquet writes the workload to Parquet files first "
+                             "and runs BSP on them next to BSP on the synthetic generator")
 
 
 def _mpirun(ranks, argv, timeout):
@@ -105,9 +114,13 @@ def run_rounds(plan, repeats, run_case):
 
 
 def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4096, dim=16,
-                    vocab_size=100_000, timeout=1200, repeats=1, workload="criteo", cases=None):
+                    vocab_size=100_000, timeout=1200, repeats=1, workload="criteo", cases=None,
+                    data="synthetic"):
     """Run every case (``repeats`` rounds) of a workload; returns the train.json object."""
     os.makedirs(out_dir, exist_ok=True)
+    if data == "parquet" and workload != "multihot":
+        raise SystemExit("bench train: --data parquet needs --workload multihot (a schema workload; "
+                         "the criteo workload's TF baseline reads synthetic data only)")
     common = ["--steps", str(steps), "--warmup-steps", str(warmup_steps), "--batch-size",
               str(batch_size), "--dim", str(dim), "--vocab-size", str(vocab_size)]
     if workload == "multihot":
@@ -134,7 +147,12 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         ("tf-baseline", ["-m", "hybridps.bench.train_worker", "tf-baseline"]),
         ("compute-ceiling", ["-m", "hybridps.bench.train_worker", "ceiling"]),
     ]
-    wanted = set(cases.split(",")) if cases else WORKLOADS[workload]
+    reader = None
+    if data == "parquet":
+        files, reader = _parquet_files(out_dir, config, ranks, batch_size, vocab_size)
+        plan.append(("hybridps-bsp-parquet", train + ["--sync", "bsp", "--data", files, "--metrics-out"]))
+    wanted = set(cases.split(",")) if cases else (
+        ("hybridps-bsp", "hybridps-bsp-parquet") if data == "parquet" else WORKLOADS[workload])
     if wanted is not None:
         unknown = sorted(set(wanted) - {name for name, _ in plan})
         if unknown:
@@ -178,7 +196,8 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
     ratios = {"vs_tf_baseline": ratio("hybridps-bsp", "tf-baseline"),
               "vs_ceiling": ratio("hybridps-bsp", "compute-ceiling"),
               "asp_vs_bsp": ratio("hybridps-asp", "hybridps-bsp"),
-              "ssp1_vs_bsp": ratio("hybridps-ssp1", "hybridps-bsp")}
+              "ssp1_vs_bsp": ratio("hybridps-ssp1", "hybridps-bsp"),
+              "parquet_vs_synthetic": ratio("hybridps-bsp-parquet", "hybridps-bsp")}
     informational = {"asp_vs_ceiling": ratio("hybridps-asp", "compute-ceiling"),
                      "ssp1_dense1_vs_bsp": ratio("hybridps-ssp1-dense1", "hybridps-bsp"),
                      "ssp1_vs_bsp_with_straggler": ratio("hybridps-ssp1-straggler", "hybridps-bsp-straggler"),
@@ -192,6 +211,8 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
               "machine": bench_environment()}
     if workload == "multihot":
         report["settings"]["features"] = multihot_features(dim=dim)
+    if reader is not None:
+        report["parquet_reader"] = reader
     write_json(os.path.join(out_dir, "train.json"), report)
     table = markdown_table(cases, [("name", "case", ""), ("samples_per_s", "samples/s", ",.0f"),
                                    ("fraction_of_ceiling", "of ceiling", ".2f"), ("vs_bsp", "vs BSP", ".2f"),
@@ -200,11 +221,16 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
                                    ("staleness_mean", "staleness mean", ".2f"),
                                    ("dense_staleness_max", "dense staleness max", ""), ("ranks", "ranks", "")])
     labels = {"vs_tf_baseline": "hybridps-bsp / tf-baseline", "vs_ceiling": "hybridps-bsp / compute-ceiling",
-              "asp_vs_bsp": "hybridps-asp / hybridps-bsp", "ssp1_vs_bsp": "hybridps-ssp1 / hybridps-bsp"}
+              "asp_vs_bsp": "hybridps-asp / hybridps-bsp", "ssp1_vs_bsp": "hybridps-ssp1 / hybridps-bsp",
+              "parquet_vs_synthetic": "hybridps-bsp-parquet / hybridps-bsp"}
     lines = [table, "", f"workload: {workload}"] + [
         f"{labels[k]} = {ratios[k]:.2f} (target >= {TARGETS[k]}: {'met' if ratios[k] >= TARGETS[k] else 'NOT met'})"
         for k in labels if ratios[k] is not None]
     lines += [f"{name} = {value:.2f} (no target)" for name, value in informational.items() if value is not None]
+    if reader is not None:
+        lines.append(f"Parquet reader: {reader['reader_ms_per_batch_median']:.2f} ms per batch of "
+                     f"{reader['batch_size']} rows (median of {reader['reader_batches_timed']}, one "
+                     f"core; mean {reader['reader_ms_per_batch_mean']:.2f} ms)")
     if repeats > 1:
         lines.append(f"median of {repeats} runs per case; every run's samples/s: " + "; ".join(
             f"{c['name']} " + ", ".join(f"{x:,.0f}" for x in c["samples_per_s_runs"]) for c in cases))
@@ -222,8 +248,26 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
     return report
 
 
+def _parquet_files(out_dir, config_path, ranks, batch_size, vocab_size):
+    """Write the multihot workload to Parquet (one file per rank) and time the reader on it;
+    returns (the directory, the reader timing)."""
+    from hybridps.bench.parquet_data import time_reader, write_workload_parquet
+    from hybridps.config import make_config
+    from hybridps.schema import build_schema
+    config = make_config(config_path, {"vocab_size": vocab_size})
+    schema = build_schema(config)
+    directory = os.path.join(out_dir, "parquet")
+    sys.stderr.write(f"bench train: writing {ranks} x {PARQUET_BATCHES_PER_RANK} batches of "
+                     f"{batch_size} rows to {directory} ...\n")
+    paths = write_workload_parquet(directory, schema, config, ranks, PARQUET_BATCHES_PER_RANK, batch_size)
+    timing = time_reader(paths, schema, batch_size)
+    timing["files"] = len(paths)
+    timing["bytes"] = sum(os.path.getsize(p) for p in paths)
+    return directory, timing
+
+
 def main(args):
     run_train_bench(args.out, ranks=args.ranks, steps=args.steps, warmup_steps=args.warmup_steps,
                     batch_size=args.batch_size, dim=args.dim, vocab_size=args.vocab_size,
                     timeout=args.timeout, repeats=args.repeats, workload=args.workload,
-                    cases=args.cases)
+                    cases=args.cases, data=args.data)
