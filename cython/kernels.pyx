@@ -236,25 +236,48 @@ def permute_blocks(src, src_offsets, dst_offsets, sizes, dst=None):
 cdef uint64_t ID_GOLDEN = 0x9E3779B97F4A7C15ULL
 
 
-def hash_int_id_columns(ids, seeds):
-    """Keys of a (N, S) int64 id matrix, column j in key space seed ``seeds[j]``: the
-    formula of :func:`hash_int_ids` per column, in one C loop over the matrix (int64 (N, S)).
+def hash_int_id_columns(columns, seeds):
+    """Keys (N, S) of S id columns, column j in key space seed ``seeds[j]``: the formula of
+    :func:`hash_int_ids` per column, in one C loop that reads the S columns side by side and
+    writes the key matrix row by row (the columns straight from Arrow, no (N, S) copy of the
+    ids first).
 
     Args:
-        ids: int64 (N, S).     # IN
-        seeds: uint64 (S,).    # IN
+        columns: S int64 arrays of N ids each (views of a reader's columns).     # IN
+        seeds: uint64 (S,).                                                     # IN
+    Returns:
+        int64 (N, S).
     """
-    cdef const int64_t[:, ::1] v = np.ascontiguousarray(ids, dtype=np.int64)
     cdef const uint64_t[::1] sd = np.ascontiguousarray(seeds, dtype=np.uint64)
-    cdef Py_ssize_t i, j, n = v.shape[0], m = v.shape[1]
+    cdef Py_ssize_t i, j, start, stop, m = len(columns), n
     if sd.shape[0] != m:
         raise TableInputError(f"hash_int_id_columns: {m} columns but {sd.shape[0]} seeds")
+    arrays = [np.ascontiguousarray(c, dtype=np.int64).reshape(-1) for c in columns]
+    n = arrays[0].shape[0] if m else 0
+    for j in range(m):
+        if arrays[j].shape[0] != n:
+            raise TableInputError(f"hash_int_id_columns: column {j} holds {arrays[j].shape[0]} "
+                                  f"ids, column 0 {n}")
     out = np.empty((n, m), dtype=np.int64)
+    if n == 0 or m == 0:
+        return out
     cdef int64_t[:, ::1] o = out
-    with nogil:
-        for i in range(n):
-            for j in range(m):
-                o[i, j] = <int64_t>mix64_c(mix64_c(<uint64_t>v[i, j] + ID_GOLDEN) ^ sd[j])
+    cdef const int64_t[::1] column
+    cdef const int64_t** ptrs = <const int64_t**>malloc(m * sizeof(int64_t*))
+    if ptrs == NULL:
+        raise MemoryError()
+    try:
+        for j in range(m):
+            column = arrays[j]
+            ptrs[j] = &column[0]
+        with nogil:     # blocks of rows: each column read in order, the block's keys in cache
+            for start in range(0, n, 256):
+                stop = min(start + 256, n)
+                for j in range(m):
+                    for i in range(start, stop):
+                        o[i, j] = <int64_t>mix64_c(mix64_c(<uint64_t>ptrs[j][i] + ID_GOLDEN) ^ sd[j])
+    finally:
+        free(ptrs)
     return out
 
 

@@ -133,15 +133,25 @@ def test_evaluate_twice_gives_the_same_figures_and_changes_no_file_and_no_table(
         assert rank["tables_before"] == rank["tables_after"]
 
 
-def test_predict_writes_the_savedmodels_score_of_every_row_in_input_order(runs, tmp_path):
+@pytest.mark.parametrize("name", ["predict.parquet", "predict-1.parquet"])   # 2 ranks, 1 rank
+def test_predict_writes_the_savedmodels_score_of_every_row_in_input_order(runs, tmp_path, name):
     import pyarrow.parquet as pq
     from hybridps.data.hashing import text_ids
-    table = pq.read_table(runs / "predict.parquet").to_pydict()
+    table = pq.read_table(runs / name).to_pydict()
     columns = heldout_columns()
     assert _json(runs / "evaluate.json")["predicted_rows"] == len(columns["label"])
     np.testing.assert_allclose(table["score"], served_scores(runs, tmp_path), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(table["label"], columns["label"])
     np.testing.assert_array_equal(table["user"], text_ids(columns["user"]))
+
+
+def test_asp_evaluates_at_its_fences_and_at_the_end_as_its_checkpoint_does(runs):
+    result = _json(runs / "asp" / "evaluate.json")
+    assert [e["step"] for e in result["in_training"]] == [2, 4, 6]
+    assert all(0.0 < e["logloss"] < 5.0 and e["rows"] == 126 for e in result["in_training"])
+    final, after = result["in_training"][-1], result["checkpoint"]
+    for key in ("rows", "auc", "gauc", "gauc_groups", "logloss", "calibration"):
+        assert final[key] == pytest.approx(after[key], rel=1e-6), key
 
 
 def test_tensorboard_holds_the_losses_and_each_evaluation(runs):

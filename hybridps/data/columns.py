@@ -71,10 +71,8 @@ class ColumnConverter:
         for j, feature in enumerate(self.schema.dense):
             dense[:, j] = self._dense(table.column(feature.column), feature, where)
         singles = self.schema.single_features
-        ids = np.empty((size, len(singles)), dtype=np.int64)
-        for j, feature in enumerate(singles):
-            ids[:, j] = self._ids(table.column(feature.column), feature.column, where)
-        keys = hash_int_id_columns(ids, self.single_seeds)
+        keys = (hash_int_id_columns([self._ids(table.column(f.column), f.column, where) for f in singles],
+                                    self.single_seeds) if singles else np.empty((size, 0), np.int64))
         lists, truncated = {}, {}
         for feature in self.schema.list_features:
             values, lengths = self._list(table.column(feature.column), feature, where)

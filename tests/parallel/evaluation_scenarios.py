@@ -18,7 +18,11 @@ Phase ``two`` (2 ranks):
   before and after the evaluation reads;
 * ``predict``: its scores of every held-out row to ``predict.parquet``.
 
-Phase ``one`` (1 rank): the same checkpoint evaluated on 1 rank (``evaluate-1.json``).
+* ``asp``: ASP with evaluation every 2 steps (at the pipeline's fences), and its final
+  checkpoint evaluated after it (``asp/evaluate.json``).
+
+Phase ``one`` (1 rank): the commands ``hybridps evaluate`` and ``hybridps predict`` on the
+``parquet`` checkpoint (``evaluate-1.json``, ``predict-1.parquet``).
 """
 import dataclasses
 import hashlib
@@ -102,18 +106,25 @@ def evaluate_phase(comm, out):
 
 def main(out, phase):
     comm = comm_module.init(with_horovod=True)
-    if phase == "one":
-        from hybridps.inference import evaluate_checkpoint
-        metrics = evaluate_checkpoint(comm, os.path.join(out, "parquet", "ckpt"),
-                                      os.path.join(out, "heldout.parquet"), batch_size=BATCH)
-        with open(os.path.join(out, "evaluate-1.json"), "w") as fh:
-            json.dump(metrics, fh)
+    if phase == "one":            # the commands themselves, on one rank
+        from hybridps.cli import main as cli
+        common = ["--checkpoint", os.path.join(out, "parquet", "ckpt"), "--data",
+                  os.path.join(out, "heldout.parquet"), "--batch-size", str(BATCH)]
+        cli(["evaluate", *common, "--metrics-out", os.path.join(out, "evaluate-1.json")])
+        cli(["predict", *common, "--out", os.path.join(out, "predict-1.parquet")])
         return
     heldout = os.path.join(out, "heldout.parquet")
     for kind in ("parquet", "tfrecord"):
         train(comm, out, kind, os.path.join(out, f"train-*.{kind}"), eval_data=heldout, eval_every=2,
               checkpoint_dir=os.path.join(out, kind, "ckpt"),
               tensorboard_dir=os.path.join(out, kind, "tb"))
+    from hybridps.inference import evaluate_checkpoint
+    asp = train(comm, out, "asp", os.path.join(out, "train-*.parquet"), sync="asp", eval_data=heldout,
+                eval_every=2, checkpoint_dir=os.path.join(out, "asp", "ckpt"))
+    after = evaluate_checkpoint(comm, os.path.join(out, "asp", "ckpt"), heldout, batch_size=BATCH)
+    if comm.rank == 0:
+        with open(os.path.join(out, "asp", "evaluate.json"), "w") as fh:
+            json.dump({"in_training": asp.eval_log, "checkpoint": after}, fh)
     shuffled = dict(shuffle=True, shuffle_buffer=24, seed=5)
     data = os.path.join(out, "train-*.parquet")
     train(comm, out, "whole", data, **shuffled)
