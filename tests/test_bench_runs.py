@@ -87,3 +87,19 @@ def test_bench_train_multihot_workload(tmp_path, mpi_env):
         assert math.isfinite(case["final_loss"]) and case["samples_per_s"] > 0
     assert report["ratios"]["vs_ceiling"] > 0 and report["ratios"]["vs_tf_baseline"] is None
     assert [f["pooling"] for f in report["settings"]["features"]["sparse"][26:]] == ["mean"] * 3 + ["none"]
+
+
+def test_bench_train_multihot_on_parquet_trains_on_the_same_samples(tmp_path, mpi_env):
+    from hybridps.bench.train import run_train_bench
+    report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
+                             dim=4, vocab_size=500, timeout=240, workload="multihot", data="parquet")
+    cases = {c["name"]: c for c in report["cases"]}
+    assert sorted(cases) == ["hybridps-bsp", "hybridps-bsp-parquet"]
+    # the files hold the generator's samples of these steps: the same losses, read from disk
+    assert cases["hybridps-bsp-parquet"]["final_loss"] == pytest.approx(cases["hybridps-bsp"]["final_loss"],
+                                                                         rel=1e-6)
+    reader = report["parquet_reader"]
+    assert reader["files"] == 2 and reader["reader_batches_timed"] == 20
+    assert reader["reader_ms_per_batch_median"] > 0
+    assert report["ratios"]["parquet_vs_synthetic"] > 0
+    assert "Parquet reader:" in (tmp_path / "train.md").read_text()
