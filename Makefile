@@ -3,7 +3,8 @@
 #   make demo    short 2-rank training run on synthetic data (sets everything up first)
 #   make test    the whole test suite (sets everything up first, including the Slurm and
 #                munge packages that tests/test_slurm.py starts a single-node Slurm from, and
-#                iproute2 for the network-namespace hosts of tests/test_multihost.py)
+#                iproute2 for the network-namespace hosts of tests/test_multihost.py, and
+#                redis-server for the Redis stream tests)
 #   make setup   Open MPI (from apt, only when no mpicc is on PATH), .venv, pinned Python
 #                packages from requirements.txt, Horovod built against this MPI and TF
 #                (wheel cached in $(WHEEL_CACHE)), hybridps in editable mode.
@@ -28,7 +29,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # slurmctld, slurmd and munged live in sbin, which a non-login root shell may lack
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: setup test demo bench clean mpi slurm testbed
+.PHONY: setup test demo bench clean mpi slurm testbed redis
 setup: $(STAMPS)/hybridps
 
 mpi:
@@ -64,6 +65,18 @@ testbed:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux >/dev/null; \
 	fi
 
+# redis-server for the Redis Streams source (hybridps.data.stream) that tests/test_streaming.py
+# starts itself on a loopback port (the tests skip without it).
+redis:
+	@if command -v redis-server >/dev/null 2>&1; then \
+	  echo "setup: redis-server present: $$(command -v redis-server)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "setup: redis-server missing and not root: the Redis stream tests will be skipped" >&2; \
+	else \
+	  echo "setup: installing redis-server from apt"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	fi
+
 $(STAMPS)/venv:
 	$(PYTHON) -m venv $(VENV)
 	mkdir -p $(STAMPS) && touch $@
@@ -89,7 +102,7 @@ $(STAMPS)/hybridps: $(STAMPS)/horovod setup.py $(wildcard cython/*.pyx cython/*.
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: setup slurm testbed
+test: setup slurm testbed redis
 	$(VENV)/bin/pytest -q tests
 
 demo: setup

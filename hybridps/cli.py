@@ -20,8 +20,9 @@ def _add_train_arguments(parser):
                                          "package.module:build")
     parser.add_argument("--data", help="'synthetic' (built-in generator), 'sample' (the bundled Criteo "
                                         "sample), a Criteo TSV/CSV path, or, with a 'features:' "
-                                        "schema in --config, a CSV/TSV path of those columns")
-    parser.add_argument("--steps", type=int)
+                                        "schema in --config, CSV/TSV, Parquet or TFRecord files of "
+                                        "those columns, or a stream: stream:DIR, redis://HOST:PORT/STREAM")
+    parser.add_argument("--steps", type=int, help="steps to train; 0: until the stream ends or SIGTERM")
     parser.add_argument("--batch-size", type=int, help="samples per rank per step")
     parser.add_argument("--sync", choices=["bsp", "ssp", "asp"])
     parser.add_argument("--staleness", type=int, help="SSP bound in steps")
@@ -69,7 +70,11 @@ def _add_train_arguments(parser):
                              "damaged-ckpt-<step> and start from step 0 instead of refusing")
     parser.add_argument("--num-buckets", type=int, help="virtual buckets of each table (fixed per model)")
     parser.add_argument("--delta-export-dir", help="write the rows updated every --delta-every steps here")
-    parser.add_argument("--delta-every", type=int)
+    parser.add_argument("--delta-every", type=int, help="steps between deltas")
+    parser.add_argument("--delta-every-seconds", type=float,
+                        help="also write a delta when this many seconds have passed since the last")
+    parser.add_argument("--stream-poll-s", type=float,
+                        help="stream data: seconds between looks for new files or entries (0.2)")
     parser.add_argument("--ttl-steps", type=int, help="evict rows not updated for this many steps")
     parser.add_argument("--max-rows", type=int, help="per table and rank: evict down to this many rows")
     parser.add_argument("--eviction", choices=["lfu", "lru"], help="policy for --max-rows")

@@ -15,8 +15,10 @@ with ``--kill-on-bad-exit``), which ends the others. SIGTERM (Slurm before a tim
 scancel, mpirun forwarding its own) prints one line saying which rank got it and exits with
 code 143 (128 + 15) at once, also while the main thread is blocked in MPI: a Python handler
 alone would only run after the blocking call returns, so the signal's wake-up byte
-(``signal.set_wakeup_fd``) is read by a small thread that reports and exits. The graceful
-checkpoint-on-SIGTERM is not built yet. ``faulthandler`` prints the Python stack of a rank that
+(``signal.set_wakeup_fd``) is read by a small thread that reports and exits. Runs that agree
+before every step (``--steps 0``, stream data, wall-clock deltas: hybridps.step_control) stop
+gracefully instead: the first SIGTERM asks every rank to stop after its current step, write a
+checkpoint and exit 0; a second SIGTERM exits at once as above. ``faulthandler`` prints the Python stack of a rank that
 crashes (SIGSEGV, SIGBUS, SIGFPE, SIGABRT), and ``kill -USR1`` on mpirun prints every rank's
 stack.
 
@@ -365,6 +367,18 @@ def _install_termination_report(comm):
             finally:
                 os._exit(128 + signum)
 
+    def graceful(signum):
+        """The first SIGTERM of a run that can stop at a step boundary: ask, do not exit."""
+        from hybridps import step_control
+        if not step_control.graceful_stop_enabled() or step_control.stop_requested():
+            return False
+        step_control.request_stop("SIGTERM")
+        who = f"[hybridps rank {comm.rank}/{comm.size}]" if comm.size > 1 else "[hybridps]"
+        sys.stderr.write(f"{who} got SIGTERM: every rank finishes its current step, writes a "
+                         f"checkpoint and exits 0 (a second SIGTERM exits at once)\n")
+        sys.stderr.flush()
+        return True
+
     def watch(read_fd):
         while True:
             try:
@@ -373,18 +387,22 @@ def _install_termination_report(comm):
                 return
             if not data:
                 return
-            if signal.SIGTERM in data:
-                report(signal.SIGTERM)
+            for _ in range(data.count(signal.SIGTERM)):
+                if not graceful(signal.SIGTERM):
+                    report(signal.SIGTERM)
 
     try:
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
-        signal.signal(signal.SIGTERM, lambda signum, frame: report(signum))
+        # the wake-up byte reaches watch() in every case; this handler only runs where the
+        # watcher thread cannot (it is the one that decides between graceful and at once)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
         previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     except (OSError, ValueError, RuntimeError):
         return
     if previous != -1:      # someone else (an event loop) reads the wake-up bytes: keep theirs
         signal.set_wakeup_fd(previous)
+        signal.signal(signal.SIGTERM, lambda signum, frame: graceful(signum) or report(signum))
         return
     threading.Thread(target=watch, args=(read_fd,), name="hybridps-signals", daemon=True).start()
 

@@ -101,6 +101,8 @@ class TrainConfig:
     num_buckets: int = 4096               # virtual buckets of checkpointed rows (fixed per table)
     delta_export_dir: Optional[str] = None
     delta_every: int = 0
+    delta_every_seconds: float = 0.0      # also a delta when this much wall time has passed (0: off)
+    stream_poll_s: float = 0.2            # stream sources: seconds between looks for new data
     ttl_steps: int = 0                    # evict rows not updated for this many steps (0 = never)
     max_rows: int = 0                     # per table and rank: evict down to this (0 = unlimited)
     eviction: str = "lfu"                 # lfu | lru, for max_rows
@@ -321,7 +323,7 @@ def _check(ok, name, value, allowed):
 def validate(c):
     """Raise ConfigError for the first field whose value is out of range."""
     check_model_spec(c.model)
-    _check(c.steps >= 1, "steps", c.steps, "an integer >= 1")
+    _check(c.steps >= 0, "steps", c.steps, "an integer >= 0 (0: until the stream ends or SIGTERM)")
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1 (per rank)")
     _check(c.staleness >= 0, "staleness", c.staleness, "an integer >= 0")
     _check(c.num_servers >= 1, "num_servers", c.num_servers, "an integer >= 1")
@@ -362,6 +364,15 @@ def validate(c):
     _check(c.keep_checkpoints >= 1, "keep_checkpoints", c.keep_checkpoints, "an integer >= 1")
     _check(c.num_buckets >= 1, "num_buckets", c.num_buckets, "an integer >= 1")
     _check(c.delta_every >= 0, "delta_every", c.delta_every, "an integer >= 0")
+    _check(c.delta_every_seconds >= 0, "delta_every_seconds", c.delta_every_seconds, "seconds >= 0")
+    _check(c.stream_poll_s > 0, "stream_poll_s", c.stream_poll_s, "seconds > 0")
+    if (c.delta_every or c.delta_every_seconds) and not c.delta_export_dir:
+        raise ConfigError("config fields 'delta_every' / 'delta_every_seconds' need "
+                          "delta_export_dir (where the deltas go); add --delta-export-dir DIR")
+    if c.mode == Mode.PS and (c.steps == 0 or c.delta_every_seconds or is_unbounded_data(c.data)):
+        raise ConfigError("mode=ps trains a fixed number of steps on files or synthetic data; "
+                          "--steps 0, stream data (stream:DIR, redis://...) and "
+                          "delta_every_seconds run in collective mode (drop --mode ps)")
     _check(c.ttl_steps >= 0, "ttl_steps", c.ttl_steps, "an integer >= 0 (0 = never)")
     _check(c.max_rows >= 0, "max_rows", c.max_rows, "an integer >= 0 (0 = unlimited)")
     _check(c.eviction in ("lfu", "lru"), "eviction", c.eviction, "lfu, lru")
@@ -388,6 +399,12 @@ def validate(c):
     # the feature schema (or the Criteo preset's tables: table_groups, table_settings)
     from hybridps.schema import build_schema
     build_schema(c)
+
+
+def is_unbounded_data(spec):
+    """A stream source (hybridps.data.stream): ``stream:DIR`` or ``redis://HOST:PORT/STREAM``."""
+    spec = str(spec)
+    return spec.startswith("stream:") or spec.startswith("redis://")
 
 
 def shared_config(c):

@@ -9,6 +9,7 @@ so it does not know collective vs parameter server or BSP vs ASP. What does not:
 models' math (hybridps.models), the metric reductions (hybridps.metrics.summary).
 """
 import gc
+import itertools
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ import time
 import numpy as np
 
 from hybridps import config as config_module
-from hybridps import exchange_trace, startup, watchdog
+from hybridps import exchange_trace, startup, step_control, watchdog
 from hybridps.backends import factory
 from hybridps.metrics import Progress, RunRecord, summarize_run, write_summary
 
@@ -80,7 +81,7 @@ class Trainer:
             if data_state is not None and self.dataset is not None:
                 self.dataset.restore(data_state)
             self.start_step = step
-        self.deltas = None
+        self.deltas, self.saved_at, self.control = None, None, None
         self.held_out = self._held_out() if config.eval_data else None
         self.eval_log, self.eval_seconds = [], 0.0
         from hybridps.metrics.tensorboard import TensorBoardLog
@@ -120,19 +121,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self):
-        """Train ``config.steps`` steps; returns the summary dict (also written to metrics_out)."""
+        """Train ``config.steps`` steps (0: until the stream ends or a stop is asked for); returns
+        the summary dict (also written to metrics_out)."""
         c, tf = self.config, self.tf
-        record = RunRecord(steps=c.steps, start_step=self.start_step)
+        last = c.steps or None                 # None: no end known in advance
+        record = RunRecord(steps=max(c.steps, self.start_step), start_step=self.start_step)
         if self.backend.serves:   # serve until every worker is done, then join the reductions
             self.backend.serve(self.start_step, on_consistent_point=self._at_step_boundary)
             self._at_step_boundary(c.steps, end=True)
             record.finished = time.perf_counter()
             return self._summarize(record)
         global_batch = tf.constant(float(c.batch_size * self.compute_ranks))
-        auc_from_step = int(c.steps * (1.0 - c.auc_window))
-        progress = Progress(c.steps, enabled=c.progress and self.rank == 0, log_every=c.log_every)
+        auc_from_step = int(c.steps * (1.0 - c.auc_window))   # unbounded runs: every step
+        progress = Progress(last, enabled=c.progress and self.rank == 0, log_every=c.log_every,
+                            note=getattr(self.dataset, "progress_note", None))
         first = self.start_step
-        batches = self.dataset.iter_batches(c.batch_size, c.steps - first)
+        batches = self._batches(first, last)
         if c.loader_delay_ms > 0 and self.rank == c.delay_rank:
             batches = _delayed(batches, c.loader_delay_ms / 1000.0)
         fences = self._consistent_points()
@@ -140,7 +144,8 @@ class Trainer:
         self.backend.start(batches, start_step=first, fence_steps=fences)
         timer = record.timer
         timer.start()
-        for step in range(first, c.steps):
+        completed = first
+        for step in (range(first, last) if last is not None else itertools.count(first)):
             watchdog.mark("step")              # exchange traces only (benchmarks)
             if step == first + c.warmup_steps:
                 freeze_python_heap()
@@ -150,7 +155,10 @@ class Trainer:
             if step == c.fail_at_step and self.rank == c.fail_rank:
                 raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
                                    f"(fail_at_step testing aid)")
-            batch, plan, rows = self.backend.pull(step)
+            pulled = self.backend.pull(step)
+            if pulled is None:                 # the stream ended or a stop was agreed
+                break
+            batch, plan, rows = pulled
             timer.mark("pull")
             loss_sum, logits, dense_grads, row_grads = self.train_step(
                 batch.dense, batch.labels, global_batch, rows, plan.group_rows, *plan.step_inputs)
@@ -175,11 +183,37 @@ class Trainer:
                 elapsed = time.perf_counter() - record.started
                 progress.update(step, record.loss_sums[step] / c.batch_size,
                                 (step + 1 - first) * c.batch_size * self.compute_ranks / max(elapsed, 1e-9))
+            completed = step + 1
         self.backend.finish()     # every pushed gradient and dense update is applied after this
         record.finished = time.perf_counter()
+        record.steps = completed
         watchdog.mark("train_end")
-        self._at_step_boundary(c.steps, end=True)
+        self._at_step_boundary(completed, end=True)
+        self._report_stop(completed)
         return self._summarize(record)
+
+    def _batches(self, first, last):
+        """The batches of the steps from ``first`` (to ``last``, None: unbounded). Runs without
+        a known end, on a stream, or with wall-clock deltas agree before every batch
+        (hybridps.step_control): SIGTERM then stops every rank at the same step."""
+        c = self.config
+        count = None if last is None else last - first
+        streaming = getattr(self.dataset, "streaming", False)
+        if last is None or streaming or c.delta_every_seconds:
+            self.control = step_control.StepAgreement(self.comm, c.delta_every_seconds if c.delta_export_dir else 0,
+                                                      c.stream_poll_s)
+            step_control.enable_graceful_stop()
+        if streaming:
+            return self.dataset.iter_batches(c.batch_size, count, control=self.control, start_step=first)
+        batches = self.dataset.iter_batches(c.batch_size, count)
+        return batches if self.control is None else self.control.batches(batches, first)
+
+    def _report_stop(self, completed):
+        if self.control is None or self.control.stopped_by is None or self.rank != 0:
+            return
+        where = f"; checkpoint in {self.config.checkpoint_dir}" if self.checkpoints is not None else ""
+        sys.stderr.write(f"[hybridps] stopped after step {completed} ({self.control.stopped_by}){where}\n")
+        sys.stderr.flush()
 
     def _consistent_points(self):
         """Steps (counted as completed steps) after which a checkpoint or delta is written:
@@ -188,7 +222,8 @@ class Trainer:
         everies = ((c.checkpoint_every if c.checkpoint_dir else 0),
                    (c.delta_every if c.delta_export_dir else 0),
                    (c.eval_every if c.eval_data else 0))
-        return ConsistentPoints([every for every in everies if every], c.steps)
+        return ConsistentPoints([every for every in everies if every], c.steps or None,
+                                extra=self.control.delta_points if self.control is not None else ())
 
     def _at_step_boundary(self, completed, end=False):
         """Evaluation, checkpoint and delta export after ``completed`` steps (the tables are
@@ -200,7 +235,11 @@ class Trainer:
         c = self.config
         save = self.checkpoints is not None and (end or bool(c.checkpoint_every and
                                                             completed % c.checkpoint_every == 0))
+        save = save and completed != self.saved_at       # a stream may end on a checkpoint step
         delta = bool(c.delta_export_dir and c.delta_every and completed % c.delta_every == 0)
+        if self.control is not None and c.delta_export_dir:   # wall-clock deltas; the last one
+            delta = delta or completed in self.control.delta_points or end
+            delta = delta and (self.deltas is None or completed > self.deltas.last_step)
         if self.held_out is not None and (end or (c.eval_every and completed % c.eval_every == 0)):
             self._evaluate(completed)
         if not save and not delta:
@@ -209,8 +248,10 @@ class Trainer:
         if save:
             self.checkpoints.save(completed, state,
                                   self.dataset.state() if self.dataset is not None else None)
+            self.saved_at = completed
         if delta:
-            self._delta_exporter(state).maybe_export(completed)
+            self._delta_exporter(state).export(
+                completed, position=self.dataset.state() if self.dataset is not None else None)
 
     def _evaluate(self, completed):
         """The held-out metrics of the model after ``completed`` steps (every computing rank):
@@ -252,12 +293,15 @@ class Trainer:
             dense_parameters=sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
             data_stats=self.dataset.stats() if callable(getattr(self.dataset, "stats", None)) else None,
             resume_messages=self.resume_messages)
+        summary["stopped_by"] = self.control.stopped_by if self.control is not None else None
+        if self.control is not None:
+            summary["waited_for_data_s"] = self.control.waited_s
         if self.held_out is not None:
             summary["eval"] = self.eval_log
             summary["eval_seconds"] = self.eval_seconds
         self.tensorboard.run_summary(summary)
         self.tensorboard.close()
-        steps_run = c.steps - self.start_step
+        steps_run = record.steps - self.start_step
         exchange_trace.write(self.rank, steps_run - c.warmup_steps if record.steady_start else steps_run,
                              {"mode": c.mode.value, "sync": c.sync.value, "server": self.backend.serves})
         if c.dump_state:
@@ -271,14 +315,15 @@ class Trainer:
 
 class ConsistentPoints:
     """Completed-step counts ``k`` with ``0 < k < steps`` that are a multiple of one of
-    ``everies`` (``steps`` None: no end), as a membership test: ``k in points``."""
+    ``everies`` or in ``extra`` (points decided while training runs: wall-clock deltas),
+    ``steps`` None: no end, as a membership test: ``k in points``."""
 
-    def __init__(self, everies, steps):
-        self.everies, self.steps = tuple(everies), steps
+    def __init__(self, everies, steps, extra=()):
+        self.everies, self.steps, self.extra = tuple(everies), steps, extra
 
     def __contains__(self, completed):
         return (0 < completed and (self.steps is None or completed < self.steps)
-                and any(completed % every == 0 for every in self.everies))
+                and (any(completed % every == 0 for every in self.everies) or completed in self.extra))
 
 
 def freeze_python_heap():

@@ -52,7 +52,8 @@ class Backend:
 
     def pull(self, step):
         """Step ``step``'s batch and the rows of its unique keys: (batch, plan, rows), rows
-        flat float32 in the TF step's order (hybridps.sparse.layout)."""
+        flat float32 in the TF step's order (hybridps.sparse.layout); None when the batches
+        ended before this step (a stream's end or an agreed stop: hybridps.step_control)."""
         raise NotImplementedError
 
     def dense_step(self, grads, step):

@@ -87,7 +87,8 @@ def preset_shape(config):
 
 def open_data(config, schema, *, rank, world_size):
     """The data source of a run: synthetic data (the Criteo layout, or any schema's), a Criteo
-    file (the preset), or a schema-described CSV/TSV file.
+    file (the preset), schema-described CSV/TSV, Parquet or TFRecord files, or a stream
+    (``stream:DIR``, ``redis://HOST:PORT/STREAM``: hybridps.data.stream).
 
     Args:
         config: TrainConfig (``data``, ``seed``, ``on_bad_line``, synthetic options).
@@ -97,6 +98,10 @@ def open_data(config, schema, *, rank, world_size):
         DataError, ConfigError: naming the file or the field.
     """
     spec = os.fspath(config.data)
+    from hybridps.data.stream import is_stream_spec, open_stream
+    if is_stream_spec(spec):
+        return open_stream(spec, schema, rank=rank, world_size=world_size,
+                           on_bad_line=config.on_bad_line)
     if schema.preset == "criteo":
         options = (dict(num_fields=len(schema.sparse), num_dense=schema.num_dense,
                         vocab_size=config.vocab_size, zipf_a=config.zipf_a)

@@ -227,10 +227,15 @@ class PartitionedReader:
         smaller or empty): what evaluation and prediction read. The position does not move."""
         largest = max(sum(r for _, _, r in self.units_of(rank)) for rank in range(self.world_size))
         count = count if count is not None else -(-largest // batch_size)
-        parts = list(self._plain_rows())
-        rows = concat_batches(parts) if parts else empty_batch(self.schema)
+        rows = self.all_rows()
         for k in range(count):
             yield rows.take(slice(min(k * batch_size, rows.size), min((k + 1) * batch_size, rows.size)))
+
+    def all_rows(self):
+        """Every row of this rank's share, in order, as one Batch (no shuffling; the position
+        does not move): what evaluation and the stream sources (one file each) read."""
+        parts = list(self._plain_rows())
+        return concat_batches(parts) if parts else empty_batch(self.schema)
 
     def _plain_rows(self):
         for unit in self.units_of(self.rank):

@@ -73,7 +73,6 @@ class SchemaCSVReader(InMemoryShare):
     # ------------------------------------------------------------------ parsing
     def _load(self):
         import pyarrow as pa
-        import pyarrow.compute as pc
         import pyarrow.csv as pcsv
         raw = read_bytes(self.path)
         self.content_bytes = len(raw)
@@ -117,24 +116,9 @@ class SchemaCSVReader(InMemoryShare):
                 self._bad(number - 2, None, f"expected {expected} columns, found {actual}", raw)
         table = table.filter(pa.array(mine))
         line_index = line_index[mine]
-        keep = np.ones(table.num_rows, dtype=bool)
-        checks = [(self.schema.label, _LABEL, "the label must be 0 or 1")]
-        checks += [(f.column, _NUMBER, f"dense feature {f.name!r} is not a number") for f in self.schema.dense]
-        for column, pattern, problem in checks:
-            values = table.column(column)
-            ok = pc.or_(pc.equal(values, ""), pc.match_substring_regex(values, pattern)) \
-                if column != self.schema.label else pc.match_substring_regex(values, pattern)
-            bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False) & keep)
-            for row in bad:
-                self._bad(int(line_index[row]), column, f"{problem}: {values[int(row)].as_py()!r}", raw)
-            keep[bad] = False
-        if not keep.all():
-            table = table.filter(pa.array(keep))
-        casts = {self.schema.label: pa.float64(), **{f.column: pa.float64() for f in self.schema.dense}}
-        for column, kind in casts.items():
-            index = table.column_names.index(column)
-            values = pc.if_else(pc.equal(table.column(column), ""), None, table.column(column))
-            table = table.set_column(index, column, pc.cast(pc.utf8_trim_whitespace(values), kind))
+        table, keep, problems = check_text_columns(table, self.schema)
+        for row, column, problem in problems:
+            self._bad(int(line_index[row]), column, problem, raw)
         self.share = self.converter.convert(table, self.path)
         self.share.row_ids = line_index[keep].astype(np.int64)
 
@@ -165,6 +149,37 @@ class SchemaCSVReader(InMemoryShare):
     def __repr__(self) -> str:
         return (f"SchemaCSVReader({self.path!r}, rank={self.rank}/{self.world_size}, "
                 f"rows={self.num_rows}, bad_lines={self.bad_lines})")
+
+
+def check_text_columns(table, schema):
+    """Validate and cast the text label and dense columns of an Arrow table of strings.
+
+    Returns:
+        (the well-formed rows with label and dense columns as float64 (empty: null, the
+        feature's fill), the boolean mask of those rows in ``table``, and every problem as
+        (row, column, message), column by column, rows in order).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    keep = np.ones(table.num_rows, dtype=bool)
+    problems = []
+    checks = [(schema.label, _LABEL, "the label must be 0 or 1")]
+    checks += [(f.column, _NUMBER, f"dense feature {f.name!r} is not a number") for f in schema.dense]
+    for column, pattern, problem in checks:
+        values = table.column(column)
+        ok = pc.or_(pc.equal(values, ""), pc.match_substring_regex(values, pattern)) \
+            if column != schema.label else pc.match_substring_regex(values, pattern)
+        bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False) & keep)
+        problems += [(int(row), column, f"{problem}: {values[int(row)].as_py()!r}") for row in bad]
+        keep[bad] = False
+    if not keep.all():
+        table = table.filter(pa.array(keep))
+    casts = {schema.label: pa.float64(), **{f.column: pa.float64() for f in schema.dense}}
+    for column, kind in casts.items():
+        index = table.column_names.index(column)
+        values = pc.if_else(pc.equal(table.column(column), ""), None, table.column(column))
+        table = table.set_column(index, column, pc.cast(pc.utf8_trim_whitespace(values), kind))
+    return table, keep, problems
 
 
 def _file_line(raw, data_index):

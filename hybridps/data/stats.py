@@ -29,7 +29,10 @@ def combine_data_stats(per_rank):
     if not readers:
         return {}
     first = readers[0]
-    combined = {k: first[k] for k in ("kind", "path", "format", "data_lines", "parts", "world_size")
+    combined = {k: first[k] for k in ("kind", "path", "format", "data_lines", "parts", "world_size",
+                                      # streams: the same on every rank (the whole stream's)
+                                      "rows_consumed", "rows_left", "files", "late_files",
+                                      "bad_files", "last_id", "lag_rows", "lag_s")
                 if k in first}
     for key in _ADDITIVE_DATA_STATS:
         if key in ("rows", "bad_lines", "positives") or any(key in s for s in readers):

@@ -154,7 +154,7 @@ class DeltaExporter:
             return self.export(completed_steps)
         return None
 
-    def export(self, completed_steps):
+    def export(self, completed_steps, position=None):
         """Write the delta ``last_step -> completed_steps`` now; returns its path."""
         path = write_delta(self.root, self.last_step, completed_steps, tables=self.tables,
                            comm=self.comm, model=self.model, model_hash=self.model_hash)

@@ -4,30 +4,36 @@ import time
 
 
 class Progress:
-    """A progress bar on a terminal, periodic log lines otherwise (rank 0 only)."""
+    """A progress bar on a terminal, periodic log lines otherwise (rank 0 only).
 
-    def __init__(self, total, enabled, log_every, stream=sys.stderr):
+    ``total`` None (a run without a known end): log lines only. ``note``: a callable whose text
+    ends each line (a stream's rows/s and lag)."""
+
+    def __init__(self, total, enabled, log_every, stream=sys.stderr, note=None):
         self.total = total
         self.enabled = enabled
         self.log_every = log_every
         self.stream = stream
-        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.note = note
+        self.tty = enabled and total is not None and hasattr(stream, "isatty") and stream.isatty()
         self.started = time.perf_counter()
 
     def update(self, step, loss, samples_per_s):
         if not self.enabled:
             return
         done = step + 1
+        note = f" {self.note()}" if self.note is not None else ""
         if self.tty:
             width = 30
             filled = int(width * done / self.total)
             self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                              f"rank-0 loss {loss:.4f} {samples_per_s:,.0f} samples/s")
+                              f"rank-0 loss {loss:.4f} {samples_per_s:,.0f} samples/s{note}")
             if done == self.total:
                 self.stream.write("\n")
             self.stream.flush()
         elif done % self.log_every == 0 or done == self.total:
             elapsed = time.perf_counter() - self.started
-            self.stream.write(f"step {done}/{self.total} rank-0 loss {loss:.4f} "
-                              f"{samples_per_s:,.0f} samples/s elapsed {elapsed:.1f}s\n")
+            of = f"/{self.total}" if self.total is not None else ""
+            self.stream.write(f"step {done}{of} rank-0 loss {loss:.4f} "
+                              f"{samples_per_s:,.0f} samples/s elapsed {elapsed:.1f}s{note}\n")
             self.stream.flush()

@@ -22,7 +22,7 @@ from hybridps.sparse.shard import STALENESS_BINS, TABLE_COUNTERS
 @dataclasses.dataclass
 class RunRecord:
     """What one rank accumulates while it trains (every field local to the rank)."""
-    steps: int                       # the last step + 1 of the run
+    steps: int                       # the last step + 1 of the run (set at the end when unbounded)
     start_step: int = 0
     loss_sums: np.ndarray = None     # per step, this rank's sum of sample losses
     auc: AUCAccumulator = dataclasses.field(default_factory=AUCAccumulator)
@@ -41,6 +41,9 @@ class RunRecord:
         self.started = self.finished = time.perf_counter()
 
     def add_step(self, step, loss_sum, plan, batch):
+        if step >= len(self.loss_sums):          # a run without a known end grows its record
+            self.loss_sums = np.concatenate([self.loss_sums, np.zeros(max(step + 1, 2 * len(self.loss_sums))
+                                                                      - len(self.loss_sums))])
         self.loss_sums[step] = float(loss_sum)
         self.keys_sent += plan.keys_sent
         self.keys_received += plan.keys_received
@@ -60,7 +63,7 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
     """
     c = config
     global_batch = c.batch_size * compute_ranks
-    losses = comm.allreduce_sum(record.loss_sums)[record.start_step:] / global_batch
+    losses = comm.allreduce_sum(record.loss_sums[:record.steps])[record.start_step:] / global_batch
     positives = comm.allreduce_sum(record.auc.positives)
     negatives = comm.allreduce_sum(record.auc.negatives)
     steps_run = record.steps - record.start_step
@@ -82,7 +85,7 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
         "loss_trajectory": [float(x) for x in losses],
         "first_step": record.start_step, "resume_messages": list(resume_messages),
         "auc": AUCAccumulator.auc_from_histograms(positives, negatives),
-        "auc_steps": [int(record.steps * (1.0 - c.auc_window)), record.steps],
+        "auc_steps": [int(c.steps * (1.0 - c.auc_window)), record.steps],   # steps 0: all
         "mode": c.mode.value, "sync": c.sync.value, "staleness": c.staleness,
         "model": c.model, "data": c.data, "seed": c.seed,
         "elapsed_s": record.finished - record.started, "warmup_steps": c.warmup_steps,

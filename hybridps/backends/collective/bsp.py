@@ -69,7 +69,10 @@ class BSPBackend(CollectiveBackend):
         action()
 
     def pull(self, step):
-        batch = next(self.batches)
+        """This step's (batch, plan, rows), or None when the batches ended before it."""
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
         plan, rows = self.exchange.pull(batch, step)
         self.dense_thread.apply_ready(need=step)
         self.dense_thread.record_lag(step)

@@ -155,7 +155,7 @@ class PipelinedBackend(CollectiveBackend):
         super().__init__(comm, exchange, dense, model)
         self.config = config
         self.sync = config.sync
-        self.steps = config.steps
+        self.steps = config.steps or None      # None: until the batches end (a stream, a stop)
         self.max_inflight = config.max_inflight
         self.pulled = _Mailbox(self)
         self.fence_reached = _Mailbox(self)
@@ -180,6 +180,7 @@ class PipelinedBackend(CollectiveBackend):
         else:
             schedule = asp_schedule(start_step, self.steps, self.max_inflight)
         self.schedule = with_fences(schedule, _StepsBetween(fence_steps, start_step, self.steps))
+        self.next_push = start_step
         self.comm_thread = threading.Thread(target=self._run_guarded, args=(self._comm_loop,),
                                             name="hybridps-exchange", daemon=True)
         self.comm_thread.start()
@@ -203,15 +204,25 @@ class PipelinedBackend(CollectiveBackend):
             if op == "pull":
                 # Bounded prefetch: at most max_inflight pulled steps wait for the main thread.
                 self.pulled.wait_below(self.max_inflight)
-                batch = next(self.batches)
+                try:
+                    batch = next(self.batches)
+                except StopIteration:   # every rank's batches end at this step (agreed)
+                    for k in range(self.next_push, step):     # the pushes still owed
+                        self._push(k)
+                    self.pulled.put(step, None)
+                    return
                 plan, rows = self.exchange.pull(batch, step)
                 self.pulled.put(step, (batch, plan, rows))
             elif op == "push":
-                plan, row_grads = self.grads.take(step)
-                self.exchange.push(plan, row_grads, step)
+                self._push(step)
             else:   # fence: the main thread owns the tables until it releases the fence
                 self.fence_reached.put(step, True)
                 self.fence_released.take(step)
+
+    def _push(self, step):
+        plan, row_grads = self.grads.take(step)
+        self.exchange.push(plan, row_grads, step)
+        self.next_push = step + 1
 
     def at_consistent_point(self, step, action):
         """Run ``action()`` once every update of steps < ``step`` is applied and no later pull
@@ -225,7 +236,10 @@ class PipelinedBackend(CollectiveBackend):
 
     # ------------------------------------------------------------------ main thread
     def pull(self, step):
+        """This step's (batch, plan, rows), or None when the batches ended before it."""
         pulled = self.pulled.take(step)
+        if pulled is None:
+            return None
         if self.sync == Sync.SSP:      # dense updates of steps <= step - dense_staleness - 1
             self.dense_thread.apply_ready(need=step - self.dense_staleness)
         else:                          # ASP: at most max_inflight steps behind

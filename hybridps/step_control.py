@@ -1,0 +1,118 @@
+"""What every rank agrees on before each step of an unbounded or streaming run.
+
+What lives here: the graceful stop (:func:`request_stop`, :func:`stop_requested`; the SIGTERM
+handler of hybridps.comm calls ``request_stop`` once :func:`enable_graceful_stop` was called),
+and :class:`StepAgreement`, one small collective before each batch is drawn, in whichever
+thread draws it (the main thread under BSP, the exchange thread under SSP/ASP):
+
+* stop: any rank asked to stop (SIGTERM) -> every rank ends before this step;
+* data: a stream source says whether it has the rows of this step ("ready") or whether its
+  end marker says it never will ("ended"); every rank waits (polling, not a hang: each poll is
+  a collective that completes) until all are ready, or ends when all have ended;
+* wall-clock deltas: rank 0's clock says whether ``delta_every_seconds`` have passed since the
+  last delta; if so, the completed-step count after this step becomes a consistent point
+  (:attr:`StepAgreement.delta_points`) where the trainer writes a delta.
+
+All decisions come from one allgather, so every rank runs the same steps and stops at the same
+one. What does not: the stream sources (hybridps.data.stream), the loop (hybridps.trainer).
+"""
+import threading
+import time
+
+from hybridps import watchdog
+
+_STOP = {"requested": False, "reason": None, "graceful": False}
+
+
+def enable_graceful_stop():
+    """From now on SIGTERM asks for a graceful stop instead of exiting at once (hybridps.comm)."""
+    _STOP["graceful"] = True
+
+
+def graceful_stop_enabled():
+    return _STOP["graceful"]
+
+
+def request_stop(reason):
+    """Ask every rank to stop before its next step (signal-safe: sets a flag)."""
+    if not _STOP["requested"]:
+        _STOP["requested"], _STOP["reason"] = True, reason
+
+
+def stop_requested():
+    return _STOP["requested"]
+
+
+def reset_stop():
+    """Forget a stop request (tests that run several trainings in one process)."""
+    _STOP.update(requested=False, reason=None)
+
+
+class StepAgreement:
+    """The per-step agreement (module docstring).
+
+    Args:
+        comm: hybridps.comm.Comm (every rank that draws batches calls :meth:`agree` once per
+            poll, in step order).
+        delta_every_seconds: 0 for none.
+        poll_s: seconds between polls while a stream has no rows for the next step.
+    """
+
+    def __init__(self, comm, delta_every_seconds=0.0, poll_s=0.2):
+        self.comm = comm
+        self.delta_every_seconds = float(delta_every_seconds)
+        self.poll_s = float(poll_s)
+        self.delta_points = _PointSet()
+        self.last_delta = time.monotonic()
+        self.stopped_by = None          # "signal" or "end of stream" once the run ends
+        self.waited_s = 0.0             # seconds spent waiting for data
+
+    def agree(self, step, ready=True, ended=False):
+        """One poll for ``step``: "go", "wait" (sleep ``poll_s`` and poll again) or "end"."""
+        due = (self.comm.rank == 0 and self.delta_every_seconds > 0
+               and time.monotonic() - self.last_delta >= self.delta_every_seconds)
+        with watchdog.collective("step agreement"):
+            votes = self.comm.allgather_object((stop_requested(), bool(ready), bool(ended), due))
+        if any(v[0] for v in votes):
+            self.stopped_by = "signal"
+            return "end"
+        if all(v[1] for v in votes):
+            if votes[0][3]:
+                self.delta_points.add(step + 1)
+                self.last_delta = time.monotonic()
+            return "go"
+        if all(v[2] for v in votes):
+            self.stopped_by = "end of stream"
+            return "end"
+        return "wait"
+
+    def wait(self):
+        """Sleep one poll interval (idle waiting for data, counted in ``waited_s``)."""
+        time.sleep(self.poll_s)
+        self.waited_s += self.poll_s
+
+    def batches(self, batches, start_step):
+        """A non-streaming batch iterator, agreed before each batch (stop and deltas only)."""
+        step, source = start_step, iter(batches)
+        while self.agree(step) != "end":       # agreed before drawing: a stop draws nothing
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
+            yield batch
+            step += 1
+
+
+class _PointSet:
+    """A set of step counts shared between the thread that draws batches and the main thread."""
+
+    def __init__(self):
+        self.points, self.lock = set(), threading.Lock()
+
+    def add(self, k):
+        with self.lock:
+            self.points.add(k)
+
+    def __contains__(self, k):
+        with self.lock:
+            return k in self.points

@@ -1,0 +1,291 @@
+"""Streaming training under real MPI: a directory stream and a Redis stream on 2 ranks, each
+row trained exactly once across a kill, a graceful SIGTERM stop and resumes.
+
+Each run is tests/parallel/stream_scenarios.py under mpirun (it logs the row ids of every batch
+each rank draws); a producer thread in the test writes the data while the job runs, the way a
+real producer does (a temporary name, then a rename; Redis: XADD). The expected rows come from
+the producer's own list, in stream order: global step ``g`` holds rows ``[16 g, 16 g + 16)``,
+rank 0 the first 8, rank 1 the next 8.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.mpi_util import MPI_ENV, REPO, mpirun_available
+from tests.schema_data import FEATURES, rows, write_parquet
+
+BATCH = 8                    # per rank; 16 rows per global step
+STREAM_FEATURES = dict(FEATURES, group_by="row")
+SCRIPT = os.path.join(REPO, "tests", "parallel", "stream_scenarios.py")
+
+
+def start_job(out, name, overrides, ranks=2):
+    if not mpirun_available():
+        pytest.skip("mpirun not on PATH (run `make setup`)")
+    command = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none", sys.executable,
+               SCRIPT, str(out), name, json.dumps(overrides)]
+    log = open(out / f"{name}.log", "w")
+    return subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **MPI_ENV), stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def finish(out, name, proc, timeout=180):
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{name} hung:\n" + (out / f"{name}.log").read_text()[-4000:])
+    return proc.returncode, (out / f"{name}.log").read_text()
+
+
+def drawn(out, name, rank, below=None):
+    """{step: row ids} this rank drew in run ``name`` (steps < ``below`` only)."""
+    path = out / name / f"rows-{rank}.jsonl"
+    steps = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        entry = json.loads(line)
+        if below is None or entry["step"] < below:
+            steps[entry["step"]] = entry["rows"]
+    return steps
+
+
+def wait_for_steps(out, name, count, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(drawn(out, name, 0)) >= count and len(drawn(out, name, 1)) >= count:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{name} did not reach {count} steps:\n" + (out / f"{name}.log").read_text()[-4000:])
+
+
+def metrics(out, name):
+    with open(out / name / "metrics.json") as fh:
+        return json.load(fh)
+
+
+def assert_each_row_once(out, runs, stream_rows):
+    """Rows trained by the runs (each: name, steps counted up to (exclusive), None: all) are the
+    stream's first rows in order, every row once, split 8/8 per global step."""
+    trained = {}
+    for name, below in runs:
+        for rank in (0, 1):
+            for step, ids in drawn(out, name, rank, below).items():
+                trained[(step, rank)] = ids
+    steps = sorted({step for step, _ in trained})
+    assert steps == list(range(len(steps))), steps
+    for step in steps:
+        want = stream_rows[16 * step:16 * step + 16]
+        assert trained[(step, 0)] + trained[(step, 1)] == want, step
+    return len(steps)
+
+
+def write_config(out, **extra):
+    import yaml
+    with open(out / "config.yaml", "w") as fh:
+        yaml.safe_dump(dict({"model": "wide_deep", "hidden": [8], "seed": 3, "warmup_steps": 1,
+                             "features": STREAM_FEATURES}, **extra), fh, sort_keys=False)
+
+
+# ---------------------------------------------------------------------- a directory stream
+FILES, ROWS_PER_FILE = 8, 37            # 296 rows: 18 global steps of 16, 8 rows left
+
+
+class DirectoryProducer(threading.Thread):
+    """Writes ``files`` Parquet files into ``directory`` (a dot-name, then a rename), one every
+    ``interval`` seconds after ``first_delay``, and the end marker after the last if ``end``."""
+
+    def __init__(self, directory, files, interval, first_delay=0.0, end=True):
+        super().__init__(daemon=True)
+        self.directory, self.files, self.interval = directory, files, interval
+        self.first_delay, self.end = first_delay, end
+
+    def run(self):
+        time.sleep(self.first_delay)
+        for i in self.files:
+            name = f"events-{i:05d}.parquet"
+            write_parquet(self.directory / f".{name}.tmp", rows(ROWS_PER_FILE, seed=i), ROWS_PER_FILE)
+            os.rename(self.directory / f".{name}.tmp", self.directory / name)
+            time.sleep(self.interval)
+        if self.end:
+            open(self.directory / "_END", "w").close()
+
+
+def directory_rows(files):
+    return [int(r) for i in files for r in rows(ROWS_PER_FILE, seed=i)["row"]]
+
+
+@pytest.fixture(scope="module")
+def directory_runs(tmp_path_factory):
+    """kill (an injected failure after the checkpoint of step 6, while files still arrive),
+    resume + SIGTERM to rank 1 (graceful stop, exit 0), resume to the end marker (ASP)."""
+    out = tmp_path_factory.mktemp("dirstream")
+    write_config(out)
+    stream = out / "stream"
+    stream.mkdir()
+    common = {"data": f"stream:{stream}", "steps": 0, "batch_size": BATCH,
+              "checkpoint_dir": str(out / "ckpt"), "stream_poll_s": 0.05}
+    # the first file comes after more than the watchdog timeout: waiting for data is not a hang
+    producer = DirectoryProducer(stream, range(0, 4), interval=0.3, first_delay=5.0, end=False)
+    producer.start()
+    job = start_job(out, "killed", dict(common, checkpoint_every=3, fail_at_step=7, fail_rank=1,
+                                        watchdog_timeout=3.0))
+    killed = finish(out, "killed", job)
+    producer.join()
+    job = start_job(out, "stopped", dict(common, resume=True, checkpoint_every=100))
+    late = DirectoryProducer(stream, range(4, 6), interval=0.5, end=False)
+    late.start()
+    wait_for_steps(out, "stopped", 3)
+    pid = int((out / "stopped" / "pid-1").read_text())
+    os.kill(pid, signal.SIGTERM)
+    stopped = finish(out, "stopped", job)
+    late.join()
+    job = start_job(out, "ended", dict(common, resume=True, sync="asp"))
+    DirectoryProducer(stream, range(6, FILES), interval=0.2, end=True).run()
+    ended = finish(out, "ended", job)
+    return out, killed, stopped, ended
+
+
+def test_a_killed_directory_stream_job_resumes_at_the_next_unconsumed_row(directory_runs):
+    out, killed, stopped, ended = directory_runs
+    assert killed[0] != 0 and "injected failure at step 7" in killed[1]
+    assert "got SIGTERM" in stopped[1] and stopped[0] == 0, stopped[1][-3000:]
+    assert ended[0] == 0, ended[1][-3000:]
+    first_stop = metrics(out, "stopped")
+    assert first_stop["first_step"] == 6 and first_stop["stopped_by"] == "signal"
+    last = metrics(out, "ended")
+    assert last["first_step"] == first_stop["steps"] and last["stopped_by"] == "end of stream"
+    # killed after its checkpoint of step 6: steps >= 6 of that run are trained again after it
+    steps = assert_each_row_once(out, [("killed", 6), ("stopped", None), ("ended", None)],
+                                 directory_rows(range(FILES)))
+    assert steps == 18 == last["steps"]
+    assert last["data_stats"]["rows_left"] == FILES * ROWS_PER_FILE - 16 * 18
+    assert last["data_stats"]["rows_consumed"] == 16 * 18
+
+
+def test_waiting_for_stream_data_longer_than_the_watchdog_timeout_is_not_a_hang(directory_runs):
+    out, killed, _, _ = directory_runs
+    # the injected failure, not the watchdog, ended the first run (its wait was 5 s > 3 s)
+    assert "watchdog: stuck" not in killed[1]
+    assert len(drawn(out, "killed", 0)) >= 7
+
+
+def test_sigterm_leaves_a_resumable_checkpoint_of_the_step_it_stopped_at(directory_runs):
+    out, _, _, _ = directory_runs
+    from hybridps.checkpoint.reader import load_manifest
+    stopped = metrics(out, "stopped")
+    manifest = load_manifest(str(out / "ckpt" / f"ckpt-{stopped['steps']:010d}"))
+    assert manifest["step"] == stopped["steps"]
+    states = [s for s in manifest["data_state"] if s]
+    assert states and all(s["rows_consumed"] == 16 * stopped["steps"] for s in states)
+
+
+# ---------------------------------------------------------------------- a Redis stream
+REDIS_ROWS = 16 * 14 + 5                # 14 global steps, 5 entries left before the end entry
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not installed (make setup installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield port, client
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def redis_entries():
+    columns = rows(REDIS_ROWS, seed=4)
+    for i in range(REDIS_ROWS):
+        yield {"row": str(columns["row"][i]), "label": str(columns["label"][i]),
+               "x": repr(float(columns["x"][i])), "y": repr(float(columns["y"][i])),
+               "user": columns["user"][i], "item": str(columns["item"][i]),
+               "tags": "|".join(columns["tags"][i]), "seen": "|".join(map(str, columns["seen"][i]))}
+
+
+def produce_redis(client, key, entries, interval):
+    for fields in entries:
+        client.xadd(key, fields)
+        time.sleep(interval)
+
+
+def test_a_redis_stream_trains_each_entry_once_across_a_kill_a_sigterm_to_mpirun_and_resumes(
+        tmp_path, redis_server):
+    from hybridps.data.hashing import text_ids
+    port, client = redis_server
+    out = tmp_path
+    write_config(out)
+    url = f"redis://127.0.0.1:{port}/events"
+    common = {"data": url, "steps": 0, "batch_size": BATCH, "checkpoint_dir": str(out / "ckpt"),
+              "stream_poll_s": 0.05}
+    entries = list(redis_entries())
+    producer = threading.Thread(target=produce_redis, args=(client, "events", entries[:120], 0.01))
+    producer.start()
+    killed = finish(out, "killed", start_job(out, "killed", dict(common, checkpoint_every=2,
+                                                                 fail_at_step=5, fail_rank=0)))
+    producer.join()
+    assert killed[0] != 0 and "injected failure at step 5" in killed[1]
+    job = start_job(out, "stopped", dict(common, resume=True))
+    wait_for_steps(out, "stopped", 2)          # 120 entries = 7 steps; it waits for more
+    time.sleep(1.0)
+    os.kill(job.pid, signal.SIGTERM)           # mpirun passes SIGTERM on to every rank
+    stopped = finish(out, "stopped", job)
+    assert stopped[1].count("got SIGTERM") == 2, stopped[1][-3000:]
+    stop = metrics(out, "stopped")
+    assert stop["stopped_by"] == "signal" and stop["first_step"] == 4 and stop["steps"] == 7
+    job = start_job(out, "ended", dict(common, resume=True, sync="asp"))
+    produce_redis(client, "events", entries[120:], 0.002)
+    client.xadd("events", {"_end": "1"})
+    ended = finish(out, "ended", job)
+    assert ended[0] == 0, ended[1][-3000:]
+    last = metrics(out, "ended")
+    assert last["first_step"] == 7 and last["stopped_by"] == "end of stream"
+    # the row column arrives as text: its group ids are the text ids of the row numbers
+    stream_rows = [int(i) for i in text_ids(np.array([e["row"] for e in entries], dtype=object))]
+    steps = assert_each_row_once(out, [("killed", 4), ("stopped", None), ("ended", None)], stream_rows)
+    assert steps == 14 == last["steps"]
+    assert last["data_stats"]["rows_left"] == 5
+
+
+def test_stream_specs_that_cannot_work_are_refused_with_what_to_do(tmp_path):
+    from hybridps.config import make_config
+    from hybridps.data import open_data
+    from hybridps.errors import ConfigError, DataError
+    from hybridps.schema import build_schema
+    config = make_config(overrides={"data": f"stream:{tmp_path / 'missing'}", "features": STREAM_FEATURES})
+    schema = build_schema(config)
+    with pytest.raises(DataError, match="does not exist.*producer"):
+        open_data(config, schema, rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="features:' schema"):
+        preset = make_config(overrides={"data": f"stream:{tmp_path}"})
+        open_data(preset, build_schema(preset), rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="redis://HOST:PORT/STREAM"):
+        open_data(make_config(overrides={"data": "redis://127.0.0.1:1", "features": STREAM_FEATURES}),
+                  schema, rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="collective mode"):
+        make_config(overrides={"data": f"stream:{tmp_path}", "mode": "ps", "features": STREAM_FEATURES})
+    with pytest.raises(ConfigError, match="delta_export_dir"):
+        make_config(overrides={"delta_every_seconds": 5})
