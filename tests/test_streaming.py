@@ -289,3 +289,73 @@ def test_stream_specs_that_cannot_work_are_refused_with_what_to_do(tmp_path):
         make_config(overrides={"data": f"stream:{tmp_path}", "mode": "ps", "features": STREAM_FEATURES})
     with pytest.raises(ConfigError, match="delta_export_dir"):
         make_config(overrides={"delta_every_seconds": 5})
+
+
+# ---------------------------------------------------------------------- one process, no MPI
+class OneRank:
+    """A StepAgreement stand-in for one process: go when ready, end when ended, else give up
+    (the test has written everything it will)."""
+
+    def __init__(self):
+        self.waits = 0
+
+    def agree(self, step, ready=True, ended=False):
+        return "go" if ready else ("end" if ended else "wait")
+
+    def wait(self):
+        self.waits += 1
+        if self.waits > 3:
+            raise TimeoutError("no more data")
+
+
+def group_ids(batches):
+    return [int(g) for b in batches for g in b.groups]
+
+
+def test_a_directory_stream_reads_files_in_name_order_and_skips_what_it_must(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hybridps.config import make_config
+    from hybridps.data.stream import DirectoryStream
+    from hybridps.errors import DataError
+    from hybridps.schema import build_schema
+    schema = build_schema(make_config(overrides={"features": STREAM_FEATURES}))
+    write_parquet(tmp_path / "b-0002.parquet", rows(5, seed=2), 5)
+    write_parquet(tmp_path / "b-0001.parquet", rows(6, seed=1), 6)
+    write_parquet(tmp_path / ".b-0003.parquet.tmp", rows(4, seed=3), 4)      # not renamed yet
+    pq.write_table(pa.table({k: v[:0] for k, v in rows(1, seed=9).items()}), tmp_path / "b-0000.parquet")
+    stream = DirectoryStream(str(tmp_path), schema)
+    control = OneRank()
+    with pytest.raises(TimeoutError):
+        got = []
+        for batch in stream.iter_batches(4, None, control=control):
+            got.append(batch)
+    assert group_ids(got) == directory_like([1, 2], [6, 5])[:8]      # empty file, then name order
+    state = stream.state()
+    assert state["consumed_through"] == "b-0001.parquet" and state["file"] == "b-0002.parquet"
+    assert state["row"] == 2
+    # a late file (named before one read) is ignored and counted (after a resume, names up to
+    # the position count as consumed); a damaged one names itself
+    write_parquet(tmp_path / "a-late.parquet", rows(3, seed=7), 3)
+    with pytest.raises(TimeoutError):
+        list(stream.iter_batches(4, None, control=OneRank()))
+    assert stream.stats()["late_files"] == 1 and "a-late.parquet" in stream.stats()["bad_line_examples"][0]
+    (tmp_path / "b-0004.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="b-0004.parquet"):
+        list(stream.iter_batches(4, None, control=OneRank()))
+    skipping = DirectoryStream(str(tmp_path), schema, on_bad_line="skip")
+    skipping.restore(state)
+    os.rename(tmp_path / ".b-0003.parquet.tmp", tmp_path / "b-0003.parquet")
+    open(tmp_path / "_END", "w").close()
+    rest = list(skipping.iter_batches(4, None, control=OneRank()))
+    assert group_ids(rest) == directory_like([2, 3], [5, 4])[2:6]     # 3 rows left at the end
+    stats = skipping.stats()
+    assert stats["late_files"] == 0 and stats["bad_files"] == 1 and skipping.rows_left == 3
+    # a position in a file that is gone cannot be resumed from
+    os.remove(tmp_path / "b-0002.parquet")
+    with pytest.raises(DataError, match="no longer there"):
+        DirectoryStream(str(tmp_path), schema).restore(state)
+
+
+def directory_like(seeds, counts):
+    return [int(r) for seed, n in zip(seeds, counts) for r in rows(n, seed=seed)["row"]]
