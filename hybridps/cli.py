@@ -1,5 +1,5 @@
 """Command line: ``hybridps train | launch | doctor | inspect | export | evaluate | predict |
-bench table | train | compare | scale``.
+bench table | train | compare | scale | realtime``.
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
 (or ``python -m hybridps.cli train ...``), or alone without mpirun. Flags override the YAML
@@ -158,6 +158,11 @@ def build_parser():
     train_cmd = bench_sub.add_parser("train", help="collective BSP vs TF+Horovod baseline vs compute ceiling")
     train_bench.add_arguments(train_cmd)
     train_cmd.set_defaults(func=train_bench.main)
+    from hybridps.bench import realtime as realtime_bench
+    realtime_cmd = bench_sub.add_parser("realtime", help="a stream -> 2-rank training -> deltas -> "
+                                                         "hybridps serve: freshness and serving latency")
+    realtime_bench.add_arguments(realtime_cmd)
+    realtime_cmd.set_defaults(func=realtime_bench.main)
     from hybridps.checkpoint.inspect import add_inspect_arguments
     from hybridps.export.saved_model import add_export_arguments
     add_inspect_arguments(sub.add_parser("inspect", help="summarize and verify a checkpoint"))

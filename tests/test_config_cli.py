@@ -37,7 +37,7 @@ def test_yaml_then_flags_override(tmp_path):
 
 @pytest.mark.parametrize("overrides, field", [
     ({"model": "xgboost"}, "model"),
-    ({"steps": 0}, "steps"),
+    ({"steps": -1}, "steps"),          # 0 is valid: until the stream ends or SIGTERM
     ({"batch_size": "many"}, "batch_size"),
     ({"optimizer": "rmsprop"}, "optimizer"),
     ({"sync": "eventually"}, "sync"),

@@ -1,0 +1,275 @@
+"""``hybridps bench realtime``: how fresh serving stays while training follows a stream.
+
+What lives here: the whole pipeline on one machine, measured. A producer renames Parquet files
+of the multihot workload into a stream directory at a fixed rate; 2 ranks train on it
+(``--data stream:DIR --steps 0 --delta-every-seconds T``) writing deltas and full exports into
+one directory; ``hybridps serve`` follows that directory. For each file the freshness is the
+time from its rename into the stream until serving reports (``GET /v1/models/NAME``) a version
+whose stream position covers the file. While training runs, a bounded load generator on
+localhost sends requests of batch 1 (one at a time: latency) and of batch 256 (rows/s).
+Writes ``realtime.json``, ``realtime.md`` and ``realtime.png`` (each file's freshness over time).
+What does not: the server (hybridps.serving), the stream source (hybridps.data.stream).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+
+from hybridps.bench.report import bench_environment, markdown_table, write_json
+from hybridps.bench.train import OVERSUBSCRIBE_ENV, multihot_features
+
+TARGETS = {"freshness_p50_s": 10.0, "freshness_p99_s": 20.0, "serve_p99_ms_batch1": 20.0}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url, body=None, timeout=30):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+class Producer(threading.Thread):
+    """Renames ``files`` Parquet files of ``rows`` rows into ``directory``, one every
+    ``interval`` seconds; records each file's rename time; then the end marker."""
+
+    def __init__(self, directory, schema, config, files, rows, interval):
+        super().__init__(daemon=True)
+        self.directory, self.files, self.rows, self.interval = directory, files, rows, interval
+        self.schema, self.config = schema, config
+        self.renamed = {}                  # file name -> wall time of its rename
+        self.error = None
+
+    def tables(self):
+        from hybridps.bench.parquet_data import _arrow_table, _columns
+        from hybridps.data.synthetic_schema import make_schema_synthetic
+        source = make_schema_synthetic(self.schema, self.config, 0, 1)
+        return [_arrow_table(_columns(self.schema, source.raw_batch(i, self.rows))) for i in range(self.files)]
+
+    def run(self):
+        import pyarrow.parquet as pq
+        try:
+            tables = self.tables()                       # made before the clock starts
+            start = time.monotonic()
+            for i, table in enumerate(tables):
+                time.sleep(max(0.0, start + i * self.interval - time.monotonic()))
+                name = f"events-{i:06d}.parquet"
+                tmp = os.path.join(self.directory, f".{name}.tmp")
+                pq.write_table(table, tmp, compression="none")
+                os.rename(tmp, os.path.join(self.directory, name))
+                self.renamed[name] = time.time()
+            open(os.path.join(self.directory, "_END"), "w").close()
+        except Exception as exc:   # noqa: BLE001 - reported by the runner
+            self.error = exc
+
+
+def request_rows(schema, config, count):
+    """``count`` rows of raw feature values in the row form of the REST API."""
+    from hybridps.bench.parquet_data import _columns
+    from hybridps.data.synthetic_schema import make_schema_synthetic
+    columns = _columns(schema, make_schema_synthetic(schema, config, 0, 1).raw_batch(10_000, count))
+    instances = []
+    for i in range(count):
+        row = {}
+        for name, value in columns.items():
+            if name == schema.label:
+                continue
+            if isinstance(value, tuple):
+                ids, lengths = value
+                start = int(np.sum(lengths[:i]))
+                row[name] = [int(x) for x in ids[start:start + int(lengths[i])]]
+            else:
+                row[name] = value[i].item()
+        instances.append(row)
+    return instances
+
+
+def _covers(position, name):
+    """Whether a directory stream's position (hybridps.data.stream) has consumed file ``name``."""
+    if not isinstance(position, dict):
+        return False
+    done = position.get("consumed_through")
+    return done is not None and done >= name
+
+
+def run_realtime_bench(out_dir, files=40, rows_per_file=2048, interval_s=1.0, batch_size=512,
+                       delta_every_seconds=5.0, full_export_every=10, requests_batch1=400,
+                       requests_batch256=60, timeout=900):
+    """Run the pipeline once; returns the realtime.json object."""
+    import yaml
+    from hybridps.config import make_config
+    from hybridps.schema import build_schema
+    out_dir = os.path.abspath(out_dir)
+    stream, deltas = os.path.join(out_dir, "stream"), os.path.join(out_dir, "deltas")
+    for path in (stream, deltas):
+        os.makedirs(path, exist_ok=True)
+        if os.listdir(path):
+            raise SystemExit(f"bench realtime: {path} is not empty; use a fresh --out directory")
+    features = multihot_features()
+    config_path = os.path.join(out_dir, "realtime.yaml")
+    with open(config_path, "w") as fh:
+        yaml.safe_dump({"features": features, "model": "deepfm"}, fh, sort_keys=False)
+    config = make_config(config_path, {"seed": 0})
+    schema = build_schema(config)
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV)
+    logs = {name: open(os.path.join(out_dir, f"{name}.log"), "w") for name in ("train", "serve")}
+    train = subprocess.Popen(
+        ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", sys.executable, "-m",
+         "hybridps.cli", "train", "--config", config_path, "--data", f"stream:{stream}",
+         "--steps", "0", "--batch-size", str(batch_size), "--delta-export-dir", deltas,
+         "--delta-every-seconds", str(delta_every_seconds), "--full-export-every",
+         str(full_export_every), "--log-every", "20", "--metrics-out",
+         os.path.join(out_dir, "train-metrics.json")],
+        env=env, stdout=logs["train"], stderr=subprocess.STDOUT)
+    producer = Producer(stream, schema, config, files, rows_per_file, interval_s)
+    server = None
+    status_log, latencies, bulk = [], [], {}
+    try:
+        producer.start()
+        deadline = time.monotonic() + timeout
+        while not any(n.startswith("full-") for n in os.listdir(deltas)):   # the first export
+            if train.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("bench realtime: training ended or timed out before its first "
+                                 f"export; see {logs['train'].name}")
+            time.sleep(0.2)
+        port = _free_port()
+        server = subprocess.Popen([sys.executable, "-m", "hybridps.cli", "serve", "--model-dir", deltas,
+                                   "--port", str(port), "--name", "realtime"],
+                                  env=env, stdout=logs["serve"], stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}/v1/models/realtime"
+        while True:
+            try:
+                _http(base, timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"bench realtime: the server did not start; see {logs['serve'].name}")
+                time.sleep(0.2)
+        stop = threading.Event()
+
+        def follow():
+            while not stop.is_set():
+                try:
+                    status = _http(base, timeout=5)
+                    status_log.append((time.time(), status.get("version"), status.get("position")))
+                except OSError:
+                    pass
+                stop.wait(0.1)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        one, many = request_rows(schema, config, 1), request_rows(schema, config, 256)
+        time.sleep(min(10.0, files * interval_s / 4))          # training is running by now
+        for _ in range(requests_batch1):                          # one at a time: latency
+            started = time.perf_counter()
+            _http(base + ":predict", {"instances": one})
+            latencies.append((time.perf_counter() - started) * 1000.0)
+        started = time.perf_counter()
+        for _ in range(requests_batch256):
+            _http(base + ":predict", {"instances": many})
+        bulk["seconds"] = time.perf_counter() - started
+        bulk["training_was_running"] = train.poll() is None
+        producer.join(timeout=files * interval_s + 120)
+        while train.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2.0)                                           # the last delta is followed
+        stop.set()
+        follower.join()
+    finally:
+        for proc in (server, train):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    if producer.error is not None:
+        raise SystemExit(f"bench realtime: the producer failed: {producer.error}")
+    fresh = {}
+    for name, renamed in sorted(producer.renamed.items()):
+        covered = next((t for t, _, position in status_log if _covers(position, name)), None)
+        if covered is not None:
+            fresh[name] = covered - renamed
+    values = np.array(list(fresh.values())) if fresh else np.array([np.nan])
+    report = {
+        "freshness_p50_s": float(np.percentile(values, 50)),
+        "freshness_p99_s": float(np.percentile(values, 99)),
+        "freshness_max_s": float(np.max(values)),
+        "files": files, "files_covered": len(fresh), "freshness_s": fresh,
+        "serve_p50_ms_batch1": float(np.percentile(latencies, 50)),
+        "serve_p99_ms_batch1": float(np.percentile(latencies, 99)),
+        "serve_rows_per_s_batch256": requests_batch256 * 256 / bulk["seconds"],
+        "load_while_training": bulk["training_was_running"],
+        "targets": TARGETS,
+        "settings": {"files": files, "rows_per_file": rows_per_file, "interval_s": interval_s,
+                     "batch_size_per_rank": batch_size, "ranks": 2,
+                     "delta_every_seconds": delta_every_seconds, "full_export_every": full_export_every,
+                     "requests_batch1": requests_batch1, "requests_batch256": requests_batch256,
+                     "workload": "multihot", "model": "deepfm"},
+        "machine": bench_environment(),
+    }
+    write_json(os.path.join(out_dir, "realtime.json"), report)
+    rows = [{"metric": k, "value": report[k], "target": f"<= {TARGETS[k]:g}" if k in TARGETS else "",
+             "met": ("yes" if report[k] <= TARGETS[k] else "NO") if k in TARGETS else ""}
+            for k in ("freshness_p50_s", "freshness_p99_s", "freshness_max_s", "serve_p50_ms_batch1",
+                      "serve_p99_ms_batch1", "serve_rows_per_s_batch256")]
+    table = markdown_table(rows, [("metric", "metric", ""), ("value", "value", ",.2f"),
+                                  ("target", "target", ""), ("met", "met", "")])
+    with open(os.path.join(out_dir, "realtime.md"), "w") as fh:
+        fh.write(table + f"\n\n{len(fresh)} of {files} files covered by a served version; "
+                 f"load generated while training ran: {bulk['training_was_running']}\n")
+    _plot(os.path.join(out_dir, "realtime.png"), producer.renamed, fresh)
+    print(table)
+    return report
+
+
+def _plot(path, renamed, fresh):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not fresh:
+        return
+    start = min(renamed.values())
+    names = sorted(fresh)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([renamed[n] - start for n in names], [fresh[n] for n in names], "o-", markersize=3)
+    ax.axhline(TARGETS["freshness_p50_s"], linestyle="--", linewidth=0.8, label="p50 target")
+    ax.set_xlabel("file renamed into the stream (s after the first)")
+    ax.set_ylabel("until served (s)")
+    ax.set_title("freshness of each stream file")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", required=True, help="directory for realtime.json/.md/.png and logs")
+    parser.add_argument("--files", type=int, default=40, help="stream files the producer writes")
+    parser.add_argument("--rows-per-file", type=int, default=2048)
+    parser.add_argument("--interval-s", type=float, default=1.0, help="seconds between files")
+    parser.add_argument("--batch-size", type=int, default=512, help="per rank")
+    parser.add_argument("--delta-every-seconds", type=float, default=5.0)
+    parser.add_argument("--full-export-every", type=int, default=10)
+    parser.add_argument("--requests-batch1", type=int, default=400)
+    parser.add_argument("--requests-batch256", type=int, default=60)
+
+
+def main(args):
+    run_realtime_bench(args.out, files=args.files, rows_per_file=args.rows_per_file,
+                       interval_s=args.interval_s, batch_size=args.batch_size,
+                       delta_every_seconds=args.delta_every_seconds,
+                       full_export_every=args.full_export_every,
+                       requests_batch1=args.requests_batch1, requests_batch256=args.requests_batch256)
+    return 0
