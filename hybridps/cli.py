@@ -77,6 +77,9 @@ def _add_train_arguments(parser):
                         help="per-table min_count/ttl_steps/max_rows/eviction as JSON, e.g. "
                              "'{\"0\": {\"max_rows\": 100000, \"eviction\": \"lru\"}}' "
                              "(tables not named use the global flags)")
+    parser.add_argument("--full-export-every", type=int,
+                        help="every K-th export into --delta-export-dir, the run's first included, "
+                             "is a full export (every row + the model description; default 10)")
     parser.add_argument("--max-inflight", type=int, help="SSP/ASP: bounded prefetch / push depth")
     parser.add_argument("--dense-staleness", type=int,
                         help="SSP: a TF step may miss the dense updates of this many latest steps (0)")
