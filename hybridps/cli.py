@@ -1,4 +1,4 @@
-"""Command line: ``hybridps train | launch | doctor | inspect | export | evaluate | predict |
+"""Command line: ``hybridps train | launch | doctor | inspect | export | evaluate | predict | serve |
 bench table | train | compare | scale``.
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
@@ -166,6 +166,9 @@ def build_parser():
                          "(any number of ranks; nothing is written to the checkpoint)"))
     add_predict_arguments(sub.add_parser(
         "predict", help="a checkpoint's score of every row of a data file, in input order, to Parquet"))
+    from hybridps.serving.server import add_serve_arguments
+    add_serve_arguments(sub.add_parser(
+        "serve", help="TF Serving's REST API on an export directory, following its deltas live"))
     from hybridps.bench import compare as compare_bench
     compare_cmd = bench_sub.add_parser("compare", help="collective vs parameter-server vs TF+Horovod, N ranks each")
     compare_bench.add_arguments(compare_cmd)

@@ -457,3 +457,16 @@ def env_watchdog_dir():
 def env_exchange_trace():
     """HYBRIDPS_EXCHANGE_TRACE: path prefix of per-rank exchange traces (benchmarks), or None."""
     return os.environ.get("HYBRIDPS_EXCHANGE_TRACE") or None
+
+
+def env_serve_apply_delay():
+    """HYBRIDPS_SERVE_APPLY_DELAY: seconds ``hybridps serve`` sleeps inside every delta apply,
+    between the tombstones and the rows (a testing aid: a server killed mid-apply); 0 unset."""
+    value = os.environ.get("HYBRIDPS_SERVE_APPLY_DELAY", "").strip()
+    try:
+        seconds = float(value) if value else 0.0
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"environment variable HYBRIDPS_SERVE_APPLY_DELAY must be seconds >= 0, got {value!r}")
+    return seconds
