@@ -353,6 +353,7 @@ cdef class EmbeddingHashTable:
     cdef readonly int64_t dropped_missing_grads
     cdef readonly int64_t skipped_nonfinite_grads
     cdef readonly int64_t applied_row_updates
+    cdef object evicted_log            # None, or key arrays erased by eviction (tombstones)
 
     def __cinit__(self, int dim, str optimizer="sgd", double learning_rate=0.01,
                   str initializer="normal", double init_mean=0.0, double init_std=0.01,
@@ -954,6 +955,7 @@ cdef class EmbeddingHashTable:
         stale = meta["keys"][step - meta["last_update_step"] > ttl_steps]
         removed = self.erase(stale)
         self.evicted_rows += removed
+        self._log_evicted(stale)
         return removed
 
     def evict_to_budget(self, int64_t max_rows, str policy="lfu"):
@@ -975,9 +977,34 @@ cdef class EmbeddingHashTable:
         meta = self.export(values=False)
         score = meta["hits"] if policy == "lfu" else meta["last_update_step"]
         order = np.lexsort((meta["keys"], score))
-        removed = self.erase(meta["keys"][order[:excess]])
+        evicted = meta["keys"][order[:excess]]
+        removed = self.erase(evicted)
         self.evicted_rows += removed
+        self._log_evicted(evicted)
         return removed
+
+    def _log_evicted(self, keys):
+        if self.evicted_log is not None and len(keys):
+            self.evicted_log.append(keys)
+
+    def record_evictions(self, bint enabled=True):
+        """Start (or stop) recording the keys the eviction policies erase: the tombstones of a
+        delta export (hybridps.export.delta). Starting clears what was recorded."""
+        self.evicted_log = [] if enabled else None
+
+    def take_evicted(self):
+        """The distinct keys ``evict_stale`` / ``evict_to_budget`` erased since the last call (or
+        since ``record_evictions``), sorted, and forget them. A key evicted, re-inserted and
+        evicted again is listed once; one re-inserted since is listed too (it is a row again).
+
+        Returns:
+            int64 array (empty when recording is off).
+        """
+        if not self.evicted_log:
+            return np.empty(0, dtype=np.int64)
+        keys = np.unique(np.concatenate(self.evicted_log))
+        self.evicted_log = []
+        return keys
 
     # ------------------------------------------------------------------ export / import
     def export(self, bint values=True):

@@ -1,4 +1,4 @@
-"""Command line: ``hybridps train | launch | doctor | inspect | export | evaluate | predict |
+"""Command line: ``hybridps train | launch | doctor | inspect | export | evaluate | predict | serve |
 bench table | train | compare | scale | realtime``.
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
@@ -82,6 +82,9 @@ def _add_train_arguments(parser):
                         help="per-table min_count/ttl_steps/max_rows/eviction as JSON, e.g. "
                              "'{\"0\": {\"max_rows\": 100000, \"eviction\": \"lru\"}}' "
                              "(tables not named use the global flags)")
+    parser.add_argument("--full-export-every", type=int,
+                        help="every K-th export into --delta-export-dir, the run's first included, "
+                             "is a full export (every row + the model description; default 10)")
     parser.add_argument("--max-inflight", type=int, help="SSP/ASP: bounded prefetch / push depth")
     parser.add_argument("--dense-staleness", type=int,
                         help="SSP: a TF step may miss the dense updates of this many latest steps (0)")
@@ -173,6 +176,9 @@ def build_parser():
                          "(any number of ranks; nothing is written to the checkpoint)"))
     add_predict_arguments(sub.add_parser(
         "predict", help="a checkpoint's score of every row of a data file, in input order, to Parquet"))
+    from hybridps.serving.server import add_serve_arguments
+    add_serve_arguments(sub.add_parser(
+        "serve", help="TF Serving's REST API on an export directory, following its deltas live"))
     from hybridps.bench import compare as compare_bench
     compare_cmd = bench_sub.add_parser("compare", help="collective vs parameter-server vs TF+Horovod, N ranks each")
     compare_bench.add_arguments(compare_cmd)

@@ -108,6 +108,8 @@ class TrainConfig:
     eviction: str = "lfu"                 # lfu | lru, for max_rows
     # per-table overrides of min_count, ttl_steps, max_rows, eviction: {table index: {field: value}}
     table_settings: Optional[Dict[int, Dict[str, Any]]] = None
+    # every K-th export into delta_export_dir (the first of a run included) is a full export
+    full_export_every: int = 10
     # launch / failure handling (issue: launch)
     watchdog_timeout: float = 300.0       # seconds a collective may take before the job aborts
     # consistency pipeline (SSP / ASP)
@@ -376,6 +378,8 @@ def validate(c):
     _check(c.ttl_steps >= 0, "ttl_steps", c.ttl_steps, "an integer >= 0 (0 = never)")
     _check(c.max_rows >= 0, "max_rows", c.max_rows, "an integer >= 0 (0 = unlimited)")
     _check(c.eviction in ("lfu", "lru"), "eviction", c.eviction, "lfu, lru")
+    _check(c.full_export_every >= 1, "full_export_every", c.full_export_every,
+           "an integer >= 1 (1: every export is a full one)")
     _check(c.watchdog_timeout > 0, "watchdog_timeout", c.watchdog_timeout, "seconds > 0")
     _check(c.max_inflight >= 1, "max_inflight", c.max_inflight, "an integer >= 1")
     _check(c.dense_staleness >= 0, "dense_staleness", c.dense_staleness, "an integer >= 0")
@@ -470,3 +474,16 @@ def env_watchdog_dir():
 def env_exchange_trace():
     """HYBRIDPS_EXCHANGE_TRACE: path prefix of per-rank exchange traces (benchmarks), or None."""
     return os.environ.get("HYBRIDPS_EXCHANGE_TRACE") or None
+
+
+def env_serve_apply_delay():
+    """HYBRIDPS_SERVE_APPLY_DELAY: seconds ``hybridps serve`` sleeps inside every delta apply,
+    between the tombstones and the rows (a testing aid: a server killed mid-apply); 0 unset."""
+    value = os.environ.get("HYBRIDPS_SERVE_APPLY_DELAY", "").strip()
+    try:
+        seconds = float(value) if value else 0.0
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"environment variable HYBRIDPS_SERVE_APPLY_DELAY must be seconds >= 0, got {value!r}")
+    return seconds

@@ -41,3 +41,8 @@ class CommError(HybridPSError):
 class CheckpointError(HybridPSError):
     """A checkpoint or delta is missing, damaged, partial, or belongs to another model
     (the message names the directory, the file and what is wrong)."""
+
+
+class RequestError(HybridPSError, ValueError):
+    """A serving request is malformed (the message names the feature and the row); the server
+    answers it with HTTP 400 and keeps serving."""

@@ -275,13 +275,17 @@ class Trainer:
     def _delta_exporter(self, state):
         if self.deltas is None:
             from hybridps.checkpoint import model_signature, signature_hash
-            from hybridps.export import DeltaExporter
+            from hybridps.export import DeltaExporter, model_description
             c = self.config
             signature = model_signature(c, self.schema, state.tables, c.num_buckets)
+            # the run's first export is a full one, then every full_export_every-th
             self.deltas = DeltaExporter(c.delta_export_dir, state.tables, comm=self.comm,
                                         model=state.model, every=c.delta_every,
                                         start_step=self.start_step,
-                                        model_hash=signature_hash(signature))
+                                        model_hash=signature_hash(signature),
+                                        full_every=c.full_export_every,
+                                        description=model_description(c, self.schema),
+                                        position_fn=self.dataset.state if self.dataset is not None else None)
         return self.deltas
 
     # ------------------------------------------------------------------ reporting

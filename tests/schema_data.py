@@ -55,24 +55,10 @@ def write_tfrecord(path, columns):
 
 def saved_model_inputs(columns, features=FEATURES):
     """The exported SavedModel's inputs for these rows (its raw-id signature): the dense
-    columns untransformed, text ids hashed with text_ids, lists padded with -1."""
-    from hybridps.data.hashing import text_ids
-
-    def ids(values):
-        values = list(values)
-        if values and isinstance(values[0], str):
-            return text_ids(values)
-        return np.asarray(values, np.int64)
-    inputs = {"dense": np.stack([np.asarray(columns[d["name"]], np.float32)
-                                 for d in features["dense"]], 1)}
-    for f in features["sparse"]:
-        cells = columns[f["name"]]
-        if "pooling" not in f:
-            inputs[f["name"]] = ids(cells)
-            continue
-        lists = [ids(cell) for cell in cells]
-        padded = np.full((len(lists), max(1, max(len(x) for x in lists))), -1, np.int64)
-        for i, row in enumerate(lists):
-            padded[i, :len(row)] = row
-        inputs[f["name"]] = padded
-    return inputs
+    columns untransformed, text ids hashed with text_ids, lists padded with -1 (what
+    ``hybridps serve`` builds from a request: hybridps.serving.inputs)."""
+    from hybridps.config import make_config
+    from hybridps.schema import build_schema
+    from hybridps.serving.inputs import serving_inputs
+    schema = build_schema(make_config(overrides={"features": features}))
+    return serving_inputs(schema, {k: list(v) for k, v in columns.items()}, len(columns[schema.label]))

@@ -2,13 +2,17 @@
 
 * :mod:`saved_model`: a TensorFlow SavedModel that serves the model from raw feature ids
   (``hybridps export``);
-* :mod:`delta`: rows changed since the previous delta, written while training runs, and their
-  application to an exported model.
+* :mod:`delta`: numbered delta exports (rows changed, keys evicted) and full exports (every
+  row and the model description), written while training runs, and their application to an
+  exported model (hybridps.serving follows such a directory).
 
 Both work on checkpoints and backend states through hybridps.checkpoint's public functions.
 """
-from hybridps.export.delta import DeltaExporter, apply_delta, list_deltas, load_delta, write_delta
+from hybridps.export.delta import (DeltaExporter, apply_delta, apply_export, list_deltas, list_exports,
+                                   load_delta, load_export, model_description, write_delta,
+                                   write_full_export)
 from hybridps.export.saved_model import add_export_arguments, build_serving_module, export_saved_model
 
-__all__ = ["DeltaExporter", "add_export_arguments", "apply_delta", "build_serving_module",
-           "export_saved_model", "list_deltas", "load_delta", "write_delta"]
+__all__ = ["DeltaExporter", "add_export_arguments", "apply_delta", "apply_export",
+           "build_serving_module", "export_saved_model", "list_deltas", "list_exports", "load_delta",
+           "load_export", "model_description", "write_delta", "write_full_export"]

@@ -190,26 +190,36 @@ def build_serving_module(checkpoint):
     Returns:
         (module, manifest).
     """
-    tf = _tf()
     ckpt_dir = resolve_checkpoint(checkpoint)
     problems = verify_checkpoint(ckpt_dir, level="quick")
     if problems:
         raise CheckpointError(f"cannot export the damaged checkpoint {ckpt_dir}: " + "; ".join(problems))
     manifest = load_manifest(ckpt_dir)
-    model, schema = build_model_from_manifest(manifest)
     model_values, _ = read_dense(ckpt_dir, manifest)
-    if len(model_values) != len(model.variables):
-        raise CheckpointError(f"{ckpt_dir}: {len(model_values)} dense variables saved, the rebuilt "
-                              f"model has {len(model.variables)}")
-    for variable, value in zip(model.variables, model_values):
-        variable.assign(value)
     tables_rows = []
     for t in range(len(manifest["tables"])):
         rows = read_table_rows(ckpt_dir, manifest, t)
         tables_rows.append((rows["keys"], rows["values"]))
-    module = _make_serving_module_class(tf)(model, schema, tables_rows, manifest["step"],
-                                            manifest["model_hash"])
+    module = serving_module_of(manifest, model_values, tables_rows, manifest["step"], ckpt_dir)
     return module, manifest
+
+
+def serving_module_of(manifest, dense_values, tables_rows, step, where):
+    """A ServingModule of the model a manifest describes (a checkpoint's, or a full export's:
+    ``config``, ``schema``, ``model``), with these dense values and (keys, values) per table.
+
+    Raises:
+        CheckpointError: the dense values do not fit the rebuilt model (``where`` is named).
+    """
+    tf = _tf()
+    model, schema = build_model_from_manifest(manifest)
+    if len(dense_values) != len(model.variables):
+        raise CheckpointError(f"{where}: {len(dense_values)} dense variables saved, the rebuilt "
+                              f"model has {len(model.variables)}")
+    for variable, value in zip(model.variables, dense_values):
+        variable.assign(value)
+    return _make_serving_module_class(tf)(model, schema, tables_rows, step,
+                                          manifest.get("model_hash") or "")
 
 
 def export_saved_model(checkpoint, out_dir, *, overwrite=False, deltas=()):

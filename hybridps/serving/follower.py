@@ -1,0 +1,148 @@
+"""Following an export directory: which export to apply next, loaded and verified, or refused.
+
+What lives here: :class:`ServedVersion` (what a server holds: sequence, step, position, when
+applied), :class:`Refusal`, and :class:`ExportFollower`, which looks at the directory
+(hybridps.export.delta's layout: full exports and deltas on one sequence) and returns the next
+export to apply, loaded and sha256-verified. What does not: applying it (hybridps.serving.live,
+between model calls), HTTP (hybridps.serving.server), the file format (hybridps.export.delta).
+
+Rules, for a server holding version (sequence) ``s`` at step ``k``:
+
+* nothing held yet: the newest full export that verifies;
+* the export numbered ``s + 1``: a delta is taken when it verifies, has the held model's hash
+  and ``from_step == k``; a full export when it verifies;
+* otherwise the newest full export after ``s`` that verifies (it needs no earlier delta);
+* anything else is refused and reported once per (export, reason): a damaged export
+  (checksum, missing or truncated file), a delta after a gap in the sequence, a delta whose
+  ``from_step`` is not the held step, another model. The server keeps its version; once the
+  gap is filled, the damaged export rewritten or a newer full export lands, it goes on.
+
+A refused export is not read and hashed again on every poll: it is retried when one of its
+files changes (size or modification time).
+"""
+import dataclasses
+import os
+import time
+
+from hybridps.errors import CheckpointError
+from hybridps.export.delta import check_applicable, list_exports, load_export
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedVersion:
+    """The version a server holds: the export last applied."""
+    sequence: int
+    step: int
+    position: object
+    applied_at: float          # unix time of the apply
+    kind: str                  # "full" or "delta"
+    export: str                # the export's directory name
+    model_hash: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """An export the server did not apply, and why."""
+    export: str
+    sequence: int
+    reason: str
+    at: float
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _files_signature(path):
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)))
+    except OSError:
+        return None
+
+
+class ExportFollower:
+    """Chooses, loads and verifies the next export of ``root`` (module doc).
+
+    Args:
+        root: the export directory (``--delta-export-dir`` of the training run).
+        on_refusal: called with each new :class:`Refusal` (logging, metrics).
+    """
+
+    def __init__(self, root, on_refusal=None):
+        self.root = os.path.abspath(root)
+        self.on_refusal = on_refusal or (lambda refusal: None)
+        self.refusals = []
+        self._reported = set()              # (export name, reason)
+        self._damaged = {}                  # refused export name -> (files signature, reason)
+
+    @property
+    def last_refusal(self):
+        return self.refusals[-1] if self.refusals else None
+
+    def next_export(self, held, module=None):
+        """The next export to apply onto ``held`` (a ServedVersion, or None: nothing held yet),
+        as a LoadedExport, or None when there is nothing (good) to apply now.
+
+        Args:
+            held: the served version.
+            module: the serving module holding it (its model hash and tables are checked).
+        """
+        entries = list_exports(self.root)
+        if held is None:
+            for entry in reversed([e for e in entries if e.kind == "full"]):
+                loaded = self._load(entry)
+                if loaded is not None:
+                    return loaded
+            return None
+        newer = [e for e in entries if e.sequence > held.sequence]
+        following = [e for e in newer if e.sequence == held.sequence + 1]
+        for entry in following:
+            loaded = self._load(entry)
+            if loaded is None:
+                continue
+            if entry.kind == "full":
+                return loaded
+            try:
+                if module is not None:
+                    check_applicable(module, loaded)
+                elif loaded.from_step != held.step:
+                    raise CheckpointError(f"it starts at step {loaded.from_step}, the server holds "
+                                          f"step {held.step}")
+            except CheckpointError as exc:
+                self._damaged[entry.name] = (_files_signature(entry.path), str(exc))
+                self._refuse(entry, f"out of order: {exc}")
+                continue
+            return loaded
+        for entry in reversed([e for e in newer if e.kind == "full" and e not in following]):
+            loaded = self._load(entry)
+            if loaded is not None:
+                return loaded
+        if newer and not following:
+            first = newer[0]
+            self._refuse(first, f"out of order: sequence {first.sequence} follows the held "
+                                f"{held.sequence}; export {held.sequence + 1} is missing")
+        return None
+
+    def _load(self, entry):
+        signature = _files_signature(entry.path)
+        damaged = self._damaged.get(entry.name)
+        if damaged is not None and damaged[0] == signature:
+            return None
+        try:
+            loaded = load_export(entry.path)
+            if loaded.sequence != entry.sequence or loaded.kind != entry.kind:
+                raise CheckpointError(f"{entry.path}: the manifest says {loaded.kind} "
+                                      f"{loaded.sequence}, the name {entry.kind} {entry.sequence}")
+        except CheckpointError as exc:
+            self._damaged[entry.name] = (signature, str(exc))
+            self._refuse(entry, f"damaged: {exc}")
+            return None
+        self._damaged.pop(entry.name, None)
+        return loaded
+
+    def _refuse(self, entry, reason):
+        if (entry.name, reason) in self._reported:
+            return
+        self._reported.add((entry.name, reason))
+        refusal = Refusal(entry.name, entry.sequence, reason, time.time())
+        self.refusals.append(refusal)
+        self.on_refusal(refusal)

@@ -1,0 +1,356 @@
+"""Delta and full exports, and `hybridps serve` following them.
+
+In process (one TF import): numbered exports with tombstones of the eviction policies, a server
+model that follows them (evicted keys read as unseen, re-inserted keys read their new row), and
+its refusals (a gap in the sequence, a damaged delta, a delta from another step), checked
+against the training tables' own rows. End to end (one 2-rank training job, two `hybridps
+predict` runs, two `hybridps serve` processes): served predictions over HTTP equal `hybridps
+predict` on the checkpoint of the served step, row form and column form, a server killed with
+SIGKILL inside a delta apply comes back on a consistent version, bad requests are 400 naming
+the feature, /metrics parses as Prometheus text.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.mpi_util import MPI_ENV, REPO, run_mpi
+from tests.schema_data import FEATURES, rows, write_parquet
+
+USER_LIMIT = 4      # max_rows of the user table in the in-process test
+
+
+@pytest.fixture(scope="module")
+def tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow
+    return tensorflow
+
+
+# ---------------------------------------------------------------------------- in process
+def _run(tf):
+    from hybridps.config import make_config
+    from hybridps.models import build_model
+    from hybridps.schema import build_schema
+    from hybridps.sparse.shard import OwnerShard
+    from hybridps.step import build_on_sample
+    features = json.loads(json.dumps(FEATURES))
+    features["tables"]["user"].update(max_rows=USER_LIMIT, eviction="lru")
+    config = make_config(overrides={"features": features, "model": "wide_deep", "hidden": [8],
+                                    "optimizer": "sgd", "learning_rate": 0.5})
+    schema = build_schema(config)
+    tf.keras.utils.set_random_seed(0)
+    model = build_on_sample(tf, build_model(config.model, schema, config), schema)
+    return config, schema, model, OwnerShard(schema, seed=0)
+
+
+def _user_keys(names):
+    from hybridps.data.hashing import space_keys, text_ids
+    return space_keys("user", text_ids(names))
+
+
+def _train(shard, schema, step, users, rng):
+    """Update the rows of ``users`` (and a few items) at ``step``, then the eviction policies."""
+    for table, keys in ((schema.table_index("user"), _user_keys(users)),
+                        (schema.table_index("item"), np.arange(3, dtype=np.int64) + 100 * step)):
+        if len(keys):
+            shard.tables[table].lookup_or_insert(keys, step=step)
+            grads = rng.normal(size=(len(keys), shard.tables[table].dim)).astype(np.float32)
+            shard.tables[table].apply_gradients(keys, grads, step=step)
+    shard.evict(step)
+
+
+def _assert_serves(live, shard, model):
+    """The served tables hold exactly the training tables' rows, the dense weights are the model's."""
+    for t, table in enumerate(shard.tables):
+        truth = table.export()
+        keys, values = live.module.tables[t].export()
+        order, truth_order = np.argsort(keys.numpy()), np.argsort(truth["keys"])
+        np.testing.assert_array_equal(keys.numpy()[order], truth["keys"][truth_order])
+        np.testing.assert_array_equal(values.numpy()[order], truth["values"][truth_order])
+    for served, trained in zip(live.module.dense_variables, model.variables):
+        np.testing.assert_array_equal(served.numpy(), trained.numpy())
+
+
+def _user_scores(live, users):
+    import tensorflow as tf
+    from hybridps.serving.inputs import serving_inputs
+    inputs = serving_inputs(live.schema, {"user": list(users), "x": [0.3] * len(users)}, len(users))
+    names = ["dense"] + [f.name for f in live.schema.sparse]
+    return live.module.serve(*[tf.constant(inputs[n]) for n in names])["probability"].numpy()
+
+
+def test_exports_tombstones_and_refusals(tmp_path, tf):
+    from hybridps.export import DeltaExporter, list_exports, load_export, model_description, write_delta
+    from hybridps.serving.live import LiveModel
+    config, schema, model, shard = _run(tf)
+    rng = np.random.default_rng(0)
+    root = tmp_path / "exports"
+    exporter = DeltaExporter(root, shard.tables, model=model, every=1, full_every=3,
+                             description=model_description(config, schema), model_hash="run-1")
+    user = schema.table_index("user")
+    _train(shard, schema, 0, ["u0", "u1", "u2", "u3"], rng)
+    exporter.maybe_export(1)                                      # seq 1: full
+    live = LiveModel(root)
+    assert live.catch_up().sequence == 1 and live.version.kind == "full"
+    _assert_serves(live, shard, model)
+    never, u1 = _user_scores(live, ["never-seen", "u1"])
+    assert abs(u1 - never) > 1e-4                                 # a trained row counts
+
+    # step 1: u4 arrives, the lru budget of 4 evicts u1 (the oldest update after u0's, by key)
+    _train(shard, schema, 1, ["u0", "u2", "u3", "u4"], rng)
+    assert shard.tables[user].size == USER_LIMIT
+    exporter.maybe_export(2)                                      # seq 2: delta with tombstone u1
+    delta = load_export(list_exports(root)[-1].path)
+    assert delta.kind == "delta" and delta.sequence == 2 and (delta.from_step, delta.to_step) == (1, 2)
+    np.testing.assert_array_equal(delta.tombstones[user], np.sort(_user_keys(["u1"])))
+    live.catch_up()
+    assert (live.version.sequence, live.version.step) == (2, 2)
+    _assert_serves(live, shard, model)
+    never, u1 = _user_scores(live, ["never-seen", "u1"])
+    assert u1 == never                                            # evicted: reads as unseen
+
+    # step 2: u0, u3, u4 evicted, u3 re-inserted in the same interval: in tombstones and rows
+    _train(shard, schema, 2, ["u2"], rng)
+    shard.tables[user].evict_to_budget(1, "lru")
+    _train(shard, schema, 2, ["u3"], rng)
+    exporter.maybe_export(3)                                      # seq 3: delta
+    delta = load_export(list_exports(root)[-1].path)
+    np.testing.assert_array_equal(delta.tombstones[user], np.sort(_user_keys(["u0", "u3", "u4"])))
+    assert set(delta.rows[user][0]) == set(_user_keys(["u2", "u3"]))
+    live.catch_up()
+    _assert_serves(live, shard, model)                            # u3 holds its new row
+    never, u0, u3 = _user_scores(live, ["never-seen", "u0", "u3"])
+    assert u0 == never and abs(u3 - never) > 1e-6
+
+    # seq 4 full, 5 and 6 deltas; 5 held back: 6 is refused (gap), version 4 serves
+    for completed in (4, 5, 6):
+        _train(shard, schema, completed - 1, ["u5", "u6"], rng)
+        exporter.maybe_export(completed)
+    kinds = [(e.sequence, e.kind) for e in list_exports(root)]
+    assert kinds == [(1, "full"), (2, "delta"), (3, "delta"), (4, "full"), (5, "delta"), (6, "delta")]
+    fifth = list_exports(root)[4].path
+    os.rename(fifth, tmp_path / "held-back")
+    live.catch_up()
+    assert live.version.sequence == 4
+    assert "export 5 is missing" in live.follower.last_refusal.reason
+    scores_v4 = _user_scores(live, ["u5", "u6", "u2"])
+    live.catch_up()
+    assert live.version.sequence == 4 and len(live.follower.refusals) == 1   # reported once
+    np.testing.assert_array_equal(_user_scores(live, ["u5", "u6", "u2"]), scores_v4)
+    os.rename(tmp_path / "held-back", fifth)                      # the gap is filled
+    live.catch_up()
+    assert (live.version.sequence, live.version.step) == (6, 6)
+    _assert_serves(live, shard, model)
+
+    # seq 7 full, seq 8 delta damaged: refused, version 7 serves; repaired: applied
+    for completed in (7, 8):
+        _train(shard, schema, completed - 1, ["u7"], rng)
+        w = model.variables[0]
+        w.assign(w + 0.25)                                        # the dense part moves too
+        exporter.maybe_export(completed)
+    eighth = list_exports(root)[-1].path
+    damaged = os.path.join(eighth, f"table-{user:03d}.rank-00000.values.npy")
+    original = open(damaged, "rb").read()
+    with open(damaged, "r+b") as fh:
+        fh.seek(len(original) - 3)
+        fh.write(bytes([original[-3] ^ 0xFF]))
+    live.catch_up()
+    assert live.version.sequence == 7
+    assert "checksum mismatch" in live.follower.last_refusal.reason
+    with open(damaged, "wb") as fh:
+        fh.write(original)
+    os.utime(damaged, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    live.catch_up()
+    assert live.version.sequence == 8
+    _assert_serves(live, shard, model)
+
+    # a delta from a step the server does not hold is refused; a newer full export is taken
+    write_delta(root, 5, 9, tables=shard.tables, model=model, model_hash="run-1", sequence=9)
+    live.catch_up()
+    assert live.version.sequence == 8 and "out of order" in live.follower.last_refusal.reason
+    resumed = DeltaExporter(root, shard.tables, model=model, every=1, start_step=8, full_every=3,
+                            description=model_description(config, schema), model_hash="run-1")
+    assert resumed.sequence == 10 and resumed.next_is_full()     # a resumed run starts full
+    resumed.export(9, position={"offset": 9})
+    live.catch_up()
+    assert (live.version.sequence, live.version.kind, live.version.position) == (10, "full", {"offset": 9})
+    _assert_serves(live, shard, model)
+
+
+# ---------------------------------------------------------------------------- end to end
+def _env(**extra):
+    return dict(os.environ, **MPI_ENV, PYTHONPATH=REPO, **extra)
+
+
+class Server:
+    """`hybridps serve` as a subprocess on a free port."""
+
+    def __init__(self, model_dir, log_path, **env):
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hybridps.cli", "serve", "--model-dir", str(model_dir),
+             "--port", "0", "--name", "ctr", "--poll-seconds", "0.2"],
+            cwd=REPO, env=_env(**env), stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("hybridps serve: model dir"), (line, self.stderr())
+        self.start_line = line
+        self.url = line.strip().rsplit(" ", 1)[-1]           # http://127.0.0.1:PORT/v1/models/ctr
+        self.base = self.url.rsplit("/v1/", 1)[0]
+
+    def stderr(self):
+        self.log.flush()
+        return open(self.log_path).read()
+
+    def get(self, path):
+        with urllib.request.urlopen(self.base + path, timeout=30) as response:
+            return response.read().decode()
+
+    def post(self, body):
+        request = urllib.request.Request(self.url + ":predict", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def status(self):
+        return json.loads(self.get("/v1/models/ctr"))
+
+    def wait_for(self, predicate, what, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if predicate():
+                return
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what}; server stderr:\n{self.stderr()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def _copy_export(source, target_root):
+    """Publish an export into ``target_root`` as the trainer does: a temporary name, a rename."""
+    tmp = os.path.join(target_root, ".tmp-delta-copy")
+    shutil.copytree(source, tmp)
+    os.rename(tmp, os.path.join(target_root, os.path.basename(source)))
+
+
+def _predict_cli(checkpoint, data, out):
+    subprocess.run([sys.executable, "-m", "hybridps.cli", "predict", "--checkpoint", str(checkpoint),
+                    "--data", str(data), "--out", str(out)], cwd=REPO, env=_env(), check=True,
+                   capture_output=True, timeout=300)
+    import pyarrow.parquet as pq
+    return pq.read_table(out).column("score").to_numpy()
+
+
+def _instances(columns, n):
+    names = [d["name"] for d in FEATURES["dense"]] + [s["name"] for s in FEATURES["sparse"]]
+
+    def plain(v):
+        if isinstance(v, (list, np.ndarray)):
+            return [plain(x) for x in v]
+        return v.item() if isinstance(v, np.generic) else v
+    return [{name: plain(columns[name][i]) for name in names} for i in range(n)]
+
+
+def test_serve_follows_training_exports(tmp_path):
+    import yaml
+    from prometheus_client.parser import text_string_to_metric_families
+    data = write_parquet(tmp_path / "train.parquet", rows(256), 64)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"features": FEATURES, "model": "wide_deep", "hidden": [8]}))
+    trained = tmp_path / "exports"
+    run_mpi(2, ["-m", "hybridps.cli", "train", "--config", config, "--data", data, "--steps", 8,
+                "--batch-size", 32, "--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 4,
+                "--delta-export-dir", trained, "--delta-every", 2, "--full-export-every", 2,
+                "--no-progress"], env={"PYTHONPATH": REPO})
+    names = sorted(os.listdir(trained))
+    assert names == ["delta-0000000002-0000000002-0000000004", "delta-0000000004-0000000006-0000000008",
+                     "full-0000000001-0000000002", "full-0000000003-0000000006"]
+    full1, delta2, full3, delta4 = (os.path.join(trained, n) for n in (names[2], names[0], names[3], names[1]))
+    scores4 = _predict_cli(tmp_path / "ckpt" / "ckpt-0000000004", data, tmp_path / "s4.parquet")
+    scores8 = _predict_cli(tmp_path / "ckpt" / "ckpt-0000000008", data, tmp_path / "s8.parquet")
+    columns = rows(256)
+    instances = _instances(columns, 256)
+
+    served = tmp_path / "served"
+    served.mkdir()
+    _copy_export(full1, served)
+    slow = Server(served, tmp_path / "slow.log", HYBRIDPS_SERVE_APPLY_DELAY="60")
+    try:
+        assert "version 1, step 2" in slow.start_line
+        status = slow.status()
+        assert status["model_version_status"][0]["state"] == "AVAILABLE"
+        assert (status["version"], status["step"]) == (1, 2)
+        # a bad request names the feature; the server answers the next one
+        code, body = slow.post({"instances": [{"user": "u1", "item": 3.5}]})
+        assert code == 400 and "'item'" in body["error"]
+        code, body = slow.post({"instances": [{"usr": "u1"}]})
+        assert code == 400 and "'usr'" in body["error"]
+        code, body = slow.post({"inputs": {"x": [1.0, 2.0], "tags": [["a"]]}})
+        assert code == 400 and "'tags'" in body["error"]
+        code, body = slow.post({"instances": instances[:3]})
+        assert code == 200 and len(body["predictions"]) == 3 and body["version"] == 1
+        families = {f.name: f for f in text_string_to_metric_families(slow.get("/metrics"))}
+        assert families["hybridps_serve_model_version"].samples[0].value == 1
+        requests = {s.labels.get("code"): s.value for s in families["hybridps_serve_requests"].samples
+                    if s.name == "hybridps_serve_requests_total"}
+        assert requests == {"400": 3, "200": 1}
+        assert "hybridps_serve_request_latency_seconds" in families
+        # killed inside the apply of delta 2
+        _copy_export(delta2, served)
+        slow.wait_for(lambda: "pausing 60.0s inside the apply" in slow.stderr(), "the delta apply")
+        slow.proc.send_signal(signal.SIGKILL)
+        slow.proc.wait(timeout=30)
+    finally:
+        slow.stop()
+
+    server = Server(served, tmp_path / "server.log")
+    try:
+        assert "version 2, step 4" in server.start_line          # full 1 + delta 2, whole
+        code, body = server.post({"instances": instances})
+        assert code == 200 and (body["version"], body["step"]) == (2, 4)
+        np.testing.assert_allclose(body["predictions"], scores4, rtol=1e-5, atol=1e-6)
+        # the training goes on: full 3, delta 4 land and are followed
+        _copy_export(full3, served)
+        _copy_export(delta4, served)
+        server.wait_for(lambda: server.status()["version"] == 4, "version 4")
+        status = server.status()
+        assert status["step"] == 8 and status["position"]["kind"] == "parquet"
+        assert time.time() - status["applied_at"] < 60
+        code, rows_form = server.post({"instances": instances})
+        assert code == 200 and rows_form["step"] == 8
+        np.testing.assert_allclose(rows_form["predictions"], scores8, rtol=1e-5, atol=1e-6)
+        column_body = {"inputs": {name: [row[name] for row in instances] for name in instances[0]}}
+        code, column_form = server.post(column_body)
+        assert code == 200
+        np.testing.assert_allclose(column_form["predictions"], rows_form["predictions"], rtol=1e-6)
+        # a delta after a gap is refused and counted; version 4 keeps serving
+        shutil.copytree(delta4, served / "delta-0000000006-0000000008-0000000010")
+        server.wait_for(lambda: server.status()["last_refusal"] is not None, "the refusal")
+        status = server.status()
+        assert status["version"] == 4 and "export 5 is missing" in status["last_refusal"]["reason"]
+        assert "refused delta-0000000006" in server.stderr()
+        families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics"))}
+        refused = [s.value for s in families["hybridps_serve_refused_deltas"].samples
+                   if s.name == "hybridps_serve_refused_deltas_total"]
+        assert refused == [1]
+        code, again = server.post({"instances": instances[:5]})
+        assert code == 200 and again["version"] == 4
+        np.testing.assert_allclose(again["predictions"], scores8[:5], rtol=1e-5, atol=1e-6)
+    finally:
+        server.stop()
