@@ -105,3 +105,36 @@ def test_bench_train_multihot_on_parquet_trains_on_the_same_samples(tmp_path, mp
     assert reader["reader_ms_per_batch_median"] > 0
     assert report["ratios"]["parquet_vs_synthetic"] > 0
     assert "Parquet reader:" in (tmp_path / "train.md").read_text()
+
+
+def test_bench_realtime_follows_a_stream_into_serving_with_timed_deltas(tmp_path, mpi_env):
+    """The pipeline end to end at a small size: every file reaches serving, the exports are
+    spaced by the wall clock (--delta-every-seconds), the first is a full one, and their stream
+    positions only move forward."""
+    from hybridps.bench.realtime import run_realtime_bench
+    from hybridps.checkpoint.files import load_signed_json
+    report = run_realtime_bench(str(tmp_path), files=10, rows_per_file=256, interval_s=0.8,
+                                batch_size=64, delta_every_seconds=1.0, full_export_every=3,
+                                requests_batch1=30, requests_batch256=3, timeout=400)
+    for key in ("freshness_p50_s", "freshness_p99_s", "serve_p50_ms_batch1", "serve_p99_ms_batch1",
+                "serve_rows_per_s_batch256"):
+        assert math.isfinite(report[key]) and report[key] > 0, key
+    assert report["files_covered"] == 10           # 2560 rows = 20 steps of 128: all consumed
+    assert all(0 < s < 120 for s in report["freshness_s"].values())
+    exports = sorted(os.listdir(tmp_path / "deltas"))
+    manifests = [load_signed_json(str(tmp_path / "deltas" / name / "manifest.json"),
+                                  "hybridps-full-export" if name.startswith("full-") else "hybridps-delta")
+                 for name in exports]
+    manifests.sort(key=lambda m: m["sequence"])
+    assert [m["sequence"] for m in manifests] == list(range(1, len(manifests) + 1))
+    assert manifests[0]["kind"] == "full" and len(manifests) >= 3
+    assert [m["kind"] for m in manifests] == [("full" if i % 3 == 0 else "delta") for i in range(len(manifests))]
+    times = [m["created_unix"] for m in manifests]
+    # wall-clock spacing: at least the interval, less the time of one step (the last one is the end's)
+    assert all(b - a >= 0.8 for a, b in zip(times[:-2], times[1:-1])), times
+    consumed = [m["position"]["rows_consumed"] for m in manifests]
+    assert consumed == sorted(consumed) and consumed[-1] == 2560
+    with open(tmp_path / "realtime.json") as fh:
+        assert json.load(fh)["files"] == 10
+    assert (tmp_path / "realtime.md").read_text().count("|") > 10
+    assert os.path.getsize(tmp_path / "realtime.png") > 1000

@@ -113,7 +113,7 @@ def test_single_process_train_without_mpirun_writes_metrics(tmp_path):
 
 
 def test_cli_reports_config_errors_without_traceback():
-    proc = _cli(["train", "--steps", "0"])
+    proc = _cli(["train", "--steps", "-1"])
     assert proc.returncode == 2
     assert "error: config field 'steps'" in proc.stderr and "Traceback" not in proc.stderr
 
