@@ -194,7 +194,7 @@ def rows_of(table, keys):
 def assert_load_ok(table):
     cap = table.capacity
     assert cap >= 16 and cap & (cap - 1) == 0, cap
-    assert table.size + table.num_candidates <= cap // 2
+    assert table.size + table.num_candidates <= int(cap * 0.7)     # the maximum load
 
 
 def home_slot(key, capacity):
@@ -380,13 +380,14 @@ TestHashTableStateMachine = HashTableMachine.TestCase
 
 
 @FAST
-@given(perm_seed=st.integers(0, 2**32 - 1), n_erase=st.integers(0, 7))
+@given(perm_seed=st.integers(0, 2**32 - 1), n_erase=st.integers(0, 10))
 def test_erase_keeps_other_keys_findable_in_full_tiny_table(perm_seed, n_erase):
-    """Capacity 16 holding 8 keys (load 0.5): long clusters; erase in random order."""
+    """Capacity 16 holding 11 keys (load 0.69, the most it takes): long clusters; erase in
+    random order."""
     rng = np.random.default_rng(perm_seed)
     pool = np.array(ADVERSARIAL_KEYS, dtype=np.int64)
-    keys = rng.choice(pool, size=8, replace=False)
-    t = EmbeddingHashTable(dim=2, capacity_hint=8, seed=3)
+    keys = rng.choice(pool, size=11, replace=False)
+    t = EmbeddingHashTable(dim=2, capacity_hint=11, seed=3)
     t.lookup_or_insert(keys)
     assert t.capacity == 16
     erased = rng.permutation(keys)[:n_erase]
@@ -396,7 +397,7 @@ def test_erase_keeps_other_keys_findable_in_full_tiny_table(perm_seed, n_erase):
         assert (t.find(kept) >= 0).all()
         np.testing.assert_array_equal(rows_of(t, kept), ref_initial_rows(kept, 2, seed=3))
     assert (t.find(erased) == -1).all()
-    assert t.size == 8 - n_erase and t.capacity == 16
+    assert t.size == 11 - n_erase and t.capacity == 16
     # Re-inserting erased keys gives back their key-seeded rows.
     np.testing.assert_allclose(t.lookup_or_insert(erased), ref_initial_rows(erased, 2, seed=3),
                                rtol=1e-6, atol=1e-9)
