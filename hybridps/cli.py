@@ -1,5 +1,5 @@
 """Command line: ``hybridps train | launch | doctor | inspect | export | evaluate | predict | serve |
-bench table | train | compare | scale | realtime``.
+bench table | train | compare | scale | realtime | capacity``.
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
 (or ``python -m hybridps.cli train ...``), or alone without mpirun. Flags override the YAML
@@ -49,6 +49,8 @@ def _add_train_arguments(parser):
     parser.add_argument("--num-fields", type=int, help="synthetic data: categorical fields")
     parser.add_argument("--num-dense", type=int, help="synthetic data: dense features")
     parser.add_argument("--vocab-size", type=int, help="synthetic data: ids per field")
+    parser.add_argument("--zipf-a", type=float, help="synthetic data: Zipf exponent of the ids (1.2; "
+                                                     "smaller spreads them wider)")
     parser.add_argument("--warmup-steps", type=int, help="steps excluded from samples_per_s")
     parser.add_argument("--log-every", type=int)
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False)
@@ -161,6 +163,11 @@ def build_parser():
     train_cmd = bench_sub.add_parser("train", help="collective BSP vs TF+Horovod baseline vs compute ceiling")
     train_bench.add_arguments(train_cmd)
     train_cmd.set_defaults(func=train_bench.main)
+    from hybridps.bench import capacity as capacity_bench
+    capacity_cmd = bench_sub.add_parser("capacity", help="bytes per row of a 10M-row table, and a "
+                                                         "2-rank run until 50M distinct keys")
+    capacity_bench.add_arguments(capacity_cmd)
+    capacity_cmd.set_defaults(func=capacity_bench.main)
     from hybridps.bench import realtime as realtime_bench
     realtime_cmd = bench_sub.add_parser("realtime", help="a stream -> 2-rank training -> deltas -> "
                                                          "hybridps serve: freshness and serving latency")

@@ -138,3 +138,19 @@ def test_bench_realtime_follows_a_stream_into_serving_with_timed_deltas(tmp_path
         assert json.load(fh)["files"] == 10
     assert (tmp_path / "realtime.md").read_text().count("|") > 10
     assert os.path.getsize(tmp_path / "realtime.png") > 1000
+
+
+def test_bench_capacity_measures_bytes_per_row_and_trains_to_the_distinct_keys_asked(tmp_path, mpi_env):
+    from hybridps.bench.capacity import run_capacity_bench
+    report = run_capacity_bench(str(tmp_path), table_rows=300_000, train_rows=200_000,
+                                vocab_size=20_000, zipf_a=0.3, batch_size=64)
+    table = report["table"]
+    assert table["rows"] == 300_000
+    assert table["payload_bytes_per_row"] == 8 + 16 * 4 * 2 + 8 + 8 + 4     # dim 16, Adagrad
+    # the hash slots (load <= 0.7) and at most an eighth of unused row capacity, never 2x
+    assert table["payload_bytes_per_row"] < table["allocated_bytes_per_row"] < 1.6 * table["payload_bytes_per_row"]
+    train = report["train"]
+    assert 0.99 * 200_000 <= train["rows"] <= 26 * 20_000
+    assert train["samples_per_s_start"] > 0 and train["samples_per_s_end"] > 0
+    assert len(train["peak_rss_mb_per_rank"]) == 2
+    assert "bytes per row" in (tmp_path / "capacity.md").read_text()

@@ -34,17 +34,21 @@ class RunRecord:
     steady_start: float = None
     finished: float = 0.0
     paused: float = 0.0              # seconds of steady time spent evaluating (not training)
+    step_ends: list = dataclasses.field(default_factory=list)   # perf_counter after each step
+    start_rss_mb: float = 0.0        # resident memory when the run started
 
     def __post_init__(self):
         if self.loss_sums is None:
             self.loss_sums = np.zeros(self.steps, dtype=np.float64)
         self.started = self.finished = time.perf_counter()
+        self.start_rss_mb = current_rss_mb()
 
     def add_step(self, step, loss_sum, plan, batch):
         if step >= len(self.loss_sums):          # a run without a known end grows its record
             self.loss_sums = np.concatenate([self.loss_sums, np.zeros(max(step + 1, 2 * len(self.loss_sums))
                                                                       - len(self.loss_sums))])
         self.loss_sums[step] = float(loss_sum)
+        self.step_ends.append(time.perf_counter())
         self.keys_sent += plan.keys_sent
         self.keys_received += plan.keys_received
         for name, count in batch.truncated.items():
@@ -100,6 +104,9 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
         **_dense_lag(comm, stats),
         "phase_ms_per_step_max_over_ranks": dict(zip(phases.keys(), map(float, phase_max))),
         "peak_rss_mb": float(comm.allreduce_max(np.array([peak_rss_mb()]))[0]),
+        "peak_rss_mb_per_rank": [float(x) for x in comm.allgather_object(peak_rss_mb())],
+        "start_rss_mb_per_rank": [float(x) for x in comm.allgather_object(record.start_rss_mb)],
+        "samples_per_s_by_interval": _interval_rates(record, c.log_every, global_batch),
         "dense_parameters": int(dense_parameters),
         "table_counters": _table_counters(comm, stats),
         "table_policies": [t.policy() for t in schema.tables],
@@ -161,6 +168,26 @@ def _truncated(comm, record):
         for name, count in part.items():
             total[name] = total.get(name, 0) + count
     return total
+
+
+def _interval_rates(record, every, global_batch):
+    """[completed steps, samples/s over the last ``every`` steps] (this rank's clock; a BSP
+    step ends on every rank at about the same time), the first interval after the first step."""
+    ends = record.step_ends
+    rates = []
+    for k in range(every, len(ends), every):
+        seconds = ends[k] - ends[k - every]
+        rates.append([record.start_step + k + 1, every * global_batch / max(seconds, 1e-9)])
+    return rates
+
+
+def current_rss_mb():
+    """This process's resident memory now, in MiB (/proc/self/statm; 0 where it is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def peak_rss_mb():
