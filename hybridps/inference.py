@@ -187,7 +187,7 @@ def add_predict_arguments(parser):
 def _comm():
     from hybridps import comm as comm_module
     comm = comm_module.init(with_horovod=False)
-    from hybridps.trainer import configure_tensorflow, default_tf_threads
+    from hybridps.tf_runtime import configure_tensorflow, default_tf_threads
     configure_tensorflow(default_tf_threads(_NoThreads(), comm.local_size))
     return comm
 

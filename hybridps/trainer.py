@@ -10,7 +10,6 @@ models' math (hybridps.models), the metric reductions (hybridps.metrics.summary)
 """
 import gc
 import itertools
-import os
 import sys
 import time
 
@@ -18,30 +17,9 @@ import numpy as np
 
 from hybridps import config as config_module
 from hybridps import exchange_trace, startup, step_control, watchdog
+from hybridps.tf_runtime import configure_tensorflow, default_tf_threads
 from hybridps.backends import factory
 from hybridps.metrics import Progress, RunRecord, summarize_run, write_summary
-
-
-def configure_tensorflow(threads):
-    """Thread pools of ``threads`` (intra and inter op) and quiet logs; call before any TF op."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        pass  # already initialised in this process (tests); keep the first setting
-    return tf
-
-
-def default_tf_threads(config, local_size):
-    """config.tf_threads, else HYBRIDPS_TF_THREADS, else the cores of this node per local rank."""
-    if config.tf_threads:
-        return config.tf_threads
-    from_env = config_module.env_tf_threads()
-    if from_env:
-        return from_env
-    return max(1, (os.cpu_count() or 1) // max(local_size, 1))
 
 
 class Trainer:

@@ -41,7 +41,7 @@ def _parse(argv=None):
 
 def _setup(with_horovod):
     from hybridps import comm as comm_module
-    from hybridps.trainer import configure_tensorflow
+    from hybridps.tf_runtime import configure_tensorflow
     comm = comm_module.init(with_horovod=with_horovod)
     tf = configure_tensorflow(int(os.environ.get("HYBRIDPS_TF_THREADS", "1") or 1))
     return comm, tf

@@ -214,7 +214,7 @@ def serve_main(args):
     """``hybridps serve --model-dir DIR``."""
     from hybridps import config as config_module
     from hybridps.errors import ConfigError
-    from hybridps.trainer import configure_tensorflow
+    from hybridps.tf_runtime import configure_tensorflow
     if args.poll_seconds <= 0 or args.max_batch_rows < 1:
         raise ConfigError("--poll-seconds must be > 0 and --max-batch-rows >= 1")
     if not os.path.isdir(args.model_dir):
