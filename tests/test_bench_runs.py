@@ -154,3 +154,11 @@ def test_bench_capacity_measures_bytes_per_row_and_trains_to_the_distinct_keys_a
     assert train["samples_per_s_start"] > 0 and train["samples_per_s_end"] > 0
     assert len(train["peak_rss_mb_per_rank"]) == 2
     assert "bytes per row" in (tmp_path / "capacity.md").read_text()
+
+
+def test_bench_train_runs_only_the_cases_asked_for(tmp_path, mpi_env):
+    from hybridps.bench.train import run_train_bench
+    report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
+                             vocab_size=500, timeout=240, cases="hybridps-asp,compute-ceiling")
+    assert [c["name"] for c in report["cases"]] == ["hybridps-asp", "compute-ceiling"]
+    assert report["ratios"]["vs_ceiling"] is None and report["other_ratios"]["asp_vs_ceiling"] > 0

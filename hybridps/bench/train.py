@@ -129,7 +129,6 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         with open(config, "w") as fh:
             yaml.safe_dump({"features": multihot_features(dim=dim)}, fh, sort_keys=False)
         common += ["--config", config]
-    cases = []
     train = ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
              "--mode", "collective", "--optimizer", "adagrad", "--no-progress"]
     straggler = ["--loader-delay-ms", f"{STRAGGLER_MS:g}", "--delay-rank", "1"]
@@ -170,6 +169,7 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         return dict(result, wall_s=wall)
 
     chosen = run_rounds(plan, repeats, run_case)
+    cases = []                       # the list of results (``cases`` named the wanted ones)
     for name, _ in plan:
         result = chosen[name]
         case = {"name": name, "samples_per_s": result["samples_per_s"],
