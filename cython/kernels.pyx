@@ -235,6 +235,37 @@ def permute_blocks(src, src_offsets, dst_offsets, sizes, dst=None):
 
 cdef uint64_t ID_GOLDEN = 0x9E3779B97F4A7C15ULL
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <stddef.h>
+    /* Schema feature keys of n integer ids: mix64(mix64(id + golden) ^ seed), the formula of
+       mix64.pxd written out so the compiler vectorizes it. On x86-64 with GCC the
+       loop is compiled twice and picked at load time (GCC 12's target_clones): for x86-64-v4
+       (AVX-512, whose 64-bit multiply handles 8 ids per instruction) and for any x86-64.
+       Same bits either way; other compilers and CPUs build the plain loop. */
+    #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+    #define HPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+    #else
+    #define HPS_CLONES
+    #endif
+    HPS_CLONES
+    static void hps_hash_ids(const int64_t* restrict in, int64_t* restrict out, size_t n,
+                             uint64_t golden, uint64_t seed) {
+        for (size_t i = 0; i < n; i++) {
+            uint64_t z = (uint64_t)in[i] + golden;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            z = (z ^ (z >> 31)) ^ seed;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            out[i] = (int64_t)(z ^ (z >> 31));
+        }
+    }
+    """
+    void hps_hash_ids(const int64_t* ids, int64_t* out, size_t n, uint64_t golden,
+                      uint64_t seed) noexcept nogil
+
 
 def hash_int_id_columns(columns, seeds):
     """Keys (N, S) of S id columns, column j in key space seed ``seeds[j]``: the formula of
@@ -264,18 +295,20 @@ def hash_int_id_columns(columns, seeds):
     cdef int64_t[:, ::1] o = out
     cdef const int64_t[::1] column
     cdef const int64_t** ptrs = <const int64_t**>malloc(m * sizeof(int64_t*))
+    cdef int64_t block[256]
     if ptrs == NULL:
         raise MemoryError()
     try:
         for j in range(m):
             column = arrays[j]
             ptrs[j] = &column[0]
-        with nogil:     # blocks of rows: each column read in order, the block's keys in cache
-            for start in range(0, n, 256):
+        with nogil:     # blocks of rows: each column hashed in order (vectorized), the
+            for start in range(0, n, 256):      # block's keys then stored into their rows
                 stop = min(start + 256, n)
                 for j in range(m):
+                    hps_hash_ids(ptrs[j] + start, block, stop - start, ID_GOLDEN, sd[j])
                     for i in range(start, stop):
-                        o[i, j] = <int64_t>mix64_c(mix64_c(<uint64_t>ptrs[j][i] + ID_GOLDEN) ^ sd[j])
+                        o[i, j] = block[i - start]
     finally:
         free(ptrs)
     return out
@@ -285,7 +318,7 @@ def hash_int_ids(ids, uint64_t space_seed):
     """Schema feature keys of integer ids: ``mix64(mix64(uint64(id) + GOLDEN) ^ space_seed)``.
 
     The formula of hybridps.data.hashing.feature_keys (which documents ``space_seed``), as one
-    C loop: about 1 ns per id.
+    C loop (vectorized with AVX-512 where the CPU has it).
 
     Args:
         ids: int64 array of any shape.     # IN
@@ -298,8 +331,8 @@ def hash_int_ids(ids, uint64_t space_seed):
     cdef const int64_t[::1] v = arr.reshape(-1)
     out = np.empty(v.shape[0], dtype=np.int64)
     cdef int64_t[::1] o = out
-    cdef Py_ssize_t i, n = v.shape[0]
-    with nogil:
-        for i in range(n):
-            o[i] = <int64_t>mix64_c(mix64_c(<uint64_t>v[i] + ID_GOLDEN) ^ space_seed)
+    cdef Py_ssize_t n = v.shape[0]
+    if n:
+        with nogil:
+            hps_hash_ids(&v[0], &o[0], n, ID_GOLDEN, space_seed)
     return out.reshape(shape)

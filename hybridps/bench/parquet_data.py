@@ -1,7 +1,7 @@
 """The multihot workload's synthetic data written as Parquet files, and the reader timed on them.
 
 What lives here: :func:`write_workload_parquet` (the raw ids of hybridps.data.synthetic_schema
-per rank and step, as ``label``, dense ``I*``, int64 ``C*`` and ``list<int64>`` columns, one
+per rank and step, as ``label``, float32 dense ``I*``, int64 ``C*`` and ``list<int64>`` columns, one
 row group per batch, uncompressed and without dictionary pages, so the file reads at the speed
 of the decoder rather than of a codec) and :func:`time_reader` (the ParquetReader's ms per
 batch on one core). What does not: the benchmark cases (hybridps.bench.train).
@@ -18,8 +18,8 @@ import numpy as np
 def _columns(schema, raw):
     singles, lists, dense, labels = raw
     columns = {schema.label: labels.astype(np.int64)}
-    for i, feature in enumerate(schema.dense):
-        columns[feature.name] = dense[:, i]
+    for i, feature in enumerate(schema.dense):      # float32, as training holds them
+        columns[feature.name] = np.ascontiguousarray(dense[:, i], dtype=np.float32)
     for i, feature in enumerate(schema.single_features):
         columns[feature.name] = singles[:, i].astype(np.int64)
     for feature in schema.list_features:
@@ -28,16 +28,23 @@ def _columns(schema, raw):
 
 
 def _arrow_table(columns):
+    """The columns as an Arrow table whose fields are declared non-nullable (the generator
+    leaves nothing missing), as a writer that knows its data declares them: Parquet then
+    stores no definition levels for them, which makes the list columns about 20% cheaper to
+    decode (measured: 1.35 against 1.64 ms per 4096 rows)."""
     import pyarrow as pa
-    arrays = {}
+    fields, arrays = [], []
     for name, value in columns.items():
         if isinstance(value, tuple):                      # (ids, lengths) -> list<int64>
             ids, lengths = value
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            arrays[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids.astype(np.int64)))
+            kind = pa.list_(pa.field("element", pa.int64(), nullable=False))
+            array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids.astype(np.int64))).cast(kind)
         else:
-            arrays[name] = pa.array(value)
-    return pa.table(arrays)
+            array = pa.array(value)
+        fields.append(pa.field(name, array.type, nullable=False))
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def write_workload_parquet(out_dir, schema, config, ranks, batches_per_rank, batch_size):

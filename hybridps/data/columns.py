@@ -116,9 +116,13 @@ class ColumnConverter:
         if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
                 or pa.types.is_boolean(column.type)):
             _bad_type(where, feature.column, column.type, f"numbers (dense feature {feature.name!r})")
-        values = pc.fill_null(column, feature.fill).to_numpy(zero_copy_only=False).astype(np.float64)
+        if column.null_count:
+            column = pc.fill_null(column, feature.fill)
+        values = column.to_numpy(zero_copy_only=False)
         if feature.transform == "log1p":
-            values = np.log1p(np.maximum(values, 0.0))
+            values = np.log1p(np.maximum(values.astype(np.float64, copy=False), 0.0))
+        elif values.dtype != np.float32:     # float32 stays (the batch is float32: exact)
+            values = values.astype(np.float64, copy=False)
         if not np.all(np.isfinite(values)):
             row = int(np.flatnonzero(~np.isfinite(values))[0])
             raise DataError(f"{where}: row {row}: column {feature.column!r} (dense feature "

@@ -24,7 +24,8 @@ class ParquetReader(PartitionedReader):
         units, self._files = [], {}
         for path in self.paths:
             try:
-                handle = pq.ParquetFile(path)
+                # mapped, not read into buffers: Arrow decodes pages straight from the page cache
+                handle = pq.ParquetFile(path, memory_map=True)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
             self.converter.check_columns(handle.schema_arrow.names, path)
