@@ -372,3 +372,26 @@ def write_csv(path, columns):
 
 def directory_like(seeds, counts):
     return [int(r) for seed, n in zip(seeds, counts) for r in rows(n, seed=seed)["row"]]
+
+
+def test_steps_0_on_synthetic_data_trains_until_sigterm_then_checkpoints_and_exits_0(tmp_path):
+    """One process, no stream: --steps 0 runs until SIGTERM, which ends it after a whole step
+    with a checkpoint of that step and exit code 0."""
+    command = [sys.executable, "-m", "hybridps.cli", "train", "--steps", "0", "--batch-size", "64",
+               "--hidden", "8", "--log-every", "1", "--checkpoint-dir", str(tmp_path / "ckpt"),
+               "--metrics-out", str(tmp_path / "m.json")]
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **MPI_ENV), stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "step 5 " not in (tmp_path / "log").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-3000:]
+    with open(tmp_path / "m.json") as fh:
+        summary = json.load(fh)
+    assert summary["stopped_by"] == "signal" and summary["steps"] >= 5
+    assert len(summary["loss_trajectory"]) == summary["steps"]
+    from hybridps.checkpoint.reader import load_manifest
+    assert load_manifest(str(tmp_path / "ckpt" / f"ckpt-{summary['steps']:010d}"))["step"] == summary["steps"]
