@@ -161,6 +161,11 @@ def bed_slurm():
     reason = netns.unavailable_reason()
     if reason:
         pytest.skip(f"network-namespace test bed unavailable: {reason}")
+    checkout = os.path.realpath(TRAIN_SBATCH)
+    if checkout.startswith(os.path.realpath(tempfile.gettempdir()) + os.sep):
+        # every bed host mounts a node-local /tmp of its own over the shared one (see above)
+        pytest.skip(f"the checkout is under {tempfile.gettempdir()} ({checkout}), which each test-bed "
+                    f"host replaces with its own node-local /tmp; clone the repository elsewhere")
     bed = netns.TestBed(hosts=2, slots=1).up()
     cluster = BedSlurm(bed)
     try:
