@@ -267,6 +267,144 @@ cdef extern from *:
                       uint64_t seed) noexcept nogil
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    /* BLAKE2b (RFC 7693) of one message with a precomputed parameter block state (digest 8
+       bytes, no key, a personalization): the first 64-bit word of the state after the last
+       block is the 8-byte digest read little-endian, as hashlib.blake2b(...).digest() gives. */
+    static const uint64_t hps_b2_iv[8] = {
+        0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+        0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL};
+    static const uint8_t hps_b2_sigma[12][16] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+        {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+        {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+        {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+        {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+        {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+        {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+        {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+        {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+        {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+        {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+        {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3}};
+    #define HPS_ROTR64(x, n) (((x) >> (n)) | ((x) << (64 - (n))))
+    #define HPS_B2G(a, b, c, d, x, y) do { \
+        a = a + b + (x); d = HPS_ROTR64(d ^ a, 32); c = c + d; b = HPS_ROTR64(b ^ c, 24); \
+        a = a + b + (y); d = HPS_ROTR64(d ^ a, 16); c = c + d; b = HPS_ROTR64(b ^ c, 63); } while (0)
+    static uint64_t hps_load64(const uint8_t* p) {
+        uint64_t w = 0;
+        for (int i = 7; i >= 0; i--) w = (w << 8) | p[i];
+        return w;
+    }
+    static void hps_b2_compress(uint64_t h[8], const uint8_t* block, uint64_t t, int last) {
+        uint64_t v[16], m[16];
+        for (int i = 0; i < 16; i++) m[i] = hps_load64(block + 8 * i);
+        for (int i = 0; i < 8; i++) { v[i] = h[i]; v[i + 8] = hps_b2_iv[i]; }
+        v[12] ^= t;
+        if (last) v[14] = ~v[14];
+        for (int r = 0; r < 12; r++) {
+            const uint8_t* s = hps_b2_sigma[r];
+            HPS_B2G(v[0], v[4], v[8], v[12], m[s[0]], m[s[1]]);
+            HPS_B2G(v[1], v[5], v[9], v[13], m[s[2]], m[s[3]]);
+            HPS_B2G(v[2], v[6], v[10], v[14], m[s[4]], m[s[5]]);
+            HPS_B2G(v[3], v[7], v[11], v[15], m[s[6]], m[s[7]]);
+            HPS_B2G(v[0], v[5], v[10], v[15], m[s[8]], m[s[9]]);
+            HPS_B2G(v[1], v[6], v[11], v[12], m[s[10]], m[s[11]]);
+            HPS_B2G(v[2], v[7], v[8], v[13], m[s[12]], m[s[13]]);
+            HPS_B2G(v[3], v[4], v[9], v[14], m[s[14]], m[s[15]]);
+        }
+        for (int i = 0; i < 8; i++) h[i] ^= v[i] ^ v[i + 8];
+    }
+    static int64_t hps_blake2b64(const uint8_t* data, size_t n, const uint64_t* h0) {
+        uint64_t h[8];
+        uint8_t block[128];
+        size_t off = 0;
+        memcpy(h, h0, sizeof(h));
+        while (n - off > 128) { hps_b2_compress(h, data + off, off + 128, 0); off += 128; }
+        memset(block, 0, sizeof(block));
+        memcpy(block, data + off, n - off);
+        hps_b2_compress(h, block, n, 1);
+        return (int64_t)h[0];
+    }
+    /* hybridps.data.hashing._canonical_int: optional '-', ASCII digits, no leading zero,
+       not "-0", at most 20 characters, within int64. */
+    static int hps_canonical_int(const uint8_t* s, size_t n, int64_t* out) {
+        size_t i = 0, k;
+        uint64_t mag = 0;
+        int neg = 0;
+        if (n == 0 || n > 20) return 0;
+        if (s[0] == '-') { neg = 1; i = 1; }
+        if (n == i) return 0;
+        for (k = i; k < n; k++) if (s[k] < '0' || s[k] > '9') return 0;
+        if (s[i] == '0' && n - i > 1) return 0;
+        if (neg && n - i == 1 && s[i] == '0') return 0;
+        for (k = i; k < n; k++) {
+            uint64_t d = (uint64_t)(s[k] - '0');
+            if (mag > (UINT64_MAX - d) / 10) return 0;
+            mag = mag * 10 + d;
+        }
+        if (!neg && mag > (uint64_t)INT64_MAX) return 0;
+        if (neg && mag > (uint64_t)INT64_MAX + 1) return 0;
+        *out = neg ? (int64_t)(0 - mag) : (int64_t)mag;
+        return 1;
+    }
+    """
+    int64_t hps_blake2b64(const unsigned char* data, size_t n, const uint64_t* h0) noexcept nogil
+    int hps_canonical_int(const unsigned char* s, size_t n, int64_t* out) noexcept nogil
+
+
+def text_value_ids(offsets, data, person):
+    """hybridps.data.hashing.text_id of n UTF-8 values packed Arrow-style (value i is
+    ``data[offsets[i]:offsets[i + 1]]``), in one C loop: empty -> -1 (missing), canonical
+    decimal text -> its int, other text -> BLAKE2b-64 with the ``person`` personalization read
+    little-endian and signed. (The Python text_id stays the reference; the tests compare.)
+
+    Args:
+        offsets: int64 (n + 1,), non-decreasing.          # IN
+        data: uint8 bytes of the values.                  # IN
+        person: 16 bytes.
+    Returns:
+        int64 (n,).
+    """
+    cdef const int64_t[::1] off = np.ascontiguousarray(offsets, dtype=np.int64)
+    cdef const unsigned char[::1] raw = np.ascontiguousarray(data, dtype=np.uint8)
+    if len(person) != 16:
+        raise TableInputError(f"text_value_ids: the personalization must be 16 bytes, got {len(person)}")
+    cdef Py_ssize_t i, n = off.shape[0] - 1
+    if n < 0:
+        raise TableInputError("text_value_ids: offsets must hold n + 1 entries")
+    if n and (off[0] < 0 or off[n] > raw.shape[0] or np.any(np.diff(offsets) < 0)):
+        raise TableInputError("text_value_ids: offsets out of the data's range or decreasing")
+    cdef uint64_t h0[8]
+    words = np.frombuffer(bytes(person), dtype="<u8")
+    cdef uint64_t iv[8]
+    iv[:] = [0x6a09e667f3bcc908, 0xbb67ae8584caa73b, 0x3c6ef372fe94f82b, 0xa54ff53a5f1d36f1,
+             0x510e527fade682d1, 0x9b05688c2b3e6c1f, 0x1f83d9abfb41bd6b, 0x5be0cd19137e2179]
+    for i in range(8):
+        h0[i] = iv[i]
+    h0[0] ^= 0x01010008                     # digest 8 bytes, no key, fanout 1, depth 1
+    h0[6] ^= <uint64_t>int(words[0])
+    h0[7] ^= <uint64_t>int(words[1])
+    out = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] o = out
+    cdef int64_t number
+    cdef const unsigned char* base = &raw[0] if raw.shape[0] else NULL
+    cdef size_t length
+    with nogil:
+        for i in range(n):
+            length = <size_t>(off[i + 1] - off[i])
+            if length == 0:
+                o[i] = -1
+            elif hps_canonical_int(base + off[i], length, &number):
+                o[i] = number
+            else:
+                o[i] = hps_blake2b64(base + off[i], length, h0)
+    return out
+
+
 def hash_int_id_columns(columns, seeds):
     """Keys (N, S) of S id columns, column j in key space seed ``seeds[j]``: the formula of
     :func:`hash_int_ids` per column, in one C loop that reads the S columns side by side and

@@ -162,3 +162,22 @@ def test_bench_train_runs_only_the_cases_asked_for(tmp_path, mpi_env):
                              vocab_size=500, timeout=240, cases="hybridps-asp,compute-ceiling")
     assert [c["name"] for c in report["cases"]] == ["hybridps-asp", "compute-ceiling"]
     assert report["ratios"]["vs_ceiling"] is None and report["other_ratios"]["asp_vs_ceiling"] > 0
+
+
+def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_path, mpi_env):
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from hybridps.bench.train import run_train_bench
+    report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
+                             vocab_size=500, timeout=240, data="file", file_rows=2000)
+    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "compute-ceiling", "hybridps-bsp-tsv",
+                                                    "hybridps-bsp-criteo-parquet"]
+    # the two files hold the same rows (read independently: pandas and pyarrow)
+    tsv = pd.read_csv(tmp_path / "criteo.tsv", sep="\t", header=None, dtype=str)
+    table = pq.read_table(tmp_path / "criteo.parquet").to_pandas()
+    assert len(tsv) == len(table) == 2000
+    assert list(tsv[14]) == list(table["C1"]) and list(tsv[0].astype(int)) == list(table["label"])
+    assert report["ratios"]["tsv_vs_ceiling"] > 0 and report["ratios"]["criteo_parquet_vs_ceiling"] > 0
+    tsv_case = next(c for c in report["cases"] if c["name"] == "hybridps-bsp-tsv")
+    assert tsv_case["parse_ms_per_batch"] > 0
+    assert "Criteo TSV reader" in (tmp_path / "train.md").read_text()

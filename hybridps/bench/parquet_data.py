@@ -1,6 +1,7 @@
 """The multihot workload's synthetic data written as Parquet files, and the reader timed on them.
 
-What lives here: :func:`write_workload_parquet` (the raw ids of hybridps.data.synthetic_schema
+What lives here: :func:`write_criteo_files` (a Criteo-layout TSV and its Parquet copy, for the
+criteo workload's file cases), :func:`write_workload_parquet` (the raw ids of hybridps.data.synthetic_schema
 per rank and step, as ``label``, float32 dense ``I*``, int64 ``C*`` and ``list<int64>`` columns, one
 row group per batch, uncompressed and without dictionary pages, so the file reads at the speed
 of the decoder rather than of a codec) and :func:`time_reader` (the ParquetReader's ms per
@@ -96,3 +97,44 @@ def time_reader(paths, schema, batch_size, batches=20):
     return {"reader_ms_per_batch_median": float(np.median(times)),
             "reader_ms_per_batch_mean": float(np.mean(times)), "reader_batches_timed": len(times),
             "batch_size": batch_size}
+
+
+CRITEO_FILE_ROWS = 300_000
+
+
+def criteo_file_features(dim=16):
+    """The ``features:`` schema of the Parquet copy of a Criteo TSV: label, I1..I13 (log1p, as
+    the Criteo reader transforms them), C1..C26 (text, each its own key space), one table."""
+    return {"label": "label",
+            "dense": [{"name": f"I{i + 1}", "transform": "log1p"} for i in range(13)],
+            "sparse": [{"name": f"C{j + 1}", "table": "ids"} for j in range(26)],
+            "tables": {"ids": {"dim": dim}}}
+
+
+def write_criteo_files(out_dir, rows=CRITEO_FILE_ROWS, vocab_size=100_000, seed=0):
+    """A Criteo-layout TSV (label, 13 integer counts, 26 hex tokens; Zipf(1.2) ids over
+    ``vocab_size`` per field, as the synthetic workload draws them) and the same rows as one
+    Parquet file (row groups of 4096 rows, or 16 of them in a smaller file); returns
+    (tsv path, parquet path)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(seed)
+    columns = {"label": (rng.random(rows) < 0.25).astype(np.int64)}
+    for i in range(13):
+        columns[f"I{i + 1}"] = np.floor(rng.lognormal(1.0, 1.5, rows)).astype(np.int64)
+    for j in range(26):
+        ids = (rng.zipf(1.2, rows) - 1) % vocab_size
+        columns[f"C{j + 1}"] = np.char.mod("%08x", ids ^ ((j * 0x9E3779B1) & 0xFFFFFFFF))
+    os.makedirs(out_dir, exist_ok=True)
+    tsv, parquet = os.path.join(out_dir, "criteo.tsv"), os.path.join(out_dir, "criteo.parquet")
+    pd.DataFrame(columns).to_csv(tsv + ".tmp", sep="\t", header=False, index=False)
+    os.replace(tsv + ".tmp", tsv)
+    table = pa.table({k: (pa.array(v.tolist(), pa.string()) if k.startswith("C") else pa.array(v))
+                      for k, v in columns.items()})
+    # row groups are the parts ranks share out: at least 16 of them however small the file
+    pq.write_table(table, parquet + ".tmp", row_group_size=max(1, min(4096, rows // 16)),
+                   compression="none")
+    os.replace(parquet + ".tmp", parquet)
+    return tsv, parquet
+

@@ -13,6 +13,9 @@ Zipf IDs, Adagrad):
   * ``tf-baseline``: plain TF + Horovod, fixed-size Embedding over hashed buckets, gradients
     through hvd.DistributedGradientTape (hybridps.bench.train_worker);
   * ``compute-ceiling``: the same TF step on rows already in memory, no communication;
+  * ``hybridps-bsp-tsv``, ``hybridps-bsp-criteo-parquet`` (``--data file``): BSP on a 300k-line
+    Criteo TSV (the Criteo reader, which parses its share at start-up) and on the same rows as
+    Parquet (a ``features:`` schema of 26 text and 13 log1p columns), against the ceiling;
   * ``hybridps-bsp-parquet`` (``--workload multihot --data parquet``): BSP reading the same
     workload from Parquet files written first (hybridps.bench.parquet_data), against
     ``hybridps-bsp`` on the synthetic generator; the reader's ms per batch on one core is
@@ -35,7 +38,7 @@ OVERSUBSCRIBE_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1", "OMP_NUM_THREADS": "1"
                      "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 TARGETS = {"vs_tf_baseline": 5.0, "vs_ceiling": 0.60, "asp_vs_bsp": 1.2, "ssp1_vs_bsp": 1.1,
-           "parquet_vs_synthetic": 0.9}
+           "parquet_vs_synthetic": 0.9, "tsv_vs_ceiling": 0.65, "criteo_parquet_vs_ceiling": 0.7}
 PARQUET_BATCHES_PER_RANK = 32     # row groups written per rank (longer runs wrap the epoch)
 
 
@@ -76,9 +79,11 @@ def add_arguments(parser):
                         help="criteo: 26 single-valued fields (DESIGN.md section 9); multihot: 26 "
                              "single-valued fields, 3 mean-pooled multi-hot fields and a sequence")
     parser.add_argument("--cases", help="comma-separated case names to run (default: all of the workload)")
-    parser.add_argument("--data", choices=["synthetic", "parquet"], default="synthetic",
+    parser.add_argument("--data", choices=["synthetic", "parquet", "file"], default="synthetic",
                         help="multihot workload: parquet writes the workload to Parquet files first "
-                             "and runs BSP on them next to BSP on the synthetic generator")
+                             "and runs BSP on them next to BSP on the synthetic generator; criteo "
+                             "workload: file runs BSP on a 300k-line Criteo TSV and on its Parquet "
+                             "copy next to BSP on synthetic data and the compute ceiling")
 
 
 def _mpirun(ranks, argv, timeout):
@@ -115,12 +120,16 @@ def run_rounds(plan, repeats, run_case):
 
 def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4096, dim=16,
                     vocab_size=100_000, timeout=1200, repeats=1, workload="criteo", cases=None,
-                    data="synthetic"):
+                    data="synthetic", file_rows=300_000):
     """Run every case (``repeats`` rounds) of a workload; returns the train.json object."""
     os.makedirs(out_dir, exist_ok=True)
     if data == "parquet" and workload != "multihot":
         raise SystemExit("bench train: --data parquet needs --workload multihot (a schema workload; "
-                         "the criteo workload's TF baseline reads synthetic data only)")
+                         "the criteo workload's TF baseline reads synthetic data only); --data file "
+                         "runs the criteo workload on a TSV file and its Parquet copy")
+    if data == "file" and workload != "criteo":
+        raise SystemExit("bench train: --data file runs the criteo workload (a Criteo TSV and its "
+                         "Parquet copy); the multihot workload takes --data parquet")
     common = ["--steps", str(steps), "--warmup-steps", str(warmup_steps), "--batch-size",
               str(batch_size), "--dim", str(dim), "--vocab-size", str(vocab_size)]
     if workload == "multihot":
@@ -147,11 +156,24 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         ("compute-ceiling", ["-m", "hybridps.bench.train_worker", "ceiling"]),
     ]
     reader = None
+    if data == "file":
+        from hybridps.bench.parquet_data import criteo_file_features, write_criteo_files
+        import yaml
+        sys.stderr.write(f"bench train: writing a Criteo TSV and its Parquet copy to {out_dir} ...\n")
+        tsv, parquet = write_criteo_files(out_dir, rows=file_rows, vocab_size=vocab_size)
+        schema_config = os.path.join(out_dir, "criteo-parquet.yaml")
+        with open(schema_config, "w") as fh:
+            yaml.safe_dump({"features": criteo_file_features(dim)}, fh, sort_keys=False)
+        plan.append(("hybridps-bsp-tsv", train + ["--sync", "bsp", "--data", tsv, "--metrics-out"]))
+        plan.append(("hybridps-bsp-criteo-parquet", train + ["--sync", "bsp", "--data", parquet,
+                                                             "--config", schema_config, "--metrics-out"]))
     if data == "parquet":
         files, reader = _parquet_files(out_dir, config, ranks, batch_size, vocab_size)
         plan.append(("hybridps-bsp-parquet", train + ["--sync", "bsp", "--data", files, "--metrics-out"]))
     wanted = set(cases.split(",")) if cases else (
-        ("hybridps-bsp", "hybridps-bsp-parquet") if data == "parquet" else WORKLOADS[workload])
+        ("hybridps-bsp", "hybridps-bsp-parquet") if data == "parquet" else
+        ("hybridps-bsp", "hybridps-bsp-tsv", "hybridps-bsp-criteo-parquet", "compute-ceiling")
+        if data == "file" else WORKLOADS[workload])
     if wanted is not None:
         unknown = sorted(set(wanted) - {name for name, _ in plan})
         if unknown:
@@ -183,6 +205,10 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
             case["dense_staleness_max"] = result.get("dense_staleness_max")
             case["bytes_per_step"] = (result["exchange"]["bytes_sent_per_step"]
                                       + result["exchange"]["bytes_received_per_step"])
+        per_rank = (result.get("data_stats") or {}).get("per_rank") or []
+        if any("parse_seconds" in r for r in per_rank):     # readers that parse at start-up
+            slowest = max(per_rank, key=lambda r: r.get("parse_seconds", 0.0))
+            case["parse_ms_per_batch"] = 1000.0 * slowest["parse_seconds"] / max(slowest["rows"] / batch_size, 1e-9)
         cases.append(case)
     by_name = {c["name"]: c["samples_per_s"] for c in cases}
     ours, ceiling = by_name.get("hybridps-bsp"), by_name.get("compute-ceiling")
@@ -197,7 +223,9 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
               "vs_ceiling": ratio("hybridps-bsp", "compute-ceiling"),
               "asp_vs_bsp": ratio("hybridps-asp", "hybridps-bsp"),
               "ssp1_vs_bsp": ratio("hybridps-ssp1", "hybridps-bsp"),
-              "parquet_vs_synthetic": ratio("hybridps-bsp-parquet", "hybridps-bsp")}
+              "parquet_vs_synthetic": ratio("hybridps-bsp-parquet", "hybridps-bsp"),
+              "tsv_vs_ceiling": ratio("hybridps-bsp-tsv", "compute-ceiling"),
+              "criteo_parquet_vs_ceiling": ratio("hybridps-bsp-criteo-parquet", "compute-ceiling")}
     informational = {"asp_vs_ceiling": ratio("hybridps-asp", "compute-ceiling"),
                      "ssp1_dense1_vs_bsp": ratio("hybridps-ssp1-dense1", "hybridps-bsp"),
                      "ssp1_vs_bsp_with_straggler": ratio("hybridps-ssp1-straggler", "hybridps-bsp-straggler"),
@@ -213,6 +241,12 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         report["settings"]["features"] = multihot_features(dim=dim)
     if reader is not None:
         report["parquet_reader"] = reader
+    if data == "file":
+        from hybridps.bench.parquet_data import time_reader
+        from hybridps.config import make_config
+        from hybridps.schema import build_schema
+        schema = build_schema(make_config(schema_config, {}))
+        report["criteo_parquet_reader"] = time_reader([parquet], schema, batch_size)
     write_json(os.path.join(out_dir, "train.json"), report)
     table = markdown_table(cases, [("name", "case", ""), ("samples_per_s", "samples/s", ",.0f"),
                                    ("fraction_of_ceiling", "of ceiling", ".2f"), ("vs_bsp", "vs BSP", ".2f"),
@@ -222,7 +256,9 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
                                    ("dense_staleness_max", "dense staleness max", ""), ("ranks", "ranks", "")])
     labels = {"vs_tf_baseline": "hybridps-bsp / tf-baseline", "vs_ceiling": "hybridps-bsp / compute-ceiling",
               "asp_vs_bsp": "hybridps-asp / hybridps-bsp", "ssp1_vs_bsp": "hybridps-ssp1 / hybridps-bsp",
-              "parquet_vs_synthetic": "hybridps-bsp-parquet / hybridps-bsp"}
+              "parquet_vs_synthetic": "hybridps-bsp-parquet / hybridps-bsp",
+              "tsv_vs_ceiling": "hybridps-bsp-tsv / compute-ceiling",
+              "criteo_parquet_vs_ceiling": "hybridps-bsp-criteo-parquet / compute-ceiling"}
     lines = [table, "", f"workload: {workload}"] + [
         f"{labels[k]} = {ratios[k]:.2f} (target >= {TARGETS[k]}: {'met' if ratios[k] >= TARGETS[k] else 'NOT met'})"
         for k in labels if ratios[k] is not None]
@@ -231,6 +267,16 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         lines.append(f"Parquet reader: {reader['reader_ms_per_batch_median']:.2f} ms per batch of "
                      f"{reader['batch_size']} rows (median of {reader['reader_batches_timed']}, one "
                      f"core; mean {reader['reader_ms_per_batch_mean']:.2f} ms)")
+    if data == "file":
+        tsv_case = next((c for c in cases if c["name"] == "hybridps-bsp-tsv"), {})
+        if "parse_ms_per_batch" in tsv_case:
+            lines.append(f"Criteo TSV reader: {tsv_case['parse_ms_per_batch']:.2f} ms of parsing per batch of "
+                         f"{batch_size} rows, at start-up (its share is held in memory; a step then "
+                         f"only slices it)")
+        timing = report["criteo_parquet_reader"]
+        lines.append(f"Criteo Parquet reader: {timing['reader_ms_per_batch_median']:.2f} ms per batch of "
+                     f"{batch_size} rows (median of {timing['reader_batches_timed']}, one core), while "
+                     f"training")
     if repeats > 1:
         lines.append(f"median of {repeats} runs per case; every run's samples/s: " + "; ".join(
             f"{c['name']} " + ", ".join(f"{x:,.0f}" for x in c["samples_per_s_runs"]) for c in cases))

@@ -24,7 +24,7 @@ the type found.
 import numpy as np
 
 from hybridps.data.batch import Batch, truncate_lists
-from hybridps.data.hashing import MISSING_ID, space_seed, text_ids
+from hybridps.data.hashing import MISSING_ID, VALUE_PERSON, space_seed, text_ids
 from hybridps.errors import DataError
 
 
@@ -199,13 +199,33 @@ def _text_column_ids(column):
     """text_id of every value of a text column, each distinct value hashed once (missing -1)."""
     _, pc = _pa()
     encoded = pc.dictionary_encode(column)
-    dictionary = encoded.dictionary.to_pylist()
-    distinct = text_ids(dictionary) if dictionary else np.empty(0, np.int64)
+    distinct = _distinct_text_ids(encoded.dictionary)
     indices = encoded.indices
     if indices.null_count:
         table = np.append(distinct, MISSING_ID)
-        return table[pc.fill_null(indices, len(dictionary)).to_numpy(zero_copy_only=False)]
+        return table[pc.fill_null(indices, len(distinct)).to_numpy(zero_copy_only=False)]
     return distinct[indices.to_numpy(zero_copy_only=False)]
+
+
+def _distinct_text_ids(values):
+    """text_id of each value of an Arrow string or binary array without nulls (a dictionary),
+    straight from its offsets and data buffers in one C loop (hybridps._kernels.text_value_ids,
+    which the tests hold to the Python text_id)."""
+    pa, _ = _pa()
+    from hybridps._kernels import text_value_ids
+    if len(values) == 0:
+        return np.empty(0, np.int64)
+    kind = values.type
+    if pa.types.is_large_string(kind) or pa.types.is_large_binary(kind):
+        width = np.int64
+    elif pa.types.is_string(kind) or pa.types.is_binary(kind):
+        width = np.int32
+    else:
+        return text_ids(values.to_pylist())
+    _validity, offsets, data = values.buffers()[:3]
+    offsets = np.frombuffer(offsets, dtype=width)[values.offset:values.offset + len(values) + 1]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
+    return text_value_ids(offsets.astype(np.int64), data, VALUE_PERSON)
 
 
 def _bad_type(where, column, kind, wanted):
