@@ -72,8 +72,9 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
     assert by_name["hybridps-ssp1-dense1"]["dense_staleness_max"] <= 1
     assert by_name["hybridps-bsp"]["dense_staleness_max"] == 0
     assert set(report["ratios"]) == {"vs_tf_baseline", "vs_ceiling", "asp_vs_bsp", "ssp1_vs_bsp",
-                                     "parquet_vs_synthetic"}
-    assert report["ratios"]["parquet_vs_synthetic"] is None     # no Parquet case in this run
+                                     "parquet_vs_synthetic", "tsv_vs_ceiling", "criteo_parquet_vs_ceiling"}
+    for absent in ("parquet_vs_synthetic", "tsv_vs_ceiling", "criteo_parquet_vs_ceiling"):
+        assert report["ratios"][absent] is None     # no file case in this run
     with open(tmp_path / "train.json") as fh:
         assert json.load(fh)["cases"] == report["cases"]
     assert (tmp_path / "train.md").read_text().count("|") > 20
