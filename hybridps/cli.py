@@ -99,6 +99,17 @@ def _add_train_arguments(parser):
     parser.add_argument("--fail-rank", type=int, help=argparse.SUPPRESS)
 
 
+# ``hybridps bench <name>``: the runner modules under hybridps/bench, in help order
+BENCH_RUNNERS = (
+    ("table", "hash table vs pandas khash vs dict"),
+    ("train", "collective BSP vs TF+Horovod baseline vs compute ceiling"),
+    ("compare", "collective vs parameter-server vs TF+Horovod, N ranks each"),
+    ("scale", "2 and 4 hosts of the network-namespace test bed (root), 1 and 10 Gbit/s links, "
+              "vs the scaling model"),
+    ("realtime", "a stream -> 2-rank training -> deltas -> hybridps serve: freshness and serving latency"),
+    ("capacity", "bytes per row of a 10M-row table, and a 2-rank run until 50M distinct keys"),
+)
+
 _NOT_CONFIG = {"command", "bench_command", "config", "func"}
 
 
@@ -155,24 +166,12 @@ def build_parser():
 
     bench = sub.add_parser("bench", help="benchmark runners (JSON, markdown table, PNG)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from hybridps.bench import table as table_bench
-    table = bench_sub.add_parser("table", help="hash table vs pandas khash vs dict")
-    table_bench.add_arguments(table)
-    table.set_defaults(func=table_bench.main)
-    from hybridps.bench import train as train_bench
-    train_cmd = bench_sub.add_parser("train", help="collective BSP vs TF+Horovod baseline vs compute ceiling")
-    train_bench.add_arguments(train_cmd)
-    train_cmd.set_defaults(func=train_bench.main)
-    from hybridps.bench import capacity as capacity_bench
-    capacity_cmd = bench_sub.add_parser("capacity", help="bytes per row of a 10M-row table, and a "
-                                                         "2-rank run until 50M distinct keys")
-    capacity_bench.add_arguments(capacity_cmd)
-    capacity_cmd.set_defaults(func=capacity_bench.main)
-    from hybridps.bench import realtime as realtime_bench
-    realtime_cmd = bench_sub.add_parser("realtime", help="a stream -> 2-rank training -> deltas -> "
-                                                         "hybridps serve: freshness and serving latency")
-    realtime_bench.add_arguments(realtime_cmd)
-    realtime_cmd.set_defaults(func=realtime_bench.main)
+    import importlib
+    for name, summary in BENCH_RUNNERS:           # hybridps.bench.<name>: add_arguments, main
+        runner = importlib.import_module(f"hybridps.bench.{name}")
+        command = bench_sub.add_parser(name, help=summary)
+        runner.add_arguments(command)
+        command.set_defaults(func=runner.main)
     from hybridps.checkpoint.inspect import add_inspect_arguments
     from hybridps.export.saved_model import add_export_arguments
     add_inspect_arguments(sub.add_parser("inspect", help="summarize and verify a checkpoint"))
@@ -186,15 +185,6 @@ def build_parser():
     from hybridps.serving.server import add_serve_arguments
     add_serve_arguments(sub.add_parser(
         "serve", help="TF Serving's REST API on an export directory, following its deltas live"))
-    from hybridps.bench import compare as compare_bench
-    compare_cmd = bench_sub.add_parser("compare", help="collective vs parameter-server vs TF+Horovod, N ranks each")
-    compare_bench.add_arguments(compare_cmd)
-    compare_cmd.set_defaults(func=compare_bench.main)
-    from hybridps.bench import scale as scale_bench
-    scale_cmd = bench_sub.add_parser("scale", help="2 and 4 hosts of the network-namespace test bed "
-                                                   "(root), 1 and 10 Gbit/s links, vs the scaling model")
-    scale_bench.add_arguments(scale_cmd)
-    scale_cmd.set_defaults(func=scale_bench.main)
     return parser
 
 

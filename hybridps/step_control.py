@@ -10,7 +10,7 @@ thread draws it (the main thread under BSP, the exchange thread under SSP/ASP):
   end marker says it never will ("ended"); every rank waits (polling, not a hang: each poll is
   a collective that completes) until all are ready, or ends when all have ended;
 * wall-clock deltas: rank 0's clock says whether ``delta_every_seconds`` have passed since the
-  last delta; if so, the completed-step count after this step becomes a consistent point
+  last delta was written; if so, the completed-step count after this step becomes a consistent point
   (:attr:`StepAgreement.delta_points`) where the trainer writes a delta.
 
 All decisions come from one allgather, so every rank runs the same steps and stops at the same
@@ -85,6 +85,12 @@ class StepAgreement:
             self.stopped_by = "end of stream"
             return "end"
         return "wait"
+
+    def delta_written(self):
+        """The clock of wall-clock deltas restarts when a delta is written (not when it was
+        decided), so consecutive deltas are at least ``delta_every_seconds`` apart however
+        long one takes to write. Called at the consistent point, while no batch is drawn."""
+        self.last_delta = time.monotonic()
 
     def wait(self):
         """Sleep one poll interval (idle waiting for data, counted in ``waited_s``)."""

@@ -230,6 +230,8 @@ class Trainer:
         if delta:
             self._delta_exporter(state).export(
                 completed, position=self.dataset.state() if self.dataset is not None else None)
+            if self.control is not None:
+                self.control.delta_written()
 
     def _evaluate(self, completed):
         """The held-out metrics of the model after ``completed`` steps (every computing rank):

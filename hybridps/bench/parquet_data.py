@@ -16,7 +16,9 @@ import time
 import numpy as np
 
 
-def _columns(schema, raw):
+def workload_columns(schema, raw):
+    """The columns of a synthetic raw batch (hybridps.data.synthetic_schema) by schema name:
+    the label, dense floats, single ids, and lists as (ids, lengths)."""
     singles, lists, dense, labels = raw
     columns = {schema.label: labels.astype(np.int64)}
     for i, feature in enumerate(schema.dense):      # float32, as training holds them
@@ -28,7 +30,7 @@ def _columns(schema, raw):
     return columns
 
 
-def _arrow_table(columns):
+def arrow_table(columns):
     """The columns as an Arrow table whose fields are declared non-nullable (the generator
     leaves nothing missing), as a writer that knows its data declares them: Parquet then
     stores no definition levels for them, which makes the list columns about 20% cheaper to
@@ -66,7 +68,7 @@ def write_workload_parquet(out_dir, schema, config, ranks, batches_per_rank, bat
         try:
             for g in range(per_file):
                 step = (f * per_file + g) // ranks
-                table = _arrow_table(_columns(schema, sources[g % ranks].raw_batch(step, batch_size)))
+                table = arrow_table(workload_columns(schema, sources[g % ranks].raw_batch(step, batch_size)))
                 if writer is None:
                     writer = pq.ParquetWriter(path + ".tmp", table.schema, compression="none",
                                               use_dictionary=False)

@@ -52,10 +52,10 @@ class Producer(threading.Thread):
         self.error = None
 
     def tables(self):
-        from hybridps.bench.parquet_data import _arrow_table, _columns
+        from hybridps.bench.parquet_data import arrow_table, workload_columns
         from hybridps.data.synthetic_schema import make_schema_synthetic
         source = make_schema_synthetic(self.schema, self.config, 0, 1)
-        return [_arrow_table(_columns(self.schema, source.raw_batch(i, self.rows))) for i in range(self.files)]
+        return [arrow_table(workload_columns(self.schema, source.raw_batch(i, self.rows))) for i in range(self.files)]
 
     def run(self):
         import pyarrow.parquet as pq
@@ -76,9 +76,9 @@ class Producer(threading.Thread):
 
 def request_rows(schema, config, count):
     """``count`` rows of raw feature values in the row form of the REST API."""
-    from hybridps.bench.parquet_data import _columns
+    from hybridps.bench.parquet_data import workload_columns
     from hybridps.data.synthetic_schema import make_schema_synthetic
-    columns = _columns(schema, make_schema_synthetic(schema, config, 0, 1).raw_batch(10_000, count))
+    columns = workload_columns(schema, make_schema_synthetic(schema, config, 0, 1).raw_batch(10_000, count))
     instances = []
     for i in range(count):
         row = {}

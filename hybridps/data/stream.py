@@ -124,6 +124,19 @@ class StreamSource:
         rate = self.rows_consumed / max(time.monotonic() - self.started, 1e-9)
         return f"stream {rate:,.0f} rows/s, {rows:,} rows waiting, {seconds:.1f}s behind the newest data"
 
+    def _base_state(self, **position):
+        return {"kind": self.kind, "path": self.where, **position,
+                "rows_consumed": int(self.rows_consumed)}
+
+    def _restore_base(self, state):
+        """Check that ``state`` is a position in this stream; take its row count."""
+        if not isinstance(state, dict) or state.get("kind") != self.kind:
+            raise DataError(f"cannot restore this {self.kind} source from data state {state!r}")
+        if state.get("path") != self.where:
+            raise DataError(f"the checkpoint's stream position is in {state.get('path')}, this run "
+                            f"reads {self.where}: not the same stream")
+        self.rows_consumed = check_int("rows_consumed", state.get("rows_consumed", 0), 0)
+
     def _base_stats(self):
         rows, seconds = self.lag()
         return {"kind": self.kind, "path": self.where, "format": self.kind, "rows": self.rows_trained,
@@ -252,18 +265,12 @@ class DirectoryStream(StreamSource):
         partial, row = (self.files[0][0], self.row) if self.files and self.row else (None, 0)
         if self.files and self.row == self.files[0][1].size:      # the newest file, all read
             done, partial, row = self.files[0][0], None, 0
-        return {"kind": "stream", "path": self.directory, "consumed_through": done,
-                "file": partial, "row": int(row), "rows_consumed": int(self.rows_consumed)}
+        return self._base_state(consumed_through=done, file=partial, row=int(row))
 
     def restore(self, state):
-        if not isinstance(state, dict) or state.get("kind") != "stream":
-            raise DataError(f"cannot restore a directory stream from data state {state!r}")
-        if state.get("path") != self.directory:
-            raise DataError(f"the checkpoint's stream position is in {state.get('path')}, this run "
-                            f"streams {self.directory}: not the same stream")
+        self._restore_base(state)
         self.files, self.row, self.end_seen = [], 0, False
         self.consumed_through = self._restored_through = state.get("consumed_through")
-        self.rows_consumed = check_int("rows_consumed", state.get("rows_consumed", 0), 0)
         partial = state.get("file")
         if partial:
             path = os.path.join(self.directory, partial)
@@ -352,18 +359,12 @@ class RedisStream(StreamSource):
             self.position_arrival = self.pending[0][2]
 
     def state(self):
-        return {"kind": "redis", "path": self.where, "last_id": self.last_id,
-                "rows_consumed": int(self.rows_consumed)}
+        return self._base_state(last_id=self.last_id)
 
     def restore(self, state):
-        if not isinstance(state, dict) or state.get("kind") != "redis":
-            raise DataError(f"cannot restore a Redis stream from data state {state!r}")
-        if state.get("path") != self.where:
-            raise DataError(f"the checkpoint's stream position is in {state.get('path')}, this run "
-                            f"reads {self.where}: not the same stream")
+        self._restore_base(state)
         self.last_id = self.fetched_id = str(state["last_id"])
         self.pending, self.end_seen = [], False
-        self.rows_consumed = check_int("rows_consumed", state.get("rows_consumed", 0), 0)
 
     def stats(self):
         return {**self._base_stats(), "last_id": self.last_id}
