@@ -13,10 +13,10 @@ ids, hybridps.data.hashing). What does not: MPI (hybridps.comm) and tables
 (hybridps._hashtable).
 """
 
-from libc.stdint cimport int64_t, uint64_t, int32_t
+from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t
 from mix64 cimport mix64_c
-from libc.stdlib cimport malloc, free
-from libc.string cimport memset, memcpy
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memset, memcpy, memcmp
 
 import numpy as np
 
@@ -356,6 +356,29 @@ cdef extern from *:
     int hps_canonical_int(const unsigned char* s, size_t n, int64_t* out) noexcept nogil
 
 
+cdef void _blake2b_start(uint64_t* h0, object person):
+    """BLAKE2b's state before the first block: 8-byte digest, no key, ``person`` (16 bytes)."""
+    words = np.frombuffer(bytes(person), dtype="<u8")
+    cdef uint64_t iv[8]
+    iv[:] = [0x6a09e667f3bcc908, 0xbb67ae8584caa73b, 0x3c6ef372fe94f82b, 0xa54ff53a5f1d36f1,
+             0x510e527fade682d1, 0x9b05688c2b3e6c1f, 0x1f83d9abfb41bd6b, 0x5be0cd19137e2179]
+    cdef int i
+    for i in range(8):
+        h0[i] = iv[i]
+    h0[0] ^= 0x01010008                     # digest 8 bytes, no key, fanout 1, depth 1
+    h0[6] ^= <uint64_t>int(words[0])
+    h0[7] ^= <uint64_t>int(words[1])
+
+
+cdef inline int64_t _text_id_c(const unsigned char* s, size_t length, const uint64_t* h0) noexcept nogil:
+    cdef int64_t number
+    if length == 0:
+        return -1
+    if hps_canonical_int(s, length, &number):
+        return number
+    return hps_blake2b64(s, length, h0)
+
+
 def text_value_ids(offsets, data, person):
     """hybridps.data.hashing.text_id of n UTF-8 values packed Arrow-style (value i is
     ``data[offsets[i]:offsets[i + 1]]``), in one C loop: empty -> -1 (missing), canonical
@@ -369,40 +392,172 @@ def text_value_ids(offsets, data, person):
     Returns:
         int64 (n,).
     """
-    cdef const int64_t[::1] off = np.ascontiguousarray(offsets, dtype=np.int64)
-    cdef const unsigned char[::1] raw = np.ascontiguousarray(data, dtype=np.uint8)
     if len(person) != 16:
         raise TableInputError(f"text_value_ids: the personalization must be 16 bytes, got {len(person)}")
-    cdef Py_ssize_t i, n = off.shape[0] - 1
-    if n < 0:
-        raise TableInputError("text_value_ids: offsets must hold n + 1 entries")
-    if n and (off[0] < 0 or off[n] > raw.shape[0] or np.any(np.diff(offsets) < 0)):
-        raise TableInputError("text_value_ids: offsets out of the data's range or decreasing")
+    off, raw = _packed_values("text_value_ids", offsets, data)
+    cdef const int64_t[::1] o_ = off
+    cdef const unsigned char[::1] r_ = raw
+    cdef Py_ssize_t i, n = o_.shape[0] - 1
     cdef uint64_t h0[8]
-    words = np.frombuffer(bytes(person), dtype="<u8")
-    cdef uint64_t iv[8]
-    iv[:] = [0x6a09e667f3bcc908, 0xbb67ae8584caa73b, 0x3c6ef372fe94f82b, 0xa54ff53a5f1d36f1,
-             0x510e527fade682d1, 0x9b05688c2b3e6c1f, 0x1f83d9abfb41bd6b, 0x5be0cd19137e2179]
-    for i in range(8):
-        h0[i] = iv[i]
-    h0[0] ^= 0x01010008                     # digest 8 bytes, no key, fanout 1, depth 1
-    h0[6] ^= <uint64_t>int(words[0])
-    h0[7] ^= <uint64_t>int(words[1])
+    _blake2b_start(h0, person)
     out = np.empty(n, dtype=np.int64)
     cdef int64_t[::1] o = out
-    cdef int64_t number
-    cdef const unsigned char* base = &raw[0] if raw.shape[0] else NULL
-    cdef size_t length
+    cdef const unsigned char* base = &r_[0] if r_.shape[0] else NULL
     with nogil:
         for i in range(n):
-            length = <size_t>(off[i + 1] - off[i])
-            if length == 0:
-                o[i] = -1
-            elif hps_canonical_int(base + off[i], length, &number):
-                o[i] = number
-            else:
-                o[i] = hps_blake2b64(base + off[i], length, h0)
+            o[i] = _text_id_c(base + o_[i], <size_t>(o_[i + 1] - o_[i]), h0)
     return out
+
+
+cdef tuple _packed_values(str caller, object offsets, object data):
+    """(offsets int64, data uint8), both contiguous, checked: n + 1 offsets, non-decreasing,
+    inside the data."""
+    off = np.ascontiguousarray(offsets, dtype=np.int64)
+    raw = np.ascontiguousarray(data, dtype=np.uint8)
+    n = off.shape[0] - 1
+    if off.ndim != 1 or n < 0:
+        raise TableInputError(f"{caller}: offsets must hold n + 1 entries")
+    if n and (off[0] < 0 or off[n] > raw.shape[0] or np.any(np.diff(off) < 0)):
+        raise TableInputError(f"{caller}: offsets out of the data's range or decreasing")
+    return off, raw
+
+
+cdef struct TextSlot:
+    uint64_t hash        # of the bytes, never 0 (0 marks an empty slot)
+    int64_t id           # the text id
+    uint32_t start       # the bytes: arena[start:start + length] (the arena stays < 4 GiB)
+    uint32_t length
+
+
+cdef inline uint64_t _bytes_hash(const unsigned char* s, size_t n) noexcept nogil:
+    """A fast 64-bit hash of a byte string for the cache's own table (not a feature id):
+    8-byte words folded through mix64, the length mixed in; never 0."""
+    cdef uint64_t h = 0x9e3779b97f4a7c15ULL ^ <uint64_t>n, w
+    cdef size_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, s + i, 8)
+        h = mix64_c(h ^ w)
+        i += 8
+    if i < n:
+        w = 0
+        memcpy(&w, s + i, n - i)
+        h = mix64_c(h ^ w ^ 0xff51afd7ed558ccdULL)
+    return h | 1
+
+
+cdef class TextIdCache:
+    """text ids (as :func:`text_value_ids` computes them) remembered across calls.
+
+    A reader's text columns repeat the same values batch after batch (a Zipf vocabulary); this
+    cache maps each value's bytes to its id, so a value costs one probe of an open-addressing
+    table (a fast hash of its bytes, then a byte compare) instead of BLAKE2b, and a column
+    needs no Arrow dictionary encoding first. Ids come out exactly as ``text_value_ids`` gives
+    them (the tests compare), whatever the cache holds: it only stops remembering new values
+    once it holds ``max_values`` of them or ``max_bytes`` of their text.
+
+    Not shared between threads: each reader owns one (``ids`` keeps the GIL, so a misuse
+    serializes rather than corrupts).
+    """
+    cdef TextSlot* slots
+    cdef uint64_t capacity, mask, count
+    cdef unsigned char* arena
+    cdef int64_t arena_used, arena_capacity
+    cdef readonly int64_t max_values, max_bytes, hits, misses
+    cdef uint64_t h0[8]
+
+    def __cinit__(self, person, int64_t max_values=1 << 20, int64_t max_bytes=32 << 20):
+        if len(person) != 16:
+            raise TableInputError(f"TextIdCache: the personalization must be 16 bytes, got {len(person)}")
+        if max_values < 1 or not 0 < max_bytes < (1 << 32):
+            raise TableInputError("TextIdCache: max_values must be positive and max_bytes in [1, 2**32)")
+        _blake2b_start(self.h0, person)
+        self.max_values, self.max_bytes = max_values, max_bytes
+        self.capacity = 1024
+        self.mask = self.capacity - 1
+        self.slots = <TextSlot*>calloc(self.capacity, sizeof(TextSlot))
+        self.arena_capacity = 1 << 16
+        self.arena = <unsigned char*>malloc(self.arena_capacity)
+        if self.slots == NULL or self.arena == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.slots)
+        free(self.arena)
+
+    def __len__(self):
+        return self.count
+
+    def ids(self, offsets, data):
+        """Text ids of n values packed Arrow-style (value i is ``data[offsets[i]:offsets[i+1]]``):
+        int64 (n,), equal to ``text_value_ids(offsets, data, person)``."""
+        off, raw = _packed_values("TextIdCache.ids", offsets, data)
+        cdef const int64_t[::1] o_ = off
+        cdef const unsigned char[::1] r_ = raw
+        cdef Py_ssize_t i, n = o_.shape[0] - 1
+        out = np.empty(n, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        cdef const unsigned char* base = &r_[0] if r_.shape[0] else NULL
+        for i in range(n):
+            o[i] = self._id(base + o_[i], <size_t>(o_[i + 1] - o_[i]))
+        return out
+
+    cdef int64_t _id(self, const unsigned char* s, size_t length) except? -2:
+        cdef uint64_t h, j
+        cdef TextSlot* slot
+        cdef int64_t value
+        if length == 0:
+            return -1
+        h = _bytes_hash(s, length)
+        j = h & self.mask
+        while True:
+            slot = &self.slots[j]
+            if slot.hash == 0:
+                break
+            if slot.hash == h and slot.length == length and \
+                    memcmp(self.arena + slot.start, s, length) == 0:
+                self.hits += 1
+                return slot.id
+            j = (j + 1) & self.mask
+        self.misses += 1
+        value = _text_id_c(s, length, self.h0)
+        if <int64_t>self.count < self.max_values and self.arena_used + <int64_t>length <= self.max_bytes:
+            if not self._reserve_bytes(length):
+                return value
+            memcpy(self.arena + self.arena_used, s, length)
+            slot.hash, slot.id, slot.start, slot.length = h, value, <uint32_t>self.arena_used, <uint32_t>length
+            self.arena_used += <int64_t>length
+            self.count += 1
+            if 2 * self.count > self.capacity:        # load at most 1/2
+                self._grow()
+        return value
+
+    cdef bint _reserve_bytes(self, size_t length) except -1:
+        cdef int64_t wanted = self.arena_used + <int64_t>length, new_capacity = self.arena_capacity
+        cdef unsigned char* grown
+        if wanted <= self.arena_capacity:
+            return True
+        while new_capacity < wanted:
+            new_capacity *= 2
+        grown = <unsigned char*>realloc(self.arena, new_capacity)
+        if grown == NULL:
+            return False                              # keep computing, stop remembering
+        self.arena, self.arena_capacity = grown, new_capacity
+        return True
+
+    cdef int _grow(self) except -1:
+        cdef uint64_t new_capacity = self.capacity * 2, i, j, new_mask = new_capacity - 1
+        cdef TextSlot* grown = <TextSlot*>calloc(new_capacity, sizeof(TextSlot))
+        if grown == NULL:
+            raise MemoryError()
+        for i in range(self.capacity):
+            if self.slots[i].hash != 0:
+                j = self.slots[i].hash & new_mask
+                while grown[j].hash != 0:
+                    j = (j + 1) & new_mask
+                grown[j] = self.slots[i]
+        free(self.slots)
+        self.slots, self.capacity, self.mask = grown, new_capacity, new_mask
+        return 0
 
 
 def hash_int_id_columns(columns, seeds):

@@ -110,9 +110,49 @@ def test_text_value_ids_equal_the_python_text_id_on_every_kind_of_value():
 
 
 def test_text_columns_from_arrow_hash_like_the_python_reference_also_sliced_and_with_nulls():
+    """Plain, large, sliced and dictionary-encoded text columns (as the Parquet reader hands
+    them over, also with several chunks of different dictionaries), through a cold and then a
+    warm cache: every id equals the Python text_id."""
     import pyarrow as pa
-    from hybridps.data.columns import _text_column_ids
-    from hybridps.data.hashing import text_id
+    from hybridps._kernels import TextIdCache
+    from hybridps.data.columns import _combined, _text_column_ids
+    from hybridps.data.hashing import VALUE_PERSON, text_id
     values = ["u1", None, "42", "", "u1", "caf\u00e9", "x" * 200, None, "-3"]
-    for array in (pa.array(values), pa.array(values, pa.large_string()), pa.array(["pad"] + values).slice(1)):
-        np.testing.assert_array_equal(_text_column_ids(array), [text_id(v) for v in values])
+    expected = [text_id(v) for v in values]
+    cache = TextIdCache(VALUE_PERSON)
+    arrays = (pa.array(values), pa.array(values, pa.large_string()), pa.array(["pad"] + values).slice(1),
+              pa.array(values).dictionary_encode(), pa.array(values, pa.binary()),
+              _combined(pa.chunked_array([pa.array(values[:4]).dictionary_encode(),
+                                          pa.array(values[4:]).dictionary_encode()])))
+    for _warm in range(2):
+        for array in arrays:
+            np.testing.assert_array_equal(_text_column_ids(array, cache), expected)
+    assert cache.hits > 0 and len(cache) == len({v for v in values if v})
+
+
+def test_text_id_cache_equals_text_value_ids_when_full_and_when_probing_long_chains():
+    """The cache against the uncached kernel (itself held to hashlib above) on a Zipf stream of
+    values in many calls: with room for everything, with room for only 50 values (it must keep
+    computing the rest) and with a byte budget that refuses long values; repeats are hits."""
+    import random
+    from hybridps._kernels import TextIdCache, text_value_ids
+    from hybridps.data.hashing import VALUE_PERSON
+    rng = random.Random(3)
+    vocabulary = [str(i) if i % 7 == 0 else f"v{i}-" + "y" * (i % 150) for i in range(3000)]
+    weights = [1.0 / (i + 1) for i in range(len(vocabulary))]
+    caches = [TextIdCache(VALUE_PERSON), TextIdCache(VALUE_PERSON, max_values=50),
+              TextIdCache(VALUE_PERSON, max_bytes=300)]
+    seen = set()
+    for _call in range(30):
+        batch = rng.choices(vocabulary, weights, k=400) + [""]
+        encoded = [v.encode() for v in batch]
+        offsets = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64)
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        expected = text_value_ids(offsets, data, VALUE_PERSON)
+        for cache in caches:
+            np.testing.assert_array_equal(cache.ids(offsets, data), expected)
+        seen.update(v for v in batch if v)
+    assert len(caches[0]) == len(seen)               # every distinct value remembered once
+    assert caches[0].misses == len(seen)             # ... and computed once
+    assert len(caches[1]) == 50 and caches[1].misses > len(seen)
+    assert caches[2].misses > len(seen)

@@ -24,7 +24,7 @@ the type found.
 import numpy as np
 
 from hybridps.data.batch import Batch, truncate_lists
-from hybridps.data.hashing import MISSING_ID, VALUE_PERSON, space_seed, text_ids
+from hybridps.data.hashing import MISSING_ID, VALUE_PERSON, space_seed
 from hybridps.errors import DataError
 
 
@@ -43,7 +43,10 @@ class ColumnConverter:
     """
 
     def __init__(self, schema):
+        from hybridps._kernels import TextIdCache
         self.schema = schema
+        # text ids remembered across batches: a reader sees the same values again and again
+        self.text_ids = TextIdCache(VALUE_PERSON)
         self.seeds = {f.name: space_seed(f.key_space) for f in schema.sparse}
         self.single_seeds = np.array([self.seeds[f.name] for f in schema.single_features], dtype=np.uint64)
         self.columns = ([schema.label] + [f.column for f in schema.dense]
@@ -53,6 +56,13 @@ class ColumnConverter:
     def required_columns(self):
         """Every column the schema reads (label, dense, sparse, group_by), without repeats."""
         return list(dict.fromkeys(self.columns))
+
+    def single_value_columns(self):
+        """The columns holding one id per row (single-valued features, group_by): the ones a
+        Parquet reader can hand over dictionary-encoded, as they are stored (text then costs
+        one id per distinct value of a column chunk, not one per row)."""
+        return list(dict.fromkeys([f.column for f in self.schema.single_features]
+                                  + ([self.schema.group_by] if self.schema.group_by else [])))
 
     def check_columns(self, names, where):
         """Raise DataError naming the columns the schema needs that ``names`` lacks."""
@@ -140,10 +150,10 @@ class ColumnConverter:
             if column.null_count:
                 column = pc.fill_null(column, MISSING_ID)
             return column.to_numpy(zero_copy_only=False)
-        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
-            return _text_column_ids(column)
-        if pa.types.is_dictionary(kind):
-            return _text_column_ids(column.dictionary_decode())
+        if pa.types.is_dictionary(kind) and pa.types.is_integer(kind.value_type):
+            return self._ids(column.dictionary_decode(), name, where)
+        if _is_text(kind) or (pa.types.is_dictionary(kind) and _is_text(kind.value_type)):
+            return _text_column_ids(column, self.text_ids)
         return _bad_type(where, name, kind, "integer ids or text (a categorical feature)")
 
     def _list(self, column, feature, where):
@@ -184,48 +194,52 @@ class ColumnConverter:
         if pa.types.is_integer(item):
             ids = pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False)
         else:
-            ids = _text_column_ids(values)
+            ids = _text_column_ids(values, self.text_ids)
         return np.ascontiguousarray(ids, dtype=np.int64), lengths
 
 
 def _combined(column):
-    """One Array of a ChunkedArray (Arrow tables hold chunked columns)."""
+    """One Array of a ChunkedArray (Arrow tables hold chunked columns). Dictionary chunks may
+    each carry their own dictionary (a Parquet column chunk's): those are unified first."""
+    pa, _ = _pa()
     if not hasattr(column, "combine_chunks"):
         return column
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    if column.num_chunks == 1:
+        return column.chunk(0)
+    if pa.types.is_dictionary(column.type):
+        column = column.unify_dictionaries()
+    return column.combine_chunks()
 
 
-def _text_column_ids(column):
-    """text_id of every value of a text column, each distinct value hashed once (missing -1)."""
-    _, pc = _pa()
-    encoded = pc.dictionary_encode(column)
-    distinct = _distinct_text_ids(encoded.dictionary)
-    indices = encoded.indices
-    if indices.null_count:
-        table = np.append(distinct, MISSING_ID)
-        return table[pc.fill_null(indices, len(distinct)).to_numpy(zero_copy_only=False)]
-    return distinct[indices.to_numpy(zero_copy_only=False)]
-
-
-def _distinct_text_ids(values):
-    """text_id of each value of an Arrow string or binary array without nulls (a dictionary),
-    straight from its offsets and data buffers in one C loop (hybridps._kernels.text_value_ids,
-    which the tests hold to the Python text_id)."""
+def _is_text(kind):
     pa, _ = _pa()
-    from hybridps._kernels import text_value_ids
-    if len(values) == 0:
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind))
+
+
+def _text_column_ids(column, cache):
+    """text_id of every value of a text column (string or binary, or a dictionary of them, as a
+    Parquet reader gives it; missing -1), through ``cache`` (hybridps._kernels.TextIdCache:
+    one probe per value, BLAKE2b only for values it has not seen). A dictionary's values are
+    looked up once each, then taken by its indices."""
+    pa, pc = _pa()
+    if pa.types.is_dictionary(column.type):
+        distinct = np.append(_text_column_ids(column.dictionary, cache), MISSING_ID)
+        indices = column.indices
+        if indices.null_count:
+            indices = pc.fill_null(indices, len(distinct) - 1)
+        return distinct[indices.to_numpy(zero_copy_only=False)]
+    if len(column) == 0:
         return np.empty(0, np.int64)
-    kind = values.type
-    if pa.types.is_large_string(kind) or pa.types.is_large_binary(kind):
-        width = np.int64
-    elif pa.types.is_string(kind) or pa.types.is_binary(kind):
-        width = np.int32
-    else:
-        return text_ids(values.to_pylist())
-    _validity, offsets, data = values.buffers()[:3]
-    offsets = np.frombuffer(offsets, dtype=width)[values.offset:values.offset + len(values) + 1]
+    kind = column.type
+    width = np.int64 if pa.types.is_large_string(kind) or pa.types.is_large_binary(kind) else np.int32
+    _validity, offsets, data = column.buffers()[:3]
+    offsets = np.frombuffer(offsets, dtype=width)[column.offset:column.offset + len(column) + 1]
     data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
-    return text_value_ids(offsets.astype(np.int64), data, VALUE_PERSON)
+    ids = cache.ids(offsets.astype(np.int64), data)
+    if column.null_count:          # a null's slot may hold bytes: it reads missing all the same
+        ids[~column.is_valid().to_numpy(zero_copy_only=False)] = MISSING_ID
+    return ids
 
 
 def _bad_type(where, column, kind, wanted):

@@ -7,6 +7,8 @@ the feature's ``fill``; a label: a bad row). Only the schema's columns are read.
 groups: every row group of every file goes round-robin to the ranks, and each rank reads only its
 own (hybridps.data.partitioned: equal steps, epochs, shuffling, the position for resume).
 Vectorized: a row group is decoded by Arrow and converted with numpy; nothing runs per row.
+Single-valued text columns are read dictionary-encoded, as Parquet stores them: their ids are
+computed per distinct value (hybridps.data.columns, through the reader's text id cache).
 """
 from hybridps.data.partitioned import PartitionedReader
 from hybridps.errors import DataError
@@ -24,8 +26,11 @@ class ParquetReader(PartitionedReader):
         units, self._files = [], {}
         for path in self.paths:
             try:
-                # mapped, not read into buffers: Arrow decodes pages straight from the page cache
-                handle = pq.ParquetFile(path, memory_map=True)
+                # mapped, not read into buffers: Arrow decodes pages straight from the page
+                # cache; text columns of one id per row come as the dictionaries they are stored
+                # in (Arrow ignores the integer ones), so no string is decoded per row
+                handle = pq.ParquetFile(path, memory_map=True,
+                                        read_dictionary=self.converter.single_value_columns())
             except (pa.ArrowInvalid, OSError) as exc:
                 raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
             self.converter.check_columns(handle.schema_arrow.names, path)
