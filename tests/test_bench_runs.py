@@ -62,7 +62,8 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
     names = [c["name"] for c in report["cases"]]
     assert names == ["hybridps-bsp", "hybridps-ssp1", "hybridps-ssp1-dense1", "hybridps-ssp4",
                      "hybridps-asp", "hybridps-bsp-straggler", "hybridps-ssp1-straggler",
-                     "hybridps-asp-straggler", "tf-baseline", "compute-ceiling"]
+                     "hybridps-asp-straggler", "tf-baseline", "hybridps-bsp-adam", "tf-baseline-adam",
+                     "compute-ceiling"]
     for case in report["cases"]:
         for key in ("samples_per_s", "final_loss", "auc"):
             assert math.isfinite(case[key]) and case[key] > 0, (case["name"], key)
@@ -71,10 +72,14 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
     assert by_name["hybridps-ssp1"]["staleness_max"] <= 1
     assert by_name["hybridps-ssp1-dense1"]["dense_staleness_max"] <= 1
     assert by_name["hybridps-bsp"]["dense_staleness_max"] == 0
-    assert set(report["ratios"]) == {"vs_tf_baseline", "vs_ceiling", "asp_vs_bsp", "ssp1_vs_bsp",
-                                     "parquet_vs_synthetic", "tsv_vs_ceiling", "criteo_parquet_vs_ceiling"}
-    for absent in ("parquet_vs_synthetic", "tsv_vs_ceiling", "criteo_parquet_vs_ceiling"):
+    file_ratios = ("parquet_vs_synthetic", "tsv_vs_ceiling", "criteo_parquet_vs_ceiling",
+                   "tsv_vs_tf_baseline", "criteo_parquet_vs_tf_baseline")
+    assert set(report["ratios"]) == {"vs_tf_baseline", "vs_ceiling", "asp_vs_bsp", "ssp1_vs_bsp", *file_ratios}
+    for absent in file_ratios:
         assert report["ratios"][absent] is None     # no file case in this run
+    assert report["other_ratios"]["adam_vs_tf_baseline_adam"] > 0
+    with open(tmp_path / "tf-baseline-adam.json") as fh:
+        assert json.load(fh)["optimizer"] == "adam"
     with open(tmp_path / "train.json") as fh:
         assert json.load(fh)["cases"] == report["cases"]
     assert (tmp_path / "train.md").read_text().count("|") > 20
@@ -173,13 +178,18 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
                              vocab_size=500, timeout=240, data="file", file_rows=2000)
     assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "compute-ceiling", "hybridps-bsp-tsv",
-                                                    "hybridps-bsp-criteo-parquet"]
+                                                    "hybridps-bsp-criteo-parquet", "tf-baseline-tsv",
+                                                    "tf-baseline-criteo-parquet"]
     # the two files hold the same rows (read independently: pandas and pyarrow)
     tsv = pd.read_csv(tmp_path / "criteo.tsv", sep="\t", header=None, dtype=str)
     table = pq.read_table(tmp_path / "criteo.parquet").to_pandas()
     assert len(tsv) == len(table) == 2000
     assert list(tsv[14]) == list(table["C1"]) and list(tsv[0].astype(int)) == list(table["label"])
     assert report["ratios"]["tsv_vs_ceiling"] > 0 and report["ratios"]["criteo_parquet_vs_ceiling"] > 0
+    assert report["ratios"]["tsv_vs_tf_baseline"] > 0 and report["ratios"]["criteo_parquet_vs_tf_baseline"] > 0
+    for name, data in (("tf-baseline-tsv", "criteo.tsv"), ("tf-baseline-criteo-parquet", "criteo.parquet")):
+        with open(tmp_path / f"{name}.json") as fh:        # the baseline read the file
+            assert json.load(fh)["data"] == str(tmp_path / data)
     tsv_case = next(c for c in report["cases"] if c["name"] == "hybridps-bsp-tsv")
     assert tsv_case["parse_ms_per_batch"] > 0
     assert "Criteo TSV reader" in (tmp_path / "train.md").read_text()

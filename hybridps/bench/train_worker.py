@@ -4,7 +4,10 @@
 TensorFlow + Horovod baseline: a fixed-size ``tf.keras.layers.Embedding`` over hashed buckets
 (key mod num_buckets, so colliding features share a row), the same DeepFM and data, gradients
 through ``hvd.DistributedGradientTape`` (embedding gradients travel as IndexedSlices, i.e.
-allgathered), Keras Adagrad on every variable.
+allgathered), Keras Adagrad (or, with ``--optimizer adam``, Keras Adam, which decays both
+moment slots of the whole bucket table every step) on every variable. ``--data`` reads a file
+through the same reader ``hybridps train`` uses (the bench's TSV, or the Parquet copy with its
+``--config`` schema) instead of the synthetic generator.
 
 ``python -m hybridps.bench.train_worker ceiling OUT.json ...``: the compute-only ceiling: the
 very TF step hybridps runs (hybridps.step.make_train_step) plus the local dense update,
@@ -36,6 +39,9 @@ def _parse(argv=None):
     p.add_argument("--learning-rate", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", help="a YAML config (its 'features:' schema: the workload)")
+    p.add_argument("--optimizer", choices=["adagrad", "adam"], default="adagrad",
+                   help="the baseline's optimizer on every variable (Keras)")
+    p.add_argument("--data", default="synthetic", help="synthetic, or a file hybridps train reads")
     return p.parse_args(argv)
 
 
@@ -57,6 +63,7 @@ def _finish(comm, args, role, elapsed, losses, auc_acc, model):
     rss = float(comm.allreduce_max(np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]))[0])
     dense_parameters = int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
     result = {"name": role, "ranks": comm.size, "peak_rss_mb": rss, "dense_parameters": dense_parameters,
+              "optimizer": args.optimizer, "data": args.data,
               "samples_per_s": (args.steps - args.warmup_steps) * global_batch / slowest,
               "final_loss": float(loss_sums[-1] / global_batch),
               "auc": AUCAccumulator.auc_from_histograms(pos, neg)}
@@ -76,7 +83,7 @@ def _workload(args, comm):
     from hybridps.schema import build_schema
     from hybridps.step import build_on_sample
     config = make_config(args.config, overrides={
-        "data": "synthetic", "dim": args.dim, "num_fields": args.num_fields, "num_dense": args.num_dense,
+        "data": args.data, "dim": args.dim, "num_fields": args.num_fields, "num_dense": args.num_dense,
         "vocab_size": args.vocab_size, "seed": args.seed})
     schema = build_schema(config, *preset_shape(config))
     data = open_data(config, schema, rank=comm.rank, world_size=comm.size)
@@ -98,8 +105,11 @@ def run_tf_baseline(args):
         embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.01, seed=args.seed))
     embedding.build((None, args.num_fields))
     variables = model.trainable_variables + embedding.trainable_variables
-    optimizer = tf.keras.optimizers.Adagrad(args.learning_rate, initial_accumulator_value=0.1,
-                                            epsilon=1e-7)
+    if args.optimizer == "adam":      # hybridps's dense Adam settings (hybridps.dense.sync)
+        optimizer = tf.keras.optimizers.Adam(args.learning_rate, epsilon=1e-7)
+    else:
+        optimizer = tf.keras.optimizers.Adagrad(args.learning_rate, initial_accumulator_value=0.1,
+                                                epsilon=1e-7)
     hvd.broadcast_variables(variables, root_rank=0)
     global_batch = float(args.batch_size * comm.size)
 
