@@ -8,8 +8,9 @@ order), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``), ``bucket_
 sort of the step's unique keys by (owner rank, table) that yields the send order of the fused
 exchange), ``count_staleness`` (the owner's staleness histogram of the rows it serves),
 ``permute_blocks`` (moves a step's rows between the exchange's (owner, table) order and the TF
-step's (dim group, table, owner) order) and ``hash_int_ids`` (schema feature keys of integer
-ids, hybridps.data.hashing). What does not: MPI (hybridps.comm) and tables
+step's (dim group, table, owner) order), ``hash_int_ids`` (schema feature keys of integer
+ids, hybridps.data.hashing) and the text ids of Arrow string buffers (``text_value_ids``, and
+``TextIdCache``, which remembers them across a reader's batches). What does not: MPI (hybridps.comm) and tables
 (hybridps._hashtable).
 """
 
