@@ -108,6 +108,7 @@ def test_bench_train_multihot_on_parquet_trains_on_the_same_samples(tmp_path, mp
                                                                          rel=1e-6)
     reader = report["parquet_reader"]
     assert reader["files"] == 2 and reader["reader_batches_timed"] == 20
+    assert reader["reader_ms_per_batch_median_seen"] > 0
     assert reader["reader_ms_per_batch_median"] > 0
     assert report["ratios"]["parquet_vs_synthetic"] > 0
     assert "Parquet reader:" in (tmp_path / "train.md").read_text()
@@ -193,3 +194,5 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     tsv_case = next(c for c in report["cases"] if c["name"] == "hybridps-bsp-tsv")
     assert tsv_case["parse_ms_per_batch"] > 0
     assert "Criteo TSV reader" in (tmp_path / "train.md").read_text()
+    assert report["criteo_parquet_reader"]["reader_ms_per_batch_median_seen"] > 0
+    assert "once every value has been seen" in (tmp_path / "train.md").read_text()
