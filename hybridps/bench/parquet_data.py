@@ -89,10 +89,11 @@ def time_reader(paths, schema, batch_size, batches=20):
     from hybridps.data.parquet import ParquetReader
     reader = ParquetReader(paths, schema, rank=0, world_size=1)
     per_pass = -(-reader.num_rows // batch_size)
-    stream = reader.iter_batches(batch_size, max(batches + 1, per_pass) + batches)
+    timed = max(batches, per_pass - 1) + batches      # the last ``batches`` come after a whole pass
+    stream = reader.iter_batches(batch_size, 1 + timed)
     next(stream)                                              # opens and warms the decoder
     times = []
-    for _ in range(max(batches, per_pass - 1) + batches):
+    for _ in range(timed):
         started = time.perf_counter()
         next(stream)
         times.append((time.perf_counter() - started) * 1000.0)

@@ -144,8 +144,10 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         with open(config, "w") as fh:
             yaml.safe_dump({"features": multihot_features(dim=dim)}, fh, sort_keys=False)
         common += ["--config", config]
-    train = ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
-             "--mode", "collective", "--optimizer", "adagrad", "--no-progress"]
+    def hybridps_train(optimizer):
+        return ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
+                "--mode", "collective", "--optimizer", optimizer, "--no-progress"]
+    train = hybridps_train("adagrad")
     straggler = ["--loader-delay-ms", f"{STRAGGLER_MS:g}", "--delay-rank", "1"]
     plan = [
         ("hybridps-bsp", train + ["--sync", "bsp", "--metrics-out"]),
@@ -159,7 +161,7 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
          + ["--metrics-out"]),
         ("hybridps-asp-straggler", train + ["--sync", "asp"] + straggler + ["--metrics-out"]),
         ("tf-baseline", ["-m", "hybridps.bench.train_worker", "tf-baseline"]),
-        ("hybridps-bsp-adam", [a if a != "adagrad" else "adam" for a in train] + ["--sync", "bsp", "--metrics-out"]),
+        ("hybridps-bsp-adam", hybridps_train("adam") + ["--sync", "bsp", "--metrics-out"]),
         ("tf-baseline-adam", ["-m", "hybridps.bench.train_worker", "tf-baseline", "--optimizer", "adam"]),
         ("compute-ceiling", ["-m", "hybridps.bench.train_worker", "ceiling"]),
     ]
@@ -240,7 +242,8 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
               "criteo_parquet_vs_ceiling": ratio("hybridps-bsp-criteo-parquet", "compute-ceiling"),
               "tsv_vs_tf_baseline": ratio("hybridps-bsp-tsv", "tf-baseline-tsv"),
               "criteo_parquet_vs_tf_baseline": ratio("hybridps-bsp-criteo-parquet", "tf-baseline-criteo-parquet")}
-    informational = {"adam_vs_tf_baseline_adam": ratio("hybridps-bsp-adam", "tf-baseline-adam"),"asp_vs_ceiling": ratio("hybridps-asp", "compute-ceiling"),
+    informational = {"adam_vs_tf_baseline_adam": ratio("hybridps-bsp-adam", "tf-baseline-adam"),
+                     "asp_vs_ceiling": ratio("hybridps-asp", "compute-ceiling"),
                      "ssp1_dense1_vs_bsp": ratio("hybridps-ssp1-dense1", "hybridps-bsp"),
                      "ssp1_vs_bsp_with_straggler": ratio("hybridps-ssp1-straggler", "hybridps-bsp-straggler"),
                      "asp_vs_bsp_with_straggler": ratio("hybridps-asp-straggler", "hybridps-bsp-straggler")}

@@ -97,6 +97,7 @@ def run_tf_baseline(args):
     comm, tf = _setup(with_horovod=True)      # Horovod with its own defaults, as a user runs it
     from hybridps.trainer import freeze_python_heap
     import horovod.tensorflow as hvd
+    from hybridps.dense.sync import make_dense_optimizer
     from hybridps.metrics import AUCAccumulator
     data, model, schema = _workload(args, comm)
     names = [f.name for f in schema.single_features]
@@ -105,11 +106,7 @@ def run_tf_baseline(args):
         embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.01, seed=args.seed))
     embedding.build((None, args.num_fields))
     variables = model.trainable_variables + embedding.trainable_variables
-    if args.optimizer == "adam":      # hybridps's dense Adam settings (hybridps.dense.sync)
-        optimizer = tf.keras.optimizers.Adam(args.learning_rate, epsilon=1e-7)
-    else:
-        optimizer = tf.keras.optimizers.Adagrad(args.learning_rate, initial_accumulator_value=0.1,
-                                                epsilon=1e-7)
+    optimizer = make_dense_optimizer(args.optimizer, args.learning_rate)   # hybridps's dense settings
     hvd.broadcast_variables(variables, root_rank=0)
     global_batch = float(args.batch_size * comm.size)
 
