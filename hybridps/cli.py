@@ -1,5 +1,5 @@
 """Command line: ``hybridps train | launch | doctor | inspect | export | evaluate | predict | serve |
-bench table | train | compare | scale | realtime | capacity``.
+prepare-data | bench table | train | compare | scale | realtime | capacity``.
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
 (or ``python -m hybridps.cli train ...``), or alone without mpirun. Flags override the YAML
@@ -46,6 +46,9 @@ def _add_train_arguments(parser):
     parser.add_argument("--shuffle", action="store_const", const=True,
                         help="Parquet/TFRecord: shuffle parts and rows every epoch (seeded by --seed)")
     parser.add_argument("--shuffle-buffer", type=int, help="rows in the shuffle buffer (with --shuffle)")
+    parser.add_argument("--data-cache", metavar="DIR",
+                        help="Parquet/TFRecord: keep every part's parsed rows in DIR and read them "
+                             "from there in later epochs and runs (hybridps prepare-data fills it)")
     parser.add_argument("--num-fields", type=int, help="synthetic data: categorical fields")
     parser.add_argument("--num-dense", type=int, help="synthetic data: dense features")
     parser.add_argument("--vocab-size", type=int, help="synthetic data: ids per field")
@@ -182,6 +185,10 @@ def build_parser():
                          "(any number of ranks; nothing is written to the checkpoint)"))
     add_predict_arguments(sub.add_parser(
         "predict", help="a checkpoint's score of every row of a data file, in input order, to Parquet"))
+    from hybridps.data.prepare import add_arguments as add_prepare_arguments
+    add_prepare_arguments(sub.add_parser(
+        "prepare-data", help="decode and convert Parquet/TFRecord data once into a --data-cache "
+                             "directory that later runs read instead"))
     from hybridps.serving.server import add_serve_arguments
     add_serve_arguments(sub.add_parser(
         "serve", help="TF Serving's REST API on an export directory, following its deltas live"))

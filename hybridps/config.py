@@ -74,6 +74,7 @@ class TrainConfig:
     on_bad_line: str = "raise"
     shuffle: bool = False                 # Parquet/TFRecord: shuffle parts and rows per epoch (seeded)
     shuffle_buffer: int = 0               # rows in the shuffle buffer (0 or 1: within a part only)
+    data_cache: Optional[str] = None      # Parquet/TFRecord: directory of parsed parts (hybridps.data.parsed_cache)
     num_fields: int = 26
     num_dense: int = 13
     vocab_size: int = 100_000

@@ -73,7 +73,7 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
     assert by_name["hybridps-ssp1-dense1"]["dense_staleness_max"] <= 1
     assert by_name["hybridps-bsp"]["dense_staleness_max"] == 0
     file_ratios = ("parquet_vs_synthetic", "tsv_vs_ceiling", "criteo_parquet_vs_ceiling",
-                   "tsv_vs_tf_baseline", "criteo_parquet_vs_tf_baseline")
+                   "criteo_parquet_cached_vs_ceiling", "tsv_vs_tf_baseline", "criteo_parquet_vs_tf_baseline")
     assert set(report["ratios"]) == {"vs_tf_baseline", "vs_ceiling", "asp_vs_bsp", "ssp1_vs_bsp", *file_ratios}
     for absent in file_ratios:
         assert report["ratios"][absent] is None     # no file case in this run
@@ -179,7 +179,8 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
                              vocab_size=500, timeout=240, data="file", file_rows=2000)
     assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "compute-ceiling", "hybridps-bsp-tsv",
-                                                    "hybridps-bsp-criteo-parquet", "tf-baseline-tsv",
+                                                    "hybridps-bsp-criteo-parquet",
+                                                    "hybridps-bsp-criteo-parquet-cached", "tf-baseline-tsv",
                                                     "tf-baseline-criteo-parquet"]
     # the two files hold the same rows (read independently: pandas and pyarrow)
     tsv = pd.read_csv(tmp_path / "criteo.tsv", sep="\t", header=None, dtype=str)
@@ -196,3 +197,12 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     assert "Criteo TSV reader" in (tmp_path / "train.md").read_text()
     assert report["criteo_parquet_reader"]["reader_ms_per_batch_median_seen"] > 0
     assert "once every value has been seen" in (tmp_path / "train.md").read_text()
+    # the cached case read every batch from the cache prepare-data filled (16 row groups)
+    assert report["parsed_cache_fill"]["converted"] == 16 and report["parsed_cache_fill"]["rows"] == 2000
+    by_name = {c["name"]: c for c in report["cases"]}
+    cached, plain = by_name["hybridps-bsp-criteo-parquet-cached"], by_name["hybridps-bsp-criteo-parquet"]
+    assert cached["data_cache"]["misses"] == 0 and cached["data_cache"]["hits"] > 0
+    assert cached["final_loss"] == plain["final_loss"]          # the same rows, the same training
+    assert report["ratios"]["criteo_parquet_cached_vs_ceiling"] > 0
+    assert report["criteo_parquet_reader_cached"]["reader_ms_per_batch_median"] > 0
+    assert "through the parsed cache" in (tmp_path / "train.md").read_text()

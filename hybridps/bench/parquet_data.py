@@ -81,13 +81,14 @@ def write_workload_parquet(out_dir, schema, config, ranks, batches_per_rank, bat
     return paths
 
 
-def time_reader(paths, schema, batch_size, batches=20):
+def time_reader(paths, schema, batch_size, batches=20, data_cache=None):
     """Median and mean ms per batch of the ParquetReader over ``batches`` batches of rank 0
     of one rank (one core, Arrow on one thread): from the start (the reader's text id cache
     empty), and in the next pass over the files once every batch has been read (``_seen``: the
-    cache holds every text value, as in a training run's later epochs)."""
+    cache holds every text value, as in a training run's later epochs). With ``data_cache``,
+    through that cache of parsed parts (hybridps.data.parsed_cache)."""
     from hybridps.data.parquet import ParquetReader
-    reader = ParquetReader(paths, schema, rank=0, world_size=1)
+    reader = ParquetReader(paths, schema, rank=0, world_size=1, data_cache=data_cache)
     per_pass = -(-reader.num_rows // batch_size)
     timed = max(batches, per_pass - 1) + batches      # the last ``batches`` come after a whole pass
     stream = reader.iter_batches(batch_size, 1 + timed)

@@ -123,7 +123,8 @@ def open_data(config, schema, *, rank, world_size):
         return SchemaCSVReader(paths[0], schema, rank=rank, world_size=world_size,
                                on_bad_line=config.on_bad_line)
     options = dict(rank=rank, world_size=world_size, on_bad_line=config.on_bad_line,
-                   shuffle=config.shuffle, shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+                   shuffle=config.shuffle, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                   data_cache=config.data_cache)
     if kind == "parquet":
         from hybridps.data.parquet import ParquetReader
         return ParquetReader(paths, schema, **options)

@@ -21,6 +21,8 @@ What lives here: :class:`PartitionedReader`, which a format subclasses with two 
   it replays the epoch's stream up to the position (reading, not training, those rows again).
   The position is also valid on another world size only at an epoch boundary (then the parts
   are reassigned); mid-epoch it restarts the epoch's remaining share by the global batch count.
+* A cache of parsed parts (``data_cache``, hybridps.data.parsed_cache): a part found there is
+  not decoded or converted again; one converted is stored there.
 * Bad input: an error naming the file (and the part) and the column, or, with
   ``on_bad_line="skip"``, a part that cannot be read is skipped and counted (``bad_parts``,
   ``bad_rows``).
@@ -69,12 +71,14 @@ class PartitionedReader:
         on_bad_line: "raise" or "skip" (a part that cannot be read).
         batch_size: default batch size.
         shuffle, shuffle_buffer, seed: see the module docstring.
+        data_cache: optional directory of parsed parts (hybridps.data.parsed_cache): a part is
+            read from there when it holds it, and stored there after it is converted.
     """
 
     kind = "partitioned"
 
     def __init__(self, paths, schema, rank=0, world_size=1, on_bad_line="raise", batch_size=None,
-                 shuffle=False, shuffle_buffer=0, seed=0):
+                 shuffle=False, shuffle_buffer=0, seed=0, data_cache=None):
         self.paths = list(paths)
         if not self.paths:
             raise DataError(f"no {self.kind} files given")
@@ -90,6 +94,10 @@ class PartitionedReader:
         self.default_batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
         self.shuffle, self.shuffle_buffer, self.seed = bool(shuffle), int(shuffle_buffer), int(seed)
         self.converter = ColumnConverter(schema)
+        self.cache = None
+        if data_cache:
+            from hybridps.data.parsed_cache import ParsedCache
+            self.cache = ParsedCache(data_cache, schema, self.kind)
         self.units = self._list_units()          # [(path, part, rows)] of all files, in order
         self.unit_start = dict(zip(self.units, np.concatenate([[0], np.cumsum([u[2] for u in self.units])[:-1]]).tolist()))
         self.data_lines = int(sum(rows for _, _, rows in self.units))
@@ -134,8 +142,11 @@ class PartitionedReader:
         path, part, _ = unit
         where = f"{path}, {self.part_name} {part}"
         try:
-            table = self._read_unit(unit)
-            batch = self.converter.convert(table, where)
+            batch = self.cache.load(unit) if self.cache is not None else None
+            if batch is None:
+                batch = self.converter.convert(self._read_unit(unit), where)
+                if self.cache is not None:
+                    self.cache.store(unit, batch)
             batch.row_ids = self.unit_start[unit] + np.arange(batch.size, dtype=np.int64)
         except DataError:
             if self.on_bad_line == "raise":
@@ -243,6 +254,15 @@ class PartitionedReader:
             if batch is not None:
                 yield batch
 
+    def fill_cache(self):
+        """Read every part of this rank's share through the cache (``hybridps prepare-data``):
+        a part not cached yet is converted and stored. Yields each part once it is done."""
+        if self.cache is None:
+            raise ConfigError("fill_cache needs a data_cache directory")
+        for unit in self.units_of(self.rank):
+            self._read(unit)
+            yield unit
+
     # ------------------------------------------------------------------ position / info
     def state(self):
         return {"kind": self.kind, "path": self.path, "epoch": self.epoch,
@@ -271,7 +291,8 @@ class PartitionedReader:
                 "bad_parts": self.bad_parts, "bad_line_examples": list(self.bad_line_examples),
                 "dropped_rows": self.dropped_rows, "rows_read": self.rows_read,
                 "rank": self.rank, "world_size": self.world_size,
-                "epoch": self.epoch, "offset": self.batches_done}
+                "epoch": self.epoch, "offset": self.batches_done,
+                **({"cache": self.cache.stats()} if self.cache is not None else {})}
 
     def fingerprint(self):
         """What identifies the data (compared across ranks): the files, their sizes, the parts."""

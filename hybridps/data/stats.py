@@ -40,6 +40,12 @@ def combine_data_stats(per_rank):
     examples = [e for s in readers for e in s.get("bad_line_examples", [])]
     combined["bad_line_examples"] = sorted(examples, key=_line_of_example)[:_DATA_EXAMPLES]
     combined["per_rank"] = [{k: s[k] for k in _PER_RANK_DATA_STATS if k in s} for s in readers]
+    caches = [s["cache"] for s in readers if "cache" in s]
+    if caches:                      # the parsed-parts cache (hybridps.data.parsed_cache)
+        combined["cache"] = {"directory": caches[0]["directory"],
+                             **{k: int(sum(c[k] for c in caches))
+                                for k in ("hits", "misses", "bytes_read", "bytes_written")},
+                             "enabled_on_every_rank": all(c["enabled"] for c in caches)}
     truncated = {}
     for s in readers:               # ids dropped from lists longer than max_len, as read
         for name, count in s.get("truncated_ids", {}).items():
