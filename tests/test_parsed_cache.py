@@ -177,3 +177,20 @@ def test_prepare_data_fills_the_cache_every_later_run_reads(tmp_path, capsys):
                                       "--data-cache", str(cache)])
     with pytest.raises(ConfigError, match=r"not Parquet or TFRecord files"):
         main(args)
+    from hybridps.errors import DataError
+    args = build_parser().parse_args(["prepare-data", "--config", str(config), "--data",
+                                      str(tmp_path / "nothing*.parquet"), "--data-cache", str(cache)])
+    with pytest.raises(DataError):
+        main(args)
+
+
+def test_a_cache_given_for_data_it_cannot_serve_is_reported(tmp_path, capsys):
+    from hybridps.data import open_data
+    csv = tmp_path / "a.csv"
+    csv.write_text("label,x,y,user,item,tags,seen,row\n1,0.5,2,u1,3,t1|t2,4|5,0\n")
+    config = make_config(overrides={"features": FEATURES, "data": str(csv), "data_cache": str(tmp_path / "c")})
+    reader = open_data(config, SCHEMA, rank=0, world_size=1)
+    assert reader.num_rows == 1
+    assert "data_cache" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    open_data(config, SCHEMA, rank=1, world_size=2)        # reported by rank 0 only
+    assert capsys.readouterr().err == ""

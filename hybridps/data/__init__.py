@@ -99,6 +99,12 @@ def open_data(config, schema, *, rank, world_size):
     """
     spec = os.fspath(config.data)
     from hybridps.data.stream import is_stream_spec, open_stream
+    if config.data_cache and rank == 0 and not is_partitioned_spec(spec, schema):
+        import sys
+        sys.stderr.write(f"hybridps: warning: data_cache {config.data_cache!r} is not used for data "
+                         f"{spec!r}: only Parquet and TFRecord parts are cached (a CSV/TSV file is "
+                         f"parsed once at start-up into memory; synthetic data and streams are not "
+                         f"read twice)\n")
     if is_stream_spec(spec):
         return open_stream(spec, schema, rank=rank, world_size=world_size,
                            on_bad_line=config.on_bad_line)
@@ -130,6 +136,18 @@ def open_data(config, schema, *, rank, world_size):
         return ParquetReader(paths, schema, **options)
     from hybridps.data.tfrecord import TFRecordReader
     return TFRecordReader(paths, schema, **options)
+
+
+def is_partitioned_spec(spec, schema):
+    """Whether a data spec names Parquet or TFRecord files (the data a parsed cache serves).
+
+    Raises:
+        DataError: a file spec that names nothing (:func:`data_files`).
+    """
+    from hybridps.data.stream import is_stream_spec
+    if schema.preset == "criteo" or spec == "synthetic" or spec in _SAMPLE_SPECS or is_stream_spec(spec):
+        return False
+    return data_files(spec)[0] in ("parquet", "tfrecord")
 
 
 _SUFFIXES = {"parquet": (".parquet", ".pq"), "tfrecord": (".tfrecord", ".tfrecords", ".tfr"),

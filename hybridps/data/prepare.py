@@ -30,14 +30,11 @@ def add_arguments(parser):
 
 def prepare(config, out=sys.stderr):
     """Convert every part of ``config.data`` into ``config.data_cache``; returns the summary dict."""
-    from hybridps.data import data_files, open_data, preset_shape
-    from hybridps.data.stream import is_stream_spec
+    from hybridps.data import is_partitioned_spec, open_data, preset_shape
     from hybridps.schema import build_schema
     schema = build_schema(config, *preset_shape(config))
     spec = str(config.data)
-    partitioned = (schema.preset != "criteo" and spec != "synthetic" and not is_stream_spec(spec)
-                   and data_files(spec)[0] in ("parquet", "tfrecord"))
-    if not partitioned:
+    if not is_partitioned_spec(spec, schema):
         raise ConfigError(f"prepare-data: data {config.data!r} is not Parquet or TFRecord files; "
                           f"only those are cached (a Criteo or schema CSV/TSV file is parsed once "
                           f"at start-up, into memory; synthetic data and streams are not read "
