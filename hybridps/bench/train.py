@@ -22,7 +22,9 @@ Zipf IDs, Adagrad):
     ``tf-baseline-tsv``, ``tf-baseline-criteo-parquet``: the TF baseline on the same files
     through the same readers; ``hybridps-bsp-criteo-parquet-cached``: BSP on the Parquet copy
     through a cache of its parsed row groups (``--data-cache``) that ``hybridps prepare-data``
-    filled before the first round (its time reported as ``parsed_cache_fill``);
+    filled before the first round (its time reported as ``parsed_cache_fill``), and
+    ``hybridps-asp-criteo-parquet-cached``, the same with ``--sync asp`` (only when named in
+    ``--cases``);
   * ``hybridps-bsp-parquet`` (``--workload multihot --data parquet``): BSP reading the same
     workload from Parquet files written first (hybridps.bench.parquet_data), against
     ``hybridps-bsp`` on the synthetic generator; the reader's ms per batch on one core is
@@ -184,6 +186,9 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         plan.append(("hybridps-bsp-criteo-parquet-cached", train + [
             "--sync", "bsp", "--data", parquet, "--config", schema_config, "--data-cache", parsed_cache,
             "--metrics-out"]))
+        plan.append(("hybridps-asp-criteo-parquet-cached", train + [     # only with --cases
+            "--sync", "asp", "--data", parquet, "--config", schema_config, "--data-cache", parsed_cache,
+            "--metrics-out"]))
         baseline = ["-m", "hybridps.bench.train_worker", "tf-baseline"]
         plan.append(("tf-baseline-tsv", baseline + ["--data", tsv]))
         plan.append(("tf-baseline-criteo-parquet", baseline + ["--data", parquet, "--config", schema_config]))
@@ -202,7 +207,7 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
             raise SystemExit(f"bench train: unknown case(s) {unknown}; cases: {[n for n, _ in plan]}")
         plan = [(name, argv) for name, argv in plan if name in wanted]
     cache_fill = None
-    if any(name == "hybridps-bsp-criteo-parquet-cached" for name, _ in plan):
+    if any(name.endswith("-criteo-parquet-cached") for name, _ in plan):
         cache_fill = _fill_parsed_cache(parsed_cache, parquet, schema_config)
 
     def run_case(name, argv):
@@ -258,6 +263,8 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
               "criteo_parquet_vs_tf_baseline": ratio("hybridps-bsp-criteo-parquet", "tf-baseline-criteo-parquet")}
     informational = {"adam_vs_tf_baseline_adam": ratio("hybridps-bsp-adam", "tf-baseline-adam"),
                      "asp_vs_ceiling": ratio("hybridps-asp", "compute-ceiling"),
+                     "asp_criteo_parquet_cached_vs_ceiling": ratio("hybridps-asp-criteo-parquet-cached",
+                                                                   "compute-ceiling"),
                      "ssp1_dense1_vs_bsp": ratio("hybridps-ssp1-dense1", "hybridps-bsp"),
                      "ssp1_vs_bsp_with_straggler": ratio("hybridps-ssp1-straggler", "hybridps-bsp-straggler"),
                      "asp_vs_bsp_with_straggler": ratio("hybridps-asp-straggler", "hybridps-bsp-straggler")}
