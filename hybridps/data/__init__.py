@@ -101,10 +101,9 @@ def open_data(config, schema, *, rank, world_size):
     from hybridps.data.stream import is_stream_spec, open_stream
     if config.data_cache and rank == 0 and not is_partitioned_spec(spec, schema):
         import sys
+        from hybridps.data.parsed_cache import ONLY_PARTS_ARE_CACHED
         sys.stderr.write(f"hybridps: warning: data_cache {config.data_cache!r} is not used for data "
-                         f"{spec!r}: only Parquet and TFRecord parts are cached (a CSV/TSV file is "
-                         f"parsed once at start-up into memory; synthetic data and streams are not "
-                         f"read twice)\n")
+                         f"{spec!r}: {ONLY_PARTS_ARE_CACHED}\n")
     if is_stream_spec(spec):
         return open_stream(spec, schema, rank=rank, world_size=world_size,
                            on_bad_line=config.on_bad_line)

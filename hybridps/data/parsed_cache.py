@@ -45,6 +45,10 @@ from hybridps.errors import ConfigError
 CACHE_FORMAT = 1
 MAGIC = b"HPSPARSED1"
 _ALIGN = 64
+#: Why other data is not cached (the warning of open_data, the error of prepare-data).
+ONLY_PARTS_ARE_CACHED = ("only Parquet and TFRecord parts are cached (a Criteo or schema CSV/TSV "
+                         "file is parsed once at start-up, into memory; synthetic data and streams "
+                         "are not read twice)")
 
 
 def _digest(value):
@@ -65,7 +69,6 @@ class ParsedCache:
 
     def __init__(self, directory, schema, kind):
         from hybridps import __version__
-        self.kind = kind
         self.schema_digest = _digest({"format": CACHE_FORMAT, "version": __version__, "kind": kind,
                                       "schema": conversion_inputs(schema)})
         self.directory = os.path.join(os.path.abspath(os.fspath(directory)), self.schema_digest)
@@ -80,7 +83,7 @@ class ParsedCache:
                               f"a writable directory, or leave data_cache unset")
         self.enabled = True
         self.hits = self.misses = self.bytes_written = self.bytes_read = 0
-        self._sources = {}
+        self._sources, self._entries = {}, {}
         self._reported = set()
 
     # ------------------------------------------------------------------ keys
@@ -92,11 +95,13 @@ class ParsedCache:
         return self._sources[path]
 
     def entry_path(self, unit):
-        """The cache file of a part ``(path, part, rows)``."""
-        path, part, rows = unit
-        real, size, mtime = self._source(path)
-        name = _digest({"file": real, "size": size, "mtime_ns": mtime, "part": part, "rows": rows})
-        return os.path.join(self.directory, name + ".parsed")
+        """The cache file of a part ``(path, part, rows)`` (named once per part and run)."""
+        if unit not in self._entries:
+            path, part, rows = unit
+            real, size, mtime = self._source(path)
+            name = _digest({"file": real, "size": size, "mtime_ns": mtime, "part": part, "rows": rows})
+            self._entries[unit] = os.path.join(self.directory, name + ".parsed")
+        return self._entries[unit]
 
     # ------------------------------------------------------------------ load / store
     def load(self, unit):

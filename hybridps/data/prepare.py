@@ -31,14 +31,13 @@ def add_arguments(parser):
 def prepare(config, out=sys.stderr):
     """Convert every part of ``config.data`` into ``config.data_cache``; returns the summary dict."""
     from hybridps.data import is_partitioned_spec, open_data, preset_shape
+    from hybridps.data.parsed_cache import ONLY_PARTS_ARE_CACHED
     from hybridps.schema import build_schema
     schema = build_schema(config, *preset_shape(config))
     spec = str(config.data)
     if not is_partitioned_spec(spec, schema):
-        raise ConfigError(f"prepare-data: data {config.data!r} is not Parquet or TFRecord files; "
-                          f"only those are cached (a Criteo or schema CSV/TSV file is parsed once "
-                          f"at start-up, into memory; synthetic data and streams are not read "
-                          f"twice)")
+        raise ConfigError(f"prepare-data: data {config.data!r} is not Parquet or TFRecord files: "
+                          f"{ONLY_PARTS_ARE_CACHED}")
     reader = open_data(config, schema, rank=0, world_size=1)
     started = last = time.monotonic()
     total = len(reader.units)
