@@ -5,6 +5,8 @@
 #                munge packages that tests/test_slurm.py starts a single-node Slurm from, and
 #                iproute2 for the network-namespace hosts of tests/test_multihost.py, and
 #                redis-server for the Redis stream tests)
+#   make docs    the documentation site (MkDocs, docs/ -> site/); make test builds it --strict
+#   make docs-reference   regenerate docs/configuration.md from hybridps/config.py and cli.py
 #   make setup   Open MPI (from apt, only when no mpicc is on PATH), .venv, pinned Python
 #                packages from requirements.txt, Horovod built against this MPI and TF
 #                (wheel cached in $(WHEEL_CACHE)), hybridps in editable mode.
@@ -19,7 +21,7 @@ STAMPS := $(VENV)/.stamps
 HOROVOD_PIN := $(shell grep -E '^horovod==' requirements.txt)
 TF_PIN := $(shell grep -E '^tensorflow-cpu==' requirements.txt)
 WHEEL_CACHE ?= $(HOME)/.cache/hybridps/wheels/$(subst ==,-,$(HOROVOD_PIN))_$(subst ==,-,$(TF_PIN))
-# Oversubscribed multi-rank runs on few cores (see README "Running on a small machine").
+# Oversubscribed multi-rank runs on few cores (see docs/clusters.md, "Running on a small machine").
 export OMPI_MCA_mpi_yield_when_idle := 1
 export OMP_NUM_THREADS := 1
 export OMPI_ALLOW_RUN_AS_ROOT := 1
@@ -29,7 +31,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # slurmctld, slurmd and munged live in sbin, which a non-login root shell may lack
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: setup test demo bench clean mpi slurm testbed redis
+.PHONY: setup test demo bench clean mpi slurm testbed redis docs docs-reference
 setup: $(STAMPS)/hybridps
 
 mpi:
@@ -113,5 +115,11 @@ bench: setup
 	$(VENV)/bin/hybridps bench table --out bench-results
 	$(VENV)/bin/hybridps bench train --out bench-results
 
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
+docs-reference: setup
+	$(VPY) -m hybridps.config_reference > docs/configuration.md.tmp && mv docs/configuration.md.tmp docs/configuration.md
+
 clean:
-	rm -rf build hybridps/*.so hybridps/_native/*.so cython/*.c cython/*.cpp
+	rm -rf site build hybridps/*.so hybridps/_native/*.so cython/*.c cython/*.cpp

@@ -2,7 +2,7 @@
 # cython: initializedcheck=False, nonecheck=False
 """Per-step kernels of the sharded embedding exchange: unique, owner routing, bucketing.
 
-What lives here: the loops that run over every key of every step (DESIGN.md section 3) and
+What lives here: the loops that run over every key of every step (docs/design.md, One step) and
 must never be per-key Python or a sort: ``unique_inverse`` (hash-based, first-occurrence
 order), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``), ``bucket_by_owner`` (a counting
 sort of the step's unique keys by (owner rank, table) that yields the send order of the fused

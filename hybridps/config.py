@@ -20,7 +20,7 @@ from hybridps.models.registry import check_model_spec
 
 
 class Sync(str, enum.Enum):
-    """Consistency of embedding reads (DESIGN.md section 4)."""
+    """Consistency of embedding reads (docs/design.md, Consistency)."""
     BSP = "bsp"   # reads see every update of all earlier steps (staleness 0)
     SSP = "ssp"   # reads see every update from steps <= t - staleness - 1
     ASP = "asp"   # reads never wait for updates to land
@@ -41,37 +41,38 @@ NONFINITE = ("raise", "skip")             # what a table does with a NaN/Inf row
 
 @dataclass
 class TrainConfig:
-    """Every setting of ``hybridps train``. Field docs are in README.md (Configuration)."""
+    """Every setting of ``hybridps train``. Field docs: docs/configuration.md, generated from the
+    flags' help (hybridps.cli) and, for fields without help, the comment on the field's line."""
     model: str = "deepfm"
     data: str = "synthetic"
     steps: int = 100
     batch_size: int = 512                 # per rank
-    sync: Sync = Sync.BSP
+    sync: Sync = Sync.BSP                 # bsp; ssp (needs staleness S >= 1, given explicitly); asp
     staleness: int = 0
-    mode: Mode = Mode.COLLECTIVE
-    num_servers: int = 1
-    seed: int = 0
+    mode: Mode = Mode.COLLECTIVE          # collective, or ps: the last num_servers ranks are servers
+    num_servers: int = 1                  # ps mode: how many of the last ranks are servers
+    seed: int = 0                         # weights, initial rows and synthetic data derive from it
     metrics_out: Optional[str] = None
     # the feature schema (YAML 'features:' mapping, hybridps.schema); None: the Criteo preset
-    features: Optional[Dict[str, Any]] = None
+    features: Optional[Dict[str, Any]] = None   # the schema (docs/features.md); none: Criteo preset
     # model
     dim: int = 16
     hidden: List[int] = field(default_factory=lambda: [256, 128])
-    cross_layers: int = 3
+    cross_layers: int = 3                 # DCN: cross layers
     # sparse embeddings
     table_layout: str = "shared"          # shared: all fields in one table; per_field: one each
     table_groups: Optional[List[List[int]]] = None   # explicit field groups, overrides layout
     optimizer: str = "adagrad"
-    learning_rate: float = 0.05
-    initializer: str = "normal"
-    init_std: float = 0.01
+    learning_rate: float = 0.05           # sparse optimizer learning rate
+    initializer: str = "normal"           # key-seeded rows: normal, uniform(+-init_std), zeros
+    init_std: float = 0.01                # scale of the initializer
     min_count: int = 1
     nonfinite: str = "raise"              # a NaN/Inf row gradient: raise, or skip that row (counted)
     # dense parameters (default: same optimizer and rate as the embeddings)
-    dense_optimizer: Optional[str] = None
-    dense_learning_rate: Optional[float] = None
+    dense_optimizer: Optional[str] = None          # none: the sparse optimizer (adam for ftrl)
+    dense_learning_rate: Optional[float] = None    # none: learning_rate
     # data
-    on_bad_line: str = "raise"
+    on_bad_line: str = "raise"            # a bad line or part: stop naming it (raise), or skip and count
     shuffle: bool = False                 # Parquet/TFRecord: shuffle parts and rows per epoch (seeded)
     shuffle_buffer: int = 0               # rows in the shuffle buffer (0 or 1: within a part only)
     data_cache: Optional[str] = None      # Parquet/TFRecord: directory of parsed parts (hybridps.data.parsed_cache)
@@ -83,10 +84,10 @@ class TrainConfig:
     list_max_length: int = 50             # synthetic data: longest list (lists without max_len)
     # reporting
     warmup_steps: int = 5
-    log_every: int = 20
+    log_every: int = 20                   # steps between progress lines and samples/s intervals
     auc_window: float = 0.5               # progressive AUC over this trailing fraction of steps
-    progress: bool = True
-    tf_threads: int = 0                   # 0: HYBRIDPS_TF_THREADS or cores / ranks per node
+    progress: bool = True                 # rank 0 shows a progress bar on a terminal
+    tf_threads: int = 0                   # TF threads; 0: HYBRIDPS_TF_THREADS or cores / ranks per node
     dump_state: Optional[str] = None      # write final dense weights and table shards (npz)
     tensorboard_dir: Optional[str] = None # rank 0 writes TensorBoard scalars here
     # held-out evaluation during training (collective mode)

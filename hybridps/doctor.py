@@ -15,8 +15,8 @@ What is checked:
   * smoke tests through hybridps.comm: alltoallv with several split patterns, including
     empty splits and an all-empty exchange, checked element by element; MPI allreduce;
     Horovod allreduce and broadcast;
-  * ranks versus cores on each node, and the oversubscription settings of README
-    "Running on a small machine".
+  * ranks versus cores on each node, and the oversubscription settings of docs/clusters.md
+    ("Running on a small machine").
 A smoke test that hangs is ended by the collective watchdog (``--timeout``, default 60 s).
 What does not live here: the launch commands (hybridps.launch).
 """

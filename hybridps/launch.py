@@ -8,7 +8,7 @@ choice), the pure readers of launcher environment variables (:func:`local_rank_a
 :func:`run_plan` (prints the command, runs it, forwards signals, returns its exit code).
 What does not: MPI itself (this module never imports mpi4py) and training.
 
-Settings applied (DESIGN.md sections 1 and 7):
+Settings applied (docs/design.md: The stack, Launch and failure):
   * threads per rank = usable cores of the node // ranks per node (at least 1), as
     ``OMP_NUM_THREADS`` and ``HYBRIDPS_TF_THREADS``;
   * more ranks per node than cores: Open MPI ``--oversubscribe`` and

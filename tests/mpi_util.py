@@ -1,7 +1,7 @@
 """Launch real MPI jobs from pytest, each under a timeout so a hang fails instead of blocking.
 
-Oversubscribed runs on small machines need the settings of DESIGN.md section 1; they are set
-here for every launch. Output is captured and returned for assertions.
+Oversubscribed runs on small machines need the settings of docs/clusters.md ("Running on a
+small machine"); they are set here for every launch. Output is captured and returned for assertions.
 """
 import os
 import shutil

@@ -1,8 +1,8 @@
 """A real single-node Slurm on this machine runs launch/slurm/train.sbatch as a 4-task job.
 
 The module fixture writes a slurm.conf into a temporary directory (one node ``localhost`` with
-4 CPUs, oversubscription allowed; see ../shared/SLURM-NOTES.md for what mattered), makes a
-munge key, and starts munged, slurmctld and slurmd in the foreground flavour as child
+4 CPUs, oversubscription allowed; see docs/clusters.md, "Slurm on one machine", for what
+mattered), makes a munge key, and starts munged, slurmctld and slurmd in the foreground flavour as child
 processes, keeping their PIDs; the finalizer runs ``scontrol shutdown`` and then ends those
 PIDs (never by name). Each test submits the template with ``sbatch --wait`` (under a timeout)
 and checks the job log and the metrics file: once with ``srun --mpi=pmix`` and once with

@@ -3,7 +3,7 @@
 Each host of the bed (launch/testbed/netns.py) runs its own slurmd (``slurmd -N <host>``, one
 NodeName per host, with the host's address as NodeAddr); slurmctld runs on the first host;
 one munged serves both (its socket is a file, and the hosts share the file system). What
-mattered beyond a single-node Slurm (tests/test_slurm.py, ../shared/SLURM-NOTES.md):
+mattered beyond a single-node Slurm (tests/test_slurm.py, docs/clusters.md):
   * the rsh agent enters a host with ``nsenter --net`` rather than ``ip netns exec``, which
     mounts a fresh /sys without /sys/fs/cgroup: slurmd then stopped with "No filesystem
     mounted on /sys/fs/cgroup ... slurmd initialization failed";

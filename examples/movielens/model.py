@@ -2,7 +2,7 @@
 
 hybridps calls ``build(schema, config)`` once, after seeding TensorFlow and Keras from the run's
 seed, and then calls the model on a first batch before rank 0's weights go to every rank. The
-model gets a dict (README "Your own model"): ``inputs["dense"]`` float32 (B, D); a single-valued
+model gets a dict (docs/model.md): ``inputs["dense"]`` float32 (B, D); a single-valued
 or pooled feature ``inputs[name]`` float32 (B, dim); a sequence ``inputs[name]`` float32
 (B, max_len, dim), zeros at padding, with ``inputs[name + "_length"]`` int32 (B,). It returns
 logits of shape (B,) or (B, 1). It knows nothing of ranks or tables.

@@ -1,6 +1,6 @@
 """``hybridps bench train``: DeepFM training throughput on N ranks, every case in one run.
 
-Cases (DESIGN.md section 9; 26 categorical fields, 13 dense, dim 16, batch 4096 per rank,
+Cases (docs/benchmarks.md; 26 categorical fields, 13 dense, dim 16, batch 4096 per rank,
 Zipf IDs, Adagrad):
   * ``hybridps-bsp``: ``hybridps train --sync bsp`` (sharded hash tables over alltoallv,
     dense allreduce through Horovod);
@@ -87,7 +87,7 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every case this many times (round-robin); report the median run")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="criteo",
-                        help="criteo: 26 single-valued fields (DESIGN.md section 9); multihot: 26 "
+                        help="criteo: 26 single-valued fields (docs/benchmarks.md); multihot: 26 "
                              "single-valued fields, 3 mean-pooled multi-hot fields and a sequence")
     parser.add_argument("--cases", help="comma-separated case names to run (default: all of the workload)")
     parser.add_argument("--data", choices=["synthetic", "parquet", "file"], default="synthetic",

@@ -15,7 +15,7 @@ What does not live here: the SavedModel / delta export (hybridps.export, built o
 functions), MPI itself (a ``comm`` object is passed in: hybridps.comm.Comm, or
 hybridps.comm.SingleProcessComm), the step loop (hybridps.trainer).
 
-Directory layout (DESIGN.md section 6)::
+Directory layout (docs/design.md, Checkpoints and export)::
 
     ROOT/latest                         "ckpt-0000000100\\n" (replaced atomically, last)
     ROOT/ckpt-0000000100/manifest.json  written by rank 0 after every rank's files are on disk

@@ -3,7 +3,7 @@
 ``model`` is a built-in name (``deepfm``, ``wide_deep``, ``dcn``, ``din``) or the user's own
 build function: ``path/to/file.py:build`` or ``package.module:build``. A build function is
 called as ``build(schema, config)`` and returns a ``tf.keras.Model`` on the input contract of
-hybridps.models (README "Your own model"). This module imports no TensorFlow itself, so the
+hybridps.models (docs/model.md). This module imports no TensorFlow itself, so the
 config can check names without loading it.
 """
 import importlib

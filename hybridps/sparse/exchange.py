@@ -1,6 +1,6 @@
 """CollectiveExchange: every table sharded over all ranks, one fused alltoallv per direction.
 
-Pull (data-parallel -> model-parallel -> data-parallel), DESIGN.md section 3:
+Pull (data-parallel -> model-parallel -> data-parallel), docs/design.md, One step:
   1. ``plan_batch``: per table, ``unique_inverse`` of the batch's keys of that table (its
      single-valued columns and its list features); all tables' unique keys bucketed by (owner
      rank, table) and kept in that order (the send order);
