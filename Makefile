@@ -1,6 +1,7 @@
 # hybridps: one-command setup, tests and the demo job.
 #
 #   make demo    short 2-rank training run on synthetic data (sets everything up first)
+#   make test-fast  the tests that start no MPI job, test bed, Slurm or extra hybridps process
 #   make test    the whole test suite (sets everything up first, including the Slurm and
 #                munge packages that tests/test_slurm.py starts a single-node Slurm from, and
 #                iproute2 for the network-namespace hosts of tests/test_multihost.py, and
@@ -31,7 +32,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # slurmctld, slurmd and munged live in sbin, which a non-login root shell may lack
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: setup test demo bench clean mpi slurm testbed redis docs docs-reference
+.PHONY: setup test test-fast demo bench clean mpi slurm testbed redis docs docs-reference
 setup: $(STAMPS)/hybridps
 
 mpi:
@@ -106,6 +107,10 @@ $(STAMPS)/hybridps: $(STAMPS)/horovod setup.py $(wildcard cython/*.pyx cython/*.
 
 test: setup slurm testbed redis
 	$(VENV)/bin/pytest -q tests
+
+# The markers are registered in pytest.ini; tests/conftest.py fails a test that starts MPI unmarked.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not mpi and not netns and not slurm and not slow" tests
 
 demo: setup
 	mpirun -np 2 --oversubscribe --bind-to none $(VENV)/bin/hybridps train --model deepfm \

@@ -24,7 +24,21 @@ MPI_ENV = {
 }
 
 
+# The test now running (set by tests/conftest.py), so a launch can check the test's markers.
+CURRENT_TEST = [None]
+
+
+def require_marker(name, what):
+    """Fail the running test unless it carries marker NAME (what `make test-fast` selects on)."""
+    node = CURRENT_TEST[0]
+    if node is not None and node.get_closest_marker(name) is None:
+        pytest.fail(f"{node.nodeid} {what}: mark it @pytest.mark.{name} (or `pytestmark = "
+                    f"pytest.mark.{name}` in its module), so `make test-fast` leaves it out")
+
+
 def mpirun_available():
+    """Whether mpirun is on PATH; asked only by tests that start MPI jobs (marked ``mpi``)."""
+    require_marker("mpi", "starts an MPI job")
     return shutil.which("mpirun") is not None
 
 
@@ -34,6 +48,7 @@ def run_mpi(num_ranks, args, timeout=240, check=True, env=None):
     Raises a pytest failure with the job's output on a non-zero exit (when ``check``) or on a
     timeout (always: a hang is a failure).
     """
+    require_marker("mpi", "starts an MPI job")
     if not mpirun_available():
         pytest.skip("mpirun not on PATH (run `make setup`)")
     full_env = dict(os.environ, **MPI_ENV, **(env or {}))

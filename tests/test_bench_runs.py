@@ -19,6 +19,7 @@ def mpi_env(monkeypatch):
         monkeypatch.setenv(key, value)
 
 
+@pytest.mark.mpi
 def test_bench_compare_writes_every_case(tmp_path, mpi_env):
     from hybridps.bench.compare import run_compare_bench
     report = run_compare_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
@@ -55,6 +56,7 @@ def test_repeated_cases_run_round_robin_and_report_the_median_run():
         run_rounds([("a", [])], 0, run_case)
 
 
+@pytest.mark.mpi
 def test_bench_train_writes_every_case(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
@@ -86,6 +88,7 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
     assert os.path.getsize(tmp_path / "train.png") > 1000
 
 
+@pytest.mark.mpi
 def test_bench_train_multihot_workload(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
@@ -97,6 +100,7 @@ def test_bench_train_multihot_workload(tmp_path, mpi_env):
     assert [f["pooling"] for f in report["settings"]["features"]["sparse"][26:]] == ["mean"] * 3 + ["none"]
 
 
+@pytest.mark.mpi
 def test_bench_train_multihot_on_parquet_trains_on_the_same_samples(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
@@ -114,6 +118,7 @@ def test_bench_train_multihot_on_parquet_trains_on_the_same_samples(tmp_path, mp
     assert "Parquet reader:" in (tmp_path / "train.md").read_text()
 
 
+@pytest.mark.mpi
 def test_bench_realtime_follows_a_stream_into_serving_with_timed_deltas(tmp_path, mpi_env):
     """The pipeline end to end at a small size: every file reaches serving, the exports are
     spaced by the wall clock (--delta-every-seconds), the first is a full one, and their stream
@@ -148,6 +153,7 @@ def test_bench_realtime_follows_a_stream_into_serving_with_timed_deltas(tmp_path
     assert os.path.getsize(tmp_path / "realtime.png") > 1000
 
 
+@pytest.mark.mpi
 def test_bench_capacity_measures_bytes_per_row_and_trains_to_the_distinct_keys_asked(tmp_path, mpi_env):
     from hybridps.bench.capacity import run_capacity_bench
     report = run_capacity_bench(str(tmp_path), table_rows=300_000, train_rows=200_000,
@@ -164,6 +170,7 @@ def test_bench_capacity_measures_bytes_per_row_and_trains_to_the_distinct_keys_a
     assert "bytes per row" in (tmp_path / "capacity.md").read_text()
 
 
+@pytest.mark.mpi
 def test_bench_train_runs_only_the_cases_asked_for(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
@@ -172,6 +179,7 @@ def test_bench_train_runs_only_the_cases_asked_for(tmp_path, mpi_env):
     assert report["ratios"]["vs_ceiling"] is None and report["other_ratios"]["asp_vs_ceiling"] > 0
 
 
+@pytest.mark.mpi
 def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_path, mpi_env):
     import pandas as pd
     import pyarrow.parquet as pq

@@ -98,6 +98,7 @@ def _cli(args, timeout=180):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_single_process_train_without_mpirun_writes_metrics(tmp_path):
     out = tmp_path / "m.json"
     proc = _cli(["train", "--model", "dcn", "--steps", "12", "--batch-size", "256", "--hidden", "32",
@@ -118,6 +119,7 @@ def test_cli_reports_config_errors_without_traceback():
     assert "error: config field 'steps'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.mpi
 def test_ranks_with_different_configs_stop_with_a_clear_message(tmp_path):
     if not mpirun_available():
         pytest.skip("mpirun not on PATH")
@@ -130,6 +132,7 @@ def test_ranks_with_different_configs_stop_with_a_clear_message(tmp_path):
     assert "ranks [1] run a different effective config than rank 0" in proc.stderr
 
 
+@pytest.mark.slow
 def test_admission_and_eviction_during_training_show_in_metrics(tmp_path):
     out = tmp_path / "m.json"
     proc = _cli(["train", "--steps", "12", "--batch-size", "256", "--hidden", "16", "--warmup-steps", "1",
@@ -184,6 +187,7 @@ def test_bad_table_settings_say_what_and_where(settings, message):
     assert message in str(info.value)
 
 
+@pytest.mark.slow
 def test_per_table_admission_and_eviction_during_training(tmp_path):
     """Table 0 has a row budget (lru), table 1 an admission threshold, tables 2-3 neither:
     the counters of each table show its own policy only, and the checkpoint records them."""

@@ -75,6 +75,7 @@ def _hybridps(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_name_a_missing_checkpoint_and_a_directory_as_output(tmp_path):
     missing = _hybridps("evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", "synthetic")
     assert missing.returncode == 2 and "error:" in missing.stderr

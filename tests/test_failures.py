@@ -24,6 +24,8 @@ import pytest
 
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available
 
+pytestmark = pytest.mark.mpi
+
 HYBRIDPS = os.path.join(os.path.dirname(sys.executable), "hybridps")
 TRAIN_SMALL = ["train", "--steps", "100000", "--batch-size", "64", "--hidden", "16", "--dim", "8",
                "--vocab-size", "2000"]

@@ -81,6 +81,7 @@ def test_output_paths_are_checked_at_start(tmp_path):
     assert "latest is not a file" in problems(checkpoint_dir=str(ckpt_with_bad_latest))[0]
 
 
+@pytest.mark.slow
 def test_output_path_problems_stop_the_cli_at_start_without_traceback(tmp_path):
     (tmp_path / "latest-dir" / "latest").mkdir(parents=True)
     proc = cli(["train", *SMALL, "--metrics-out", tmp_path, "--dump-state", __file__,
@@ -93,6 +94,7 @@ def test_output_path_problems_stop_the_cli_at_start_without_traceback(tmp_path):
     assert f"{tmp_path}/latest-dir/latest is not a file" in error
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_write_failures_at_the_end_are_one_clear_error_and_leave_no_temporary_file(tiny_tmpfs):
     from hybridps.metrics import write_summary
@@ -269,6 +271,7 @@ def test_a_batch_larger_than_a_share_warns_with_the_epochs_and_different_files_a
     assert "; rank 1: " in message and "content blake2b" in message
 
 
+@pytest.mark.slow
 def test_rank_settings_out_of_range_stop_the_cli_at_start_without_traceback():
     for flags, expected in ((["--delay-rank", "7"], "error: config field 'delay_rank': 7 is not a training "
                                                     "rank of this 1-rank job (allowed: 0)"),
@@ -309,6 +312,7 @@ def test_a_state_file_not_refreshed_is_marked_with_the_process_state():
 
 
 # ---------------------------------------------------------------- 2 and 3 through the CLI
+@pytest.mark.slow
 def test_damaged_inputs_stop_the_cli_with_the_file_named_and_no_traceback(tmp_path):
     import gzip
     from hybridps.data import SAMPLE_CRITEO_CSV

@@ -10,6 +10,7 @@ oversubscription / root variables (the launcher must supply what is needed), and
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -186,7 +187,7 @@ def test_nodelist_expansion_and_detection_inside_slurm():
     env = launch.detect_environment(environ)
     assert env.in_slurm and env.slurm_ntasks == 8 and env.slurm_nodes == ("n1", "n2")
     assert env.slurm_tasks_per_node == 4 and env.cores >= 1
-    assert env.mpi_flavor == ("openmpi" if mpirun_available() else "unknown")
+    assert env.mpi_flavor == ("openmpi" if shutil.which("mpirun") else "unknown")
     plan = launch.build_plan(PROGRAM, env, launcher="horovodrun")
     assert "-H n1:4,n2:4" in plan.command_line()
 
@@ -231,6 +232,7 @@ def _clean_environment():
     return env
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
 def test_launch_runs_a_two_rank_training(tmp_path, launcher):
     if not mpirun_available():
@@ -253,6 +255,7 @@ def test_launch_runs_a_two_rank_training(tmp_path, launcher):
     assert result["ranks"] == 2 and result["steps"] == 6 and result["global_batch_size"] == 128
 
 
+@pytest.mark.mpi
 def test_doctor_passes_under_mpirun_on_two_ranks():
     proc = run_mpi(2, ["-m", "hybridps.cli", "doctor", "--timeout", "60"], timeout=180)
     out = proc.stdout

@@ -12,8 +12,11 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 
 from tests.mpi_util import REPO, load_dumped_state, run_mpi
+
+pytestmark = pytest.mark.mpi
 
 DATA = os.path.join(REPO, "tests", "data", "legacy_checkpoint_v1")
 RTOL = 1e-5

@@ -230,6 +230,7 @@ SUBPROCESS_BUILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_weights_identical_in_another_process(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}

@@ -34,6 +34,8 @@ import pytest
 from tests.mpi_util import MPI_ENV, REPO, load_dumped_state, mpirun_available, run_mpi
 from tests.test_failures import Job
 
+pytestmark = [pytest.mark.netns, pytest.mark.mpi]
+
 HYBRIDPS = os.path.join(os.path.dirname(sys.executable), "hybridps")
 RTOL = 1e-5
 BOUND_S = 30.0

@@ -16,6 +16,8 @@ import pytest
 from hybridps.config import make_config
 from tests.mpi_util import REPO, load_dumped_state, run_mpi
 
+pytestmark = pytest.mark.mpi
+
 WORLD_SIZES = (1, 2, 4)
 OPTIMIZERS = ("sgd", "adagrad")
 RTOL = 1e-5

@@ -16,6 +16,8 @@ import pytest
 from tests.mpi_util import REPO, run_mpi
 from tests.reference import mix64_array as splitmix64
 
+pytestmark = pytest.mark.mpi
+
 SCRIPT = os.path.join(REPO, "tests", "parallel", "checkpoint_scenarios.py")
 NUM_BUCKETS = 256
 NUM_TABLES = 4

@@ -16,6 +16,8 @@ import pytest
 from tests.mpi_util import REPO, run_mpi
 from tests.schema_data import FEATURES, rows, saved_model_inputs, write_parquet, write_tfrecord
 
+pytestmark = pytest.mark.mpi
+
 ROWS_PER_FILE, FILES, BATCH = 50, 4, 16
 EVAL_FEATURES = dict(FEATURES, group_by="user")
 

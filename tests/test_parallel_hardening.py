@@ -13,6 +13,8 @@ import pytest
 
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available, run_mpi
 
+pytestmark = pytest.mark.mpi
+
 SCRIPT = os.path.join(REPO, "tests", "parallel", "hardening_scenarios.py")
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from tests.mpi_util import REPO, load_dumped_state as _state, load_summary as _summary, run_mpi
 
+pytestmark = pytest.mark.mpi
+
 SCRIPT = os.path.join(REPO, "tests", "parallel", "ps_scenarios.py")
 RTOL = 1e-5
 

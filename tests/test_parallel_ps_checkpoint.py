@@ -22,6 +22,8 @@ import pytest
 
 from tests.mpi_util import REPO, load_dumped_state, load_summary, run_mpi
 
+pytestmark = pytest.mark.mpi
+
 SCRIPT = os.path.join(REPO, "tests", "parallel", "ps_checkpoint_scenarios.py")
 HALF = 4
 DENSE_TOL = dict(rtol=1e-4, atol=1e-5)     # Adam across numpy and Keras

@@ -13,6 +13,8 @@ import pytest
 
 from tests.mpi_util import REPO, load_dumped_state as _state, load_summary as _summary, run_mpi
 
+pytestmark = pytest.mark.mpi
+
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):

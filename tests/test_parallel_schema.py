@@ -20,6 +20,8 @@ import pytest
 from tests.mpi_util import REPO, load_dumped_state, run_mpi
 from tests.reference import mix64_int
 
+pytestmark = pytest.mark.mpi
+
 RTOL = 1e-5
 ROWS, GLOBAL_BATCH, STEPS = 64, 16, 4
 GENRES = ["Drama", "Comedy", "Action", "Sci-Fi", "Horror"]

@@ -12,6 +12,8 @@ import pytest
 
 from tests.mpi_util import REPO, load_dumped_state as _state, load_summary as _summary, run_mpi
 
+pytestmark = pytest.mark.mpi
+
 SCRIPT = os.path.join(REPO, "tests", "parallel", "sync_scenarios.py")
 
 

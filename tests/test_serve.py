@@ -267,6 +267,7 @@ def _instances(columns, n):
     return [{name: plain(columns[name][i]) for name in names} for i in range(n)]
 
 
+@pytest.mark.mpi
 def test_serve_follows_training_exports(tmp_path):
     import yaml
     from prometheus_client.parser import text_string_to_metric_families

@@ -25,6 +25,8 @@ import pytest
 
 from tests.mpi_util import REPO
 
+pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
+
 TRAIN_SBATCH = os.path.join(REPO, "launch", "slurm", "train.sbatch")
 COMPARE_SBATCH = os.path.join(REPO, "launch", "slurm", "compare.sbatch")
 HYBRIDPS_BIN = os.path.join(os.path.dirname(sys.executable), "hybridps")

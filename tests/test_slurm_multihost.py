@@ -30,6 +30,8 @@ import pytest
 from tests.test_multihost import netns
 from tests.test_slurm import DAEMONS, HYBRIDPS_BIN, TRAIN_SBATCH, _tool
 
+pytestmark = [pytest.mark.slurm, pytest.mark.netns, pytest.mark.mpi]
+
 JOB_TIMEOUT_S = 240
 
 

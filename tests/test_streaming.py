@@ -154,6 +154,7 @@ def directory_runs(tmp_path_factory):
     return out, killed, stopped, ended
 
 
+@pytest.mark.mpi
 def test_a_killed_directory_stream_job_resumes_at_the_next_unconsumed_row(directory_runs):
     out, killed, stopped, ended = directory_runs
     assert killed[0] != 0 and "injected failure at step 7" in killed[1]
@@ -171,6 +172,7 @@ def test_a_killed_directory_stream_job_resumes_at_the_next_unconsumed_row(direct
     assert last["data_stats"]["rows_consumed"] == 16 * 18
 
 
+@pytest.mark.mpi
 def test_waiting_for_stream_data_longer_than_the_watchdog_timeout_is_not_a_hang(directory_runs):
     out, killed, _, _ = directory_runs
     # the injected failure, not the watchdog, ended the first run (its wait was 5 s > 3 s)
@@ -178,6 +180,7 @@ def test_waiting_for_stream_data_longer_than_the_watchdog_timeout_is_not_a_hang(
     assert len(drawn(out, "killed", 0)) >= 7
 
 
+@pytest.mark.mpi
 def test_sigterm_leaves_a_resumable_checkpoint_of_the_step_it_stopped_at(directory_runs):
     out, _, _, _ = directory_runs
     from hybridps.checkpoint.reader import load_manifest
@@ -232,6 +235,7 @@ def produce_redis(client, key, entries, interval):
         time.sleep(interval)
 
 
+@pytest.mark.mpi
 def test_a_redis_stream_trains_each_entry_once_across_a_kill_a_sigterm_to_mpirun_and_resumes(
         tmp_path, redis_server):
     from hybridps.data.hashing import text_ids
@@ -374,6 +378,7 @@ def directory_like(seeds, counts):
     return [int(r) for seed, n in zip(seeds, counts) for r in rows(n, seed=seed)["row"]]
 
 
+@pytest.mark.mpi
 def test_steps_0_on_synthetic_data_trains_until_sigterm_then_checkpoints_and_exits_0(tmp_path):
     """One process, no stream: --steps 0 runs until SIGTERM, which ends it after a whole step
     with a checkpoint of that step and exit code 0."""
