@@ -124,12 +124,13 @@ class Trainer:
         timer.start()
         completed = first
         for step in (range(first, last) if last is not None else itertools.count(first)):
-            watchdog.mark("step")              # exchange traces only (benchmarks)
+            watchdog.set_step(step)
+            exchange_trace.mark("step")        # exchange traces only (benchmarks)
             if step == first + c.warmup_steps:
                 freeze_python_heap()
                 record.steady_start = time.perf_counter()
                 timer.restart()
-                watchdog.mark("steady_start")
+                exchange_trace.mark("steady_start")
             if step == c.fail_at_step and self.rank == c.fail_rank:
                 raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
                                    f"(fail_at_step testing aid)")
@@ -165,7 +166,7 @@ class Trainer:
         self.backend.finish()     # every pushed gradient and dense update is applied after this
         record.finished = time.perf_counter()
         record.steps = completed
-        watchdog.mark("train_end")
+        exchange_trace.mark("train_end")
         self._at_step_boundary(completed, end=True)
         self._report_stop(completed)
         return self._summarize(record)

@@ -2,15 +2,18 @@
 
 What lives here: :func:`collective`, the tiny context manager hybridps.comm puts around each
 of its collectives (it records name and start time of the calling thread's current
-collective: two dict operations, no lock, no thread wake-up); the watchdog thread, one per
-rank, which polls every ``POLL_INTERVAL_S``; :func:`configure` (the timeout, from
-``TrainConfig.watchdog_timeout`` or ``HYBRIDPS_WATCHDOG_TIMEOUT``); and the cross-rank dump.
-What does not: MPI itself (hybridps.comm hands :func:`start` its abort function and the
-channel to the other ranks' watchdogs) and any training logic.
+collective: two dict operations, no lock, no thread wake-up); :func:`set_step`, which the
+training loop and the communication threads call with the step they work on; the watchdog
+thread, one per rank, which polls every ``POLL_INTERVAL_S``; :func:`configure` (the timeout,
+from ``TrainConfig.watchdog_timeout`` or ``HYBRIDPS_WATCHDOG_TIMEOUT``); the cross-rank dump
+and :class:`Peers`, the watchdogs' messages to each other. What does not: MPI initialisation
+and the abort itself (hybridps.process_control hands :func:`start` the communicator's abort
+function and a :class:`Peers` on it), the benchmarks' exchange traces (hybridps.exchange_trace,
+which :func:`collective` reports to when tracing is on) and any training logic.
 
 Which ranks are stuck where, without relying on the stuck collective: the rank that trips
 asks every other rank for its state (collective or "not in a collective", step, Python stack)
-over a point-to-point channel of the watchdogs' own (hybridps.comm.WatchdogPeers: MPI
+over a point-to-point channel of the watchdogs' own (:class:`Peers`: MPI
 messages on a duplicate communicator, which each rank's watchdog thread answers when it
 polls), waits up to ``ASK_TIMEOUT_S`` for the answers, prints them once and calls MPI_Abort.
 So the report needs no shared directory: ranks on other hosts answer over the network, and a
@@ -29,9 +32,9 @@ when it runs on this node). The directory is ``HYBRIDPS_WATCHDOG_DIR`` when set,
 ``<tmp>/hybridps-watchdog-<job key>`` on each node. A rank's file is removed when it exits
 normally.
 
-The step shown is the one given to :func:`set_step`, or else the integer local variable
-``step`` of the innermost frame of the stuck thread's stack that has one (the training loop
-and the backends name it so), read only when a state is written.
+The step shown for a thread is the last one that thread gave :func:`set_step` (the training
+loop gives every step, the SSP/ASP communication thread every step it exchanges), or else the
+main thread's.
 """
 import atexit
 import json
@@ -42,6 +45,8 @@ import tempfile
 import threading
 import time
 import traceback
+
+from hybridps import exchange_trace
 
 POLL_INTERVAL_S = 0.5
 DEFAULT_TIMEOUT_S = 300.0
@@ -56,10 +61,11 @@ _monotonic = time.monotonic
 _active = {}
 # [name, end monotonic] of the last collective that completed on any thread
 _last = [None, 0.0]
-_explicit_step = [None]
-# While exchange tracing is on (hybridps.exchange_trace, benchmarks only): a deque that every
-# collective appends (name, thread name, start, end) to.
-_trace = [None]
+# thread ident -> the step that thread last said it works on (set_step)
+_steps = {}
+# While exchange tracing is on (benchmarks only): the deque of hybridps.exchange_trace that
+# every collective appends (name, thread name, start, end) to; None when off.
+_trace = exchange_trace.RECORDING
 
 
 class collective:
@@ -91,40 +97,21 @@ class collective:
         return False
 
 
-class traced:
-    """``with traced("dense_wait"): ...`` records a span in the exchange trace only (no watchdog
-    state; nothing at all when tracing is off)."""
-    __slots__ = ("name", "_start")
-
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        self._start = _monotonic()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if _trace[0] is not None:
-            _trace[0].append((self.name, threading.current_thread().name, self._start, _monotonic()))
-        return False
-
-
-def mark(name):
-    """Record an instant event in the exchange trace (nothing when tracing is off)."""
-    if _trace[0] is not None:
-        now = _monotonic()
-        _trace[0].append((name, threading.current_thread().name, now, now))
-
-
 def set_step(step):
-    """Record the current training step for the watchdog's messages (optional; see module doc)."""
-    _explicit_step[0] = step
+    """Record the step the calling thread works on, for the watchdog's messages (one dict store)."""
+    _steps[_get_ident()] = step
+
+
+def clear_step():
+    """Forget the calling thread's step (a thread that set one calls this before it ends, so a
+    later thread that gets the same ident does not inherit it)."""
+    _steps.pop(_get_ident(), None)
 
 
 class _Watchdog:
     def __init__(self, rank, size, abort, state_dir, job_key, peers=None, hosts=None):
         self.rank, self.size = rank, size
-        self.peers = peers              # hybridps.comm.WatchdogPeers, or None
+        self.peers = peers              # a Peers, or None
         self.hosts = hosts              # host name of every rank, or None
         self.asked_at = {}              # rank -> monotonic time it last asked for our state
         self.job_key = job_key
@@ -189,14 +176,14 @@ class _Watchdog:
             frame = frames.get(tid)
             state["collectives"].append({
                 "name": name, "thread": _thread_name(tid), "seconds": now - started,
-                "since": wall_now - (now - started), "step": _step_of(frame),
+                "since": wall_now - (now - started), "step": _step_of(tid, main_tid),
                 "where": _where(frame)})
         if _last[0] is not None:
             state["last"] = {"name": _last[0], "ended": wall_now - (now - _last[1]),
                              "seconds_ago": now - _last[1]}
         if not snapshot:
             frame = frames.get(main_tid)
-            state["main"] = {"step": _step_of(frame), "where": _where(frame)}
+            state["main"] = {"step": _step_of(main_tid, main_tid), "where": _where(frame)}
         return state
 
     def _safe_state(self, snapshot, now):
@@ -390,28 +377,22 @@ def _where(frame):
     return [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(summary)]
 
 
-def _step_of(frame):
-    if _explicit_step[0] is not None:
-        return _explicit_step[0]
-    while frame is not None:
-        value = frame.f_locals.get("step")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        frame = frame.f_back
-    return None
+def _step_of(tid, main_tid):
+    step = _steps.get(tid)
+    return step if step is not None else _steps.get(main_tid)
 
 
 _STATE = {"watchdog": None}
 
 
 def start(rank, size, abort, job_key, peers=None, hosts=None):
-    """Start this rank's watchdog thread (hybridps.comm.init calls it once, with size > 1).
+    """Start this rank's watchdog thread (hybridps.process_control starts it once, with size > 1).
 
     Args:
         rank, size: this process' rank and the world size.
         abort: callable(error_code) that aborts the whole job (MPI_Abort).
         job_key: a string equal on every rank of the job (names the default state directory).
-        peers: the channel to ask other ranks for their state (hybridps.comm.WatchdogPeers:
+        peers: the channel to ask other ranks for their state (Peers:
             ``asks()``, ``answer(rank, state)``, ``ask_all(timeout_s, on_ask)``), or None to
             rely on state files only.
         hosts: host name of every rank (named for ranks that do not answer), or None.
@@ -489,3 +470,67 @@ def stop():
         watchdog.thread.join(timeout=2 * POLL_INTERVAL_S)
     watchdog.remove_state()
     _STATE["watchdog"] = None
+
+
+class Peers:
+    """The watchdogs' own wire protocol: point-to-point messages on a duplicate of COMM_WORLD.
+
+    A rank whose collective is stuck asks every other rank for its state and gets the answers
+    over MPI, so the watchdog's report needs no shared directory; each rank's watchdog thread
+    answers asks when it polls (hybridps.watchdog). Small pickled control messages only,
+    received by probing (nothing stays posted, so MPI_Finalize finds no pending receive).
+    Errors return instead of aborting: a peer on a dead host must not abort the report.
+    """
+
+    ASK, ANSWER = 901, 902
+
+    def __init__(self, comm):
+        """``comm``: the hybridps.comm.Comm of this process (its MPI module and world)."""
+        self.MPI = comm.MPI
+        self.channel = comm.world.Dup()
+        self.channel.Set_errhandler(comm.MPI.ERRORS_RETURN)
+        self.rank, self.size = comm.rank, comm.size
+        self.sends = []
+
+    def asks(self):
+        """Ranks that asked for this rank's state since the last call."""
+        asking = []
+        status = self.MPI.Status()
+        try:
+            while self.channel.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.ASK, status=status):
+                source = status.Get_source()
+                self.channel.recv(source=source, tag=self.ASK)
+                asking.append(source)
+        except self.MPI.Exception:
+            pass
+        return asking
+
+    def answer(self, rank, state):
+        try:
+            self.sends.append(self.channel.isend(state, dest=rank, tag=self.ANSWER))
+        except self.MPI.Exception:
+            pass
+
+    def ask_all(self, timeout_s, on_ask):
+        """Ask every other rank for its state; wait up to ``timeout_s`` for the answers while
+        still answering asks (``on_ask(rank)`` is called for each). Returns {rank: state}."""
+        for rank in range(self.size):
+            if rank != self.rank:
+                try:
+                    self.sends.append(self.channel.isend(self.rank, dest=rank, tag=self.ASK))
+                except self.MPI.Exception:
+                    pass
+        answers = {}
+        status = self.MPI.Status()
+        deadline = time.monotonic() + timeout_s
+        while len(answers) < self.size - 1 and time.monotonic() < deadline:
+            for rank in self.asks():
+                on_ask(rank)
+            try:
+                while self.channel.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.ANSWER, status=status):
+                    source = status.Get_source()
+                    answers[source] = self.channel.recv(source=source, tag=self.ANSWER)
+            except self.MPI.Exception:
+                break
+            time.sleep(0.01)
+        return answers

@@ -7,7 +7,7 @@ them; the measured dense lag. What does not: the arithmetic (DenseSync).
 import collections
 import threading
 
-from hybridps import watchdog
+from hybridps import exchange_trace
 from hybridps.errors import HybridPSError
 
 
@@ -72,7 +72,7 @@ class DenseAllreduceThread:
                 if self.applied >= need:
                     return
                 if not self.reduced:
-                    with watchdog.traced("dense_wait"):     # exchange traces (benchmarks)
+                    with exchange_trace.traced("dense_wait"):     # exchange traces (benchmarks)
                         self.cond.wait(0.1)
 
     def record_lag(self, step):

@@ -32,6 +32,7 @@ outstanding push and dense update, so nothing pushed is lost at the end of train
 import itertools
 import threading
 
+from hybridps import watchdog
 from hybridps.backends.collective.bsp import CollectiveBackend
 from hybridps.config import Sync
 from hybridps.dense.thread import DenseAllreduceThread
@@ -192,6 +193,8 @@ class PipelinedBackend(CollectiveBackend):
             self.error = exc
             self.pulled.wake()
             self.grads.wake()
+        finally:
+            watchdog.clear_step()
 
     def raise_if_failed(self):
         if self.error is not None:
@@ -201,6 +204,7 @@ class PipelinedBackend(CollectiveBackend):
     # ------------------------------------------------------------------ communication thread
     def _comm_loop(self):
         for op, step in self.schedule:
+            watchdog.set_step(step)
             if op == "pull":
                 # Bounded prefetch: at most max_inflight pulled steps wait for the main thread.
                 self.pulled.wait_below(self.max_inflight)

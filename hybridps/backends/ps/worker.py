@@ -13,7 +13,7 @@ optimizer state (fresh, or restored from a checkpoint into ``initial_optimizer``
 """
 import numpy as np
 
-from hybridps import watchdog
+from hybridps import exchange_trace
 from hybridps._kernels import permute_blocks
 from hybridps.backends.base import Backend, BackendState, shard_stats
 from hybridps.backends.ps.dense_optimizer import NumpyDenseOptimizer
@@ -124,7 +124,7 @@ class PSWorkerBackend(Backend):
                                      int(key_offsets[s + 1] - key_offsets[s]),
                                      grads[elem_offsets[s]:elem_offsets[s + 1]],
                                      self._dense_grads[a:b], self.pending)
-        watchdog.mark("ps_push_posted")
+        exchange_trace.mark("ps_push_posted")
         self.row_grads_pushed += plan.keys_sent
         self.bytes_sent += grads.nbytes + self._dense_grads.nbytes
 
