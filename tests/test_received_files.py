@@ -7,14 +7,17 @@ marker_model.py:build``, which writes ``IMPORTED`` beside itself when imported):
 operator's file, a different ``--model`` is refused naming both. ``train --resume`` runs the
 operator's model whatever the manifest says. Manifests: the checksum detects damage but not
 a recomputed edit; with ``HYBRIDPS_SIGNING_KEY_FILE`` an edited or unsigned manifest is
-refused.
+refused. The watchdog's predictable state directory: a planted symlink is never followed.
 """
 import hashlib
 import hmac
 import json
 import os
+import stat
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -271,3 +274,58 @@ def test_a_signed_export_edited_with_a_recomputed_checksum_is_refused(tmp_path, 
     monkeypatch.setenv("HYBRIDPS_SIGNING_KEY_FILE", str(key_file))
     with pytest.raises(CheckpointError, match="not signed"):
         load_export(path)
+
+
+# ---------------------------------------------------------------------------- watchdog state dir
+def _watchdog_writing_into(monkeypatch, tmp_root, job_key="job1"):
+    from hybridps import watchdog
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_root))
+    default = os.path.join(tempfile.gettempdir(), f"hybridps-watchdog-{job_key}")
+    dog = watchdog._Watchdog(0, 2, lambda code: None, default, job_key)
+    dog.owns_dir = True
+    return dog, default
+
+
+def test_a_planted_symlink_as_the_watchdog_directory_is_not_followed(tmp_path, monkeypatch, capsys):
+    tmp_root, outside = tmp_path / "tmp", tmp_path / "outside"
+    tmp_root.mkdir()
+    outside.mkdir()
+    dog, default = _watchdog_writing_into(monkeypatch, tmp_root)
+    os.symlink(outside, default)
+    dog._write_state([], time.monotonic())
+    assert os.listdir(outside) == []
+    assert dog.state_dir != default and os.path.dirname(dog.state_dir) == str(tmp_root)
+    assert stat.S_IMODE(os.lstat(dog.state_dir).st_mode) == 0o700
+    with open(os.path.join(dog.state_dir, "rank0.json")) as fh:
+        assert json.load(fh)["rank"] == 0
+    assert default in capsys.readouterr().err
+    dog.remove_state()
+    assert os.listdir(outside) == [] and not os.path.exists(dog.state_dir)
+
+
+def test_a_writable_watchdog_directory_is_not_used(tmp_path, monkeypatch):
+    tmp_root = tmp_path / "tmp"
+    tmp_root.mkdir()
+    dog, default = _watchdog_writing_into(monkeypatch, tmp_root)
+    os.mkdir(default)
+    os.chmod(default, 0o777)
+    dog._write_state([], time.monotonic())
+    assert os.listdir(default) == [] and dog.state_dir != default
+
+
+def test_planted_symlinks_at_the_state_file_names_are_not_followed(tmp_path, monkeypatch):
+    tmp_root, victim = tmp_path / "tmp", tmp_path / "victim.txt"
+    tmp_root.mkdir()
+    victim.write_text("precious")
+    dog, default = _watchdog_writing_into(monkeypatch, tmp_root)
+    os.mkdir(default, 0o700)
+    for name in ("rank0.json.tmp", "rank0.json"):
+        os.symlink(victim, os.path.join(default, name))
+    dog._write_state([], time.monotonic())
+    assert victim.read_text() == "precious" and dog.state_dir == default
+    state_file = os.path.join(default, "rank0.json")
+    assert not os.path.islink(state_file)
+    with open(state_file) as fh:
+        assert json.load(fh)["rank"] == 0
+    dog.remove_state()
+    assert victim.read_text() == "precious"
