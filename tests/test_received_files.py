@@ -216,7 +216,9 @@ def _edit(path, key_file=None, monkeypatch=None):
     return manifest
 
 
-def test_without_a_key_the_checksum_catches_damage_but_not_a_recomputed_edit(tmp_path, monkeypatch):
+def test_without_a_key_the_checksum_catches_damage_but_not_a_recomputed_edit(tmp_path, monkeypatch,
+                                                                             capsys):
+    import argparse
     monkeypatch.delenv("HYBRIDPS_SIGNING_KEY_FILE", raising=False)
     path = _small_checkpoint(tmp_path / "ckpt")
     with open(os.path.join(path, "manifest.json")) as fh:
@@ -228,6 +230,13 @@ def test_without_a_key_the_checksum_catches_damage_but_not_a_recomputed_edit(tmp
     _edit(path, monkeypatch=monkeypatch)
     summary = ckpt.inspect_checkpoint(path)
     assert summary["ok"] and summary["step"] == 99 and summary["signature"] == "unsigned"
+    assert summary["model_setting"] is None and not summary["user_model"]     # tables only
+    parser = argparse.ArgumentParser()
+    ckpt.add_inspect_arguments(parser)
+    args = parser.parse_args([path])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "model: none recorded" in text and "unsigned: its checksum detects accidental damage" in text
 
 
 def test_with_a_key_an_edited_or_unsigned_manifest_is_refused(tmp_path, monkeypatch):

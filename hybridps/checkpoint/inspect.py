@@ -51,6 +51,7 @@ def inspect_checkpoint(path, level="full"):
     except CheckpointError:
         summary["ok"] = False
         return summary
+    setting = recorded_model(manifest)
     table_bytes = {}
     for name, entry in manifest["files"].items():
         if "table" in entry:
@@ -59,8 +60,8 @@ def inspect_checkpoint(path, level="full"):
         ok=not summary["problems"], step=manifest["step"], world_size=manifest["world_size"],
         mode=manifest["mode"], created=manifest["created"], config_hash=manifest["config_hash"],
         model_hash=manifest["model_hash"], num_buckets=manifest["num_buckets"],
-        model=manifest.get("model"), model_setting=recorded_model(manifest),
-        user_model=is_user_model(recorded_model(manifest)), signature=manifest["_signature"],
+        model=manifest.get("model"), model_setting=setting,
+        user_model=setting is not None and is_user_model(setting), signature=manifest["_signature"],
         tables=[{"table": t, "dim": info["dim"], "optimizer": info["optimizer"], "rows": info["rows"],
                  "candidates": info["candidates"], "bytes": table_bytes.get(t, 0),
                  "admission_eviction": info.get("admission_eviction")}
@@ -120,11 +121,13 @@ def _format_summary(summary):
                        f"max_rows {policy['max_rows']} ({policy['eviction']})") if policy else ""
         lines.append(f"  table {t['table']}: dim {t['dim']}, {t['optimizer']}, {t['rows']} rows, "
                      f"{t['candidates']} candidates, {t['bytes']} bytes{policy_text}")
-    setting = summary["model_setting"]
-    lines.append(f"  model: {setting}" + (" (a user build function: serve, export, evaluate and predict "
-                                          "run it only when given the same one with --model; "
-                                          "hybridps never imports it because a manifest names it)"
-                                          if summary["user_model"] else " (built-in)"))
+    if summary["model_setting"] is None:
+        lines.append("  model: none recorded (tables only)")
+    else:
+        lines.append(f"  model: {summary['model_setting']}" + (
+            " (a user build function: serve, export, evaluate and predict run it only when given "
+            "the same one with --model; hybridps never imports it because a manifest names it)"
+            if summary["user_model"] else " (built-in)"))
     lines.append("  manifest: " + _SIGNATURE_TEXT[summary["signature"]])
     checked = "every sha256" if summary.get("level") == "full" else "sizes and small files"
     lines.append(f"  verification ({checked}): " + ("OK" if summary["ok"] else "DAMAGED"))
