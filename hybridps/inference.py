@@ -91,13 +91,13 @@ def load_for_inference(comm, checkpoint, overrides=None, model=None):
     config = dataclasses.replace(model_config_of(manifest, model, where=path), **(overrides or {}))
     schema = schema_of(manifest)
     tf.keras.utils.set_random_seed(config.seed)
-    model = build_on_sample(tf, build_model(config.model, schema, config), schema)
-    backend = make_backend(config, comm, schema, model)
+    keras_model = build_on_sample(tf, build_model(config.model, schema, config), schema)
+    backend = make_backend(config, comm, schema, keras_model)
     target = backend.restore_target()
     report = restore_checkpoint(path, tables=target.tables, comm=comm, config=config, schema=schema,
                                 model=target.model, optimizer=None, shard=target.shard)
-    step = make_predict_step(tf, model, SparseLayout(schema), schema.num_dense)
-    return Loaded(config, schema, model, backend, step, report.step)
+    step = make_predict_step(tf, keras_model, SparseLayout(schema), schema.num_dense)
+    return Loaded(config, schema, keras_model, backend, step, report.step)
 
 
 def _held_out(comm, loaded, data, batch_size, synthetic_batches):

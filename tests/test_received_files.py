@@ -270,6 +270,13 @@ def test_with_a_key_an_edited_or_unsigned_manifest_is_refused(tmp_path, monkeypa
         ckpt.load_manifest(path)
 
 
+def test_an_unreadable_signing_key_stops_a_command_at_its_start(tmp_path):
+    proc = cli(["inspect", tmp_path], env={"HYBRIDPS_SIGNING_KEY_FILE": str(tmp_path / "missing")},
+               timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"HYBRIDPS_SIGNING_KEY_FILE={tmp_path / 'missing'}: cannot read the signing key" in proc.stderr
+
+
 def test_a_signed_export_edited_with_a_recomputed_checksum_is_refused(tmp_path, monkeypatch):
     from hybridps.export import load_export, write_delta
     key_file = tmp_path / "key"

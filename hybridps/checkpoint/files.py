@@ -23,7 +23,7 @@ import shutil
 
 import numpy as np
 
-from hybridps.errors import CheckpointError
+from hybridps.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -97,7 +97,6 @@ def signing_key():
     Raises:
         ConfigError: the file cannot be read or is empty.
     """
-    from hybridps.errors import ConfigError
     path = os.environ.get(SIGNING_KEY_ENV)
     if not path:
         return None
