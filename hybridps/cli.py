@@ -196,8 +196,10 @@ def build_parser():
 
 
 def main(argv=None):
+    from hybridps.checkpoint.files import signing_key
     args = build_parser().parse_args(argv)
     try:
+        signing_key()          # a key file named but unreadable stops every command at its start
         return args.func(args) or 0
     except HybridPSError as exc:
         _report_and_exit(exc)

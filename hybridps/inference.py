@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from hybridps.errors import ConfigError
+from hybridps.models.registry import add_model_argument
 
 SYNTHETIC_EVAL_OFFSET = 1 << 40      # held-out synthetic batches: steps no training run reaches
 
@@ -64,11 +65,15 @@ class Loaded:
     step: int
 
 
-def load_for_inference(comm, checkpoint, overrides=None):
+def load_for_inference(comm, checkpoint, overrides=None, model=None):
     """Restore ``checkpoint`` (a directory or a root) into a collective backend of this job.
 
+    Args:
+        model: the operator's ``--model`` (a user build function is run only when given, and
+            only if it is the one the checkpoint records; hybridps.models.registry).
     Raises:
         CheckpointError: damaged, missing or of another model.
+        ConfigError: the checkpoint records a user model and ``model`` does not name it.
     """
     import tensorflow as tf
     from hybridps.backends.factory import make_backend
@@ -83,16 +88,16 @@ def load_for_inference(comm, checkpoint, overrides=None):
         path = resolve_checkpoint(os.fspath(checkpoint))
     path = comm.bcast_object(path)
     manifest = load_manifest(path)
-    config = dataclasses.replace(model_config_of(manifest), **(overrides or {}))
+    config = dataclasses.replace(model_config_of(manifest, model, where=path), **(overrides or {}))
     schema = schema_of(manifest)
     tf.keras.utils.set_random_seed(config.seed)
-    model = build_on_sample(tf, build_model(config.model, schema, config), schema)
-    backend = make_backend(config, comm, schema, model)
+    keras_model = build_on_sample(tf, build_model(config.model, schema, config), schema)
+    backend = make_backend(config, comm, schema, keras_model)
     target = backend.restore_target()
     report = restore_checkpoint(path, tables=target.tables, comm=comm, config=config, schema=schema,
                                 model=target.model, optimizer=None, shard=target.shard)
-    step = make_predict_step(tf, model, SparseLayout(schema), schema.num_dense)
-    return Loaded(config, schema, model, backend, step, report.step)
+    step = make_predict_step(tf, keras_model, SparseLayout(schema), schema.num_dense)
+    return Loaded(config, schema, keras_model, backend, step, report.step)
 
 
 def _held_out(comm, loaded, data, batch_size, synthetic_batches):
@@ -100,11 +105,12 @@ def _held_out(comm, loaded, data, batch_size, synthetic_batches):
     return HeldOut(comm, config, loaded.schema, comm.rank, comm.size, batch_size, synthetic_batches)
 
 
-def evaluate_checkpoint(comm, checkpoint, data, batch_size=4096, synthetic_batches=20):
-    """The evaluation metrics (hybridps.evaluation) of a checkpoint on ``data``, on every rank."""
+def evaluate_checkpoint(comm, checkpoint, data, batch_size=4096, synthetic_batches=20, model=None):
+    """The evaluation metrics (hybridps.evaluation) of a checkpoint on ``data``, on every rank
+    (``model``: the operator's ``--model``, see :func:`load_for_inference`)."""
     import tensorflow as tf
     from hybridps.evaluation import evaluation_metrics, predict_batches
-    loaded = load_for_inference(comm, checkpoint)
+    loaded = load_for_inference(comm, checkpoint, model=model)
     held_out = _held_out(comm, loaded, data, batch_size, synthetic_batches)
     _announce(comm, "evaluating", held_out, checkpoint, loaded.step)
     predicted = predict_batches(loaded.backend, loaded.predict_step, held_out.batches(), tf)
@@ -113,13 +119,14 @@ def evaluate_checkpoint(comm, checkpoint, data, batch_size=4096, synthetic_batch
     return metrics
 
 
-def predict_checkpoint(comm, checkpoint, data, out, batch_size=4096):
+def predict_checkpoint(comm, checkpoint, data, out, batch_size=4096, model=None):
     """Write one score per input row (column ``score``, the probability), in the input's row
     order, with the label (``label``) and the ``group_by`` column when the data has them, to the
-    Parquet file ``out`` (rank 0, atomically). Returns the number of rows."""
+    Parquet file ``out`` (rank 0, atomically). Returns the number of rows. ``model``: the
+    operator's ``--model`` (see :func:`load_for_inference`)."""
     import tensorflow as tf
     from hybridps.evaluation import predict_batches
-    loaded = load_for_inference(comm, checkpoint)
+    loaded = load_for_inference(comm, checkpoint, model=model)
     held_out = _held_out(comm, loaded, data, batch_size, 1)
     if held_out.synthetic:
         raise ConfigError("hybridps predict writes a score per row of a data file; synthetic data "
@@ -173,6 +180,7 @@ def add_evaluate_arguments(parser):
     parser.add_argument("--metrics-out", help="write the metrics as JSON here (rank 0)")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per rank per batch")
     parser.add_argument("--batches", type=int, default=20, help="batches of synthetic data")
+    add_model_argument(parser)
     parser.set_defaults(func=evaluate_main)
 
 
@@ -181,6 +189,7 @@ def add_predict_arguments(parser):
     parser.add_argument("--data", required=True, help="the rows to score: a file, directory or glob")
     parser.add_argument("--out", required=True, help="the Parquet file to write (score, label, group_by)")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per rank per batch")
+    add_model_argument(parser)
     parser.set_defaults(func=predict_main)
 
 
@@ -203,7 +212,8 @@ def evaluate_main(args):
     if args.metrics_out and os.path.isdir(args.metrics_out):
         raise ConfigError(f"--metrics-out {args.metrics_out} is a directory; give a file name")
     comm = _comm()
-    metrics = evaluate_checkpoint(comm, args.checkpoint, args.data, args.batch_size, args.batches)
+    metrics = evaluate_checkpoint(comm, args.checkpoint, args.data, args.batch_size, args.batches,
+                                  model=args.model)
     if comm.rank == 0:
         if args.metrics_out:
             write_summary(args.metrics_out, metrics)
@@ -217,7 +227,8 @@ def predict_main(args):
         raise ConfigError(f"--out {args.out} is a directory; give a file name such as "
                           f"{os.path.join(args.out, 'scores.parquet')}")
     comm = _comm()
-    rows = predict_checkpoint(comm, args.checkpoint, args.data, args.out, args.batch_size)
+    rows = predict_checkpoint(comm, args.checkpoint, args.data, args.out, args.batch_size,
+                              model=args.model)
     if comm.rank == 0:
         sys.stdout.write(f"wrote {rows} scores to {args.out}\n")
     return 0

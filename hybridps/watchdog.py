@@ -30,7 +30,12 @@ refreshed for much longer belongs to a rank whose watchdog thread does not run: 
 rank's file when the rank did not answer, a stale one marked as such (with the process state
 when it runs on this node). The directory is ``HYBRIDPS_WATCHDOG_DIR`` when set, else
 ``<tmp>/hybridps-watchdog-<job key>`` on each node. A rank's file is removed when it exits
-normally.
+normally. That default name is predictable in a directory every user can write, so it is used
+only as a directory of this user that nobody else can write (created with mode 0700); when it
+is a symlink, not a directory, another user's, or writable by group or others (planted there),
+the rank writes into a new private directory (tempfile.mkdtemp) instead and says so. A state
+file is written to a new temporary file (tempfile.mkstemp: O_CREAT|O_EXCL|O_NOFOLLOW) renamed
+over ``rank<R>.json``, so a symlink planted at either name is never followed.
 
 The step shown for a thread is the last one that thread gave :func:`set_step` (the training
 loop gives every step, the SSP/ASP communication thread every step it exchanges), or else the
@@ -40,6 +45,7 @@ import atexit
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -122,8 +128,11 @@ class _Watchdog:
         self.stop_event = threading.Event()
         self.prefix = f"[hybridps rank {rank}/{size}]"
         self.host = socket.gethostname()
-        self.state_path = os.path.join(state_dir, f"rank{rank}.json")
         self.thread = threading.Thread(target=self._loop, name="hybridps-watchdog", daemon=True)
+
+    @property
+    def state_path(self):
+        return os.path.join(self.state_dir, f"rank{self.rank}.json")
 
     # ---------------------------------------------------------------- the polling thread
     def _loop(self):
@@ -196,18 +205,42 @@ class _Watchdog:
 
     def _write_state(self, snapshot, now):
         state = self._safe_state(snapshot, now)
-        tmp = f"{self.state_path}.tmp"
+        tmp = None
         try:
-            os.makedirs(self.state_dir, exist_ok=True)
-            with open(tmp, "w") as fh:
+            self._ensure_dir()
+            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f"rank{self.rank}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
                 json.dump(state, fh)
             os.replace(tmp, self.state_path)
         except OSError:
-            pass        # a full or read-only disk must not take the training down
+            # a full or read-only disk must not take the training down
+            if tmp is not None and os.path.lexists(tmp):
+                os.unlink(tmp)
         return state
 
+    def _ensure_dir(self):
+        """Create the state directory; the default one only as a private directory (module doc)."""
+        if not self.owns_dir:
+            os.makedirs(self.state_dir, exist_ok=True)
+            return
+        if _private_dir(self.state_dir):
+            return
+        refused = self.state_dir
+        self.state_dir = tempfile.mkdtemp(prefix=f"hybridps-watchdog-{self.job_key}-")
+        sys.stderr.write(f"{self.prefix} watchdog: {refused} is a symlink, not a directory, another "
+                         f"user's, or writable by others: not using it; this rank's state files "
+                         f"go to {self.state_dir}\n")
+
     def remove_state(self):
-        for path in (self.state_path, f"{self.state_path}.tmp"):
+        if self.owns_dir and not _private_dir(self.state_dir):
+            return                        # not ours (module doc): delete nothing in it
+        leftovers = []
+        try:
+            leftovers = [os.path.join(self.state_dir, n) for n in os.listdir(self.state_dir)
+                         if n.startswith(f"rank{self.rank}.") and n.endswith(".tmp")]
+        except OSError:
+            pass
+        for path in [self.state_path] + leftovers:
             try:
                 os.unlink(path)
             except OSError:
@@ -268,7 +301,8 @@ class _Watchdog:
 
     def _claim_report(self):
         try:
-            fd = os.open(os.path.join(self.state_dir, f"reported-{self.job_key}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(os.path.join(self.state_dir, f"reported-{self.job_key}"),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
             return False
         except OSError:
@@ -284,7 +318,7 @@ class _Watchdog:
             state = states.get(rank)
             if state is None:
                 try:
-                    with open(path) as fh:
+                    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as fh:
                         state = json.load(fh)
                 except (OSError, ValueError):
                     state = None
@@ -304,6 +338,24 @@ class _Watchdog:
             except (KeyError, TypeError, ValueError):
                 lines.append(f"  rank {rank}: unreadable state file {path}")
         return lines
+
+
+def _private_dir(path):
+    """True when ``path`` is (or is now created as) a directory of this user that nobody else
+    can write; False for a symlink, a non-directory, another user's or a group/world-writable
+    one (module doc)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def _write_after(timeout_s):

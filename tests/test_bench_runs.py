@@ -124,7 +124,7 @@ def test_bench_realtime_follows_a_stream_into_serving_with_timed_deltas(tmp_path
     spaced by the wall clock (--delta-every-seconds), the first is a full one, and their stream
     positions only move forward."""
     from hybridps.bench.realtime import run_realtime_bench
-    from hybridps.checkpoint.files import load_signed_json
+    from hybridps.checkpoint.files import load_manifest_json
     # 16 s of production: the ranks start within it (TF import) and follow it for several deltas
     report = run_realtime_bench(str(tmp_path), files=16, rows_per_file=256, interval_s=1.0,
                                 batch_size=64, delta_every_seconds=1.0, full_export_every=3,
@@ -135,7 +135,7 @@ def test_bench_realtime_follows_a_stream_into_serving_with_timed_deltas(tmp_path
     assert report["files_covered"] == 16           # 4096 rows = 32 steps of 128: all consumed
     assert all(0 < s < 120 for s in report["freshness_s"].values())
     exports = sorted(os.listdir(tmp_path / "deltas"))
-    manifests = [load_signed_json(str(tmp_path / "deltas" / name / "manifest.json"),
+    manifests = [load_manifest_json(str(tmp_path / "deltas" / name / "manifest.json"),
                                   "hybridps-full-export" if name.startswith("full-") else "hybridps-delta")
                  for name in exports]
     manifests.sort(key=lambda m: m["sequence"])

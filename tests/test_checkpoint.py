@@ -366,12 +366,12 @@ def test_manifest_of_another_model_or_table_dims(tmp_path, tf):
     manifest["model_signature"]["dim"] = 32
     manifest["model_hash"] = ckpt.signature_hash(manifest["model_signature"])
     with open(os.path.join(d, "manifest.json"), "wb") as fh:
-        fh.write(ckpt.signed_json_bytes(manifest))
+        fh.write(ckpt.manifest_json_bytes(manifest))
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"dim 32 in the checkpoint, 4 here"):
         ckpt.restore_checkpoint(tmp_path, tables=fresh, config=config)
     manifest["model_hash"] = "0" * 64                     # hash no longer matches its signature
     with open(os.path.join(d, "manifest.json"), "wb") as fh:
-        fh.write(ckpt.signed_json_bytes(manifest))
+        fh.write(ckpt.manifest_json_bytes(manifest))
     with pytest.raises(CheckpointError, match="model_hash does not match"):
         ckpt.load_manifest(d)
 

@@ -2,7 +2,8 @@
 
 The package (re-exported here):
 
-* :mod:`files`: atomic files, fsync, signed JSON, the collective atomic directory;
+* :mod:`files`: atomic files, fsync, checksummed (optionally signed) manifests, the collective
+  atomic directory;
 * :mod:`format`: names, record layout, manifest, model signature, the schema of a checkpoint;
 * :mod:`writer`: :func:`save_checkpoint` (collective: every rank writes its own shards);
 * :mod:`reader`: :func:`restore_checkpoint` (collective: every rank reads only the buckets it
@@ -54,7 +55,8 @@ counts) and the CRC32 of the bucket's bytes, for rows and candidates.
 
 Atomicity. Every rank writes into ``ROOT/.tmp-ckpt-<step>`` and fsyncs each file; the ranks
 gather their file lists (name, sha256, bytes); rank 0 writes ``manifest.json`` (with a sha256
-of its own canonical JSON), fsyncs it and the directory, renames the directory to
+of its own canonical JSON, and an HMAC signature when ``HYBRIDPS_SIGNING_KEY_FILE`` names a
+key: hybridps.checkpoint.files), fsyncs it and the directory, renames the directory to
 ``ckpt-<step>``, fsyncs ROOT, then replaces ``latest`` (``latest.tmp`` + fsync + os.replace)
 and only then deletes checkpoints beyond the newest ``keep``. A crash at any point leaves
 either no ``ckpt-<step>`` (a ``.tmp-`` directory that the next save deletes) or a complete
@@ -80,7 +82,7 @@ with the saved world size, as totals on rank 0 otherwise, so sums over ranks are
 Memory: a save holds one table export plus one 16 MiB chunk of records at a time; a restore
 holds this rank's records and their column copies (about 3x its share) until they are imported.
 """
-from hybridps.checkpoint.files import CheckpointMismatchError, signed_json_bytes
+from hybridps.checkpoint.files import CheckpointMismatchError, manifest_json_bytes
 from hybridps.checkpoint.format import (CheckpointInfo, ResumePoint, RestoreReport, checkpoint_name,
                                         list_checkpoints, model_signature, row_record_dtype,
                                         schema_of, signature_hash)
@@ -97,4 +99,4 @@ __all__ = ["CheckpointInfo", "CheckpointManager", "CheckpointMismatchError", "NO
            "load_manifest", "model_signature", "read_dense", "read_table_rows",
            "resolve_checkpoint", "restore_checkpoint", "resume_candidates", "row_record_dtype",
            "save_checkpoint", "schema_of", "set_aside_damaged", "signature_hash",
-           "signed_json_bytes", "verify_checkpoint"]
+           "manifest_json_bytes", "verify_checkpoint"]

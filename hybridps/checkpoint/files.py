@@ -1,23 +1,36 @@
-"""Atomic files and signed JSON: the I/O every checkpoint, delta and export write relies on.
+"""Atomic files and checksummed manifests: the I/O every checkpoint, delta and export relies on.
 
 What lives here: writing a file and fsyncing it (with its sha256), replacing a small file
-atomically, hashing a file, canonical JSON with its own sha256 (``signed_json_bytes`` /
-``load_signed_json``), the collective begin/commit of an atomically renamed directory, and the
-agreement of every rank on an error. What does not: what goes into a checkpoint
-(hybridps.checkpoint.format / writer / reader).
+atomically, hashing a file, manifest JSON with its own checksum and, when the operator gives a
+key, its HMAC signature (``manifest_json_bytes`` / ``load_manifest_json``), the collective
+begin/commit of an atomically renamed directory, and the agreement of every rank on an error.
+What does not: what goes into a checkpoint (hybridps.checkpoint.format / writer / reader).
+
+Checksum and signature. ``manifest_sha256`` is the sha256 of the manifest's canonical JSON,
+which lists every file's sha256 and size: it catches accidental damage (a truncated copy, a
+flipped bit, a file overwritten by mistake). It has no key, so it does not prove where the
+files came from: whoever edits a manifest can recompute it. With a key file named by
+``HYBRIDPS_SIGNING_KEY_FILE`` (the same key where the files are written and read), each
+manifest also carries ``manifest_hmac_sha256``, an HMAC-SHA256 of its content with that key,
+and reading refuses a manifest whose HMAC does not verify or that has none. Either way a
+manifest is data: it never chooses code to run (hybridps.models.registry.model_to_build).
 """
 import hashlib
+import hmac
 import json
 import os
 import shutil
 
 import numpy as np
 
-from hybridps.errors import CheckpointError
+from hybridps.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-ckpt-"
+CHECKSUM_FIELD = "manifest_sha256"
+SIGNATURE_FIELD = "manifest_hmac_sha256"
+SIGNING_KEY_ENV = "HYBRIDPS_SIGNING_KEY_FILE"
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -77,16 +90,53 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def signed_json_bytes(manifest):
-    """Manifest JSON with ``manifest_sha256``: the sha256 of its canonical form without it."""
-    body = dict(manifest)
-    body.pop("manifest_sha256", None)
-    body["manifest_sha256"] = hashlib.sha256(canonical_json(body)).hexdigest()
+def signing_key():
+    """The operator's manifest signing key (bytes of the file ``HYBRIDPS_SIGNING_KEY_FILE``
+    names), or None when it is not set.
+
+    Raises:
+        ConfigError: the file cannot be read or is empty.
+    """
+    path = os.environ.get(SIGNING_KEY_ENV)
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{SIGNING_KEY_ENV}={path}: cannot read the signing key "
+                          f"({exc.strerror or exc})") from None
+    if not key.strip():
+        raise ConfigError(f"{SIGNING_KEY_ENV}={path}: the signing key file is empty")
+    return key
+
+
+def _hmac_of(key, body):
+    return hmac.new(key, canonical_json(body), hashlib.sha256).hexdigest()
+
+
+def manifest_json_bytes(manifest):
+    """Manifest JSON with ``manifest_sha256`` (the sha256 of its canonical form without it) and,
+    when a signing key is set, ``manifest_hmac_sha256`` (module doc)."""
+    body = {k: v for k, v in manifest.items()     # ``_bytes``, ``_signature``: added when read
+            if k not in (CHECKSUM_FIELD, SIGNATURE_FIELD) and not k.startswith("_")}
+    key = signing_key()
+    if key is not None:
+        body[SIGNATURE_FIELD] = _hmac_of(key, body)
+    body[CHECKSUM_FIELD] = hashlib.sha256(canonical_json(body)).hexdigest()
     return json.dumps(body, sort_keys=True, indent=1, default=json_default).encode() + b"\n"
 
 
-def load_signed_json(path, expected_format):
-    """A manifest written by :func:`signed_json_bytes`, checked against its own sha256."""
+def load_manifest_json(path, expected_format):
+    """A manifest written by :func:`manifest_json_bytes`, checked against its own checksum and,
+    when a signing key is set, its HMAC signature (module doc). ``_signature`` of the result
+    says what was found: ``"verified"``, ``"unchecked"`` (signed, no key here) or
+    ``"unsigned"``.
+
+    Raises:
+        CheckpointError: missing, not JSON, another format or version, a checksum mismatch, or
+            (with a signing key) no signature or one that does not verify.
+    """
     if os.path.lexists(path) and not os.path.isfile(path):
         raise CheckpointError(f"{path} is not a file (a directory?): {os.path.dirname(path)} is damaged")
     if not os.path.isfile(path):
@@ -102,14 +152,34 @@ def load_signed_json(path, expected_format):
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {manifest.get('format_version')}; this "
                               f"hybridps reads version {FORMAT_VERSION}")
-    recorded = manifest.pop("manifest_sha256", None)
+    recorded = manifest.pop(CHECKSUM_FIELD, None)
     actual = hashlib.sha256(canonical_json(manifest)).hexdigest()
     if recorded != actual:
-        raise CheckpointError(f"{path}: checksum mismatch (manifest_sha256 {str(recorded)[:12]}..., "
+        raise CheckpointError(f"{path}: checksum mismatch ({CHECKSUM_FIELD} {str(recorded)[:12]}..., "
                               f"content hashes to {actual[:12]}...): the manifest was edited or damaged")
-    manifest["manifest_sha256"] = recorded
+    manifest["_signature"] = _check_signature(path, manifest)
+    manifest[CHECKSUM_FIELD] = recorded
     manifest["_bytes"] = len(raw)
     return manifest
+
+
+def _check_signature(path, manifest):
+    """``"verified"``, ``"unchecked"`` or ``"unsigned"`` (see :func:`load_manifest_json`)."""
+    key = signing_key()
+    signature = manifest.get(SIGNATURE_FIELD)
+    if key is None:
+        return "unchecked" if signature is not None else "unsigned"
+    if signature is None:
+        raise CheckpointError(f"{path}: not signed, and {SIGNING_KEY_ENV} is set: only manifests "
+                              f"signed with that key are accepted (written without a key, or the "
+                              f"signature was removed)")
+    body = {k: v for k, v in manifest.items() if k != SIGNATURE_FIELD}
+    expected = _hmac_of(key, body).encode()
+    if not isinstance(signature, str) or not hmac.compare_digest(signature.encode(), expected):
+        raise CheckpointError(f"{path}: bad signature: {SIGNATURE_FIELD} does not verify with the key "
+                              f"{SIGNING_KEY_ENV} names (the manifest was edited, or signed with "
+                              f"another key)")
+    return "verified"
 
 
 def error_of(exc):

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from hybridps.checkpoint.files import FORMAT_VERSION, MANIFEST, TMP_PREFIX, canonical_json
+from hybridps.models.registry import model_spec_name, model_to_build
 from hybridps.sparse.routing import DEFAULT_NUM_BUCKETS, OWNER_FUNCTION
 
 FORMAT = "hybridps-checkpoint"
@@ -116,14 +117,6 @@ def set_numpy_rng_state(state):
                          state["has_gauss"], state["cached_gaussian"]))
 
 
-def model_spec_name(spec):
-    """A model setting as the signature records it: a built-in name, or ``file.py:function``
-    / ``module:function`` with the file's directory left out (a checkpoint moves between
-    machines and working directories)."""
-    where, sep, function = spec.rpartition(":")
-    return f"{os.path.basename(where)}{sep}{function}" if sep else spec
-
-
 def model_signature(config=None, schema=None, tables=None, num_buckets=None):
     """What a checkpoint must share with the run that restores it (JSON-able dict).
 
@@ -161,8 +154,27 @@ MODEL_SETTINGS = ("model", "dim", "hidden", "cross_layers", "seed", "optimizer",
                   "table_settings", "num_fields", "num_dense", "features", "num_buckets")
 
 
-def model_config_of(manifest):
-    """A TrainConfig with the model settings of a checkpoint (MODEL_SETTINGS of its config)."""
+def recorded_model(manifest):
+    """The ``model`` setting a checkpoint's or export's manifest records (a string, never run)."""
+    return (manifest.get("config") or {}).get("model") or (manifest.get("model") or {}).get("name")
+
+
+def model_config_of(manifest, model=None, where="the checkpoint"):
+    """A TrainConfig with the model settings of a checkpoint or export (MODEL_SETTINGS of its
+    config) whose ``model`` is the one to build: the recorded built-in, or the operator's
+    ``model`` (``--model``) when it matches the recorded one (hybridps.models.registry
+    :func:`model_to_build`: a manifest never chooses code to run).
+
+    Raises:
+        CheckpointError: no config recorded.
+        ConfigError: a user model recorded and no matching ``model`` given (``where`` named).
+    """
+    return _recorded_config(manifest, model_to_build(recorded_model(manifest), model, where))
+
+
+def _recorded_config(manifest, model=None):
+    """The recorded model settings as a TrainConfig, with ``model`` when given (else the
+    recorded one, only a name here)."""
     from hybridps.config import make_config
     saved = manifest.get("config")
     if not saved:
@@ -172,6 +184,8 @@ def model_config_of(manifest):
     settings = {k: saved[k] for k in MODEL_SETTINGS if k in saved and saved[k] is not None}
     if settings.get("table_settings"):
         settings["table_settings"] = {int(t): v for t, v in settings["table_settings"].items()}
+    if model is not None:
+        settings["model"] = model
     return make_config(overrides=settings)
 
 
@@ -182,7 +196,7 @@ def schema_of(manifest):
     if manifest.get("schema"):
         return schema_from_dict(manifest["schema"])
     info = manifest.get("model") or {}
-    config = model_config_of(manifest)
+    config = _recorded_config(manifest)
     return criteo_preset(config, int(info.get("num_fields", config.num_fields)),
                          int(info.get("num_dense", config.num_dense)))
 

@@ -9,9 +9,11 @@ import os
 import re
 
 from hybridps.checkpoint.files import json_default
-from hybridps.checkpoint.format import CKPT_NAME, DAMAGED_PREFIX, LATEST, MANIFEST, list_checkpoints
+from hybridps.checkpoint.format import (CKPT_NAME, DAMAGED_PREFIX, LATEST, MANIFEST, list_checkpoints,
+                                        recorded_model)
 from hybridps.checkpoint.reader import load_manifest, verify_checkpoint
 from hybridps.errors import CheckpointError
+from hybridps.models.registry import is_user_model
 
 _CHECKPOINT_DIR_NAME = re.compile(r"^(damaged-)?ckpt-\d{10}(\.\d+)?$")   # one checkpoint
 
@@ -24,8 +26,11 @@ def inspect_checkpoint(path, level="full"):
 
     Returns:
         dict: for a checkpoint, ``path, ok, problems, step, world_size, mode, created,
-        config_hash, model_hash, num_buckets, tables [{dim, optimizer, rows, candidates,
-        bytes}], dense_variables, total_bytes, files``; for a root, ``root, latest,
+        config_hash, model_hash, num_buckets, model, model_setting, user_model (True: a user
+        build function, which commands run only when given as ``--model``), signature
+        (``verified``, ``unchecked``: signed but no key here, ``unsigned``; a bad one is a
+        problem), tables [{dim, optimizer, rows, candidates, bytes}], dense_variables,
+        total_bytes, files``; for a root, ``root, latest,
         checkpoints [...], set_aside`` (damaged checkpoints a resume renamed), ``problems``
         (what is wrong with ``latest``, or no checkpoint at all) and ``ok`` (no problems: the
         checkpoint ``latest`` names is intact).
@@ -46,6 +51,7 @@ def inspect_checkpoint(path, level="full"):
     except CheckpointError:
         summary["ok"] = False
         return summary
+    setting = recorded_model(manifest)
     table_bytes = {}
     for name, entry in manifest["files"].items():
         if "table" in entry:
@@ -54,7 +60,8 @@ def inspect_checkpoint(path, level="full"):
         ok=not summary["problems"], step=manifest["step"], world_size=manifest["world_size"],
         mode=manifest["mode"], created=manifest["created"], config_hash=manifest["config_hash"],
         model_hash=manifest["model_hash"], num_buckets=manifest["num_buckets"],
-        model=manifest.get("model"),
+        model=manifest.get("model"), model_setting=setting,
+        user_model=setting is not None and is_user_model(setting), signature=manifest["_signature"],
         tables=[{"table": t, "dim": info["dim"], "optimizer": info["optimizer"], "rows": info["rows"],
                  "candidates": info["candidates"], "bytes": table_bytes.get(t, 0),
                  "admission_eviction": info.get("admission_eviction")}
@@ -84,6 +91,14 @@ def _inspect_latest(root, found):
     return latest, []
 
 
+_SIGNATURE_TEXT = {
+    "verified": "signed, signature verified with HYBRIDPS_SIGNING_KEY_FILE",
+    "unchecked": "signed, signature NOT checked (HYBRIDPS_SIGNING_KEY_FILE is not set); its "
+                 "checksum detects accidental damage, not a deliberate edit",
+    "unsigned": "unsigned: its checksum detects accidental damage, not a deliberate edit "
+                "(set HYBRIDPS_SIGNING_KEY_FILE when writing and reading to sign and verify)"}
+
+
 def _format_summary(summary):
     if "root" in summary:
         lines = [f"{summary['root']}: latest -> {summary['latest']}"]
@@ -106,6 +121,14 @@ def _format_summary(summary):
                        f"max_rows {policy['max_rows']} ({policy['eviction']})") if policy else ""
         lines.append(f"  table {t['table']}: dim {t['dim']}, {t['optimizer']}, {t['rows']} rows, "
                      f"{t['candidates']} candidates, {t['bytes']} bytes{policy_text}")
+    if summary["model_setting"] is None:
+        lines.append("  model: none recorded (tables only)")
+    else:
+        lines.append(f"  model: {summary['model_setting']}" + (
+            " (a user build function: serve, export, evaluate and predict run it only when given "
+            "the same one with --model; hybridps never imports it because a manifest names it)"
+            if summary["user_model"] else " (built-in)"))
+    lines.append("  manifest: " + _SIGNATURE_TEXT[summary["signature"]])
     checked = "every sha256" if summary.get("level") == "full" else "sizes and small files"
     lines.append(f"  verification ({checked}): " + ("OK" if summary["ok"] else "DAMAGED"))
     lines += [f"  - {p}" for p in summary["problems"]]

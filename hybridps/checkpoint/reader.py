@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from hybridps.checkpoint.files import (CheckpointMismatchError, agree, error_of, load_signed_json,
+from hybridps.checkpoint.files import (CheckpointMismatchError, agree, error_of, load_manifest_json,
                                        sha256_file)
 from hybridps.checkpoint.format import (CANDIDATE_DTYPE, CKPT_NAME, DENSE_FILE, FORMAT, LATEST, MANIFEST,
                                         META_FIELDS, RestoreReport, full_config_hash, list_checkpoints,
@@ -67,7 +67,7 @@ def load_manifest(ckpt_dir):
         CheckpointError: missing, not JSON (truncated?), not a hybridps checkpoint, a format
             version this hybridps does not read, or its content does not match its sha256.
     """
-    manifest = load_signed_json(os.path.join(ckpt_dir, MANIFEST), FORMAT)
+    manifest = load_manifest_json(os.path.join(ckpt_dir, MANIFEST), FORMAT)
     if signature_hash(manifest["model_signature"]) != manifest["model_hash"]:
         raise CheckpointError(f"{os.path.join(ckpt_dir, MANIFEST)}: model_hash does not match the "
                               f"recorded model signature")

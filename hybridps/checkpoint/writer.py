@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 
 from hybridps.checkpoint.files import (agree, begin_atomic_dir, canonical_json, commit_atomic_dir,
-                                       signed_json_bytes, write_atomic_small, write_file)
+                                       manifest_json_bytes, write_atomic_small, write_file)
 from hybridps.checkpoint.format import (CANDIDATE_DTYPE, DENSE_FILE, LATEST, META_FIELDS, TMP_PREFIX,
                                         CheckpointInfo, build_manifest, checkpoint_name,
                                         list_checkpoints, numpy_rng_state, row_record_dtype,
@@ -219,7 +219,7 @@ def save_checkpoint(root, step, *, tables, comm=None, config=None, schema=None,
     total = sum(e["bytes"] for g in gathered for e in g["entries"])
 
     def manifest_bytes():
-        return signed_json_bytes(build_manifest(step, comm.size, config, schema, tables,
+        return manifest_json_bytes(build_manifest(step, comm.size, config, schema, tables,
                                                  num_buckets, gathered, extra))
 
     def publish():

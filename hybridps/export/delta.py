@@ -8,7 +8,7 @@ trainer asks, the next delta or full export as due), :func:`list_exports`,
 :func:`apply_delta` / :func:`apply_export` (bring a serving module forward by one export, in
 place or into a new SavedModel version). What does not: the SavedModel itself
 (hybridps.export.saved_model), the server that follows a directory (hybridps.serving), the
-checkpoint format (hybridps.checkpoint, whose atomic-directory and signed-manifest functions
+checkpoint format (hybridps.checkpoint, whose atomic-directory and checksummed-manifest functions
 this reuses).
 
 The export directory
@@ -27,7 +27,8 @@ sequence order:
   eviction policies erased since the previous export (``.tombstones.npy``, per rank and
   table), and the dense variables after ``to`` completed steps.
 
-Every manifest (signed, with each file's sha256 and size) holds ``kind``, ``sequence``,
+Every manifest (with its own checksum, an HMAC signature when a signing key is set, and each
+file's sha256 and size; hybridps.checkpoint.files) holds ``kind``, ``sequence``,
 ``from_step``, ``to_step``, ``position`` (the data or stream position the trainer passed,
 stored verbatim; may be null), ``created_unix`` and the model hash. An export is written into
 ``.tmp-delta-<name>`` and renamed when complete: a reader never sees half of one.
@@ -50,8 +51,8 @@ import time
 
 import numpy as np
 
-from hybridps.checkpoint.files import (agree, begin_atomic_dir, commit_atomic_dir, load_signed_json,
-                                       sha256_file, signed_json_bytes, write_file)
+from hybridps.checkpoint.files import (agree, begin_atomic_dir, commit_atomic_dir, load_manifest_json,
+                                       sha256_file, manifest_json_bytes, write_file)
 from hybridps.checkpoint.format import DENSE_FILE, FORMAT_VERSION, MANIFEST
 from hybridps.comm import SingleProcessComm
 from hybridps.errors import CheckpointError, ConfigError
@@ -155,7 +156,7 @@ def _save_npy(tmp_dir, name, array):
 
 def _write_export(root, name, manifest_fields, *, tables, comm, model, rows_of, tombstones):
     """Collective: every rank writes its rows (``rows_of(t, table) -> (keys, values)``) and
-    tombstones, rank 0 the dense variables and the signed manifest; atomic (module doc)."""
+    tombstones, rank 0 the dense variables and the manifest; atomic (module doc)."""
     comm = comm or SingleProcessComm()
     root = os.path.abspath(root)
     final_dir = os.path.join(root, name)
@@ -208,7 +209,7 @@ def _write_export(root, name, manifest_fields, *, tables, comm, model, rows_of, 
                        for t, table in enumerate(tables)],
             "dense": gathered[0]["dense"], "files": files,
             "total_bytes": sum(f["bytes"] for f in files.values())})
-        return signed_json_bytes(manifest)
+        return manifest_json_bytes(manifest)
 
     commit_atomic_dir(comm, root, tmp_dir, final_dir, manifest_bytes, lambda: None, what)
     return final_dir
@@ -375,8 +376,8 @@ class LoadedExport:
 
 
 def load_export(path):
-    """Read a delta or full export, checking the manifest's signature and every file's size
-    and sha256.
+    """Read a delta or full export, checking the manifest's checksum (and signature) and every
+    file's size and sha256.
 
     Returns:
         LoadedExport.
@@ -385,11 +386,11 @@ def load_export(path):
     """
     manifest_path = os.path.join(path, MANIFEST)
     try:
-        manifest = load_signed_json(manifest_path, DELTA_FORMAT)
+        manifest = load_manifest_json(manifest_path, DELTA_FORMAT)
     except CheckpointError:
         if not os.path.basename(os.path.normpath(path)).startswith(FULL_PREFIX):
             raise
-        manifest = load_signed_json(manifest_path, FULL_FORMAT)
+        manifest = load_manifest_json(manifest_path, FULL_FORMAT)
     for name, entry in manifest["files"].items():
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):

@@ -38,6 +38,7 @@ from hybridps.checkpoint.reader import load_manifest, read_dense, read_table_row
 from hybridps.data.hashing import GOLDEN, MISSING_ID, space_seed
 from hybridps.errors import CheckpointError
 from hybridps.export.saving import save_atomically
+from hybridps.models.registry import add_model_argument
 
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -59,15 +60,19 @@ def tf_space_keys(tf, ids, key_space):
     return tf.bitcast(mix(tf.bitwise.bitwise_xor(mix(u + tf.constant(GOLDEN, tf.uint64)), seed)), tf.int64)
 
 
-def build_model_from_manifest(manifest):
-    """The Keras model the checkpoint was trained with (fresh weights, built on a sample)."""
+def build_model_from_manifest(manifest, model=None, where="the checkpoint"):
+    """The Keras model the checkpoint was trained with (fresh weights, built on a sample).
+
+    A recorded built-in model is rebuilt from hybridps's own code; a recorded user model only
+    from the operator's ``model`` (``--model``), which must be the recorded one
+    (hybridps.checkpoint.format.model_config_of; ConfigError otherwise, naming ``where``)."""
     from hybridps.models import build_model
     from hybridps.step import build_on_sample
     schema = schema_of(manifest)
-    config = model_config_of(manifest)
-    model = build_model(config.model, schema, config)
-    build_on_sample(_tf(), model, schema)
-    return model, schema
+    config = model_config_of(manifest, model, where)
+    keras_model = build_model(config.model, schema, config)
+    build_on_sample(_tf(), keras_model, schema)
+    return keras_model, schema
 
 
 def _make_serving_module_class(tf):
@@ -183,10 +188,11 @@ def _serve_function(tf, model, schema, tables):
     return serve
 
 
-def build_serving_module(checkpoint):
+def build_serving_module(checkpoint, model=None):
     """The ServingModule of a checkpoint (directory or root), not yet saved.
 
     Reads every table's rows (CRC-checked per bucket) and the dense state (sha256-checked).
+    ``model``: the operator's ``--model`` (see :func:`build_model_from_manifest`).
     Returns:
         (module, manifest).
     """
@@ -195,34 +201,37 @@ def build_serving_module(checkpoint):
     if problems:
         raise CheckpointError(f"cannot export the damaged checkpoint {ckpt_dir}: " + "; ".join(problems))
     manifest = load_manifest(ckpt_dir)
+    model_config_of(manifest, model, ckpt_dir)          # refuse an unnamed user model before reading
     model_values, _ = read_dense(ckpt_dir, manifest)
     tables_rows = []
     for t in range(len(manifest["tables"])):
         rows = read_table_rows(ckpt_dir, manifest, t)
         tables_rows.append((rows["keys"], rows["values"]))
-    module = serving_module_of(manifest, model_values, tables_rows, manifest["step"], ckpt_dir)
+    module = serving_module_of(manifest, model_values, tables_rows, manifest["step"], ckpt_dir, model)
     return module, manifest
 
 
-def serving_module_of(manifest, dense_values, tables_rows, step, where):
+def serving_module_of(manifest, dense_values, tables_rows, step, where, model=None):
     """A ServingModule of the model a manifest describes (a checkpoint's, or a full export's:
     ``config``, ``schema``, ``model``), with these dense values and (keys, values) per table.
+    ``model``: the operator's ``--model`` (see :func:`build_model_from_manifest`).
 
     Raises:
         CheckpointError: the dense values do not fit the rebuilt model (``where`` is named).
+        ConfigError: a user model recorded and ``model`` does not name it.
     """
     tf = _tf()
-    model, schema = build_model_from_manifest(manifest)
-    if len(dense_values) != len(model.variables):
+    keras_model, schema = build_model_from_manifest(manifest, model, where)
+    if len(dense_values) != len(keras_model.variables):
         raise CheckpointError(f"{where}: {len(dense_values)} dense variables saved, the rebuilt "
-                              f"model has {len(model.variables)}")
-    for variable, value in zip(model.variables, dense_values):
+                              f"model has {len(keras_model.variables)}")
+    for variable, value in zip(keras_model.variables, dense_values):
         variable.assign(value)
-    return _make_serving_module_class(tf)(model, schema, tables_rows, step,
+    return _make_serving_module_class(tf)(keras_model, schema, tables_rows, step,
                                           manifest.get("model_hash") or "")
 
 
-def export_saved_model(checkpoint, out_dir, *, overwrite=False, deltas=()):
+def export_saved_model(checkpoint, out_dir, *, overwrite=False, deltas=(), model=None):
     """Write a SavedModel that serves the checkpoint's model from raw feature ids.
 
     Args:
@@ -230,15 +239,17 @@ def export_saved_model(checkpoint, out_dir, *, overwrite=False, deltas=()):
         out_dir: the SavedModel directory (for TF Serving: ``BASE/<version>``).
         overwrite: replace an existing ``out_dir``.
         deltas: delta directories to apply, in order, before saving.
+        model: the operator's ``--model`` (see :func:`build_model_from_manifest`).
     Returns:
         dict: ``path``, ``step``, ``rows`` per table, ``seconds``.
     Raises:
         CheckpointError: damaged checkpoint, no model description, ``out_dir`` exists.
+        ConfigError: a user model recorded and ``model`` does not name it.
     """
     from hybridps.export.delta import apply_delta
     started = time.perf_counter()
     tf = _tf()
-    module, manifest = build_serving_module(checkpoint)
+    module, manifest = build_serving_module(checkpoint, model)
     for delta_dir in deltas:
         apply_delta(module, delta_dir)
     path = save_atomically(tf, module, out_dir, overwrite)
@@ -256,12 +267,14 @@ def add_export_arguments(parser):
     parser.add_argument("--delta", action="append", default=[],
                         help="a delta directory to apply before saving (repeat, in order)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_model_argument(parser)
     parser.set_defaults(func=export_main)
 
 
 def export_main(args):
     """``hybridps export --checkpoint DIR --out SAVEDMODEL``: print what was written."""
-    result = export_saved_model(args.checkpoint, args.out, overwrite=args.overwrite, deltas=args.delta)
+    result = export_saved_model(args.checkpoint, args.out, overwrite=args.overwrite, deltas=args.delta,
+                                model=args.model)
     schema = result["schema"]
     if schema.preset == "criteo":
         inputs = f"dense float32 [None, {schema.num_dense}], keys int64 [None, {len(schema.sparse)}]"

@@ -5,6 +5,11 @@ build function: ``path/to/file.py:build`` or ``package.module:build``. A build f
 called as ``build(schema, config)`` and returns a ``tf.keras.Model`` on the input contract of
 hybridps.models (docs/model.md). This module imports no TensorFlow itself, so the
 config can check names without loading it.
+
+A checkpoint or export records the ``model`` it was trained with, but a file received from
+elsewhere is data: it never chooses code to run. :func:`model_to_build` decides what rebuilds
+a recorded model: a built-in name runs only hybridps's own code; a user build function runs
+only when the operator names it (``--model``) and it is the one recorded.
 """
 import importlib
 import importlib.util
@@ -33,6 +38,52 @@ def check_model_spec(spec):
         raise ConfigError(f"config field 'model': {spec!r} is neither a built-in model "
                           f"({', '.join(MODEL_NAMES)}) nor a build function given as "
                           f"path/to/file.py:build or package.module:build")
+
+
+def model_spec_name(spec):
+    """A model setting as a checkpoint records it for comparison: a built-in name, or
+    ``file.py:function`` / ``module:function`` with the file's directory left out (a
+    checkpoint moves between machines and working directories)."""
+    where, sep, function = spec.rpartition(":")
+    return f"{os.path.basename(where)}{sep}{function}" if sep else spec
+
+
+def model_to_build(recorded, operator_model, where):
+    """The model setting that rebuilds the model a checkpoint or export recorded.
+
+    Args:
+        recorded: the ``model`` setting the file records (never imported by this function).
+        operator_model: the operator's ``--model`` (None: not given).
+        where: the checkpoint or export directory, named in errors.
+    Returns:
+        ``recorded`` when it is a built-in and no ``--model`` was given, else ``operator_model``.
+    Raises:
+        ConfigError: the file names a user model and no ``--model`` was given, or ``--model``
+            names another model than the one recorded.
+    """
+    if not isinstance(recorded, str) or not recorded:
+        raise ConfigError(f"{where} records no model setting ({recorded!r}); it cannot be rebuilt")
+    if operator_model is None:
+        if not is_user_model(recorded):
+            return recorded
+        raise ConfigError(f"{where} was trained with the user model {recorded!r}; hybridps does not "
+                          f"run code that a checkpoint or export names. If you trust that model, pass "
+                          f"its build function yourself: --model path/to/"
+                          f"{model_spec_name(recorded)} (or package.module:function)")
+    check_model_spec(operator_model)
+    if model_spec_name(operator_model) != model_spec_name(recorded):
+        raise ConfigError(f"--model {operator_model!r} is not the model {where} was trained with "
+                          f"({recorded!r}); pass --model naming that model's build function")
+    return operator_model
+
+
+def add_model_argument(parser):
+    """``--model`` of the commands that rebuild a checkpoint's or export's model (evaluate,
+    predict, export, serve): the only way a user build function gets run."""
+    parser.add_argument("--model", metavar="FILE.py:FUNCTION|MODULE:FUNCTION",
+                        help="the user model's build function, when the checkpoint or export was "
+                             "trained with one: it must be the one recorded there (a checkpoint or "
+                             "export never chooses code to run; built-in models need no --model)")
 
 
 def load_build_function(spec):

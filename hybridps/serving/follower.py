@@ -14,7 +14,9 @@ Rules, for a server holding version (sequence) ``s`` at step ``k``:
 * otherwise the newest full export after ``s`` that verifies (it needs no earlier delta);
 * anything else is refused and reported once per (export, reason): a damaged export
   (checksum, missing or truncated file), a delta after a gap in the sequence, a delta whose
-  ``from_step`` is not the held step, another model. The server keeps its version; once the
+  ``from_step`` is not the held step, another model, a full export of a user model that the
+  operator did not name with ``--model`` (an export never chooses code to run:
+  hybridps.models.registry.model_to_build). The server keeps its version; once the
   gap is filled, the damaged export rewritten or a newer full export lands, it goes on.
 
 A refused export is not read and hashed again on every poll: it is retried when one of its
@@ -24,8 +26,10 @@ import dataclasses
 import os
 import time
 
-from hybridps.errors import CheckpointError
+from hybridps.checkpoint.format import recorded_model
+from hybridps.errors import CheckpointError, ConfigError
 from hybridps.export.delta import check_applicable, list_exports, load_export
+from hybridps.models.registry import model_to_build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +69,12 @@ class ExportFollower:
     Args:
         root: the export directory (``--delta-export-dir`` of the training run).
         on_refusal: called with each new :class:`Refusal` (logging, metrics).
+        model: the operator's ``--model`` (None: only exports of built-in models are served).
     """
 
-    def __init__(self, root, on_refusal=None):
+    def __init__(self, root, on_refusal=None, model=None):
         self.root = os.path.abspath(root)
+        self.model = model
         self.on_refusal = on_refusal or (lambda refusal: None)
         self.refusals = []
         self._reported = set()              # (export name, reason)
@@ -136,6 +142,13 @@ class ExportFollower:
             self._damaged[entry.name] = (signature, str(exc))
             self._refuse(entry, f"damaged: {exc}")
             return None
+        if loaded.kind == "full":
+            try:
+                model_to_build(recorded_model(loaded.manifest), self.model, entry.path)
+            except ConfigError as exc:
+                self._damaged[entry.name] = (signature, str(exc))
+                self._refuse(entry, f"not served: {exc}")
+                return None
         self._damaged.pop(entry.name, None)
         return loaded
 

@@ -73,16 +73,19 @@ class LiveModel:
             HYBRIDPS_SERVE_APPLY_DELAY).
         on_apply(version, loaded), on_refusal(refusal), on_batch(rows, requests): hooks for
             metrics.
+        model: the operator's ``--model``: the user build function that rebuilds an export of a
+            user model (it must be the one recorded); None serves built-in models only.
     """
 
     def __init__(self, root, *, poll_seconds=0.3, max_batch_rows=4096, apply_pause=0.0,
-                 on_apply=None, on_refusal=None, on_batch=None):
+                 on_apply=None, on_refusal=None, on_batch=None, model=None):
         self.root, self.poll_seconds, self.max_batch_rows = root, poll_seconds, max_batch_rows
         self.apply_pause = apply_pause
         self.on_apply = on_apply or (lambda version, loaded: None)
         self.on_batch = on_batch or (lambda rows, requests: None)
         self._on_refusal = on_refusal or (lambda refusal: None)
-        self.follower = ExportFollower(root, on_refusal=self._refused)
+        self.model = model
+        self.follower = ExportFollower(root, on_refusal=self._refused, model=model)
         self.module = self.schema = self.version = None
         self._queue = queue.Queue()
         self._stopped = threading.Event()
@@ -219,7 +222,7 @@ class LiveModel:
             from hybridps.export.saved_model import serving_module_of
             from hybridps.schema import schema_from_dict
             module = serving_module_of(loaded.manifest, loaded.dense, loaded.rows, loaded.to_step,
-                                       loaded.path)
+                                       loaded.path, self.model)
             schema = schema_from_dict(loaded.manifest["schema"]) if loaded.manifest.get("schema") else None
             if schema is None:
                 from hybridps.checkpoint.format import schema_of

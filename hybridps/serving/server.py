@@ -149,8 +149,9 @@ def make_app(live, name, metrics):
 
 
 def serve(model_dir, *, host="127.0.0.1", port=DEFAULT_PORT, name="hybridps", poll_seconds=0.3,
-          max_batch_rows=4096, apply_pause=0.0):
-    """Serve ``model_dir`` until SIGTERM or SIGINT (the ``serve`` command's body)."""
+          max_batch_rows=4096, apply_pause=0.0, model=None):
+    """Serve ``model_dir`` until SIGTERM or SIGINT (the ``serve`` command's body; ``model``:
+    the operator's ``--model``, hybridps.serving.live.LiveModel)."""
     from aiohttp import web
     metrics = None
 
@@ -165,7 +166,8 @@ def serve(model_dir, *, host="127.0.0.1", port=DEFAULT_PORT, name="hybridps", po
         metrics.batch_rows.inc(rows)
 
     live = LiveModel(model_dir, poll_seconds=poll_seconds, max_batch_rows=max_batch_rows,
-                     apply_pause=apply_pause, on_apply=applied, on_refusal=refused, on_batch=batch)
+                     apply_pause=apply_pause, on_apply=applied, on_refusal=refused, on_batch=batch,
+                     model=model)
     metrics = ServeMetrics(live)
     live.catch_up()
     live.start()
@@ -207,6 +209,8 @@ def add_serve_arguments(parser):
                         help="how often to look for new exports (0.3)")
     parser.add_argument("--max-batch-rows", type=int, default=4096,
                         help="rows of one batched model call at most (4096)")
+    from hybridps.models.registry import add_model_argument
+    add_model_argument(parser)
     parser.set_defaults(func=serve_main)
 
 
@@ -223,4 +227,4 @@ def serve_main(args):
     sys.stderr.flush()
     return serve(args.model_dir, host=args.host, port=args.port, name=args.name,
                  poll_seconds=args.poll_seconds, max_batch_rows=args.max_batch_rows,
-                 apply_pause=config_module.env_serve_apply_delay())
+                 apply_pause=config_module.env_serve_apply_delay(), model=args.model)
