@@ -280,6 +280,8 @@ def _openmpi_argv(env, num_ranks, host_slots, bind, threads, oversubscribed, exp
     names = list(exported)
     if host_slots:   # remote ranks start with a fresh environment: carry the software stack
         names += [n for n in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV") if n in environ]
+        # and hybridps' own settings (the signing key file, the watchdog directory, ...)
+        names += sorted(n for n in environ if n.startswith("HYBRIDPS_") and n not in names)
     for name in names:
         argv += ["-x", name]
     return argv

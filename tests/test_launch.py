@@ -63,12 +63,14 @@ def test_openmpi_as_user_with_cores_to_spare():
 
 
 def test_openmpi_on_hosts_exports_the_environment_to_remote_ranks():
-    environ = {"PATH": "/venv/bin:/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"}
+    environ = {"PATH": "/venv/bin:/usr/bin", "LD_LIBRARY_PATH": "/opt/lib",
+               "HYBRIDPS_SIGNING_KEY_FILE": "/secrets/key"}
     plan = launch.build_plan(PROGRAM, env_for(cores=4, is_root=False), num_ranks=8,
                              hosts="n1:4,n2:4", environ=environ)
     line = plan.command_line()
     assert "--host n1:4,n2:4" in line
     assert "-x PATH" in line and "-x LD_LIBRARY_PATH" in line and "-x PYTHONPATH" not in line
+    assert line.count("-x HYBRIDPS_SIGNING_KEY_FILE") == 1    # the signing key reaches remote ranks
     assert "--oversubscribe" not in line and plan.ranks_per_node == 4
     assert plan.env["OMP_NUM_THREADS"] == "1"
     # Hosts without slots share the ranks evenly.
