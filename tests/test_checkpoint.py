@@ -608,9 +608,9 @@ def test_a_save_that_fails_on_a_full_disk_removes_its_temporary_directory(tmp_pa
 
 def _holder(root):
     """A process holding ``root/ckpt`` as a job does (checkpoint_scenarios.py hold)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "parallel", "checkpoint_scenarios.py"),
-                             "hold", str(root)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    script = os.path.join(REPO, "tests", "parallel", "checkpoint_scenarios.py")
+    proc = subprocess.Popen([sys.executable, script, "hold", str(root)], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line == "holding\n", (line, proc.stderr.read() if proc.poll() is not None else "")
     return proc

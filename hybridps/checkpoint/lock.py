@@ -1,8 +1,9 @@
 """One training job per checkpoint directory: an exclusive lock on ``ROOT/.hybridps.lock``.
 
 What lives here: :func:`lock_checkpoint_dir` (take the lock or refuse, naming the job that
-holds it), :func:`unlock_checkpoint_dir` and :func:`read_holder`. What does not: when a job takes it (hybridps.checkpoint.manager,
-rank 0, before training), the checkpoint files (writer, reader).
+holds it), :func:`unlock_checkpoint_dir` and :func:`read_holder`. What does not: when a job
+takes it (hybridps.checkpoint.manager, rank 0, before training), the checkpoint files (writer,
+reader).
 
 Two jobs saving into one directory would delete each other's temporary directories, prune
 each other's checkpoints and move ``latest`` back and forth. So the writer of the shared files
