@@ -8,17 +8,17 @@ reader).
 Two jobs saving into one directory would delete each other's temporary directories, prune
 each other's checkpoints and move ``latest`` back and forth. So the writer of the shared files
 (rank 0) takes an exclusive, non-blocking POSIX record lock (``fcntl.lockf``) on
-``ROOT/.hybridps.lock`` at start-up and holds it for the life of its process, with the holder
-(host, pid, start time, batch job id) written into the file; a second job finds it held and
-stops before training with a ConfigError naming that holder.
+``ROOT/.hybridps.lock`` at start-up and holds it until the job ends, with the holder (host,
+pid, start time, batch job id) written into the file; a second job finds it held and stops
+before training with a ConfigError naming that holder.
 
 The kernel releases the lock when the holding process ends, however it ends (exit, crash,
 SIGKILL, a lost node on NFS once its lease expires), so there is no stale lock to remove by
 hand: a file left behind by a killed job is only a note, and the next job takes it over. A job
 that ends normally removes the file (while still holding the lock; a job that opened the old
-file meanwhile sees that it is gone and locks the new one). On NFS (v4, or v3 with lockd) the lock is taken on
-the server, so it holds across hosts; a file system that offers no locks (some FUSE mounts,
-Lustre mounted without ``flock``/``localflock``) gets a warning and no lock.
+file meanwhile sees that it is gone and locks the new one). On NFS (v4, or v3 with lockd) the
+lock is taken on the server, so it holds across hosts; a file system that offers no locks
+(some FUSE mounts, Lustre mounted without ``flock``/``localflock``) gets a warning and no lock.
 
 A process holds one lock per directory: a second CheckpointManager of the same process (runs
 one after another in one Python process) shares it, counted; POSIX locks belong to the process,

@@ -106,7 +106,7 @@ class Startup:
             self.loading = None
             log(f"serving version {version.sequence}, step {version.step} ({version.export})" if version
                 else f"ready; no full export in {self.live.root} yet: waiting for one")
-        except Exception as exc:        # noqa: BLE001  reported and ends the server
+        except Exception as exc:        # reported; the server stops (serve raises it)
             self.failed = f"{type(exc).__name__}: {exc}"
             log(f"loading failed: {self.failed}")
             on_failure()
