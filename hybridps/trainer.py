@@ -107,6 +107,7 @@ class Trainer:
         if self.backend.serves:   # serve until every worker is done, then join the reductions
             self.backend.serve(self.start_step, on_consistent_point=self._at_step_boundary)
             self._at_step_boundary(c.steps, end=True)
+            self._release_checkpoint_dir()
             record.finished = time.perf_counter()
             return self._summarize(record)
         global_batch = tf.constant(float(c.batch_size * self.compute_ranks))
@@ -168,8 +169,14 @@ class Trainer:
         record.steps = completed
         exchange_trace.mark("train_end")
         self._at_step_boundary(completed, end=True)
+        self._release_checkpoint_dir()
         self._report_stop(completed)
         return self._summarize(record)
+
+    def _release_checkpoint_dir(self):
+        """The last checkpoint is written: another job may use the directory now."""
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
     def _batches(self, first, last):
         """The batches of the steps from ``first`` (to ``last``, None: unbounded). Runs without

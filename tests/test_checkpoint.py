@@ -7,6 +7,7 @@ variables), from hashlib over the files, and from an independent numpy splitmix6
 exported model is checked against build_model + rows gathered by hand.
 """
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -397,6 +398,7 @@ def resume_trainer(trainer, log):
     manager = ckpt.CheckpointManager(trainer.config, build_schema(trainer.config), trainer.comm, log=log)
     state = BackendState(tables=trainer.sharded.tables, shard=(0, 1), model=None, dense_optimizer=None)
     step, data_state, _ = manager.resume(state)
+    manager.close()                 # as the Trainer does when its run ends
     if data_state is not None:
         trainer.dataset.restore(data_state)
     return step
@@ -564,6 +566,107 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     # the next save removes the leftover and completes
     ckpt.save_checkpoint(tmp_path / "ckpt", 2, tables=tables, num_buckets=scenarios.NUM_BUCKETS)
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["ckpt-0000000001", "ckpt-0000000002", "latest"]
+
+
+# ---------------------------------------------------------------------------- full disk, two jobs
+def _enospc_on_call(n):
+    """A write_file that writes part of the n-th file it is asked for, then fails as a full
+    disk does (the earlier ones are written)."""
+    from hybridps.checkpoint.files import write_file as real
+    calls = []
+
+    def write_file(path, chunks):
+        calls.append(path)
+        if len(calls) == n:
+            with open(path, "wb") as fh:
+                fh.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(path, chunks)
+    return write_file
+
+
+@pytest.mark.parametrize("failing", ["a shard file", "the manifest", "the latest pointer"])
+def test_a_save_that_fails_on_a_full_disk_removes_its_temporary_directory(tmp_path, monkeypatch, failing):
+    from hybridps.checkpoint import files, writer
+    table = filled_table("adagrad", dim=4, n=600)
+    config = make_config(overrides=TABLES_ONLY)
+    ckpt.save_checkpoint(tmp_path, 10, tables=[table], config=config)
+    before = _snapshot(tmp_path)
+    if failing == "a shard file":
+        monkeypatch.setattr(writer, "write_file", _enospc_on_call(2))
+    else:   # commit: the manifest is files.write_file's first file, latest.tmp its second
+        monkeypatch.setattr(files, "write_file", _enospc_on_call(1 if failing == "the manifest" else 2))
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step 20 under .*No space left on device"):
+        ckpt.save_checkpoint(tmp_path, 20, tables=[table], config=config)
+    left = sorted(os.listdir(tmp_path))
+    assert not [n for n in left if n.startswith(".tmp-") or n.endswith(".tmp")], left
+    # the previous checkpoint and the pointer to it are as they were
+    assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith("ckpt-0000000020")} == before
+    assert ckpt.verify_checkpoint(ckpt_dir_of(tmp_path, 10), level="full") == []
+    assert ckpt.find_resume_point(tmp_path).step == 10
+
+
+def _holder(root):
+    """A process holding ``root/ckpt`` as a job does (checkpoint_scenarios.py hold)."""
+    script = os.path.join(REPO, "tests", "parallel", "checkpoint_scenarios.py")
+    proc = subprocess.Popen([sys.executable, script, "hold", str(root)], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line == "holding\n", (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc
+
+
+def _manager(root):
+    config = types.SimpleNamespace(checkpoint_dir=str(root))
+    return ckpt.CheckpointManager(config, None, SingleProcessComm(), log=lambda m: None)
+
+
+def test_a_second_job_on_a_checkpoint_directory_is_refused_naming_the_holder(tmp_path):
+    import socket
+    from hybridps.errors import ConfigError
+    root = tmp_path / "ckpt"
+    holder = _holder(tmp_path)
+    try:
+        (root / ".tmp-ckpt-0000000007").mkdir()            # the holder's save under way
+        with pytest.raises(ConfigError) as refused:
+            _manager(root)
+        message = str(refused.value)
+        assert f"--checkpoint-dir {root} is in use by another training job: pid {holder.pid} on host " \
+               f"{socket.gethostname()}, started " in message
+        assert "another --checkpoint-dir" in message
+        assert (root / ".tmp-ckpt-0000000007").is_dir()     # the refused job touched nothing
+        holder.kill()                                       # SIGKILL: no clean-up code runs
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.communicate(timeout=30)
+    # the kernel released the lock with the process; the next job takes it over
+    manager = _manager(root)
+    assert json.loads((root / ".hybridps.lock").read_text())["pid"] == os.getpid()
+    assert sorted(os.listdir(root)) == [".hybridps.lock"]   # the dead job's save is gone
+    manager.close()
+    assert os.listdir(root) == []
+
+
+def test_train_refuses_a_checkpoint_directory_another_job_holds_before_training(tmp_path):
+    from tests.mpi_util import MPI_ENV
+    holder = _holder(tmp_path)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "hybridps.cli", "train", "--steps", "3", "--batch-size", "16",
+             "--hidden", "8", "--dim", "4", "--vocab-size", "300", "--num-fields", "3", "--num-dense",
+             "2", "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics-out",
+             str(tmp_path / "metrics.json")], cwd=REPO, env=dict(os.environ, **MPI_ENV),
+            capture_output=True, text=True, timeout=300)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: --checkpoint-dir {tmp_path / 'ckpt'} is in use by another training job: pid {holder.pid}")
+    assert not (tmp_path / "metrics.json").exists()          # no training
+    assert os.listdir(tmp_path / "ckpt") == []               # the holder ended and cleaned up
 
 
 # ---------------------------------------------------------------------------- inspect

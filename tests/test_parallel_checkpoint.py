@@ -149,6 +149,25 @@ def test_damaged_bucket_is_refused_by_every_rank(saved):
     assert "table-002.rank-00001.rows" in messages[0] and "checksum mismatch in bucket" in messages[0]
 
 
+def test_a_held_checkpoint_directory_is_refused_by_every_rank_alike(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, SCRIPT, "hold", str(tmp_path)], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        run_mpi(2, [SCRIPT, "locked", tmp_path], timeout=120)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    with open(tmp_path / "locked.json") as fh:
+        messages = json.load(fh)
+    assert len(messages) == 2 and messages[0] == messages[1], messages
+    assert messages[0].startswith(f"--checkpoint-dir {tmp_path / 'ckpt'} is in use by another training "
+                                  f"job: pid {holder.pid} on host {socket.gethostname()}, started ")
+
+
 def test_trainer_resumed_from_checkpoint_continues_exactly(tmp_path):
     run_mpi(2, [SCRIPT, "trainer", tmp_path], timeout=240)
     info = json.load(open(tmp_path / "trainer.json"))

@@ -7,15 +7,22 @@ against the training tables' own rows. End to end (one 2-rank training job, two 
 predict` runs, two `hybridps serve` processes): served predictions over HTTP equal `hybridps
 predict` on the checkpoint of the served step, row form and column form, a server killed with
 SIGKILL inside a delta apply comes back on a consistent version, bad requests are 400 naming
-the feature, /metrics parses as Prometheus text.
+the feature, /metrics parses as Prometheus text, the port answers 503 LOADING before a model is
+there, an older export copied in is reported as stale. Request handling without TensorFlow (the
+aiohttp app on a stand-in model): abusive bodies are 400/413 naming the limit, the body is
+parsed off the event loop, LOADING until the start-up is done.
 """
+import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -185,6 +192,27 @@ def test_exports_tombstones_and_refusals(tmp_path, tf):
     assert (live.version.sequence, live.version.kind, live.version.position) == (10, "full", {"offset": 9})
     _assert_serves(live, shard, model)
 
+    # the directory is emptied and refilled with an older full export (7): version 10 stays,
+    # and the status says why the export was not taken, once
+    from hybridps.serving.server import status_of
+    seventh = [e for e in list_exports(root) if e.sequence == 7][0]
+    shutil.copytree(seventh.path, tmp_path / "old-copy" / seventh.name)
+    shutil.rmtree(root)
+    root.mkdir()
+    shutil.copytree(tmp_path / "old-copy" / seventh.name, root / seventh.name)
+    refused_before = len(live.follower.refusals)
+    live.catch_up()
+    live.catch_up()
+    assert (live.version.sequence, live.version.step) == (10, 9)
+    _assert_serves(live, shard, model)
+    stale = live.follower.stale_refusals
+    assert len(stale) == 1 and len(live.follower.refusals) == refused_before + 1
+    assert stale[0].export == seventh.name and stale[0].reason.startswith(
+        "stale: full export 7 (step 7) appeared, not newer than the served version 10 (step 9")
+    status = status_of(live, "m")
+    assert status["stale_exports"] == 1 and status["stale_export"]["export"] == seventh.name
+    assert status["version"] == 10
+
 
 # ---------------------------------------------------------------------------- end to end
 def _env(**extra):
@@ -202,9 +230,8 @@ class Server:
              "--port", "0", "--name", "ctr", "--poll-seconds", "0.2"],
             cwd=REPO, env=_env(**env), stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()
-        assert line.startswith("hybridps serve: model dir"), (line, self.stderr())
-        self.start_line = line
-        self.url = line.strip().rsplit(" ", 1)[-1]           # http://127.0.0.1:PORT/v1/models/ctr
+        assert line.startswith("hybridps serve: loading model dir"), (line, self.stderr())
+        self.url = re.search(r"http://\S+", line).group(0)   # http://127.0.0.1:PORT/v1/models/ctr
         self.base = self.url.rsplit("/v1/", 1)[0]
 
     def stderr(self):
@@ -290,10 +317,16 @@ def test_serve_follows_training_exports(tmp_path):
 
     served = tmp_path / "served"
     served.mkdir()
-    _copy_export(full1, served)
     slow = Server(served, tmp_path / "slow.log", HYBRIDPS_SERVE_APPLY_DELAY="60")
     try:
-        assert "version 1, step 2" in slow.start_line
+        # the port answers before any model is there (the export comes later): 503 LOADING
+        code, body = slow.post({"instances": instances[:1]})
+        assert code == 503 and body["error"].startswith("LOADING: "), body
+        status = slow.status()
+        assert status["model_version_status"][0]["state"] == "LOADING" and status["version"] is None
+        assert status["model_version_status"][0]["status"]["error_message"].startswith("LOADING: ")
+        _copy_export(full1, served)
+        slow.wait_for(lambda: slow.status()["version"] == 1, "version 1")
         status = slow.status()
         assert status["model_version_status"][0]["state"] == "AVAILABLE"
         assert (status["version"], status["step"]) == (1, 2)
@@ -310,7 +343,7 @@ def test_serve_follows_training_exports(tmp_path):
         assert families["hybridps_serve_model_version"].samples[0].value == 1
         requests = {s.labels.get("code"): s.value for s in families["hybridps_serve_requests"].samples
                     if s.name == "hybridps_serve_requests_total"}
-        assert requests == {"400": 3, "200": 1}
+        assert requests == {"503": 1, "400": 3, "200": 1}
         assert "hybridps_serve_request_latency_seconds" in families
         # killed inside the apply of delta 2
         _copy_export(delta2, served)
@@ -322,7 +355,8 @@ def test_serve_follows_training_exports(tmp_path):
 
     server = Server(served, tmp_path / "server.log")
     try:
-        assert "version 2, step 4" in server.start_line          # full 1 + delta 2, whole
+        server.wait_for(lambda: server.status()["version"] is not None, "the model")
+        assert (server.status()["version"], server.status()["step"]) == (2, 4)   # full 1 + delta 2, whole
         code, body = server.post({"instances": instances})
         assert code == 200 and (body["version"], body["step"]) == (2, 4)
         np.testing.assert_allclose(body["predictions"], scores4, rtol=1e-5, atol=1e-6)
@@ -353,5 +387,122 @@ def test_serve_follows_training_exports(tmp_path):
         code, again = server.post({"instances": instances[:5]})
         assert code == 200 and again["version"] == 4
         np.testing.assert_allclose(again["predictions"], scores8[:5], rtol=1e-5, atol=1e-6)
+        # an older full export copied in: reported as stale (status, metrics, one log line)
+        shutil.copytree(full1, served / "full-0000000002-0000000002")
+        server.wait_for(lambda: server.status()["stale_export"] is not None, "the stale export")
+        status = server.status()
+        assert status["version"] == 4 and status["stale_exports"] == 1
+        assert status["stale_export"]["reason"].startswith(
+            "stale: full export 2 (step 2) appeared, not newer than the served version 4 (step 8")
+        families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics"))}
+        assert [s.value for s in families["hybridps_serve_stale_exports"].samples
+                if s.name == "hybridps_serve_stale_exports_total"] == [1]
+        assert server.stderr().count("refused full-0000000002-0000000002: stale") == 1
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------- requests, no TF
+class _StandIn:
+    """What the app uses of a LiveModel: a schema, a version, a follower, predict (0.5 each)."""
+
+    def __init__(self, root):
+        from hybridps.config import make_config
+        from hybridps.schema import build_schema
+        from hybridps.serving.follower import ExportFollower, ServedVersion
+        self.root = str(root)
+        self.schema = build_schema(make_config(overrides={"features": FEATURES, "model": "wide_deep"}))
+        self.version = ServedVersion(1, 2, None, time.time(), "full", "full-0000000001-0000000002", "h")
+        self.follower = ExportFollower(root)
+
+    def predict(self, schema, inputs, rows, deliver):
+        deliver(np.full(rows, 0.5, np.float32), self.version, None)
+
+
+def _with_client(live, scenario, limits=None, startup=None):
+    """Run ``scenario(client)`` against the serve app of ``live`` (aiohttp's test client)."""
+    from aiohttp.test_utils import TestClient, TestServer
+    from hybridps.serving.inputs import RequestLimits
+    from hybridps.serving.server import ServeMetrics, make_app
+
+    async def main():
+        app = make_app(live, "ctr", ServeMetrics(live), limits or RequestLimits(), startup)
+        async with TestClient(TestServer(app)) as client:
+            await asyncio.wait_for(scenario(client), 120)
+    asyncio.run(main())
+
+
+async def _post(client, body):
+    response = await client.post("/v1/models/ctr:predict", data=body if isinstance(body, bytes)
+                                 else json.dumps(body).encode())
+    return response.status, await response.json()
+
+
+def test_abusive_requests_are_refused_naming_the_limit(tmp_path):
+    from hybridps.serving.inputs import RequestLimits
+    limits = RequestLimits(max_rows=5, max_ids_per_list=3, max_body_bytes=1 << 20)
+    deep_dicts = ('{"a":' * 50_000 + "1" + "}" * 50_000).encode()
+
+    async def scenario(client):
+        cases = [
+            (b"[" * 100_000, 400, "its brackets do not match"),
+            (deep_dicts, 400, "nests arrays/objects more than 4 levels deep"),
+            ({"instances": [{"tags": [[["a"]]]}]}, 400, "more than 4 levels deep"),
+            ({"inputs": {"x": [[1.0]]}}, 400, "feature 'x' (dense), row 0: [1.0] is not a finite number"),
+            ({"instances": [{"x": 1.0}] * 6}, 400,
+             "instances: 6 rows; this server takes at most 5 rows per request (--max-rows-per-request)"),
+            ({"inputs": {"x": [1.0] * 6}}, 400, "at most 5 rows per request (--max-rows-per-request)"),
+            ({"instances": [{"tags": ["a"]}, {"tags": ["a", "b", "c", "d"]}]}, 400,
+             "feature 'tags', row 1: a list of 4 values; this server takes at most 3 per list "
+             "(--max-ids-per-list)"),
+            ({"inputs": {"seen": [[1], [1, 2, 3, 4, 5]]}}, 400, "feature 'seen', row 1: a list of 5 values"),
+            (b"{" + b" " * (1 << 20) + b"}", 413, "larger than 1048576 bytes (--max-body-bytes)"),
+        ]
+        for body, want_code, want_text in cases:
+            code, answer = await _post(client, body)
+            assert code == want_code and want_text in answer["error"], (str(body)[:80], code, answer)
+        # at the limits: answered
+        code, answer = await _post(client, {"instances": [{"tags": ["a", "b", "c"], "seen": [1, 2, 3]}] * 5})
+        assert code == 200 and answer["predictions"] == [0.5] * 5
+        assert (await client.get("/v1/models/ctr")).status == 200
+    _with_client(_StandIn(tmp_path), scenario, limits)
+
+
+def test_a_request_is_parsed_off_the_event_loop(tmp_path, monkeypatch):
+    from hybridps.serving import server
+    entered, release = threading.Event(), threading.Event()
+    real = server.request_inputs
+
+    def held_parse(raw, schema, limits):
+        entered.set()
+        release.wait(60)
+        return real(raw, schema, limits)
+    monkeypatch.setattr(server, "request_inputs", held_parse)
+
+    async def scenario(client):
+        pending = asyncio.ensure_future(_post(client, {"instances": [{"x": 1.0}]}))
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 60)
+        # the predict request is being parsed: the event loop still answers others
+        status = await asyncio.wait_for(client.get("/v1/models/ctr"), 30)
+        assert status.status == 200 and not pending.done()
+        release.set()
+        assert await pending == (200, {"predictions": [0.5], "version": 1, "step": 2})
+    try:
+        _with_client(_StandIn(tmp_path), scenario)
+    finally:
+        release.set()
+
+
+def test_predict_is_503_loading_until_the_start_up_is_done(tmp_path):
+    startup = types.SimpleNamespace(loading="importing TensorFlow")
+
+    async def scenario(client):
+        code, answer = await _post(client, {"instances": [{"x": 1.0}]})
+        assert code == 503 and answer["error"].startswith("LOADING: importing TensorFlow"), answer
+        status = await (await client.get("/v1/models/ctr")).json()
+        assert status["model_version_status"][0]["state"] == "LOADING" and status["version"] is None
+        assert status["model_version_status"][0]["status"]["error_message"] == "LOADING: importing TensorFlow"
+        startup.loading = None
+        assert await _post(client, {"instances": [{"x": 1.0}]}) == (200, {"predictions": [0.5],
+                                                                         "version": 1, "step": 2})
+    _with_client(_StandIn(tmp_path), scenario, startup=startup)

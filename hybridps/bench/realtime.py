@@ -148,14 +148,15 @@ def run_realtime_bench(out_dir, files=40, rows_per_file=2048, interval_s=1.0, ba
                                    "--port", str(port), "--name", "realtime"],
                                   env=env, stdout=logs["serve"], stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}/v1/models/realtime"
-        while True:
+        while True:     # the port answers at once; the model is ready when AVAILABLE
             try:
-                _http(base, timeout=2)
-                break
+                if _http(base, timeout=2)["model_version_status"][0]["state"] == "AVAILABLE":
+                    break
             except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"bench realtime: the server did not start; see {logs['serve'].name}")
-                time.sleep(0.2)
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"bench realtime: the server did not start; see {logs['serve'].name}")
+            time.sleep(0.2)
         stop = threading.Event()
 
         def follow():

@@ -10,6 +10,7 @@ The package (re-exported here):
   owns under the new world size), :func:`verify_checkpoint`, :func:`read_table_rows`;
 * :mod:`manager`: :class:`CheckpointManager` (save a backend's state, resume into one: it never
   sees a Trainer), :func:`find_resume_point`, damaged checkpoints set aside;
+* :mod:`lock`: one job per checkpoint directory (an exclusive lock naming its holder);
 * :mod:`inspect`: ``hybridps inspect``.
 
 What does not live here: the SavedModel / delta export (hybridps.export, built on these
@@ -59,8 +60,10 @@ of its own canonical JSON, and an HMAC signature when ``HYBRIDPS_SIGNING_KEY_FIL
 key: hybridps.checkpoint.files), fsyncs it and the directory, renames the directory to
 ``ckpt-<step>``, fsyncs ROOT, then replaces ``latest`` (``latest.tmp`` + fsync + os.replace)
 and only then deletes checkpoints beyond the newest ``keep``. A crash at any point leaves
-either no ``ckpt-<step>`` (a ``.tmp-`` directory that the next save deletes) or a complete
-one; ``latest`` always names a complete checkpoint.
+either no ``ckpt-<step>`` (a ``.tmp-`` directory that the next job deletes) or a complete
+one; ``latest`` always names a complete checkpoint. A save that fails (a full disk) removes its
+``.tmp-`` directory itself. One job per directory: rank 0 holds ``ROOT/.hybridps.lock``
+(:mod:`lock`) for the life of the job, so a second job stops before training.
 
 Verification. The manifest holds a sha256 and size per file. A restore checks the manifest's
 own sha256, the model signature (model kind and shapes, field groups, optimizers,

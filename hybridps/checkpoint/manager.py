@@ -2,7 +2,8 @@
 
 What lives here: the resume point (``latest`` first, then older intact checkpoints), refused
 checkpoints set aside as ``damaged-ckpt-<step>`` so no later save prunes or replaces them,
-:class:`CheckpointManager` (``save`` a BackendState and the data position after a step;
+:class:`CheckpointManager` (one job per directory: rank 0 holds its lock, hybridps.checkpoint.lock;
+``save`` a BackendState and the data position after a step;
 ``resume`` a BackendState from the newest intact checkpoint) and the check that restored rows
 sit where the key routing sends them. It works on a backend's state (hybridps.backends.base),
 never on a Trainer. What does not: the format (hybridps.checkpoint.format), reading and
@@ -16,9 +17,10 @@ import numpy as np
 from hybridps.checkpoint.files import CheckpointMismatchError, fsync_dir
 from hybridps.checkpoint.format import (CKPT_NAME, DAMAGED_PREFIX, LATEST, OWNER_FUNCTION, ResumePoint,
                                         list_checkpoints)
+from hybridps.checkpoint.lock import lock_checkpoint_dir, unlock_checkpoint_dir
 from hybridps.checkpoint.reader import NO_SHARD, restore_checkpoint, shard_of, verify_checkpoint
-from hybridps.checkpoint.writer import save_checkpoint
-from hybridps.errors import CheckpointError
+from hybridps.checkpoint.writer import remove_stale_temporaries, save_checkpoint
+from hybridps.errors import CheckpointError, ConfigError
 
 
 def find_resume_point(root, verify="quick"):
@@ -146,11 +148,18 @@ def _set_aside_collectively(comm, root, refused, log):
 class CheckpointManager:
     """Saves and resumes a run's checkpoints under ``config.checkpoint_dir``.
 
+    Creating it is collective: rank 0 (the writer of the shared files) takes the directory's
+    lock (hybridps.checkpoint.lock) until :meth:`close` or the end of the process, then deletes
+    the temporary directories of saves that did not finish (no running job owns them: the lock
+    is held).
+
     Args:
         config: TrainConfig (checkpoint_dir, keep_checkpoints, resume_fresh, num_buckets).
         schema: the run's FeatureSchema (recorded in every checkpoint; restores check it).
         comm: hybridps.comm.Comm (every method is collective over all ranks).
         log: where messages go (default: stderr on rank 0).
+    Raises:
+        ConfigError: another job holds the directory's lock (on every rank, naming it).
     """
 
     def __init__(self, config, schema, comm, log=None):
@@ -159,6 +168,29 @@ class CheckpointManager:
         self.comm = comm
         self.root = config.checkpoint_dir
         self.log = log or (lambda message: sys.stderr.write(f"[hybridps] checkpoint: {message}\n"))
+        self._lock()
+
+    def close(self):
+        """The job is done with the directory: rank 0 releases its lock (not collective)."""
+        if self.comm.rank == 0 and self._locked:
+            self._locked = False
+            unlock_checkpoint_dir(self.root)
+
+    def _lock(self):
+        outcome, self._locked = None, False
+        if self.comm.rank == 0:
+            try:
+                no_lock = lock_checkpoint_dir(self.root)
+                if no_lock:          # another job's save may be under way: leave its files
+                    self.log(no_lock)
+                else:
+                    self._locked = True
+                    remove_stale_temporaries(self.root)
+            except ConfigError as exc:
+                outcome = str(exc)
+        outcome = self.comm.bcast_object(outcome)
+        if outcome:
+            raise ConfigError(outcome)
 
     def save(self, step, state, data_state):
         """Checkpoint a BackendState after ``step`` completed steps (collective). Call it when
@@ -193,7 +225,15 @@ class CheckpointManager:
             CheckpointError: no intact checkpoint among existing ones (without resume_fresh), a
                 damaged checkpoint could not be set aside, the routing of keys to ranks
                 disagrees with the checkpoint's owner function, or a checkpoint of another model.
+                The job ends: the directory's lock is released (:meth:`close`).
         """
+        try:
+            return self._resume(state)
+        except CheckpointError:
+            self.close()
+            raise
+
+    def _resume(self, state):
         comm, root, messages = self.comm, self.root, []
 
         def log(message):

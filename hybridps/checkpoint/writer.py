@@ -2,7 +2,8 @@
 
 What lives here: :func:`save_checkpoint` (collective, atomic: see hybridps.checkpoint for the
 format and the protocol), the bucket-sorted record chunks of a table shard with their per-bucket
-CRC32, the dense file, and pruning to the newest ``keep``. What does not: reading
+CRC32, the dense file, pruning to the newest ``keep``, and removing what failed or killed saves
+left behind. What does not: reading
 (hybridps.checkpoint.reader), deciding when to save (hybridps.checkpoint.manager).
 """
 import io
@@ -21,6 +22,7 @@ from hybridps.checkpoint.format import (CANDIDATE_DTYPE, DENSE_FILE, LATEST, MET
                                         shard_names)
 from hybridps.comm import SingleProcessComm
 from hybridps.dense.optimizer_state import optimizer_variables
+from hybridps.errors import CheckpointError
 from hybridps.sparse.routing import DEFAULT_NUM_BUCKETS, bucket_ids
 
 _CHUNK_BYTES = 16 << 20                  # records are built and written this much at a time
@@ -174,8 +176,14 @@ def save_checkpoint(root, step, *, tables, comm=None, config=None, schema=None,
     Returns:
         CheckpointInfo (the same path and total on every rank).
     Raises:
-        CheckpointError: a rank could not write its files (disk full, permissions); the
-            temporary directory is left for the next save to delete, ``latest`` is unchanged.
+        CheckpointError: a rank could not write its files, or rank 0 its manifest (disk full,
+            permissions); the temporary directory is removed and ``latest`` and the earlier
+            checkpoints are unchanged.
+
+    Leftovers: a save removes only a temporary directory of its own step (a save of that step
+    that was killed). Others are removed by :func:`remove_stale_temporaries`, which the
+    CheckpointManager runs once it holds the directory's lock: without the lock, a temporary
+    directory may be a save of another job under way.
     """
     started = time.perf_counter()
     comm = comm or SingleProcessComm()
@@ -190,8 +198,36 @@ def save_checkpoint(root, step, *, tables, comm=None, config=None, schema=None,
     tmp_dir = os.path.join(root, f"{TMP_PREFIX}{step:010d}")
     pause = _test_pause_seconds()
 
-    begin_atomic_dir(comm, root, tmp_dir, TMP_PREFIX, f"saving checkpoint step {step} under {root}")
+    what = f"saving checkpoint step {step} under {root}"
+    begin_atomic_dir(comm, root, tmp_dir, os.path.basename(tmp_dir), what)
+    try:
+        entries, gathered = _write_files(comm, tmp_dir, tables, num_buckets, model, optimizer,
+                                         data_state, rng_state, pause, what)
 
+        def manifest_bytes():
+            return manifest_json_bytes(build_manifest(step, comm.size, config, schema, tables,
+                                                     num_buckets, gathered, extra))
+
+        def publish():
+            write_atomic_small(os.path.join(root, LATEST), (checkpoint_name(step) + "\n").encode())
+            _prune(root, keep, step)
+
+        commit_atomic_dir(comm, root, tmp_dir, final_dir, manifest_bytes, publish, what)
+    except CheckpointError:
+        if comm.rank == 0:       # the failure was agreed: no rank writes into tmp_dir any more
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            _remove_if_present(os.path.join(root, LATEST + ".tmp"))
+        raise
+    return CheckpointInfo(path=final_dir, step=step, bytes_written=sum(e["bytes"] for e in entries),
+                          total_bytes=sum(e["bytes"] for g in gathered for e in g["entries"]),
+                          seconds=time.perf_counter() - started, files=[e["name"] for e in entries])
+
+
+def _write_files(comm, tmp_dir, tables, num_buckets, model, optimizer, data_state, rng_state,
+                 pause, what):
+    """Collective: every rank writes its files into ``tmp_dir``; returns (this rank's file
+    entries, every rank's entries and summaries). Raises CheckpointError on every rank if any
+    rank failed."""
     entries, table_summaries, dense_description, error = [], [], None, None
     try:
         for t, table in enumerate(tables):
@@ -214,23 +250,29 @@ def save_checkpoint(root, step, *, tables, comm=None, config=None, schema=None,
     gathered = comm.allgather_object(
         None if error else {"entries": entries, "tables": table_summaries, "data_state": data_state,
                             "dense": dense_description})
-    agree(comm, error, f"saving checkpoint step {step} under {root}")
+    agree(comm, error, what)
+    return entries, gathered
 
-    total = sum(e["bytes"] for g in gathered for e in g["entries"])
 
-    def manifest_bytes():
-        return manifest_json_bytes(build_manifest(step, comm.size, config, schema, tables,
-                                                 num_buckets, gathered, extra))
+def _remove_if_present(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
-    def publish():
-        write_atomic_small(os.path.join(root, LATEST), (checkpoint_name(step) + "\n").encode())
-        _prune(root, keep, step)
 
-    commit_atomic_dir(comm, root, tmp_dir, final_dir, manifest_bytes, publish,
-                      f"saving checkpoint step {step} under {root}")
-    return CheckpointInfo(path=final_dir, step=step, bytes_written=sum(e["bytes"] for e in entries),
-                          total_bytes=total, seconds=time.perf_counter() - started,
-                          files=[e["name"] for e in entries])
+def remove_stale_temporaries(root):
+    """Delete the temporary directories (``.tmp-ckpt-*``) and ``latest.tmp`` that saves which
+    did not finish left under ``root``. Call it only while holding the directory's lock
+    (hybridps.checkpoint.lock): then no save is under way there."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith(TMP_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name == LATEST + ".tmp":
+            _remove_if_present(path)
 
 
 def _prune(root, keep, step):

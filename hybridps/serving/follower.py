@@ -17,7 +17,10 @@ Rules, for a server holding version (sequence) ``s`` at step ``k``:
   ``from_step`` is not the held step, another model, a full export of a user model that the
   operator did not name with ``--model`` (an export never chooses code to run:
   hybridps.models.registry.model_to_build). The server keeps its version; once the
-  gap is filled, the damaged export rewritten or a newer full export lands, it goes on.
+  gap is filled, the damaged export rewritten or a newer full export lands, it goes on;
+* an export that appears with a sequence at or below ``s`` (the directory was emptied and
+  refilled by another run, or an old export copied back) is stale: the server keeps the newer
+  version it holds and reports it once (``Refusal.stale``).
 
 A refused export is not read and hashed again on every poll: it is retried when one of its
 files changes (size or modification time).
@@ -51,6 +54,7 @@ class Refusal:
     sequence: int
     reason: str
     at: float
+    stale: bool = False        # older than the served version (not damaged, not out of order)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -61,6 +65,15 @@ def _files_signature(path):
         return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)))
     except OSError:
         return None
+
+
+def _identity(path):
+    """An export directory's inode and modification time: a copy under an old name differs."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 class ExportFollower:
@@ -79,10 +92,15 @@ class ExportFollower:
         self.refusals = []
         self._reported = set()              # (export name, reason)
         self._damaged = {}                  # refused export name -> (files signature, reason)
+        self._listed = None                 # {export name: identity} of the previous look
 
     @property
     def last_refusal(self):
         return self.refusals[-1] if self.refusals else None
+
+    @property
+    def stale_refusals(self):
+        return [r for r in self.refusals if r.stale]
 
     def next_export(self, held, module=None):
         """The next export to apply onto ``held`` (a ServedVersion, or None: nothing held yet),
@@ -93,6 +111,12 @@ class ExportFollower:
             module: the serving module holding it (its model hash and tables are checked).
         """
         entries = list_exports(self.root)
+        listed = {e.name: _identity(e.path) for e in entries}
+        appeared = [e for e in entries
+                    if self._listed is not None and self._listed.get(e.name) != listed[e.name]]
+        self._listed = listed
+        if held is not None:
+            self._refuse_stale(appeared, held)
         if held is None:
             for entry in reversed([e for e in entries if e.kind == "full"]):
                 loaded = self._load(entry)
@@ -128,6 +152,15 @@ class ExportFollower:
                                 f"{held.sequence}; export {held.sequence + 1} is missing")
         return None
 
+    def _refuse_stale(self, appeared, held):
+        for entry in appeared:
+            if entry.sequence <= held.sequence and entry.name != held.export:
+                self._refuse(entry, f"stale: {entry.kind} export {entry.sequence} (step {entry.to_step}) "
+                                    f"appeared, not newer than the served version {held.sequence} "
+                                    f"(step {held.step}, {held.export}); keeping the served one. Was "
+                                    f"the directory refilled by another run? Restart the server to "
+                                    f"serve what it holds now", stale=True)
+
     def _load(self, entry):
         signature = _files_signature(entry.path)
         damaged = self._damaged.get(entry.name)
@@ -152,10 +185,10 @@ class ExportFollower:
         self._damaged.pop(entry.name, None)
         return loaded
 
-    def _refuse(self, entry, reason):
+    def _refuse(self, entry, reason, stale=False):
         if (entry.name, reason) in self._reported:
             return
         self._reported.add((entry.name, reason))
-        refusal = Refusal(entry.name, entry.sequence, reason, time.time())
+        refusal = Refusal(entry.name, entry.sequence, reason, time.time(), stale)
         self.refusals.append(refusal)
         self.on_refusal(refusal)

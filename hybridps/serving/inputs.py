@@ -1,10 +1,20 @@
 """Raw feature values (as a request or a data file gives them) -> the serving module's inputs.
 
-What lives here: :func:`request_columns` (a TF Serving REST body, row form ``instances`` or
-column form ``inputs``, into one list of values per feature) and :func:`serving_inputs`
-(columns of raw values into the arrays the ``serve`` signature of hybridps.export.saved_model
-takes). Every error is a RequestError naming the feature. What does not: HTTP
-(hybridps.serving.server), the hashing formulas (hybridps.data.hashing), the model.
+What lives here: :func:`request_inputs` (a request body's bytes -> the model's inputs, within
+:class:`RequestLimits`; the server runs it off its event loop), :func:`parse_json` (JSON no
+deeper than a request needs), :func:`request_columns` (a TF Serving REST body, row form
+``instances`` or column form ``inputs``, into one list of values per feature) and
+:func:`serving_inputs` (columns of raw values into the arrays the ``serve`` signature of
+hybridps.export.saved_model takes). Every error is a RequestError naming the feature (or the
+limit). What does not: HTTP (hybridps.serving.server), the hashing formulas
+(hybridps.data.hashing), the model.
+
+Limits, so that one request cannot hold the server for long: at most ``max_rows`` rows
+(instances, or values per column), ``max_ids_per_list`` values in one multi-hot or sequence
+list, and JSON nested at most :data:`MAX_JSON_DEPTH` deep (the column form of a list feature,
+``{"inputs": {"tags": [["a", "b"]]}}``, is the deepest a request needs). The nesting is
+checked on the raw bytes before parsing, so a body like ``[[[[...`` is refused without being
+built (Python's parser would otherwise recurse into it).
 
 Values, per schema feature (named as the schema names it):
 
@@ -19,8 +29,11 @@ The Criteo preset (no ``features:`` schema) takes I1..I13 (raw counts; log1p(max
 applied here, as the Criteo reader does) and C1..C26 as the Criteo file's text values, hashed
 with ``feature_keys(field, value)``.
 """
+import dataclasses
+import json
 import math
 import numbers
+import re
 
 import numpy as np
 
@@ -28,17 +41,76 @@ from hybridps.data.hashing import MISSING_ID, feature_keys, text_ids
 from hybridps.errors import RequestError
 
 
-def request_columns(body, schema):
+MAX_JSON_DEPTH = 4                  # {"inputs": {feature: [[id, ...], ...]}}
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one predict request may hold (``hybridps serve`` flags of the same names)."""
+    max_rows: int = 10_000              # --max-rows-per-request
+    max_ids_per_list: int = 1_000       # --max-ids-per-list
+    max_body_bytes: int = 16 << 20      # --max-body-bytes (the HTTP server enforces it)
+
+
+def request_inputs(raw, schema, limits=RequestLimits()):
+    """A predict request's body (bytes) -> (the ``serve`` signature's inputs, rows).
+
+    Raises:
+        RequestError: not JSON, nested too deeply, over a limit, or a bad value.
+    """
+    columns, rows = request_columns(parse_json(raw), schema, limits)
+    return serving_inputs(schema, columns, rows), rows
+
+
+def parse_json(raw, max_depth=MAX_JSON_DEPTH):
+    """``json.loads(raw)`` for a body nested at most ``max_depth`` arrays/objects deep.
+
+    Raises:
+        RequestError: deeper (checked on the bytes, before anything is built), or not JSON.
+    """
+    brackets = _brackets_outside_strings(raw).translate(_AS_SQUARE)
+    for _ in range(max_depth):          # strip the innermost pairs, one level at a time
+        brackets = brackets.replace(b"[]", b"")
+        if not brackets:
+            break
+    if brackets:
+        if 2 * brackets.count(b"[") != len(brackets):
+            raise RequestError("the request body is not JSON: its brackets do not match (cut short?)")
+        raise RequestError(f"the request body nests arrays/objects more than {max_depth} levels deep; "
+                           f"a request is {{'instances': [{{feature: value or [values]}}]}} or "
+                           f"{{'inputs': {{feature: [values]}}}}")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:     # UnicodeDecodeError is a ValueError
+        raise RequestError(f"the request body is not JSON: {_shown(exc, 200)}") from None
+
+
+def _brackets_outside_strings(raw):
+    """The brackets of a JSON text that are not inside strings, in order (C-speed steps: a
+    body is up to --max-body-bytes)."""
+    if b"\\" in raw:
+        raw = _ESCAPE.sub(b"", raw)         # then every '"' opens or closes a string
+    kept = raw.translate(None, _NOT_STRUCTURE).replace(b'""', b"")   # strings without brackets
+    return _STRING.sub(b"", kept).replace(b'"', b"")    # a '"' left: not JSON, json.loads says so
+
+
+def request_columns(body, schema, limits=RequestLimits()):
     """The values of each feature of a predict request, and the number of rows.
 
     Args:
         body: the parsed JSON body: ``{"instances": [{feature: value, ...}, ...]}`` or
             ``{"inputs": {feature: [value, ...], ...}}``.
         schema: the model's FeatureSchema.
+        limits: RequestLimits (rows, ids per list).
     Returns:
         (columns: {feature name: list of values}, rows).
     Raises:
-        RequestError: not one of the two forms, an unknown feature, columns of unequal length.
+        RequestError: not one of the two forms, an unknown feature, columns of unequal length,
+            more rows or a longer list than the limits allow.
     """
     known = _feature_names(schema)
     if not isinstance(body, dict) or ("instances" in body) == ("inputs" in body):
@@ -48,26 +120,53 @@ def request_columns(body, schema):
         instances = body["instances"]
         if not isinstance(instances, list) or not all(isinstance(r, dict) for r in instances):
             raise RequestError("'instances' must be a list of objects {feature: value, ...}")
+        _check_rows(len(instances), "instances", limits)
         for i, row in enumerate(instances):
             for name in row:
                 if name not in known:
-                    raise RequestError(f"instances[{i}]: unknown feature {name!r}; the model's "
+                    raise RequestError(f"instances[{i}]: unknown feature {_shown(name)}; the model's "
                                        f"features: {sorted(known)}")
-        return {name: [row.get(name) for row in instances] for name in known}, len(instances)
-    inputs = body["inputs"]
-    if not isinstance(inputs, dict):
-        raise RequestError("'inputs' must be an object {feature: [values, ...]}")
-    rows = None
-    for name, values in inputs.items():
-        if name not in known:
-            raise RequestError(f"inputs: unknown feature {name!r}; the model's features: {sorted(known)}")
-        if not isinstance(values, list):
-            raise RequestError(f"inputs[{name!r}]: must be a list of values, one per row")
-        if rows is not None and len(values) != rows:
-            raise RequestError(f"inputs[{name!r}]: {len(values)} values, other features have {rows}")
-        rows = len(values)
-    rows = rows or 0
-    return {name: inputs.get(name, [None] * rows) for name in known}, rows
+        columns, rows = {name: [row.get(name) for row in instances] for name in known}, len(instances)
+    else:
+        inputs = body["inputs"]
+        if not isinstance(inputs, dict):
+            raise RequestError("'inputs' must be an object {feature: [values, ...]}")
+        rows = None
+        for name, values in inputs.items():
+            if name not in known:
+                raise RequestError(f"inputs: unknown feature {_shown(name)}; the model's features: "
+                                   f"{sorted(known)}")
+            if not isinstance(values, list):
+                raise RequestError(f"inputs[{name!r}]: must be a list of values, one per row")
+            _check_rows(len(values), f"inputs[{name!r}]", limits)
+            if rows is not None and len(values) != rows:
+                raise RequestError(f"inputs[{name!r}]: {len(values)} values, other features have {rows}")
+            rows = len(values)
+        rows = rows or 0
+        columns = {name: inputs.get(name, [None] * rows) for name in known}
+    _check_lists(columns, limits)
+    return columns, rows
+
+
+def _check_rows(rows, where, limits):
+    if rows > limits.max_rows:
+        raise RequestError(f"{where}: {rows} rows; this server takes at most {limits.max_rows} rows per "
+                           f"request (--max-rows-per-request): split the request")
+
+
+def _check_lists(columns, limits):
+    for name, values in columns.items():
+        for row, value in enumerate(values):
+            if isinstance(value, list) and len(value) > limits.max_ids_per_list:
+                raise RequestError(f"feature {name!r}, row {row}: a list of {len(value)} values; this "
+                                   f"server takes at most {limits.max_ids_per_list} per list "
+                                   f"(--max-ids-per-list)")
+
+
+def _shown(value, limit=60):
+    """repr(value), shortened: error messages quote what a request sent."""
+    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def serving_inputs(schema, columns, rows=None):
@@ -118,16 +217,17 @@ def _number(feature, row, value):
     if value is None:
         return feature.fill
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise RequestError(f"feature {feature.name!r} (dense), row {row}: {value!r} is not a finite number")
+        raise RequestError(f"feature {feature.name!r} (dense), row {row}: {_shown(value)} is not a finite "
+                           f"number")
     return float(value)
 
 
 def _single(feature, row, value):
     if isinstance(value, (list, dict)) or isinstance(value, (bool, float)):
-        raise RequestError(f"feature {feature.name!r} (single-valued), row {row}: {value!r} is not "
-                           f"an integer or a text")
+        raise RequestError(f"feature {feature.name!r} (single-valued), row {row}: {_shown(value)} is "
+                           f"not an integer or a text")
     if isinstance(value, int) and not -2**63 <= value < 2**63:
-        raise RequestError(f"feature {feature.name!r}, row {row}: {value} is outside int64")
+        raise RequestError(f"feature {feature.name!r}, row {row}: {_shown(value)} is outside int64")
     return value
 
 
@@ -135,8 +235,8 @@ def _list(feature, row, value):
     if value is None:
         return []
     if not isinstance(value, list):
-        raise RequestError(f"feature {feature.name!r} ({feature.kind}), row {row}: {value!r} is not "
-                           f"a list")
+        raise RequestError(f"feature {feature.name!r} ({feature.kind}), row {row}: {_shown(value)} is "
+                           f"not a list")
     return [_single(feature, row, v) for v in value if v is not None]
 
 
@@ -151,4 +251,4 @@ def _criteo_value(feature, row, value):
     if value is None or isinstance(value, str):
         return value
     raise RequestError(f"feature {feature.name!r}, row {row}: the Criteo preset takes the file's "
-                       f"text values (hex strings), got {value!r}")
+                       f"text values (hex strings), got {_shown(value)}")

@@ -15,11 +15,16 @@ tests/test_checkpoint.py start them).
                     a fresh Trainer that resumes and runs 3 more. Dumps the three states.
   crash OUT         (one process, no MPI) save step 1, dump the tables, then save step 2 with
                     HYBRIDPS_CKPT_TEST_PAUSE set: the test kills it while it writes.
+  hold OUT          (one process, no MPI) a job's CheckpointManager on OUT/ckpt: prints
+                    "holding" once it holds the directory's lock, keeps it until stdin closes.
+  locked OUT        (mpirun -np 2) a CheckpointManager on OUT/ckpt while `hold` holds it: every
+                    rank's ConfigError message goes to OUT/locked.json.
 """
 import json
 import os
 import shutil
 import sys
+import types
 
 import numpy as np
 
@@ -184,14 +189,39 @@ def scenario_crash(out):
     print("saved step 2", flush=True)
 
 
+def scenario_hold(out):
+    from hybridps.comm import SingleProcessComm
+    config = types.SimpleNamespace(checkpoint_dir=os.path.join(out, "ckpt"))
+    manager = ckpt.CheckpointManager(config, None, SingleProcessComm())
+    print("holding", flush=True)
+    sys.stdin.read()
+    manager.close()
+
+
+def scenario_locked(comm, out):
+    from hybridps.errors import ConfigError
+    config = types.SimpleNamespace(checkpoint_dir=os.path.join(out, "ckpt"))
+    try:
+        ckpt.CheckpointManager(config, None, comm)
+        message = None
+    except ConfigError as exc:
+        message = str(exc)
+    messages = comm.allgather_object(message)
+    if comm.rank == 0:
+        with open(os.path.join(out, "locked.json"), "w") as fh:
+            json.dump(messages, fh)
+
+
 def main():
     scenario, out = sys.argv[1], sys.argv[2]
     if scenario == "crash":
         return scenario_crash(out)
+    if scenario == "hold":
+        return scenario_hold(out)
     from hybridps import comm as comm_module
     comm = comm_module.init(with_horovod=scenario == "trainer")
     {"save": scenario_save, "restore": scenario_restore, "damaged": scenario_damaged,
-     "trainer": scenario_trainer,
+     "trainer": scenario_trainer, "locked": scenario_locked,
      "restore-ps": lambda comm, out: scenario_restore(comm, out, ps_servers=2)}[scenario](comm, out)
     comm.barrier()
 
