@@ -63,6 +63,8 @@ def test_a_schema_from_yaml_with_per_table_settings(tmp_path):
     (lambda f: f["sparse"].append({"name": "user", "table": "user"}), r"the name 'user' is used by more than one feature"),
     (lambda f: f["tables"].update(genre={"dim": 0}), r"'features.tables.genre.dim': 0 is invalid"),
     (lambda f: f["tables"].update(genre={"dimm": 8}), r"features.tables.genre: unknown key\(s\) \['dimm'\]"),
+    (lambda f: f["tables"].update(genre={"dim": 10 ** 9}), r"'features.tables.genre.dim': 1000000000 is invalid; allowed: an integer from 1 to 4096"),
+    (lambda f: f["sparse"][3].update(max_len=10 ** 9), r"features.sparse.history.max_len: 1000000000 is invalid; allowed: an integer from 1 to 10000"),
     (lambda f: f["sparse"][0].update(max_len=3), r"features.sparse.user.max_len: only list features"),
     (lambda f: f["sparse"][0].update(name="dense"), r"'dense' is reserved"),
     (lambda f: f["tables"].update(unused={"dim": 4}), r"table\(s\) \['unused'\] are read by no sparse feature"),
@@ -87,6 +89,16 @@ def test_the_criteo_preset_keeps_todays_layouts_and_keys():
     assert [f.key_space for f in schema.sparse] == ["0", "1", "2"]        # one per field, as today
     shared = criteo_preset(make_config(), 26, 13)
     assert len(shared.tables) == 1 and len(shared.sparse) == 26 and shared.num_dense == 13
+
+
+def test_the_global_dim_and_the_presets_field_counts_have_upper_bounds():
+    with pytest.raises(ConfigError, match=r"'table_settings.0.dim': 1000000000 is invalid; allowed: an integer from 1 to 4096"):
+        build_schema(make_config(overrides={"dim": 10 ** 9}))
+    with pytest.raises(ConfigError, match=r"'features.tables.user.dim': 5000 is invalid"):
+        schema_of({**FEATURES, "tables": dict(FEATURES["tables"], user={})}, dim=5000)  # no own dim
+    with pytest.raises(ConfigError, match=r"'num_fields': 1000000000 is invalid; allowed: an integer from 1 to 10000"):
+        build_schema(make_config(overrides={"num_fields": 10 ** 9}))
+    assert build_schema(make_config(overrides={"dim": 4096})).dims == (4096,)
 
 
 def test_deepfm_refuses_mixed_dims_and_din_needs_a_sequence_with_its_candidate():
