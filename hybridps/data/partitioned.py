@@ -258,6 +258,8 @@ class PartitionedReader:
             rows += batch.size
             yield batch
         pass_rows.append(rows)
+        if self.on_bad_line == "raise":     # no row was skipped: the parts held fewer rows than
+            return                          # their metadata says (iter_batches names it)
         while True:
             again = 0
             for batch in self._rows_of_epoch(epoch):
@@ -297,6 +299,11 @@ class PartitionedReader:
                 yield batch
                 if self.epoch != epoch or (num_steps is not None and produced >= num_steps):
                     break
+            else:
+                raise DataError(f"{self.path}: rank {self.rank} read {pass_rows[0]} rows of epoch "
+                                f"{epoch}, fewer than its {per_epoch} batches of {b} need, although "
+                                f"the parts' metadata counts {self.num_rows}: a part holds fewer "
+                                f"rows than its metadata says")
             stream.close()
 
     def _count_epoch_end(self, used, pass_rows):
