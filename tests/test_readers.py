@@ -330,3 +330,19 @@ def test_a_list_column_for_a_single_valued_feature_is_named_not_a_pyarrow_keyerr
     share = reader("parquet", [bad, good], on_bad_line="skip")
     assert share.num_rows == 20 and share.bad_parts == 1
     assert np.concatenate([b.groups for b in share.iter_batches(10, 2)]).tolist() == list(range(20))
+
+
+class _NotUTF8(str):
+    """A value whose bytes in a TFRecord are not UTF-8 (write_tfrecord encodes each value)."""
+    def encode(self, *args):
+        return b"u\xff\xfe"
+
+
+def test_a_tfrecord_value_that_is_not_utf8_names_the_record_and_the_feature(tmp_path):
+    columns = rows(10)
+    columns["user"] = list(columns["user"])
+    columns["user"][6] = _NotUTF8("u?")
+    path = write_tfrecord(tmp_path / "a.tfrecord", columns)
+    with pytest.raises(DataError, match=r"a.tfrecord, record 6: feature 'user' holds b'u\\xff\\xfe', "
+                                        r"which is not UTF-8 text"):
+        list(reader("tfrecord", [path]).iter_batches(5, 1))

@@ -55,7 +55,8 @@ class TFRecordReader(PartitionedReader):
             flat = values.values.numpy()
             lengths = np.bincount(rows, minlength=int(values.dense_shape[0]))
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            items = pa.array([v.decode("utf-8") for v in flat]) if flat.dtype == object else pa.array(flat)
+            texts = _texts(flat, rows, path, column) if flat.dtype == object else None
+            items = pa.array(texts, pa.string()) if texts is not None else pa.array(flat)
             feature = sparse.get(column)
             if feature is not None and feature.is_list:
                 arrays[column] = pa.ListArray.from_arrays(pa.array(offsets), items)
@@ -66,14 +67,33 @@ class TFRecordReader(PartitionedReader):
                                     f"{int(lengths[row])} values; a single-valued feature, a dense "
                                     f"feature or the label holds one")
                 missing = lengths == 0
-                if flat.dtype == object:          # bytes_list: text, None where missing
-                    texts = iter(v.decode("utf-8") for v in flat)
+                if texts is not None:             # bytes_list: text, None where missing
+                    texts = iter(texts)
                     arrays[column] = pa.array([None if m else next(texts) for m in missing], pa.string())
                 else:
                     values = np.zeros(len(lengths), dtype=flat.dtype)
                     values[~missing] = flat
                     arrays[column] = pa.array(values, mask=missing)
         return pa.table(arrays)
+
+
+def _texts(flat, rows, path, column):
+    """The values of a bytes_list feature as text; a value that is not UTF-8 is a DataError
+    naming the file, the record and the feature (ids are defined on UTF-8 text, as served)."""
+    try:
+        return [v.decode("utf-8") for v in flat]
+    except UnicodeDecodeError:
+        index = next(i for i, v in enumerate(flat) if not _is_utf8(v))
+        raise DataError(f"{path}, record {int(rows[index])}: feature {column!r} holds "
+                        f"{bytes(flat[index][:40])!r}, which is not UTF-8 text") from None
+
+
+def _is_utf8(value):
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _kind_of(path, column):
