@@ -245,14 +245,17 @@ def build_schema(config, num_fields=None, num_dense=None):
 def _table(config, name, own, where=None):
     values = {field: own.get(field, getattr(config, field)) for field in TABLE_FIELDS}
     table = TableConfig(name=name, **values)
-    _check_table(table, where or f"features.tables.{name}")
+    _check_table(table, where or f"features.tables.{name}", own)
     return table
 
 
-def _check_table(table, where):
+def _check_table(table, where, own=()):
     def check(ok, field, allowed):
         if not ok:
-            raise ConfigError(f"config field '{where}.{field}': {getattr(table, field)!r} is "
+            # a setting the table leaves out is the run's global field of that name
+            named = (f"'{where}.{field}'" if field in own
+                     else f"'{field}' (the run's setting, which table {table.name!r} takes)")
+            raise ConfigError(f"config field {named}: {getattr(table, field)!r} is "
                               f"invalid; allowed: {allowed}")
     check(_is_int(table.dim) and 1 <= table.dim <= MAX_DIM, "dim",
           f"an integer from 1 to {MAX_DIM} (the widest embedding row hybridps accepts)")

@@ -92,9 +92,9 @@ def test_the_criteo_preset_keeps_todays_layouts_and_keys():
 
 
 def test_the_global_dim_and_the_presets_field_counts_have_upper_bounds():
-    with pytest.raises(ConfigError, match=r"'table_settings.0.dim': 1000000000 is invalid; allowed: an integer from 1 to 4096"):
+    with pytest.raises(ConfigError, match=r"'dim' \(the run's setting, which table 'criteo' takes\): 1000000000 is invalid; allowed: an integer from 1 to 4096"):
         build_schema(make_config(overrides={"dim": 10 ** 9}))
-    with pytest.raises(ConfigError, match=r"'features.tables.user.dim': 5000 is invalid"):
+    with pytest.raises(ConfigError, match=r"'dim' \(the run's setting, which table 'user' takes\): 5000 is invalid"):
         schema_of({**FEATURES, "tables": dict(FEATURES["tables"], user={})}, dim=5000)  # no own dim
     with pytest.raises(ConfigError, match=r"'num_fields': 1000000000 is invalid; allowed: an integer from 1 to 10000"):
         build_schema(make_config(overrides={"num_fields": 10 ** 9}))
