@@ -293,6 +293,16 @@ def test_a_damaged_tfrecord_length_field_is_named_and_skipped_alike_on_every_ran
     open(paths[2], "wb").write(bytes(raw))
     with pytest.raises(DataError, match=rf"p2.tfrecord: record 7 \(byte {offset}\): damaged length field"):
         reader("tfrecord", paths)
+    # a length off by one stays inside the file: the record it names is still the damaged one
+    raw = bytearray(open(paths[1], "rb").read())
+    third = 0
+    for _ in range(3):
+        third += 16 + int(np.frombuffer(bytes(raw[third:third + 8]), "<u8")[0])
+    raw[third] -= 1
+    open(paths[1], "wb").write(bytes(raw))
+    with pytest.raises(DataError, match=rf"p1.tfrecord: record 3 \(byte {third}\): damaged length field"):
+        reader("tfrecord", paths[:2])
+    paths[1] = write_tfrecord(tmp_path / "p1.tfrecord", {k: v[20:40] for k, v in columns.items()})
     shares = [reader("tfrecord", paths, rank=r, world_size=2, on_bad_line="skip") for r in (0, 1)]
     # the file is left out on both ranks: rank 0 holds p0, rank 1 p1; counted once (rank 0)
     assert [s.num_rows for s in shares] == [20, 20]
@@ -330,6 +340,12 @@ def test_a_list_column_for_a_single_valued_feature_is_named_not_a_pyarrow_keyerr
     share = reader("parquet", [bad, good], on_bad_line="skip")
     assert share.num_rows == 20 and share.bad_parts == 1
     assert np.concatenate([b.groups for b in share.iter_batches(10, 2)]).tolist() == list(range(20))
+    # a file cut short (no footer) is left out alike under skip, on every rank, counted once
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(open(good, "rb").read()[:-100])
+    shares = [reader("parquet", [str(cut), good], rank=r, world_size=2, on_bad_line="skip") for r in (0, 1)]
+    assert [s.num_rows for s in shares] == [10, 10] and [s.bad_parts for s in shares] == [1, 0]
+    assert "cut.parquet: skipped the whole file (not a readable Parquet file" in shares[0].bad_line_examples[0]
 
 
 class _NotUTF8(str):

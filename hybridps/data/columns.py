@@ -138,7 +138,7 @@ class ColumnConverter:
         dense = np.empty((size, len(self.schema.dense)), dtype=np.float32)
         for j, feature in enumerate(self.schema.dense):
             values, column_bad, problem = self._dense(table.column(feature.column), feature, where)
-            dense[:, j] = np.where(column_bad, 0.0, values)
+            dense[:, j] = np.where(column_bad, 0.0, values) if column_bad.any() else values
             bad = bad | column_bad
             problems.append((column_bad, problem))
 

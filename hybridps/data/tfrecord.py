@@ -6,9 +6,10 @@ missing), ``float_list`` (or ``int64_list``) of one value for dense features and
 A record becomes the same columns a Parquet file gives (hybridps.data.columns), so the same rows
 give the same batches. Parts are files: every file goes round-robin to the ranks
 (hybridps.data.partitioned); a file's record count is read from its framing at start-up, on
-every rank: each record's length field and the checksum (masked CRC-32C) of that field, so a
-damaged length is named (file, record, byte offset) instead of misreading the rest; the
-records' data checksums are checked by TensorFlow when the file is read. With
+every rank: each record's length field (and, once the framing is found broken, the checksum
+(masked CRC-32C) of each length field), so a damaged length is named (file, record, byte
+offset) instead of misreading the rest; the records' data checksums are checked by TensorFlow
+when the file is read. With
 ``on_bad_line=skip`` a file of damaged framing is left out on every rank alike and counted.
 Parsing runs in TensorFlow's ``tf.io.parse_example`` over whole files.
 """
@@ -114,7 +115,18 @@ def _kind_of(path, column):
 def _count_records(path):
     """(records, None) of a TFRecord file, from its framing (uint64 length, uint32 masked
     CRC-32C of the length, data, uint32 masked CRC-32C of the data), or (the records before
-    the damage, what is damaged) for framing that is not whole."""
+    the damage, what is damaged) for framing that is not whole. The lengths alone are
+    followed first (a damaged one runs past the end of the file, or leaves a torn header);
+    only then are the lengths' checksums computed, to name the record whose length is damaged."""
+    count, damage = _scan_framing(path, check_lengths=False)
+    if damage:
+        found = _scan_framing(path, check_lengths=True)
+        if found[1] and "checksum" in found[1]:
+            return found
+    return count, damage
+
+
+def _scan_framing(path, check_lengths):
     count = 0
     try:
         size = os.path.getsize(path)
@@ -128,7 +140,7 @@ def _count_records(path):
                     return count, (f"record {count} (byte {offset}): truncated (a header of "
                                    f"{len(head)} of 12 bytes); not a complete TFRecord file")
                 length, crc = struct.unpack("<QI", head)
-                if _masked_crc32c(head[:8]) != crc:
+                if check_lengths and _masked_crc32c(head[:8]) != crc:
                     return count, (f"record {count} (byte {offset}): damaged length field (its "
                                    f"checksum does not match); not a valid TFRecord file")
                 end = offset + 12 + length + 4
