@@ -260,19 +260,25 @@ def test_schema_csv_damaged_lines_are_named_and_under_skip_only_they_are_skipped
     assert [s.share.row_ids.tolist() for s in shares] == [[0, 4], [1, 3, 7]]
 
 
-def test_criteo_non_utf8_line_is_skipped_alone_and_a_huge_count_is_read(tmp_path):
+def test_criteo_non_utf8_or_overlong_line_is_skipped_alone_and_a_huge_count_is_read(tmp_path):
     from hybridps.data.criteo import CriteoReader
+    from hybridps.data.files import MAX_LINE_BYTES
     line = lambda i, first="1": "\t".join([str(i % 2), first] + ["2"] * 12 + [f"a{i}"] * 26)  # noqa: E731
     lines = [line(i).encode() for i in range(5)]
     lines[1] = lines[1].replace(b"a1", b"a\xff", 1)            # file line 2: not UTF-8
     lines[3] = line(3, first="1e300").encode()                # a count of 1e300: log1p is finite
+    lines.append(line(5).replace("a5", "b" * MAX_LINE_BYTES, 1).encode())   # line 6: too long
     path = tmp_path / "c.tsv"
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(DataError, match=r"c.tsv, line 2: not valid UTF-8 text"):
         CriteoReader(str(path))
+    long = tmp_path / "long.tsv"
+    long.write_bytes(lines[0] + b"\n" + lines[5] + b"\n")
+    with pytest.raises(DataError, match=rf"long.tsv, line 2: the line is {len(lines[5])} characters long"):
+        CriteoReader(str(long))
     reader = CriteoReader(str(path), on_bad_line="skip")
-    assert reader.bad_lines == 1 and reader.share.row_ids.tolist() == [0, 2, 3, 4]
-    assert "line 2" in reader.bad_line_examples[0]
+    assert reader.bad_lines == 2 and reader.share.row_ids.tolist() == [0, 2, 3, 4]
+    assert "line 2" in reader.bad_line_examples[0] and "line 6" in reader.bad_line_examples[1]
     np.testing.assert_allclose(reader.dense[2, 0], np.log1p(1e300), rtol=1e-6)   # 690.8
 
 
