@@ -34,6 +34,10 @@ YAML (under the top-level ``features:`` key of the ``--config`` file)::
 
 A table's unset settings take the run's global ones (``dim``, ``optimizer``, ``learning_rate``,
 ``initializer``, ``init_std``, ``min_count``, ``ttl_steps``, ``max_rows``, ``eviction``).
+
+Bounds: ``dim`` 1..4096, ``max_len`` 1..10000, the Criteo preset's ``num_fields`` 1..10000 and
+``num_dense`` 0..10000 (``MAX_DIM``, ``MAX_LEN``, ``MAX_FIELDS``); a value beyond them is a
+ConfigError naming the field, the value and the bound, not an out-of-memory error later.
 """
 import dataclasses
 import re
@@ -56,6 +60,11 @@ CRITEO_NUM_FIELDS, CRITEO_NUM_DENSE = 26, 13
 # readers and the SavedModel hash raw ids by the feature's key space) or "prehashed" (the
 # Criteo preset: its readers produce the keys, serving takes keys).
 KEY_HASHES = ("int", "prehashed")
+# Upper bounds of the sizes a schema sets, checked with a message naming the field: beyond
+# them a typo (dim 1e9) would end as an out-of-memory error inside TensorFlow or the tables.
+MAX_DIM = 4096           # an embedding row's width (production models use 8..512)
+MAX_LEN = 10000          # a sequence's longest list of ids (each id one row per sample)
+MAX_FIELDS = 10000       # the Criteo preset's num_fields and num_dense
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED = ("dense", "label")
 
@@ -236,16 +245,20 @@ def build_schema(config, num_fields=None, num_dense=None):
 def _table(config, name, own, where=None):
     values = {field: own.get(field, getattr(config, field)) for field in TABLE_FIELDS}
     table = TableConfig(name=name, **values)
-    _check_table(table, where or f"features.tables.{name}")
+    _check_table(table, where or f"features.tables.{name}", own)
     return table
 
 
-def _check_table(table, where):
+def _check_table(table, where, own=()):
     def check(ok, field, allowed):
         if not ok:
-            raise ConfigError(f"config field '{where}.{field}': {getattr(table, field)!r} is "
+            # a setting the table leaves out is the run's global field of that name
+            named = (f"'{where}.{field}'" if field in own
+                     else f"'{field}' (the run's setting, which table {table.name!r} takes)")
+            raise ConfigError(f"config field {named}: {getattr(table, field)!r} is "
                               f"invalid; allowed: {allowed}")
-    check(_is_int(table.dim) and table.dim >= 1, "dim", "an integer >= 1")
+    check(_is_int(table.dim) and 1 <= table.dim <= MAX_DIM, "dim",
+          f"an integer from 1 to {MAX_DIM} (the widest embedding row hybridps accepts)")
     check(table.optimizer in SPARSE_OPTIMIZERS, "optimizer", ", ".join(SPARSE_OPTIMIZERS))
     check(_is_number(table.learning_rate) and table.learning_rate > 0, "learning_rate", "a number > 0")
     check(table.initializer in INITIALIZERS, "initializer", ", ".join(INITIALIZERS))
@@ -284,10 +297,12 @@ def criteo_preset(config, num_fields=CRITEO_NUM_FIELDS, num_dense=CRITEO_NUM_DEN
     ``table_layout`` / ``table_groups`` say, each field its own key space (its 0-based index,
     so fields sharing a table never share a row), ``table_settings`` for per-table admission
     and eviction (by table index)."""
-    if not _is_int(num_fields) or num_fields < 1:
-        raise ConfigError(f"config field 'num_fields': {num_fields!r} is invalid; allowed: an integer >= 1")
-    if not _is_int(num_dense) or num_dense < 0:
-        raise ConfigError(f"config field 'num_dense': {num_dense!r} is invalid; allowed: an integer >= 0")
+    if not _is_int(num_fields) or not 1 <= num_fields <= MAX_FIELDS:
+        raise ConfigError(f"config field 'num_fields': {num_fields!r} is invalid; allowed: an "
+                          f"integer from 1 to {MAX_FIELDS}")
+    if not _is_int(num_dense) or not 0 <= num_dense <= MAX_FIELDS:
+        raise ConfigError(f"config field 'num_dense': {num_dense!r} is invalid; allowed: an "
+                          f"integer from 0 to {MAX_FIELDS}")
     groups = criteo_field_groups(config, num_fields)
     settings = config.table_settings or {}
     beyond = sorted(t for t in settings if t >= len(groups))
@@ -435,8 +450,9 @@ def _sparse_feature(item, index, table_names):
         if pooling is None:
             raise ConfigError(f"{where}.max_len: only list features (with pooling) have a "
                               f"max_len; a single-valued feature has one id per sample")
-        if not _is_int(max_len) or max_len < 1:
-            raise ConfigError(f"{where}.max_len: {max_len!r} is invalid; allowed: an integer >= 1")
+        if not _is_int(max_len) or not 1 <= max_len <= MAX_LEN:
+            raise ConfigError(f"{where}.max_len: {max_len!r} is invalid; allowed: an integer from "
+                              f"1 to {MAX_LEN} (the longest sequence hybridps accepts)")
     separator = item.get("separator", "|")
     if not isinstance(separator, str) or not separator:
         raise ConfigError(f"{where}.separator: expected a non-empty string, got {separator!r}")

@@ -65,10 +65,33 @@ def write_data(directory):
     return data, config
 
 
+SKIP_GROUP_ROWS = 8                 # 8 row groups: 4 of 32 rows per rank, 4 batches of 8
+
+
+def write_damaged_parquet(data, directory):
+    """The CSV's rows as one Parquet file of 8 row groups, group 2 (rank 0's second) garbled;
+    returns (the file, the row count of the garbled group read from the footer by pyarrow)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+    table = pcsv.read_csv(data, convert_options=pcsv.ConvertOptions(column_types={
+        c: pa.string() for c in ("user", "movie", "genres", "history", "tags", "friends")}))
+    os.makedirs(directory)
+    path = os.path.join(directory, "data.parquet")
+    pq.write_table(table, path, row_group_size=SKIP_GROUP_ROWS)
+    meta = pq.ParquetFile(path).metadata.row_group(2)
+    start = min(meta.column(c).data_page_offset for c in range(meta.num_columns))
+    raw = bytearray(open(path, "rb").read())
+    raw[start:start + 300] = b"\xff" * 300
+    open(path, "wb").write(bytes(raw))
+    return path, meta.num_rows
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("schema")
     data, config = write_data(str(base))
+    skip_data, garbled_rows = write_damaged_parquet(data, str(base / "skip-data"))
     script = os.path.join(REPO, "tests", "parallel", "schema_scenarios.py")
     out = {}
     for world, phase in ((2, "two"), (1, "one"), (4, "four")):
@@ -78,9 +101,10 @@ def runs(tmp_path_factory):
             shutil.copytree(out[2] / "ckpt" / "ckpt-0000000002",
                             directory / "resume-ckpt" / "ckpt-0000000002")
             (directory / "resume-ckpt" / "latest").write_text("ckpt-0000000002\n")
-        run_mpi(world, [script, directory, config, phase], timeout=600)
+        extra = [skip_data] if phase == "two" else []
+        run_mpi(world, [script, directory, config, phase] + extra, timeout=600)
         out[world] = directory
-    return {"data": data, "config": config, **out}
+    return {"data": data, "config": config, "garbled_rows": garbled_rows, **out}
 
 
 def _metrics(run_dir):
@@ -115,6 +139,23 @@ def test_schema_bsp_is_the_same_on_1_2_and_4_ranks(runs, optimizer):
     metrics = _metrics(base)
     assert metrics["truncated_ids"]["history"] > 0          # some histories were longer than 3
     assert metrics["table_names"] == list(TABLES)
+
+
+def test_a_parquet_row_group_skipped_mid_run_keeps_both_ranks_in_step_and_a_resume_passes_it(runs):
+    """2 ranks, on_bad_line=skip, rank 0's second row group garbled: 10 steps (2.5 epochs of 4
+    batches, the count fixed from the footers) run on both ranks; rank 0 refills its 8 missing
+    rows each epoch; a resume at step 5 passes the group again, counts it once, and trains on
+    the same rows as the run without a stop (the same losses)."""
+    straight, resumed = _metrics(runs[2] / "skip-parquet"), _metrics(runs[2] / "skip-resumed")
+    assert len(straight["loss_trajectory"]) == 10 and len(resumed["loss_trajectory"]) == 5
+    stats = straight["data_stats"]
+    assert (stats["bad_parts"], stats["bad_lines"]) == (1, runs["garbled_rows"])
+    assert stats["refilled_rows"] == 2 * runs["garbled_rows"]           # two epoch ends on rank 0
+    assert stats["dropped_rows"] == 0                                   # rank 1: 32 rows, all used
+    assert any("row group 2: skipped" in e for e in stats["bad_line_examples"])
+    again = resumed["data_stats"]
+    assert (again["bad_parts"], again["bad_lines"]) == (1, runs["garbled_rows"])
+    np.testing.assert_allclose(resumed["loss_trajectory"], straight["loss_trajectory"][5:], rtol=RTOL)
 
 
 # ---------------------------------------------------------------- the independent reference

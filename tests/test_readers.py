@@ -144,8 +144,8 @@ def test_bad_parquet_input_names_the_file_the_row_group_and_the_column(tmp_path)
         reader("parquet", [missing])
     wrong = dict(good, item=np.arange(20) + 0.5)
     path = write_parquet(tmp_path / "w.parquet", wrong, 10)
-    with pytest.raises(DataError, match=r"w.parquet, row group 0: column 'item' has type double"):
-        next(reader("parquet", [path]).iter_batches(5, 1))
+    with pytest.raises(DataError, match=r"w.parquet: column 'item' has type double"):
+        reader("parquet", [path])                   # found in the footer, before any row
     empty = tmp_path / "e.parquet"
     pq.write_table(pa.table({k: v[:0] if not isinstance(v, list) else pa.array([], pa.string())
                              for k, v in good.items() if k not in ("tags", "seen")}), empty)
@@ -172,7 +172,7 @@ def test_bad_tfrecord_input_names_the_file(tmp_path):
     raw = open(path, "rb").read()
     cut = tmp_path / "cut.tfrecord"
     cut.write_bytes(raw[:-30])
-    with pytest.raises(DataError, match=r"cut.tfrecord, record 9: truncated"):
+    with pytest.raises(DataError, match=r"cut.tfrecord: record 9 \(byte \d+\): truncated"):
         reader("tfrecord", [str(cut)])
     other = tmp_path / "other.tfrecord"
     columns = rows(10)
@@ -196,3 +196,169 @@ def test_data_specs_name_the_format_or_take_it_from_the_file_names(tmp_path):
         data_files(str(tmp_path / "c.bin"))
     with pytest.raises(DataError, match=r"does not exist"):
         data_files(str(tmp_path / "nope.parquet"))
+
+
+# ---------------------------------------------------------------------------- skipping bad data
+def garble_row_group(path, group):
+    """Overwrite the first 400 bytes of a row group's pages (its footer stays intact)."""
+    import pyarrow.parquet as pq
+    meta = pq.ParquetFile(path).metadata.row_group(group)
+    start = min(meta.column(c).data_page_offset for c in range(meta.num_columns))
+    raw = bytearray(open(path, "rb").read())
+    raw[start:start + 400] = b"\xff" * 400
+    open(path, "wb").write(bytes(raw))
+
+
+def intact_rows(path, groups):
+    """The row ids of these row groups, read by pyarrow (the independent expectation)."""
+    import pyarrow.parquet as pq
+    handle = pq.ParquetFile(path)
+    return [r for g in groups for r in handle.read_row_group(g, columns=["row"]).column(0).to_pylist()]
+
+
+def test_a_row_group_found_bad_mid_epoch_under_skip_keeps_every_batch_and_counts_it_once(tmp_path):
+    path = write_parquet(tmp_path / "a.parquet", rows(80), row_group_size=20)   # 4 groups
+    expected = intact_rows(path, [0, 1, 2, 3])
+    garble_row_group(path, 1)
+    share = reader("parquet", [path], on_bad_line="skip")
+    assert share.batches_per_epoch(10) == 8            # fixed from the footer: 80 rows
+    got = np.concatenate([b.groups for b in share.iter_batches(10, 16)])  # two epochs
+    # epoch: the 60 rows of groups 0, 2, 3, then the share again from its start (20 rows)
+    good = expected[:20] + expected[40:]
+    assert got.tolist() == 2 * (good + good[:20])
+    stats = share.stats()
+    assert (stats["bad_parts"], stats["bad_lines"], stats["refilled_rows"]) == (1, 20, 40)
+    assert share.epoch == 2 and share.batches_done == 0
+
+
+def test_ranks_of_a_skipped_part_run_the_same_steps_and_a_resume_passes_it_again(tmp_path):
+    paths = [write_parquet(tmp_path / f"p{i}.parquet", rows(40, seed=i), row_group_size=10)
+             for i in range(2)]                         # 8 row groups: 4 per rank
+    rank0_groups = [(0, 0), (0, 2), (1, 0), (1, 2)]    # (file, group) of rank 0
+    expected = [intact_rows(paths[f], [g]) for f, g in rank0_groups]
+    garble_row_group(paths[0], 2)                       # rank 0's second part
+    options = dict(world_size=2, on_bad_line="skip")
+    straight = {}
+    for r in (0, 1):
+        share = reader("parquet", paths, rank=r, **options)
+        straight[r] = [b.groups for b in share.iter_batches(10, 6)]   # 4 per epoch: 1.5 epochs
+        assert len(straight[r]) == 6 and all(len(g) == 10 for g in straight[r])
+    good = expected[0] + expected[2] + expected[3]
+    assert np.concatenate(straight[0]).tolist() == good + expected[0] + good[:20]
+    # a resume after 5 batches (past the bad part, in epoch 1): the same batches, no crash
+    first = reader("parquet", paths, rank=0, **options)
+    before = [b.groups for b in first.iter_batches(10, 5)]
+    again = reader("parquet", paths, rank=0, **options)
+    again.restore(first.state())
+    after = [b.groups for b in again.iter_batches(10, 1)]
+    np.testing.assert_array_equal(np.concatenate(before + after), np.concatenate(straight[0]))
+    assert again.stats()["bad_parts"] == 1 and again.stats()["bad_lines"] == 10
+
+
+def corrupt_tfrecord_data(path, record):
+    """Flip a byte inside a record's data (its data checksum no longer matches)."""
+    raw = bytearray(open(path, "rb").read())
+    offset = 0
+    for _ in range(record):
+        (length,) = np.frombuffer(bytes(raw[offset:offset + 8]), "<u8")
+        offset += 16 + int(length)
+    raw[offset + 12 + 3] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    return offset
+
+
+def test_a_tfrecord_file_found_bad_mid_epoch_under_skip_keeps_every_batch(tmp_path):
+    columns = rows(60)
+    paths = [write_tfrecord(tmp_path / f"p{i}.tfrecord", {k: v[20 * i:20 * (i + 1)] for k, v in columns.items()})
+             for i in range(3)]
+    corrupt_tfrecord_data(paths[1], 5)
+    with pytest.raises(DataError, match=r"p1.tfrecord, file 0: cannot be read"):
+        list(reader("tfrecord", paths).iter_batches(10, 6))
+    share = reader("tfrecord", paths, on_bad_line="skip")
+    got = np.concatenate([b.groups for b in share.iter_batches(10, 6)])
+    good = list(columns["row"][:20]) + list(columns["row"][40:])
+    assert got.tolist() == good + good[:20]
+    assert (share.bad_parts, share.bad_rows, share.refilled_rows) == (1, 20, 20)
+
+
+def test_a_damaged_tfrecord_length_field_is_named_and_skipped_alike_on_every_rank(tmp_path):
+    columns = rows(60)
+    paths = [write_tfrecord(tmp_path / f"p{i}.tfrecord", {k: v[20 * i:20 * (i + 1)] for k, v in columns.items()})
+             for i in range(3)]
+    raw = bytearray(open(paths[2], "rb").read())
+    offset = 0
+    for _ in range(7):                                  # record 7's length field
+        offset += 16 + int(np.frombuffer(bytes(raw[offset:offset + 8]), "<u8")[0])
+    raw[offset + 6] = 0x7F                              # a length of ~2^55 bytes
+    open(paths[2], "wb").write(bytes(raw))
+    with pytest.raises(DataError, match=rf"p2.tfrecord: record 7 \(byte {offset}\): damaged length field"):
+        reader("tfrecord", paths)
+    # a length off by one stays inside the file: the record it names is still the damaged one
+    raw = bytearray(open(paths[1], "rb").read())
+    third = 0
+    for _ in range(3):
+        third += 16 + int(np.frombuffer(bytes(raw[third:third + 8]), "<u8")[0])
+    raw[third] -= 1
+    open(paths[1], "wb").write(bytes(raw))
+    with pytest.raises(DataError, match=rf"p1.tfrecord: record 3 \(byte {third}\): damaged length field"):
+        reader("tfrecord", paths[:2])
+    paths[1] = write_tfrecord(tmp_path / "p1.tfrecord", {k: v[20:40] for k, v in columns.items()})
+    shares = [reader("tfrecord", paths, rank=r, world_size=2, on_bad_line="skip") for r in (0, 1)]
+    # the file is left out on both ranks: rank 0 holds p0, rank 1 p1; counted once (rank 0)
+    assert [s.num_rows for s in shares] == [20, 20]
+    assert [s.bad_parts for s in shares] == [1, 0] and shares[0].bad_rows == 7
+    assert [len(list(s.iter_batches(10, 3))) for s in shares] == [3, 3]
+
+
+def test_bad_rows_of_a_part_are_named_or_skipped_one_by_one(tmp_path):
+    import pyarrow as pa
+    columns = rows(40)
+    columns["x"] = columns["x"].copy()
+    columns["x"][7] = 1e300                              # beyond float32: inf in the model
+    label = pa.array(columns["label"], mask=np.arange(40) == 25)   # row 25: no label
+    path = write_parquet(tmp_path / "a.parquet", dict(columns, label=label), row_group_size=20)
+    with pytest.raises(DataError, match=r"a.parquet, row group 0: row 7: column 'x' .*float32 .*1e\+300"):
+        list(reader("parquet", [path]).iter_batches(10, 1))
+    with pytest.raises(DataError, match=r"a.parquet, row group 1: row 5: column 'label' \(the label\) is missing"):
+        list(reader("parquet", [path], rank=1, world_size=2).iter_batches(10, 1))
+    share = reader("parquet", [path], on_bad_line="skip")
+    got = np.concatenate([b.groups for b in share.iter_batches(19, 4)])   # two epochs of 2
+    good = [r for r in range(40) if r not in (7, 25)]
+    assert got.tolist() == 2 * good[:38]
+    stats = share.stats()
+    assert (stats["bad_lines"], stats["bad_parts"]) == (2, 0)          # counted once
+    assert any("row 7" in e and "1e+300" in e for e in stats["bad_line_examples"])
+
+
+def test_a_list_column_for_a_single_valued_feature_is_named_not_a_pyarrow_keyerror(tmp_path):
+    columns = rows(20)
+    bad = write_parquet(tmp_path / "b.parquet", dict(columns, user=[[u] for u in columns["user"]]), 10)
+    good = write_parquet(tmp_path / "g.parquet", columns, 10)
+    with pytest.raises(DataError, match=r"b.parquet: column 'user' has type list<.*string>; "
+                                        r"expected integer ids or text \(single-valued feature 'user'"):
+        reader("parquet", [bad, good])
+    share = reader("parquet", [bad, good], on_bad_line="skip")
+    assert share.num_rows == 20 and share.bad_parts == 1
+    assert np.concatenate([b.groups for b in share.iter_batches(10, 2)]).tolist() == list(range(20))
+    # a file cut short (no footer) is left out alike under skip, on every rank, counted once
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(open(good, "rb").read()[:-100])
+    shares = [reader("parquet", [str(cut), good], rank=r, world_size=2, on_bad_line="skip") for r in (0, 1)]
+    assert [s.num_rows for s in shares] == [10, 10] and [s.bad_parts for s in shares] == [1, 0]
+    assert "cut.parquet: skipped the whole file (not a readable Parquet file" in shares[0].bad_line_examples[0]
+
+
+class _NotUTF8(str):
+    """A value whose bytes in a TFRecord are not UTF-8 (write_tfrecord encodes each value)."""
+    def encode(self, *args):
+        return b"u\xff\xfe"
+
+
+def test_a_tfrecord_value_that_is_not_utf8_names_the_record_and_the_feature(tmp_path):
+    columns = rows(10)
+    columns["user"] = list(columns["user"])
+    columns["user"][6] = _NotUTF8("u?")
+    path = write_tfrecord(tmp_path / "a.tfrecord", columns)
+    with pytest.raises(DataError, match=r"a.tfrecord, record 6: feature 'user' holds b'u\\xff\\xfe', "
+                                        r"which is not UTF-8 text"):
+        list(reader("tfrecord", [path]).iter_batches(5, 1))

@@ -3,6 +3,7 @@ against pandas, the schema synthetic data against its documented laws, key hashi
 documented formula, and the model contract's start-up checks (wrong input, wrong shape).
 """
 import hashlib
+import io
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -62,6 +63,8 @@ def test_a_schema_from_yaml_with_per_table_settings(tmp_path):
     (lambda f: f["sparse"].append({"name": "user", "table": "user"}), r"the name 'user' is used by more than one feature"),
     (lambda f: f["tables"].update(genre={"dim": 0}), r"'features.tables.genre.dim': 0 is invalid"),
     (lambda f: f["tables"].update(genre={"dimm": 8}), r"features.tables.genre: unknown key\(s\) \['dimm'\]"),
+    (lambda f: f["tables"].update(genre={"dim": 10 ** 9}), r"'features.tables.genre.dim': 1000000000 is invalid; allowed: an integer from 1 to 4096"),
+    (lambda f: f["sparse"][3].update(max_len=10 ** 9), r"features.sparse.history.max_len: 1000000000 is invalid; allowed: an integer from 1 to 10000"),
     (lambda f: f["sparse"][0].update(max_len=3), r"features.sparse.user.max_len: only list features"),
     (lambda f: f["sparse"][0].update(name="dense"), r"'dense' is reserved"),
     (lambda f: f["tables"].update(unused={"dim": 4}), r"table\(s\) \['unused'\] are read by no sparse feature"),
@@ -86,6 +89,16 @@ def test_the_criteo_preset_keeps_todays_layouts_and_keys():
     assert [f.key_space for f in schema.sparse] == ["0", "1", "2"]        # one per field, as today
     shared = criteo_preset(make_config(), 26, 13)
     assert len(shared.tables) == 1 and len(shared.sparse) == 26 and shared.num_dense == 13
+
+
+def test_the_global_dim_and_the_presets_field_counts_have_upper_bounds():
+    with pytest.raises(ConfigError, match=r"'dim' \(the run's setting, which table 'criteo' takes\): 1000000000 is invalid; allowed: an integer from 1 to 4096"):
+        build_schema(make_config(overrides={"dim": 10 ** 9}))
+    with pytest.raises(ConfigError, match=r"'dim' \(the run's setting, which table 'user' takes\): 5000 is invalid"):
+        schema_of({**FEATURES, "tables": dict(FEATURES["tables"], user={})}, dim=5000)  # no own dim
+    with pytest.raises(ConfigError, match=r"'num_fields': 1000000000 is invalid; allowed: an integer from 1 to 10000"):
+        build_schema(make_config(overrides={"num_fields": 10 ** 9}))
+    assert build_schema(make_config(overrides={"dim": 4096})).dims == (4096,)
 
 
 def test_deepfm_refuses_mixed_dims_and_din_needs_a_sequence_with_its_candidate():
@@ -214,6 +227,59 @@ def test_schema_csv_reader_bad_input_names_file_line_and_column(tmp_path):
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + open(write_csv(tmp_path / "plain.csv", [good]), "rb").read())
     assert SchemaCSVReader(str(bom), schema).num_rows == 1
+
+
+def test_schema_csv_damaged_lines_are_named_and_under_skip_only_they_are_skipped(tmp_path):
+    import pandas as pd
+    from hybridps.data.files import MAX_LINE_BYTES
+    from hybridps.data.schema_csv import SchemaCSVReader
+    schema = schema_of(FEATURES)
+    good = [f"{i % 2},u{i},{i},Drama,1|2,{i}.5,1,x" for i in range(8)]
+    lines = [line.encode() for line in good]
+    lines[2] = b"1,u\xff\xfe,2,Drama,1|2,2.5,1,x"           # file line 4: not UTF-8
+    lines[5] = b"0,u5,5,Drama," + b"7|" * (MAX_LINE_BYTES // 2 + 1) + b"7,5.5,1,x"   # file line 7: too long
+    lines[6] = b"1,u6,6,Drama,1|2,1e300,1,x"                   # file line 8: beyond float32
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"label,user,movie,genres,history,hour,user_activity,unused\n" + b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"d.csv, line 4: not valid UTF-8 text"):
+        SchemaCSVReader(str(path), schema)
+    with pytest.raises(DataError, match=rf"d.csv, line 7: the line is {len(lines[5])} bytes long"):
+        SchemaCSVReader(str(path), schema, rank=1, world_size=2)     # data line 5 is rank 1's
+    huge = write_csv(tmp_path / "f.csv", good[:3] + [lines[6].decode()])
+    with pytest.raises(DataError, match=r"f.csv, line 5: .*column 'hour' .*float32.*1e\+300"):
+        SchemaCSVReader(huge, schema)
+    skipping = SchemaCSVReader(str(path), schema, on_bad_line="skip")
+    assert skipping.bad_lines == 3 and skipping.data_lines == 8
+    kept = [0, 1, 3, 4, 7]                                      # data lines, independently
+    assert skipping.share.row_ids.tolist() == kept
+    frame = pd.read_csv(io.StringIO("label,user,movie,genres,history,hour,user_activity,unused\n"
+                                    + "\n".join(good[i] for i in kept)), dtype=str)
+    np.testing.assert_allclose(skipping.share.dense[:, 0], frame["hour"].astype(float), rtol=1e-6)
+    # the ranks still number the lines alike: line i is rank i % 2's
+    shares = [SchemaCSVReader(str(path), schema, rank=r, world_size=2, on_bad_line="skip") for r in (0, 1)]
+    assert [s.share.row_ids.tolist() for s in shares] == [[0, 4], [1, 3, 7]]
+
+
+def test_criteo_non_utf8_or_overlong_line_is_skipped_alone_and_a_huge_count_is_read(tmp_path):
+    from hybridps.data.criteo import CriteoReader
+    from hybridps.data.files import MAX_LINE_BYTES
+    line = lambda i, first="1": "\t".join([str(i % 2), first] + ["2"] * 12 + [f"a{i}"] * 26)  # noqa: E731
+    lines = [line(i).encode() for i in range(5)]
+    lines[1] = lines[1].replace(b"a1", b"a\xff", 1)            # file line 2: not UTF-8
+    lines[3] = line(3, first="1e300").encode()                # a count of 1e300: log1p is finite
+    lines.append(line(5).replace("a5", "b" * MAX_LINE_BYTES, 1).encode())   # line 6: too long
+    path = tmp_path / "c.tsv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"c.tsv, line 2: not valid UTF-8 text"):
+        CriteoReader(str(path))
+    long = tmp_path / "long.tsv"
+    long.write_bytes(lines[0] + b"\n" + lines[5] + b"\n")
+    with pytest.raises(DataError, match=rf"long.tsv, line 2: the line is {len(lines[5])} characters long"):
+        CriteoReader(str(long))
+    reader = CriteoReader(str(path), on_bad_line="skip")
+    assert reader.bad_lines == 2 and reader.share.row_ids.tolist() == [0, 2, 3, 4]
+    assert "line 2" in reader.bad_line_examples[0] and "line 6" in reader.bad_line_examples[1]
+    np.testing.assert_allclose(reader.dense[2, 0], np.log1p(1e300), rtol=1e-6)   # 690.8
 
 
 # ---------------------------------------------------------------- synthetic data of a schema

@@ -17,15 +17,34 @@ Types and missing values (null in Parquet, an empty cell in CSV):
   separator); a missing list is an empty list, a missing element is dropped.
 * group_by: integers or text (text_id), missing -1.
 
-A column of another type (a float column for a sparse feature, text for a dense one that does
-not parse) raises DataError naming the file (and row group or record range), the column and
-the type found.
+A column of another type (a float column for a sparse feature, a list for a single-valued one,
+text for a dense one that does not parse) raises DataError naming the file (and row group or
+record range), the column and the type found: the whole part is bad. A bad *row* (a missing
+label, a label other than 0/1, a dense value that is not finite or beyond the float32 range the
+model computes in, such as 1e300) is named by its row; :meth:`ColumnConverter.convert_rows`
+can instead drop such rows and report them (``on_bad_line=skip``).
 """
+from typing import Callable, NamedTuple, Optional
+
 import numpy as np
 
 from hybridps.data.batch import Batch, truncate_lists
 from hybridps.data.hashing import MISSING_ID, VALUE_PERSON, space_seed
 from hybridps.errors import DataError
+
+
+#: The largest magnitude a dense value may have: the model computes in float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class Conversion(NamedTuple):
+    """What :meth:`ColumnConverter.convert_rows` made of a table: the Batch of its good rows,
+    their indices in the table (None: every row), the indices of the dropped bad rows, and
+    ``problem(row)``, the message of a bad row."""
+    batch: Batch
+    kept: Optional[np.ndarray]
+    bad_rows: np.ndarray
+    problem: Callable[[int], str]
 
 
 def _pa():
@@ -71,15 +90,67 @@ class ColumnConverter:
             raise DataError(f"{where}: column(s) {missing} missing; the schema reads "
                             f"{self.required_columns()}, the data has {list(names)}")
 
+    def check_types(self, arrow_schema, where):
+        """Raise DataError naming the first column the schema reads whose Arrow type cannot
+        hold what the schema reads from it (checked from a file's schema before any row is
+        read: a list column for a single-valued feature, text for the label, ...)."""
+        pa, _ = _pa()
+        number = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)  # noqa: E731
+        text = lambda t: _is_text(t) or (pa.types.is_dictionary(t) and _is_text(t.value_type))  # noqa: E731
+        integer = lambda t: pa.types.is_integer(t) or (pa.types.is_dictionary(t)  # noqa: E731
+                                                       and pa.types.is_integer(t.value_type))
+        listed = lambda t: ((pa.types.is_list(t) or pa.types.is_large_list(t))  # noqa: E731
+                            and (pa.types.is_integer(t.value_type) or _is_text(t.value_type)))
+        wanted = [(self.schema.label, number, "0/1 labels (integers, floats or booleans)")]
+        wanted += [(f.column, lambda t: number(t) or _is_text(t), f"numbers (dense feature {f.name!r})")
+                   for f in self.schema.dense]
+        wanted += [(f.column, lambda t: integer(t) or text(t),
+                    f"integer ids or text (single-valued feature {f.name!r}; a list column needs "
+                    f"pooling: sum, mean, sqrtn or none)") for f in self.schema.single_features]
+        wanted += [(f.column, lambda t: listed(t) or _is_text(t),
+                    f"lists of integer ids or text (list feature {f.name!r}), or text split by "
+                    f"{f.separator!r}") for f in self.schema.list_features]
+        if self.schema.group_by:
+            wanted.append((self.schema.group_by, lambda t: integer(t) or text(t), "integer ids or "
+                                                                                  "text (group_by)"))
+        for column, ok, description in wanted:
+            index = arrow_schema.get_field_index(column)
+            if index >= 0 and not ok(arrow_schema.field(index).type):
+                _bad_type(where, column, arrow_schema.field(index).type, description)
+
     def convert(self, table, where):
-        """The Batch of an Arrow table's rows (``where`` names the source in errors)."""
+        """The Batch of an Arrow table's rows (``where`` names the source in errors).
+
+        Raises:
+            DataError: naming ``where``, the row and the column of the first bad row, or the
+                column of a wrong type.
+        """
+        return self.convert_rows(table, where).batch
+
+    def convert_rows(self, table, where, skip_bad_rows=False):
+        """A :class:`Conversion` of an Arrow table's rows. A bad row (see the module docstring)
+        raises DataError naming ``where``, the row (0-based in ``table``) and the column, or
+        with ``skip_bad_rows`` is dropped and listed. A column of a wrong type raises either way."""
         from hybridps._kernels import hash_int_id_columns, hash_int_ids
         self.check_columns(table.column_names, where)
         size = table.num_rows
-        labels = self._labels(table.column(self.schema.label), where)
+        labels, bad, problems = self._labels(table.column(self.schema.label), where)
         dense = np.empty((size, len(self.schema.dense)), dtype=np.float32)
         for j, feature in enumerate(self.schema.dense):
-            dense[:, j] = self._dense(table.column(feature.column), feature, where)
+            values, column_bad, problem = self._dense(table.column(feature.column), feature, where)
+            dense[:, j] = np.where(column_bad, 0.0, values) if column_bad.any() else values
+            bad = bad | column_bad
+            problems.append((column_bad, problem))
+
+        def describe(row):
+            return next(problem(row) for mask, problem in problems if mask[row])
+
+        bad_rows, kept = np.flatnonzero(bad), None
+        if len(bad_rows):
+            if not skip_bad_rows:
+                raise DataError(f"{where}: row {int(bad_rows[0])}: {describe(int(bad_rows[0]))}")
+            kept = np.flatnonzero(~bad)
+            table, labels, dense, size = table.take(kept), labels[kept], dense[kept], len(kept)
         singles = self.schema.single_features
         keys = (hash_int_id_columns([self._ids(table.column(f.column), f.column, where) for f in singles],
                                     self.single_seeds) if singles else np.empty((size, 0), np.int64))
@@ -93,8 +164,9 @@ class ColumnConverter:
         groups = None
         if self.schema.group_by:
             groups = self._ids(table.column(self.schema.group_by), self.schema.group_by, where)
-        return Batch(dense=dense, keys=keys, labels=labels, lists=lists, truncated=truncated,
-                     groups=groups)
+        batch = Batch(dense=dense, keys=keys, labels=labels, lists=lists, truncated=truncated,
+                      groups=groups)
+        return Conversion(batch, kept, bad_rows, describe)
 
     # ------------------------------------------------------------------ per kind
     def _labels(self, column, where):
@@ -104,15 +176,21 @@ class ColumnConverter:
         if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
                 or pa.types.is_boolean(column.type)):
             _bad_type(where, name, column.type, "0/1 labels (integers, floats or booleans)")
+        missing = column.is_null().to_numpy(zero_copy_only=False) if column.null_count \
+            else np.zeros(len(column), bool)
         if column.null_count:
-            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"{where}: row {row}: column {name!r} (the label) is missing")
+            column = pc.fill_null(column, pa.scalar(0, pa.int64()).cast(column.type))
         values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-        bad = np.flatnonzero((values != 0) & (values != 1))
-        if len(bad):
-            raise DataError(f"{where}: row {int(bad[0])}: column {name!r} (the label) must be 0 "
-                            f"or 1, got {values[bad[0]]!r}")
-        return values.astype(np.float32)
+        not_binary = (values != 0) & (values != 1)
+
+        def missing_label(row):
+            return f"column {name!r} (the label) is missing"
+
+        def wrong_label(row):
+            return f"column {name!r} (the label) must be 0 or 1, got {values[row]!r}"
+
+        return (np.where(not_binary, 0.0, values).astype(np.float32), missing | not_binary,
+                [(missing, missing_label), (not_binary, wrong_label)])
 
     def _dense(self, column, feature, where):
         pa, pc = _pa()
@@ -128,16 +206,20 @@ class ColumnConverter:
             _bad_type(where, feature.column, column.type, f"numbers (dense feature {feature.name!r})")
         if column.null_count:
             column = pc.fill_null(column, feature.fill)
-        values = column.to_numpy(zero_copy_only=False)
+        raw = values = column.to_numpy(zero_copy_only=False)
         if feature.transform == "log1p":
             values = np.log1p(np.maximum(values.astype(np.float64, copy=False), 0.0))
         elif values.dtype != np.float32:     # float32 stays (the batch is float32: exact)
-            values = values.astype(np.float64, copy=False)
-        if not np.all(np.isfinite(values)):
-            row = int(np.flatnonzero(~np.isfinite(values))[0])
-            raise DataError(f"{where}: row {row}: column {feature.column!r} (dense feature "
-                            f"{feature.name!r}) is not finite: {values[row]!r}")
-        return values
+            values = raw = values.astype(np.float64, copy=False)
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.abs(values) <= FLOAT32_MAX)      # NaN, infinite, or beyond float32
+
+        def problem(row):
+            what = "is not finite" if not np.isfinite(values[row]) else \
+                f"is beyond the float32 range the model computes in (|x| <= {FLOAT32_MAX:.4g})"
+            return f"column {feature.column!r} (dense feature {feature.name!r}) {what}: {raw[row]!r}"
+
+        return values, bad, problem
 
     def _ids(self, column, name, where):
         """int64 ids of a single-valued column (missing: -1)."""

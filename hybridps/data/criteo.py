@@ -33,7 +33,7 @@ batch ``k`` of every rank (each of size B) together hold exactly the lines ``[k*
 so a malformed line is reported (or skipped and counted) by the rank that owns it.
 
 Malformed lines (wrong column count, a non-numeric or non-finite integer column, a label other
-than 0/1) raise :class:`~hybridps.errors.DataError` naming the file, the 1-based line number and
+than 0/1, text that is not UTF-8, a line longer than hybridps.data.files.MAX_LINE_BYTES) raise :class:`~hybridps.errors.DataError` naming the file, the 1-based line number and
 the problem, or with ``on_bad_line="skip"`` are skipped and counted (``bad_lines``, ``stats()``).
 
 The whole share is held in memory: dense float32 (N, 13), keys int64 (N, 26), labels float32.
@@ -48,7 +48,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-from hybridps.data.files import read_bytes
+from hybridps.data.files import MAX_LINE_BYTES, damaged_lines, read_bytes
 from hybridps.data.share import InMemoryShare
 from hybridps.data.batch import Batch, check_int, resolve_batch_size
 from hybridps.data.hashing import feature_keys
@@ -125,12 +125,17 @@ class CriteoReader(InMemoryShare):
             raw = raw[len(_UTF8_BOM):]
         self.content_bytes = len(raw)
         self.content_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
+        self._damaged = {}
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line = raw.count(b"\n", 0, exc.start) + 1
-            raise DataError(f"{self.path}, line {line}: not valid UTF-8 text "
-                            f"({exc.reason} at byte {exc.start})") from None
+            if self.on_bad_line == "raise":
+                line = raw.count(b"\n", 0, exc.start) + 1
+                raise DataError(f"{self.path}, line {line}: not valid UTF-8 text "
+                                f"({exc.reason} at byte {exc.start})") from None
+            # skip: those lines are bad lines (of the rank that owns them), the rest is read
+            self._damaged = damaged_lines(raw)
+            text = raw.decode("utf-8", "replace")
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
@@ -188,6 +193,11 @@ class CriteoReader(InMemoryShare):
                 line = line[:-1]
             cols = line.split(delim)
             try:
+                if self._damaged and lineno in self._damaged:
+                    raise _BadLine(self._damaged[lineno])
+                if len(line) > MAX_LINE_BYTES:      # as the schema CSV reader (characters here)
+                    raise _BadLine(f"the line is {len(line)} characters long; a line may hold at "
+                                   f"most {MAX_LINE_BYTES}")
                 if len(cols) != NUM_COLUMNS:
                     raise _BadLine(f"expected {NUM_COLUMNS} {'tab' if delim == chr(9) else 'comma'}"
                                    f"-separated columns (label, I1..I13, C1..C26), found "

@@ -2,8 +2,10 @@
 
 What lives here: :func:`read_bytes` (a file's bytes, ``.gz`` decompressed in chunks so that
 damaged compressed data is reported with the file and the line it reached, never as a bare
-``EOFError`` / ``zlib.error``) and :func:`expand_paths` (a file, a directory, a glob, or several
-of them separated by commas -> the sorted list of files). What does not: parsing.
+``EOFError`` / ``zlib.error``), :func:`damaged_lines` (the lines of a text file that are not
+UTF-8 or are too long to parse, each named, for readers that must skip or name them) and
+:func:`expand_paths` (a file, a directory, a glob, or several of them separated by commas -> the
+sorted list of files). What does not: parsing.
 """
 import glob
 import gzip
@@ -12,6 +14,26 @@ import os
 from hybridps.errors import DataError
 
 GZIP_CHUNK = 1 << 20           # decompressed bytes per read of a .gz file
+#: The longest line a text data file may hold (a row of a CTR data set is a few kB; a longer
+#: line is a bad line: named, or skipped and counted under on_bad_line=skip).
+MAX_LINE_BYTES = 32 << 20
+
+
+def damaged_lines(raw, max_line_bytes=MAX_LINE_BYTES):
+    """{0-based line index: what is wrong} of the lines of ``raw`` (split at ``\n``) that are
+    not valid UTF-8 or are longer than ``max_line_bytes``. One pass per line: readers run it
+    only once a whole-file parse or decode has failed."""
+    found = {}
+    for index, line in enumerate(raw.split(b"\n")):
+        if len(line) > max_line_bytes:
+            found[index] = (f"the line is {len(line)} bytes long; a line may hold at most "
+                            f"{max_line_bytes} bytes")
+            continue
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            found[index] = f"not valid UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
+    return found
 
 
 def read_bytes(path):

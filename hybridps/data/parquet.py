@@ -9,6 +9,10 @@ own (hybridps.data.partitioned: equal steps, epochs, shuffling, the position for
 Vectorized: a row group is decoded by Arrow and converted with numpy; nothing runs per row.
 Single-valued text columns are read dictionary-encoded, as Parquet stores them: their ids are
 computed per distinct value (hybridps.data.columns, through the reader's text id cache).
+Every file's footer is read at start-up (on every rank): a file without a readable footer, or
+whose columns have types the schema cannot read (a ``list<string>`` column for a single-valued
+feature, ...), is an error naming the file and the column, or, with ``on_bad_line=skip``, left
+out of the shares on every rank alike and counted.
 """
 from hybridps.data.partitioned import PartitionedReader
 from hybridps.errors import DataError
@@ -26,14 +30,26 @@ class ParquetReader(PartitionedReader):
         units, self._files = [], {}
         for path in self.paths:
             try:
-                # mapped, not read into buffers: Arrow decodes pages straight from the page
-                # cache; text columns of one id per row come as the dictionaries they are stored
-                # in (Arrow ignores the integer ones), so no string is decoded per row
-                handle = pq.ParquetFile(path, memory_map=True,
-                                        read_dictionary=self.converter.single_value_columns())
+                schema = pq.read_schema(path, memory_map=True)
             except (pa.ArrowInvalid, OSError) as exc:
-                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-            self.converter.check_columns(handle.schema_arrow.names, path)
+                self._unreadable_file(path, f"not a readable Parquet file ({exc})")
+                continue
+            try:
+                self.converter.check_columns(schema.names, path)
+                self.converter.check_types(schema, path)
+            except DataError as exc:
+                self._unreadable_file(path, str(exc)[len(path) + 2:])
+                continue
+            # text columns of one id per row come as the dictionaries they are stored in (the
+            # integer ones are read as they are), so no string is decoded per row
+            text = [c for c in self.converter.single_value_columns()
+                    if pa.types.is_string(schema.field(c).type) or pa.types.is_binary(schema.field(c).type)]
+            try:
+                # mapped, not read into buffers: Arrow decodes pages straight from the page cache
+                handle = pq.ParquetFile(path, memory_map=True, read_dictionary=text)
+            except (pa.ArrowInvalid, OSError) as exc:
+                self._unreadable_file(path, f"not a readable Parquet file ({exc})")
+                continue
             self._files[path] = handle
             meta = handle.metadata
             units += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]

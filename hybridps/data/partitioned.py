@@ -23,9 +23,16 @@ What lives here: :class:`PartitionedReader`, which a format subclasses with two 
   are reassigned); mid-epoch it restarts the epoch's remaining share by the global batch count.
 * A cache of parsed parts (``data_cache``, hybridps.data.parsed_cache): a part found there is
   not decoded or converted again; one converted is stored there.
-* Bad input: an error naming the file (and the part) and the column, or, with
-  ``on_bad_line="skip"``, a part that cannot be read is skipped and counted (``bad_parts``,
-  ``bad_rows``).
+* Bad input: an error naming the file (and the part), the row and the column, or, with
+  ``on_bad_line="skip"``: a bad row (hybridps.data.columns) is dropped, a part that cannot be
+  read is skipped (and not read again in later epochs), a file whose metadata or framing is
+  damaged is left out at start-up (every rank reads the metadata of all, so all leave it out
+  and agree on the shares), each counted once in ``bad_lines`` (rows) and ``bad_parts``.
+  A rank whose share comes out short of the epoch's batches (rows or parts found bad while
+  reading, after the batch count was fixed) reads its share again from the epoch's start to
+  fill them, counted in ``refilled_rows``: every rank still runs the same number of steps, with
+  no communication. A resume under ``skip`` replays the epoch up to the position (as with
+  shuffling), so it lands on the same rows whatever was skipped before it.
 
 What does not: turning columns into keys and floats (hybridps.data.columns).
 """
@@ -98,14 +105,19 @@ class PartitionedReader:
         if data_cache:
             from hybridps.data.parsed_cache import ParsedCache
             self.cache = ParsedCache(data_cache, schema, self.kind)
+        self.bad_parts, self.bad_rows, self.dropped_rows, self.rows_read = 0, 0, 0, 0
+        self.refilled_rows = 0
+        self.bad_line_examples = []
+        self._bad_units = set()                  # parts found unreadable: not read again
+        self._bad_rows_of = {}                   # part -> its bad rows (counted once)
         self.units = self._list_units()          # [(path, part, rows)] of all files, in order
         self.unit_start = dict(zip(self.units, np.concatenate([[0], np.cumsum([u[2] for u in self.units])[:-1]]).tolist()))
         self.data_lines = int(sum(rows for _, _, rows in self.units))
         if self.data_lines == 0:
-            raise DataError(f"{self.path}: the {self.kind} data holds no rows")
+            raise DataError(f"{self.path}: the {self.kind} data holds no rows"
+                            + (f" that can be read ({self.bad_parts} damaged files left out)"
+                               if self.bad_parts else ""))
         self.epoch, self.batches_done = 0, 0
-        self.bad_parts, self.bad_rows, self.dropped_rows, self.rows_read = 0, 0, 0, 0
-        self.bad_line_examples = []
 
     # ------------------------------------------------------------------ for subclasses
     def _list_units(self):
@@ -113,6 +125,16 @@ class PartitionedReader:
 
     def _read_unit(self, unit):
         raise NotImplementedError
+
+    def _unreadable_file(self, path, reason, rows=0):
+        """A file whose metadata or framing is damaged (found while listing the parts, on every
+        rank): a DataError, or under ``skip`` left out, counted once (by rank 0)."""
+        if self.on_bad_line == "raise":
+            raise DataError(f"{path}: {reason}")
+        if self.rank == 0:
+            self.bad_parts += 1
+            self.bad_rows += rows
+            self._example(f"{path}: skipped the whole file ({reason})")
 
     # ------------------------------------------------------------------ shares
     def units_of(self, rank, world_size=None):
@@ -139,32 +161,57 @@ class PartitionedReader:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.rank, epoch, 0x5EED])))
 
     def _read(self, unit):
+        """The Batch of a part's good rows, or None for a part that cannot be read (skip)."""
+        if unit in self._bad_units:
+            return None
         path, part, _ = unit
         where = f"{path}, {self.part_name} {part}"
+        skip = self.on_bad_line == "skip"
         try:
             batch = self.cache.load(unit) if self.cache is not None else None
             if batch is None:
-                batch = self.converter.convert(self._read_unit(unit), where)
-                if self.cache is not None:
-                    self.cache.store(unit, batch)
-            batch.row_ids = self.unit_start[unit] + np.arange(batch.size, dtype=np.int64)
-        except DataError:
-            if self.on_bad_line == "raise":
+                converted = self.converter.convert_rows(self._read_unit(unit), where, skip)
+                batch = converted.batch
+                kept = converted.kept
+                if len(converted.bad_rows):
+                    self._count_bad_rows(unit, where, converted)
+                elif self.cache is not None:     # a part with bad rows is not cached: a
+                    self.cache.store(unit, batch)  # later run counts them again
+            else:
+                kept = None
+            rows = np.arange(batch.size, dtype=np.int64) if kept is None else kept.astype(np.int64)
+            batch.row_ids = self.unit_start[unit] + rows
+        except DataError as exc:
+            if not skip:
                 raise
-            return self._skip(unit, where, "a value of the wrong type or form")
+            return self._skip(unit, where, str(exc)[len(where) + 2:] if str(exc).startswith(where) else str(exc))
         except Exception as exc:   # noqa: BLE001 - any failure of the format library, named
-            if self.on_bad_line == "raise":
+            if not skip:
                 raise DataError(f"{where}: cannot be read ({type(exc).__name__}: {exc})") from None
             return self._skip(unit, where, f"{type(exc).__name__}: {exc}")
         self.rows_read += batch.size
         return batch
 
+    def _count_bad_rows(self, unit, where, converted):
+        """Bad rows of a part dropped under skip: counted the first time the part is read."""
+        if unit in self._bad_rows_of:
+            return
+        self._bad_rows_of[unit] = len(converted.bad_rows)
+        self.bad_rows += len(converted.bad_rows)
+        for row in converted.bad_rows[:_MAX_EXAMPLES]:
+            self._example(f"{where}, row {int(row)}: skipped ({converted.problem(int(row))})")
+
     def _skip(self, unit, where, reason):
+        self._bad_units.add(unit)
         self.bad_parts += 1
-        self.bad_rows += unit[2]
-        if len(self.bad_line_examples) < _MAX_EXAMPLES:
-            self.bad_line_examples.append(f"{where}: skipped ({reason})")
+        self.bad_rows += unit[2] - self._bad_rows_of.pop(unit, 0)
+        self._bad_rows_of[unit] = unit[2]
+        self._example(f"{where}: skipped ({reason})")
         return None
+
+    def _example(self, text):
+        if len(self.bad_line_examples) < _MAX_EXAMPLES:
+            self.bad_line_examples.append(text)
 
     def _rows_of_epoch(self, epoch, skip_rows=0):
         """This rank's rows of an epoch as a stream of Batches (parts, shuffled if asked),
@@ -201,36 +248,72 @@ class PartitionedReader:
         if buffer is not None and buffer.size:
             yield buffer.take(rng.permutation(buffer.size))
 
+    def _refilled_rows_of_epoch(self, epoch, skip_rows, pass_rows):
+        """The rows of an epoch (:meth:`_rows_of_epoch`), then, for a share that came out short
+        (bad rows or parts met while reading), the share again from the epoch's start, for as
+        long as it is asked for. ``pass_rows`` gets the good rows of the first pass once it
+        has ended (the caller counts refilled rows from it)."""
+        rows = 0
+        for batch in self._rows_of_epoch(epoch, skip_rows):
+            rows += batch.size
+            yield batch
+        pass_rows.append(rows)
+        if self.on_bad_line == "raise":     # no row was skipped: the parts held fewer rows than
+            return                          # their metadata says (iter_batches names it)
+        while True:
+            again = 0
+            for batch in self._rows_of_epoch(epoch):
+                again += batch.size
+                yield batch
+            if not again:
+                raise DataError(f"{self.path}: rank {self.rank} has no readable row in its share "
+                                f"({len(self.units_of(self.rank))} parts, {self.bad_parts} of them "
+                                f"skipped as unreadable: {self.bad_line_examples[:3]})")
+
     def iter_batches(self, batch_size=None, num_steps=None):
         """Exactly ``num_steps`` batches of exactly ``batch_size`` rows (forever if None),
         epoch after epoch, from the current position (which advances before each batch)."""
         b = resolve_batch_size(batch_size, self.default_batch_size)
         per_epoch = self.batches_per_epoch(b)
+        # replaying reads the epoch from its start up to the position: exact whatever order
+        # (shuffling) or rows skipped as bad (whose counts are not known before reading)
+        replay = self.shuffle or self.on_bad_line == "skip"
         produced = 0
         while num_steps is None or produced < num_steps:
             if self.batches_done >= per_epoch:             # a position saved at an epoch's end
                 self.epoch, self.batches_done = self.epoch + 1, 0
             done, epoch = self.batches_done, self.epoch
-            stream = self._rows_of_epoch(epoch, 0 if self.shuffle else done * b)
-            first = done if not self.shuffle else 0        # the index of the first batch below
+            pass_rows = []
+            stream = self._refilled_rows_of_epoch(epoch, 0 if replay else done * b, pass_rows)
+            first = 0 if replay else done                  # the index of the first batch below
             for index, batch in enumerate(_fixed_size(stream, b), start=first):
-                if index < done:                           # shuffled: replaying up to the position
+                if index < done:                           # replaying up to the position
                     continue
                 # the position moves before the batch is handed out: past the epoch's end at its
                 # last batch (the remainder is counted then, not when the next one is asked for)
                 self.batches_done += 1
                 if self.batches_done == per_epoch:
-                    self.dropped_rows += self.num_rows - per_epoch * b
+                    self._count_epoch_end(per_epoch * b, pass_rows)
                     self.epoch, self.batches_done = epoch + 1, 0
                 produced += 1
                 yield batch
                 if self.epoch != epoch or (num_steps is not None and produced >= num_steps):
                     break
-            if self.epoch == epoch and (num_steps is None or produced < num_steps):
-                raise DataError(f"{self.path}: rank {self.rank} read too few rows for its "
-                                f"{per_epoch} batches of epoch {epoch} ({self.bad_parts} parts "
-                                f"skipped as unreadable); the data must give every rank the same "
-                                f"number of batches")
+            else:
+                raise DataError(f"{self.path}: rank {self.rank} read {pass_rows[0]} rows of epoch "
+                                f"{epoch}, fewer than its {per_epoch} batches of {b} need, although "
+                                f"the parts' metadata counts {self.num_rows}: a part holds fewer "
+                                f"rows than its metadata says")
+            stream.close()
+
+    def _count_epoch_end(self, used, pass_rows):
+        """At an epoch's last batch: the rows of the share no batch took (``dropped_rows``), or,
+        for a share that came out short, the rows read a second time (``refilled_rows``)."""
+        if pass_rows and pass_rows[0] < used:
+            self.refilled_rows += used - pass_rows[0]
+            return
+        bad = sum(self._bad_rows_of.get(unit, 0) for unit in self.units_of(self.rank))
+        self.dropped_rows += max(0, self.num_rows - bad - used)
 
     def epoch_batches(self, batch_size, count=None):
         """One pass over this rank's share in order (no shuffling), ``count`` batches of at most
@@ -289,7 +372,8 @@ class PartitionedReader:
                 "data_lines": self.data_lines, "rows": self.num_rows, "parts": len(self.units),
                 "rank_parts": len(self.units_of(self.rank)), "bad_lines": self.bad_rows,
                 "bad_parts": self.bad_parts, "bad_line_examples": list(self.bad_line_examples),
-                "dropped_rows": self.dropped_rows, "rows_read": self.rows_read,
+                "dropped_rows": self.dropped_rows, "refilled_rows": self.refilled_rows,
+                "rows_read": self.rows_read,
                 "rank": self.rank, "world_size": self.world_size,
                 "epoch": self.epoch, "offset": self.batches_done,
                 **({"cache": self.cache.stats()} if self.cache is not None else {})}

@@ -13,8 +13,13 @@ order; line ``i`` belongs to rank ``i % world_size``, as for the Criteo reader. 
 reported by the rank that owns it: a DataError naming the file, the line and the column, or,
 with ``on_bad_line="skip"``, skipped and counted (``bad_lines``, ``stats()``).
 
-Parsing is Arrow's multi-threaded CSV reader plus vectorized checks (no per-row Python); the
-share is held in memory (hybridps.data.share).
+A line that is not valid UTF-8 text or is longer than hybridps.data.files.MAX_LINE_BYTES is a
+malformed line like the others (named, or skipped and counted: the rest of the file is read),
+and so is a row whose dense value is beyond float32 (hybridps.data.columns).
+
+Parsing is Arrow's CSV reader plus vectorized checks (no per-row Python; a file Arrow refuses
+is looked at line by line to name, or skip, its damaged lines); the share is held in memory
+(hybridps.data.share).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import numpy as np
 
 from hybridps.data.batch import check_int
 from hybridps.data.columns import ColumnConverter
-from hybridps.data.files import read_bytes
+from hybridps.data.files import damaged_lines, read_bytes
 from hybridps.data.share import InMemoryShare
 from hybridps.errors import ConfigError, DataError
 
@@ -93,17 +98,30 @@ class SchemaCSVReader(InMemoryShare):
             invalid.append((row.number, row.expected_columns, row.actual_columns, row.text))
             return "skip"
 
-        try:
-            table = pcsv.read_csv(
+        def parse(raw, block_size=None):
+            invalid.clear()
+            return pcsv.read_csv(
                 io.BytesIO(raw),
-                read_options=pcsv.ReadOptions(use_threads=False),
+                read_options=pcsv.ReadOptions(use_threads=False, block_size=block_size),
                 parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
                 convert_options=pcsv.ConvertOptions(
                     include_columns=wanted, column_types={c: pa.string() for c in wanted},
                     strings_can_be_null=False))
+
+        damaged = {}
+        try:
+            table = parse(raw)
         except pa.ArrowInvalid as exc:
-            raise DataError(f"{self.path}: not a readable {'TSV' if delimiter == chr(9) else 'CSV'} "
-                            f"file: {exc}") from None
+            # not UTF-8, or a line longer than Arrow's block: name (or skip) those lines
+            raw, damaged, longest = _without_damaged_lines(raw, delimiter.encode() * (len(header) - 1))
+            try:
+                if not damaged and longest < (1 << 20):
+                    raise
+                table = parse(raw, block_size=max(1 << 20, 2 * longest + 2))
+            except pa.ArrowInvalid:
+                raise DataError(f"{self.path}: not a readable {'TSV' if delimiter == chr(9) else 'CSV'} "
+                                f"file: {exc}") from None
+        self._raw = raw
         # data line index of each parsed row: the invalid rows (Arrow's row number counts the
         # header as 1 and skips blank lines) keep their place in the numbering
         invalid_index = np.array(sorted(n - 2 for n, *_ in invalid if n is not None), dtype=np.int64)
@@ -113,17 +131,46 @@ class SchemaCSVReader(InMemoryShare):
         mine = line_index % self.world_size == self.rank
         for number, expected, actual, text in invalid:
             if number is not None and (number - 2) % self.world_size == self.rank:
-                self._bad(number - 2, None, f"expected {expected} columns, found {actual}", raw)
+                self._bad(number - 2, None, f"expected {expected} columns, found {actual}")
+        if damaged:
+            damaged_index = self._data_indices_of(damaged)
+            for data_index, problem in damaged_index.items():
+                if data_index % self.world_size == self.rank:
+                    self._bad(data_index, None, problem)
+            mine &= ~np.isin(line_index, np.fromiter(damaged_index, np.int64))
         table = table.filter(pa.array(mine))
         line_index = line_index[mine]
         table, keep, problems = check_text_columns(table, self.schema)
         for row, column, problem in problems:
-            self._bad(int(line_index[row]), column, problem, raw)
-        self.share = self.converter.convert(table, self.path)
-        self.share.row_ids = line_index[keep].astype(np.int64)
+            self._bad(int(line_index[row]), column, problem)
+        line_index = line_index[keep]
+        # every bad row reported through _bad (which names its line), raising or counting
+        converted = self.converter.convert_rows(table, self.path, skip_bad_rows=True)
+        for row in converted.bad_rows:
+            self._bad(int(line_index[row]), None, converted.problem(int(row)))
+        self.share = converted.batch
+        kept = line_index if converted.kept is None else line_index[converted.kept]
+        self.share.row_ids = kept.astype(np.int64)
+        self._raw = self._line_numbers = None
 
-    def _bad(self, data_index, column, problem, raw):
-        where = f"{self.path}, line {_file_line(raw, data_index)}" + (f", column {column!r}" if column else "")
+    def _data_indices_of(self, damaged):
+        """{data line index: problem} of {0-based file line index: problem} (the header is
+        line 0; blank lines are not data lines)."""
+        numbers = self._file_lines()
+        return {int(np.searchsorted(numbers, line + 1)): problem for line, problem in damaged.items()}
+
+    def _file_lines(self):
+        """1-based file line numbers of the data lines, in order (found once, when a bad line
+        needs naming)."""
+        if getattr(self, "_line_numbers", None) is None:
+            self._line_numbers = np.array([n for n, line in enumerate(self._raw.split(b"\n"), start=1)
+                                           if line.strip()][1:], dtype=np.int64)
+        return self._line_numbers
+
+    def _bad(self, data_index, column, problem):
+        numbers = self._file_lines()
+        line = int(numbers[data_index]) if data_index < len(numbers) else "?"
+        where = f"{self.path}, line {line}" + (f", column {column!r}" if column else "")
         if self.on_bad_line == "raise":
             raise DataError(f"malformed line in {where}: {problem}")
         self.bad_lines += 1
@@ -182,12 +229,14 @@ def check_text_columns(table, schema):
     return table, keep, problems
 
 
-def _file_line(raw, data_index):
-    """1-based line number in the file of data line ``data_index`` (blank lines skipped)."""
-    count = -1                     # the header is not a data line
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if line.strip():
-            if count == data_index:
-                return number
-            count += 1
-    return "?"
+def _without_damaged_lines(raw, placeholder):
+    """(``raw`` with each damaged line (hybridps.data.files.damaged_lines) replaced by
+    ``placeholder``, a row of empty cells that keeps the line's place in the numbering; the
+    damaged lines {0-based file line index: problem}, the header excluded; the length of the
+    longest line kept)."""
+    damaged = damaged_lines(raw)
+    damaged.pop(0, None)                 # the header was decoded (and checked) on its own
+    lines = raw.split(b"\n")
+    for index in damaged:
+        lines[index] = placeholder
+    return b"\n".join(lines), damaged, max(len(line) for line in lines)

@@ -7,7 +7,8 @@ What does not: reading (the readers), the metrics file (hybridps.metrics).
 """
 import re
 
-_ADDITIVE_DATA_STATS = ("rows", "bad_lines", "positives", "dropped_rows", "bad_parts", "rows_read")
+_ADDITIVE_DATA_STATS = ("rows", "bad_lines", "positives", "dropped_rows", "refilled_rows", "bad_parts",
+                        "rows_read")
 _PER_RANK_DATA_STATS = ("rank", "rows", "bad_lines", "positives", "epoch", "offset", "parse_seconds")
 _DATA_EXAMPLES = 10
 _LINE_OF_EXAMPLE = re.compile(r", line (\d+): ")
@@ -19,7 +20,7 @@ def combine_data_stats(per_rank):
 
     Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``, and of the
     partitioned readers ``dropped_rows`` (the remainder of each epoch no rank trains on),
-    ``bad_parts``, ``rows_read``: each rank counts its own share); takes the data's own figures
+    ``refilled_rows``, ``bad_parts``, ``rows_read``: each rank counts its own share); takes the data's own figures
     once (``kind``, ``path``, ``format``, ``data_lines``, ``parts``: every rank counts the
     whole data); keeps each rank's
     share and position apart in ``per_rank``, and up to 10 ``bad_line_examples`` of all ranks

@@ -5,9 +5,15 @@ features (one value for a single-valued feature, any number for a list feature; 
 missing), ``float_list`` (or ``int64_list``) of one value for dense features and the label.
 A record becomes the same columns a Parquet file gives (hybridps.data.columns), so the same rows
 give the same batches. Parts are files: every file goes round-robin to the ranks
-(hybridps.data.partitioned); a file's record count is read from its framing (lengths only) at
-start-up. Parsing runs in TensorFlow's ``tf.io.parse_example`` over whole files.
+(hybridps.data.partitioned); a file's record count is read from its framing at start-up, on
+every rank: each record's length field (and, once the framing is found broken, the checksum
+(masked CRC-32C) of each length field), so a damaged length is named (file, record, byte
+offset) instead of misreading the rest; the records' data checksums are checked by TensorFlow
+when the file is read. With
+``on_bad_line=skip`` a file of damaged framing is left out on every rank alike and counted.
+Parsing runs in TensorFlow's ``tf.io.parse_example`` over whole files.
 """
+import os
 import struct
 
 import numpy as np
@@ -23,7 +29,14 @@ class TFRecordReader(PartitionedReader):
     part_name = "file"
 
     def _list_units(self):
-        return [(path, 0, _count_records(path)) for path in self.paths]
+        units = []
+        for path in self.paths:
+            count, damage = _count_records(path)
+            if damage:
+                self._unreadable_file(path, damage, count)
+            else:
+                units.append((path, 0, count))
+        return units
 
     def _read_unit(self, unit):
         import pyarrow as pa
@@ -43,7 +56,8 @@ class TFRecordReader(PartitionedReader):
             flat = values.values.numpy()
             lengths = np.bincount(rows, minlength=int(values.dense_shape[0]))
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            items = pa.array([v.decode("utf-8") for v in flat]) if flat.dtype == object else pa.array(flat)
+            texts = _texts(flat, rows, path, column) if flat.dtype == object else None
+            items = pa.array(texts, pa.string()) if texts is not None else pa.array(flat)
             feature = sparse.get(column)
             if feature is not None and feature.is_list:
                 arrays[column] = pa.ListArray.from_arrays(pa.array(offsets), items)
@@ -54,14 +68,33 @@ class TFRecordReader(PartitionedReader):
                                     f"{int(lengths[row])} values; a single-valued feature, a dense "
                                     f"feature or the label holds one")
                 missing = lengths == 0
-                if flat.dtype == object:          # bytes_list: text, None where missing
-                    texts = iter(v.decode("utf-8") for v in flat)
+                if texts is not None:             # bytes_list: text, None where missing
+                    texts = iter(texts)
                     arrays[column] = pa.array([None if m else next(texts) for m in missing], pa.string())
                 else:
                     values = np.zeros(len(lengths), dtype=flat.dtype)
                     values[~missing] = flat
                     arrays[column] = pa.array(values, mask=missing)
         return pa.table(arrays)
+
+
+def _texts(flat, rows, path, column):
+    """The values of a bytes_list feature as text; a value that is not UTF-8 is a DataError
+    naming the file, the record and the feature (ids are defined on UTF-8 text, as served)."""
+    try:
+        return [v.decode("utf-8") for v in flat]
+    except UnicodeDecodeError:
+        index = next(i for i, v in enumerate(flat) if not _is_utf8(v))
+        raise DataError(f"{path}, record {int(rows[index])}: feature {column!r} holds "
+                        f"{bytes(flat[index][:40])!r}, which is not UTF-8 text") from None
+
+
+def _is_utf8(value):
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _kind_of(path, column):
@@ -80,30 +113,64 @@ def _kind_of(path, column):
 
 
 def _count_records(path):
-    """Records of a TFRecord file, from its framing: uint64 length, uint32 crc, data, uint32 crc."""
+    """(records, None) of a TFRecord file, from its framing (uint64 length, uint32 masked
+    CRC-32C of the length, data, uint32 masked CRC-32C of the data), or (the records before
+    the damage, what is damaged) for framing that is not whole. The lengths alone are
+    followed first (a damaged one runs past the end of the file, or leaves a torn header);
+    only then are the lengths' checksums computed, to name the record whose length is damaged."""
+    count, damage = _scan_framing(path, check_lengths=False)
+    if damage:
+        found = _scan_framing(path, check_lengths=True)
+        if found[1] and "checksum" in found[1]:
+            return found
+    return count, damage
+
+
+def _scan_framing(path, check_lengths):
     count = 0
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as fh:
             while True:
-                head = fh.read(8)
+                offset = fh.tell()
+                head = fh.read(12)
                 if not head:
-                    return count
-                if len(head) < 8:
-                    raise DataError(f"{path}, record {count}: truncated (a length field of "
-                                    f"{len(head)} bytes); not a complete TFRecord file")
-                (length,) = struct.unpack("<Q", head)
-                fh.seek(4 + length + 4, 1)
+                    return count, None
+                if len(head) < 12:
+                    return count, (f"record {count} (byte {offset}): truncated (a header of "
+                                   f"{len(head)} of 12 bytes); not a complete TFRecord file")
+                length, crc = struct.unpack("<QI", head)
+                if check_lengths and _masked_crc32c(head[:8]) != crc:
+                    return count, (f"record {count} (byte {offset}): damaged length field (its "
+                                   f"checksum does not match); not a valid TFRecord file")
+                end = offset + 12 + length + 4
+                if end > size:
+                    return count, (f"record {count} (byte {offset}): truncated (its {length} "
+                                   f"data bytes run past the end of the file, {size} bytes); "
+                                   f"not a complete TFRecord file")
+                fh.seek(end)
                 count += 1
-                if fh.tell() > _size(fh):
-                    raise DataError(f"{path}, record {count - 1}: truncated (its data runs past "
-                                    f"the end of the file); not a complete TFRecord file")
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
 
 
-def _size(fh):
-    here = fh.tell()
-    fh.seek(0, 2)
-    end = fh.tell()
-    fh.seek(here)
-    return end
+def _crc32c_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data):
+    """The TFRecord checksum of ``data``: CRC-32C (Castagnoli), rotated and offset ("masked")."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF

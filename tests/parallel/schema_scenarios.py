@@ -10,10 +10,13 @@ also writes a checkpoint (``ckpt``, every 2 steps), trains the user model of
 examples/movielens and DIN; phase ``one`` (1 rank) resumes the 2-rank checkpoint copied to
 OUT/resume-ckpt at step 2, trains to step 4, and writes the predictions of the final model on
 every row of the file (read only, through the backend), which the pytest side compares with
-the exported SavedModel.
+the exported SavedModel. With a 4th argument SKIPDATA (phase ``two``), the same rows as
+Parquet row groups, one of them garbled: ``skip-parquet`` trains 10 steps under
+``on_bad_line=skip`` with a checkpoint at step 5, ``skip-resumed`` resumes it at step 5.
 """
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -48,8 +51,21 @@ def predictions(trainer, path):
     np.savez(path, scores=predicted.scores, labels=predicted.labels)
 
 
-def main(out, config_path, phase):
+def main(out, config_path, phase, skip_data=None):
     comm = comm_module.init(with_horovod=True)
+    if skip_data:
+        skipping = dict(data=f"parquet:{skip_data}", on_bad_line="skip", steps=10)
+        train(comm, out, "skip-parquet", config_path, checkpoint_dir=os.path.join(out, "skip-ckpt"),
+              checkpoint_every=5, keep_checkpoints=5, **skipping)
+        resume_dir = os.path.join(out, "skip-resume-ckpt")
+        if comm.rank == 0:          # the checkpoint of step 5 alone, to resume from
+            shutil.copytree(os.path.join(out, "skip-ckpt", "ckpt-0000000005"),
+                            os.path.join(resume_dir, "ckpt-0000000005"))
+            with open(os.path.join(resume_dir, "latest"), "w") as fh:
+                fh.write("ckpt-0000000005\n")
+        comm.barrier()
+        train(comm, out, "skip-resumed", config_path, checkpoint_dir=resume_dir, resume=True,
+              **skipping)
     for optimizer in ("sgd", "adagrad"):
         train(comm, out, f"equiv-{optimizer}", config_path, optimizer=optimizer,
               dense_optimizer=optimizer)
@@ -70,4 +86,4 @@ def main(out, config_path, phase):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
