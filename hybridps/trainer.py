@@ -168,7 +168,10 @@ class Trainer:
         watchdog.mark("train_end")
         self._at_step_boundary(completed, end=True)
         self._report_stop(completed)
-        return self._summarize(record)
+        summary = self._summarize(record)
+        if self.control is not None:           # a stream source that failed: its error, now
+            self.control.raise_failure(completed, c.checkpoint_dir)   # that the checkpoint is written
+        return summary
 
     def _batches(self, first, last):
         """The batches of the steps from ``first`` (to ``last``, None: unbounded). Runs without
