@@ -125,6 +125,7 @@ class StepAgreement:
                      f"fix the cause, then restart with --resume" if checkpoint_dir else
                      "nothing was saved (no checkpoint_dir)")
             raise DataError(f"{what}; every rank stopped after step {completed}, {saved}")
+        request_stop("stream failure")     # the SIGTERM that ends this rank is not a stop request
         with watchdog.collective(f"waiting for rank {rank} to report its stream failure"):
             self.comm.barrier()
 

@@ -479,14 +479,19 @@ def test_a_stream_file_read_before_and_deleted_or_left_unchanged_is_no_error(tmp
     assert stream.stats()["bad_files"] == 0 and stream.failure is None
 
 
+def with_bad_x(text, columns, data_index):
+    """CSV ``text`` of ``columns`` whose data line ``data_index`` has no number in column x."""
+    lines = text.splitlines()
+    cells = lines[data_index + 1].split(",")
+    cells[list(columns).index("x")] = "not-a-number"
+    lines[data_index + 1] = ",".join(cells)
+    return "\n".join(lines) + "\n"
+
+
 def test_malformed_lines_of_a_stream_csv_file_are_skipped_and_counted_with_skip(tmp_path):
     from hybridps.data.stream import DirectoryStream
     a = rows(5, seed=31)
-    lines = csv_text(a).splitlines()
-    cells = lines[3].split(",")
-    cells[list(a).index("x")] = "not-a-number"          # data line 2 (file line 4)
-    lines[3] = ",".join(cells)
-    (tmp_path / "a-0001.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "a-0001.csv").write_text(with_bad_x(csv_text(a), a, 2))   # file line 4
     open(tmp_path / "_END", "w").close()
     stream = DirectoryStream(str(tmp_path), stream_schema(), on_bad_line="skip")
     got = list(stream.iter_batches(2, None, control=OneRank()))
@@ -637,7 +642,7 @@ def vote(ready=True, ended=False, failure=None, notes=()):
 
 
 def test_a_source_failure_on_one_rank_ends_every_rank_at_the_same_step_and_one_raises_it():
-    from hybridps.step_control import StepAgreement
+    from hybridps.step_control import StepAgreement, reset_stop, stop_requested
     # rank 0 is ready; rank 1's source failed: both end before this step
     on_0 = StepAgreement(TwoRankComm(0, vote(ready=False, failure="lost the server")))
     on_1 = StepAgreement(TwoRankComm(1, vote(ready=True)))
@@ -648,8 +653,11 @@ def test_a_source_failure_on_one_rank_ends_every_rank_at_the_same_step_and_one_r
     with pytest.raises(DataError, match=r"lost the server; every rank stopped after step 7, the "
                                         r"checkpoint of that step in /ck holds"):
         on_1.raise_failure(7, "/ck")
-    on_0.raise_failure(7, "/ck")          # waits in a collective the failing rank never joins
-    assert on_0.comm.barriers == 1
+    try:
+        on_0.raise_failure(7, "/ck")      # waits in a collective the failing rank never joins
+        assert on_0.comm.barriers == 1 and stop_requested()   # its end by SIGTERM is no stop request
+    finally:
+        reset_stop()
 
 
 def test_the_agreement_hands_every_rank_the_notes_of_all():
@@ -665,3 +673,113 @@ def test_stream_retry_seconds_is_validated():
     assert make_config().stream_retry_seconds == 60.0
     with pytest.raises(ConfigError, match="stream_retry_seconds.*seconds >= 0"):
         make_config(overrides={"stream_retry_seconds": -1})
+
+
+# ---------------------------------------------------------------------- 2 ranks: the same, agreed
+def grow_in_place(out, name, on_bad_line):
+    """a-00001.csv (37 rows), then b-00002.csv renamed in with 120 of its 200 rows; once the job
+    has trained the 9 steps those 157 rows fill, b's last 80 rows are appended in place (the
+    breach); with skip, c-00003.csv (37 rows and a malformed one) and the end marker follow."""
+    stream = out / f"{name}-stream"
+    stream.mkdir()
+    a, b, c = rows(37, seed=41), rows(200, seed=42), rows(38, seed=43)
+    (stream / "a-00001.csv").write_text(csv_text(a))
+    (stream / ".b-00002.csv").write_text(csv_text(part(b, 0, 120)))
+    os.rename(stream / ".b-00002.csv", stream / "b-00002.csv")
+    job = start_job(out, name, {"data": f"stream:{stream}", "steps": 0, "batch_size": BATCH,
+                                "checkpoint_dir": str(out / f"{name}-ckpt"), "stream_poll_s": 0.05,
+                                "on_bad_line": on_bad_line})
+    wait_for_steps(out, name, 9)
+    time.sleep(0.5)                        # both ranks wait for a 10th step: 13 rows are left
+    with open(stream / "b-00002.csv", "a") as fh:
+        fh.write(csv_text(part(b, 120, 200), header=False))
+    if on_bad_line == "skip":
+        (stream / ".c-00003.csv").write_text(with_bad_x(csv_text(c), c, 5))
+        os.rename(stream / ".c-00003.csv", stream / "c-00003.csv")
+        open(stream / "_END", "w").close()
+    code, log = finish(out, name, job)
+    ids = [int(r) for r in a["row"]] + [int(r) for r in b["row"][:120]]
+    return code, log, ids, [int(r) for i, r in enumerate(c["row"]) if i != 5], stream
+
+
+def test_two_ranks_stop_at_one_step_with_a_checkpoint_when_a_stream_file_grows_after_it_was_read(tmp_path):
+    from hybridps.checkpoint.reader import load_manifest
+    write_config(tmp_path)
+    code, log, ids, _, stream = grow_in_place(tmp_path, "grown", "raise")
+    assert code != 0, log[-3000:]
+    error = f"error: stream file {stream / 'b-00002.csv'} changed after it was read"
+    assert log.count(error) == 1, log[-3000:]          # one rank reports it, once
+    assert "every rank stopped after step 9" in log
+    # the 9 steps before the breach was seen, each row once; their checkpoint, their position
+    assert assert_each_row_once(tmp_path, [("grown", None)], ids) == 9
+    summary = metrics(tmp_path, "grown")
+    assert summary["stopped_by"] == "stream failure" and summary["steps"] == 9
+    manifest = load_manifest(str(tmp_path / "grown-ckpt" / f"ckpt-{9:010d}"))
+    states = [s for s in manifest["data_state"] if s]
+    assert states and all(s["file"] == "b-00002.csv" and s["row"] == 144 - 37 for s in states)
+
+
+def test_two_ranks_with_skip_count_a_grown_stream_file_and_account_for_every_row_read(tmp_path):
+    write_config(tmp_path)
+    code, log, ids, c_ids, _ = grow_in_place(tmp_path, "skipped", "skip")
+    assert code == 0, log[-3000:]
+    summary = metrics(tmp_path, "skipped")
+    stats = summary["data_stats"]
+    # trained: the 144 rows of 9 steps, then c's 37 rows fill 2 steps with 5 left; b's 13 rows
+    # read but not trained are dropped on both ranks, and its 80 later rows never read
+    assert assert_each_row_once(tmp_path, [("skipped", None)], ids[:144] + c_ids) == 11
+    assert stats["bad_files"] == 1 and stats["rows_dropped"] == 13 and stats["rows_left"] == 5
+    assert 16 * 11 + stats["rows_dropped"] + stats["rows_left"] == 37 + 120 + 37
+    assert any("b-00002.csv: changed after it was read" in e for e in stats["bad_line_examples"])
+    # c's malformed line: skipped, counted once (every rank reads it)
+    assert stats["bad_lines"] == 1
+    assert any("c-00003.csv, line 7" in e for e in stats["bad_line_examples"])
+
+
+def test_two_ranks_refuse_a_redis_key_that_is_not_a_stream(tmp_path, private_redis):
+    write_config(tmp_path)
+    private_redis.client.set("events", "not a stream")
+    code, log = finish(tmp_path, "wrongtype", start_job(tmp_path, "wrongtype", {
+        "data": f"redis://127.0.0.1:{private_redis.port}/events", "steps": 0, "batch_size": BATCH}))
+    assert code != 0 and "error: Redis key 'events'" in log and "holds a string, not a stream" in log
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_two_ranks_stop_together_when_redis_is_lost_and_resume_without_loss_once_it_is_back(
+        tmp_path, private_redis):
+    from hybridps.data.hashing import text_ids
+    from hybridps.checkpoint.reader import load_manifest
+    write_config(tmp_path)
+    client = private_redis.client
+    entries = list(redis_entries())
+    common = {"data": f"redis://127.0.0.1:{private_redis.port}/events", "steps": 0,
+              "batch_size": BATCH, "checkpoint_dir": str(tmp_path / "ckpt"), "stream_poll_s": 0.05,
+              "stream_retry_seconds": 2.0}
+    produce_redis(client, "events", entries[:120], 0)      # 7 steps and 8 entries
+    job = start_job(tmp_path, "lost", common)
+    wait_for_steps(tmp_path, "lost", 7)
+    private_redis.kill()
+    code, log = finish(tmp_path, "lost", job)
+    assert code != 0, log[-3000:]
+    assert log.count("lost the Redis server") == 2 and "Traceback" not in log, log[-3000:]
+    assert log.count(f"Redis server at 127.0.0.1:{private_redis.port} of stream 'events' was "
+                     f"unreachable") == 1, log[-3000:]
+    assert "every rank stopped after step 7" in log
+    stop = metrics(tmp_path, "lost")
+    assert stop["stopped_by"] == "stream failure" and stop["steps"] == 7
+    manifest = load_manifest(str(tmp_path / "ckpt" / f"ckpt-{7:010d}"))
+    ids = [entry_id.decode() for entry_id, _ in client_after_restart(private_redis).xrange("events")]
+    assert all(s["last_id"] == ids[16 * 7 - 1] for s in manifest["data_state"] if s)
+    job = start_job(tmp_path, "back", dict(common, resume=True))
+    produce_redis(client, "events", entries[120:], 0)
+    client.xadd("events", {"_end": "1"})
+    code, log = finish(tmp_path, "back", job)
+    assert code == 0, log[-3000:]
+    assert metrics(tmp_path, "back")["first_step"] == 7
+    stream_rows = [int(i) for i in text_ids(np.array([e["row"] for e in entries], dtype=object))]
+    assert assert_each_row_once(tmp_path, [("lost", None), ("back", None)], stream_rows) == 14
+
+
+def client_after_restart(server):
+    server.start()                         # its append-only file holds every entry written
+    return server.client
