@@ -246,9 +246,9 @@ class DirectoryStream(StreamSource):
                 continue
             self._changed.add(name)
             what = (f"stream file {path} changed after it was read ({when_read[0]:,} bytes "
-                    f"then, {now[0]:,} now): its rows from then on are not read. A producer "
-                    f"writes a file under a temporary name starting with '.' and renames it "
-                    f"into the directory once complete, never to change it again")
+                    f"then, {now[0]:,} now): a producer writes a file under a temporary name "
+                    f"starting with '.' and renames it into the directory once complete, never "
+                    f"to change it again")
             if self.on_bad_line == "raise":
                 self.failure = self.failure or what
             else:
@@ -399,9 +399,11 @@ class RedisStream(StreamSource):
         try:
             self.client.ping()
             kind = self.client.type(key).decode()
-        except redis.RedisError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise DataError(f"cannot reach the Redis server at {self.address} ({exc}): start "
                             f"redis-server there, or fix the host and port in --data {url}") from None
+        except redis.RedisError as exc:        # e.g. it wants a password
+            raise DataError(f"the Redis server at {self.address} refused to answer: {exc}") from None
         if kind not in ("none", "stream"):     # none: not created yet, the first XADD will
             raise ConfigError(self._not_a_stream(kind))
         from hybridps.data.columns import ColumnConverter
