@@ -104,7 +104,7 @@ class TrainConfig:
     delta_every: int = 0
     delta_every_seconds: float = 0.0      # also a delta when this much wall time has passed (0: off)
     stream_poll_s: float = 0.2            # stream sources: seconds between looks for new data
-    stream_retry_seconds: float = 60.0    # Redis stream: seconds to retry a lost server before stopping
+    stream_retry_seconds: float = 60.0    # streams: seconds to retry a lost server/directory before stopping
     ttl_steps: int = 0                    # evict rows not updated for this many steps (0 = never)
     max_rows: int = 0                     # per table and rank: evict down to this (0 = unlimited)
     eviction: str = "lfu"                 # lfu | lru, for max_rows

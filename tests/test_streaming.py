@@ -619,7 +619,7 @@ def test_a_lost_redis_server_is_tried_again_then_fails_naming_it(private_redis, 
         list(stream.iter_batches(4, None, control=PatientRank(30)))
     assert stream.last_id == last_id          # the position: the last entry trained
     err = capfd.readouterr().err
-    assert err.count("lost the Redis server") == 2 and err.count("reconnected") == 1
+    assert err.count("lost the Redis server") == 2 and err.count("reached the Redis server") == 1
 
 
 # ---------------------------------------------------------------------- the per-step agreement
@@ -831,3 +831,26 @@ def test_a_line_of_a_stream_csv_file_that_is_not_utf8_is_skipped_and_counted_wit
     stats = stream.stats()
     assert stats["bad_lines"] == 1 and stats["bad_files"] == 0
     assert any("a-0001.csv, line 4" in e for e in stats["bad_line_examples"])
+
+
+def test_a_stream_directory_out_of_reach_is_tried_again_then_fails_naming_it(tmp_path, capfd):
+    from hybridps.data.stream import DirectoryStream
+    directory, away = tmp_path / "stream", tmp_path / "away"
+    directory.mkdir()
+    a, b = rows(4, seed=61), rows(4, seed=62)
+    (directory / "a-0001.csv").write_text(csv_text(a))
+    stream = DirectoryStream(str(directory), stream_schema(), retry_seconds=1.0)
+    got = list(stream.iter_batches(4, 1, control=PatientRank(5)))
+    os.rename(directory, away)              # gone for a while, then back with one more file
+    with pytest.raises(TimeoutError):
+        list(stream.iter_batches(4, None, control=PatientRank(0.3)))
+    (away / "b-0002.csv").write_text(csv_text(b))
+    os.rename(away, directory)
+    got += list(stream.iter_batches(4, 1, control=PatientRank(10)))
+    assert group_ids(got) == [int(r) for r in a["row"]] + [int(r) for r in b["row"]]
+    os.rename(directory, away)              # gone for longer than stream_retry_seconds
+    with pytest.raises(DataError, match=rf"stream directory {directory} was unreachable for 1\.\ds"):
+        list(stream.iter_batches(4, None, control=PatientRank(30)))
+    err = capfd.readouterr().err
+    assert err.count(f"lost stream directory {directory}") == 2
+    assert err.count(f"reached stream directory {directory} again") == 1

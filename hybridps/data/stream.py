@@ -42,10 +42,15 @@ as the schema's columns, values as text (lists joined by the feature's separator
 absent value is missing). Entries are read in ID order with XRANGE (no consumer group: the
 position is the last consumed entry ID, kept in the checkpoint, not in Redis). The end: an
 entry with a field ``_end``. A malformed entry is an error naming the entry ID and the field.
-A key that is not a stream is an error naming its type. A server lost during the run is tried
-again with exponential backoff (one line when the retrying starts, one when it reconnects) for
-``stream_retry_seconds``; then every rank stops at the same step with a checkpoint whose
-position is the last consumed entry, and the job ends with an error (hybridps.step_control).
+A key that is not a stream is an error naming its type.
+
+Out of reach
+------------
+A Redis server lost during the run, or a stream directory that cannot be listed (a network file
+system gone for a while), is tried again with exponential backoff (one line when the retrying
+starts, one when the source is back) for ``stream_retry_seconds``; then every rank stops at the
+same step with a checkpoint whose position is the last row trained (Redis: the last consumed
+entry), and the job ends with an error naming the source (hybridps.step_control).
 """
 import os
 import sys
@@ -59,7 +64,7 @@ END_MARKER = "_END"
 REDIS_END_FIELD = b"_end"
 _PARQUET, _CSV = (".parquet", ".pq"), (".csv", ".tsv")
 _MAX_EXAMPLES = 10
-_FIRST_RETRY_S, _LAST_RETRY_S = 0.25, 8.0     # Redis retry backoff: doubling, at most
+_FIRST_RETRY_S, _LAST_RETRY_S = 0.25, 8.0     # retry backoff of a lost source: doubling, at most
 
 
 def is_stream_spec(spec):
@@ -68,13 +73,13 @@ def is_stream_spec(spec):
 
 def open_stream(spec, schema, *, rank, world_size, on_bad_line="raise", retry_seconds=60.0):
     """The stream source of ``stream:DIR`` or ``redis://HOST:PORT/STREAM`` (``retry_seconds``:
-    how long a Redis stream tries a lost server again before it fails)."""
+    how long it tries a directory or server out of reach again before it fails)."""
     if schema.preset == "criteo":
         raise ConfigError(f"data {spec!r}: a stream is read through a 'features:' schema (in the "
                           f"--config file), which names its columns; the Criteo preset reads files")
     if spec.startswith("stream:"):
         return DirectoryStream(spec[len("stream:"):], schema, rank=rank, world_size=world_size,
-                               on_bad_line=on_bad_line)
+                               on_bad_line=on_bad_line, retry_seconds=retry_seconds)
     return RedisStream(spec, schema, rank=rank, world_size=world_size, retry_seconds=retry_seconds)
 
 
@@ -91,8 +96,11 @@ class StreamSource:
     streaming = True
     kind = "stream"
 
-    def __init__(self, schema, rank, world_size):
+    def __init__(self, schema, rank, world_size, retry_seconds=60.0):
         self.schema = schema
+        self.retry_seconds = float(retry_seconds)
+        self._lost_since = None         # monotonic time the source was first found unreachable
+        self._retry_at, self._backoff = 0.0, _FIRST_RETRY_S
         self.world_size = check_int("world_size", world_size, 1)
         self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:
@@ -137,6 +145,36 @@ class StreamSource:
         """Apply every rank's notes; True if that changed the rows available."""
         return False
 
+    # ------------------------------------------------------------------ a source out of reach
+    def _may_try(self):
+        """Whether to read the source now (not failed, not waiting to try a lost one again)."""
+        return self.failure is None and time.monotonic() >= self._retry_at
+
+    def _unreachable(self, what, exc):
+        """A read of ``what`` failed: try again later (exponential backoff), or after
+        ``retry_seconds`` fail (module docstring)."""
+        now = time.monotonic()
+        if self._lost_since is None:
+            self._lost_since = now
+            self._note(f"lost {what} ({exc}); trying again for up to {self.retry_seconds:g}s "
+                       f"(stream_retry_seconds)")
+        if now - self._lost_since >= self.retry_seconds:
+            self.failure = (f"{what} was unreachable for {now - self._lost_since:.1f}s ({exc}; "
+                            f"stream_retry_seconds is {self.retry_seconds:g})")
+            return
+        self._retry_at = min(now + self._backoff, self._lost_since + self.retry_seconds)
+        self._backoff = min(2 * self._backoff, _LAST_RETRY_S)
+
+    def _reachable(self, what):
+        """A read of ``what`` succeeded (after failures: say so)."""
+        if self._lost_since is not None:
+            self._note(f"reached {what} again after {time.monotonic() - self._lost_since:.1f}s")
+            self._lost_since, self._backoff = None, _FIRST_RETRY_S
+
+    def _note(self, text):
+        sys.stderr.write(f"[hybridps rank {self.rank}/{self.world_size}] {text}\n")
+        sys.stderr.flush()
+
     def lag(self):
         """(rows arrived but not trained yet, seconds between the newest data's arrival and
         the arrival of the data at the position; 0 when caught up)."""
@@ -175,8 +213,8 @@ class DirectoryStream(StreamSource):
 
     kind = "stream"
 
-    def __init__(self, directory, schema, rank=0, world_size=1, on_bad_line="raise"):
-        super().__init__(schema, rank, world_size)
+    def __init__(self, directory, schema, rank=0, world_size=1, on_bad_line="raise", retry_seconds=60.0):
+        super().__init__(schema, rank, world_size, retry_seconds)
         if not directory:
             raise ConfigError("data 'stream:' names no directory; use stream:DIR")
         self.directory = self.where = os.path.abspath(directory)
@@ -201,7 +239,7 @@ class DirectoryStream(StreamSource):
 
     # ------------------------------------------------------------------ reading
     def _poll(self, need):
-        if self._available() < need and not self.end_seen:
+        if self._available() < need and not self.end_seen and self._may_try():
             self._scan()
         ready = self._available() >= need
         return ready, self.end_seen and not ready
@@ -209,8 +247,10 @@ class DirectoryStream(StreamSource):
     def _scan(self):
         try:
             names = sorted(os.listdir(self.directory))
-        except OSError as exc:
-            raise DataError(f"stream directory {self.directory}: cannot be listed ({exc})") from None
+        except OSError as exc:          # e.g. a network file system gone for a while
+            self._unreachable(f"stream directory {self.directory}", exc)
+            return
+        self._reachable(f"stream directory {self.directory}")
         end_seen = END_MARKER in names        # listed before the files it follows: none missed
         self._check_unchanged(set(names))
         last = self.files[-1][0] if self.files else self.consumed_through
@@ -378,7 +418,7 @@ class RedisStream(StreamSource):
     kind = "redis"
 
     def __init__(self, url, schema, rank=0, world_size=1, retry_seconds=60.0):
-        super().__init__(schema, rank, world_size)
+        super().__init__(schema, rank, world_size, retry_seconds)
         from urllib.parse import urlparse
         parsed = urlparse(url)
         key = parsed.path.lstrip("/")
@@ -392,9 +432,7 @@ class RedisStream(StreamSource):
         self.redis = redis
         self.where, self.key = url, key
         self.address = f"{parsed.hostname}:{parsed.port or 6379}"
-        self.retry_seconds = float(retry_seconds)
-        self._lost_since = None         # monotonic time the server was first found lost
-        self._retry_at, self._backoff = 0.0, _FIRST_RETRY_S
+        self._server = f"the Redis server at {self.address} of stream {key!r}"
         self.client = redis.Redis(host=parsed.hostname, port=parsed.port or 6379, socket_timeout=30)
         try:
             self.client.ping()
@@ -419,8 +457,7 @@ class RedisStream(StreamSource):
                 f"stream's key in --data {self.where} (XADD creates one), or delete that key")
 
     def _poll(self, need):
-        if (len(self.pending) < need and not self.end_seen and self.failure is None
-                and time.monotonic() >= self._retry_at):
+        if len(self.pending) < need and not self.end_seen and self._may_try():
             entries = self._fetch(need - len(self.pending) + 1)
             now = time.time()
             for entry_id, fields in entries:
@@ -445,37 +482,16 @@ class RedisStream(StreamSource):
                             else f"Redis stream {self.key!r} at {self.address}: {exc}")
             return []
         except self.redis.RedisError as exc:          # connection lost, timeout
-            self._lost(exc)
+            self._unreachable(self._server, exc)
             return []
-        if self._lost_since is not None:
-            self._note(f"reconnected to the Redis server at {self.address} after "
-                       f"{time.monotonic() - self._lost_since:.1f}s")
-            self._lost_since, self._backoff = None, _FIRST_RETRY_S
+        self._reachable(self._server)
         return entries
-
-    def _lost(self, exc):
-        now = time.monotonic()
-        if self._lost_since is None:
-            self._lost_since = now
-            self._note(f"lost the Redis server at {self.address} ({exc}); trying again for up "
-                       f"to {self.retry_seconds:g}s (stream_retry_seconds)")
-        if now - self._lost_since >= self.retry_seconds:
-            self.failure = (f"the Redis server at {self.address} of stream {self.key!r} was "
-                            f"unreachable for {now - self._lost_since:.1f}s ({exc}; "
-                            f"stream_retry_seconds is {self.retry_seconds:g})")
-            return
-        self._retry_at = min(now + self._backoff, self._lost_since + self.retry_seconds)
-        self._backoff = min(2 * self._backoff, _LAST_RETRY_S)
 
     def _type(self):
         try:
             return self.client.type(self.key).decode()
         except self.redis.RedisError:
             return "value of another type"
-
-    def _note(self, text):
-        sys.stderr.write(f"[hybridps rank {self.rank}/{self.world_size}] {text}\n")
-        sys.stderr.flush()
 
     def _available(self):
         return len(self.pending)
