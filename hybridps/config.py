@@ -105,6 +105,7 @@ class TrainConfig:
     delta_every: int = 0
     delta_every_seconds: float = 0.0      # also a delta when this much wall time has passed (0: off)
     stream_poll_s: float = 0.2            # stream sources: seconds between looks for new data
+    stream_retry_seconds: float = 60.0    # streams: seconds to retry a lost server/directory before stopping
     ttl_steps: int = 0                    # evict rows not updated for this many steps (0 = never)
     max_rows: int = 0                     # per table and rank: evict down to this (0 = unlimited)
     eviction: str = "lfu"                 # lfu | lru, for max_rows
@@ -370,6 +371,8 @@ def validate(c):
     _check(c.delta_every >= 0, "delta_every", c.delta_every, "an integer >= 0")
     _check(c.delta_every_seconds >= 0, "delta_every_seconds", c.delta_every_seconds, "seconds >= 0")
     _check(c.stream_poll_s > 0, "stream_poll_s", c.stream_poll_s, "seconds > 0")
+    _check(c.stream_retry_seconds >= 0, "stream_retry_seconds", c.stream_retry_seconds,
+           "seconds >= 0 (0: stop at the first failed read)")
     if (c.delta_every or c.delta_every_seconds) and not c.delta_export_dir:
         raise ConfigError("config fields 'delta_every' / 'delta_every_seconds' need "
                           "delta_export_dir (where the deltas go); add --delta-export-dir DIR")

@@ -9,6 +9,13 @@ thread draws it (the main thread under BSP, the exchange thread under SSP/ASP):
 * data: a stream source says whether it has the rows of this step ("ready") or whether its
   end marker says it never will ("ended"); every rank waits (polling, not a hang: each poll is
   a collective that completes) until all are ready, or ends when all have ended;
+* source failure: a stream source that cannot go on (its Redis server unreachable for longer
+  than ``stream_retry_seconds``, a stream file changed after it was read) says why; every rank
+  ends before this step (:attr:`StepAgreement.failure`), the trainer writes the final checkpoint
+  of the steps trained and then :meth:`StepAgreement.raise_failure` ends the job with the error;
+* notes: what one rank's source found that every rank's source must apply the same way (the
+  names of stream files that changed after they were read, under ``on_bad_line: skip``), the
+  union of every rank's notes (:attr:`StepAgreement.notes`);
 * wall-clock deltas: rank 0's clock says whether ``delta_every_seconds`` have passed since the
   last delta was written; if so, the completed-step count after this step becomes a consistent point
   (:attr:`StepAgreement.delta_points`) where the trainer writes a delta.
@@ -20,6 +27,7 @@ import threading
 import time
 
 from hybridps import watchdog
+from hybridps.errors import DataError
 
 _STOP = {"requested": False, "reason": None, "graceful": False}
 
@@ -64,15 +72,27 @@ class StepAgreement:
         self.poll_s = float(poll_s)
         self.delta_points = _PointSet()
         self.last_delta = time.monotonic()
-        self.stopped_by = None          # "signal" or "end of stream" once the run ends
+        self.stopped_by = None          # "signal", "end of stream" or "stream failure" at the end
         self.waited_s = 0.0             # seconds spent waiting for data
+        self.failure = None             # (rank, what failed) of the lowest failing rank
+        self.notes = ()                 # every rank's notes of the last poll, sorted
 
-    def agree(self, step, ready=True, ended=False):
-        """One poll for ``step``: "go", "wait" (sleep ``poll_s`` and poll again) or "end"."""
+    def agree(self, step, ready=True, ended=False, failure=None, notes=()):
+        """One poll for ``step``: "go", "wait" (sleep ``poll_s`` and poll again) or "end".
+
+        ``failure``: why this rank's source cannot go on (None: it can); any rank's failure
+        ends every rank here. ``notes``: this rank's notes for every rank (module docstring).
+        """
         due = (self.comm.rank == 0 and self.delta_every_seconds > 0
                and time.monotonic() - self.last_delta >= self.delta_every_seconds)
         with watchdog.collective("step agreement"):
-            votes = self.comm.allgather_object((stop_requested(), bool(ready), bool(ended), due))
+            votes = self.comm.allgather_object((stop_requested(), bool(ready), bool(ended), due,
+                                                failure, tuple(notes)))
+        self.notes = tuple(sorted({note for v in votes for note in v[5]}))
+        failed = [(rank, v[4]) for rank, v in enumerate(votes) if v[4]]
+        if failed:
+            self.failure, self.stopped_by = failed[0], "stream failure"
+            return "end"
         if any(v[0] for v in votes):
             self.stopped_by = "signal"
             return "end"
@@ -91,6 +111,23 @@ class StepAgreement:
         decided), so consecutive deltas are at least ``delta_every_seconds`` apart however
         long one takes to write. Called at the consistent point, while no batch is drawn."""
         self.last_delta = time.monotonic()
+
+    def raise_failure(self, completed, checkpoint_dir=None):
+        """After the final checkpoint of a run ended by a source failure: the lowest failing
+        rank raises the DataError (hybridps.cli prints it once and ends the job with a non-zero
+        exit); the other ranks wait in a last collective that rank never joins, ended with it.
+        Nothing happens when no source failed."""
+        if self.failure is None:
+            return
+        rank, what = self.failure
+        if self.comm.rank == rank:
+            saved = (f"the checkpoint of that step in {checkpoint_dir} holds its stream position: "
+                     f"fix the cause, then restart with --resume" if checkpoint_dir else
+                     "nothing was saved (no checkpoint_dir)")
+            raise DataError(f"{what}; every rank stopped after step {completed}, {saved}")
+        request_stop("stream failure")     # the SIGTERM that ends this rank is not a stop request
+        with watchdog.collective(f"waiting for rank {rank} to report its stream failure"):
+            self.comm.barrier()
 
     def wait(self):
         """Sleep one poll interval (idle waiting for data, counted in ``waited_s``)."""

@@ -171,7 +171,10 @@ class Trainer:
         self._at_step_boundary(completed, end=True)
         self._release_checkpoint_dir()
         self._report_stop(completed)
-        return self._summarize(record)
+        summary = self._summarize(record)
+        if self.control is not None:           # a stream source that failed: its error, now
+            self.control.raise_failure(completed, c.checkpoint_dir)   # that the checkpoint is written
+        return summary
 
     def _release_checkpoint_dir(self):
         """The last checkpoint is written: another job may use the directory now."""

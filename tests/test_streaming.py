@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 
+from hybridps.errors import DataError
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available
 from tests.schema_data import FEATURES, rows, write_parquet
 
@@ -297,13 +298,18 @@ def test_stream_specs_that_cannot_work_are_refused_with_what_to_do(tmp_path):
 
 # ---------------------------------------------------------------------- one process, no MPI
 class OneRank:
-    """A StepAgreement stand-in for one process: go when ready, end when ended, else give up
-    (the test has written everything it will)."""
+    """A StepAgreement stand-in for one process: go when ready, end when ended, raise a source's
+    failure, else give up (the test has written everything it will)."""
+
+    notes = ()
 
     def __init__(self):
         self.waits = 0
 
-    def agree(self, step, ready=True, ended=False):
+    def agree(self, step, ready=True, ended=False, failure=None, notes=()):
+        if failure:
+            raise DataError(failure)
+        self.notes = tuple(notes)
         return "go" if ready else ("end" if ended else "wait")
 
     def wait(self):
@@ -400,3 +406,442 @@ def test_steps_0_on_synthetic_data_trains_until_sigterm_then_checkpoints_and_exi
     assert len(summary["loss_trajectory"]) == summary["steps"]
     from hybridps.checkpoint.reader import load_manifest
     assert load_manifest(str(tmp_path / "ckpt" / f"ckpt-{summary['steps']:010d}"))["step"] == summary["steps"]
+
+
+# ---------------------------------------------------------------------- files that change, bad lines
+def stream_schema():
+    from hybridps.config import make_config
+    from hybridps.schema import build_schema
+    return build_schema(make_config(overrides={"features": STREAM_FEATURES}))
+
+
+def csv_text(columns, header=True):
+    """CSV lines of ``columns`` (the header line first if ``header``)."""
+    names = list(columns)
+    lines = [",".join(names)] if header else []
+    for i in range(len(columns["row"])):
+        lines.append(",".join("|".join(map(str, v)) if isinstance(v, list) else str(v)
+                              for v in (columns[name][i] for name in names)))
+    return "\n".join(lines) + "\n"
+
+
+def part(columns, start, stop):
+    return {name: values[start:stop] for name, values in columns.items()}
+
+
+def changing_stream(tmp_path, on_bad_line):
+    """a-0001.csv (6 rows) and the first 5 of b-0002.csv's 9 rows are read and 8 rows trained
+    (batches of 4); then b-0002.csv gets its last 4 rows in place (no rename)."""
+    from hybridps.data.stream import DirectoryStream
+    a, b = rows(6, seed=11), rows(9, seed=12)
+    (tmp_path / "a-0001.csv").write_text(csv_text(a))
+    (tmp_path / "b-0002.csv").write_text(csv_text(part(b, 0, 5)))
+    stream = DirectoryStream(str(tmp_path), stream_schema(), on_bad_line=on_bad_line)
+    got = []
+    with pytest.raises(TimeoutError):
+        for batch in stream.iter_batches(4, None, control=OneRank()):
+            got.append(batch)
+    with open(tmp_path / "b-0002.csv", "a") as fh:
+        fh.write(csv_text(part(b, 5, 9), header=False))
+    return stream, got, a, b
+
+
+def test_a_stream_file_that_grows_after_it_was_read_stops_the_run_with_an_error_naming_it(tmp_path):
+    stream, got, a, b = changing_stream(tmp_path, "raise")
+    assert group_ids(got) == [int(r) for r in a["row"]] + [int(r) for r in b["row"][:2]]
+    with pytest.raises(DataError, match=r"b-0002\.csv changed after it was read.*rename"):
+        list(stream.iter_batches(4, None, control=OneRank()))
+
+
+def test_with_skip_a_stream_file_that_changed_is_counted_and_its_untrained_rows_accounted(tmp_path):
+    stream, got, a, b = changing_stream(tmp_path, "skip")
+    c = rows(5, seed=13)
+    (tmp_path / "c-0003.csv").write_text(csv_text(c))
+    open(tmp_path / "_END", "w").close()
+    got += list(stream.iter_batches(4, None, control=OneRank()))
+    # trained: a, the 2 rows of b in a trained batch, then c's first 4 (1 row left at the end)
+    want = [int(r) for r in a["row"]] + [int(r) for r in b["row"][:2]] + [int(r) for r in c["row"][:4]]
+    assert group_ids(got) == want
+    stats = stream.stats()
+    assert stats["bad_files"] == 1 and stats["rows_dropped"] == 3 and stats["rows_left"] == 1
+    assert any("b-0002.csv: changed after it was read" in e for e in stats["bad_line_examples"])
+    # every row read is trained, dropped or left: 6 + 5 + 5 rows read
+    assert len(want) + stats["rows_dropped"] + stats["rows_left"] == 6 + 5 + 5
+
+
+def test_a_stream_file_read_before_and_deleted_or_left_unchanged_is_no_error(tmp_path):
+    from hybridps.data.stream import DirectoryStream
+    a, b = rows(4, seed=21), rows(4, seed=22)
+    (tmp_path / "a-0001.csv").write_text(csv_text(a))
+    stream = DirectoryStream(str(tmp_path), stream_schema())
+    control = OneRank()
+    with pytest.raises(TimeoutError):
+        list(stream.iter_batches(4, None, control=control))
+    os.remove(tmp_path / "a-0001.csv")                 # consumed files may be deleted
+    (tmp_path / "b-0002.csv").write_text(csv_text(b))
+    open(tmp_path / "_END", "w").close()
+    assert group_ids(stream.iter_batches(4, None, control=OneRank())) == [int(r) for r in b["row"]]
+    assert stream.stats()["bad_files"] == 0 and stream.failure is None
+
+
+def with_bad_x(text, columns, data_index):
+    """CSV ``text`` of ``columns`` whose data line ``data_index`` has no number in column x."""
+    lines = text.splitlines()
+    cells = lines[data_index + 1].split(",")
+    cells[list(columns).index("x")] = "not-a-number"
+    lines[data_index + 1] = ",".join(cells)
+    return "\n".join(lines) + "\n"
+
+
+def test_malformed_lines_of_a_stream_csv_file_are_skipped_and_counted_with_skip(tmp_path):
+    from hybridps.data.stream import DirectoryStream
+    a = rows(5, seed=31)
+    (tmp_path / "a-0001.csv").write_text(with_bad_x(csv_text(a), a, 2))   # file line 4
+    open(tmp_path / "_END", "w").close()
+    stream = DirectoryStream(str(tmp_path), stream_schema(), on_bad_line="skip")
+    got = list(stream.iter_batches(2, None, control=OneRank()))
+    assert group_ids(got) == [int(r) for i, r in enumerate(a["row"]) if i != 2]
+    stats = stream.stats()
+    assert stats["bad_lines"] == 1 and stats["bad_files"] == 0
+    assert any("a-0001.csv, line 4" in e for e in stats["bad_line_examples"])
+
+
+# ---------------------------------------------------------------------- Redis: wrong keys, a lost server
+class RedisServer:
+    """A private redis-server on a free loopback port; its entries survive a SIGKILL and a
+    restart (append-only file, synced on every write)."""
+
+    def __init__(self, workdir):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("redis-server not installed (make setup installs it)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.workdir, self.proc = workdir, None
+        os.makedirs(workdir, exist_ok=True)
+        import redis
+        self.client = redis.Redis(port=self.port)
+        self.start()
+
+    def start(self):
+        import redis
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                self.client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        pytest.fail("redis-server did not start")
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+class PatientRank(OneRank):
+    """OneRank whose waits sleep (``poll_s``), giving up after ``seconds``."""
+
+    def __init__(self, seconds, poll_s=0.05):
+        super().__init__()
+        self.deadline, self.poll_s = time.monotonic() + seconds, poll_s
+
+    def wait(self):
+        if time.monotonic() > self.deadline:
+            raise TimeoutError("no more data")
+        time.sleep(self.poll_s)
+
+
+def test_a_redis_key_that_is_not_a_stream_is_refused_naming_the_key_and_its_type(private_redis):
+    from hybridps.data.stream import RedisStream
+    from hybridps.errors import ConfigError
+    client = private_redis.client
+    client.set("events", "x")
+    url = f"redis://127.0.0.1:{private_redis.port}/events"
+    with pytest.raises(ConfigError, match=r"key 'events' .* holds a string, not a stream"):
+        RedisStream(url, stream_schema())
+    # replaced while the run reads it: the same error, through the per-step agreement
+    client.delete("events")
+    client.xadd("events", dict(next(redis_entries())))
+    stream = RedisStream(url, stream_schema())
+    client.delete("events")
+    client.rpush("events", "x")
+    with pytest.raises(DataError, match=r"key 'events' .* holds a list, not a stream"):
+        list(stream.iter_batches(4, None, control=OneRank()))
+
+
+def test_a_redis_server_that_is_not_running_is_named_with_what_to_do():
+    from hybridps.data.stream import RedisStream
+    with socket.socket() as s:               # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DataError, match=rf"Redis server at 127\.0\.0\.1:{port} .*start redis-server"):
+        RedisStream(f"redis://127.0.0.1:{port}/events", stream_schema())
+
+
+def test_a_lost_redis_server_is_tried_again_then_fails_naming_it(private_redis, capfd):
+    from hybridps.data.stream import RedisStream
+    entries = list(redis_entries())[:12]
+    for fields in entries:
+        private_redis.client.xadd("events", fields)
+    stream = RedisStream(f"redis://127.0.0.1:{private_redis.port}/events", stream_schema(),
+                         retry_seconds=1.0)
+    got = []
+    with pytest.raises(TimeoutError):
+        for batch in stream.iter_batches(4, None, control=PatientRank(0.5)):
+            got.append(batch)
+    assert len(got) == 3 and stream.state()["last_id"] == stream.last_id
+    # lost, then back within stream_retry_seconds: reading goes on
+    private_redis.kill()
+    with pytest.raises(TimeoutError):
+        list(stream.iter_batches(4, None, control=PatientRank(0.3)))
+    private_redis.start()
+    for fields in list(redis_entries())[12:16]:
+        private_redis.client.xadd("events", fields)
+    got += list(stream.iter_batches(4, 1, control=PatientRank(10)))
+    assert len(got) == 4 and stream.failure is None
+    # lost for longer than stream_retry_seconds: a failure naming the server
+    last_id = stream.last_id
+    private_redis.kill()
+    with pytest.raises(DataError, match=rf"Redis server at 127\.0\.0\.1:{private_redis.port} .*"
+                                        rf"unreachable for 1\.\ds"):
+        list(stream.iter_batches(4, None, control=PatientRank(30)))
+    assert stream.last_id == last_id          # the position: the last entry trained
+    err = capfd.readouterr().err
+    assert err.count("lost the Redis server") == 2 and err.count("reached the Redis server") == 1
+
+
+# ---------------------------------------------------------------------- the per-step agreement
+class TwoRankComm:
+    """Rank ``rank`` of two, the other rank's vote given: a stand-in for the allgather."""
+
+    def __init__(self, rank, other_vote):
+        self.rank, self.size, self.other_vote, self.barriers = rank, 2, other_vote, 0
+
+    def allgather_object(self, vote):
+        return [vote, self.other_vote] if self.rank == 0 else [self.other_vote, vote]
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def vote(ready=True, ended=False, failure=None, notes=()):
+    """A rank's vote as StepAgreement.agree gathers it: stop, ready, ended, delta due, failure, notes."""
+    return (False, ready, ended, False, failure, tuple(notes))
+
+
+def test_a_source_failure_on_one_rank_ends_every_rank_at_the_same_step_and_one_raises_it():
+    from hybridps.step_control import StepAgreement, reset_stop, stop_requested
+    # rank 0 is ready; rank 1's source failed: both end before this step
+    on_0 = StepAgreement(TwoRankComm(0, vote(ready=False, failure="lost the server")))
+    on_1 = StepAgreement(TwoRankComm(1, vote(ready=True)))
+    assert on_0.agree(7, ready=True) == "end"
+    assert on_1.agree(7, ready=False, failure="lost the server") == "end"
+    for control in (on_0, on_1):
+        assert control.failure == (1, "lost the server") and control.stopped_by == "stream failure"
+    with pytest.raises(DataError, match=r"lost the server; every rank stopped after step 7, the "
+                                        r"checkpoint of that step in /ck holds"):
+        on_1.raise_failure(7, "/ck")
+    try:
+        on_0.raise_failure(7, "/ck")      # waits in a collective the failing rank never joins
+        assert on_0.comm.barriers == 1 and stop_requested()   # its end by SIGTERM is no stop request
+    finally:
+        reset_stop()
+
+
+def test_the_agreement_hands_every_rank_the_notes_of_all():
+    from hybridps.step_control import StepAgreement
+    control = StepAgreement(TwoRankComm(0, vote(notes=["b.csv", "a.csv"])))
+    assert control.agree(0, notes=["b.csv"]) == "go" and control.notes == ("a.csv", "b.csv")
+    assert control.agree(1) == "go" and control.failure is None
+
+
+def test_stream_retry_seconds_is_validated():
+    from hybridps.config import make_config
+    from hybridps.errors import ConfigError
+    assert make_config().stream_retry_seconds == 60.0
+    with pytest.raises(ConfigError, match="stream_retry_seconds.*seconds >= 0"):
+        make_config(overrides={"stream_retry_seconds": -1})
+
+
+# ---------------------------------------------------------------------- 2 ranks: the same, agreed
+def grow_in_place(out, name, on_bad_line):
+    """a-00001.csv (37 rows), then b-00002.csv renamed in with 120 of its 200 rows; once the job
+    has trained the 9 steps those 157 rows fill, b's last 80 rows are appended in place (the
+    breach); with skip, c-00003.csv (37 rows and a malformed one) and the end marker follow."""
+    stream = out / f"{name}-stream"
+    stream.mkdir()
+    a, b, c = rows(37, seed=41), rows(200, seed=42), rows(38, seed=43)
+    (stream / "a-00001.csv").write_text(csv_text(a))
+    (stream / ".b-00002.csv").write_text(csv_text(part(b, 0, 120)))
+    os.rename(stream / ".b-00002.csv", stream / "b-00002.csv")
+    job = start_job(out, name, {"data": f"stream:{stream}", "steps": 0, "batch_size": BATCH,
+                                "checkpoint_dir": str(out / f"{name}-ckpt"), "stream_poll_s": 0.05,
+                                "on_bad_line": on_bad_line})
+    wait_for_steps(out, name, 9)
+    time.sleep(0.5)                        # both ranks wait for a 10th step: 13 rows are left
+    with open(stream / "b-00002.csv", "a") as fh:
+        fh.write(csv_text(part(b, 120, 200), header=False))
+    if on_bad_line == "skip":
+        (stream / ".c-00003.csv").write_text(with_bad_x(csv_text(c), c, 5))
+        os.rename(stream / ".c-00003.csv", stream / "c-00003.csv")
+        open(stream / "_END", "w").close()
+    code, log = finish(out, name, job)
+    ids = [int(r) for r in a["row"]] + [int(r) for r in b["row"]]
+    return code, log, ids, [int(r) for i, r in enumerate(c["row"]) if i != 5], stream
+
+
+@pytest.mark.mpi
+def test_two_ranks_stop_at_one_step_with_a_checkpoint_when_a_stream_file_grows_after_it_was_read(tmp_path):
+    from hybridps.checkpoint.reader import load_manifest
+    write_config(tmp_path)
+    code, log, ids, _, stream = grow_in_place(tmp_path, "grown", "raise")
+    assert code != 0, log[-3000:]
+    error = f"error: stream file {stream / 'b-00002.csv'} changed after it was read"
+    assert log.count(error) == 1, log[-3000:]          # one rank reports it, once
+    assert "every rank stopped after step 9" in log
+    # the 9 steps before the breach was seen, each row once; their checkpoint, their position
+    assert assert_each_row_once(tmp_path, [("grown", None)], ids) == 9
+    summary = metrics(tmp_path, "grown")
+    assert summary["stopped_by"] == "stream failure" and summary["steps"] == 9
+    manifest = load_manifest(str(tmp_path / "grown-ckpt" / f"ckpt-{9:010d}"))
+    states = [s for s in manifest["data_state"] if s]
+    assert states and all(s["file"] == "b-00002.csv" and s["row"] == 144 - 37 for s in states)
+    # the position is in the grown file: a resume reads on in it as it is now, losing no row
+    open(stream / "_END", "w").close()
+    resumed = finish(tmp_path, "resumed", start_job(tmp_path, "resumed", {
+        "data": f"stream:{stream}", "steps": 0, "batch_size": BATCH, "resume": True,
+        "checkpoint_dir": str(tmp_path / "grown-ckpt"), "stream_poll_s": 0.05}))
+    assert resumed[0] == 0, resumed[1][-3000:]
+    assert assert_each_row_once(tmp_path, [("grown", None), ("resumed", None)], ids) == 14
+    assert metrics(tmp_path, "resumed")["data_stats"]["rows_left"] == 37 + 200 - 16 * 14
+
+
+@pytest.mark.mpi
+def test_two_ranks_with_skip_count_a_grown_stream_file_and_account_for_every_row_read(tmp_path):
+    write_config(tmp_path)
+    code, log, ids, c_ids, _ = grow_in_place(tmp_path, "skipped", "skip")
+    assert code == 0, log[-3000:]
+    summary = metrics(tmp_path, "skipped")
+    stats = summary["data_stats"]
+    # trained: the 144 rows of 9 steps, then c's 37 rows fill 2 steps with 5 left; b's 13 rows
+    # read but not trained are dropped on both ranks, and its 80 later rows never read
+    assert assert_each_row_once(tmp_path, [("skipped", None)], ids[:144] + c_ids) == 11
+    assert stats["bad_files"] == 1 and stats["rows_dropped"] == 13 and stats["rows_left"] == 5
+    assert 16 * 11 + stats["rows_dropped"] + stats["rows_left"] == 37 + 120 + 37
+    assert any("b-00002.csv: changed after it was read" in e for e in stats["bad_line_examples"])
+    # c's malformed line: skipped, counted once (every rank reads it)
+    assert stats["bad_lines"] == 1
+    assert any("c-00003.csv, line 7" in e for e in stats["bad_line_examples"])
+
+
+@pytest.mark.mpi
+def test_two_ranks_refuse_a_redis_key_that_is_not_a_stream(tmp_path, private_redis):
+    write_config(tmp_path)
+    private_redis.client.set("events", "not a stream")
+    code, log = finish(tmp_path, "wrongtype", start_job(tmp_path, "wrongtype", {
+        "data": f"redis://127.0.0.1:{private_redis.port}/events", "steps": 0, "batch_size": BATCH}))
+    assert code != 0 and "error: Redis key 'events'" in log and "holds a string, not a stream" in log
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.mpi
+def test_two_ranks_stop_together_when_redis_is_lost_and_resume_without_loss_once_it_is_back(
+        tmp_path, private_redis):
+    from hybridps.data.hashing import text_ids
+    from hybridps.checkpoint.reader import load_manifest
+    write_config(tmp_path)
+    client = private_redis.client
+    entries = list(redis_entries())
+    common = {"data": f"redis://127.0.0.1:{private_redis.port}/events", "steps": 0,
+              "batch_size": BATCH, "checkpoint_dir": str(tmp_path / "ckpt"), "stream_poll_s": 0.05,
+              "stream_retry_seconds": 2.0}
+    produce_redis(client, "events", entries[:120], 0)      # 7 steps and 8 entries
+    job = start_job(tmp_path, "lost", common)
+    wait_for_steps(tmp_path, "lost", 7)
+    private_redis.kill()
+    code, log = finish(tmp_path, "lost", job)
+    assert code != 0, log[-3000:]
+    assert log.count("lost the Redis server") == 2 and "Traceback" not in log, log[-3000:]
+    assert log.count(f"Redis server at 127.0.0.1:{private_redis.port} of stream 'events' was "
+                     f"unreachable") == 1, log[-3000:]
+    assert "every rank stopped after step 7" in log
+    stop = metrics(tmp_path, "lost")
+    assert stop["stopped_by"] == "stream failure" and stop["steps"] == 7
+    manifest = load_manifest(str(tmp_path / "ckpt" / f"ckpt-{7:010d}"))
+    ids = [entry_id.decode() for entry_id, _ in client_after_restart(private_redis).xrange("events")]
+    assert all(s["last_id"] == ids[16 * 7 - 1] for s in manifest["data_state"] if s)
+    job = start_job(tmp_path, "back", dict(common, resume=True))
+    produce_redis(client, "events", entries[120:], 0)
+    client.xadd("events", {"_end": "1"})
+    code, log = finish(tmp_path, "back", job)
+    assert code == 0, log[-3000:]
+    assert metrics(tmp_path, "back")["first_step"] == 7
+    stream_rows = [int(i) for i in text_ids(np.array([e["row"] for e in entries], dtype=object))]
+    assert assert_each_row_once(tmp_path, [("lost", None), ("back", None)], stream_rows) == 14
+
+
+def client_after_restart(server):
+    server.start()                         # its append-only file holds every entry written
+    return server.client
+
+
+def not_utf8(columns, data_index):
+    """CSV bytes of ``columns`` whose data line ``data_index`` has a user value not in UTF-8."""
+    lines = csv_text(columns).encode().split(b"\n")
+    cells = lines[data_index + 1].split(b",")
+    cells[list(columns).index("user")] = b"u\xff\xfe"
+    lines[data_index + 1] = b",".join(cells)
+    return b"\n".join(lines)
+
+
+def test_a_line_of_a_stream_csv_file_that_is_not_utf8_is_skipped_and_counted_with_skip(tmp_path):
+    from hybridps.data.stream import DirectoryStream
+    a = rows(6, seed=51)
+    (tmp_path / "a-0001.csv").write_bytes(not_utf8(a, 2))          # file line 4
+    open(tmp_path / "_END", "w").close()
+    stream = DirectoryStream(str(tmp_path), stream_schema(), on_bad_line="skip")
+    got = list(stream.iter_batches(5, None, control=OneRank()))
+    assert group_ids(got) == [int(r) for i, r in enumerate(a["row"]) if i != 2]
+    stats = stream.stats()
+    assert stats["bad_lines"] == 1 and stats["bad_files"] == 0
+    assert any("a-0001.csv, line 4" in e for e in stats["bad_line_examples"])
+
+
+def test_a_stream_directory_out_of_reach_is_tried_again_then_fails_naming_it(tmp_path, capfd):
+    from hybridps.data.stream import DirectoryStream
+    directory, away = tmp_path / "stream", tmp_path / "away"
+    directory.mkdir()
+    a, b = rows(4, seed=61), rows(4, seed=62)
+    (directory / "a-0001.csv").write_text(csv_text(a))
+    stream = DirectoryStream(str(directory), stream_schema(), retry_seconds=1.0)
+    got = list(stream.iter_batches(4, 1, control=PatientRank(5)))
+    os.rename(directory, away)              # gone for a while, then back with one more file
+    with pytest.raises(TimeoutError):
+        list(stream.iter_batches(4, None, control=PatientRank(0.3)))
+    (away / "b-0002.csv").write_text(csv_text(b))
+    os.rename(away, directory)
+    got += list(stream.iter_batches(4, 1, control=PatientRank(10)))
+    assert group_ids(got) == [int(r) for r in a["row"]] + [int(r) for r in b["row"]]
+    os.rename(directory, away)              # gone for longer than stream_retry_seconds
+    with pytest.raises(DataError, match=rf"stream directory {directory} was unreachable for 1\.\ds"):
+        list(stream.iter_batches(4, None, control=PatientRank(30)))
+    err = capfd.readouterr().err
+    assert err.count(f"lost stream directory {directory}") == 2
+    assert err.count(f"reached stream directory {directory} again") == 1

@@ -106,7 +106,7 @@ def open_data(config, schema, *, rank, world_size):
                          f"{spec!r}: {ONLY_PARTS_ARE_CACHED}\n")
     if is_stream_spec(spec):
         return open_stream(spec, schema, rank=rank, world_size=world_size,
-                           on_bad_line=config.on_bad_line)
+                           on_bad_line=config.on_bad_line, retry_seconds=config.stream_retry_seconds)
     if schema.preset == "criteo":
         options = (dict(num_fields=len(schema.sparse), num_dense=schema.num_dense,
                         vocab_size=config.vocab_size, zipf_a=config.zipf_a)

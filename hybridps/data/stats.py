@@ -33,12 +33,14 @@ def combine_data_stats(per_rank):
     combined = {k: first[k] for k in ("kind", "path", "format", "data_lines", "parts", "world_size",
                                       # streams: the same on every rank (the whole stream's)
                                       "rows_consumed", "rows_left", "files", "late_files",
-                                      "bad_files", "last_id", "lag_rows", "lag_s")
+                                      "bad_files", "rows_dropped", "last_id", "lag_rows", "lag_s")
                 if k in first}
     for key in _ADDITIVE_DATA_STATS:
         if key in ("rows", "bad_lines", "positives") or any(key in s for s in readers):
             combined[key] = int(sum(int(s.get(key, 0)) for s in readers))
-    examples = [e for s in readers for e in s.get("bad_line_examples", [])]
+    if "rows_consumed" in first:    # a stream: every rank reads every line, and counts it
+        combined["bad_lines"] = int(first.get("bad_lines", 0))
+    examples = list(dict.fromkeys(e for s in readers for e in s.get("bad_line_examples", [])))
     combined["bad_line_examples"] = sorted(examples, key=_line_of_example)[:_DATA_EXAMPLES]
     combined["per_rank"] = [{k: s[k] for k in _PER_RANK_DATA_STATS if k in s} for s in readers]
     caches = [s["cache"] for s in readers if "cache" in s]

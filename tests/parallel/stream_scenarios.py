@@ -6,7 +6,8 @@ Trains with ``OUT/config.yaml`` and the overrides (``data`` a stream spec, ``ste
 the summary in ``OUT/NAME/metrics.json``. Before training each rank writes its pid to
 ``OUT/NAME/pid-<rank>`` (the tests send signals to it); after each batch it is handed, the
 batch's ``group_by`` values (the schema groups by the row-id column) and its step are appended
-to ``OUT/NAME/rows-<rank>.jsonl`` (flushed, so a killed job leaves what it drew).
+to ``OUT/NAME/rows-<rank>.jsonl`` (flushed, so a killed job leaves what it drew). A hybridps
+error ends the job as ``hybridps train`` does (printed once with the rank, then MPI_Abort).
 """
 import json
 import os
@@ -42,4 +43,9 @@ def main(out, name, overrides):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
+    from hybridps.cli import _report_and_exit
+    from hybridps.errors import HybridPSError
+    try:
+        main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
+    except HybridPSError as exc:
+        _report_and_exit(exc)
