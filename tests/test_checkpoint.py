@@ -649,6 +649,7 @@ def test_a_second_job_on_a_checkpoint_directory_is_refused_naming_the_holder(tmp
     assert os.listdir(root) == []
 
 
+@pytest.mark.slow
 def test_train_refuses_a_checkpoint_directory_another_job_holds_before_training(tmp_path):
     from tests.mpi_util import MPI_ENV
     holder = _holder(tmp_path)

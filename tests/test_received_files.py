@@ -160,6 +160,7 @@ def test_serve_export_evaluate_predict_take_model_on_the_command_line():
         assert parser.parse_args(required).model is None
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_refuse_an_unnamed_user_model_and_run_the_operators(received, tmp_path):
     for command in (["evaluate", "--data", "synthetic"],
                     ["predict", "--data", "synthetic", "--out", tmp_path / "p.parquet"],
@@ -175,6 +176,7 @@ def test_evaluate_and_predict_refuse_an_unnamed_user_model_and_run_the_operators
     _never_imported(received)
 
 
+@pytest.mark.slow
 def test_train_resume_runs_the_operators_model_whatever_the_manifest_names(received, tmp_path):
     small = ["--batch-size", "16", "--hidden", "8", "--dim", "4", "--vocab-size", "300",
              "--num-fields", "3", "--num-dense", "2", "--warmup-steps", "1", "--no-progress",
