@@ -106,6 +106,7 @@ class PartitionedReader:
         self.epoch, self.batches_done = 0, 0
         self.bad_parts, self.bad_rows, self.dropped_rows, self.rows_read = 0, 0, 0, 0
         self.bad_line_examples = []
+        self.part_positives = {}                 # part -> its positive labels, once it was read
 
     # ------------------------------------------------------------------ for subclasses
     def _list_units(self):
@@ -157,6 +158,7 @@ class PartitionedReader:
                 raise DataError(f"{where}: cannot be read ({type(exc).__name__}: {exc})") from None
             return self._skip(unit, where, f"{type(exc).__name__}: {exc}")
         self.rows_read += batch.size
+        self.part_positives[unit] = int(batch.labels.sum())
         return batch
 
     def _skip(self, unit, where, reason):
@@ -291,6 +293,7 @@ class PartitionedReader:
                 "bad_parts": self.bad_parts, "bad_line_examples": list(self.bad_line_examples),
                 "dropped_rows": self.dropped_rows, "rows_read": self.rows_read,
                 "rank": self.rank, "world_size": self.world_size,
+                "positives": int(sum(self.part_positives.values())),
                 "epoch": self.epoch, "offset": self.batches_done,
                 **({"cache": self.cache.stats()} if self.cache is not None else {})}
 

@@ -17,9 +17,10 @@ def combine_data_stats(per_rank):
     """One ``data_stats`` dict from every rank's ``dataset.stats()`` (None for ranks that read
     no data, e.g. PS servers).
 
-    Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``, and of the
-    partitioned readers ``dropped_rows`` (the remainder of each epoch no rank trains on),
-    ``bad_parts``, ``rows_read``: each rank counts its own share); takes the data's own figures
+    Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``: the label-1
+    rows among ``rows``, and of the partitioned readers ``dropped_rows`` (the remainder of each
+    epoch no rank trains on), ``bad_parts``, ``rows_read``: each rank counts its own share); a
+    figure no rank reports is left out, never shown as 0. Takes the data's own figures
     once (``kind``, ``path``, ``format``, ``data_lines``, ``parts``: every rank counts the
     whole data); keeps each rank's
     share and position apart in ``per_rank``, and up to 10 ``bad_line_examples`` of all ranks
@@ -35,7 +36,7 @@ def combine_data_stats(per_rank):
                                       "bad_files", "last_id", "lag_rows", "lag_s")
                 if k in first}
     for key in _ADDITIVE_DATA_STATS:
-        if key in ("rows", "bad_lines", "positives") or any(key in s for s in readers):
+        if key in ("rows", "bad_lines") or any(key in s for s in readers):
             combined[key] = int(sum(int(s.get(key, 0)) for s in readers))
     examples = [e for s in readers for e in s.get("bad_line_examples", [])]
     combined["bad_line_examples"] = sorted(examples, key=_line_of_example)[:_DATA_EXAMPLES]
