@@ -37,6 +37,7 @@ import numpy as np
 from hybridps.data.batch import Batch, check_int, empty_batch, resolve_batch_size
 from hybridps.data.columns import ColumnConverter
 from hybridps.errors import ConfigError, DataError
+from hybridps.wording import counted
 
 _MAX_EXAMPLES = 10
 
@@ -132,7 +133,7 @@ class PartitionedReader:
             raise DataError(f"{self.path}: the smallest rank's share holds {least} rows, fewer than "
                             f"one batch of {batch_size}; use a smaller batch_size or fewer ranks "
                             f"({self.data_lines} rows in {len(self.units)} parts over "
-                            f"{self.world_size} ranks)")
+                            f"{counted(self.world_size, 'rank')})")
         return count
 
     # ------------------------------------------------------------------ streaming

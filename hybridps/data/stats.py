@@ -7,6 +7,8 @@ What does not: reading (the readers), the metrics file (hybridps.metrics).
 """
 import re
 
+from hybridps.wording import counted
+
 _ADDITIVE_DATA_STATS = ("rows", "bad_lines", "positives", "dropped_rows", "bad_parts", "rows_read")
 _PER_RANK_DATA_STATS = ("rank", "rows", "bad_lines", "positives", "epoch", "offset", "parse_seconds")
 _DATA_EXAMPLES = 10
@@ -107,7 +109,7 @@ def small_share_warning(combined, batch_size, steps):
         return None
     return (f"warning: batch_size {batch_size} is larger than rank {rank}'s share of "
             f"{combined.get('path')} ({rows} rows of {combined.get('data_lines')} data lines over "
-            f"{len(combined['per_rank'])} ranks): every batch repeats each row about "
+            f"{counted(len(combined['per_rank']), 'rank')}): every batch repeats each row about "
             f"{batch_size / rows:.0f} times, and {steps} steps read the share "
             f"{steps * batch_size / rows:.0f} times (epochs). Use a smaller batch_size, fewer ranks "
             f"or more data.")
