@@ -197,6 +197,45 @@ def test_single_process_train_without_mpirun_writes_metrics(tmp_path):
     assert json.loads(proc.stdout)["final_loss"] == pytest.approx(metrics["final_loss"])
 
 
+def _listed_commands(help_text, title):
+    """{name: summary} of the lines under ``title:`` of an argparse help text (to the next blank line)."""
+    lines = help_text.split(f"\n{title}:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    parsed = [re.fullmatch(r"  (\S+) {2,}(\S.*)", line) for line in lines]
+    assert all(parsed), lines                    # one line each: a name, then its summary
+    return {m.group(1): m.group(2) for m in parsed}
+
+
+def _registered_commands(parser):
+    import argparse
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_help_lists_every_registered_command_on_one_clean_line(monkeypatch, columns):
+    from hybridps.cli import BENCH_RUNNERS, build_parser
+    monkeypatch.setenv("COLUMNS", columns)
+    parser = build_parser()
+    commands = _registered_commands(parser)
+    assert {"train", "bench", "prepare-data", "serve", "export"} <= set(commands)
+    helps = {"commands": parser.format_help(), "runners": commands["bench"].format_help()}
+    for text in helps.values():
+        assert "``" not in text and not any(line.rstrip().endswith("|") for line in text.splitlines())
+    listed = _listed_commands(helps["commands"], "commands")
+    assert list(listed) == list(commands)
+    runners = _listed_commands(helps["runners"], "runners")
+    assert list(runners) == list(_registered_commands(commands["bench"])) == [n for n, _ in BENCH_RUNNERS]
+
+
+def test_no_progress_hides_the_step_lines_but_not_the_evaluations(tmp_path):
+    proc = _cli(["train", "--model", "dcn", "--steps", "4", "--batch-size", "64", "--hidden", "16",
+                 "--dim", "4", "--warmup-steps", "1", "--log-every", "1", "--no-progress",
+                 "--eval-data", "synthetic", "--eval-every", "2", "--eval-batches", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r"^eval after step (\d+): auc ", proc.stderr, re.M) == ["2", "4"]
+    assert not re.search(r"^step \d+/4 rank-0 loss", proc.stderr, re.M)
+    assert json.loads(proc.stdout)["eval"]["step"] == 4
+
+
 def test_cli_reports_config_errors_without_traceback():
     proc = _cli(["train", "--steps", "-1"])
     assert proc.returncode == 2
