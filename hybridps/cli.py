@@ -1,5 +1,5 @@
-"""Command line: ``hybridps train | launch | doctor | inspect | export | evaluate | predict | serve |
-prepare-data | bench table | train | compare | scale | realtime | capacity``.
+"""Command line: ``hybridps COMMAND``, the commands registered in :func:`build_parser` (train,
+launch, doctor, bench RUNNER, inspect, export, evaluate, predict, prepare-data, serve).
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
 (or ``python -m hybridps.cli train ...``), or alone without mpirun. Flags override the YAML
@@ -56,7 +56,9 @@ def _add_train_arguments(parser):
                                                      "smaller spreads them wider)")
     parser.add_argument("--warmup-steps", type=int, help="steps excluded from samples_per_s")
     parser.add_argument("--log-every", type=int)
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                        help="no progress bar or periodic step lines (eval lines, warnings and "
+                             "the summary still print)")
     parser.add_argument("--eval-data", help="held-out data to evaluate on during training (collective "
                                              "mode): a file spec like --data, or 'synthetic'")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (0: only at the end)")
@@ -115,6 +117,25 @@ BENCH_RUNNERS = (
 
 _NOT_CONFIG = {"command", "bench_command", "config", "func"}
 
+DESCRIPTION = ("Train sparse recommendation models over MPI (collective or parameter-server "
+               "mode), then evaluate, export and serve them.")
+
+
+class _CommandListFormatter(argparse.HelpFormatter):
+    """``hybridps --help`` and ``hybridps bench --help``: one line per command (never wrapped),
+    without argparse's ``{a,b,c}`` line above them."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=28)
+
+    def _split_lines(self, text, width):
+        return [" ".join(text.split())]
+
+    def _format_action(self, action):
+        if isinstance(action, argparse._SubParsersAction):
+            return "".join(self._format_action(command) for command in action._get_subactions())
+        return super()._format_action(action)
+
 
 def cmd_launch(args):
     from hybridps import launch
@@ -146,15 +167,17 @@ def cmd_train(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="hybridps", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="hybridps", description=DESCRIPTION,
+                                     epilog="hybridps COMMAND --help lists a command's flags.",
+                                     formatter_class=_CommandListFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     train = sub.add_parser("train", help="train a model (run under mpirun for several ranks)")
     _add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
     from hybridps import launch as launch_module
     launch = sub.add_parser(
-        "launch", help="start a job with mpirun, horovodrun or srun: hybridps launch -np 4 -- train ...",
+        "launch", help="start a job with mpirun, horovodrun or srun (with its settings)",
         description="Detect the environment (Slurm allocation, MPI, root, ranks vs cores), print the "
                     "launch command with its settings, and run it. Example: "
                     "hybridps launch -np 4 --launcher mpirun -- train --steps 100")
@@ -162,13 +185,17 @@ def build_parser():
     launch.set_defaults(func=cmd_launch)
 
     doctor = sub.add_parser("doctor", help="preflight check of MPI, Horovod and the exchange "
-                                           "(run under mpirun on all ranks, or alone)")
+                                           "(under mpirun, or alone)",
+                            description="Preflight check of MPI, Horovod and the exchange: run it "
+                                        "under mpirun on all ranks, or alone.")
     doctor.add_argument("--timeout", type=float, default=60.0,
                         help="seconds a smoke-test collective may take before the job aborts")
     doctor.set_defaults(func=cmd_doctor)
 
-    bench = sub.add_parser("bench", help="benchmark runners (JSON, markdown table, PNG)")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench = sub.add_parser("bench", help="benchmark runners (JSON, markdown table, PNG)",
+                           formatter_class=_CommandListFormatter)
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, title="runners",
+                                     metavar="RUNNER")
     import importlib
     for name, summary in BENCH_RUNNERS:           # hybridps.bench.<name>: add_arguments, main
         runner = importlib.import_module(f"hybridps.bench.{name}")
@@ -181,14 +208,17 @@ def build_parser():
     add_export_arguments(sub.add_parser("export", help="checkpoint -> TensorFlow SavedModel for serving"))
     from hybridps.inference import add_evaluate_arguments, add_predict_arguments
     add_evaluate_arguments(sub.add_parser(
-        "evaluate", help="a checkpoint's AUC, gAUC, logloss and calibration on held-out data "
-                         "(any number of ranks; nothing is written to the checkpoint)"))
+        "evaluate", help="a checkpoint's AUC, gAUC, logloss and calibration on held-out data",
+        description="A checkpoint's AUC, gAUC, logloss and calibration on held-out data, on any "
+                    "number of ranks; nothing is written to the checkpoint."))
     add_predict_arguments(sub.add_parser(
-        "predict", help="a checkpoint's score of every row of a data file, in input order, to Parquet"))
+        "predict", help="a checkpoint's score of every row of a data file, to Parquet",
+        description="A checkpoint's score of every row of a data file, in input order, to Parquet."))
     from hybridps.data.prepare import add_arguments as add_prepare_arguments
     add_prepare_arguments(sub.add_parser(
-        "prepare-data", help="decode and convert Parquet/TFRecord data once into a --data-cache "
-                             "directory that later runs read instead"))
+        "prepare-data", help="convert Parquet/TFRecord data once into a --data-cache directory",
+        description="Decode and convert Parquet/TFRecord data once into a --data-cache directory "
+                    "that later runs read instead."))
     from hybridps.serving.server import add_serve_arguments
     add_serve_arguments(sub.add_parser(
         "serve", help="TF Serving's REST API on an export directory, following its deltas live"))

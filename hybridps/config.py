@@ -143,8 +143,46 @@ class TrainConfig:
 # The admission and eviction fields a table may set for itself (``table_settings``).
 TABLE_POLICY_FIELDS = ("min_count", "ttl_steps", "max_rows", "eviction")
 
+# Testing aids: accepted, but not offered to users (left out of the known fields an unknown
+# field's error lists and suggests).
+TESTING_FIELDS = frozenset({"loader_delay_ms", "delay_rank", "fail_at_step", "fail_rank"})
+
+# Fields that say where a run writes, what it reports and how this machine runs it, not what
+# it trains: two runs that differ only in these train the same model on the same rows. A
+# resumed run's note on how its config differs from the checkpoint's leaves them out
+# (:func:`training_differences`).
+OUTPUT_FIELDS = frozenset({
+    "metrics_out", "progress", "log_every", "warmup_steps", "auc_window", "tf_threads",
+    "dump_state", "tensorboard_dir", "eval_data", "eval_every", "eval_batches",
+    "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "resume_fresh",
+    "delta_export_dir", "delta_every", "delta_every_seconds", "full_export_every",
+    "stream_poll_s", "data_cache", "watchdog_timeout"}) | TESTING_FIELDS
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_USER_FIELDS = sorted(set(_FIELDS) - TESTING_FIELDS)
+
+
+def training_differences(config, saved):
+    """Sorted names of the fields whose values differ between ``config`` (a TrainConfig) and
+    ``saved`` (the ``to_dict()`` of another, e.g. a checkpoint's), :data:`OUTPUT_FIELDS` left out."""
+    mine = config.to_dict()
+    return sorted(k for k in (set(mine) | set(saved)) - OUTPUT_FIELDS if mine.get(k) != saved.get(k))
+
+
+def _unknown_fields_error(unknown, yaml_path):
+    """The ConfigError for field names TrainConfig does not have: each with up to 3 close
+    user-facing fields (difflib), then all of those."""
+    import difflib
+    named = []
+    for name in unknown:
+        close = [repr(c) for c in difflib.get_close_matches(str(name).replace("-", "_").lower(),
+                                                            _USER_FIELDS, n=3, cutoff=0.75)]
+        guess = " or ".join(filter(None, [", ".join(close[:-1]), close[-1]])) if close else ""
+        named.append(f"{name!r}" + (f" (did you mean {guess}?)" if guess else ""))
+    where = f" in {yaml_path}" if yaml_path else ""
+    return ConfigError(f"unknown config field(s) {', '.join(named)}{where}; known fields: "
+                       f"{', '.join(_USER_FIELDS)}")
 
 
 def _coerce(name, value):
@@ -261,10 +299,9 @@ def make_config(yaml_path=None, overrides=None):
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
-    unknown = sorted(set(values) - set(_FIELDS))
+    unknown = sorted(set(values) - set(_FIELDS), key=str)
     if unknown:
-        raise ConfigError(f"unknown config field(s) {unknown}" + (f" in {yaml_path}" if yaml_path else "")
-                          + f"; known fields: {', '.join(sorted(_FIELDS))}")
+        raise _unknown_fields_error(unknown, yaml_path)
     config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(config)
     if config.sync == Sync.SSP and "staleness" not in values:

@@ -46,6 +46,7 @@ from hybridps.errors import ConfigError
 
 from hybridps.hosts import (expand_nodelist, local_rank_and_size, parse_hostfile,  # noqa: F401
                             parse_hosts, slurm_tasks_on_node, _int_or_none)
+from hybridps.wording import counted
 
 LAUNCHERS = ("auto", "mpirun", "horovodrun", "srun")
 BINDINGS = ("none", "core")
@@ -151,13 +152,13 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
     host_slots = parse_hostfile(hostfile) if hostfile else parse_hosts(hosts)
     if num_ranks is None and hostfile and all(s for _, s in host_slots):
         num_ranks = sum(s for _, s in host_slots)
-        notes.append(f"{num_ranks} ranks: the slots of {hostfile}")
+        notes.append(f"{counted(num_ranks, 'rank')}: the slots of {hostfile}")
     if num_ranks is None:
         if not env.slurm_ntasks:
             raise ConfigError("give the number of ranks with -np N (outside a Slurm allocation "
                               "there is no task count to default to)")
         num_ranks = env.slurm_ntasks
-        notes.append(f"{num_ranks} ranks: the tasks of this Slurm allocation (SLURM_NTASKS)")
+        notes.append(f"{counted(num_ranks, 'rank')}: the tasks of this Slurm allocation (SLURM_NTASKS)")
     if num_ranks < 1:
         raise ConfigError(f"-np {num_ranks}: need at least 1 rank")
     if not host_slots and launcher == "horovodrun" and len(env.slurm_nodes) > 1:
@@ -170,7 +171,7 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
         if sum(s for _, s in host_slots) < num_ranks:
             source = f"--hostfile {hostfile}" if hostfile else f"--hosts {hosts!r}"
             raise ConfigError(f"{source} has {sum(s for _, s in host_slots)} slots for "
-                              f"{num_ranks} ranks; add hosts or slots (host:slots)")
+                              f"{counted(num_ranks, 'rank')}; add hosts or slots (host:slots)")
         ranks_per_node = min(max(s for _, s in host_slots), num_ranks)
     elif env.in_slurm and (env.slurm_tasks_per_node or len(env.slurm_nodes) > 1):
         ranks_per_node = min(env.slurm_tasks_per_node or math.ceil(num_ranks / len(env.slurm_nodes)),
@@ -180,7 +181,7 @@ def build_plan(program, env, num_ranks=None, launcher="auto", hosts=None, bind="
     cores = max(env.cores, 1)
     threads = threads_per_rank or max(1, cores // ranks_per_node)
     oversubscribed = ranks_per_node > cores
-    notes.append(f"{ranks_per_node} ranks per node on {cores} usable cores: {threads} thread(s) "
+    notes.append(f"{counted(ranks_per_node, 'rank')} per node on {counted(cores, 'usable core')}: {threads} thread(s) "
                  f"per rank" + (", oversubscribed" if oversubscribed else ""))
     if bind == "core" and ranks_per_node * threads > cores:
         raise ConfigError(f"--bind core needs {ranks_per_node} x {threads} cores per node but "
@@ -317,7 +318,7 @@ def _srun_argv(env, num_ranks, host_slots, bind, threads, notes):
         argv += ["--nodelist", ",".join(h for h, _ in host_slots)]
     if env.slurm_ntasks and num_ranks > env.slurm_ntasks:
         argv.append("--overcommit")
-        notes.append(f"{num_ranks} ranks in an allocation of {env.slurm_ntasks} tasks: --overcommit")
+        notes.append(f"{counted(num_ranks, 'rank')} in an allocation of {counted(env.slurm_ntasks, 'task')}: --overcommit")
     return argv
 
 

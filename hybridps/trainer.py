@@ -256,7 +256,7 @@ class Trainer:
         entry = {"step": int(completed), **metrics, "seconds": seconds}
         self.eval_log.append(entry)
         self.tensorboard.evaluation(completed, metrics)
-        if self.rank == 0 and self.config.progress:
+        if self.rank == 0:                 # also with --no-progress, which hides the bar only
             shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("auc", "gauc", "logloss", "calibration")
                               if metrics.get(k) is not None)
             sys.stderr.write(f"eval after step {completed}: {shown} ({metrics['rows']} rows, "

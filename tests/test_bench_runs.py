@@ -1,6 +1,7 @@
 """Smoke tests of `hybridps bench train` and `hybridps bench compare` on 2 ranks with a tiny
 workload: every case runs under mpirun and the output files have the documented schema. No
-speed is asserted."""
+speed is asserted: a measured time, rate or ratio is checked to be there, a finite float and
+>= 0 (a loaded machine may time a phase as 0.0 ms), counts and losses against what they must be."""
 import json
 import math
 import os
@@ -8,6 +9,11 @@ import os
 import pytest
 
 from tests.mpi_util import MPI_ENV, mpirun_available
+
+
+def measured(value):
+    """A measured time, rate or ratio as the reports give it: a finite float >= 0."""
+    return isinstance(value, float) and math.isfinite(value) and value >= 0
 
 
 @pytest.fixture
@@ -27,8 +33,10 @@ def test_bench_compare_writes_every_case(tmp_path, mpi_env):
     names = [c["name"] for c in report["cases"]]
     assert names == ["collective-bsp", "collective-ssp1", "collective-asp", "ps-bsp", "ps-asp", "tf-baseline"]
     for case in report["cases"]:
-        for key in ("samples_per_s", "samples_per_s_per_rank", "final_loss", "auc", "bytes_per_step", "peak_rss_mb"):
+        for key in ("final_loss", "auc", "bytes_per_step", "peak_rss_mb"):
             assert isinstance(case[key], float) and math.isfinite(case[key]) and case[key] > 0, (case["name"], key)
+        for key in ("samples_per_s", "samples_per_s_per_rank"):
+            assert measured(case[key]), (case["name"], key)
     by_name = {c["name"]: c for c in report["cases"]}
     assert by_name["ps-bsp"]["computing_ranks"] == 1 and by_name["collective-bsp"]["computing_ranks"] == 2
     assert by_name["ps-asp"]["samples_per_s_per_rank"] == by_name["ps-asp"]["samples_per_s"]
@@ -67,8 +75,9 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
                      "hybridps-asp-straggler", "tf-baseline", "hybridps-bsp-adam", "tf-baseline-adam",
                      "compute-ceiling"]
     for case in report["cases"]:
-        for key in ("samples_per_s", "final_loss", "auc"):
+        for key in ("final_loss", "auc"):
             assert math.isfinite(case[key]) and case[key] > 0, (case["name"], key)
+        assert measured(case["samples_per_s"]), case["name"]
         assert case["samples_per_s_runs"] == [case["samples_per_s"]]
     by_name = {c["name"]: c for c in report["cases"]}
     assert by_name["hybridps-ssp1"]["staleness_max"] <= 1
@@ -79,7 +88,7 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
     assert set(report["ratios"]) == {"vs_tf_baseline", "vs_ceiling", "asp_vs_bsp", "ssp1_vs_bsp", *file_ratios}
     for absent in file_ratios:
         assert report["ratios"][absent] is None     # no file case in this run
-    assert report["other_ratios"]["adam_vs_tf_baseline_adam"] > 0
+    assert measured(report["other_ratios"]["adam_vs_tf_baseline_adam"])
     with open(tmp_path / "tf-baseline-adam.json") as fh:
         assert json.load(fh)["optimizer"] == "adam"
     with open(tmp_path / "train.json") as fh:
@@ -95,8 +104,8 @@ def test_bench_train_multihot_workload(tmp_path, mpi_env):
                              dim=4, vocab_size=500, timeout=240, workload="multihot")
     assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "hybridps-asp", "compute-ceiling"]
     for case in report["cases"]:
-        assert math.isfinite(case["final_loss"]) and case["samples_per_s"] > 0
-    assert report["ratios"]["vs_ceiling"] > 0 and report["ratios"]["vs_tf_baseline"] is None
+        assert math.isfinite(case["final_loss"]) and measured(case["samples_per_s"])
+    assert measured(report["ratios"]["vs_ceiling"]) and report["ratios"]["vs_tf_baseline"] is None
     assert [f["pooling"] for f in report["settings"]["features"]["sparse"][26:]] == ["mean"] * 3 + ["none"]
 
 
@@ -112,9 +121,9 @@ def test_bench_train_multihot_on_parquet_trains_on_the_same_samples(tmp_path, mp
                                                                          rel=1e-6)
     reader = report["parquet_reader"]
     assert reader["files"] == 2 and reader["reader_batches_timed"] == 20
-    assert reader["reader_ms_per_batch_median_seen"] > 0
-    assert reader["reader_ms_per_batch_median"] > 0
-    assert report["ratios"]["parquet_vs_synthetic"] > 0
+    assert measured(reader["reader_ms_per_batch_median_seen"])
+    assert measured(reader["reader_ms_per_batch_median"])
+    assert measured(report["ratios"]["parquet_vs_synthetic"])
     assert "Parquet reader:" in (tmp_path / "train.md").read_text()
 
 
@@ -131,9 +140,9 @@ def test_bench_realtime_follows_a_stream_into_serving_with_timed_deltas(tmp_path
                                 requests_batch1=30, requests_batch256=3, timeout=400)
     for key in ("freshness_p50_s", "freshness_p99_s", "serve_p50_ms_batch1", "serve_p99_ms_batch1",
                 "serve_rows_per_s_batch256"):
-        assert math.isfinite(report[key]) and report[key] > 0, key
+        assert measured(report[key]), key
     assert report["files_covered"] == 16           # 4096 rows = 32 steps of 128: all consumed
-    assert all(0 < s < 120 for s in report["freshness_s"].values())
+    assert len(report["freshness_s"]) == 16 and all(measured(s) for s in report["freshness_s"].values())
     exports = sorted(os.listdir(tmp_path / "deltas"))
     manifests = [load_manifest_json(str(tmp_path / "deltas" / name / "manifest.json"),
                                   "hybridps-full-export" if name.startswith("full-") else "hybridps-delta")
@@ -165,7 +174,7 @@ def test_bench_capacity_measures_bytes_per_row_and_trains_to_the_distinct_keys_a
     assert table["payload_bytes_per_row"] < table["allocated_bytes_per_row"] < 1.6 * table["payload_bytes_per_row"]
     train = report["train"]
     assert 0.99 * 200_000 <= train["rows"] <= 26 * 20_000
-    assert train["samples_per_s_start"] > 0 and train["samples_per_s_end"] > 0
+    assert measured(train["samples_per_s_start"]) and measured(train["samples_per_s_end"])
     assert len(train["peak_rss_mb_per_rank"]) == 2
     assert "bytes per row" in (tmp_path / "capacity.md").read_text()
 
@@ -176,7 +185,7 @@ def test_bench_train_runs_only_the_cases_asked_for(tmp_path, mpi_env):
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
                              vocab_size=500, timeout=240, cases="hybridps-asp,compute-ceiling")
     assert [c["name"] for c in report["cases"]] == ["hybridps-asp", "compute-ceiling"]
-    assert report["ratios"]["vs_ceiling"] is None and report["other_ratios"]["asp_vs_ceiling"] > 0
+    assert report["ratios"]["vs_ceiling"] is None and measured(report["other_ratios"]["asp_vs_ceiling"])
 
 
 @pytest.mark.mpi
@@ -195,15 +204,16 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     table = pq.read_table(tmp_path / "criteo.parquet").to_pandas()
     assert len(tsv) == len(table) == 2000
     assert list(tsv[14]) == list(table["C1"]) and list(tsv[0].astype(int)) == list(table["label"])
-    assert report["ratios"]["tsv_vs_ceiling"] > 0 and report["ratios"]["criteo_parquet_vs_ceiling"] > 0
-    assert report["ratios"]["tsv_vs_tf_baseline"] > 0 and report["ratios"]["criteo_parquet_vs_tf_baseline"] > 0
+    for ratio in ("tsv_vs_ceiling", "criteo_parquet_vs_ceiling", "tsv_vs_tf_baseline",
+                  "criteo_parquet_vs_tf_baseline", "criteo_parquet_cached_vs_ceiling"):
+        assert measured(report["ratios"][ratio]), ratio
     for name, data in (("tf-baseline-tsv", "criteo.tsv"), ("tf-baseline-criteo-parquet", "criteo.parquet")):
         with open(tmp_path / f"{name}.json") as fh:        # the baseline read the file
             assert json.load(fh)["data"] == str(tmp_path / data)
     tsv_case = next(c for c in report["cases"] if c["name"] == "hybridps-bsp-tsv")
-    assert tsv_case["parse_ms_per_batch"] > 0
+    assert measured(tsv_case["parse_ms_per_batch"])
     assert "Criteo TSV reader" in (tmp_path / "train.md").read_text()
-    assert report["criteo_parquet_reader"]["reader_ms_per_batch_median_seen"] > 0
+    assert measured(report["criteo_parquet_reader"]["reader_ms_per_batch_median_seen"])
     assert "once every value has been seen" in (tmp_path / "train.md").read_text()
     # the cached case read every batch from the cache prepare-data filled (16 row groups)
     assert report["parsed_cache_fill"]["converted"] == 16 and report["parsed_cache_fill"]["rows"] == 2000
@@ -211,6 +221,5 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     cached, plain = by_name["hybridps-bsp-criteo-parquet-cached"], by_name["hybridps-bsp-criteo-parquet"]
     assert cached["data_cache"]["misses"] == 0 and cached["data_cache"]["hits"] > 0
     assert cached["final_loss"] == plain["final_loss"]          # the same rows, the same training
-    assert report["ratios"]["criteo_parquet_cached_vs_ceiling"] > 0
-    assert report["criteo_parquet_reader_cached"]["reader_ms_per_batch_median"] > 0
+    assert measured(report["criteo_parquet_reader_cached"]["reader_ms_per_batch_median"])
     assert "through the parsed cache" in (tmp_path / "train.md").read_text()

@@ -98,6 +98,65 @@ def test_every_rank_runs_the_same_steps_and_the_remainder_is_dropped_and_counted
     np.testing.assert_array_equal(first_epoch, second_epoch)     # no shuffling: the same rows again
 
 
+class EveryRankReady:
+    """A stream's per-step agreement for ranks run one after another in one process (every
+    rank sees the same files): go when ready, end when ended."""
+
+    def agree(self, step, ready=True, ended=False):
+        assert ready or ended, "the test wrote everything, with an end marker"
+        return "go" if ready else "end"
+
+
+@pytest.mark.parametrize("kind", ["parquet", "tfrecord", "csv", "stream"])
+def test_data_stats_positives_are_the_label_1_rows_of_every_format(tmp_path, kind):
+    """data_stats.positives over 2 ranks after an epoch equals the label column's sum read
+    independently (pyarrow), for every reader; a stream's are those of the rows it trained."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from hybridps.data.schema_csv import SchemaCSVReader
+    from hybridps.data.stats import combine_data_stats
+    from hybridps.data.stream import DirectoryStream
+    from tests.test_streaming import write_csv
+    columns = rows(80, seed=3)
+    parts = [{k: v[20 * p:20 * (p + 1)] for k, v in columns.items()} for p in range(4)]
+    label_sum = lambda path: pc.sum(pq.read_table(path, columns=["label"])["label"]).as_py()  # noqa: E731
+    stats = []
+    if kind in ("parquet", "tfrecord"):          # 4 parts of 20 rows: 2 per rank, both read in an epoch
+        paths = [write_parquet(tmp_path / f"p{p}.parquet", part, 20) for p, part in enumerate(parts)]
+        expected = sum(label_sum(p) for p in paths)
+        if kind == "tfrecord":
+            paths = [write_tfrecord(tmp_path / f"p{p}.tfrecord", part) for p, part in enumerate(parts)]
+        for rank in (0, 1):
+            share = reader(kind, paths, rank=rank, world_size=2)
+            assert len(list(share.iter_batches(10, 4))) == 4
+            stats.append(share.stats())
+    elif kind == "csv":
+        path = tmp_path / "a.csv"
+        write_csv(path, columns)
+        import pyarrow.csv as pacsv
+        expected = pc.sum(pacsv.read_csv(path)["label"]).as_py()
+        stats = [SchemaCSVReader(str(path), SCHEMA, rank=rank, world_size=2).stats() for rank in (0, 1)]
+    else:                                        # 80 rows in 4 files; 3 steps of 2 x 12 rows
+        paths = [write_parquet(tmp_path / f"f{p}.parquet", part, 20) for p, part in enumerate(parts)]
+        open(tmp_path / "_END", "w").close()
+        trained = pq.read_table(paths).slice(0, 72)          # the rows of the 3 global batches
+        expected = pc.sum(trained["label"]).as_py()
+        for rank in (0, 1):
+            stream = DirectoryStream(str(tmp_path), SCHEMA, rank=rank, world_size=2)
+            assert len(list(stream.iter_batches(12, None, control=EveryRankReady()))) == 3
+            stats.append(stream.stats())
+    assert 0 < expected < 80
+    combined = combine_data_stats(stats)
+    assert combined["positives"] == expected
+    assert sum(p["positives"] for p in combined["per_rank"]) == expected
+
+
+def test_data_stats_leave_out_a_figure_no_reader_reports():
+    from hybridps.data.stats import combine_data_stats
+    combined = combine_data_stats([{"kind": "x", "rows": 5, "bad_lines": 0}, None])
+    assert combined["rows"] == 5 and "positives" not in combined
+
+
 def test_shuffling_is_deterministic_for_a_seed_and_differs_between_epochs(tmp_path):
     path = write_parquet(tmp_path / "a.parquet", rows(96), row_group_size=12)
     take = lambda seed: np.concatenate([b.groups for b in reader(  # noqa: E731

@@ -19,6 +19,7 @@ import sys
 
 from hybridps.bench.report import bench_environment, markdown_table, write_json
 from hybridps.bench.train import _mpirun, run_rounds
+from hybridps.wording import counted
 
 TARGETS = {"collective_bsp_vs_ps_bsp": 1.5, "collective_bsp_vs_ps_asp_per_rank": 1.0}
 
@@ -62,7 +63,7 @@ def run_compare_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4
 
     def run_case(name, argv):
         path = os.path.join(out_dir, f"{name}.json")
-        sys.stderr.write(f"bench compare: {name} on {ranks} ranks ...\n")
+        sys.stderr.write(f"bench compare: {name} on {counted(ranks, 'rank')} ...\n")
         metrics_flag = [path] if name == "tf-baseline" else ["--metrics-out", path]
         _mpirun(ranks, argv + metrics_flag + common, timeout)
         with open(path) as fh:
@@ -126,7 +127,7 @@ def _plot(path, cases, ranks):
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(label)
-        ax.set_title(f"{label} ({ranks} ranks in total)")
+        ax.set_title(f"{label} ({counted(ranks, 'rank')} in total)")
         if key == "auc":
             ax.set_ylim(0.5, max(c["auc"] for c in cases) + 0.02)
     fig.tight_layout()

@@ -387,10 +387,11 @@ def add_models(report, latency_ms):
         c["host_floor_ms"] = floors.get((c["name"], c["hosts"]))
         c["model_with_host_floor_ms"] = (max(c["model_exchange_ms"], c["host_floor_ms"])
                                          if c["host_floor_ms"] is not None else None)
+        measured = c["exchange_ms"] is not None          # a measured 0.0 ms is a ratio of 0.0
         c["measured_vs_model"] = (c["exchange_ms"] / c["model_exchange_ms"]
-                                  if c["exchange_ms"] and c["model_exchange_ms"] else None)
+                                  if measured and c["model_exchange_ms"] else None)
         c["measured_vs_model_with_host_floor"] = (c["exchange_ms"] / c["model_with_host_floor_ms"]
-                                                  if c["exchange_ms"] and c["model_with_host_floor_ms"] else None)
+                                                  if measured and c["model_with_host_floor_ms"] else None)
     by = {(c["name"], c["hosts"], c["bandwidth_gbit"]): c for c in report["cases"]}
     ratios = {}
     bsp, ps = by.get(("collective-bsp", 4, 1.0)), by.get(("ps-bsp", 4, 1.0))

@@ -41,6 +41,7 @@ import sys
 import time
 
 from hybridps.bench.report import bar_chart, bench_environment, markdown_table, write_json
+from hybridps.wording import counted
 
 OVERSUBSCRIBE_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1", "OMP_NUM_THREADS": "1",
                      "HYBRIDPS_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -212,7 +213,7 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
 
     def run_case(name, argv):
         result_path = os.path.join(out_dir, f"{name}.json")
-        sys.stderr.write(f"bench train: {name} on {ranks} ranks, {steps} steps ...\n")
+        sys.stderr.write(f"bench train: {name} on {counted(ranks, 'rank')}, {steps} steps ...\n")
         wall = _mpirun(ranks, argv + [result_path] + common, timeout)
         with open(result_path) as fh:
             result = json.load(fh)
@@ -341,7 +342,8 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         fh.write(text)
     bar_chart(os.path.join(out_dir, "train.png"), [c["name"] for c in cases],
               {"samples/s": [c["samples_per_s"] for c in cases]},
-              title=f"DeepFM training throughput ({workload} workload), {ranks} ranks", ylabel="samples / s")
+              title=f"DeepFM training throughput ({workload} workload), {counted(ranks, 'rank')}",
+              ylabel="samples / s")
     print(text)
     return report
 

@@ -14,6 +14,7 @@ from hybridps.checkpoint.format import (CKPT_NAME, DAMAGED_PREFIX, LATEST, MANIF
 from hybridps.checkpoint.reader import load_manifest, verify_checkpoint
 from hybridps.errors import CheckpointError
 from hybridps.models.registry import is_user_model
+from hybridps.wording import counted
 
 _CHECKPOINT_DIR_NAME = re.compile(r"^(damaged-)?ckpt-\d{10}(\.\d+)?$")   # one checkpoint
 
@@ -111,7 +112,7 @@ def _format_summary(summary):
         return "\n".join(lines)
     if "step" not in summary:
         return f"{summary['path']}: DAMAGED\n" + "\n".join(f"  - {p}" for p in summary["problems"])
-    lines = [f"{summary['path']}: step {summary['step']}, {summary['world_size']} ranks, mode "
+    lines = [f"{summary['path']}: step {summary['step']}, {counted(summary['world_size'], 'rank')}, mode "
              f"{summary['mode']}, {summary['num_buckets']} buckets, {summary['total_bytes']} bytes in "
              f"{summary['files']} files, {summary['dense_variables']} dense variables, created "
              f"{summary['created']}"]

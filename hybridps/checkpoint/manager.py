@@ -21,6 +21,7 @@ from hybridps.checkpoint.lock import lock_checkpoint_dir, unlock_checkpoint_dir
 from hybridps.checkpoint.reader import NO_SHARD, restore_checkpoint, shard_of, verify_checkpoint
 from hybridps.checkpoint.writer import remove_stale_temporaries, save_checkpoint
 from hybridps.errors import CheckpointError, ConfigError
+from hybridps.wording import counted
 
 
 def find_resume_point(root, verify="quick"):
@@ -286,10 +287,10 @@ class CheckpointManager:
             log(message)
         if refused:   # newer than the one restored: the resumed run would prune or replace them
             _set_aside_collectively(comm, root, refused, log)
-        where = (f"{comm.size} ranks" if state.shard is None or state.shard[1] == comm.size else
+        where = (counted(comm.size, "rank") if state.shard is None or state.shard[1] == comm.size else
                  f"{comm.size} ranks, {state.shard[1]} of them owning keys (PS servers)")
-        log(f"resumed from {report.path} (step {report.step}, saved on {report.saved_world_size} "
-            f"ranks, restored on {where})")
+        log(f"resumed from {report.path} (step {report.step}, saved on "
+            f"{counted(report.saved_world_size, 'rank')}, restored on {where})")
         return report.step, report.data_state, messages
 
 

@@ -278,8 +278,8 @@ def _config_differences(manifest, config):
         return []
     if full_config_hash(config) == manifest.get("config_hash"):
         return []
-    mine, saved = config.to_dict(), manifest["config"]
-    changed = sorted(k for k in set(mine) | set(saved) if mine.get(k) != saved.get(k))
+    from hybridps.config import training_differences
+    changed = training_differences(config, manifest["config"])
     return [f"config differs from the checkpoint's in {', '.join(changed)} "
             f"(allowed: these do not change the model's shape)"] if changed else []
 

@@ -44,6 +44,7 @@ import numpy as np
 from hybridps.data.batch import Batch, check_int, empty_batch, resolve_batch_size
 from hybridps.data.columns import ColumnConverter
 from hybridps.errors import ConfigError, DataError
+from hybridps.wording import counted
 
 _MAX_EXAMPLES = 10
 
@@ -108,6 +109,7 @@ class PartitionedReader:
         self.bad_parts, self.bad_rows, self.dropped_rows, self.rows_read = 0, 0, 0, 0
         self.refilled_rows = 0
         self.bad_line_examples = []
+        self.part_positives = {}                 # part -> its positive labels, once it was read
         self._bad_units = set()                  # parts found unreadable: not read again
         self._bad_rows_of = {}                   # part -> its bad rows (counted once)
         self.units = self._list_units()          # [(path, part, rows)] of all files, in order
@@ -153,7 +155,7 @@ class PartitionedReader:
             raise DataError(f"{self.path}: the smallest rank's share holds {least} rows, fewer than "
                             f"one batch of {batch_size}; use a smaller batch_size or fewer ranks "
                             f"({self.data_lines} rows in {len(self.units)} parts over "
-                            f"{self.world_size} ranks)")
+                            f"{counted(self.world_size, 'rank')})")
         return count
 
     # ------------------------------------------------------------------ streaming
@@ -190,6 +192,7 @@ class PartitionedReader:
                 raise DataError(f"{where}: cannot be read ({type(exc).__name__}: {exc})") from None
             return self._skip(unit, where, f"{type(exc).__name__}: {exc}")
         self.rows_read += batch.size
+        self.part_positives[unit] = int(batch.labels.sum())
         return batch
 
     def _count_bad_rows(self, unit, where, converted):
@@ -375,6 +378,7 @@ class PartitionedReader:
                 "dropped_rows": self.dropped_rows, "refilled_rows": self.refilled_rows,
                 "rows_read": self.rows_read,
                 "rank": self.rank, "world_size": self.world_size,
+                "positives": int(sum(self.part_positives.values())),
                 "epoch": self.epoch, "offset": self.batches_done,
                 **({"cache": self.cache.stats()} if self.cache is not None else {})}
 

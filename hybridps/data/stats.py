@@ -7,6 +7,8 @@ What does not: reading (the readers), the metrics file (hybridps.metrics).
 """
 import re
 
+from hybridps.wording import counted
+
 _ADDITIVE_DATA_STATS = ("rows", "bad_lines", "positives", "dropped_rows", "refilled_rows", "bad_parts",
                         "rows_read")
 _PER_RANK_DATA_STATS = ("rank", "rows", "bad_lines", "positives", "epoch", "offset", "parse_seconds")
@@ -18,12 +20,12 @@ def combine_data_stats(per_rank):
     """One ``data_stats`` dict from every rank's ``dataset.stats()`` (None for ranks that read
     no data, e.g. PS servers).
 
-    Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``, and of the
-    partitioned readers ``dropped_rows`` (the remainder of each epoch no rank trains on),
-    ``refilled_rows``, ``bad_parts``, ``rows_read``: each rank counts its own share); takes the data's own figures
-    once (``kind``, ``path``, ``format``, ``data_lines``, ``parts``: every rank counts the
-    whole data); keeps each rank's
-    share and position apart in ``per_rank``, and up to 10 ``bad_line_examples`` of all ranks
+    Sums only what adds up over ranks (``rows``, ``bad_lines``, ``positives``: the label-1
+    rows among ``rows``, and of the partitioned readers ``dropped_rows`` (the remainder of each
+    epoch no rank trains on), ``refilled_rows``, ``bad_parts``, ``rows_read``: each rank counts
+    its own share); a figure no rank reports is left out, never shown as 0. Takes the data's own
+    figures once (``kind``, ``path``, ``format``, ``data_lines``, ``parts``: every rank counts
+    the whole data); keeps each rank's share and position apart in ``per_rank``, and up to 10 ``bad_line_examples`` of all ranks
     in line order. Returns {} when no rank read data.
     """
     readers = [s for s in per_rank if s]
@@ -36,7 +38,7 @@ def combine_data_stats(per_rank):
                                       "bad_files", "rows_dropped", "last_id", "lag_rows", "lag_s")
                 if k in first}
     for key in _ADDITIVE_DATA_STATS:
-        if key in ("rows", "bad_lines", "positives") or any(key in s for s in readers):
+        if key in ("rows", "bad_lines") or any(key in s for s in readers):
             combined[key] = int(sum(int(s.get(key, 0)) for s in readers))
     if "rows_consumed" in first:    # a stream: every rank reads every line, and counts it
         combined["bad_lines"] = int(first.get("bad_lines", 0))
@@ -109,7 +111,7 @@ def small_share_warning(combined, batch_size, steps):
         return None
     return (f"warning: batch_size {batch_size} is larger than rank {rank}'s share of "
             f"{combined.get('path')} ({rows} rows of {combined.get('data_lines')} data lines over "
-            f"{len(combined['per_rank'])} ranks): every batch repeats each row about "
+            f"{counted(len(combined['per_rank']), 'rank')}): every batch repeats each row about "
             f"{batch_size / rows:.0f} times, and {steps} steps read the share "
             f"{steps * batch_size / rows:.0f} times (epochs). Use a smaller batch_size, fewer ranks "
             f"or more data.")

@@ -107,6 +107,7 @@ class StreamSource:
             raise ConfigError(f"rank must be < world_size ({self.world_size}), got {rank}")
         self.rows_consumed = 0          # over all ranks
         self.rows_trained = 0           # by this rank
+        self.positives = 0              # of the rows this rank trained
         self.rows_left = 0              # at the end: rows that could not fill a global batch
         self.started = time.monotonic()
         self.newest_arrival = None      # wall time the newest data arrived
@@ -138,6 +139,7 @@ class StreamSource:
             self._advance(need)
             self.rows_consumed += need
             self.rows_trained += b
+            self.positives += int(batch.labels.sum())
             step += 1
             yield batch
 
@@ -204,6 +206,7 @@ class StreamSource:
     def _base_stats(self):
         rows, seconds = self.lag()
         return {"kind": self.kind, "path": self.where, "format": self.kind, "rows": self.rows_trained,
+                "positives": self.positives,
                 "rows_consumed": self.rows_consumed, "rows_left": self.rows_left,
                 "lag_rows": rows, "lag_s": seconds, "rank": self.rank, "world_size": self.world_size}
 

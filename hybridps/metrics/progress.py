@@ -1,4 +1,7 @@
-"""The progress line of rank 0: a bar on a terminal, a log line every ``log_every`` steps otherwise."""
+"""The progress line of rank 0: a bar on a terminal, a log line every ``log_every`` steps otherwise.
+
+``--no-progress`` (``progress: false``) turns off this line only; what the run reports besides
+it (the ``eval after step N`` lines, warnings, the summary) prints either way."""
 import sys
 import time
 
