@@ -102,8 +102,10 @@ class EveryRankReady:
     """A stream's per-step agreement for ranks run one after another in one process (every
     rank sees the same files): go when ready, end when ended."""
 
-    def agree(self, step, ready=True, ended=False):
-        assert ready or ended, "the test wrote everything, with an end marker"
+    notes = ()
+
+    def agree(self, step, ready=True, ended=False, failure=None, notes=()):
+        assert failure is None and (ready or ended), "the test wrote everything, with an end marker"
         return "go" if ready else "end"
 
 
