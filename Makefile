@@ -127,4 +127,4 @@ docs-reference: setup
 	$(VPY) -m hybridps.config_reference > docs/configuration.md.tmp && mv docs/configuration.md.tmp docs/configuration.md
 
 clean:
-	rm -rf site build hybridps/*.so hybridps/_native/*.so cython/*.c cython/*.cpp
+	rm -rf site build hybridps/*.so cython/*.c cython/*.cpp

@@ -92,11 +92,12 @@ def load_for_inference(comm, checkpoint, overrides=None, model=None):
     schema = schema_of(manifest)
     tf.keras.utils.set_random_seed(config.seed)
     keras_model = build_on_sample(tf, build_model(config.model, schema, config), schema)
-    backend = make_backend(config, comm, schema, keras_model)
+    layout = SparseLayout(schema)
+    backend = make_backend(config, comm, schema, keras_model, layout)
     target = backend.restore_target()
     report = restore_checkpoint(path, tables=target.tables, comm=comm, config=config, schema=schema,
                                 model=target.model, optimizer=None, shard=target.shard)
-    step = make_predict_step(tf, keras_model, SparseLayout(schema), schema.num_dense)
+    step = make_predict_step(tf, keras_model, layout, schema.num_dense)
     return Loaded(config, schema, keras_model, backend, step, report.step)
 
 

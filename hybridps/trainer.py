@@ -81,19 +81,18 @@ class Trainer:
         tf.keras.utils.set_random_seed(c.seed)
         self.model = (model_fn or (lambda schema, config: build_model(c.model, schema, config)))(self.schema, c)
         build_on_sample(tf, self.model, self.schema)
-        self.backend = factory.make_backend(c, self.comm, self.schema, self.model)
-        self.train_step = make_train_step(tf, self.model, SparseLayout(self.schema), self.schema.num_dense)
+        self.layout = SparseLayout(self.schema)      # the one layout of the run's tables
+        self.backend = factory.make_backend(c, self.comm, self.schema, self.model, self.layout)
+        self.train_step = make_train_step(tf, self.model, self.layout, self.schema.num_dense)
         self.checkpoints = CheckpointManager(c, self.schema, self.comm) if c.checkpoint_dir else None
 
     def _held_out(self):
         """The held-out data of ``eval_data`` (collective mode: every rank reads a share)."""
         import dataclasses
         from hybridps.inference import HeldOut
-        from hybridps.sparse.layout import SparseLayout
         from hybridps.step import make_predict_step
         c, p = self.config, self.placement
-        self.predict_step = make_predict_step(self.tf, self.model, SparseLayout(self.schema),
-                                              self.schema.num_dense)
+        self.predict_step = make_predict_step(self.tf, self.model, self.layout, self.schema.num_dense)
         return HeldOut(self.comm, dataclasses.replace(c, data=c.eval_data), self.schema,
                        p.data_rank, p.data_ranks, c.batch_size, c.eval_batches)
 

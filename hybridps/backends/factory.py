@@ -50,7 +50,7 @@ def placement(config, world_size, rank):
     return Placement(computes=True, data_rank=rank, data_ranks=world_size, num_servers=0)
 
 
-def make_backend(config, comm, schema, model):
+def make_backend(config, comm, schema, model, layout):
     """This rank's Backend: collective BSP, pipelined SSP/ASP, PS server or PS worker.
 
     Args:
@@ -58,10 +58,10 @@ def make_backend(config, comm, schema, model):
         comm: hybridps.comm.Comm.
         schema: hybridps.schema.FeatureSchema (the tables).
         model: the built Keras model (its trainable variables are the dense parameters).
+        layout: the run's hybridps.sparse.layout.SparseLayout of ``schema`` (built once by the
+            caller, which gives the same one to the TF step).
     """
-    from hybridps.sparse.layout import SparseLayout
     from hybridps.sparse.shard import OwnerShard
-    layout = SparseLayout(schema)
     shard = OwnerShard(schema, config.seed, config.nonfinite)
     if config.mode == Mode.PS:
         from hybridps.backends.ps.protocol import PSRoles

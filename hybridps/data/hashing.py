@@ -260,13 +260,6 @@ def integer_feature_keys(field: int, ids) -> np.ndarray:
     return out
 
 
-def _integer_keys_by_column(ids: np.ndarray, fields) -> np.ndarray:
-    """integer_feature_keys for a (B, F) int array whose column j belongs to fields[j]."""
-    offsets = np.array([_field_offset(_check_field(f)) for f in fields], dtype=np.uint64)
-    u = np.asarray(ids).astype(np.int64, copy=False).view(np.uint64)
-    return splitmix64(u + offsets[None, :]).view(np.int64)
-
-
 # ---------------------------------------------------------------------------- schema features
 SPACE_PERSON = b"hybridps-space-1"
 VALUE_PERSON = b"hybridps-value-1"

@@ -65,10 +65,6 @@ class SparseLayout:
              if self.single_columns[t] == list(range(len(singles))) and not self.list_features[t]),
             None)
 
-    @property
-    def row_width_total(self):
-        return int(sum(self.dims))
-
     def block_elements(self, counts):
         """Elements (rows x dim) of each (owner, table) block of a (W, T) count matrix."""
         return np.asarray(counts, dtype=np.int64) * np.asarray(self.dims, dtype=np.int64)[None, :]

@@ -147,6 +147,3 @@ class OwnerShard:
         """Per table, its TABLE_COUNTERS."""
         return [{name: int(t.counters()[name]) for name in TABLE_COUNTERS} for t in self.tables]
 
-    def export_shards(self):
-        """Every local table's export() (rows, slots, metadata), in table order."""
-        return [t.export() for t in self.tables]
