@@ -103,7 +103,8 @@ class Trainer:
         the summary dict (also written to metrics_out)."""
         c, tf = self.config, self.tf
         last = c.steps or None                 # None: no end known in advance
-        record = RunRecord(steps=max(c.steps, self.start_step), start_step=self.start_step)
+        record = RunRecord(steps=max(c.steps, self.start_step), start_step=self.start_step,
+                           log_every=c.log_every)
         if self.backend.serves:   # serve until every worker is done, then join the reductions
             self.backend.serve(self.start_step, on_consistent_point=self._at_step_boundary)
             self._at_step_boundary(c.steps, end=True)
@@ -147,7 +148,7 @@ class Trainer:
             self.backend.push(plan, row_grads, step)
             timer.mark("push")
             record.add_step(step, loss_sum, plan, batch)
-            self.tensorboard.train_step(step, record.loss_sums[step] / c.batch_size,
+            self.tensorboard.train_step(step, record.last_loss_sum / c.batch_size,
                                         (step + 1 - first) * c.batch_size * self.compute_ranks
                                         / max(time.perf_counter() - record.started, 1e-9), c.log_every)
             if step >= auc_from_step:
@@ -159,7 +160,7 @@ class Trainer:
                     record.paused += self.eval_seconds - paused
             if self.rank == 0 and c.progress:
                 elapsed = time.perf_counter() - record.started
-                progress.update(step, record.loss_sums[step] / c.batch_size,
+                progress.update(step, record.last_loss_sum / c.batch_size,
                                 (step + 1 - first) * c.batch_size * self.compute_ranks / max(elapsed, 1e-9))
             completed = step + 1
         self.backend.finish()     # every pushed gradient and dense update is applied after this

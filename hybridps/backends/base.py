@@ -104,12 +104,13 @@ class Backend:
 
 def shard_stats(shard, bytes_sent, bytes_received, row_grads_pushed, dense_lag=None):
     """The stats() dict every backend returns: exchange volume, table rows and counters,
-    observed staleness, pushed and applied row gradients, and the dense lag ([max, sum,
+    observed staleness (the histogram, and the worst read per step as a bounded StepSeries),
+    pushed and applied row gradients, and the dense lag ([max, sum,
     steps] of the TF steps' dense staleness, None where it is not measured)."""
     return {"bytes_sent": int(bytes_sent), "bytes_received": int(bytes_received),
             "table_rows": shard.table_sizes(), "table_counters": shard.counters(),
             "staleness_histogram": shard.staleness_histogram,
-            "staleness_max_by_step": dict(shard.staleness_max_by_step),
+            "staleness_max_by_step": shard.staleness_max_by_step.copy(),
             "row_grads_pushed": int(row_grads_pushed), "row_grads_applied": int(shard.row_grads_applied),
             "dense_lag": dense_lag}
 
