@@ -181,6 +181,7 @@ class Trainer:
         if last is None or streaming or c.delta_every_seconds:
             self.control = step_control.StepAgreement(self.comm, c.delta_every_seconds if c.delta_export_dir else 0,
                                                       c.stream_poll_s)
+            self.control.on_idle_delta = self._delta_while_waiting
             step_control.enable_graceful_stop()
         if streaming:
             return self.dataset.iter_batches(c.batch_size, count, control=self.control, start_step=first)
@@ -229,10 +230,24 @@ class Trainer:
                                   self.dataset.state() if self.dataset is not None else None)
             self.saved_at = completed
         if delta:
-            self._delta_exporter(state).export(
-                completed, position=self.dataset.state() if self.dataset is not None else None)
-            if self.control is not None:
-                self.control.delta_written()
+            self._write_delta(completed, state)
+
+    def _write_delta(self, completed, state):
+        """The next delta (or full) export after ``completed`` steps (collective)."""
+        self._delta_exporter(state).export(
+            completed, position=self.dataset.state() if self.dataset is not None else None)
+        if self.control is not None:
+            self.control.delta_written()
+            self.control.delta_points.discard(completed)
+
+    def _delta_while_waiting(self, step):
+        """A wall-clock delta fell due while every rank waits for the rows of ``step`` (a quiet
+        stream): write it now if a step trained since the last export, so what was trained
+        reaches serving without waiting for more data. Every rank decides alike: rank 0's clock
+        came with the poll, the export step is shared. Called by the thread drawing batches."""
+        exported = self.deltas.last_step if self.deltas is not None else self.start_step
+        if step > exported:
+            self.backend.at_idle_point(step, lambda: self._write_delta(step, self.backend.state()))
 
     def _evaluate(self, completed):
         """The held-out metrics of the model after ``completed`` steps (every computing rank):

@@ -8,7 +8,8 @@ does not: choosing a backend (hybridps.backends.factory, the only switch on mode
 
 A step on a computing rank: ``pull(step)`` -> (batch, plan, rows) -> the TF step ->
 ``dense_step(grads, step)`` -> ``push(plan, row_grads, step)``; ``at_consistent_point(k,
-action)`` after step k - 1 at checkpoint and delta steps; ``finish()`` at the end. A PS server
+action)`` after step k - 1 at checkpoint and delta steps (``at_idle_point(k, action)`` while a
+stream has no rows for step k); ``finish()`` at the end. A PS server
 rank runs ``serve(on_consistent_point)`` instead (``serves`` is True there).
 """
 import dataclasses
@@ -68,6 +69,13 @@ class Backend:
         """Run ``action()`` (checkpoint, delta export) when the tables hold exactly the updates
         of steps < ``step`` (collective: every rank, servers included, takes part)."""
         raise NotImplementedError
+
+    def at_idle_point(self, step, action):
+        """Run ``action()`` (a delta export) from the thread that draws batches while it waits
+        for the batch of ``step`` (a stream with no rows yet), once the tables and the dense
+        weights hold exactly the updates of steps < ``step``. Collective: every rank calls it
+        at the same poll of the step agreement (hybridps.step_control)."""
+        raise NotImplementedError(f"{type(self).__name__} does not export while waiting for data")
 
     def finish(self):
         """Drain anything in flight; after it, every pushed gradient has been applied."""
