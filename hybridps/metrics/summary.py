@@ -41,7 +41,7 @@ class RunRecord:
     steady_start: float = None
     finished: float = 0.0
     paused: float = 0.0              # seconds of steady time spent evaluating (not training)
-    interval_start: float = None     # perf_counter at the end of the first step of this interval
+    interval_start: float = None     # perf_counter when this interval began (its previous step ended)
     start_rss_mb: float = 0.0        # resident memory when the run started
 
     def __post_init__(self):
