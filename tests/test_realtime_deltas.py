@@ -4,8 +4,10 @@ serving once the delta interval has passed, without waiting for the next file or
 Each job is tests/parallel/realtime_scenarios.py under mpirun; the test is the producer. One
 file of 48 rows (3 global steps of 16) arrives after the job has waited longer than the delta
 interval, then nothing (no ``_END``): the export after step 3, whose stream position is the end
-of that file, must appear while the job waits, before the test sends SIGTERM. The BSP job draws
-batches on its training thread, the ASP job on its exchange thread: both paths are covered.
+of that file, must appear while the job waits; then a second file, and the export after step
+6 likewise, before the test sends SIGTERM. The BSP job draws batches on its training thread,
+the ASP job on its exchange thread (which pushes the trained steps ahead of its schedule for
+an export while idle, and must go on training after it): both paths are covered.
 """
 import json
 import os
@@ -76,19 +78,26 @@ def quiet_stream_runs(tmp_path_factory):
               "the jobs did not start", out, names)
         time.sleep(DELTA_SECONDS + 1.0)      # idle longer than the interval, nothing trained
         before = {n: _exports(out / n / "deltas") for n in names}
-        for name in names:
-            stream = out / name / "stream"
-            write_parquet(stream / ".part-00000.parquet.tmp", rows(FILE_ROWS, seed=1), FILE_ROWS)
-            os.rename(stream / ".part-00000.parquet.tmp", stream / "part-00000.parquet")
-        _wait(lambda: all(any(e.to_step == 3 for e, _ in _exports(out / n / "deltas")) for n in names),
-              "no export after step 3 while the stream was quiet", out, names)
-        seen = {n: _exports(out / n / "deltas") for n in names}
+        seen = []
+        for index in (0, 1):         # the second file: training goes on after an idle export
+            for name in names:
+                stream = out / name / "stream"
+                file = f"part-{index:05d}.parquet"
+                write_parquet(stream / f".{file}.tmp", rows(FILE_ROWS, seed=index + 1), FILE_ROWS)
+                os.rename(stream / f".{file}.tmp", stream / file)
+            steps = 3 * (index + 1)
+            _wait(lambda: all(any(e.to_step == steps for e, _ in _exports(out / n / "deltas")) for n in names),
+                  f"no export after step {steps} while the stream was quiet", out, names)
+            seen.append({n: _exports(out / n / "deltas") for n in names})
         for name in names:
             os.kill(int((out / name / "pid-0").read_text()), signal.SIGTERM)
         results = {}
         for name in names:
             code = jobs[name].wait(timeout=120)
-            results[name] = (before[name], seen[name], code, (out / f"{name}.log").read_text())
+            with open(out / name / "metrics.json") as fh:
+                steps = json.load(fh)["steps"]
+            results[name] = (before[name], [s[name] for s in seen], code, steps,
+                             (out / f"{name}.log").read_text())
         return results
     finally:
         for job in jobs.values():
@@ -98,13 +107,15 @@ def quiet_stream_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["bsp", "asp"])
 def test_a_due_delta_is_written_while_the_stream_is_quiet(quiet_stream_runs, name):
-    before, seen, code, log = quiet_stream_runs[name]
+    before, seen, code, steps, log = quiet_stream_runs[name]
     assert before == [], "an export although no step had trained"
-    assert code == 0, log[-3000:]
-    final = [manifest for entry, manifest in seen if entry.to_step == 3]
-    assert len(final) == 1, [e.name for e, _ in seen]
-    position = final[0]["position"]
-    assert position["consumed_through"] == "part-00000.parquet" and position["file"] is None
-    assert position["rows_consumed"] == FILE_ROWS
-    steps = [entry.to_step for entry, _ in seen]
-    assert steps == sorted(steps) and steps[-1] == 3, steps
+    assert code == 0 and steps == 6, log[-3000:]
+    for index, exports in enumerate(seen):      # after each file, before the next one or SIGTERM
+        done = 3 * (index + 1)
+        final = [manifest for entry, manifest in exports if entry.to_step == done]
+        assert len(final) == 1, [e.name for e, _ in exports]
+        position = final[0]["position"]
+        assert position["consumed_through"] == f"part-{index:05d}.parquet" and position["file"] is None
+        assert position["rows_consumed"] == FILE_ROWS * (index + 1)
+        to_steps = [entry.to_step for entry, _ in exports]
+        assert to_steps == sorted(to_steps) and to_steps[-1] == done, to_steps
