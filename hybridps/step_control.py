@@ -18,7 +18,9 @@ thread draws it (the main thread under BSP, the exchange thread under SSP/ASP):
   union of every rank's notes (:attr:`StepAgreement.notes`);
 * wall-clock deltas: rank 0's clock says whether ``delta_every_seconds`` have passed since the
   last delta was written; if so, the completed-step count after this step becomes a consistent point
-  (:attr:`StepAgreement.delta_points`) where the trainer writes a delta.
+  (:attr:`StepAgreement.delta_points`) where the trainer writes a delta; and while every rank
+  waits for data, :attr:`StepAgreement.on_idle_delta` (the trainer's) is called at that poll,
+  so the rows trained before a stream went quiet reach serving without waiting for more.
 
 All decisions come from one allgather, so every rank runs the same steps and stops at the same
 one. What does not: the stream sources (hybridps.data.stream), the loop (hybridps.trainer).
@@ -76,6 +78,7 @@ class StepAgreement:
         self.waited_s = 0.0             # seconds spent waiting for data
         self.failure = None             # (rank, what failed) of the lowest failing rank
         self.notes = ()                 # every rank's notes of the last poll, sorted
+        self.on_idle_delta = None       # called with the step waited for when a delta is due
 
     def agree(self, step, ready=True, ended=False, failure=None, notes=()):
         """One poll for ``step``: "go", "wait" (sleep ``poll_s`` and poll again) or "end".
@@ -104,7 +107,14 @@ class StepAgreement:
         if all(v[2] for v in votes):
             self.stopped_by = "end of stream"
             return "end"
+        self._due_while_waiting(step, votes[0][3])
         return "wait"
+
+    def _due_while_waiting(self, step, due):
+        """Rank 0's clock says a wall-clock delta is due while every rank waits for the rows
+        of ``step``: ``on_idle_delta(step)`` (collective: every rank is at this same poll)."""
+        if due and self.on_idle_delta is not None:
+            self.on_idle_delta(step)
 
     def delta_written(self):
         """The clock of wall-clock deltas restarts when a delta is written (not when it was
@@ -155,6 +165,11 @@ class _PointSet:
     def add(self, k):
         with self.lock:
             self.points.add(k)
+
+    def discard(self, k):
+        """Forget ``k`` once its delta is written (a run of months adds a point every delta)."""
+        with self.lock:
+            self.points.discard(k)
 
     def __contains__(self, k):
         with self.lock:

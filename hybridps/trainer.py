@@ -102,7 +102,8 @@ class Trainer:
         the summary dict (also written to metrics_out)."""
         c, tf = self.config, self.tf
         last = c.steps or None                 # None: no end known in advance
-        record = RunRecord(steps=max(c.steps, self.start_step), start_step=self.start_step)
+        record = RunRecord(steps=max(c.steps, self.start_step), start_step=self.start_step,
+                           log_every=c.log_every)
         if self.backend.serves:   # serve until every worker is done, then join the reductions
             self.backend.serve(self.start_step, on_consistent_point=self._at_step_boundary)
             self._at_step_boundary(c.steps, end=True)
@@ -148,7 +149,7 @@ class Trainer:
             self.backend.push(plan, row_grads, step)
             timer.mark("push")
             record.add_step(step, loss_sum, plan, batch)
-            self.tensorboard.train_step(step, record.loss_sums[step] / c.batch_size,
+            self.tensorboard.train_step(step, record.last_loss_sum / c.batch_size,
                                         (step + 1 - first) * c.batch_size * self.compute_ranks
                                         / max(time.perf_counter() - record.started, 1e-9), c.log_every)
             if step >= auc_from_step:
@@ -160,7 +161,7 @@ class Trainer:
                     record.paused += self.eval_seconds - paused
             if self.rank == 0 and c.progress:
                 elapsed = time.perf_counter() - record.started
-                progress.update(step, record.loss_sums[step] / c.batch_size,
+                progress.update(step, record.last_loss_sum / c.batch_size,
                                 (step + 1 - first) * c.batch_size * self.compute_ranks / max(elapsed, 1e-9))
             completed = step + 1
         self.backend.finish()     # every pushed gradient and dense update is applied after this
@@ -190,6 +191,7 @@ class Trainer:
         if last is None or streaming or c.delta_every_seconds:
             self.control = step_control.StepAgreement(self.comm, c.delta_every_seconds if c.delta_export_dir else 0,
                                                       c.stream_poll_s)
+            self.control.on_idle_delta = self._delta_while_waiting
             step_control.enable_graceful_stop()
         if streaming:
             return self.dataset.iter_batches(c.batch_size, count, control=self.control, start_step=first)
@@ -238,10 +240,24 @@ class Trainer:
                                   self.dataset.state() if self.dataset is not None else None)
             self.saved_at = completed
         if delta:
-            self._delta_exporter(state).export(
-                completed, position=self.dataset.state() if self.dataset is not None else None)
-            if self.control is not None:
-                self.control.delta_written()
+            self._write_delta(completed, state)
+
+    def _write_delta(self, completed, state):
+        """The next delta (or full) export after ``completed`` steps (collective)."""
+        self._delta_exporter(state).export(
+            completed, position=self.dataset.state() if self.dataset is not None else None)
+        if self.control is not None:
+            self.control.delta_written()
+            self.control.delta_points.discard(completed)
+
+    def _delta_while_waiting(self, step):
+        """A wall-clock delta fell due while every rank waits for the rows of ``step`` (a quiet
+        stream): write it now if a step trained since the last export, so what was trained
+        reaches serving without waiting for more data. Every rank decides alike: rank 0's clock
+        came with the poll, the export step is shared. Called by the thread drawing batches."""
+        exported = self.deltas.last_step if self.deltas is not None else self.start_step
+        if step > exported:
+            self.backend.at_idle_point(step, lambda: self._write_delta(step, self.backend.state()))
 
     def _evaluate(self, completed):
         """The held-out metrics of the model after ``completed`` steps (every computing rank):

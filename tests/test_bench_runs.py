@@ -137,7 +137,8 @@ def test_bench_realtime_follows_a_stream_into_serving_with_timed_deltas(tmp_path
     # 16 s of production: the ranks start within it (TF import) and follow it for several deltas
     report = run_realtime_bench(str(tmp_path), files=16, rows_per_file=256, interval_s=1.0,
                                 batch_size=64, delta_every_seconds=1.0, full_export_every=3,
-                                requests_batch1=30, requests_batch256=3, timeout=400)
+                                requests_batch1=30, requests_batch256=3, timeout=400,
+                                bursts=2, burst_files=2, burst_interval_s=0.5, pause_s=4.0)
     for key in ("freshness_p50_s", "freshness_p99_s", "serve_p50_ms_batch1", "serve_p99_ms_batch1",
                 "serve_rows_per_s_batch256"):
         assert measured(report[key]), key
@@ -158,6 +159,16 @@ def test_bench_realtime_follows_a_stream_into_serving_with_timed_deltas(tmp_path
     assert consumed == sorted(consumed) and consumed[-1] == 4096
     with open(tmp_path / "realtime.json") as fh:
         assert json.load(fh)["files"] == 16
+    # the bursty case: a first file, then 2 bursts of 2 files (256 rows: 2 whole steps each),
+    # each followed by a pause
+    bursty = report["bursty"]
+    assert bursty["files"] == bursty["files_covered"] == 5
+    assert bursty["last_files"] == ["events-000002.parquet", "events-000004.parquet"]
+    assert len(report["burst_last_file_freshness_s"]) == 2
+    assert None not in report["burst_last_file_freshness_s"]
+    assert report["burst_last_file_freshness_max_s"] == max(report["burst_last_file_freshness_s"])
+    bursty_exports = os.listdir(tmp_path / "bursty" / "deltas")
+    assert any(name.startswith("full-") for name in bursty_exports)
     assert (tmp_path / "realtime.md").read_text().count("|") > 10
     assert os.path.getsize(tmp_path / "realtime.png") > 1000
 
@@ -223,3 +234,9 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     assert cached["final_loss"] == plain["final_loss"]          # the same rows, the same training
     assert measured(report["criteo_parquet_reader_cached"]["reader_ms_per_batch_median"])
     assert "through the parsed cache" in (tmp_path / "train.md").read_text()
+
+
+def test_bench_realtime_bursty_schedule_pauses_after_each_burst():
+    from hybridps.bench.realtime import bursty_schedule
+    offsets, end_at, last = bursty_schedule(bursts=2, burst_files=3, burst_interval_s=1.0, pause_s=10.0)
+    assert offsets == [0.0, 1.0, 2.0, 12.0, 13.0, 14.0] and end_at == 24.0 and last == [2, 5]

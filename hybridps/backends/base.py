@@ -8,7 +8,8 @@ does not: choosing a backend (hybridps.backends.factory, the only switch on mode
 
 A step on a computing rank: ``pull(step)`` -> (batch, plan, rows) -> the TF step ->
 ``dense_step(grads, step)`` -> ``push(plan, row_grads, step)``; ``at_consistent_point(k,
-action)`` after step k - 1 at checkpoint and delta steps; ``finish()`` at the end. A PS server
+action)`` after step k - 1 at checkpoint and delta steps (``at_idle_point(k, action)`` while a
+stream has no rows for step k); ``finish()`` at the end. A PS server
 rank runs ``serve(on_consistent_point)`` instead (``serves`` is True there).
 """
 import dataclasses
@@ -69,6 +70,13 @@ class Backend:
         of steps < ``step`` (collective: every rank, servers included, takes part)."""
         raise NotImplementedError
 
+    def at_idle_point(self, step, action):
+        """Run ``action()`` (a delta export) from the thread that draws batches while it waits
+        for the batch of ``step`` (a stream with no rows yet), once the tables and the dense
+        weights hold exactly the updates of steps < ``step``. Collective: every rank calls it
+        at the same poll of the step agreement (hybridps.step_control)."""
+        raise NotImplementedError(f"{type(self).__name__} does not export while waiting for data")
+
     def finish(self):
         """Drain anything in flight; after it, every pushed gradient has been applied."""
         raise NotImplementedError
@@ -104,12 +112,13 @@ class Backend:
 
 def shard_stats(shard, bytes_sent, bytes_received, row_grads_pushed, dense_lag=None):
     """The stats() dict every backend returns: exchange volume, table rows and counters,
-    observed staleness, pushed and applied row gradients, and the dense lag ([max, sum,
+    observed staleness (the histogram, and the worst read per step as a bounded StepSeries),
+    pushed and applied row gradients, and the dense lag ([max, sum,
     steps] of the TF steps' dense staleness, None where it is not measured)."""
     return {"bytes_sent": int(bytes_sent), "bytes_received": int(bytes_received),
             "table_rows": shard.table_sizes(), "table_counters": shard.counters(),
             "staleness_histogram": shard.staleness_histogram,
-            "staleness_max_by_step": dict(shard.staleness_max_by_step),
+            "staleness_max_by_step": shard.staleness_max_by_step.copy(),
             "row_grads_pushed": int(row_grads_pushed), "row_grads_applied": int(shard.row_grads_applied),
             "dense_lag": dense_lag}
 

@@ -313,7 +313,6 @@ class DeltaExporter:
         self.full_every, self.description, self.position_fn = int(full_every), description, position_fn
         self.sequence = next_sequence(root, comm)
         self.exports_this_run = 0
-        self.written = []
         for table in tables:
             table.record_evictions(True)
 
@@ -345,7 +344,6 @@ class DeltaExporter:
         self.sequence += 1
         self.exports_this_run += 1
         self.last_step = int(completed_steps)
-        self.written.append(path)
         return path
 
 

@@ -15,16 +15,23 @@ import numpy as np
 
 from hybridps.data.stats import combine_data_stats
 from hybridps.errors import OutputError
-from hybridps.metrics.accumulate import AUCAccumulator, PhaseTimer
-from hybridps.sparse.shard import STALENESS_BINS, TABLE_COUNTERS
+from hybridps.metrics.accumulate import AUCAccumulator, PhaseTimer, StepSeries, block_ends, series_width
+from hybridps.sparse import shard as owner_shard     # a module: the shard imports this package
 
 
 @dataclasses.dataclass
 class RunRecord:
-    """What one rank accumulates while it trains (every field local to the rank)."""
+    """What one rank accumulates while it trains (every field local to the rank).
+
+    Its size does not grow with the step count: the per-step losses and the time of each
+    ``log_every`` steps are :class:`StepSeries` (every step of a run of up to CURVE_POINTS
+    steps, blocks of consecutive steps beyond)."""
     steps: int                       # the last step + 1 of the run (set at the end when unbounded)
     start_step: int = 0
-    loss_sums: np.ndarray = None     # per step, this rank's sum of sample losses
+    log_every: int = 20              # steps per interval of samples_per_s_by_interval
+    loss_sums: StepSeries = dataclasses.field(default_factory=StepSeries)   # this rank's sample-loss sums
+    last_loss_sum: float = 0.0       # this rank's sum of sample losses of the latest step
+    interval_seconds: StepSeries = dataclasses.field(default_factory=StepSeries)  # per log_every steps
     auc: AUCAccumulator = dataclasses.field(default_factory=AUCAccumulator)
     timer: PhaseTimer = dataclasses.field(default_factory=PhaseTimer)
     keys_sent: int = 0
@@ -34,21 +41,22 @@ class RunRecord:
     steady_start: float = None
     finished: float = 0.0
     paused: float = 0.0              # seconds of steady time spent evaluating (not training)
-    step_ends: list = dataclasses.field(default_factory=list)   # perf_counter after each step
+    interval_start: float = None     # perf_counter when this interval began (its previous step ended)
     start_rss_mb: float = 0.0        # resident memory when the run started
 
     def __post_init__(self):
-        if self.loss_sums is None:
-            self.loss_sums = np.zeros(self.steps, dtype=np.float64)
         self.started = self.finished = time.perf_counter()
         self.start_rss_mb = current_rss_mb()
 
     def add_step(self, step, loss_sum, plan, batch):
-        if step >= len(self.loss_sums):          # a run without a known end grows its record
-            self.loss_sums = np.concatenate([self.loss_sums, np.zeros(max(step + 1, 2 * len(self.loss_sums))
-                                                                      - len(self.loss_sums))])
-        self.loss_sums[step] = float(loss_sum)
-        self.step_ends.append(time.perf_counter())
+        self.last_loss_sum = float(loss_sum)
+        self.loss_sums.add(step, self.last_loss_sum)
+        now, done = time.perf_counter(), step - self.start_step   # steps done before this one
+        if self.interval_start is None:
+            self.interval_start = now          # intervals start after the first step
+        elif done % self.log_every == 0:
+            self.interval_seconds.add(done // self.log_every - 1, now - self.interval_start)
+            self.interval_start = now
         self.keys_sent += plan.keys_sent
         self.keys_received += plan.keys_received
         for name, count in batch.truncated.items():
@@ -67,7 +75,14 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
     """
     c = config
     global_batch = c.batch_size * compute_ranks
-    losses = comm.allreduce_sum(record.loss_sums[:record.steps])[record.start_step:] / global_batch
+    # per-step series are rebinned onto blocks of one width, the widest any rank holds
+    width = int(comm.allreduce_max(np.array([series_width(record.start_step, record.steps),
+                                             record.loss_sums.width,
+                                             stats["staleness_max_by_step"].width], dtype=np.int64))[0])
+    counts, point_ends = block_ends(record.start_step, record.steps, width)
+    losses = (comm.allreduce_sum(record.loss_sums.blocks(record.start_step, record.steps, width))
+              / global_batch / np.maximum(counts, 1))
+    final_loss = float(comm.allreduce_sum(np.array([record.last_loss_sum]))[0]) / global_batch
     positives = comm.allreduce_sum(record.auc.positives)
     negatives = comm.allreduce_sum(record.auc.negatives)
     steps_run = record.steps - record.start_step
@@ -85,8 +100,10 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
         "steps": record.steps, "ranks": comm.size, "global_batch_size": global_batch,
         "computing_ranks": compute_ranks, "num_servers": comm.size - compute_ranks,
         "samples_per_s": steady_steps * global_batch / max(slowest, 1e-9),
-        "final_loss": float(losses[-1]) if len(losses) else float("nan"),
+        "final_loss": final_loss if len(losses) else float("nan"),
         "loss_trajectory": [float(x) for x in losses],
+        "loss_trajectory_steps": [int(x) for x in point_ends],
+        "loss_trajectory_every": width,
         "first_step": record.start_step, "resume_messages": list(resume_messages),
         "auc": AUCAccumulator.auc_from_histograms(positives, negatives),
         "auc_steps": [int(c.steps * (1.0 - c.auc_window)), record.steps],   # steps 0: all
@@ -100,13 +117,13 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
                      "per": "computing rank"},
         "table_rows": [int(r) for r in rows],
         "table_names": [t.name for t in schema.tables],
-        **_consistency(comm, record, stats),
+        **_consistency(comm, record, stats, width),
         **_dense_lag(comm, stats),
         "phase_ms_per_step_max_over_ranks": dict(zip(phases.keys(), map(float, phase_max))),
         "peak_rss_mb": float(comm.allreduce_max(np.array([peak_rss_mb()]))[0]),
         "peak_rss_mb_per_rank": [float(x) for x in comm.allgather_object(peak_rss_mb())],
         "start_rss_mb_per_rank": [float(x) for x in comm.allgather_object(record.start_rss_mb)],
-        "samples_per_s_by_interval": _interval_rates(record, c.log_every, global_batch),
+        "samples_per_s_by_interval": _interval_rates(record, global_batch),
         "dense_parameters": int(dense_parameters),
         "table_counters": _table_counters(comm, stats),
         "table_policies": [t.policy() for t in schema.tables],
@@ -123,21 +140,19 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
     return summary
 
 
-def _consistency(comm, record, stats):
-    """Observed staleness (all owners' reads) and the pushed == applied gradient count."""
+def _consistency(comm, record, stats, width):
+    """Observed staleness (all owners' reads) and the pushed == applied gradient count;
+    the maximum per step (per block of ``width`` steps in long runs, as the loss curve)."""
     histogram = comm.allreduce_sum(stats["staleness_histogram"])
-    per_step = np.zeros(record.steps, dtype=np.int64)
-    for step, value in stats["staleness_max_by_step"].items():
-        if step < record.steps:
-            per_step[step] = value
-    per_step = comm.allreduce_max(per_step)[record.start_step:]
+    per_step = comm.allreduce_max(stats["staleness_max_by_step"].blocks(record.start_step, record.steps,
+                                                                        width).astype(np.int64))
     counts = comm.allreduce_sum(np.array([stats["row_grads_pushed"], stats["row_grads_applied"]],
                                          dtype=np.int64))
     reads = max(int(histogram.sum()), 1)
     nonzero = np.nonzero(histogram)[0]
     top = int(nonzero.max()) if len(nonzero) else 0
     return {"staleness_max": top,
-            "staleness_mean": float((histogram * np.arange(STALENESS_BINS)).sum() / reads),
+            "staleness_mean": float((histogram * np.arange(owner_shard.STALENESS_BINS)).sum() / reads),
             "staleness_histogram": [int(x) for x in histogram[:top + 1]] if len(nonzero) else [0],
             "staleness_max_per_step": [int(x) for x in per_step],
             "row_grads_pushed": int(counts[0]), "row_grads_applied": int(counts[1])}
@@ -156,9 +171,10 @@ def _dense_lag(comm, stats):
 
 
 def _table_counters(comm, stats):
-    local = np.array([[c[n] for n in TABLE_COUNTERS] for c in stats["table_counters"]], dtype=np.int64)
-    total = comm.allreduce_sum(local.reshape(len(stats["table_counters"]), len(TABLE_COUNTERS)))
-    return [dict(zip(TABLE_COUNTERS, map(int, row))) for row in total]
+    names = owner_shard.TABLE_COUNTERS
+    local = np.array([[c[n] for n in names] for c in stats["table_counters"]], dtype=np.int64)
+    total = comm.allreduce_sum(local.reshape(len(stats["table_counters"]), len(names)))
+    return [dict(zip(names, map(int, row))) for row in total]
 
 
 def _truncated(comm, record):
@@ -170,15 +186,17 @@ def _truncated(comm, record):
     return total
 
 
-def _interval_rates(record, every, global_batch):
-    """[completed steps, samples/s over the last ``every`` steps] (this rank's clock; a BSP
-    step ends on every rank at about the same time), the first interval after the first step."""
-    ends = record.step_ends
-    rates = []
-    for k in range(every, len(ends), every):
-        seconds = ends[k] - ends[k - every]
-        rates.append([record.start_step + k + 1, every * global_batch / max(seconds, 1e-9)])
-    return rates
+def _interval_rates(record, global_batch):
+    """[completed steps, samples/s over the interval that ends there] (this rank's clock; a BSP
+    step ends on every rank at about the same time), the first interval after the first step:
+    intervals of ``log_every`` steps, of a power of two times as many in long runs (the series
+    holds at most CURVE_POINTS intervals)."""
+    series = record.interval_seconds
+    intervals = max(record.steps - record.start_step - 1, 0) // record.log_every   # complete ones
+    seconds = series.blocks(0, intervals, series.width)[:intervals // series.width]   # whole blocks
+    steps = series.width * record.log_every
+    return [[record.start_step + (k + 1) * steps + 1, steps * global_batch / max(float(s), 1e-9)]
+            for k, s in enumerate(seconds)]
 
 
 def current_rss_mb():

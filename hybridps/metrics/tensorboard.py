@@ -12,7 +12,7 @@ Written, under the step they belong to:
 * at each evaluation: ``eval/auc``, ``eval/gauc``, ``eval/logloss``, ``eval/calibration``,
   ``eval/rows`` (over all ranks, hybridps.evaluation);
 * at the end, from the run summary (over all ranks): ``train/loss`` and ``train/staleness_max``
-  for every step, and under the last step ``train/auc``, ``train/samples_per_s_all_ranks``,
+  for every step (every point of the summary's curve in runs beyond its length), and under the last step ``train/auc``, ``train/samples_per_s_all_ranks``,
   ``exchange/bytes_sent_per_step``, ``exchange/bytes_received_per_step`` and
   ``train/staleness_mean``.
 """
@@ -56,11 +56,10 @@ class TensorBoardLog:
     def run_summary(self, summary):
         if self.writer is None:
             return
-        first = summary["first_step"]
-        for offset, loss in enumerate(summary["loss_trajectory"]):
-            self._scalars(first + offset + 1, {"train/loss": loss})
-        for offset, staleness in enumerate(summary.get("staleness_max_per_step", [])):
-            self._scalars(first + offset + 1, {"train/staleness_max": staleness})
+        for step, loss in zip(summary["loss_trajectory_steps"], summary["loss_trajectory"]):
+            self._scalars(step, {"train/loss": loss})
+        for step, staleness in zip(summary["loss_trajectory_steps"], summary.get("staleness_max_per_step", [])):
+            self._scalars(step, {"train/staleness_max": staleness})
         exchange = summary["exchange"]
         self._scalars(summary["steps"], {
             "train/auc": summary["auc"], "train/samples_per_s_all_ranks": summary["samples_per_s"],

@@ -16,11 +16,15 @@ in place (no gather, no scatter).
 Staleness. ``applied_through`` is the last step whose push this shard has applied; every row it
 holds is current through that step. A read at step t of a row with version v (the step of its
 last update) is stale by ``t - 1 - max(v, applied_through)`` steps (0 under BSP), counted in
-``staleness_histogram`` (the last bin holds everything beyond it).
+``staleness_histogram`` (the last bin holds everything beyond it), and the worst read of each
+step in ``staleness_max_by_step``, a bounded hybridps.metrics.accumulate.StepSeries (every step
+of a run of up to CURVE_POINTS steps, the maximum per block of consecutive steps beyond), so
+neither grows with the step count.
 """
 import numpy as np
 
 from hybridps._kernels import count_staleness
+from hybridps.metrics.accumulate import StepSeries
 from hybridps.sparse.table import make_table
 
 STALENESS_BINS = 256
@@ -44,7 +48,7 @@ class OwnerShard:
         self.policies = [table.policy() for table in schema.tables]
         self.applied_through = -1
         self.staleness_histogram = np.zeros(STALENESS_BINS, dtype=np.int64)
-        self.staleness_max_by_step = {}
+        self.staleness_max_by_step = StepSeries(combine=max)
         self.row_grads_applied = 0
 
     # ------------------------------------------------------------------ buffers
@@ -136,7 +140,7 @@ class OwnerShard:
         # kernel adds each read's staleness to the histogram (last bin: >= STALENESS_BINS - 1).
         if len(versions):
             worst = count_staleness(versions, step, self.applied_through, self.staleness_histogram)
-            self.staleness_max_by_step[step] = max(self.staleness_max_by_step.get(step, 0), worst)
+            self.staleness_max_by_step.add(step, worst)
 
     # ------------------------------------------------------------------ reporting
     def table_sizes(self):

@@ -68,6 +68,11 @@ class BSPBackend(CollectiveBackend):
         self.dense_thread.apply_ready(need=step)
         action()
 
+    def at_idle_point(self, step, action):
+        """Called within ``pull(step)`` (the training thread draws the batches): every push of
+        the steps < step is done; once the dense update of step - 1 is applied, run action."""
+        self.at_consistent_point(step, action)
+
     def pull(self, step):
         """This step's (batch, plan, rows), or None when the batches ended before it."""
         batch = next(self.batches, None)

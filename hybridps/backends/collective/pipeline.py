@@ -218,7 +218,8 @@ class PipelinedBackend(CollectiveBackend):
                 plan, rows = self.exchange.pull(batch, step)
                 self.pulled.put(step, (batch, plan, rows))
             elif op == "push":
-                self._push(step)
+                if step >= self.next_push:     # not pushed ahead at an idle point
+                    self._push(step)
             else:   # fence: the main thread owns the tables until it releases the fence
                 self.fence_reached.put(step, True)
                 self.fence_released.take(step)
@@ -237,6 +238,17 @@ class PipelinedBackend(CollectiveBackend):
             action()
         finally:
             self.fence_released.put(step, True)
+
+    def at_idle_point(self, step, action):
+        """Called in the exchange thread (it draws the batches) while it waits for the batch
+        of ``step``: push every step < step now (all ranks do, at the same poll; the main
+        thread has pulled them, so it hands their gradients over), apply the dense updates of
+        the steps < step (the main thread waits for the rows of ``step`` meanwhile, so it
+        applies none), run action. Pushing early only makes later reads fresher."""
+        for k in range(self.next_push, step):
+            self._push(k)
+        self.dense_thread.apply_ready(need=step)
+        action()
 
     # ------------------------------------------------------------------ main thread
     def pull(self, step):
