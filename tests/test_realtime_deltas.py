@@ -21,6 +21,8 @@ import pytest
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available
 from tests.schema_data import FEATURES, rows, write_parquet
 
+pytestmark = pytest.mark.mpi
+
 BATCH = 8                       # per rank: 16 rows per global step
 FILE_ROWS = 48                  # one file: 3 global steps
 DELTA_SECONDS = 3.0
