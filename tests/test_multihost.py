@@ -332,15 +332,15 @@ def test_a_host_whose_link_goes_down_ends_the_job_within_bound(make_bed):
 # ------------------------------------------------------------------ watchdog without a shared directory
 STUCK_SCRIPT = textwrap.dedent("""
     import time
-    from hybridps import comm as comm_module
+    from hybridps import comm as comm_module, watchdog
 
     comm = comm_module.init(with_horovod=False)
     for step in range(3):
-        comm.barrier()
+        watchdog.set_step(step); comm.barrier()     # the program tells the watchdog its step
     if comm.rank == 3:
         time.sleep(120)                         # rank 3 (host 1) never joins the next barrier
     for step in range(3, 6):
-        comm.barrier()
+        watchdog.set_step(step); comm.barrier()
     print("unreachable: the barrier completed", flush=True)
 """)
 
