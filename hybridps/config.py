@@ -76,7 +76,7 @@ class RunSettings:
 
 @dataclass
 class ModelSettings:
-    """The dense model's shape (the embedding tables: sparse embeddings)."""
+    """The model's shape: the embedding width, the MLP, DCN's cross layers."""
     TITLE = "Model"
     dim: int = setting(16, "embedding dimension")
     hidden: List[int] = setting([256, 128], "MLP sizes, comma-separated, e.g. 256,128", metavar="N,N",

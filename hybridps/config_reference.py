@@ -52,7 +52,9 @@ def render():
         for field in fields:
             flag = flag_of(field)
             choices = choices_of(TrainConfig, field)
-            kind = ", ".join(map(str, choices)) if choices else type_name(field_type(TrainConfig, field.name))
+            kind = type_name(field_type(TrainConfig, field.name))
+            if choices:
+                kind = ", ".join(map(str, choices)) + (", or none" if kind.endswith(" or none") else "")
             rows.append(f"| `{field.name}` | {f'`{flag}`' if flag else '(YAML only)'} "
                         f"| `{_cell(_value(default_of(field)))}` | {_cell(kind)} "
                         f"| {_cell(field.metadata['help'])} |")
