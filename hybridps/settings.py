@@ -130,7 +130,7 @@ def settings_groups(cls):
 
 
 def _own_fields(group):
-    return set(getattr(group, "__annotations__", {}))
+    return set(group.__dict__.get("__annotations__", {}))
 
 
 def group_title(group):
@@ -165,6 +165,10 @@ def _argument_options(cls, field):
     options = {"dest": field.name, "default": None, "help": field.metadata.get("help")}
     if kind is bool:
         return dict(options, action="store_const", const=not field.default)
+    default = default_of(field)
+    if default is not None and options["help"]:
+        shown = ",".join(map(str, default)) if isinstance(default, list) else getattr(default, "value", default)
+        options["help"] += f" (default: {shown})"
     choices = choices_of(cls, field)
     if choices:
         options["choices"] = list(choices)
