@@ -11,8 +11,8 @@ with a ConfigError naming the field; :func:`settings_groups` and :func:`type_nam
 configuration reference page (hybridps.config_reference). What does not: the settings of a
 training run and their range checks (hybridps.config).
 
-A settings group is a dataclass whose fields are all :func:`setting`\\ s; a configuration made
-of several groups inherits from them (``class TrainConfig(RunSettings, ModelSettings, ...)``),
+A settings group is a dataclass whose fields are all made with :func:`setting`; a configuration
+made of several groups inherits from them (``class TrainConfig(RunSettings, ModelSettings, ...)``),
 so its fields stay flat attributes and flat YAML keys.
 """
 import argparse
