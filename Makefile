@@ -7,7 +7,7 @@
 #                iproute2 for the network-namespace hosts of tests/test_multihost.py, and
 #                redis-server for the Redis stream tests)
 #   make docs    the documentation site (MkDocs, docs/ -> site/); make test builds it --strict
-#   make docs-reference   regenerate docs/configuration.md from hybridps/config.py and cli.py
+#   make docs-reference   regenerate docs/configuration.md from the fields of hybridps/config.py
 #   make setup   Open MPI (from apt, only when no mpicc is on PATH), .venv, pinned Python
 #                packages from requirements.txt, Horovod built against this MPI and TF
 #                (wheel cached in $(WHEEL_CACHE)), hybridps in editable mode.

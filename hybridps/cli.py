@@ -14,94 +14,12 @@ from hybridps.errors import HybridPSError
 
 
 def _add_train_arguments(parser):
+    """``hybridps train``'s flags: ``--config``, then one per TrainConfig field that has one,
+    grouped as the config is (generated from the fields: hybridps.settings)."""
+    from hybridps.config import TrainConfig
+    from hybridps.settings import add_dataclass_arguments
     parser.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
-    parser.add_argument("--model", help="a built-in model (deepfm, wide_deep, dcn, din) or your "
-                                         "own build function: path/to/file.py:build or "
-                                         "package.module:build")
-    parser.add_argument("--data", help="'synthetic' (built-in generator), 'sample' (the bundled Criteo "
-                                        "sample), a Criteo TSV/CSV path, or, with a 'features:' "
-                                        "schema in --config, CSV/TSV, Parquet or TFRecord files of "
-                                        "those columns, or a stream: stream:DIR, redis://HOST:PORT/STREAM")
-    parser.add_argument("--steps", type=int, help="steps to train; 0: until the stream ends or SIGTERM")
-    parser.add_argument("--batch-size", type=int, help="samples per rank per step")
-    parser.add_argument("--sync", choices=["bsp", "ssp", "asp"])
-    parser.add_argument("--staleness", type=int, help="SSP bound in steps")
-    parser.add_argument("--mode", choices=["collective", "ps"])
-    parser.add_argument("--num-servers", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--metrics-out", help="write the JSON summary here (rank 0)")
-    parser.add_argument("--dim", type=int, help="embedding dimension")
-    parser.add_argument("--hidden", help="MLP sizes, comma-separated, e.g. 256,128")
-    parser.add_argument("--optimizer", choices=["sgd", "adagrad", "adam", "ftrl"],
-                        help="sparse (embedding) optimizer")
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--dense-optimizer", choices=["sgd", "adagrad", "adam"])
-    parser.add_argument("--dense-learning-rate", type=float)
-    parser.add_argument("--table-layout", choices=["shared", "per_field"])
-    parser.add_argument("--min-count", type=int, help="feature admission threshold (hits)")
-    parser.add_argument("--nonfinite", choices=["raise", "skip"],
-                        help="a NaN/Inf embedding gradient: stop with an error (raise, default) or "
-                             "skip that row's update and count it (skip)")
-    parser.add_argument("--on-bad-line", choices=["raise", "skip"])
-    parser.add_argument("--shuffle", action="store_const", const=True,
-                        help="Parquet/TFRecord: shuffle parts and rows every epoch (seeded by --seed)")
-    parser.add_argument("--shuffle-buffer", type=int, help="rows in the shuffle buffer (with --shuffle)")
-    parser.add_argument("--data-cache", metavar="DIR",
-                        help="Parquet/TFRecord: keep every part's parsed rows in DIR and read them "
-                             "from there in later epochs and runs (hybridps prepare-data fills it)")
-    parser.add_argument("--num-fields", type=int, help="synthetic data: categorical fields")
-    parser.add_argument("--num-dense", type=int, help="synthetic data: dense features")
-    parser.add_argument("--vocab-size", type=int, help="synthetic data: ids per field")
-    parser.add_argument("--zipf-a", type=float, help="synthetic data: Zipf exponent of the ids (1.2; "
-                                                     "smaller spreads them wider)")
-    parser.add_argument("--warmup-steps", type=int, help="steps excluded from samples_per_s")
-    parser.add_argument("--log-every", type=int)
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                        help="no progress bar or periodic step lines (eval lines, warnings and "
-                             "the summary still print)")
-    parser.add_argument("--eval-data", help="held-out data to evaluate on during training (collective "
-                                             "mode): a file spec like --data, or 'synthetic'")
-    parser.add_argument("--eval-every", type=int, help="steps between evaluations (0: only at the end)")
-    parser.add_argument("--eval-batches", type=int, help="batches per rank of synthetic held-out data (10)")
-    parser.add_argument("--tensorboard-dir", help="rank 0 writes TensorBoard scalars (loss, AUC, "
-                                                   "samples/s, exchange bytes, staleness, eval) here")
-    parser.add_argument("--dump-state", help="write final dense weights and table shards (npz) here")
-    parser.add_argument("--checkpoint-dir", help="write sharded checkpoints here (atomic; keeps the last K)")
-    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
-    parser.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (3)")
-    parser.add_argument("--resume", action="store_const", const=True,
-                        help="continue from the newest intact checkpoint in --checkpoint-dir "
-                             "(none there: start at step 0; only damaged ones: refuse)")
-    parser.add_argument("--resume-fresh", action="store_const", const=True,
-                        help="with --resume: if every checkpoint is damaged, keep them aside as "
-                             "damaged-ckpt-<step> and start from step 0 instead of refusing")
-    parser.add_argument("--num-buckets", type=int, help="virtual buckets of each table (fixed per model)")
-    parser.add_argument("--delta-export-dir", help="write the rows updated every --delta-every steps here")
-    parser.add_argument("--delta-every", type=int, help="steps between deltas")
-    parser.add_argument("--delta-every-seconds", type=float,
-                        help="also write a delta when this many seconds have passed since the last")
-    parser.add_argument("--stream-poll-s", type=float,
-                        help="stream data: seconds between looks for new files or entries (0.2)")
-    parser.add_argument("--ttl-steps", type=int, help="evict rows not updated for this many steps")
-    parser.add_argument("--max-rows", type=int, help="per table and rank: evict down to this many rows")
-    parser.add_argument("--eviction", choices=["lfu", "lru"], help="policy for --max-rows")
-    parser.add_argument("--table-settings",
-                        help="per-table min_count/ttl_steps/max_rows/eviction as JSON, e.g. "
-                             "'{\"0\": {\"max_rows\": 100000, \"eviction\": \"lru\"}}' "
-                             "(tables not named use the global flags)")
-    parser.add_argument("--full-export-every", type=int,
-                        help="every K-th export into --delta-export-dir, the run's first included, "
-                             "is a full export (every row + the model description; default 10)")
-    parser.add_argument("--max-inflight", type=int, help="SSP/ASP: bounded prefetch / push depth")
-    parser.add_argument("--dense-staleness", type=int,
-                        help="SSP: a TF step may miss the dense updates of this many latest steps (0)")
-    parser.add_argument("--watchdog-timeout", type=float,
-                        help="seconds a collective may take before the job aborts with a dump (300)")
-    parser.add_argument("--loader-delay-ms", type=float,
-                        help="benchmark/testing aid: the data loader of --delay-rank sleeps this long per batch")
-    parser.add_argument("--delay-rank", type=int, help="the rank whose data loader --loader-delay-ms slows")
-    parser.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--fail-rank", type=int, help=argparse.SUPPRESS)
+    add_dataclass_arguments(parser, TrainConfig)
 
 
 # ``hybridps bench <name>``: the runner modules under hybridps/bench, in help order
@@ -114,8 +32,6 @@ BENCH_RUNNERS = (
     ("realtime", "a stream -> 2-rank training -> deltas -> hybridps serve: freshness and serving latency"),
     ("capacity", "bytes per row of a 10M-row table, and a 2-rank run until 50M distinct keys"),
 )
-
-_NOT_CONFIG = {"command", "bench_command", "config", "func"}
 
 DESCRIPTION = ("Train sparse recommendation models over MPI (collective or parameter-server "
                "mode), then evaluate, export and serve them.")
@@ -148,9 +64,9 @@ def cmd_doctor(args):
 
 
 def cmd_train(args):
-    from hybridps.config import make_config
-    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
-    config = make_config(args.config, overrides)
+    from hybridps.config import TrainConfig, make_config
+    from hybridps.settings import given_values
+    config = make_config(args.config, given_values(args, TrainConfig))
     from hybridps import watchdog
     watchdog.configure(config.watchdog_timeout)
     from hybridps.trainer import Trainer

@@ -1,22 +1,31 @@
-"""Typed training configuration: dataclasses and enums, YAML loading, validation, hashing.
+"""Typed training configuration: the settings groups of a run, YAML loading, validation, hashing.
 
-What lives here: every knob of a training run, its default, its allowed values, and the one
-place that reads ``HYBRIDPS_*`` environment variables. A YAML file gives the base values,
-CLI flags override them; :func:`validate` raises a ConfigError naming the field, the bad value
-and what is allowed. :func:`config_hash` is compared across ranks at start-up so a job whose
-ranks disagree (a stale YAML on one node) stops before training. What does not: parsing of
-argv (hybridps.cli) and anything that acts on the values.
+What lives here: every knob of a training run, declared once as a field of a settings group
+(:class:`RunSettings`, :class:`ModelSettings`, ...) with its default, help text, flag, allowed
+values and role (hybridps.settings.setting); :class:`TrainConfig`, the flat dataclass made of
+those groups; and the one place that reads ``HYBRIDPS_*`` environment variables (testing aids
+aside: hybridps.testing_hooks). A YAML file gives the base values, CLI flags (generated from
+the fields) override them; :func:`validate` raises a ConfigError naming the field, the bad
+value and what is allowed. :func:`config_hash` is compared across ranks at start-up so a job
+whose ranks disagree (a stale YAML on one node) stops before training. What does not: parsing
+of argv (hybridps.cli, hybridps.settings) and anything that acts on the values.
+
+Adding a setting: declare it in its group with ``setting(default, "help", ...)``; the flag,
+the YAML key, the type conversion and the reference page (``make docs-reference``) follow.
+Range checks that the type and ``choices`` do not express go in :func:`validate`.
 """
 import dataclasses
 import enum
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from hybridps.errors import ConfigError
 from hybridps.models.registry import check_model_spec
+from hybridps.settings import coerce, setting
 
 
 class Sync(str, enum.Enum):
@@ -37,91 +46,193 @@ DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 INITIALIZERS = ("normal", "uniform", "zeros")
 TABLE_LAYOUTS = ("shared", "per_field")
 NONFINITE = ("raise", "skip")             # what a table does with a NaN/Inf row gradient
+ON_BAD_LINE = ("raise", "skip")
+EVICTIONS = ("lfu", "lru")
+# The admission and eviction fields a table may set for itself (``table_settings``).
+TABLE_POLICY_FIELDS = ("min_count", "ttl_steps", "max_rows", "eviction")
+
+
+def _table_settings(value):
+    return _coerce_table_settings(value)       # defined below, with the rest of the coercion
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of ``hybridps train``. Field docs: docs/configuration.md, generated from the
-    flags' help (hybridps.cli) and, for fields without help, the comment on the field's line."""
-    model: str = "deepfm"
-    data: str = "synthetic"
-    steps: int = 100
-    batch_size: int = 512                 # per rank
-    sync: Sync = Sync.BSP                 # bsp; ssp (needs staleness S >= 1, given explicitly); asp
-    staleness: int = 0
-    mode: Mode = Mode.COLLECTIVE          # collective, or ps: the last num_servers ranks are servers
-    num_servers: int = 1                  # ps mode: how many of the last ranks are servers
-    seed: int = 0                         # weights, initial rows and synthetic data derive from it
-    metrics_out: Optional[str] = None
-    # the feature schema (YAML 'features:' mapping, hybridps.schema); None: the Criteo preset
-    features: Optional[Dict[str, Any]] = None   # the schema (docs/features.md); none: Criteo preset
-    # model
-    dim: int = 16
-    hidden: List[int] = field(default_factory=lambda: [256, 128])
-    cross_layers: int = 3                 # DCN: cross layers
-    # sparse embeddings
-    table_layout: str = "shared"          # shared: all fields in one table; per_field: one each
-    table_groups: Optional[List[List[int]]] = None   # explicit field groups, overrides layout
-    optimizer: str = "adagrad"
-    learning_rate: float = 0.05           # sparse optimizer learning rate
-    initializer: str = "normal"           # key-seeded rows: normal, uniform(+-init_std), zeros
-    init_std: float = 0.01                # scale of the initializer
-    min_count: int = 1
-    nonfinite: str = "raise"              # a NaN/Inf row gradient: raise, or skip that row (counted)
-    # dense parameters (default: same optimizer and rate as the embeddings)
-    dense_optimizer: Optional[str] = None          # none: the sparse optimizer (adam for ftrl)
-    dense_learning_rate: Optional[float] = None    # none: learning_rate
-    # data
-    on_bad_line: str = "raise"            # a bad line or part: stop naming it (raise), or skip and count
-    shuffle: bool = False                 # Parquet/TFRecord: shuffle parts and rows per epoch (seeded)
-    shuffle_buffer: int = 0               # rows in the shuffle buffer (0 or 1: within a part only)
-    data_cache: Optional[str] = None      # Parquet/TFRecord: directory of parsed parts (hybridps.data.parsed_cache)
-    num_fields: int = 26
-    num_dense: int = 13
-    vocab_size: int = 100_000
-    zipf_a: float = 1.2
-    list_mean_length: float = 10.0        # synthetic data: mean length of list features
-    list_max_length: int = 50             # synthetic data: longest list (lists without max_len)
-    # reporting
-    warmup_steps: int = 5
-    log_every: int = 20                   # steps between progress lines and samples/s intervals
-    auc_window: float = 0.5               # progressive AUC over this trailing fraction of steps
-    progress: bool = True                 # rank 0 shows a progress bar on a terminal
-    tf_threads: int = 0                   # TF threads; 0: HYBRIDPS_TF_THREADS or cores / ranks per node
-    dump_state: Optional[str] = None      # write final dense weights and table shards (npz)
-    tensorboard_dir: Optional[str] = None # rank 0 writes TensorBoard scalars here
-    # held-out evaluation during training (collective mode)
-    eval_data: Optional[str] = None       # held-out data (a file spec, or 'synthetic')
-    eval_every: int = 0                   # steps between evaluations (0: only at the end)
-    eval_batches: int = 10                # batches per rank of synthetic held-out data
-    # checkpoints, export and eviction (issue: checkpoints)
-    checkpoint_dir: Optional[str] = None
-    checkpoint_every: int = 0             # steps; 0 = only at the end when checkpoint_dir is set
-    keep_checkpoints: int = 3
-    resume: bool = False
-    resume_fresh: bool = False            # with resume: start from step 0 if no checkpoint is intact
-    num_buckets: int = 4096               # virtual buckets of checkpointed rows (fixed per table)
-    delta_export_dir: Optional[str] = None
-    delta_every: int = 0
-    delta_every_seconds: float = 0.0      # also a delta when this much wall time has passed (0: off)
-    stream_poll_s: float = 0.2            # stream sources: seconds between looks for new data
-    stream_retry_seconds: float = 60.0    # streams: seconds to retry a lost server/directory before stopping
-    ttl_steps: int = 0                    # evict rows not updated for this many steps (0 = never)
-    max_rows: int = 0                     # per table and rank: evict down to this (0 = unlimited)
-    eviction: str = "lfu"                 # lfu | lru, for max_rows
-    # per-table overrides of min_count, ttl_steps, max_rows, eviction: {table index: {field: value}}
-    table_settings: Optional[Dict[int, Dict[str, Any]]] = None
-    # every K-th export into delta_export_dir (the first of a run included) is a full export
-    full_export_every: int = 10
-    # launch / failure handling (issue: launch)
-    watchdog_timeout: float = 300.0       # seconds a collective may take before the job aborts
-    # consistency pipeline (SSP / ASP)
-    max_inflight: int = 4                 # bounded queue of outstanding pushes / prefetches
-    dense_staleness: int = 0              # SSP: a TF step may miss the dense updates of this many latest steps
-    loader_delay_ms: float = 0.0          # testing aid: sleep in the data loader of delay_rank
-    delay_rank: int = -1
-    fail_at_step: int = -1                # testing aid: raise on fail_rank at this step
-    fail_rank: int = 0
+class RunSettings:
+    """What to train on which data, for how long."""
+    TITLE = "Run"
+    model: str = setting("deepfm", "a built-in model (deepfm, wide_deep, dcn, din) or your own build "
+                                   "function: path/to/file.py:build or package.module:build")
+    data: str = setting("synthetic", "'synthetic' (built-in generator), 'sample' (the bundled Criteo "
+                                     "sample), a Criteo TSV/CSV path, or, with a 'features:' schema in "
+                                     "--config, CSV/TSV, Parquet or TFRecord files of those columns, or a "
+                                     "stream: stream:DIR, redis://HOST:PORT/STREAM")
+    features: Optional[Dict[str, Any]] = setting(
+        None, "the feature schema (docs/features.md); none: the Criteo preset", flag=False,
+        expected="a mapping (label, dense, sparse, tables)")
+    steps: int = setting(100, "steps to train; 0: until the stream ends or SIGTERM")
+    batch_size: int = setting(512, "samples per rank per step")
+    seed: int = setting(0, "weights, initial rows and synthetic data derive from it")
+
+
+@dataclass
+class ModelSettings:
+    """The model's shape: the embedding width, the MLP, DCN's cross layers."""
+    TITLE = "Model"
+    dim: int = setting(16, "embedding dimension")
+    hidden: List[int] = setting([256, 128], "MLP sizes, comma-separated, e.g. 256,128", metavar="N,N",
+                                expected="a list of integers")
+    cross_layers: int = setting(3, "DCN: cross layers")
+
+
+@dataclass
+class SparseSettings:
+    """The embedding tables of the Criteo preset, and every table's defaults (a 'features:'
+    schema sets its tables' own under features.tables.<name>)."""
+    TITLE = "Sparse embeddings"
+    table_layout: str = setting("shared", "shared: all fields in one table; per_field: one each",
+                                choices=TABLE_LAYOUTS)
+    table_groups: Optional[List[List[int]]] = setting(
+        None, "explicit field groups, one table each, overrides table_layout", flag=False,
+        expected="a list of lists of field indices, e.g. [[0, 1, 2], [3]]")
+    table_settings: Optional[Dict[str, Dict[str, Any]]] = setting(
+        None, "per-table min_count/ttl_steps/max_rows/eviction by table name (criteo; C1, C2, ... "
+              "with table_layout per_field; group0, group1, ... with table_groups), as JSON on the "
+              "command line, e.g. '{\"C1\": {\"max_rows\": 100000, \"eviction\": \"lru\"}}' (tables "
+              "not named use the global flags)", metavar="JSON", parse=_table_settings)
+    optimizer: str = setting("adagrad", "sparse (embedding) optimizer", choices=SPARSE_OPTIMIZERS)
+    learning_rate: float = setting(0.05, "sparse optimizer learning rate")
+    initializer: str = setting("normal", "key-seeded rows: normal, uniform(+-init_std), zeros",
+                               choices=INITIALIZERS)
+    init_std: float = setting(0.01, "scale of the initializer")
+    min_count: int = setting(1, "feature admission threshold (hits)")
+    ttl_steps: int = setting(0, "evict rows not updated for this many steps (0: never)")
+    max_rows: int = setting(0, "per table and rank: evict down to this many rows (0: unlimited)")
+    eviction: str = setting("lfu", "policy for --max-rows", choices=EVICTIONS)
+    nonfinite: str = setting("raise", "a NaN/Inf embedding gradient: stop with an error (raise, "
+                                      "default) or skip that row's update and count it (skip)",
+                             choices=NONFINITE)
+
+
+@dataclass
+class DenseSettings:
+    """The dense parameters' optimizer (default: the embeddings' optimizer and rate)."""
+    TITLE = "Dense parameters"
+    dense_optimizer: Optional[str] = setting(None, "none: the sparse optimizer (adam for ftrl)",
+                                             choices=DENSE_OPTIMIZERS)
+    dense_learning_rate: Optional[float] = setting(None, "none: learning_rate")
+
+
+@dataclass
+class DataSettings:
+    """Reading the data, and the synthetic generator and Criteo preset's sizes."""
+    TITLE = "Data"
+    on_bad_line: str = setting("raise", "a bad line or part: stop naming it (raise), or skip and count",
+                               choices=ON_BAD_LINE)
+    shuffle: bool = setting(False, "Parquet/TFRecord: shuffle parts and rows every epoch (seeded by "
+                                   "--seed)")
+    shuffle_buffer: int = setting(0, "rows in the shuffle buffer (with --shuffle; 0 or 1: within a "
+                                     "part only)")
+    data_cache: Optional[str] = setting(
+        None, "Parquet/TFRecord: keep every part's parsed rows in DIR and read them from there in "
+              "later epochs and runs (hybridps prepare-data fills it)", metavar="DIR", output=True)
+    num_fields: int = setting(26, "synthetic data: categorical fields")
+    num_dense: int = setting(13, "synthetic data: dense features")
+    vocab_size: int = setting(100_000, "synthetic data: ids per field")
+    zipf_a: float = setting(1.2, "synthetic data: Zipf exponent of the ids (smaller spreads them wider)")
+    list_mean_length: float = setting(10.0, "synthetic data: mean length of list features")
+    list_max_length: int = setting(50, "synthetic data: longest list (lists without max_len)")
+
+
+@dataclass
+class ConsistencySettings:
+    """Where parameters live and how fresh the embedding reads are (docs/consistency.md)."""
+    TITLE = "Consistency"
+    sync: Sync = setting(Sync.BSP, "bsp; ssp (needs staleness S >= 1, given explicitly); asp")
+    staleness: int = setting(0, "SSP bound in steps")
+    mode: Mode = setting(Mode.COLLECTIVE, "collective, or ps: the last num_servers ranks are servers")
+    num_servers: int = setting(1, "ps mode: how many of the last ranks are servers")
+    max_inflight: int = setting(4, "SSP/ASP: bounded prefetch / push depth")
+    dense_staleness: int = setting(0, "SSP: a TF step may miss the dense updates of this many latest "
+                                      "steps")
+
+
+@dataclass
+class EvaluationSettings:
+    """Held-out evaluation during training (collective mode)."""
+    TITLE = "Evaluation"
+    eval_data: Optional[str] = setting(None, "held-out data to evaluate on during training "
+                                             "(collective mode): a file spec like --data, or "
+                                             "'synthetic'", output=True)
+    eval_every: int = setting(0, "steps between evaluations (0: only at the end)", output=True)
+    eval_batches: int = setting(10, "batches per rank of synthetic held-out data", output=True)
+
+
+@dataclass
+class CheckpointSettings:
+    """Checkpoints, resuming, and delta exports for serving."""
+    TITLE = "Checkpoints and export"
+    checkpoint_dir: Optional[str] = setting(None, "write sharded checkpoints here (atomic; keeps the "
+                                                  "last K)", output=True)
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: only at the end)", output=True)
+    keep_checkpoints: int = setting(3, "how many checkpoints to keep", output=True)
+    resume: bool = setting(False, "continue from the newest intact checkpoint in --checkpoint-dir "
+                                  "(none there: start at step 0; only damaged ones: refuse)",
+                           per_rank=True)
+    resume_fresh: bool = setting(False, "with --resume: if every checkpoint is damaged, keep them "
+                                        "aside as damaged-ckpt-<step> and start from step 0 instead "
+                                        "of refusing", per_rank=True)
+    num_buckets: int = setting(4096, "virtual buckets of each table's checkpointed rows (fixed per "
+                                     "model)")
+    delta_export_dir: Optional[str] = setting(None, "write the rows updated every --delta-every "
+                                                    "steps here", output=True)
+    delta_every: int = setting(0, "steps between deltas", output=True)
+    delta_every_seconds: float = setting(0.0, "also write a delta when this many seconds have passed "
+                                              "since the last (0: off)", output=True)
+    full_export_every: int = setting(10, "every K-th export into --delta-export-dir, the run's first "
+                                         "included, is a full export (every row + the model "
+                                         "description)", output=True)
+
+
+@dataclass
+class StreamSettings:
+    """Stream sources (stream:DIR, redis://HOST:PORT/STREAM)."""
+    TITLE = "Streams"
+    stream_poll_s: float = setting(0.2, "stream data: seconds between looks for new files or "
+                                        "entries", output=True)
+    stream_retry_seconds: float = setting(60.0, "seconds to retry a lost server or directory before "
+                                                "stopping (0: stop at the first failed read)")
+
+
+@dataclass
+class OperationSettings:
+    """What a run reports and how this machine runs it."""
+    TITLE = "Operations"
+    metrics_out: Optional[str] = setting(None, "write the JSON summary here (rank 0)", per_rank=True)
+    warmup_steps: int = setting(5, "steps excluded from samples_per_s", output=True)
+    log_every: int = setting(20, "steps between progress lines and samples/s intervals", output=True)
+    auc_window: float = setting(0.5, "progressive AUC over this trailing fraction of steps",
+                                output=True)
+    progress: bool = setting(True, "no progress bar or periodic step lines (eval lines, warnings and "
+                                   "the summary still print)", per_rank=True)
+    tf_threads: int = setting(0, "TF threads; 0: HYBRIDPS_TF_THREADS or cores / ranks per node",
+                              per_rank=True)
+    dump_state: Optional[str] = setting(None, "write final dense weights and table shards (npz) here",
+                                        per_rank=True)
+    tensorboard_dir: Optional[str] = setting(None, "rank 0 writes TensorBoard scalars (loss, AUC, "
+                                                   "samples/s, exchange bytes, staleness, eval) here",
+                                             per_rank=True)
+    watchdog_timeout: float = setting(300.0, "seconds a collective may take before the job aborts "
+                                             "with a dump", per_rank=True)
+
+
+@dataclass
+class TrainConfig(RunSettings, ModelSettings, SparseSettings, DenseSettings, DataSettings,
+                  ConsistencySettings, EvaluationSettings, CheckpointSettings, StreamSettings,
+                  OperationSettings):
+    """Every setting of ``hybridps train``, one flat dataclass made of the groups above (so a
+    field is ``config.batch_size`` and a flat YAML key). Each field is declared once, with its
+    help, flag and role (hybridps.settings.setting); the flags of ``hybridps train`` and
+    docs/configuration.md are generated from those declarations."""
 
     @property
     def effective_dense_optimizer(self):
@@ -140,34 +251,29 @@ class TrainConfig:
         return out
 
 
-# The admission and eviction fields a table may set for itself (``table_settings``).
-TABLE_POLICY_FIELDS = ("min_count", "ttl_steps", "max_rows", "eviction")
-
-# Testing aids: accepted, but not offered to users (left out of the known fields an unknown
-# field's error lists and suggests).
-TESTING_FIELDS = frozenset({"loader_delay_ms", "delay_rank", "fail_at_step", "fail_rank"})
-
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_USER_FIELDS = sorted(_FIELDS)
 # Fields that say where a run writes, what it reports and how this machine runs it, not what
 # it trains: two runs that differ only in these train the same model on the same rows. A
 # resumed run's note on how its config differs from the checkpoint's leaves them out
 # (:func:`training_differences`).
-OUTPUT_FIELDS = frozenset({
-    "metrics_out", "progress", "log_every", "warmup_steps", "auc_window", "tf_threads",
-    "dump_state", "tensorboard_dir", "eval_data", "eval_every", "eval_batches",
-    "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "resume_fresh",
-    "delta_export_dir", "delta_every", "delta_every_seconds", "full_export_every",
-    "stream_poll_s", "data_cache", "watchdog_timeout"}) | TESTING_FIELDS
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_USER_FIELDS = sorted(set(_FIELDS) - TESTING_FIELDS)
+OUTPUT_FIELDS = frozenset(f.name for f in _FIELDS.values() if f.metadata["output"])
+# Fields ranks may set differently (left out of the hash ranks compare: :func:`shared_config`).
+PER_RANK_FIELDS = frozenset(f.name for f in _FIELDS.values() if f.metadata["per_rank"])
 
 
 def training_differences(config, saved):
     """Sorted names of the fields whose values differ between ``config`` (a TrainConfig) and
-    ``saved`` (the ``to_dict()`` of another, e.g. a checkpoint's), :data:`OUTPUT_FIELDS` left out."""
+    ``saved`` (the ``to_dict()`` of another, e.g. a checkpoint's), :data:`OUTPUT_FIELDS` left out.
+
+    A saved config written by an older hybridps is read as it meant: a field it lacks (added
+    since) had its default, a field this version no longer has is not compared, and its
+    ``table_settings`` by table index are by the names of this config's tables."""
     mine = config.to_dict()
-    return sorted(k for k in (set(mine) | set(saved)) - OUTPUT_FIELDS if mine.get(k) != saved.get(k))
+    defaults = TrainConfig().to_dict()
+    theirs = {name: saved.get(name, defaults[name]) for name in mine}
+    theirs["table_settings"] = _saved_table_settings(config, theirs["table_settings"])
+    return sorted(k for k in set(mine) - OUTPUT_FIELDS if mine[k] != theirs[k])
 
 
 def _unknown_fields_error(unknown, yaml_path):
@@ -186,60 +292,16 @@ def _unknown_fields_error(unknown, yaml_path):
 
 
 def _coerce(name, value):
-    """Convert a YAML/CLI value to the field's type, or raise a ConfigError naming the field."""
-    default = _FIELDS[name].default
-    if name == "sync":
-        return _enum(Sync, name, value)
-    if name == "mode":
-        return _enum(Mode, name, value)
-    if name in ("hidden",):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        try:
-            return [int(v) for v in value]
-        except (TypeError, ValueError):
-            raise ConfigError(f"config field '{name}': expected a list of integers, got {value!r}") from None
-    if name == "table_groups":
-        if value is None:
-            return None
-        try:
-            return [[int(f) for f in group] for group in value]
-        except (TypeError, ValueError):
-            raise ConfigError(f"config field 'table_groups': expected a list of lists of field "
-                              f"indices, e.g. [[0, 1, 2], [3]], got {value!r}") from None
-    if name == "table_settings":
-        return _coerce_table_settings(value)
-    if name == "features":
-        if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"config field 'features': expected a mapping (label, dense, "
-                              f"sparse, tables), got {value!r}")
-        return value
-    if value is None:
-        if default is None:
-            return None
-        raise ConfigError(f"config field '{name}' may not be empty")
-    kind = type(default) if default is not None else (float if name == "dense_learning_rate" else str)
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config field '{name}': expected {kind.__name__}, got {value!r}") from None
+    """Convert a YAML/CLI value to the field's type, or raise a ConfigError naming the field
+    (hybridps.settings.coerce: driven by the field's annotation and metadata)."""
+    return coerce(TrainConfig, _FIELDS[name], value)
 
 
 def _coerce_table_settings(value):
-    """{table index: {field: value}} from a YAML mapping or a JSON string (the CLI flag)."""
-    example = '{"0": {"max_rows": 100000, "eviction": "lru"}, "3": {"min_count": 2}}'
+    """{table name: {field: value}} from a YAML mapping or a JSON string (the CLI flag). A key
+    that is a table index (``0``, ``"3"``: the older form) stays an int until
+    :func:`make_config` turns it into the table's name."""
+    example = '{"C1": {"max_rows": 100000, "eviction": "lru"}, "C4": {"min_count": 2}}'
     if value is None:
         return None
     if isinstance(value, str):
@@ -249,45 +311,69 @@ def _coerce_table_settings(value):
             raise ConfigError(f"config field 'table_settings': not valid JSON ({exc}); "
                               f"expected e.g. {example}") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"config field 'table_settings': expected a mapping of table index to "
+        raise ConfigError(f"config field 'table_settings': expected a mapping of table name to "
                           f"settings, e.g. {example}; got {value!r}")
     settings = {}
     for table, fields in value.items():
-        try:
-            index = int(table)
-        except (TypeError, ValueError):
-            index = -1
-        if index < 0:
-            raise ConfigError(f"config field 'table_settings': {table!r} is not a table index "
-                              f"(0, 1, ... in table order)")
+        if isinstance(table, bool) or not isinstance(table, (int, str)) or table == "":
+            raise ConfigError(f"config field 'table_settings': {table!r} is not a table name")
+        key = int(table) if isinstance(table, int) or table.isdigit() else table
         if not isinstance(fields, dict):
-            raise ConfigError(f"config field 'table_settings': table {index}: expected a mapping "
+            raise ConfigError(f"config field 'table_settings': table {key}: expected a mapping "
                               f"of {', '.join(TABLE_POLICY_FIELDS)}, got {fields!r}")
         unknown = sorted(set(fields) - set(TABLE_POLICY_FIELDS))
         if unknown:
-            raise ConfigError(f"config field 'table_settings': table {index}: unknown setting(s) "
+            raise ConfigError(f"config field 'table_settings': table {key}: unknown setting(s) "
                               f"{unknown}; a table may set {', '.join(TABLE_POLICY_FIELDS)}")
+        if key in settings:
+            raise ConfigError(f"config field 'table_settings': table {key} is given twice")
         try:
-            settings[index] = {name: _coerce(name, v) for name, v in fields.items()}
+            settings[key] = {name: _coerce(name, v) for name, v in fields.items()}
         except ConfigError as exc:
-            raise ConfigError(f"config field 'table_settings': table {index}: {exc}") from None
+            raise ConfigError(f"config field 'table_settings': table {key}: {exc}") from None
     return settings
 
 
-def _enum(cls, name, value):
-    try:
-        return cls(value.value if isinstance(value, cls) else str(value).lower())
-    except ValueError:
-        allowed = ", ".join(m.value for m in cls)
-        raise ConfigError(f"config field '{name}': {value!r} is not one of {allowed}") from None
+def _by_table_name(config, warn):
+    """``config.table_settings`` keyed by table name: a table index (the older form) becomes
+    the Criteo preset's name of that table, with a warning (once per process) showing the new
+    form when ``warn``. With a 'features:' schema there are none (build_schema refuses them)."""
+    settings = config.table_settings
+    indices = sorted(k for k in settings or () if isinstance(k, int))
+    if not indices or config.features is not None:
+        return settings
+    from hybridps.schema import criteo_table_settings
+    by_name = criteo_table_settings(config, config.num_fields)
+    if warn and not _warned.get("table_settings"):
+        _warned["table_settings"] = True
+        sys.stderr.write(f"hybridps: warning: table_settings by table index "
+                         f"({', '.join(map(str, indices))}) is deprecated; key the tables by name: "
+                         f"table_settings: {json.dumps(by_name)}\n")
+    return by_name
 
 
-def make_config(yaml_path=None, overrides=None):
+_warned = {}          # deprecation warnings already printed by this process
+
+
+def _saved_table_settings(config, saved):
+    """A saved config's ``table_settings`` (JSON keys) by the names of ``config``'s tables."""
+    if not saved or config.features is not None:
+        return saved
+    if not any(str(k).isdigit() for k in saved):
+        return saved
+    from hybridps.schema import criteo_table_names
+    names = criteo_table_names(config, config.num_fields)
+    return {(names[int(k)] if str(k).isdigit() and int(k) < len(names) else k): v for k, v in saved.items()}
+
+
+def make_config(yaml_path=None, overrides=None, warn_deprecated=True):
     """Build a validated TrainConfig from an optional YAML file and a dict of overrides.
 
     Args:
         yaml_path: path of a YAML mapping of field -> value, or None.
         overrides: dict of field -> value (CLI flags); None values are ignored.
+        warn_deprecated: print a warning for a setting in an older form (table_settings by
+            index); False for a config recorded by an older hybridps (a checkpoint's).
     Returns:
         TrainConfig.
     Raises:
@@ -304,6 +390,7 @@ def make_config(yaml_path=None, overrides=None):
         raise _unknown_fields_error(unknown, yaml_path)
     config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(config)
+    config.table_settings = _by_table_name(config, warn_deprecated)
     if config.sync == Sync.SSP and "staleness" not in values:
         raise ConfigError("config field 'staleness': sync=ssp needs a staleness bound (--staleness S, "
                           "S >= 1 steps); without one it would run as BSP (staleness 0, which you "
@@ -372,17 +459,15 @@ def validate(c):
     _check(c.dim >= 1, "dim", c.dim, "an integer >= 1")
     _check(all(h >= 1 for h in c.hidden) and c.hidden, "hidden", c.hidden, "a non-empty list of positive ints")
     _check(c.cross_layers >= 0, "cross_layers", c.cross_layers, "an integer >= 0")
-    _check(c.table_layout in TABLE_LAYOUTS, "table_layout", c.table_layout, ", ".join(TABLE_LAYOUTS))
-    _check(c.optimizer in SPARSE_OPTIMIZERS, "optimizer", c.optimizer, ", ".join(SPARSE_OPTIMIZERS))
-    _check(c.effective_dense_optimizer in DENSE_OPTIMIZERS, "dense_optimizer", c.dense_optimizer,
-           ", ".join(DENSE_OPTIMIZERS))
+    for f in _FIELDS.values():           # the fields with a fixed set of values (not enums)
+        allowed = f.metadata["choices"]
+        value = getattr(c, f.name)
+        if allowed and value is not None:
+            _check(value in allowed, f.name, value, ", ".join(allowed))
     _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
     _check(c.effective_dense_learning_rate > 0, "dense_learning_rate", c.dense_learning_rate, "a number > 0")
-    _check(c.initializer in INITIALIZERS, "initializer", c.initializer, ", ".join(INITIALIZERS))
     _check(c.init_std >= 0, "init_std", c.init_std, "a number >= 0")
     _check(c.min_count >= 1, "min_count", c.min_count, "an integer >= 1")
-    _check(c.nonfinite in NONFINITE, "nonfinite", c.nonfinite, ", ".join(NONFINITE))
-    _check(c.on_bad_line in ("raise", "skip"), "on_bad_line", c.on_bad_line, "raise, skip")
     _check(c.shuffle_buffer >= 0, "shuffle_buffer", c.shuffle_buffer, "an integer >= 0")
     _check(c.num_fields >= 1, "num_fields", c.num_fields, "an integer >= 1")
     _check(c.num_dense >= 0, "num_dense", c.num_dense, "an integer >= 0")
@@ -419,7 +504,6 @@ def validate(c):
                           "delta_every_seconds run in collective mode (drop --mode ps)")
     _check(c.ttl_steps >= 0, "ttl_steps", c.ttl_steps, "an integer >= 0 (0 = never)")
     _check(c.max_rows >= 0, "max_rows", c.max_rows, "an integer >= 0 (0 = unlimited)")
-    _check(c.eviction in ("lfu", "lru"), "eviction", c.eviction, "lfu, lru")
     _check(c.full_export_every >= 1, "full_export_every", c.full_export_every,
            "an integer >= 1 (1: every export is a full one)")
     _check(c.watchdog_timeout > 0, "watchdog_timeout", c.watchdog_timeout, "seconds > 0")
@@ -430,7 +514,6 @@ def validate(c):
                           f"sync=ssp in collective mode only; it is 0 under bsp, and under asp "
                           f"max_inflight bounds how late dense updates are (got sync={c.sync.value}, "
                           f"mode={c.mode.value})")
-    _check(c.loader_delay_ms >= 0, "loader_delay_ms", c.loader_delay_ms, "milliseconds >= 0")
     if c.resume and not c.checkpoint_dir:
         raise ConfigError("config field 'resume': needs checkpoint_dir (where to resume from)")
     if c.resume_fresh and not c.resume:
@@ -456,8 +539,7 @@ def is_unbounded_data(spec):
 def shared_config(c):
     """The settings every rank must share (the config without its per-rank fields), as a dict."""
     shared = c.to_dict()
-    for per_rank in ("metrics_out", "progress", "dump_state", "tf_threads", "resume", "resume_fresh",
-                     "loader_delay_ms", "delay_rank", "watchdog_timeout", "tensorboard_dir"):
+    for per_rank in PER_RANK_FIELDS:
         shared.pop(per_rank, None)
     return shared
 
@@ -465,24 +547,6 @@ def shared_config(c):
 def config_hash(c):
     """sha256 of the canonical JSON of the settings every rank must share."""
     return hashlib.sha256(json.dumps(shared_config(c), sort_keys=True).encode()).hexdigest()
-
-
-def check_job_config(c, world_size, data_ranks):
-    """Raise ConfigError for a setting that names a rank this job does not have (or that would
-    do nothing on it); ``data_ranks`` are the ranks that train (all, or the PS workers).
-
-    Checked by the trainer once the world size is known."""
-    workers = f"0..{data_ranks - 1}" if data_ranks > 1 else "0"
-    if c.loader_delay_ms > 0 or c.delay_rank != -1:
-        if not 0 <= c.delay_rank < data_ranks:
-            raise ConfigError(
-                f"config field 'delay_rank': {c.delay_rank} is not a training rank of this "
-                f"{world_size}-rank job (allowed: {workers}); it names the rank whose data loader "
-                f"loader_delay_ms (now {c.loader_delay_ms:g}) slows")
-    if c.fail_at_step >= 0 and not 0 <= c.fail_rank < data_ranks:
-        what = ("a parameter server: the failure is injected in the training loop of the workers"
-                if data_ranks <= c.fail_rank < world_size else f"not a rank of this {world_size}-rank job")
-        raise ConfigError(f"config field 'fail_rank': rank {c.fail_rank} is {what} (allowed: {workers})")
 
 
 def env_tf_threads():

@@ -292,11 +292,60 @@ def criteo_field_groups(config, num_fields):
     return [list(range(num_fields))]
 
 
+def criteo_table_names(config, num_fields):
+    """The names of the Criteo preset's tables, in table order: ``criteo`` (one shared table),
+    ``C1``.. (one per field, named by the field), or ``group0``.. (``table_groups``)."""
+    return _criteo_names(config, criteo_field_groups(config, num_fields))
+
+
+def criteo_table_settings(config, num_fields):
+    """``config.table_settings`` keyed by the Criteo preset's table names (a key may be a
+    table's name, or its index in table order: the older form)."""
+    names = criteo_table_names(config, num_fields)
+    return {name: own for name, (_, own) in _settings_of_tables(config, names).items()}
+
+
+def _settings_of_tables(config, names):
+    """{table name: (the key the config used for it, its settings)}.
+
+    Raises:
+        ConfigError: an index beyond the tables, a name that is not a table (naming the
+            tables), or one table given twice.
+    """
+    where = f"(table_layout={config.table_layout}, table_groups={config.table_groups})"
+    settings = {}
+    for key, own in (config.table_settings or {}).items():
+        if isinstance(key, int):
+            if not 0 <= key < len(names):
+                raise ConfigError(f"config field 'table_settings': table(s) [{key}] do not exist: "
+                                  f"this layout has {len(names)} table(s), indices 0..{len(names) - 1} "
+                                  f"{where}; its tables are {', '.join(names)}")
+            name = names[key]
+        elif key in names:
+            name = key
+        else:
+            raise ConfigError(f"config field 'table_settings': {key!r} is not a table of this layout "
+                              f"{where}; its tables are {', '.join(names)}")
+        if name in settings:
+            raise ConfigError(f"config field 'table_settings': table {name!r} is given twice "
+                              f"(by its index {names.index(name)} and by its name)")
+        settings[name] = (key, own)
+    return settings
+
+
+def _criteo_names(config, groups):
+    if len(groups) == 1:
+        return ["criteo"]
+    if config.table_groups is None:
+        return [f"C{g[0] + 1}" for g in groups]
+    return [f"group{t}" for t in range(len(groups))]
+
+
 def criteo_preset(config, num_fields=CRITEO_NUM_FIELDS, num_dense=CRITEO_NUM_DENSE):
     """The Criteo layout: dense I1..I<num_dense>, single-valued C1..C<num_fields> in tables as
     ``table_layout`` / ``table_groups`` say, each field its own key space (its 0-based index,
     so fields sharing a table never share a row), ``table_settings`` for per-table admission
-    and eviction (by table index)."""
+    and eviction (by table name: :func:`criteo_table_names`)."""
     if not _is_int(num_fields) or not 1 <= num_fields <= MAX_FIELDS:
         raise ConfigError(f"config field 'num_fields': {num_fields!r} is invalid; allowed: an "
                           f"integer from 1 to {MAX_FIELDS}")
@@ -304,20 +353,11 @@ def criteo_preset(config, num_fields=CRITEO_NUM_FIELDS, num_dense=CRITEO_NUM_DEN
         raise ConfigError(f"config field 'num_dense': {num_dense!r} is invalid; allowed: an "
                           f"integer from 0 to {MAX_FIELDS}")
     groups = criteo_field_groups(config, num_fields)
-    settings = config.table_settings or {}
-    beyond = sorted(t for t in settings if t >= len(groups))
-    if beyond:
-        raise ConfigError(f"config field 'table_settings': table(s) {beyond} do not exist: this "
-                          f"layout has {len(groups)} table(s), indices 0..{len(groups) - 1} "
-                          f"(table_layout={config.table_layout}, table_groups={config.table_groups})")
-    if len(groups) == 1:
-        names = ["criteo"]
-    elif config.table_groups is None:
-        names = [f"C{g[0] + 1}" for g in groups]
-    else:
-        names = [f"group{t}" for t in range(len(groups))]
-    tables = tuple(_table(config, name, dict(settings.get(t, {})), where=f"table_settings.{t}")
-                   for t, name in enumerate(names))
+    names = _criteo_names(config, groups)
+    settings = _settings_of_tables(config, names)
+    tables = tuple(_table(config, name, dict(settings[name][1]) if name in settings else {},
+                          where=f"table_settings.{settings[name][0] if name in settings else name}")
+                   for name in names)
     table_of_field = {f: names[t] for t, g in enumerate(groups) for f in g}
     sparse = tuple(SparseFeature(name=f"C{f + 1}", column=f"C{f + 1}", table=table_of_field[f],
                                  key_space=str(f), hash="prehashed") for f in range(num_fields))

@@ -15,8 +15,7 @@ import time
 
 import numpy as np
 
-from hybridps import config as config_module
-from hybridps import exchange_trace, startup, step_control, watchdog
+from hybridps import exchange_trace, startup, step_control, testing_hooks, watchdog
 from hybridps.tf_runtime import configure_tensorflow, default_tf_threads
 from hybridps.backends import factory
 from hybridps.metrics import Progress, RunRecord, summarize_run, write_summary
@@ -50,7 +49,7 @@ class Trainer:
         startup.check_output_paths(self.comm, config)
         self.placement = factory.placement(config, self.world_size, self.rank)
         self.compute_ranks = self.placement.data_ranks
-        config_module.check_job_config(config, self.world_size, self.compute_ranks)
+        testing_hooks.check_job(self.world_size, self.compute_ranks)
         self._build(model_fn)
         self.start_step, self.resume_messages = 0, []
         if config.resume and self.checkpoints is not None:
@@ -116,15 +115,15 @@ class Trainer:
                             note=getattr(self.dataset, "progress_note", None))
         first = self.start_step
         batches = self._batches(first, last)
-        if c.loader_delay_ms > 0 and self.rank == c.delay_rank:
-            batches = _delayed(batches, c.loader_delay_ms / 1000.0)
+        batches = testing_hooks.delayed_batches(batches, self.rank)     # tests: a straggler
         fences = self._consistent_points()
         exchange_trace.start()                 # benchmarks: HYBRIDPS_EXCHANGE_TRACE
         self.backend.start(batches, start_step=first, fence_steps=fences)
         timer = record.timer
         timer.start()
         completed = first
-        for step in (range(first, last) if last is not None else itertools.count(first)):
+        steps = range(first, last) if last is not None else itertools.count(first)
+        for step in testing_hooks.failing_steps(steps, self.rank):     # tests: a failing rank
             watchdog.set_step(step)
             exchange_trace.mark("step")        # exchange traces only (benchmarks)
             if step == first + c.warmup_steps:
@@ -132,9 +131,6 @@ class Trainer:
                 record.steady_start = time.perf_counter()
                 timer.restart()
                 exchange_trace.mark("steady_start")
-            if step == c.fail_at_step and self.rank == c.fail_rank:
-                raise RuntimeError(f"injected failure at step {step} on rank {self.rank} "
-                                   f"(fail_at_step testing aid)")
             pulled = self.backend.pull(step)
             if pulled is None:                 # the stream ended or a stop was agreed
                 break
@@ -346,10 +342,3 @@ def freeze_python_heap():
     """
     gc.collect()
     gc.freeze()
-
-
-def _delayed(batches, seconds):
-    """A slower data loader (testing aid): sleep before every batch."""
-    for batch in batches:
-        time.sleep(seconds)
-        yield batch

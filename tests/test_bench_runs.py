@@ -240,3 +240,27 @@ def test_bench_realtime_bursty_schedule_pauses_after_each_burst():
     from hybridps.bench.realtime import bursty_schedule
     offsets, end_at, last = bursty_schedule(bursts=2, burst_files=3, burst_interval_s=1.0, pause_s=10.0)
     assert offsets == [0.0, 1.0, 2.0, 12.0, 13.0, 14.0] and end_at == 24.0 and last == [2, 5]
+
+
+def test_bench_train_straggler_cases_launch_with_the_loader_delay_aid(tmp_path, monkeypatch):
+    """The *-straggler cases slow rank 1's loader by STRAGGLER_MS through the testing aid's
+    environment (hybridps.testing_hooks), the other cases run without it (no MPI job here)."""
+    from hybridps.bench import train as bench_train
+    launched = {}
+
+    def fake_mpirun(ranks, argv, timeout, env=None):
+        launched[argv[argv.index("--metrics-out") + 1]] = (argv, env)
+        with open(argv[argv.index("--metrics-out") + 1], "w") as fh:
+            json.dump({"samples_per_s": 1.0, "final_loss": 0.5, "auc": 0.5}, fh)
+        return 0.1
+
+    monkeypatch.setattr(bench_train, "_mpirun", fake_mpirun)
+    bench_train.run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
+                                vocab_size=500, timeout=60, cases="hybridps-bsp,hybridps-asp-straggler")
+    by_case = {os.path.basename(path)[:-len(".json")]: run for path, run in launched.items()}
+    assert set(by_case) == {"hybridps-bsp", "hybridps-asp-straggler"}
+    assert by_case["hybridps-bsp"][1] is None
+    assert by_case["hybridps-asp-straggler"][1] == {"HYBRIDPS_TEST_LOADER_DELAY_MS": f"{bench_train.STRAGGLER_MS:g}",
+                                                   "HYBRIDPS_TEST_DELAY_RANK": "1"}
+    assert not any(a.startswith("--loader-delay") or a.startswith("--delay-rank")
+                   for argv, _ in launched.values() for a in argv)

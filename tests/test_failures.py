@@ -3,7 +3,7 @@
 Each scenario is a real 2- or 3-rank job; every wait is bounded: a job still running when the
 wait after the failure (the failing rank's message, or the SIGKILL) runs out fails the test as
 a hang. How long the job took to end is printed, not asserted (a loaded machine is slow):
-  * a rank raising mid-run (the hidden ``--fail-at-step`` flag) -> non-zero exit, the error
+  * a rank raising mid-run (``HYBRIDPS_TEST_FAIL_AT_STEP``, hybridps.testing_hooks) -> non-zero exit, the error
     printed once;
   * a rank killed with SIGKILL (as the OOM killer does) -> non-zero exit;
   * a collective that one rank never joins (a small script on hybridps.comm; and the trainer
@@ -22,6 +22,7 @@ import uuid
 
 import pytest
 
+from hybridps import testing_hooks
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available
 
 pytestmark = pytest.mark.mpi
@@ -115,8 +116,9 @@ def _launch(*train_args, ranks=2):
 
 
 def test_a_rank_raising_mid_run_ends_the_job_within_bound(tmp_path):
-    job = Job(_launch(*TRAIN_SMALL, "--no-progress", "--fail-at-step", "5", "--fail-rank", "1"),
-              env={"HYBRIDPS_WATCHDOG_DIR": str(tmp_path / "watchdog")})
+    job = Job(_launch(*TRAIN_SMALL, "--no-progress"),
+              env={"HYBRIDPS_WATCHDOG_DIR": str(tmp_path / "watchdog"),
+                   **testing_hooks.environment(fail_at_step=5, fail_rank=1)})
     failed = job.wait_for(r"RuntimeError: injected failure at step 5 on rank 1", timeout=120)
     code, ended = job.wait_exit(timeout=120)
     print(f"raise: exit {code} {ended - failed:.2f}s after the failure ({ended - job.started:.1f}s in all)")
@@ -180,10 +182,9 @@ def test_a_collective_one_rank_never_joins_trips_the_watchdog(tmp_path):
 
 
 def test_a_stuck_training_step_trips_the_watchdog(tmp_path):
-    config = tmp_path / "slow.yaml"
-    config.write_text("loader_delay_ms: 60000\ndelay_rank: 0\n")    # rank 0's first batch: 60 s
-    job = Job(_launch(*TRAIN_SMALL, "--config", str(config), "--no-progress", "--watchdog-timeout", "3"),
-              env={"HYBRIDPS_WATCHDOG_DIR": str(tmp_path / "watchdog")})
+    slow = testing_hooks.environment(loader_delay_ms=60000.0, delay_rank=0)   # rank 0's first batch: 60 s
+    job = Job(_launch(*TRAIN_SMALL, "--no-progress", "--watchdog-timeout", "3"),
+              env={"HYBRIDPS_WATCHDOG_DIR": str(tmp_path / "watchdog"), **slow})
     tripped = job.wait_for(r"watchdog: stuck for", timeout=120)
     code, ended = job.wait_exit(timeout=60)
     out = job.output

@@ -22,8 +22,8 @@ SMALL = ["--steps", "3", "--batch-size", "16", "--hidden", "8", "--dim", "4", "-
          "--num-fields", "3", "--num-dense", "2", "--warmup-steps", "1", "--no-progress"]
 
 
-def cli(args, timeout=180):
-    env = dict(os.environ, **MPI_ENV)
+def cli(args, timeout=180, env=None):
+    env = dict(os.environ, **MPI_ENV, **(env or {}))
     return subprocess.run([sys.executable, "-m", "hybridps.cli"] + [str(a) for a in args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -211,11 +211,11 @@ def test_a_yaml_key_given_twice_is_refused_with_its_lines(tmp_path):
 
 
 def test_settings_that_name_a_rank_the_job_does_not_have():
-    from hybridps.config import check_job_config
+    from hybridps import testing_hooks
     from hybridps.backends.ps.protocol import PSRoles
 
-    def check(world_size, data_ranks, **fields):
-        check_job_config(make_config(overrides=fields), world_size, data_ranks)
+    def check(world_size, data_ranks, mode=None, **hooks):    # mode ps: data_ranks < world_size
+        testing_hooks.check_job(world_size, data_ranks, testing_hooks.TestingHooks(**hooks))
 
     check(2, 2, loader_delay_ms=5, delay_rank=1)
     check(1, 1)
@@ -273,10 +273,11 @@ def test_a_batch_larger_than_a_share_warns_with_the_epochs_and_different_files_a
 
 @pytest.mark.slow
 def test_rank_settings_out_of_range_stop_the_cli_at_start_without_traceback():
-    for flags, expected in ((["--delay-rank", "7"], "error: config field 'delay_rank': 7 is not a training "
-                                                    "rank of this 1-rank job (allowed: 0)"),
-                            (["--mode", "ps"], "error: config field 'mode': ps needs at least 2 ranks")):
-        proc = cli(["train", *SMALL, *flags])
+    from hybridps.testing_hooks import environment
+    for flags, env, expected in (([], environment(delay_rank=7), "error: testing aid 'delay_rank': 7 is not "
+                                                               "a training rank of this 1-rank job (allowed: 0)"),
+                                 (["--mode", "ps"], {}, "error: config field 'mode': ps needs at least 2 ranks")):
+        proc = cli(["train", *SMALL, *flags], env=env)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-2000:]
 

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from hybridps import testing_hooks
 from hybridps.config import make_config
 from tests.mpi_util import REPO, load_dumped_state, run_mpi
 
@@ -143,9 +144,8 @@ def test_a_rank_raising_mid_training_ends_the_job_promptly(tmp_path):
     # a job left waiting for its failed rank would hang until the watchdog (300 s): the
     # launch's timeout fails the test first (how long the job took is not asserted)
     proc = run_mpi(2, ["-m", "hybridps.cli", "train", "--steps", "200", "--batch-size", "64",
-                       "--no-progress", "--fail-at-step", "3", "--fail-rank", "1",
-                       "--hidden", "16", "--metrics-out", tmp_path / "m.json"],
-                   timeout=180, check=False)
+                       "--no-progress", "--hidden", "16", "--metrics-out", tmp_path / "m.json"],
+                   timeout=180, check=False, env=testing_hooks.environment(fail_at_step=3, fail_rank=1))
     assert proc.returncode != 0
     assert "injected failure at step 3 on rank 1" in proc.stderr
     assert "[hybridps rank 1/2]" in proc.stderr

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 
+from hybridps import testing_hooks
 from hybridps.errors import DataError
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available
 from tests.schema_data import FEATURES, rows, write_parquet
@@ -29,13 +30,14 @@ STREAM_FEATURES = dict(FEATURES, group_by="row")
 SCRIPT = os.path.join(REPO, "tests", "parallel", "stream_scenarios.py")
 
 
-def start_job(out, name, overrides, ranks=2):
+def start_job(out, name, overrides, ranks=2, env=None):
+    """``env``: more environment variables (a testing aid of hybridps.testing_hooks)."""
     if not mpirun_available():
         pytest.skip("mpirun not on PATH (run `make setup`)")
     command = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none", sys.executable,
                SCRIPT, str(out), name, json.dumps(overrides)]
     log = open(out / f"{name}.log", "w")
-    return subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **MPI_ENV), stdout=log,
+    return subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **MPI_ENV, **(env or {})), stdout=log,
                             stderr=subprocess.STDOUT)
 
 
@@ -137,8 +139,8 @@ def directory_runs(tmp_path_factory):
     # the first file comes after more than the watchdog timeout: waiting for data is not a hang
     producer = DirectoryProducer(stream, range(0, 4), interval=0.3, first_delay=5.0, end=False)
     producer.start()
-    job = start_job(out, "killed", dict(common, checkpoint_every=3, fail_at_step=7, fail_rank=1,
-                                        watchdog_timeout=3.0))
+    job = start_job(out, "killed", dict(common, checkpoint_every=3, watchdog_timeout=3.0),
+                    env=testing_hooks.environment(fail_at_step=7, fail_rank=1))
     killed = finish(out, "killed", job)
     producer.join()
     job = start_job(out, "stopped", dict(common, resume=True, checkpoint_every=100))
@@ -249,8 +251,8 @@ def test_a_redis_stream_trains_each_entry_once_across_a_kill_a_sigterm_to_mpirun
     entries = list(redis_entries())
     producer = threading.Thread(target=produce_redis, args=(client, "events", entries[:120], 0.01))
     producer.start()
-    killed = finish(out, "killed", start_job(out, "killed", dict(common, checkpoint_every=2,
-                                                                 fail_at_step=5, fail_rank=0)))
+    killed = finish(out, "killed", start_job(out, "killed", dict(common, checkpoint_every=2),
+                                             env=testing_hooks.environment(fail_at_step=5, fail_rank=0)))
     producer.join()
     assert killed[0] != 0 and "injected failure at step 5" in killed[1]
     job = start_job(out, "stopped", dict(common, resume=True))

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 
+from hybridps import testing_hooks
 from hybridps.bench.report import bar_chart, bench_environment, markdown_table, write_json
 from hybridps.wording import counted
 
@@ -74,6 +75,8 @@ def multihot_features(num_fields=26, num_dense=13, dim=16, multi_hot=3, max_len=
 # pooling of lists in the baseline program).
 WORKLOADS = {"criteo": None, "multihot": ("hybridps-bsp", "hybridps-asp", "compute-ceiling")}
 STRAGGLER_MS = 15.0      # about a quarter of a DeepFM step at batch 4096 on this machine
+# the *-straggler cases: rank 1's loader sleeps STRAGGLER_MS per batch (hybridps.testing_hooks)
+STRAGGLER_ENV = testing_hooks.environment(loader_delay_ms=STRAGGLER_MS, delay_rank=1)
 
 
 def add_arguments(parser):
@@ -98,10 +101,10 @@ def add_arguments(parser):
                              "copy next to BSP on synthetic data and the compute ceiling")
 
 
-def _mpirun(ranks, argv, timeout):
+def _mpirun(ranks, argv, timeout, env=None):
     command = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none",
                sys.executable] + argv
-    env = dict(os.environ, **OVERSUBSCRIBE_ENV)
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **(env or {}))
     started = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -154,7 +157,6 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         return ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
                 "--mode", "collective", "--optimizer", optimizer, "--no-progress"]
     train = hybridps_train("adagrad")
-    straggler = ["--loader-delay-ms", f"{STRAGGLER_MS:g}", "--delay-rank", "1"]
     plan = [
         ("hybridps-bsp", train + ["--sync", "bsp", "--metrics-out"]),
         ("hybridps-ssp1", train + ["--sync", "ssp", "--staleness", "1", "--metrics-out"]),
@@ -162,10 +164,9 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
                                           "--metrics-out"]),
         ("hybridps-ssp4", train + ["--sync", "ssp", "--staleness", "4", "--metrics-out"]),
         ("hybridps-asp", train + ["--sync", "asp", "--metrics-out"]),
-        ("hybridps-bsp-straggler", train + ["--sync", "bsp"] + straggler + ["--metrics-out"]),
-        ("hybridps-ssp1-straggler", train + ["--sync", "ssp", "--staleness", "1"] + straggler
-         + ["--metrics-out"]),
-        ("hybridps-asp-straggler", train + ["--sync", "asp"] + straggler + ["--metrics-out"]),
+        ("hybridps-bsp-straggler", train + ["--sync", "bsp", "--metrics-out"]),
+        ("hybridps-ssp1-straggler", train + ["--sync", "ssp", "--staleness", "1", "--metrics-out"]),
+        ("hybridps-asp-straggler", train + ["--sync", "asp", "--metrics-out"]),
         ("tf-baseline", ["-m", "hybridps.bench.train_worker", "tf-baseline"]),
         ("hybridps-bsp-adam", hybridps_train("adam") + ["--sync", "bsp", "--metrics-out"]),
         ("tf-baseline-adam", ["-m", "hybridps.bench.train_worker", "tf-baseline", "--optimizer", "adam"]),
@@ -214,7 +215,8 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
     def run_case(name, argv):
         result_path = os.path.join(out_dir, f"{name}.json")
         sys.stderr.write(f"bench train: {name} on {counted(ranks, 'rank')}, {steps} steps ...\n")
-        wall = _mpirun(ranks, argv + [result_path] + common, timeout)
+        env = STRAGGLER_ENV if name.endswith("-straggler") else None
+        wall = _mpirun(ranks, argv + [result_path] + common, timeout, env)
         with open(result_path) as fh:
             result = json.load(fh)
         sys.stderr.write(f"  {result['samples_per_s']:,.0f} samples/s, loss {result['final_loss']:.4f}, "

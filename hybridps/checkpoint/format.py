@@ -182,11 +182,10 @@ def _recorded_config(manifest, model=None):
         raise CheckpointError("the checkpoint was saved without a config (no model description); "
                               "cannot rebuild the model")
     settings = {k: saved[k] for k in MODEL_SETTINGS if k in saved and saved[k] is not None}
-    if settings.get("table_settings"):
-        settings["table_settings"] = {int(t): v for t, v in settings["table_settings"].items()}
     if model is not None:
         settings["model"] = model
-    return make_config(overrides=settings)
+    # an older checkpoint's table_settings by table index are read as its tables' names, quietly
+    return make_config(overrides=settings, warn_deprecated=False)
 
 
 def schema_of(manifest):

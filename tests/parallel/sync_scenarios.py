@@ -10,6 +10,7 @@ import os
 import sys
 
 from hybridps import comm as comm_module
+from hybridps import testing_hooks
 from hybridps.config import make_config
 from hybridps.trainer import Trainer
 
@@ -36,10 +37,12 @@ def main(out_dir, slow):
     run(comm, out_dir, "ssp1-dense2", sync="ssp", staleness=1, dense_staleness=2)
     run(comm, out_dir, "asp", sync="asp", steps=150, batch_size=512)
     if slow:
-        slow_rank = {"loader_delay_ms": 30.0, "delay_rank": 1, "steps": 15}
+        testing_hooks.use(loader_delay_ms=30.0, delay_rank=1)     # rank 1 a straggler
+        slow_rank = {"steps": 15}
         run(comm, out_dir, "slow-bsp", sync="bsp", **slow_rank)
         run(comm, out_dir, "slow-ssp2", sync="ssp", staleness=2, **slow_rank)
         run(comm, out_dir, "slow-asp", sync="asp", **slow_rank)
+        testing_hooks.use()
     comm.barrier()
 
 
