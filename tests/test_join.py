@@ -127,3 +127,288 @@ def test_wrong_window_settings_are_config_errors():
         JoinWindow(["click", "click"], 10)
     with pytest.raises(ConfigError, match="window_s"):
         JoinWindow(["click"], 0)
+
+
+# ---------------------------------------------------------------------- the process loop, a fake clock
+def put_events(directory, name, events):
+    """Rename a Parquet file of ``events`` (dicts) into a stream directory, as a producer does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, "." + name)
+    pq.write_table(pa.Table.from_pylist(events), tmp)
+    os.rename(tmp, os.path.join(directory, name))
+
+
+def read_output(directory):
+    """Every row of the Parquet parts in an output directory, in part order."""
+    import pyarrow.parquet as pq
+    rows = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("part-"):
+            rows += pq.read_table(os.path.join(directory, name)).to_pylist()
+    return rows
+
+
+class Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def joiner(tmp_path, clock, **settings):
+    from hybridps.join.config import make_join_config
+    from hybridps.join.process import Joiner
+    for name in ("imp", "act"):
+        os.makedirs(tmp_path / name, exist_ok=True)
+    values = dict(impressions=f"stream:{tmp_path / 'imp'}", actions=f"stream:{tmp_path / 'act'}",
+                  output=f"stream:{tmp_path / 'out'}", state_dir=str(tmp_path / "state"),
+                  window_s=10.0, flush_s=0.0, progress_every_s=0.0)
+    values.update(settings)
+    return Joiner(make_join_config(overrides=values), clock=clock)
+
+
+def imp(rid, t, **fields):
+    return {"request_id": rid, "event_time": t, "item": 7, **fields}
+
+
+def test_quiet_sources_close_windows_by_processing_time(tmp_path):
+    clock = Clock(1000.0)
+    put_events(tmp_path / "imp", "0001.parquet", [imp("A", 0.0)])
+    j = joiner(tmp_path, clock, idle_timeout_s=5.0)
+    j.poll()
+    assert not read_output(tmp_path / "out")               # actions: nothing yet, not idle
+    clock.now = 1006.0
+    j.poll()                                               # both quiet: watermark 0 + 6
+    assert not read_output(tmp_path / "out")
+    clock.now = 1011.0
+    j.poll()                                               # 0 + 11 > 0 + 10: A's window closed
+    assert read_output(tmp_path / "out") == [
+        {"request_id": "A", "event_time": 0.0, "item": 7, "label": 0, "correction": 0}]
+
+
+def test_a_full_window_stops_reading_impressions_until_rows_leave(tmp_path):
+    clock = Clock()
+    put_events(tmp_path / "imp", "0001.parquet", [imp(f"r{i}", float(i)) for i in range(5)])
+    put_events(tmp_path / "act", "0001.parquet",
+               [{"request_id": "r0", "event_time": 1.0, "action": "click", "event_id": "c0"}])
+    j = joiner(tmp_path, clock, max_pending=2, read_batch=10, idle_timeout_s=100.0)
+    j.poll()
+    assert len(j.window.pending) == 2
+    assert j.sources["impressions"].position()["row"] == 2  # read only what fits
+    assert j.summary()["forced_closes"] == 0
+
+
+def test_an_event_without_a_request_id_or_a_time_never_joins(tmp_path):
+    clock = Clock()
+    put_events(tmp_path / "imp", "0001.parquet",
+               [imp("A", "0"), {"request_id": None, "event_time": "1", "item": 1},
+                {"request_id": "C", "event_time": "yesterday", "item": 1}])
+    with pytest.raises(DataError, match=r"impressions stream:.*imp, file 0001.parquet, row 2: field "
+                                        r"'request_id': missing"):
+        joiner(tmp_path, clock).poll()
+    j = joiner(tmp_path / "skip", clock, impressions=f"stream:{tmp_path / 'imp'}", on_bad_event="skip")
+    j.poll()
+    assert j.summary()["bad_events"] == 2
+    assert "row 3: field 'event_time': 'yesterday' is neither" in j.summary()["bad_event_examples"][1]
+    assert list(j.window.pending) == ["A"]
+
+
+def test_the_inputs_ending_close_every_window_and_end_the_output(tmp_path):
+    clock = Clock()
+    put_events(tmp_path / "imp", "0001.parquet", [imp("A", 0.0), imp("B", 1.0)])
+    put_events(tmp_path / "act", "0001.parquet",
+               [{"request_id": "B", "event_time": 5.0, "action": "click", "event_id": "x"}])
+    for name in ("imp", "act"):
+        open(tmp_path / name / "_END", "w").close()
+    summary = joiner(tmp_path, clock).run()
+    assert [(r["request_id"], r["label"]) for r in read_output(tmp_path / "out")] == [("A", 0), ("B", 1)]
+    assert os.path.exists(tmp_path / "out" / "_END")
+    assert (summary["emitted"], summary["pending"]) == (2, 0)
+
+
+def test_partitions_split_the_request_ids_by_crc32(tmp_path):
+    import zlib
+    clock = Clock()
+    rids = [f"r{i}" for i in range(20)]
+    put_events(tmp_path / "imp", "0001.parquet", [imp(r, 0.0) for r in rids])
+    os.makedirs(tmp_path / "act")
+    for name in ("imp", "act"):
+        open(tmp_path / name / "_END", "w").close()
+    kept = []
+    for part in range(2):
+        base = tmp_path / f"p{part}"
+        joiner(base, clock, impressions=f"stream:{tmp_path / 'imp'}", actions=f"stream:{tmp_path / 'act'}",
+               partition=f"{part}/2").run()
+        kept.append(sorted(r["request_id"] for r in read_output(base / "out")))
+    assert kept == [sorted(r for r in rids if zlib.crc32(r.encode()) % 2 == p) for p in range(2)]
+
+
+# ---------------------------------------------------------------------- config and flags
+def test_join_flags_come_from_the_config_dataclass_and_override_the_yaml(tmp_path):
+    import dataclasses
+    from hybridps.cli import build_parser
+    from hybridps.join.config import JoinConfig, make_join_config
+    path = tmp_path / "join.yaml"
+    path.write_text("impressions: stream:/i\nactions: stream:/a\noutput: stream:/o\n"
+                    "state_dir: /s\nwindow_s: 30\naction_types: [click, conversion]\n")
+    args = build_parser().parse_args(["join", "--config", str(path), "--window-s", "5",
+                                      "--emit", "first_positive", "--exit-when-done", "false"])
+    names = {f.name for f in dataclasses.fields(JoinConfig)}
+    config = make_join_config(args.config, {k: v for k, v in vars(args).items() if k in names})
+    assert (config.window_s, config.emit, config.action_types, config.exit_when_done) == \
+        (5.0, "first_positive", ["click", "conversion"], False)
+    help_text = build_parser()._subparsers._group_actions[0].choices["join"].format_help()
+    assert all("--" + f.name.replace("_", "-") in help_text for f in dataclasses.fields(JoinConfig))
+    with pytest.raises(ConfigError, match="unknown join setting.*windw_s"):
+        make_join_config(overrides={"windw_s": 3})
+    with pytest.raises(ConfigError, match="'partition': '2/2'"):
+        make_join_config(str(path), {"partition": "2/2"})
+    with pytest.raises(ConfigError, match="output is not set"):
+        make_join_config(overrides={"impressions": "stream:/i", "actions": "stream:/a"})
+
+
+# ---------------------------------------------------------------------- exactly once across SIGKILL
+N_IMPRESSIONS, WINDOW = 240, 10.0
+
+
+def ground_truth():
+    """(impressions, actions sorted by event time, {request id: label}, late clicks, repeats):
+    every third impression is clicked after (i % 7) * 2 s, beyond the window when that is 12;
+    every fifteenth click is sent twice (a producer's retry, same event id)."""
+    impressions = [imp(f"r{i:04d}", i * 0.5, pos=i) for i in range(N_IMPRESSIONS)]
+    actions, labels, late, repeats = [], {}, 0, 0
+    for i in range(N_IMPRESSIONS):
+        rid = f"r{i:04d}"
+        labels[rid] = 0
+        if i % 3:
+            continue
+        delay = (i % 7) * 2.0
+        click = {"request_id": rid, "event_time": i * 0.5 + delay, "action": "click", "event_id": f"c{i}"}
+        actions.append(click)
+        if i % 15 == 0:
+            actions.append(dict(click))
+            repeats += 1
+        if delay <= WINDOW:
+            labels[rid] = 1
+        else:
+            late += 1
+    actions.sort(key=lambda a: a["event_time"])
+    return impressions, actions, labels, late, repeats
+
+
+def write_inputs(tmp_path):
+    impressions, actions, labels, late, repeats = ground_truth()
+    for start in range(0, len(impressions), 25):
+        put_events(tmp_path / "imp", f"{start:05d}.parquet", impressions[start:start + 25])
+    for start in range(0, len(actions), 20):
+        put_events(tmp_path / "act", f"{start:05d}.parquet", actions[start:start + 20])
+    for name in ("imp", "act"):
+        open(tmp_path / name / "_END", "w").close()
+    return labels, late, repeats
+
+
+def join_command(tmp_path, output, impressions=None):
+    import sys
+    return [sys.executable, "-m", "hybridps.cli", "join",
+            "--impressions", impressions or f"stream:{tmp_path / 'imp'}",
+            "--actions", f"stream:{tmp_path / 'act'}", "--output", output,
+            "--state-dir", str(tmp_path / "state"), "--window-s", str(WINDOW),
+            "--idle-timeout-s", "600", "--read-batch", "13", "--output-rows", "7",
+            "--flush-s", "0", "--poll-s", "0.01", "--progress-every-s", "0"]
+
+
+def start_joiner(command, kill_at=None):
+    import subprocess
+    from tests.mpi_util import REPO
+    env = dict(os.environ)
+    env.pop("HYBRIDPS_JOIN_KILL_AT", None)
+    if kill_at:
+        env["HYBRIDPS_JOIN_KILL_AT"] = kill_at
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_joiner(proc, timeout=180):
+    import subprocess
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the joiner hung:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def kill_and_finish(command, kill_points, random_kills, seed):
+    """Run the joiner, killed at each named point (HYBRIDPS_JOIN_KILL_AT), then killed by a real
+    SIGKILL at random moments, then to its end; the summary of the last run."""
+    import json
+    import random
+    import signal
+    import time
+    killed = 0
+    for point in kill_points:
+        code, _, err = wait_joiner(start_joiner(command, point))
+        assert code in (-signal.SIGKILL, 0), err[-3000:]
+        killed += code == -signal.SIGKILL
+    rng = random.Random(seed)
+    for _ in range(random_kills):
+        proc = start_joiner(command)
+        time.sleep(rng.uniform(0.8, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        code, _, err = wait_joiner(proc)
+        assert code in (-signal.SIGKILL, 0), err[-3000:]
+    code, out, err = wait_joiner(start_joiner(command))
+    assert code == 0, err[-3000:]
+    assert killed >= len(kill_points) - 1          # the last point may come after the end
+    return json.loads(out)
+
+
+def check_exactly_once(rows, labels, summary, late, repeats):
+    emitted = [r["request_id"] for r in rows if int(r["correction"]) == 0]
+    assert len(emitted) == len(set(emitted)) == len(labels)      # none lost, none twice
+    assert {r["request_id"]: int(r["label"]) for r in rows} == labels
+    assert (summary["late_actions"], summary["duplicates"], summary["emitted"]) == \
+        (late, repeats, len(labels))
+
+
+KILL_POINTS = ["before_checkpoint:3", "after_checkpoint:2", "after_output:4", "after_checkpoint:6",
+               "before_checkpoint:1", "after_output:9"]
+
+
+@pytest.mark.slow
+def test_directory_output_holds_every_impression_once_across_sigkills(tmp_path):
+    labels, late, repeats = write_inputs(tmp_path)
+    command = join_command(tmp_path, f"stream:{tmp_path / 'out'}")
+    summary = kill_and_finish(command, KILL_POINTS, random_kills=4, seed=1)
+    check_exactly_once(read_output(tmp_path / "out"), labels, summary, late, repeats)
+    assert os.path.exists(tmp_path / "out" / "_END")
+
+
+@pytest.fixture
+def redis_port(tmp_path):
+    from tests.test_streaming import RedisServer
+    server = RedisServer(tmp_path / "redis")
+    yield server.port, server.client
+    server.stop()
+
+
+@pytest.mark.slow
+def test_redis_output_holds_every_impression_once_across_sigkills(tmp_path, redis_port):
+    port, client = redis_port
+    labels, late, repeats = write_inputs(tmp_path)
+    impressions, _actions, _labels, _late, _repeats = ground_truth()
+    for event in impressions:                      # impressions from a Redis stream this time
+        client.xadd("impressions", {k: str(v) for k, v in event.items()})
+    client.xadd("impressions", {"_end": "1"})
+    command = join_command(tmp_path, f"redis://127.0.0.1:{port}/samples",
+                           impressions=f"redis://127.0.0.1:{port}/impressions")
+    summary = kill_and_finish(command, KILL_POINTS, random_kills=4, seed=2)
+    entries = client.xrange("samples")
+    assert b"_end" in entries[-1][1]
+    rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries[:-1]]
+    check_exactly_once(rows, labels, summary, late, repeats)
+    assert all(int(r["pos"]) == int(r["request_id"][1:]) for r in rows)   # the features came along

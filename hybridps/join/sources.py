@@ -152,10 +152,10 @@ class RedisEvents:
             raise DataError(f"{self.where}: cannot read the stream ({exc})") from None
         events = []
         for entry_id, fields in entries:
-            self.last_id = entry_id.decode()
-            if REDIS_END_FIELD in fields:
+            if REDIS_END_FIELD in fields:        # not passed: a restart finds the end again
                 self.end_seen = True
                 break
+            self.last_id = entry_id.decode()
             events.append((f"entry {self.last_id}",
                            {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in fields.items()}))
         return events
