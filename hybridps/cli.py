@@ -113,6 +113,8 @@ BENCH_RUNNERS = (
               "vs the scaling model"),
     ("realtime", "a stream -> 2-rank training -> deltas -> hybridps serve: freshness and serving latency"),
     ("capacity", "bytes per row of a 10M-row table, and a 2-rank run until 50M distinct keys"),
+    ("events", "impressions + clicks -> hybridps join -> 2-rank training -> serve: joiner "
+               "events/s, join correctness, freshness from the click"),
 )
 
 _NOT_CONFIG = {"command", "bench_command", "config", "func"}

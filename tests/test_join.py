@@ -412,3 +412,19 @@ def test_redis_output_holds_every_impression_once_across_sigkills(tmp_path, redi
     rows = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries[:-1]]
     check_exactly_once(rows, labels, summary, late, repeats)
     assert all(int(r["pos"]) == int(r["request_id"][1:]) for r in rows)   # the features came along
+
+
+# ---------------------------------------------------------------------- bench events: the checks it reports
+def test_the_bench_counts_lost_duplicated_and_wrong_rows_against_its_ground_truth():
+    from hybridps.bench.events import check_join, freshness
+    truth = {"a": (1, 2.0), "b": (0, None), "c": (0, 15.0), "d": (1, 1.0)}
+    parts = {"part-000000000000.parquet": [("a", 1, 0), ("b", 1, 0)],      # b: wrong label
+             "part-000000000001.parquet": [("a", 1, 0), ("c", 1, 1)]}      # a twice; c: only a correction
+    assert check_join(truth, parts) == {"rows_emitted": 3, "rows_expected": 4, "rows_lost": 2,  # c, d
+                                        "rows_duplicated": 1, "wrong_labels": 1}
+    landed = {"a": (100.0, 102.0), "b": (100.5, None)}
+    status = [(104.0, 1, {"consumed_through": None}),
+              (107.0, 2, {"consumed_through": "part-000000000000.parquet"})]
+    # a positive from its click landing (107 - 102), b negative from its impression (107 - 100.5);
+    # part 1 was never served
+    assert freshness(truth, landed, parts, status) == [(102.0, 5.0, True), (100.5, 6.5, False)]
