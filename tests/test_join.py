@@ -106,18 +106,27 @@ def test_the_window_state_survives_json_and_goes_on_the_same():
 # ---------------------------------------------------------------------- the watermark
 def test_the_watermark_holds_for_a_silent_source_follows_the_slowest_then_the_clock():
     m = Watermark(("impressions", "actions"), allowed_lateness=2, idle_timeout=5, now=100)
+
+    def look(now, impressions=None, actions=None):      # one look at each source
+        for source, t in (("impressions", impressions), ("actions", actions)):
+            if t is not None:
+                m.observe(source, t, now)
+            m.read(source, t is not None, now)
+
+    look(100)
     assert m.advance(100) == -math.inf
-    m.observe("impressions", 50, 101)
-    assert m.advance(101) == -math.inf                     # actions: nothing yet, not idle
-    m.observe("actions", 40, 102)
-    assert m.advance(102) == 38                            # min(50, 40) - 2
-    m.observe("impressions", 60, 103)
-    assert m.advance(103) == 38
-    assert m.advance(107.5) == 58                          # actions idle: 60 - 2
-    assert m.advance(110) == 65                            # both idle: 60 + (110 - 103) - 2
-    m.observe("actions", 45, 111)
-    assert m.advance(111) == 65                            # never backwards
-    assert m.lag(111) == 0.0
+    look(101, impressions=50)
+    assert m.advance(101) == -math.inf                     # actions: nothing yet, empty 1 s
+    look(102, impressions=55, actions=40)
+    assert m.advance(102) == 38                            # min(55, 40) - 2
+    look(103, impressions=60)                              # actions empty from 103 on
+    look(107)                                              # impressions empty from 107 on
+    assert m.advance(107.5) == 38                          # actions empty 4.5 s: not quiet yet
+    assert m.advance(108.5) == 58                          # actions quiet: 60 - 2
+    assert m.advance(112.5) == 67.5                        # both quiet: 60 + (112.5 - 103) - 2
+    look(113, actions=45)
+    assert m.advance(113) == 67.5                          # never backwards
+    assert m.lag(113) == 0.0
 
 
 def test_wrong_window_settings_are_config_errors():
@@ -187,6 +196,25 @@ def test_quiet_sources_close_windows_by_processing_time(tmp_path):
     j.poll()                                               # 0 + 11 > 0 + 10: A's window closed
     assert read_output(tmp_path / "out") == [
         {"request_id": "A", "event_time": 0.0, "item": 7, "label": 0, "correction": 0}]
+
+
+def test_a_joiner_that_looks_late_does_not_take_a_source_for_quiet(tmp_path):
+    clock = Clock(1000.0)
+    put_events(tmp_path / "imp", "0001.parquet", [imp("A", 0.0)])
+    put_events(tmp_path / "act", "0001.parquet",
+               [{"request_id": "Z", "event_time": 1.0, "action": "click", "event_id": "z"}])
+    j = joiner(tmp_path, clock, idle_timeout_s=5.0)
+    j.poll()
+    clock.now = 1010.0                                     # busy for 10 s; then A's click is
+    put_events(tmp_path / "imp", "0002.parquet", [imp("B", 20.0)])   # not there yet
+    j.poll()                                               # actions: one empty look, not quiet
+    assert "A" in j.window.pending
+    put_events(tmp_path / "act", "0002.parquet",
+               [{"request_id": "A", "event_time": 9.0, "action": "click", "event_id": "a"},
+                {"request_id": "Y", "event_time": 30.0, "action": "click", "event_id": "y"}])
+    clock.now = 1010.5
+    j.poll()
+    assert [(r["request_id"], r["label"]) for r in read_output(tmp_path / "out")] == [("A", 1)]
 
 
 def test_a_full_window_stops_reading_impressions_until_rows_leave(tmp_path):
@@ -425,6 +453,8 @@ def test_the_bench_counts_lost_duplicated_and_wrong_rows_against_its_ground_trut
     landed = {"a": (100.0, 102.0), "b": (100.5, None)}
     status = [(104.0, 1, {"consumed_through": None}),
               (107.0, 2, {"consumed_through": "part-000000000000.parquet"})]
-    # a positive from its click landing (107 - 102), b negative from its impression (107 - 100.5);
-    # part 1 was never served
-    assert freshness(truth, landed, parts, status) == [(102.0, 5.0, True), (100.5, 6.5, False)]
+    # a: positive, from its click landing (107 - 102); b: negative, from its impression landing
+    # (107 - 100.5); part 1 was never served
+    served = {"part-000000000000.parquet": [("a", 1, 0), ("b", 0, 0)],
+              "part-000000000001.parquet": [("c", 0, 0)]}
+    assert freshness(truth, landed, served, status) == [(102.0, 5.0, True), (100.5, 6.5, False)]

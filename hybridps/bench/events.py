@@ -9,7 +9,8 @@ once): events per second per process. *Live*: the generator writes in real time 
 (``emit: first_positive``), ``hybridps train --data stream:DIR --steps 0`` on 2 ranks with timed
 deltas, and ``hybridps serve`` run; a follower polls serve's status. A row's freshness is the
 time from its action landing (a positive) or its impression landing (a negative) until serving
-first reports a stream position covering the output part that holds it. Correctness compares
+first reports a stream position covering the output part that holds it (rows that landed once
+serving answered: before it, training and serving were starting). Correctness compares
 the joiner's output with the generator's ground truth (each impression once, labels right,
 late clicks counted). Writes ``realtime.json`` (``events_per_s_per_joiner``, ``rows_emitted``,
 ``rows_expected``, ``rows_lost``, ``rows_duplicated``, ``wrong_labels``, ``late_actions``,
@@ -100,7 +101,8 @@ def _join_command(root, out, partition="0/1", emit="on_close", window_s=10.0, id
 
 
 def throughput(root, events_s=20.0, rate=5000, window_s=10.0):
-    """Events per second per joiner process over a backlog: {1: ..., 2: ...}."""
+    """Events joined per second over a backlog (process start included) by 1 process and by
+    2 processes at once (partitions 0/2, 1/2: each reads every event, keeps half): {1:, 2:}."""
     imp, act = os.path.join(root, "imp"), os.path.join(root, "act")
     os.makedirs(imp), os.makedirs(act)
     gen = EventGenerator(window_s, rate)
@@ -111,7 +113,7 @@ def throughput(root, events_s=20.0, rate=5000, window_s=10.0):
     for d in (imp, act):
         open(os.path.join(d, "_END"), "w").close()
     events = gen.count + sum(1 for t in gen.truth.values() if t[1] is not None)
-    result = {}
+    result = {}                    # every process reads every event, keeps its partition's
     for processes in (1, 2):
         started = time.monotonic()
         procs = [subprocess.Popen(_join_command(root, os.path.join(root, f"out{processes}-{p}"),
@@ -120,7 +122,7 @@ def throughput(root, events_s=20.0, rate=5000, window_s=10.0):
                  for p in range(processes)]
         for proc in procs:
             proc.wait(timeout=600)
-        result[processes] = events / (time.monotonic() - started) / processes
+        result[processes] = events / (time.monotonic() - started)
     return result, events
 
 
@@ -250,11 +252,14 @@ def run_events_bench(out_dir, seconds=60.0, rate=200, window_s=10.0, throughput_
         yaml.safe_dump({"features": FEATURES, "model": "deepfm", "hidden": [32]}, fh, sort_keys=False)
     rates, backlog = throughput(os.path.join(out_dir, "throughput"), throughput_seconds, throughput_rate, window_s)
     run = live(os.path.join(out_dir, "live"), config_path, seconds, rate, window_s, delta_every_seconds)
-    points = freshness(run["truth"], run["landed"], run["parts"], run["status_log"])
+    # rows that landed once serving answered (before it, training and serving were starting)
+    serving_since = run["status_log"][0][0] if run["status_log"] else float("inf")
+    points = [p for p in freshness(run["truth"], run["landed"], run["parts"], run["status_log"])
+              if p[0] >= serving_since]
     positive = np.array([f for _, f, p in points if p] or [np.nan])
     negative = np.array([f for _, f, p in points if not p] or [np.nan])
     expected_late = sum(1 for label, delay in run["truth"].values() if delay is not None and not label)
-    report = {"events_per_s_per_joiner": rates[1], "events_per_s_per_joiner_2_processes": rates[2],
+    report = {"events_per_s_per_joiner": rates[1], "events_per_s_2_joiners": rates[2],
               "throughput_events": backlog,
               **check_join(run["truth"], run["parts"]),
               "late_actions": run["summary"].get("late_actions"), "late_actions_expected": expected_late,

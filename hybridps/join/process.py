@@ -126,14 +126,14 @@ class Joiner:
             rows += window.force_close_oldest()
             room_i = window.room_for_impressions()
         batch = self.config.read_batch
-        for where, raw in self.sources["impressions"].read(min(batch, room_i)):
+        for where, raw in self._read("impressions", min(batch, room_i), now):
             read += 1
             event = self._parse("impressions", where, raw, self.fields.impression)
             if event is not None:
                 rid, t, fields = event
                 self.watermark.observe("impressions", t, now)
                 rows += window.add_impression(rid, t, fields)
-        for where, raw in self.sources["actions"].read(min(batch, room_a)):
+        for where, raw in self._read("actions", min(batch, room_a), now):
             read += 1
             event = self._parse("actions", where, raw, self.fields.action_of)
             if event is not None:
@@ -156,6 +156,14 @@ class Joiner:
             self.flush()
         self._progress(now)
         return read
+
+    def _read(self, source, limit, now):
+        """Up to ``limit`` events of ``source``; a look with room counts for its quietness."""
+        if limit <= 0:
+            return []
+        events = self.sources[source].read(limit)
+        self.watermark.read(source, len(events), now)
+        return events
 
     def _parse(self, source, where, raw, parse):
         try:

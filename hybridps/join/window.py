@@ -39,11 +39,13 @@ class Watermark:
     """Event time as far as it is known to be complete (module docstring of hybridps.join).
 
     ``observe(source, event_time, now)`` records an event read at processing time ``now``;
-    ``advance(now)`` moves the watermark (never backwards): the lowest newest event time over
-    the sources not quiet for ``idle_timeout`` seconds, minus ``allowed_lateness``; when every
-    source is quiet, the newest event time plus the seconds since it was read, minus
-    ``allowed_lateness`` (so a quiet stream still closes its windows). A source that has
-    delivered nothing yet holds the watermark until it has been quiet for ``idle_timeout``.
+    ``read(source, delivered, now)`` records each look at a source (a source is quiet once its
+    looks have come back empty for ``idle_timeout`` seconds: a joiner that looks late because it
+    was busy does not make a source quiet); ``advance(now)`` moves the watermark (never
+    backwards): the lowest newest event time over the sources not quiet, minus
+    ``allowed_lateness``; when every source is quiet, the newest event time plus the seconds
+    since it was read, minus ``allowed_lateness`` (so a quiet stream still closes its windows).
+    A source that has delivered nothing yet holds the watermark until it is quiet.
     """
 
     def __init__(self, sources, allowed_lateness, idle_timeout, now):
@@ -51,6 +53,7 @@ class Watermark:
         self.allowed_lateness, self.idle_timeout = float(allowed_lateness), float(idle_timeout)
         self.newest = {s: None for s in self.sources}     # event time
         self.read_at = {s: now for s in self.sources}     # processing time of the last event read
+        self.empty_since = {s: None for s in self.sources}  # first of the empty looks in a row
         self.value = -math.inf
 
     def observe(self, source, event_time, now):
@@ -58,8 +61,15 @@ class Watermark:
         self.newest[source] = event_time if newest is None else max(newest, event_time)
         self.read_at[source] = now
 
+    def read(self, source, delivered, now):
+        if delivered:
+            self.empty_since[source] = None
+        elif self.empty_since[source] is None:
+            self.empty_since[source] = now
+
     def idle(self, source, now):
-        return now - self.read_at[source] >= self.idle_timeout
+        since = self.empty_since[source]
+        return since is not None and now - since >= self.idle_timeout
 
     def advance(self, now):
         active = [s for s in self.sources if not self.idle(s, now)]
@@ -91,7 +101,7 @@ class Watermark:
         self.value = -math.inf if state["value"] is None else float(state["value"])
         for source in self.sources:
             self.newest[source] = state["newest"].get(source)
-            self.read_at[source] = now
+            self.read_at[source], self.empty_since[source] = now, None
 
 
 class JoinWindow:
