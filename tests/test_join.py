@@ -458,3 +458,17 @@ def test_the_bench_counts_lost_duplicated_and_wrong_rows_against_its_ground_trut
     served = {"part-000000000000.parquet": [("a", 1, 0), ("b", 0, 0)],
               "part-000000000001.parquet": [("c", 0, 0)]}
     assert freshness(truth, landed, served, status) == [(102.0, 5.0, True), (100.5, 6.5, False)]
+
+
+def test_a_damaged_or_foreign_joiner_state_is_refused_naming_the_file(tmp_path):
+    from hybridps.errors import CheckpointError
+    from hybridps.join.state import load_state, save_state, state_path
+    save_state(str(tmp_path), {"settings": {"window_s": 10.0}, "seq": 3, "window": {}, "watermark": {},
+                               "positions": {}, "outbox": [], "next_entry_ms": 0})
+    assert load_state(str(tmp_path), {"window_s": 10.0})["seq"] == 3
+    with pytest.raises(ConfigError, match=r"joiner.json was saved with other join settings \(window_s"):
+        load_state(str(tmp_path), {"window_s": 20.0})
+    raw = open(state_path(str(tmp_path)), "rb").read()
+    open(state_path(str(tmp_path)), "wb").write(raw.replace(b'"seq":3', b'"seq":4'))
+    with pytest.raises(CheckpointError, match="joiner.json: checksum mismatch"):
+        load_state(str(tmp_path), {"window_s": 10.0})

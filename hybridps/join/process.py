@@ -25,7 +25,7 @@ import sys
 import time
 import zlib
 
-from hybridps.errors import DataError
+from hybridps.errors import ConfigError, DataError
 from hybridps.join.events import BadEvent, EventFields
 from hybridps.join.outputs import open_output
 from hybridps.join.sources import open_event_source
@@ -243,7 +243,11 @@ def main(args):
     names = {f.name for f in dataclasses.fields(JoinConfig)}
     config = make_join_config(args.config, {k: v for k, v in vars(args).items() if k in names})
     os.makedirs(config.state_dir, exist_ok=True)
-    lock_checkpoint_dir(config.state_dir)
+    try:
+        lock_checkpoint_dir(config.state_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"join state_dir {config.state_dir}: one joiner per state directory; "
+                          f"{exc}") from None
     stopping = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.append(True))
