@@ -472,3 +472,39 @@ def test_a_damaged_or_foreign_joiner_state_is_refused_naming_the_file(tmp_path):
     open(state_path(str(tmp_path)), "wb").write(raw.replace(b'"seq":3', b'"seq":4'))
     with pytest.raises(CheckpointError, match="joiner.json: checksum mismatch"):
         load_state(str(tmp_path), {"window_s": 10.0})
+
+
+def test_event_fields_name_what_is_wrong_and_read_iso_times():
+    from hybridps.join.events import BadEvent, EventFields, parse_event_time
+    fields = EventFields(action_types=["click", "conversion"])
+    assert parse_event_time("1970-01-01T00:01:40Z") == 100.0 == parse_event_time("100")
+    assert fields.action_of({"request_id": 7, "event_time": 1, "action": "click"}) == ("7", 1.0, "click", None)
+    with pytest.raises(BadEvent, match="field 'action': 'like' is not one of the action types"):
+        fields.action_of({"request_id": "a", "event_time": 1, "action": "like"})
+    with pytest.raises(BadEvent, match="field 'event_time': 'nan' is not a finite time"):
+        fields.impression({"request_id": "a", "event_time": "nan"})
+
+
+@pytest.mark.slow
+def test_sigterm_writes_the_rows_ready_saves_and_exits_0_and_a_restart_goes_on(tmp_path):
+    import signal
+    import time
+    put_events(tmp_path / "imp", "0001.parquet", [imp("A", 0.0), imp("B", 30.0)])
+    put_events(tmp_path / "act", "0001.parquet",
+               [{"request_id": "A", "event_time": 2.0, "action": "click", "event_id": "a"},
+                {"request_id": "Z", "event_time": 30.0, "action": "click", "event_id": "z"}])
+    command = join_command(tmp_path, f"stream:{tmp_path / 'out'}") + ["--exit-when-done", "false"]
+    proc = start_joiner(command)
+    deadline = time.monotonic() + 120
+    while not read_output(tmp_path / "out") if os.path.isdir(tmp_path / "out") else True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = wait_joiner(proc)
+    assert code == 0, err[-3000:]
+    assert [(r["request_id"], r["label"]) for r in read_output(tmp_path / "out")] == [("A", 1)]
+    for name in ("imp", "act"):
+        open(tmp_path / name / "_END", "w").close()
+    code, out, err = wait_joiner(start_joiner(command[:-2]))      # B was pending in the state
+    assert code == 0, err[-3000:]
+    assert [(r["request_id"], r["label"]) for r in read_output(tmp_path / "out")] == [("A", 1), ("B", 0)]
