@@ -60,6 +60,17 @@ def test_late_emit_sends_one_correction_row_while_the_impression_is_kept():
     assert not w.closed and not w.early
 
 
+def test_late_actions_of_an_impression_still_pending_send_one_correction():
+    w = JoinWindow(["click"], 10, late="emit")
+    w.add_impression("A", 0, {"f": "a"})
+    w.close(5)                                             # a watermark behind (allowed lateness)
+    assert w.add_action("A", 12, "click") == [row("a", 1, correction=1)]
+    assert w.add_action("A", 13, "click") == []            # corrected already
+    assert w.close(11) == [row("a", 0)]                    # the row itself: its window saw none
+    assert w.add_action("A", 14, "click") == []
+    assert (w.counts["late_actions"], w.counts["corrections"], w.counts["repeat_actions"]) == (1, 1, 2)
+
+
 def test_several_action_types_give_one_label_column_each_and_duplicates_by_event_id_are_dropped():
     w = JoinWindow(["click", "conversion"], 10)
     w.add_impression("A", 0, {"f": "a"})

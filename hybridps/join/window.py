@@ -129,7 +129,7 @@ class JoinWindow:
         if self.max_pending < 1:
             raise ConfigError(f"max_pending must be >= 1, got {max_pending!r}")
         self.correction_column = correction_column
-        self.pending = {}       # request id: [event time, fields, labels]
+        self.pending = {}       # request id: [event time, fields, labels, labels corrected late]
         self.early = {}         # request id: [[event time, action type], ...]
         self.closed = {}        # request id: [event time, fields or None, labels, forget at]
         self.action_ids = {}    # action event id: forget at (duplicates)
@@ -160,9 +160,8 @@ class JoinWindow:
             self.counts["duplicates"] += 1
             return []
         self.counts["impressions"] += 1
-        labels = [0] * len(self.action_types)
         rows = []
-        self.pending[rid] = [t, fields, labels]
+        self.pending[rid] = [t, fields, [0] * len(self.action_types), [0] * len(self.action_types)]
         for t_action, kind in self.early.pop(rid, ()):
             rows += self._match(rid, t_action, kind)
         if rid in self.pending:
@@ -205,17 +204,20 @@ class JoinWindow:
                 return [self._leave(rid)]
             return []
         # after its window: the impression left, or will leave without this label
-        t_impression, fields, labels = entry[:3] if entry is not None else self.closed[rid][:3]
-        if labels[index]:
+        if entry is not None:
+            _, fields, labels, sent = entry                # sent: labels corrected already
+        else:
+            _, fields, labels = self.closed[rid][:3]
+            sent = labels
+        if labels[index] or sent[index]:
             self.counts["repeat_actions"] += 1
             return []
         self.counts["late_actions"] += 1
         if self.late != "emit" or fields is None:
             return []
-        corrected = list(labels)
+        corrected = [max(a, b) for a, b in zip(labels, sent)]
         corrected[index] = 1
-        if entry is None:
-            self.closed[rid][2] = corrected              # a second late one is a repeat
+        sent[index] = 1                                    # a second late one is a repeat
         self.counts["corrections"] += 1
         return [self._row(fields, corrected, 1)]
 
@@ -251,13 +253,14 @@ class JoinWindow:
         return rows
 
     def _leave(self, rid):
-        t, fields, labels = self.pending.pop(rid)
+        t, fields, labels, sent = self.pending.pop(rid)
         self.counts["emitted"] += 1
         self.counts["positives"] += int(any(labels))
         forget = t + self.window + self.late_horizon
         if len(self.closed) >= self.max_pending:          # bounded: the oldest kept goes first
             self._forget_oldest_closed()
-        self.closed[rid] = [t, fields if self.late == "emit" else None, labels, forget]
+        seen = [max(a, b) for a, b in zip(labels, sent)]   # what later actions repeat
+        self.closed[rid] = [t, fields if self.late == "emit" else None, seen, forget]
         heapq.heappush(self._closed_heap, (forget, rid))
         return self._row(fields, labels, 0)
 
@@ -286,7 +289,8 @@ class JoinWindow:
 
     def restore(self, state):
         self.watermark = -math.inf if state["watermark"] is None else float(state["watermark"])
-        self.pending = {rid: [t, fields, list(labels)] for rid, t, fields, labels in state["pending"]}
+        self.pending = {rid: [t, fields, list(labels), list(sent)]
+                        for rid, t, fields, labels, sent in state["pending"]}
         self.early = {rid: [list(a) for a in actions] for rid, actions in state["early"]}
         self.closed = {rid: [t, fields, list(labels), forget]
                        for rid, t, fields, labels, forget in state["closed"]}
