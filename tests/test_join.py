@@ -268,6 +268,17 @@ def test_the_inputs_ending_close_every_window_and_end_the_output(tmp_path):
     assert (summary["emitted"], summary["pending"]) == (2, 0)
 
 
+def test_an_output_written_by_another_state_is_refused_not_skipped(tmp_path):
+    clock = Clock()
+    put_events(tmp_path / "imp", "0001.parquet", [imp("A", 0.0)])
+    os.makedirs(tmp_path / "act")
+    for name in ("imp", "act"):
+        open(tmp_path / name / "_END", "w").close()
+    joiner(tmp_path, clock).run()
+    with pytest.raises(ConfigError, match=r"out already holds 2 parts or entries, and state_dir .*new-state"):
+        joiner(tmp_path, clock, state_dir=str(tmp_path / "new-state"))
+
+
 def test_partitions_split_the_request_ids_by_crc32(tmp_path):
     import zlib
     clock = Clock()

@@ -79,6 +79,10 @@ class DirectoryOutput:
                               f"({exc.strerror or exc})") from None
         return True
 
+    def written(self):
+        """How many parts (or an end marker) the directory holds already."""
+        return sum(1 for n in os.listdir(self.directory) if n.startswith("part-") or n == END_MARKER)
+
     def end(self):
         path = os.path.join(self.directory, END_MARKER)
         if not os.path.exists(path):
@@ -117,6 +121,13 @@ class RedisOutput:
         except self.redis.RedisError as exc:
             raise OutputError(f"join output {self.where}: cannot add batch {seq} ({exc})") from None
         return True
+
+    def written(self):
+        """How many entries the stream holds already."""
+        try:
+            return int(self.client.xlen(self.key))
+        except self.redis.RedisError as exc:
+            raise OutputError(f"join output {self.where}: cannot read the stream ({exc})") from None
 
     def _text(self, value):
         if value is None:

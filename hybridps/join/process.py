@@ -75,6 +75,12 @@ class Joiner:
     def _resume(self):
         state = load_state(self.config.state_dir, self.settings())
         if state is None:
+            held = self.output.written()
+            if held:    # a batch written again is skipped: these would hide this run's rows
+                raise ConfigError(
+                    f"join output {self.config.output} already holds {held} parts or entries, and "
+                    f"state_dir {self.config.state_dir} has no joiner state: give the state_dir of "
+                    f"the joiner that wrote them (to go on), or an empty output")
             return
         now = self.clock()
         self.window.restore(state["window"])
