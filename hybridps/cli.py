@@ -1,5 +1,5 @@
 """Command line: ``hybridps COMMAND``, the commands registered in :func:`build_parser` (train,
-launch, doctor, bench RUNNER, inspect, export, evaluate, predict, prepare-data, serve).
+launch, doctor, bench RUNNER, inspect, export, evaluate, predict, prepare-data, join, serve).
 
 Run training as any MPI program: ``mpirun -np 2 hybridps train --model deepfm --steps 100``
 (or ``python -m hybridps.cli train ...``), or alone without mpirun. Flags override the YAML
@@ -31,6 +31,8 @@ BENCH_RUNNERS = (
               "vs the scaling model"),
     ("realtime", "a stream -> 2-rank training -> deltas -> hybridps serve: freshness and serving latency"),
     ("capacity", "bytes per row of a 10M-row table, and a 2-rank run until 50M distinct keys"),
+    ("events", "impressions + clicks -> hybridps join -> 2-rank training -> serve: joiner "
+               "events/s, join correctness, freshness from the click"),
 )
 
 DESCRIPTION = ("Train sparse recommendation models over MPI (collective or parameter-server "
@@ -80,6 +82,11 @@ def cmd_train(args):
             shown["eval"] = {k: last[k] for k in ("step", "rows", "auc", "gauc", "logloss", "calibration")}
         print(json.dumps(shown, indent=2))
     return 0
+
+
+def cmd_join(args):
+    from hybridps.join.process import main
+    return main(args)
 
 
 def build_parser():
@@ -135,6 +142,14 @@ def build_parser():
         "prepare-data", help="convert Parquet/TFRecord data once into a --data-cache directory",
         description="Decode and convert Parquet/TFRecord data once into a --data-cache directory "
                     "that later runs read instead."))
+    from hybridps.join.config import add_arguments as add_join_arguments
+    join = sub.add_parser(
+        "join", help="impressions + delayed actions -> labeled rows in the trainer's stream",
+        description="Join impression events with their delayed actions (clicks, conversions) "
+                    "within a window of event time, and write one labeled row per impression to "
+                    "the trainer's stream, exactly once across restarts (docs/join.md).")
+    add_join_arguments(join)
+    join.set_defaults(func=cmd_join)
     from hybridps.serving.server import add_serve_arguments
     add_serve_arguments(sub.add_parser(
         "serve", help="TF Serving's REST API on an export directory, following its deltas live"))
