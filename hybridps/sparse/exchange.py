@@ -84,9 +84,10 @@ class CollectiveExchange:
                                    poll_interval=poll_interval)
         return plan, ReceivedKeys(counts, keys, self.shard.blocks(counts))
 
-    def _rows_back(self, plan, received, served, poll_interval):
-        """The served rows back to the ranks that asked, in the TF step's order."""
-        rows = self.comm.alltoallv(served, OwnerShard.elements(received.counts, self.shard.dims),
+    def _rows_back(self, plan, served, served_elements, poll_interval):
+        """The served rows (``served_elements`` to each rank) back to the ranks that asked,
+        in the TF step's order."""
+        rows = self.comm.alltoallv(served, served_elements,
                                    OwnerShard.elements(plan.send_counts, self.shard.dims),
                                    poll_interval=poll_interval)
         if plan.permutation is not None:
@@ -98,9 +99,9 @@ class CollectiveExchange:
         """The PulledBatch of a training step: the owners look the keys up, inserting new ones
         and measuring the staleness of every read."""
         plan, received = self._send_keys(batch, self.poll_interval)
-        served = self.shard.lookup(received.keys, received.blocks, step,
-                                   int(OwnerShard.elements(received.counts, self.shard.dims).sum()))
-        rows = self._rows_back(plan, received, served, self.poll_interval)
+        served_elements = OwnerShard.elements(received.counts, self.shard.dims)
+        served = self.shard.lookup(received.keys, received.blocks, step, int(served_elements.sum()))
+        rows = self._rows_back(plan, served, served_elements, self.poll_interval)
         self.counters.add_bytes(plan.unique_keys.nbytes + served.nbytes, received.keys.nbytes + rows.nbytes)
         return PulledBatch(batch, rows, plan, received)
 
@@ -110,9 +111,9 @@ class CollectiveExchange:
         blocking collectives on the calling thread; nothing is counted (evaluation traffic is
         not training traffic)."""
         plan, received = self._send_keys(batch, None)
-        served = self.shard.read(received.keys, received.blocks,
-                                 int(OwnerShard.elements(received.counts, self.shard.dims).sum()))
-        return PulledBatch(batch, self._rows_back(plan, received, served, None), plan, received)
+        served_elements = OwnerShard.elements(received.counts, self.shard.dims)
+        served = self.shard.read(received.keys, received.blocks, int(served_elements.sum()))
+        return PulledBatch(batch, self._rows_back(plan, served, served_elements, None), plan, received)
 
     # ------------------------------------------------------------------ push
     def push(self, pulled, row_grads, step):
@@ -128,10 +129,10 @@ class CollectiveExchange:
         arrived = self.comm.alltoallv(grads, OwnerShard.elements(plan.send_counts, dims),
                                       OwnerShard.elements(received.counts, dims),
                                       poll_interval=self.poll_interval)
-        counters = self.counters
+        counters, keys_sent = self.counters, len(plan.unique_keys)
         counters.add_bytes(grads.nbytes, arrived.nbytes)
-        counters.keys_sent += plan.keys_sent
+        counters.keys_sent += keys_sent
         counters.keys_received += len(received.keys)
-        counters.row_grads_pushed += plan.keys_sent
+        counters.row_grads_pushed += keys_sent
         self.shard.apply([(received.keys, arrived, received.blocks)], step)
         self.shard.applied_through = max(self.shard.applied_through, step)

@@ -42,10 +42,6 @@ class ExchangePlan:
         self.feature_inputs = feature_inputs
         self.permutation = permutation
 
-    @property
-    def keys_sent(self):
-        return int(self.send_counts.sum())
-
 
 class PulledBatch:
     """One step's batch with the rows of its unique keys: what ``Backend.pull`` returns, the TF

@@ -130,9 +130,9 @@ class PSWorkerBackend(Backend):
                                      grads[elem_offsets[s]:elem_offsets[s + 1]],
                                      self._dense_grads[a:b], self.pending)
         exchange_trace.mark("ps_push_posted")
-        counters = self.counters
-        counters.keys_sent += plan.keys_sent
-        counters.row_grads_pushed += plan.keys_sent
+        counters, keys_sent = self.counters, len(plan.unique_keys)
+        counters.keys_sent += keys_sent
+        counters.row_grads_pushed += keys_sent
         counters.add_bytes(grads.nbytes + self._dense_grads.nbytes, 0)
 
     # ------------------------------------------------------------------ state and reports
