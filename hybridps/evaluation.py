@@ -38,11 +38,11 @@ class Predictions:
 
 def predict_batches(backend, predict_step, batches, tf):
     """:class:`Predictions` of ``batches`` on this rank (collective: every computing rank calls
-    it with the same number of batches; an empty batch is fine)."""
+    it with the same number of batches; an empty batch is fine). ``predict_step`` is
+    hybridps.step.make_predict_step's, which takes the backend's read as it is."""
     scores, labels, groups, row_ids = [], [], [], []
     for batch in batches:
-        plan, rows = backend.read(batch)
-        logits = predict_step(batch.dense, rows, plan.group_rows, *plan.step_inputs).numpy()
+        logits = predict_step(backend.read(batch)).numpy()
         scores.append(1.0 / (1.0 + np.exp(-logits.astype(np.float64).reshape(-1))))
         labels.append(batch.labels)
         groups.append(batch.groups)

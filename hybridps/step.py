@@ -1,15 +1,17 @@
 """The TF step: from a step's unique rows to the model's inputs, the loss and the gradients.
 
-What lives here: :func:`make_train_step` (one tf.function per run, traced once: a fixed input
-signature with ``None`` for the batch and the number of unique rows), :func:`model_inputs`
-(the pooling: unique rows -> the model's input dict) and :func:`step_signature`. What does
-not: the exchange that brings the rows (hybridps.sparse), the models' math (hybridps.models),
-the loss formula (hybridps.models.loss).
+What lives here: :func:`make_train_step` and :func:`make_predict_step` (one tf.function per
+run, traced once: a fixed input signature with ``None`` for the batch and the number of unique
+rows; each takes a step's PulledBatch as ``Backend.pull``/``read`` returns it),
+:func:`model_inputs` (the pooling: unique rows -> the model's input dict) and
+:func:`step_signature`. What does not: the exchange that brings the rows (hybridps.sparse), the
+models' math (hybridps.models), the loss formula (hybridps.models.loss).
 
-Inputs of a step, in order: dense (B, D), labels (B,), the global batch size, the unique rows
-as one flat float32 buffer in TF order (hybridps.sparse.layout: dim group, table, owner), the
-rows of each dim group (G,), then per dim group with single-valued features its (B, k) index
-matrix, then per list feature its ids (N,) and lengths (B,) (hybridps.sparse.plan).
+Inputs of the tf.function, in order, all read from the PulledBatch (hybridps.sparse.plan):
+dense (B, D), labels (B,), the global batch size, the unique rows as one flat float32 buffer in
+TF order (hybridps.sparse.layout: dim group, table, owner), the rows of each dim group (G,),
+then per dim group with single-valued features its (B, k) index matrix, then per list feature
+its ids (N,) and lengths (B,) (``feature_inputs``).
 
 Pooling happens here, inside the tape, so gradients reach the unique rows by TF's own autodiff
 and a key's gradients are summed once per step (the gather's gradient):
@@ -138,9 +140,10 @@ def logits_of(tf, outputs):
 def make_train_step(tf, model, layout, num_dense):
     """The TF forward/backward of one step, traced once.
 
-    Returns a function of the step's inputs (see :func:`step_signature`) -> (loss_sum, logits,
-    dense_grads, row_grads): ``loss_sum`` is this rank's sum of sample losses, gradients are
-    of (loss_sum / global_batch_size); ``row_grads`` is flat, in the rows' (TF) order.
+    Returns ``train(pulled, global_batch_size)``: a step's PulledBatch and the global batch
+    size (a float32 scalar tensor) -> (loss_sum, logits, dense_grads, row_grads): ``loss_sum``
+    is this rank's sum of sample losses, gradients are of (loss_sum / global_batch_size);
+    ``row_grads`` is flat, in the rows' (TF) order.
     """
     variables = model.trainable_variables
 
@@ -155,11 +158,17 @@ def make_train_step(tf, model, layout, num_dense):
         grads = tape.gradient(loss, variables + [rows])
         return loss_sum, logits, grads[:-1], tf.convert_to_tensor(grads[-1])
 
-    return train_step
+    def train(pulled, global_batch_size):
+        batch = pulled.batch
+        return train_step(batch.dense, batch.labels, global_batch_size, pulled.rows,
+                          pulled.group_rows, *pulled.feature_inputs)
+
+    return train
 
 
 def make_predict_step(tf, model, layout, num_dense):
-    """Inference on the same inputs as the train step (no labels, no tape): (B,) logits."""
+    """Inference on the same inputs as the train step (no labels, no tape): returns
+    ``predict(pulled)`` -> (B,) logits of a step's PulledBatch."""
     specs = step_signature(tf, layout, num_dense)
     specs = [specs[0]] + specs[3:]
 
@@ -168,4 +177,7 @@ def make_predict_step(tf, model, layout, num_dense):
         inputs = model_inputs(tf, layout, dense, rows, group_rows, feature_inputs)
         return logits_of(tf, model(inputs, training=False))
 
-    return predict_step
+    def predict(pulled):
+        return predict_step(pulled.batch.dense, pulled.rows, pulled.group_rows, *pulled.feature_inputs)
+
+    return predict

@@ -1,10 +1,12 @@
-"""The training loop: batch -> backend.pull -> TF step -> backend.dense_step + push.
+"""The training loop: backend.pull -> TF step -> backend.dense_step + push, one PulledBatch a step.
 
 What lives here: :class:`Trainer`, which builds a run from a TrainConfig (start-up checks, the
 feature schema, the data source, the model, a backend from hybridps.backends.factory, the
 checkpoint manager) and runs the steps, with checkpoints and delta exports at consistent
 points. It talks to the backend only through the Backend interface (hybridps.backends.base),
-so it does not know collective vs parameter server or BSP vs ASP. What does not: MPI details
+so it does not know collective vs parameter server or BSP vs ASP: the step object a pull
+returns goes to the TF step and back to the push unopened (the loop reads its batch only), and
+the exchange's counters come from ``backend.stats()``. What does not: MPI details
 (hybridps.comm), the exchange (hybridps.sparse), pooling and the loss (hybridps.step), the
 models' math (hybridps.models), the metric reductions (hybridps.metrics.summary).
 """
@@ -98,17 +100,25 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self):
         """Train ``config.steps`` steps (0: until the stream ends or a stop is asked for); returns
-        the summary dict (also written to metrics_out)."""
-        c, tf = self.config, self.tf
-        last = c.steps or None                 # None: no end known in advance
+        the summary dict (also written to metrics_out). The backend runs this rank's loop:
+        :meth:`_train` on a computing rank, :meth:`_serve` on a PS server rank."""
+        c = self.config
         record = RunRecord(steps=max(c.steps, self.start_step), start_step=self.start_step,
                            log_every=c.log_every)
-        if self.backend.serves:   # serve until every worker is done, then join the reductions
-            self.backend.serve(self.start_step, on_consistent_point=self._at_step_boundary)
-            self._at_step_boundary(c.steps, end=True)
-            self._release_checkpoint_dir()
-            record.finished = time.perf_counter()
-            return self._summarize(record)
+        return self.backend.run(train=lambda: self._train(record), serve=lambda: self._serve(record))
+
+    def _serve(self, record):
+        """Serve until every worker is done, then join the reductions."""
+        self.backend.serve(self.start_step, on_consistent_point=self._at_step_boundary)
+        self._at_step_boundary(self.config.steps, end=True)
+        self._release_checkpoint_dir()
+        record.finished = time.perf_counter()
+        return self._summarize(record)
+
+    def _train(self, record):
+        """The steps of a computing rank: pull -> TF step -> dense step -> push."""
+        c, tf = self.config, self.tf
+        last = c.steps or None                 # None: no end known in advance
         global_batch = tf.constant(float(c.batch_size * self.compute_ranks))
         auc_from_step = int(c.steps * (1.0 - c.auc_window))   # unbounded runs: every step
         progress = Progress(last, enabled=c.progress and self.rank == 0, log_every=c.log_every,
@@ -134,17 +144,16 @@ class Trainer:
             pulled = self.backend.pull(step)
             if pulled is None:                 # the stream ended or a stop was agreed
                 break
-            batch, plan, rows = pulled
             timer.mark("pull")
-            loss_sum, logits, dense_grads, row_grads = self.train_step(
-                batch.dense, batch.labels, global_batch, rows, plan.group_rows, *plan.step_inputs)
+            loss_sum, logits, dense_grads, row_grads = self.train_step(pulled, global_batch)
             row_grads = row_grads.numpy()
             timer.mark("compute")
             self.backend.dense_step(dense_grads, step)
             timer.mark("dense")
-            self.backend.push(plan, row_grads, step)
+            self.backend.push(pulled, row_grads, step)
             timer.mark("push")
-            record.add_step(step, loss_sum, plan, batch)
+            batch = pulled.batch
+            record.add_step(step, loss_sum, batch)
             self.tensorboard.train_step(step, record.last_loss_sum / c.batch_size,
                                         (step + 1 - first) * c.batch_size * self.compute_ranks
                                         / max(time.perf_counter() - record.started, 1e-9), c.log_every)
@@ -309,7 +318,7 @@ class Trainer:
         self.tensorboard.close()
         steps_run = record.steps - self.start_step
         exchange_trace.write(self.rank, steps_run - c.warmup_steps if record.steady_start else steps_run,
-                             {"mode": c.mode.value, "sync": c.sync.value, "server": self.backend.serves})
+                             {"mode": c.mode.value, "sync": c.sync.value, "server": not self.placement.computes})
         if c.dump_state:
             from hybridps.checkpoint.dump import dump_state
             state = self.backend.state()

@@ -27,3 +27,19 @@ def mix64_array(keys):
         z *= np.uint64(0x94D049BB133111EB)
         z ^= z >> np.uint64(31)
     return z
+
+
+def send_order_index(unique_keys, send_counts, keys, column_tables):
+    """(B, S) position of each single-valued (sample, column) key in a step's send-order
+    unique keys (grouped by owner, then table), found by a dictionary over (table, key): the
+    inverse the exchange plan keeps implicit. ``column_tables``: each column's table index.
+    A key missing from its table's blocks raises KeyError."""
+    world, tables = np.asarray(send_counts).shape
+    table_of_position = np.repeat(np.tile(np.arange(tables), world), np.asarray(send_counts).ravel())
+    position = {(int(t), int(k)): i for i, (t, k) in enumerate(zip(table_of_position, unique_keys))}
+    keys = np.asarray(keys)
+    out = np.empty(keys.shape, dtype=np.int64)
+    for b in range(keys.shape[0]):
+        for column, table in enumerate(column_tables):
+            out[b, column] = position[(int(table), int(keys[b, column]))]
+    return out

@@ -15,7 +15,7 @@ from hybridps.schema import build_schema
 from hybridps.sparse.layout import SparseLayout
 from hybridps.sparse.plan import plan_batch
 from hybridps.sparse.routing import unique_inverse
-from tests.reference import mix64_array
+from tests.reference import mix64_array, send_order_index
 
 KEYS = st.lists(st.integers(-2**63, 2**63 - 1) | st.integers(0, 30), min_size=0, max_size=300)
 
@@ -47,12 +47,14 @@ def test_route_unique_keys_gives_the_send_buffer_and_its_inverse(batch, fields, 
               "pairs": [list(range(fields))[i:i + 2] for i in range(0, fields, 2)]}[layout]
     schema = build_schema(make_config(overrides={"num_fields": fields, "table_groups": groups}))
     batch_of = Batch(dense=np.zeros((batch, 0)), keys=keys, labels=np.zeros(batch))
-    plan = plan_batch(SparseLayout(schema), batch_of, world, 4096, step=0)
-    send_keys, inverse, counts = plan.unique_keys, plan.inverse, plan.send_counts
+    plan = plan_batch(SparseLayout(schema), batch_of, world, 4096)
+    send_keys, counts = plan.unique_keys, plan.send_counts
     assert counts.shape == (world, len(groups)) and counts.sum() == len(send_keys)
-    assert inverse.dtype == np.int32 and inverse.shape == keys.shape
-    np.testing.assert_array_equal(send_keys[inverse], keys)           # every (sample, field)
+    assert all(index.dtype == np.int32 for index in plan.feature_inputs)   # the TF step's indices
     table_of_field = {f: t for t, g in enumerate(groups) for f in g}
+    inverse = send_order_index(send_keys, counts, keys, [table_of_field[f] for f in range(fields)])
+    assert inverse.shape == keys.shape
+    np.testing.assert_array_equal(send_keys[inverse], keys)           # every (sample, field)
     start = 0
     for rank in range(world):                                         # grouped by owner, then table
         for table in range(len(groups)):

@@ -1,7 +1,8 @@
 """The step's plan and pooling, in one process: plan_batch + permute_blocks + the TF step's
 model inputs against the same inputs computed independently in numpy (a dict of key -> row,
 each sample's list pooled by hand), for mixed dims, tables shared by two features, every
-pooling, empty lists, truncated sequences, and 1 to 3 owners.
+pooling, empty lists, truncated sequences, and 1 to 3 owners; the train and predict steps
+taking a PulledBatch as it is; the collective exchange's counters (one rank, a loop-back comm).
 """
 import os
 
@@ -16,8 +17,11 @@ from hybridps.config import make_config  # noqa: E402
 from hybridps.data.batch import Batch, truncate_lists  # noqa: E402
 from hybridps.schema import build_schema  # noqa: E402
 from hybridps.sparse.layout import SparseLayout  # noqa: E402
-from hybridps.sparse.plan import plan_batch  # noqa: E402
-from hybridps.step import model_inputs, step_signature  # noqa: E402
+from hybridps.sparse.exchange import CollectiveExchange  # noqa: E402
+from hybridps.sparse.plan import plan_batch, pull_locally  # noqa: E402
+from hybridps.sparse.shard import OwnerShard  # noqa: E402
+from hybridps.step import make_predict_step, make_train_step, model_inputs, step_signature  # noqa: E402
+from tests.reference import send_order_index  # noqa: E402
 
 FEATURES = {
     "label": "label",
@@ -91,7 +95,7 @@ def test_model_inputs_match_numpy_pooling(owners):
     assert layout.tf_tables == [0, 2, 1]
     rng = np.random.default_rng(owners)
     batch = make_batch(rng, 7)
-    plan = plan_batch(layout, batch, owners, 4096, step=0)
+    plan = plan_batch(layout, batch, owners, 4096)
     row = rows_of(schema)
     # the rows in send order, as the owners would serve them: (owner, table) blocks
     table_of_key = []
@@ -103,13 +107,15 @@ def test_model_inputs_match_numpy_pooling(owners):
         assert plan.permutation is not None
     rows = served if plan.permutation is None else permute_blocks(served, *plan.permutation)
     got = model_inputs(tf, layout, tf.constant(batch.dense, tf.float32), tf.constant(rows),
-                       tf.constant(plan.group_rows), [tf.constant(a) for a in plan.step_inputs])
+                       tf.constant(plan.group_rows), [tf.constant(a) for a in plan.feature_inputs])
     want = expected_inputs(schema, batch, row)
     assert set(got) == set(want)
     for name, value in want.items():
         np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-6, atol=1e-6, err_msg=name)
-    # the single-valued inverse indexes the send-order unique keys
-    np.testing.assert_array_equal(plan.unique_keys[plan.inverse], batch.keys)
+    # every single-valued key is in its table's blocks of the send-order unique keys
+    column_tables = [schema.table_index(f.table) for f in schema.single_features]
+    inverse = send_order_index(plan.unique_keys, plan.send_counts, batch.keys, column_tables)
+    np.testing.assert_array_equal(plan.unique_keys[inverse], batch.keys)
     assert len(step_signature(tf, layout, 1)) == 5 + 1 + 2 * 4   # one dim group of singles
 
 
@@ -120,3 +126,86 @@ def test_truncate_lists_keeps_the_first_ids():
     np.testing.assert_array_equal(kept, [0, 1, 2, 4, 5, 6])
     np.testing.assert_array_equal(new_lengths, [3, 0, 3])
     assert dropped == 4
+
+
+def table_rows(schema, row):
+    """``rows_of_table`` for pull_locally: table t's rows of ``keys`` from ``row``."""
+    def rows(t, keys):
+        table = schema.tables[t]
+        return np.stack([row(table.name, k) for k in keys]) if len(keys) else np.zeros((0, table.dim))
+    return rows
+
+
+class SumModel(tf.keras.Model):
+    """logit = scale x the sum of every float input (the lengths left out), scale = 1: an
+    output a test computes by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = self.add_weight(name="scale", shape=(), initializer="ones")
+
+    def call(self, inputs, training=False):
+        parts = [tf.reduce_sum(tf.reshape(tf.cast(value, tf.float32), (tf.shape(value)[0], -1)), axis=1)
+                 for name, value in sorted(inputs.items()) if not name.endswith("_length")]
+        return self.scale * tf.add_n(parts)
+
+
+def test_train_and_predict_steps_take_the_pulled_batch_as_it_is():
+    schema = build_schema(make_config(overrides={"features": FEATURES}))
+    layout = SparseLayout(schema)
+    rng = np.random.default_rng(5)
+    batch = make_batch(rng, 6)
+    batch.labels = rng.integers(0, 2, size=6).astype(np.float32)
+    row = rows_of(schema)
+    pulled = pull_locally(layout, batch, 4096, table_rows(schema, row))
+    want = expected_inputs(schema, batch, row)
+    logits = sum(np.asarray(v, np.float64).reshape(batch.size, -1).sum(axis=1)
+                 for name, v in want.items() if not name.endswith("_length"))
+    model = SumModel()
+    model({name: tf.constant(v) for name, v in want.items()})
+    predict = make_predict_step(tf, model, layout, schema.num_dense)
+    np.testing.assert_allclose(predict(pulled).numpy(), logits, rtol=1e-5, atol=1e-5)
+    train = make_train_step(tf, model, layout, schema.num_dense)
+    loss_sum, got_logits, dense_grads, row_grads = train(pulled, tf.constant(12.0))
+    np.testing.assert_allclose(got_logits.numpy(), logits, rtol=1e-5, atol=1e-5)
+    p = 1.0 / (1.0 + np.exp(-logits))
+    want_loss = -np.sum(batch.labels * np.log(p) + (1 - batch.labels) * np.log(1 - p))
+    assert float(loss_sum) == pytest.approx(want_loss, rel=1e-5)
+    # d(loss / 12) / d(scale) = sum over samples of (p - y) x logit / 12 (logit = scale x sum)
+    assert float(dense_grads[0]) == pytest.approx(np.sum((p - batch.labels) * logits) / 12.0, rel=1e-4)
+    assert row_grads.shape == pulled.rows.shape
+
+
+class LoopbackComm:
+    """The exchange's collectives on a job of one rank: everything sent comes back."""
+    rank, size = 0, 1
+
+    def alltoall_counts(self, send_counts, poll_interval=None):
+        return np.array(send_counts, dtype=np.int64, copy=True)
+
+    def alltoallv(self, send, send_counts, recv_counts, recv=None, poll_interval=None):
+        return np.array(send, copy=True)
+
+
+def test_exchange_counts_the_keys_and_bytes_of_training_steps_only():
+    schema = build_schema(make_config(overrides={"features": FEATURES}))
+    exchange = CollectiveExchange(LoopbackComm(), SparseLayout(schema), OwnerShard(schema, seed=0), 4096)
+    rng = np.random.default_rng(11)
+    dims = {t.name: t.dim for t in schema.tables}
+    keys = elements = 0
+    for step in range(2):
+        batch = make_batch(rng, 9)
+        # each table's distinct keys, from its columns and its list features (numpy)
+        by_table = {"user": [batch.keys[:, 0], batch.lists["friends"][0]],
+                    "movie": [batch.keys[:, 1], batch.lists["history"][0]],
+                    "genre": [batch.lists["genres"][0], batch.lists["tags"][0]]}
+        unique = {t: len(np.unique(np.concatenate(parts))) for t, parts in by_table.items()}
+        keys += sum(unique.values())
+        elements += sum(n * dims[t] for t, n in unique.items())
+        pulled = exchange.pull(batch, step)
+        exchange.push(pulled, np.zeros_like(pulled.rows), step)
+    exchange.read(make_batch(rng, 9))           # evaluation: not counted
+    counters = exchange.counters
+    assert counters.keys_sent == counters.keys_received == counters.row_grads_pushed == keys
+    # keys (int64) out and back, rows (float32) back, row gradients (float32) out
+    assert counters.bytes_sent == counters.bytes_received == 8 * keys + 2 * 4 * elements

@@ -6,11 +6,15 @@ ever calls these methods, so it knows neither collective vs parameter server nor
 never on a Trainer) and :func:`shard_stats` (the figures every backend reports alike). What
 does not: choosing a backend (hybridps.backends.factory, the only switch on mode and sync).
 
-A step on a computing rank: ``pull(step)`` -> (batch, plan, rows) -> the TF step ->
-``dense_step(grads, step)`` -> ``push(plan, row_grads, step)``; ``at_consistent_point(k,
-action)`` after step k - 1 at checkpoint and delta steps (``at_idle_point(k, action)`` while a
-stream has no rows for step k); ``finish()`` at the end. A PS server
-rank runs ``serve(on_consistent_point)`` instead (``serves`` is True there).
+A rank's run is ``run(train, serve)``: the backend the factory made calls the Trainer's step
+loop (``train``) on a computing rank and its serving loop (``serve``) on a PS server rank, so
+the Trainer never asks which one it is. A step on a computing rank: ``pull(step)`` -> a
+PulledBatch (hybridps.sparse.plan) -> the TF step, which takes it as it is -> ``dense_step(grads,
+step)`` -> ``push(pulled, row_grads, step)``; ``at_consistent_point(k, action)`` after step k - 1
+at checkpoint and delta steps (``at_idle_point(k, action)`` while a stream has no rows for
+step k); ``finish()`` at the end. What a PulledBatch carries for the push (the exchange plan,
+the owners' received keys) is read by hybridps.sparse and the backends only; the counters of
+the metrics file come from ``stats()``.
 """
 import dataclasses
 from typing import Optional
@@ -38,12 +42,16 @@ class Backend:
     """Parameter access of one training process (see the module docstring).
 
     Attributes:
-        serves: this rank serves parameters (a PS server) instead of training.
         compute_ranks: the number of ranks that train (read data, run TF steps).
         compute_rank: this rank's index among them (None on a server).
     """
 
-    serves = False
+    def run(self, train, serve):
+        """This rank's part of the run: ``train()`` (the Trainer's step loop, which calls
+        ``start``, ``pull``, ``push`` ... ``finish``) on a computing rank; a PS server rank runs
+        ``serve()`` instead (the Trainer's serving loop around :meth:`serve`). Returns what
+        the loop returns (the run's summary)."""
+        return train()
 
     def start(self, batches, start_step=0, fence_steps=()):
         """Make the initial state identical everywhere (broadcast dense weights) and take the
@@ -52,17 +60,18 @@ class Backend:
         raise NotImplementedError
 
     def pull(self, step):
-        """Step ``step``'s batch and the rows of its unique keys: (batch, plan, rows), rows
-        flat float32 in the TF step's order (hybridps.sparse.layout); None when the batches
-        ended before this step (a stream's end or an agreed stop: hybridps.step_control)."""
+        """Step ``step``'s PulledBatch (hybridps.sparse.plan: the batch and the rows of its
+        unique keys, flat float32 in the TF step's order); None when the batches ended before
+        this step (a stream's end or an agreed stop: hybridps.step_control)."""
         raise NotImplementedError
 
     def dense_step(self, grads, step):
         """This rank's dense gradients (its share of the global mean loss)."""
         raise NotImplementedError
 
-    def push(self, plan, row_grads, step):
-        """Row gradients (flat float32, the TF step's order) for the plan's unique keys."""
+    def push(self, pulled, row_grads, step):
+        """Row gradients (flat float32, the TF step's order) of the PulledBatch ``pulled``
+        returned by ``pull(step)``."""
         raise NotImplementedError
 
     def at_consistent_point(self, step, action):
@@ -82,14 +91,15 @@ class Backend:
         raise NotImplementedError
 
     def read(self, batch):
-        """The rows of a batch's unique keys for evaluation: (plan, rows) like ``pull``, but
-        read only (unseen keys read zeros; nothing is inserted or counted). Collective: every
-        computing rank calls it, at a consistent point."""
+        """The PulledBatch of a batch for evaluation, like ``pull``, but read only (unseen
+        keys read zeros; nothing is inserted or counted). Collective: every computing rank
+        calls it, at a consistent point."""
         raise NotImplementedError(f"{type(self).__name__} does not evaluate during training; "
                                   f"evaluate a checkpoint with `hybridps evaluate`")
 
     def serve(self, start_step, on_consistent_point):
-        """PS server ranks only: serve until every worker is done."""
+        """PS server ranks only (their ``run`` calls the serving loop, which calls this):
+        serve until every worker is done."""
         raise NotImplementedError(f"{type(self).__name__} does not serve")
 
     def stats(self):
@@ -110,16 +120,18 @@ class Backend:
         raise NotImplementedError
 
 
-def shard_stats(shard, bytes_sent, bytes_received, row_grads_pushed, dense_lag=None):
-    """The stats() dict every backend returns: exchange volume, table rows and counters,
-    observed staleness (the histogram, and the worst read per step as a bounded StepSeries),
-    pushed and applied row gradients, and the dense lag ([max, sum,
-    steps] of the TF steps' dense staleness, None where it is not measured)."""
-    return {"bytes_sent": int(bytes_sent), "bytes_received": int(bytes_received),
+def shard_stats(shard, counters, dense_lag=None):
+    """The stats() dict every backend returns: exchange volume (``counters``, a
+    hybridps.sparse.exchange.ExchangeCounters: bytes and keys sent and received, row gradients
+    pushed), table rows and counters, observed staleness (the histogram, and the worst read per
+    step as a bounded StepSeries), applied row gradients, and the dense lag ([max, sum, steps]
+    of the TF steps' dense staleness, None where it is not measured)."""
+    return {"bytes_sent": int(counters.bytes_sent), "bytes_received": int(counters.bytes_received),
+            "keys_sent": int(counters.keys_sent), "keys_received": int(counters.keys_received),
             "table_rows": shard.table_sizes(), "table_counters": shard.counters(),
             "staleness_histogram": shard.staleness_histogram,
             "staleness_max_by_step": shard.staleness_max_by_step.copy(),
-            "row_grads_pushed": int(row_grads_pushed), "row_grads_applied": int(shard.row_grads_applied),
+            "row_grads_pushed": int(counters.row_grads_pushed), "row_grads_applied": int(shard.row_grads_applied),
             "dense_lag": dense_lag}
 
 

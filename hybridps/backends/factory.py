@@ -2,8 +2,10 @@
 
 What lives here: :func:`communication` (whether this run starts Horovod, and at which
 negotiation cycle), :func:`placement` (which ranks train and read data, which serve) and
-:func:`make_backend` (the Backend of this rank). The Trainer calls these three and nothing else
-of the backends, so it never branches on mode or sync.
+:func:`make_backend` (the Backend of this rank, with every setting it needs given to its
+constructors). The Trainer calls these three and then only the Backend interface, so it never
+branches on mode or sync: the backend made here also chooses the rank's loop (``Backend.run``:
+a PS server serves, every other rank trains).
 """
 import dataclasses
 
@@ -73,11 +75,13 @@ def make_backend(config, comm, schema, model, layout):
         return PSWorkerBackend(comm, config, roles, layout, shard, model)
     from hybridps.dense.sync import DenseSync
     from hybridps.sparse.exchange import CollectiveExchange
-    exchange = CollectiveExchange(comm, layout, shard, config.num_buckets)
     dense = DenseSync(model.trainable_variables, config.effective_dense_optimizer,
                       config.effective_dense_learning_rate, comm.size)
     if config.sync == Sync.BSP:
         from hybridps.backends.collective.bsp import BSPBackend
-        return BSPBackend(comm, exchange, dense, model)
-    from hybridps.backends.collective.pipeline import PipelinedBackend
-    return PipelinedBackend(config, comm, exchange, dense, model)
+        return BSPBackend(comm, CollectiveExchange(comm, layout, shard, config.num_buckets), dense, model)
+    from hybridps.backends.collective.pipeline import POLL_INTERVAL_S, PipelinedBackend
+    exchange = CollectiveExchange(comm, layout, shard, config.num_buckets, poll_interval=POLL_INTERVAL_S)
+    return PipelinedBackend(comm, exchange, dense, model, sync=config.sync,
+                            steps=config.steps or None, staleness=config.staleness,
+                            max_inflight=config.max_inflight, dense_staleness=config.dense_staleness)

@@ -141,11 +141,10 @@ def run_tf_baseline(args):
 
 def run_ceiling(args):
     comm, tf = _setup(with_horovod=False)     # no communication at all, not even Horovod's idle cycle
-    from hybridps._kernels import permute_blocks
     from hybridps.dense.sync import DenseSync
     from hybridps.metrics import AUCAccumulator
     from hybridps.sparse.layout import SparseLayout
-    from hybridps.sparse.plan import plan_batch
+    from hybridps.sparse.plan import pull_locally
     from hybridps.sparse.table import initial_rows
     from hybridps.step import make_train_step
     from hybridps.trainer import freeze_python_heap
@@ -153,34 +152,25 @@ def run_ceiling(args):
     dense = DenseSync(model.trainable_variables, "adagrad", args.learning_rate, world_size=1)
     layout = SparseLayout(schema)
     step_fn = make_train_step(tf, model, layout, schema.num_dense)
-    prepared = []
-    for step, batch in enumerate(data.iter_batches(args.batch_size, args.steps)):
-        plan = plan_batch(layout, batch, 1, 4096, step)
-        parts, start = [], 0           # one owner: the send order is table order
-        for t, table in enumerate(schema.tables):
-            count = int(plan.send_counts[0, t])
-            parts.append(initial_rows(plan.unique_keys[start:start + count], table.dim, "normal",
-                                      args.seed, t, 0.0, 0.01).ravel())
-            start += count
-        rows = np.concatenate(parts).astype(np.float32)
-        if plan.permutation is not None:
-            rows = permute_blocks(rows, *plan.permutation)
-        prepared.append((batch, rows, plan))
+
+    def rows_of_table(t, keys):
+        return initial_rows(keys, schema.tables[t].dim, "normal", args.seed, t, 0.0, 0.01)
+    prepared = [pull_locally(layout, batch, 4096, rows_of_table)
+                for batch in data.iter_batches(args.batch_size, args.steps)]
     global_batch = tf.constant(float(args.batch_size * comm.size))
     losses, auc_acc = [], AUCAccumulator()
     comm.barrier()
     start = None
-    for step, (batch, rows, plan) in enumerate(prepared):
+    for step, pulled in enumerate(prepared):
         if step == args.warmup_steps:
             freeze_python_heap()          # as hybridps train does after its warm-up
             start = time.perf_counter()
-        loss_sum, logits, grads, row_grads = step_fn(batch.dense, batch.labels, global_batch, rows,
-                                                     plan.group_rows, *plan.step_inputs)
+        loss_sum, logits, grads, row_grads = step_fn(pulled, global_batch)
         dense.apply_local(grads)
         row_grads.numpy()
         losses.append(float(loss_sum))
         if step >= args.steps // 2:
-            auc_acc.update(batch.labels, 1 / (1 + np.exp(-logits.numpy().astype(np.float64))))
+            auc_acc.update(pulled.batch.labels, 1 / (1 + np.exp(-logits.numpy().astype(np.float64))))
     elapsed = time.perf_counter() - start
     _finish(comm, args, "compute-ceiling", elapsed, losses, auc_acc, model)
 

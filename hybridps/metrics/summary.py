@@ -34,8 +34,6 @@ class RunRecord:
     interval_seconds: StepSeries = dataclasses.field(default_factory=StepSeries)  # per log_every steps
     auc: AUCAccumulator = dataclasses.field(default_factory=AUCAccumulator)
     timer: PhaseTimer = dataclasses.field(default_factory=PhaseTimer)
-    keys_sent: int = 0
-    keys_received: int = 0
     truncated: dict = dataclasses.field(default_factory=dict)    # feature -> ids dropped
     started: float = 0.0
     steady_start: float = None
@@ -48,7 +46,7 @@ class RunRecord:
         self.started = self.finished = time.perf_counter()
         self.start_rss_mb = current_rss_mb()
 
-    def add_step(self, step, loss_sum, plan, batch):
+    def add_step(self, step, loss_sum, batch):
         self.last_loss_sum = float(loss_sum)
         self.loss_sums.add(step, self.last_loss_sum)
         now, done = time.perf_counter(), step - self.start_step   # steps done before this one
@@ -57,8 +55,6 @@ class RunRecord:
         elif done % self.log_every == 0:
             self.interval_seconds.add(done // self.log_every - 1, now - self.interval_start)
             self.interval_start = now
-        self.keys_sent += plan.keys_sent
-        self.keys_received += plan.keys_received
         for name, count in batch.truncated.items():
             self.truncated[name] = self.truncated.get(name, 0) + int(count)
 
@@ -90,7 +86,7 @@ def summarize_run(comm, config, schema, record, stats, *, compute_ranks, dense_p
     steady_steps = steps_run - c.warmup_steps if steady else steps_run
     steady_seconds = record.finished - (record.steady_start if steady else record.started) - record.paused
     slowest = float(comm.allreduce_max(np.array([steady_seconds]))[0])
-    volume = comm.allreduce_sum(np.array([record.keys_sent, record.keys_received, stats["bytes_sent"],
+    volume = comm.allreduce_sum(np.array([stats["keys_sent"], stats["keys_received"], stats["bytes_sent"],
                                           stats["bytes_received"]], dtype=np.int64))
     rows = comm.allreduce_sum(np.array(stats["table_rows"], dtype=np.int64))
     phases = record.timer.per_step_ms(steady_steps)

@@ -6,19 +6,21 @@ owners along the same plan):
 
 * :mod:`routing`: the one owner function ``(mix64(key) % num_buckets) % world_size``, buckets;
 * :mod:`layout`: static layout of a schema's tables and features in a step's buffers;
-* :mod:`plan`: the per-step exchange plan (unique, route, the TF step's indices);
+* :mod:`plan`: the per-step exchange plan (unique, route, the TF step's indices) and the step
+  object (``PulledBatch``) a pull hands to the TF step and the push takes back;
 * :mod:`shard`: the owner side (lookup/insert, apply, evict, staleness), shared by collective
   owners and PS servers;
-* :mod:`exchange`: the collective pull/push over alltoallv;
+* :mod:`exchange`: the collective pull/push over alltoallv and its counters;
 * :mod:`table`: builds a table shard from a schema table.
 
 Tables never import mpi4py; the exchange talks to hybridps.comm.
 """
-from hybridps.sparse.exchange import CollectiveExchange
+from hybridps.sparse.exchange import CollectiveExchange, ExchangeCounters, ReceivedKeys
 from hybridps.sparse.layout import SparseLayout
-from hybridps.sparse.plan import ExchangePlan, plan_batch
+from hybridps.sparse.plan import ExchangePlan, PulledBatch, plan_batch
 from hybridps.sparse.routing import bucket_ids, owner_ranks
 from hybridps.sparse.shard import STALENESS_BINS, TABLE_COUNTERS, OwnerShard
 
-__all__ = ["CollectiveExchange", "ExchangePlan", "OwnerShard", "STALENESS_BINS", "SparseLayout",
-           "TABLE_COUNTERS", "bucket_ids", "owner_ranks", "plan_batch"]
+__all__ = ["CollectiveExchange", "ExchangeCounters", "ExchangePlan", "OwnerShard", "PulledBatch",
+           "ReceivedKeys", "STALENESS_BINS", "SparseLayout", "TABLE_COUNTERS", "bucket_ids",
+           "owner_ranks", "plan_batch"]

@@ -1,9 +1,11 @@
 """The per-step exchange plan: which unique key goes to which owner, and the TF step's indices.
 
 What lives here: :func:`plan_batch` (unique per table over a jagged batch, routing to owners,
-the TF step's index arrays) and :class:`ExchangePlan`, which a pull makes and the push of the
-same step reuses (keys are never resent). What does not: moving anything between ranks
-(hybridps.sparse.exchange, hybridps.backends.ps), tables (hybridps.sparse.shard).
+the TF step's index arrays), :class:`ExchangePlan`, which a pull makes and the push of the
+same step reuses (keys are never resent), and :class:`PulledBatch`, the one object a step
+passes from ``Backend.pull`` through the TF step to ``Backend.push``. What does not: moving
+anything between ranks (hybridps.sparse.exchange, hybridps.backends.ps), tables
+(hybridps.sparse.shard).
 
 For each table t, the keys of its single-valued columns (batch-major) and of its list features
 are uniqued together (``unique_inverse``, first-occurrence order); all tables' unique keys are
@@ -12,57 +14,65 @@ send order, the alltoallv buffer itself. The TF step's indices point into the TF
 rows (hybridps.sparse.layout): one (B, k) int32 matrix per dim group for its single-valued
 features, and (ids (N,), lengths (B,)) per list feature.
 """
-from dataclasses import dataclass
-
 import numpy as np
 
+from hybridps._kernels import permute_blocks
 from hybridps.sparse.routing import bucket_by_owner, unique_inverse
 
 
-@dataclass
 class ExchangePlan:
-    """What a pull decided and a push reuses.
+    """What a pull decided and the push of the same step reuses (the sender's side), built
+    whole by :func:`plan_batch` and never changed afterwards.
 
     Attributes:
         unique_keys: the step's unique keys of every table (U,), in send order: grouped by
             owner, then table.
         send_counts: (W, T) keys of table t sent to owner r.
-        step_inputs: the TF step's index arrays (hybridps.step, in the layout's order).
-        group_rows: int32 (G,) unique rows of each dim group.
+        group_rows: int32 (G,) unique rows of each dim group (an input of the TF step).
+        feature_inputs: the TF step's index arrays (hybridps.step, in the layout's order).
         permutation: (send offsets, TF offsets, sizes) in elements of the (owner, table)
             blocks, or None when the send order is the TF order.
-        step: the step of the pull.
-        recv_counts, recv_keys, recv_blocks: the owner side, filled by the exchange: keys of
-            table t received from rank r, the keys (grouped by source, then table), and per
-            table its [key start, key stop, element start) blocks of the receive buffers.
     """
-    unique_keys: np.ndarray
-    send_counts: np.ndarray
-    step_inputs: tuple
-    group_rows: np.ndarray
-    permutation: object
-    step: int
-    _position: np.ndarray = None
-    _single_index: object = None
-    recv_counts: np.ndarray = None
-    recv_keys: np.ndarray = None
-    recv_blocks: list = None
+    __slots__ = ("unique_keys", "send_counts", "group_rows", "feature_inputs", "permutation")
+
+    def __init__(self, unique_keys, send_counts, group_rows, feature_inputs, permutation):
+        self.unique_keys = unique_keys
+        self.send_counts = send_counts
+        self.group_rows = group_rows
+        self.feature_inputs = feature_inputs
+        self.permutation = permutation
+
+
+class PulledBatch:
+    """One step's batch with the rows of its unique keys: what ``Backend.pull`` returns, the TF
+    step takes as it is (hybridps.step) and ``Backend.push`` takes back with the row gradients.
+
+    Attributes:
+        batch: the step's hybridps.data.Batch (dense features, labels, keys).
+        rows: the unique rows, flat float32 in the TF step's order (hybridps.sparse.layout).
+        group_rows, feature_inputs: the TF step's other inputs (from the plan).
+        plan: the step's ExchangePlan; ``received``: what the owners received (the collective
+            exchange's ReceivedKeys; None where the owners keep it themselves, PS servers).
+            Both belong to hybridps.sparse and hybridps.backends: nothing else reads them.
+    """
+    __slots__ = ("batch", "rows", "plan", "received")
+
+    def __init__(self, batch, rows, plan, received=None):
+        self.batch = batch
+        self.rows = rows
+        self.plan = plan
+        self.received = received
 
     @property
-    def keys_sent(self):
-        return int(self.send_counts.sum())
+    def group_rows(self):
+        return self.plan.group_rows
 
     @property
-    def keys_received(self):
-        return int(self.recv_counts.sum()) if self.recv_counts is not None else 0
-
-    @property
-    def inverse(self):
-        """(B, S) int32 index of each single-valued (sample, feature) key into ``unique_keys``."""
-        return self._position[self._single_index()]
+    def feature_inputs(self):
+        return self.plan.feature_inputs
 
 
-def plan_batch(layout, batch, num_owners, num_buckets, step):
+def plan_batch(layout, batch, num_owners, num_buckets):
     """Unique and route one batch's keys; returns the ExchangePlan (no communication).
 
     Args:
@@ -97,7 +107,7 @@ def plan_batch(layout, batch, num_owners, num_buckets, step):
     permutation = layout.tf_permutation(send_counts)
     tf_index = _tf_positions(layout, send_counts, permutation, position, total)
 
-    step_inputs = []
+    feature_inputs = []
     for g, columns in enumerate(layout.group_columns):
         if not columns:
             continue
@@ -110,7 +120,7 @@ def plan_batch(layout, batch, num_owners, num_buckets, step):
                 k = len(layout.single_columns[t])
                 c = layout.single_columns[t].index(column)
                 matrix[:, j] = tf_index[inverses[t][c:size * k:k]]
-        step_inputs.append(matrix)
+        feature_inputs.append(matrix)
     for name, t, _, _ in layout.list_specs:
         start = size * len(layout.single_columns[t])
         for other in layout.list_features[t]:
@@ -118,21 +128,25 @@ def plan_batch(layout, batch, num_owners, num_buckets, step):
                 break
             start += len(batch.lists[other][0])
         values, lengths = batch.lists[name]
-        step_inputs.append(tf_index[inverses[t][start:start + len(values)]])
-        step_inputs.append(np.ascontiguousarray(lengths, dtype=np.int32))
+        feature_inputs.append(tf_index[inverses[t][start:start + len(values)]])
+        feature_inputs.append(np.ascontiguousarray(lengths, dtype=np.int32))
+    return ExchangePlan(unique_concat[send_order], send_counts, layout.group_rows(send_counts),
+                        tuple(feature_inputs), permutation)
 
-    def single_index():
-        out = np.empty(keys.shape, dtype=np.int64)
-        for column, t in enumerate(layout.column_table):
-            k = len(layout.single_columns[t])
-            c = layout.single_columns[t].index(column)
-            out[:, column] = inverses[t][c:size * k:k]
-        return out
 
-    return ExchangePlan(unique_keys=unique_concat[send_order], send_counts=send_counts,
-                        step_inputs=tuple(step_inputs), group_rows=layout.group_rows(send_counts),
-                        permutation=permutation, step=step, _position=position,
-                        _single_index=single_index)
+def pull_locally(layout, batch, num_buckets, rows_of_table):
+    """The PulledBatch of ``batch`` with one owner and no tables to ask: the rows of table t's
+    unique keys are ``rows_of_table(t, keys)`` (the compute-only ceiling of ``hybridps bench
+    train``, which times the TF step alone)."""
+    plan = plan_batch(layout, batch, 1, num_buckets)
+    parts, start = [], 0           # one owner: the send order is table order
+    for t, count in enumerate(plan.send_counts[0].tolist()):
+        parts.append(np.ravel(rows_of_table(t, plan.unique_keys[start:start + count])))
+        start += count
+    rows = np.concatenate(parts).astype(np.float32)
+    if plan.permutation is not None:
+        rows = permute_blocks(rows, *plan.permutation)
+    return PulledBatch(batch, rows, plan)
 
 
 def _tf_positions(layout, counts, permutation, position, total):

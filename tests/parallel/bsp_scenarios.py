@@ -44,12 +44,16 @@ def exchange_case(comm, name, local_keys_by_rank, dim=4):
     exchange = CollectiveExchange(comm, SparseLayout(schema), shard, config.num_buckets)
     mine = np.asarray(local_keys_by_rank[comm.rank], dtype=np.int64).reshape(-1, 1)
     batch = Batch(dense=np.zeros((len(mine), 0)), keys=mine, labels=np.zeros(len(mine)))
-    plan, unique_rows = exchange.pull(batch, step=1)
-    unique_rows = unique_rows.reshape(-1, dim)
+    pulled = exchange.pull(batch, step=1)
+    plan = pulled.plan
+    unique_rows = pulled.rows.reshape(-1, dim)
     expected_init = initial_rows(plan.unique_keys, dim, "normal", 7, 0, 0.0, config.init_std)
     np.testing.assert_array_equal(unique_rows, expected_init, err_msg=f"{name}: pulled rows")
-    np.testing.assert_array_equal(plan.unique_keys[plan.inverse[:, 0]], mine[:, 0])
-    exchange.push(plan, fake_grads(comm.rank, plan.unique_keys, dim), step=1)
+    # every key of the batch is among the unique keys (one table: each once)
+    position = {k: i for i, k in enumerate(plan.unique_keys.tolist())}
+    inverse = np.array([position[k] for k in mine[:, 0].tolist()], dtype=np.int64)
+    np.testing.assert_array_equal(plan.unique_keys[inverse], mine[:, 0])
+    exchange.push(pulled, fake_grads(comm.rank, plan.unique_keys, dim), step=1)
     # Every key this rank owns: init - lr * sum over ranks that had it of their gradient.
     all_keys = np.unique(np.concatenate([np.asarray(k, dtype=np.int64) for k in local_keys_by_rank]))
     owned = all_keys[owner_ranks(all_keys, comm.size, config.num_buckets) == comm.rank]
@@ -65,7 +69,8 @@ def exchange_case(comm, name, local_keys_by_rank, dim=4):
         np.testing.assert_array_equal(rows["keys"][order], owned)
         np.testing.assert_allclose(rows["values"][order], expected, rtol=1e-6, atol=1e-7,
                                    err_msg=f"{name}: owner rows after push")
-    return {"name": name, "keys_sent": plan.keys_sent, "keys_received": plan.keys_received,
+    return {"name": name, "keys_sent": exchange.counters.keys_sent,
+            "keys_received": exchange.counters.keys_received,
             "send_counts": plan.send_counts.ravel().tolist()}
 
 

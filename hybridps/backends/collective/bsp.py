@@ -23,13 +23,13 @@ class CollectiveBackend(Backend):
         self.shard = exchange.shard
         self.dense = dense
         self.model = model
-        self.dense_thread = None
+        self.batches = None          # this rank's batches, from ``start``
+        self.dense_thread = None     # the dense allreduces, from ``start`` (its first step)
         self.compute_rank, self.compute_ranks = comm.rank, comm.size
 
     def stats(self):
         lag = self.dense_thread.lag_summary() if self.dense_thread is not None else None
-        return shard_stats(self.shard, self.exchange.bytes_sent, self.exchange.bytes_received,
-                           self.exchange.row_grads_pushed, dense_lag=lag)
+        return shard_stats(self.shard, self.exchange.counters, dense_lag=lag)
 
     def state(self):
         return BackendState(tables=self.shard.tables, shard=(self.comm.rank, self.comm.size),
@@ -45,13 +45,7 @@ class CollectiveBackend(Backend):
     def read(self, batch):
         # blocking collectives on the calling thread: at a consistent point the exchange
         # thread of SSP/ASP waits at its fence, so the calls cannot interleave with its own
-        exchange = self.exchange
-        saved = exchange.poll_interval, exchange.bytes_sent, exchange.bytes_received
-        exchange.poll_interval = None
-        try:
-            return exchange.pull(batch, -1, read_only=True)
-        finally:   # evaluation traffic is not training traffic: the counters stay as they were
-            exchange.poll_interval, exchange.bytes_sent, exchange.bytes_received = saved
+        return self.exchange.read(batch)
 
 
 class BSPBackend(CollectiveBackend):
@@ -74,17 +68,17 @@ class BSPBackend(CollectiveBackend):
         self.at_consistent_point(step, action)
 
     def pull(self, step):
-        """This step's (batch, plan, rows), or None when the batches ended before it."""
+        """This step's PulledBatch, or None when the batches ended before it."""
         batch = next(self.batches, None)
         if batch is None:
             return None
-        plan, rows = self.exchange.pull(batch, step)
+        pulled = self.exchange.pull(batch, step)
         self.dense_thread.apply_ready(need=step)
         self.dense_thread.record_lag(step)
-        return batch, plan, rows
+        return pulled
 
-    def push(self, plan, row_grads, step):
-        self.exchange.push(plan, row_grads, step)
+    def push(self, pulled, row_grads, step):
+        self.exchange.push(pulled, row_grads, step)
 
     def dense_step(self, grads, step):
         self.dense_thread.submit(grads)

@@ -38,7 +38,9 @@ from hybridps.config import Sync
 from hybridps.dense.thread import DenseAllreduceThread
 from hybridps.errors import HybridPSError
 
-POLL_INTERVAL_S = 0.001   # the exchange thread tests its non-blocking collectives this often
+# the exchange thread tests its non-blocking collectives this often (the factory gives it to
+# the CollectiveExchange of SSP and ASP)
+POLL_INTERVAL_S = 0.001
 
 
 def ssp_schedule(start, steps, staleness):
@@ -152,19 +154,27 @@ class _Mailbox:
 class PipelinedBackend(CollectiveBackend):
     """The collective backend for SSP and ASP (see the module docstring)."""
 
-    def __init__(self, config, comm, exchange, dense, model):
+    def __init__(self, comm, exchange, dense, model, *, sync, steps, staleness, max_inflight,
+                 dense_staleness):
+        """``sync``: Sync.SSP or Sync.ASP; ``steps``: the last step + 1, None: until the batches
+        end (a stream, a stop); ``staleness``: SSP's s; ``max_inflight``: steps pulled ahead
+        and ASP's push lag; ``dense_staleness``: SSP's dense D (ignored under ASP). The
+        exchange must poll its collectives (``poll_interval``): it runs on the exchange
+        thread while Horovod's thread and the main thread use MPI too."""
         super().__init__(comm, exchange, dense, model)
-        self.config = config
-        self.sync = config.sync
-        self.steps = config.steps or None      # None: until the batches end (a stream, a stop)
-        self.max_inflight = config.max_inflight
+        self.sync = sync
+        self.steps = steps
+        self.staleness = staleness
+        self.max_inflight = max_inflight
+        self.dense_staleness = dense_staleness if sync == Sync.SSP else None
         self.pulled = _Mailbox(self)
         self.fence_reached = _Mailbox(self)
         self.fence_released = _Mailbox(self)
         self.grads = _Mailbox(self)
         self.error = None
         self.comm_thread = None
-        exchange.poll_interval = POLL_INTERVAL_S
+        self.schedule = None           # the exchange thread's operations, from ``start``
+        self.next_push = None          # the lowest step not pushed yet, from ``start``
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, batches, start_step=0, fence_steps=()):
@@ -172,12 +182,11 @@ class PipelinedBackend(CollectiveBackend):
         made consistent and handed to the main thread at every step in ``fence_steps``."""
         self.dense.broadcast_initial()
         self.batches = batches
-        self.dense_staleness = self.config.dense_staleness if self.sync == Sync.SSP else None
         self.dense_thread = DenseAllreduceThread(
             self.dense, start_step,
             max_pending=self.max_inflight if self.sync == Sync.ASP else self.dense_staleness + 1)
         if self.sync == Sync.SSP:
-            schedule = ssp_schedule(start_step, self.steps, self.config.staleness)
+            schedule = ssp_schedule(start_step, self.steps, self.staleness)
         else:
             schedule = asp_schedule(start_step, self.steps, self.max_inflight)
         self.schedule = with_fences(schedule, _StepsBetween(fence_steps, start_step, self.steps))
@@ -215,8 +224,7 @@ class PipelinedBackend(CollectiveBackend):
                         self._push(k)
                     self.pulled.put(step, None)
                     return
-                plan, rows = self.exchange.pull(batch, step)
-                self.pulled.put(step, (batch, plan, rows))
+                self.pulled.put(step, self.exchange.pull(batch, step))
             elif op == "push":
                 if step >= self.next_push:     # not pushed ahead at an idle point
                     self._push(step)
@@ -225,8 +233,8 @@ class PipelinedBackend(CollectiveBackend):
                 self.fence_released.take(step)
 
     def _push(self, step):
-        plan, row_grads = self.grads.take(step)
-        self.exchange.push(plan, row_grads, step)
+        pulled, row_grads = self.grads.take(step)
+        self.exchange.push(pulled, row_grads, step)
         self.next_push = step + 1
 
     def at_consistent_point(self, step, action):
@@ -252,7 +260,7 @@ class PipelinedBackend(CollectiveBackend):
 
     # ------------------------------------------------------------------ main thread
     def pull(self, step):
-        """This step's (batch, plan, rows), or None when the batches ended before it."""
+        """This step's PulledBatch, or None when the batches ended before it."""
         pulled = self.pulled.take(step)
         if pulled is None:
             return None
@@ -263,8 +271,8 @@ class PipelinedBackend(CollectiveBackend):
         self.dense_thread.record_lag(step)
         return pulled
 
-    def push(self, plan, row_grads, step):
-        self.grads.put(step, (plan, row_grads))
+    def push(self, pulled, row_grads, step):
+        self.grads.put(step, (pulled, row_grads))
 
     def dense_step(self, grads, step):
         self.dense_thread.submit(grads)

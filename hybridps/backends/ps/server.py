@@ -26,6 +26,7 @@ from hybridps.backends.ps.protocol import (OP_CONSISTENT_POINT, OP_DONE, OP_PULL
                                            TAG_REPLY_DENSE, dense_chunks)
 from hybridps.backends.ps.transport import Pending, Transport
 from hybridps.config import Sync
+from hybridps.sparse.exchange import ExchangeCounters
 
 
 class PSServerBackend(Backend):
@@ -38,8 +39,6 @@ class PSServerBackend(Backend):
         shard: the OwnerShard this server holds.
         model: the Keras model (the dense size; rank 0 gathers the servers' state into it).
     """
-
-    serves = True
 
     def __init__(self, comm, config, roles, shard, model):
         self.comm = comm
@@ -66,6 +65,10 @@ class PSServerBackend(Backend):
         self.at_consistent_point = []   # workers waiting at a checkpoint / delta step
 
     # ------------------------------------------------------------------ main loop
+    def run(self, train, serve):
+        """A server rank does not train: it runs the serving loop (which calls :meth:`serve`)."""
+        return serve()
+
     def serve(self, start_step, on_consistent_point):
         """Serve until every worker has sent DONE and every push is applied.
 
@@ -165,7 +168,7 @@ class PSServerBackend(Backend):
         return (*self.chunk, self.dense.copy(), self.optimizer.t, self.optimizer.slot_matrix())
 
     def stats(self):
-        return shard_stats(self.shard, 0, 0, 0)
+        return shard_stats(self.shard, ExchangeCounters())   # the workers count the traffic
 
     def state(self):
         gather_dense_state(self.comm, self.config, self.dense_state(), None)

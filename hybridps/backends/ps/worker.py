@@ -21,7 +21,8 @@ from hybridps.backends.ps.dense_state import gather_dense_state, worker_optimize
 from hybridps.backends.ps.protocol import (OP_CONSISTENT_POINT, OP_DONE, OP_PULL, OP_PUSH,
                                            dense_chunks)
 from hybridps.backends.ps.transport import Pending, Transport
-from hybridps.sparse.plan import plan_batch
+from hybridps.sparse.exchange import ExchangeCounters
+from hybridps.sparse.plan import PulledBatch, plan_batch
 from hybridps.sparse.shard import OwnerShard
 
 
@@ -52,7 +53,11 @@ class PSWorkerBackend(Backend):
         self.worker = comm.rank
         self.compute_rank, self.compute_ranks = comm.rank, roles.num_workers
         self.pending = Pending(comm)
-        self.bytes_sent = self.bytes_received = self.row_grads_pushed = 0
+        # keys received stay 0: a worker owns no keys (the servers do not count theirs)
+        self.counters = ExchangeCounters()
+        self.batches = None          # this rank's batches, from ``start``
+        self._offsets = None         # the pull's (key offsets, element offsets) per server
+        self._dense_grads = None     # the step's flat dense gradients, from ``dense_step``
         # the dense optimizer state worker 0 hands to the servers at start (a resume replaces it)
         self.initial_optimizer = NumpyDenseOptimizer(config.effective_dense_optimizer,
                                                      config.effective_dense_learning_rate,
@@ -87,7 +92,7 @@ class PSWorkerBackend(Backend):
     # ------------------------------------------------------------------ pull / push
     def pull(self, step):
         batch = next(self.batches)
-        plan = plan_batch(self.layout, batch, self.roles.num_servers, self.config.num_buckets, step)
+        plan = plan_batch(self.layout, batch, self.roles.num_servers, self.config.num_buckets)
         self.pending.wait("ps_push")
         counts = plan.send_counts
         key_offsets = np.concatenate([[0], np.cumsum(counts.sum(1))])
@@ -101,18 +106,18 @@ class PSWorkerBackend(Backend):
             self.transport.post_rows(server, rows[elem_offsets[s]:elem_offsets[s + 1]], requests)
         dense = self._receive_dense(requests)
         self._set_dense(dense)
-        self.bytes_sent += plan.unique_keys.nbytes
-        self.bytes_received += rows.nbytes + dense.nbytes
+        self.counters.add_bytes(plan.unique_keys.nbytes, rows.nbytes + dense.nbytes)
         self._offsets = (key_offsets, elem_offsets)
         if plan.permutation is not None:
             send_offsets, tf_offsets, sizes = plan.permutation
             rows = permute_blocks(rows, send_offsets, tf_offsets, sizes)
-        return batch, plan, rows
+        return PulledBatch(batch, rows, plan)
 
     def dense_step(self, grads, step):
         self._dense_grads = np.concatenate([np.asarray(g, dtype=np.float32).ravel() for g in grads])
 
-    def push(self, plan, row_grads, step):
+    def push(self, pulled, row_grads, step):
+        plan = pulled.plan
         grads = np.ascontiguousarray(row_grads, dtype=np.float32).reshape(-1)
         if plan.permutation is not None:
             send_offsets, tf_offsets, sizes = plan.permutation
@@ -125,12 +130,14 @@ class PSWorkerBackend(Backend):
                                      grads[elem_offsets[s]:elem_offsets[s + 1]],
                                      self._dense_grads[a:b], self.pending)
         exchange_trace.mark("ps_push_posted")
-        self.row_grads_pushed += plan.keys_sent
-        self.bytes_sent += grads.nbytes + self._dense_grads.nbytes
+        counters, keys_sent = self.counters, len(plan.unique_keys)
+        counters.keys_sent += keys_sent
+        counters.row_grads_pushed += keys_sent
+        counters.add_bytes(grads.nbytes + self._dense_grads.nbytes, 0)
 
     # ------------------------------------------------------------------ state and reports
     def stats(self):
-        return shard_stats(self.shard, self.bytes_sent, self.bytes_received, self.row_grads_pushed)
+        return shard_stats(self.shard, self.counters)
 
     def state(self):
         optimizer = gather_dense_state(self.comm, self.config, None,
