@@ -68,6 +68,10 @@ def _add_train_arguments(parser):
     parser.add_argument("--dump-state", help="write final dense weights and table shards (npz) here")
     parser.add_argument("--checkpoint-dir", help="write sharded checkpoints here (atomic; keeps the last K)")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
+    # elastic restarts
+    parser.add_argument("--checkpoint-every-seconds", type=float,
+                        help="also checkpoint when this many seconds have passed since the last "
+                             "(bounds the work an unattended run loses in a restart; 0: off)")
     parser.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (3)")
     parser.add_argument("--resume", action="store_const", const=True,
                         help="continue from the newest intact checkpoint in --checkpoint-dir "

@@ -97,6 +97,8 @@ class TrainConfig:
     # checkpoints, export and eviction (issue: checkpoints)
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 0             # steps; 0 = only at the end when checkpoint_dir is set
+    # elastic restarts: also a checkpoint when this much wall time has passed since the last (0: off)
+    checkpoint_every_seconds: float = 0.0
     keep_checkpoints: int = 3
     resume: bool = False
     resume_fresh: bool = False            # with resume: start from step 0 if no checkpoint is intact
@@ -154,7 +156,7 @@ TESTING_FIELDS = frozenset({"loader_delay_ms", "delay_rank", "fail_at_step", "fa
 OUTPUT_FIELDS = frozenset({
     "metrics_out", "progress", "log_every", "warmup_steps", "auc_window", "tf_threads",
     "dump_state", "tensorboard_dir", "eval_data", "eval_every", "eval_batches",
-    "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "resume_fresh",
+    "checkpoint_dir", "checkpoint_every", "checkpoint_every_seconds", "keep_checkpoints", "resume", "resume_fresh",
     "delta_export_dir", "delta_every", "delta_every_seconds", "full_export_every",
     "stream_poll_s", "data_cache", "watchdog_timeout"}) | TESTING_FIELDS
 
@@ -393,6 +395,15 @@ def validate(c):
     _check(0 < c.auc_window <= 1, "auc_window", c.auc_window, "a fraction in (0, 1]")
     _check(c.tf_threads >= 0, "tf_threads", c.tf_threads, "an integer >= 0 (0 = automatic)")
     _check(c.checkpoint_every >= 0, "checkpoint_every", c.checkpoint_every, "an integer >= 0")
+    # elastic restarts: the wall-clock checkpoint cadence
+    _check(c.checkpoint_every_seconds >= 0, "checkpoint_every_seconds", c.checkpoint_every_seconds,
+           "seconds >= 0 (0 = off)")
+    if c.checkpoint_every_seconds and not c.checkpoint_dir:
+        raise ConfigError("config field 'checkpoint_every_seconds' needs checkpoint_dir (where the "
+                          "checkpoints go); add --checkpoint-dir DIR")
+    if c.checkpoint_every_seconds and c.mode == Mode.PS:
+        raise ConfigError("config field 'checkpoint_every_seconds' runs in collective mode (drop "
+                          "--mode ps, or use --checkpoint-every STEPS)")
     _check(c.eval_every >= 0, "eval_every", c.eval_every, "an integer >= 0 (0 = only at the end)")
     _check(c.eval_batches >= 1, "eval_batches", c.eval_batches, "an integer >= 1")
     if c.eval_every and not c.eval_data:
