@@ -511,8 +511,6 @@ def add_arguments(parser):
     parser.add_argument("--launcher-arg", dest="launcher_args", action="append", default=[],
                         metavar="ARG", help="extra argument for the launcher (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    from hybridps.supervisor import add_arguments as add_supervisor_arguments
-    add_supervisor_arguments(parser)
     parser.add_argument("command_args", nargs="...",
                         help="-- then a hybridps command (train ARGS, doctor, bench ...) or a program")
 
@@ -524,9 +522,6 @@ def main(args):
         program_args = program_args[1:]
     from hybridps.config import env_watchdog_timeout
     environment = detect_environment()
-    if getattr(args, "max_restarts", None) is not None and not args.dry_run:
-        from hybridps import supervisor
-        return supervisor.main(args, program_args, environment)
     timeout = args.watchdog_timeout or train_watchdog_timeout(program_args) or env_watchdog_timeout()
     plan = build_plan(hybridps_program(program_args), environment, num_ranks=args.num_ranks,
                       launcher=args.launcher, hosts=args.hosts, hostfile=args.hostfile, bind=args.bind,

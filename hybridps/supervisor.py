@@ -164,14 +164,15 @@ class Supervisor:
     """Runs the job and restarts it (module docstring). ``launch_args``: the parsed flags of
     ``hybridps launch``; ``program_args``: ``train ...``."""
 
-    def __init__(self, launch_args, program_args, environment, out=None, clock=time.monotonic):
+    def __init__(self, launch_args, program_args, train_config, environment, out=None,
+                 clock=time.monotonic):
         from hybridps.hosts import parse_hostfile, parse_hosts
         self.args, self.environment, self.clock = launch_args, environment, clock
         self.out = out or sys.stdout
         if not program_args or program_args[0] != "train":
             raise ConfigError("--max-restarts supervises a training job: hybridps launch "
                               "--max-restarts N ... -- train --checkpoint-dir DIR ...")
-        self.config = _train_config(program_args)
+        self.config = train_config
         if not self.config.checkpoint_dir:
             raise ConfigError("--max-restarts needs train's --checkpoint-dir: a restart resumes "
                               "from the last checkpoint (add --checkpoint-every-seconds to bound "
@@ -184,7 +185,7 @@ class Supervisor:
                  else parse_hosts(launch_args.hosts) if launch_args.hosts
                  else [(h, environment.slurm_tasks_per_node) for h in environment.slurm_nodes])
         if pairs:
-            even = math.ceil((launch_args.num_ranks or len(pairs)) / len(pairs))
+            even = math.ceil((launch_args.num_ranks or environment.slurm_ntasks or len(pairs)) / len(pairs))
             self.all_hosts = tuple((h, s or even) for h, s in pairs)
         else:          # this node only: nothing to probe or drop
             if not launch_args.num_ranks:
@@ -245,7 +246,7 @@ class Supervisor:
         self.stop_requested = True
         run = getattr(self, "_current", None)
         if run is not None:
-            run.job.child.send_signal(signal.SIGTERM)     # the job checkpoints and ends
+            stop_gracefully(run.job.child)       # the job checkpoints and ends
 
     def _loop(self):
         hosts = [h for h, _ in self.all_hosts]
@@ -264,6 +265,7 @@ class Supervisor:
             answering = self.probe(hosts)
             decision = decide(self.all_hosts, outcome, answering, failures, self.policy, cause)
             if decision.action == "done":
+                self.write_history()
                 self.say(f"{decision.reason} (exit code {code}); "
                          f"{counted(restarts, 'restart')}" + (f", history in {self.args.history}"
                                                               if self.args.history else ""))
@@ -295,7 +297,7 @@ class Supervisor:
         self._current = run
         self.last_regrow_check = self.clock()
         if self.stop_requested:
-            run.job.child.send_signal(signal.SIGTERM)
+            stop_gracefully(run.job.child)
         return run
 
     def _watch(self, run):
@@ -319,7 +321,7 @@ class Supervisor:
                     self.say(f"{', '.join(back)} answer(s) again: planned restart (SIGTERM: "
                              f"final checkpoint, then relaunch on every host that answers)")
                     run.planned = True
-                    run.job.child.send_signal(signal.SIGTERM)
+                    stop_gracefully(run.job.child)
             time.sleep(POLL_S)
 
     def _record_done(self, run):
@@ -347,13 +349,42 @@ class Supervisor:
         return scanner.last_error or f"the job exited with code {code}"
 
 
-def _train_config(program_args):
-    """The TrainConfig the job's ``train`` flags make (its checkpoint dir and batch size)."""
-    from hybridps.cli import _NOT_CONFIG, build_parser
-    from hybridps.config import make_config
-    args = build_parser().parse_args(list(program_args))
-    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
-    return make_config(args.config, overrides)
+def stop_gracefully(launcher):
+    """SIGTERM to the job's ranks on this node (one is enough: every rank of a run that agrees
+    before each step then finishes its step, checkpoints and exits 0), else to the launcher.
+    Not to mpirun when a rank is here: Open MPI 4.1's mpirun kills the ranks one second after
+    forwarding a SIGTERM, which a final checkpoint may not fit in."""
+    ranks = [pid for pid, argv in descendants(launcher.pid)
+             if any(a.endswith("hybridps.cli") or a.endswith("/hybridps") for a in argv) and "train" in argv]
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    if not ranks:
+        launcher.send_signal(signal.SIGTERM)
+
+
+def descendants(pid):
+    """[(pid, argv)] of the processes below ``pid`` on this node (from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append((int(entry), argv))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
 
 
 def add_arguments(parser):
@@ -374,6 +405,8 @@ def add_arguments(parser):
                        help="with --max-restarts: the JSON history of the restarts")
 
 
-def main(launch_args, program_args, environment):
-    """``hybridps launch --max-restarts N ...``: supervise; returns the exit code."""
-    return Supervisor(launch_args, program_args, environment).run()
+def main(launch_args, program_args, train_config):
+    """``hybridps launch --max-restarts N ... -- train ...``: supervise; returns the exit code.
+    ``train_config``: the TrainConfig of the ``train`` flags (hybridps.cli makes it)."""
+    from hybridps.launch import detect_environment
+    return Supervisor(launch_args, program_args, train_config, detect_environment()).run()

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -144,12 +145,14 @@ def test_the_supervisor_refuses_what_it_cannot_restart():
     args = Namespace(max_restarts=2, min_ranks=1, regrow_every=0.0, history=None, hostfile=None,
                      hosts=None, num_ranks=1, launcher="auto", bind="none", threads_per_rank=0,
                      launcher_args=[], watchdog_timeout=None)
+    from hybridps.config import make_config
     env = Environment(cores=2)
     with pytest.raises(ConfigError, match="needs train's --checkpoint-dir"):
-        Supervisor(args, ["train", "--steps", "5"], env)
+        Supervisor(args, ["train", "--steps", "5"], make_config(), env)
     with pytest.raises(ConfigError, match="supervises a training job"):
-        Supervisor(args, ["doctor"], env)
-    supervisor = Supervisor(args, ["train", "--checkpoint-dir", "/c"], env)
+        Supervisor(args, ["doctor"], None, env)
+    supervisor = Supervisor(args, ["train", "--checkpoint-dir", "/c"],
+                            make_config(overrides={"checkpoint_dir": "/c"}), env)
     assert supervisor.program == ["train", "--checkpoint-dir", "/c", "--resume"]
     assert supervisor.all_hosts == ((None, 1),)
 
@@ -195,3 +198,21 @@ def test_a_crash_loop_stops_after_max_restarts_with_the_last_error(tmp_path):
     assert [r["restart"] for r in restarts] == [1, 2]
     assert all(r["checkpoint_step"] == 0 and r["hosts_dropped"] == [] and r["seconds_lost"] is None
                and r["cause"].startswith("RuntimeError: injected failure") for r in restarts)
+
+
+def test_descendants_finds_the_processes_below_a_launcher():
+    from hybridps.supervisor import descendants
+    child = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        for _ in range(50):
+            found = descendants(child.pid)
+            if any(argv[:2] == ["sleep", "30"] for _, argv in found):
+                break
+            time.sleep(0.1)
+        assert any(argv[:2] == ["sleep", "30"] for _, argv in found), found
+        assert descendants(os.getpid()) and all(pid != os.getpid() for pid, _ in descendants(os.getpid()))
+    finally:
+        for pid, _ in descendants(child.pid):
+            os.kill(pid, 9)
+        child.kill()
+        child.wait()
