@@ -68,6 +68,8 @@ def _restart_and_serving(run, lost_host, restarts, step_before):
     served = max(v for _, v, _, _ in run.status_log if v is not None)
     run.wait_for(lambda: any(v > served + 1 for v in _versions_after(run, restarted_at)),
                  STEP_TIMEOUT_S, "serve's version rising after the restart")
+    # serve answered with a version through the gap (the last good one until the next export)
+    assert run.status_failures == 0 and all(v is not None for _, v, _, _ in run.status_log)
     return record
 
 

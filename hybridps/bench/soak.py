@@ -107,6 +107,7 @@ class ElasticPipeline:
         self.metrics = os.path.join(self.out, "metrics.json")
         self.log_path = os.path.join(self.out, "supervisor.log")
         self.status_log = []          # (unix time, served version, step, stream position)
+        self.status_failures = 0      # status requests not answered once serving started
         self.supervisor = self.server = self.producer = None
         self._stop = threading.Event()
         self._follower = None
@@ -174,7 +175,7 @@ class ElasticPipeline:
                 self.status_log.append((time.time(), status.get("version"), status.get("step"),
                                         status.get("position")))
             except OSError:
-                pass
+                self.status_failures += 1
             self._stop.wait(0.5)
 
     def end_stream_and_wait(self, timeout=600):
@@ -189,8 +190,6 @@ class ElasticPipeline:
     def close(self):
         """Stop the follower, the server and the supervisor (whatever still runs)."""
         self._stop.set()
-        if self.producer is not None and self.producer.is_alive():
-            self.producer.finish()
         for proc in (self.server, self.supervisor):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
@@ -201,6 +200,8 @@ class ElasticPipeline:
                     proc.wait()
         if self._follower is not None:
             self._follower.join(timeout=10)
+        if self.producer is not None and self.producer.is_alive():
+            self.producer.finish()
 
     # ------------------------------------------------------------------ looking at it
     def log(self):
@@ -323,6 +324,10 @@ def run_soak(out_dir, minutes=15.0, kill_every_s=60.0, hosts=2, seed=0, max_rest
               "restart_seconds_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
               "rss_mb_after_first_restart": _per_rank(rss_first, bed.hosts),
               "rss_mb_end": _per_rank(rss_end, bed.hosts),
+              "serve_status_failures": pipeline.status_failures,
+              "served_versions": [min(v for _, v, _, _ in pipeline.status_log if v is not None),
+                                  max(v for _, v, _, _ in pipeline.status_log if v is not None)]
+              if pipeline.status_log else None,
               "freshness": _freshness(pipeline.status_log, pipeline.producer.renamed),
               "history": restarts, "settings": pipeline.settings, "machine": bench_environment()}
     write_json(os.path.join(out_dir, "soak.json"), report)
