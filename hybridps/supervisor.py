@@ -346,7 +346,7 @@ class Supervisor:
             return "; ".join(f"host {h} was lost" for h in scanner.lost_hosts)
         if code == 0:
             return "finished"
-        return scanner.last_error or f"the job exited with code {code}"
+        return (scanner.last_error or "").rstrip(".") or f"the job exited with code {code}"
 
 
 def stop_gracefully(launcher):
@@ -354,8 +354,7 @@ def stop_gracefully(launcher):
     before each step then finishes its step, checkpoints and exits 0), else to the launcher.
     Not to mpirun when a rank is here: Open MPI 4.1's mpirun kills the ranks one second after
     forwarding a SIGTERM, which a final checkpoint may not fit in."""
-    ranks = [pid for pid, argv in descendants(launcher.pid)
-             if any(a.endswith("hybridps.cli") or a.endswith("/hybridps") for a in argv) and "train" in argv]
+    ranks = [pid for pid, argv in descendants(launcher.pid) if is_training_rank(argv)]
     for pid in ranks:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -363,6 +362,15 @@ def stop_gracefully(launcher):
             pass
     if not ranks:
         launcher.send_signal(signal.SIGTERM)
+
+
+def is_training_rank(argv):
+    """Whether ``argv`` is a rank of ``hybridps train`` (``python -m hybridps.cli train ...`` or
+    ``.../hybridps train ...``), not a launcher or supervisor whose arguments name it."""
+    for i, arg in enumerate(argv[:3]):
+        if (arg == "hybridps.cli" or arg.endswith("/hybridps")) and argv[i + 1:i + 2] == ["train"]:
+            return True
+    return False
 
 
 def descendants(pid):

@@ -216,3 +216,13 @@ def test_descendants_finds_the_processes_below_a_launcher():
             os.kill(pid, 9)
         child.kill()
         child.wait()
+
+
+def test_a_training_rank_is_told_from_its_launcher_and_supervisor():
+    from hybridps.supervisor import is_training_rank
+    assert is_training_rank(["/v/bin/python", "-m", "hybridps.cli", "train", "--steps", "0"])
+    assert is_training_rank(["/v/bin/hybridps", "train", "--data", "stream:/s"])
+    assert not is_training_rank(["/v/bin/python", "-m", "hybridps.cli", "launch", "--max-restarts", "3",
+                                 "--", "train", "--steps", "0"])
+    assert not is_training_rank(["mpirun", "-np", "2", "/v/bin/python", "-m", "hybridps.cli", "train"])
+    assert not is_training_rank(["/v/bin/python", "-m", "hybridps.cli", "serve"])

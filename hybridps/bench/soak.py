@@ -27,6 +27,7 @@ import urllib.request
 
 from hybridps.bench.report import bench_environment, markdown_table, write_json
 from hybridps.bench.train import OVERSUBSCRIBE_ENV, multihot_features
+from hybridps.supervisor import is_training_rank
 
 HANG_S = 300.0                   # a kill not followed by a training step within this is a hang
 
@@ -238,10 +239,10 @@ class ElasticPipeline:
         for pid in self.bed.pids(host):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    argv = fh.read().split(b"\0")
+                    argv = [a.decode(errors="replace") for a in fh.read().split(b"\0")]
             except OSError:
                 continue
-            if b"hybridps.cli" in argv and b"train" in argv:
+            if is_training_rank(argv):
                 found.append(pid)
         return found
 
@@ -290,8 +291,10 @@ def run_soak(out_dir, minutes=15.0, kill_every_s=60.0, hosts=2, seed=0, max_rest
         pipeline.start()
         started = time.monotonic()
         end = started + minutes * 60.0
-        while time.monotonic() + kill_every_s <= end:
-            time.sleep(kill_every_s)
+        next_kill = started + kill_every_s
+        while next_kill <= end:      # every kill_every_s, once the previous restart trains
+            time.sleep(max(0.0, next_kill - time.monotonic()))
+            next_kill += kill_every_s
             host = rng.choice(bed.hosts)
             pids = pipeline.training_pids(host)
             steps_before = len(pipeline.steps_trained())
