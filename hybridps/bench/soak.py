@@ -341,7 +341,7 @@ def run_soak(out_dir, minutes=15.0, kill_every_s=60.0, hosts=2, seed=0, max_rest
     with open(os.path.join(out_dir, "soak.md"), "w") as fh:
         fh.write(table + "\n\nseconds lost per restart: "
                  + ", ".join(f"{s:.1f}" for s in seconds) + "\n")
-    _plot(os.path.join(out_dir, "soak.png"), pipeline.status_log, kills, started)
+    _plot(os.path.join(out_dir, "soak.png"), pipeline.status_log, report["freshness"], kills, started)
     print(table)
     return report
 
@@ -360,21 +360,26 @@ def _freshness(status_log, renamed):
     return series
 
 
-def _plot(path, status_log, kills, started):
+def _plot(path, status_log, freshness, kills, started):
+    """The served version and its freshness over time, the kills marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     if not status_log:
         return
     t0 = status_log[0][0]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([t - t0 for t, *_ in status_log], [v or 0 for _, v, _, _ in status_log], "-", linewidth=1)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    top.plot([t - t0 for t, *_ in status_log], [v or 0 for _, v, _, _ in status_log], "-", linewidth=1)
+    bottom.plot([t - t0 for t, _, f in freshness if f is not None],
+                [f for _, _, f in freshness if f is not None], "-", linewidth=1)
     offset = t0 - (time.time() - (time.monotonic() - started))
-    for kill in kills:
-        ax.axvline(kill["at_s"] - offset, color="red", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("seconds (red: a rank killed)")
-    ax.set_ylabel("served version")
-    ax.set_title("serving through restarts")
+    for axis in (top, bottom):
+        for kill in kills:
+            axis.axvline(kill["at_s"] - offset, color="red", linewidth=0.8, linestyle="--")
+    top.set_ylabel("served version")
+    top.set_title("serving through restarts (red: a rank killed)")
+    bottom.set_ylabel("freshness (s)")
+    bottom.set_xlabel("seconds")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
