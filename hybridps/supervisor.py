@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from hybridps.errors import ConfigError
@@ -157,7 +157,6 @@ class _Run:
     planned: bool = False
     record: Optional[dict] = None    # the restart that started it, until its first step
     failed_at: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class Supervisor:
@@ -193,6 +192,8 @@ class Supervisor:
             self.all_hosts = ((None, launch_args.num_ranks),)
         self.history = []
         self.stop_requested = False
+        self._current = None             # the run under way
+        self.last_regrow_check = 0.0
 
     # ------------------------------------------------------------------ edges
     def say(self, text):
@@ -244,7 +245,7 @@ class Supervisor:
 
     def _on_signal(self, signum, _frame):
         self.stop_requested = True
-        run = getattr(self, "_current", None)
+        run = self._current
         if run is not None:
             stop_gracefully(run.job.child)       # the job checkpoints and ends
 
