@@ -31,6 +31,8 @@ BENCH_RUNNERS = (
               "vs the scaling model"),
     ("realtime", "a stream -> 2-rank training -> deltas -> hybridps serve: freshness and serving latency"),
     ("capacity", "bytes per row of a 10M-row table, and a 2-rank run until 50M distinct keys"),
+    ("soak", "a stream job under the restart supervisor on the test bed (root), a rank killed "
+             "every minute: restarts, seconds lost, rows lost (0) and trained again"),
     ("events", "impressions + clicks -> hybridps join -> 2-rank training -> serve: joiner "
                "events/s, join correctness, freshness from the click"),
 )
@@ -57,6 +59,17 @@ class _CommandListFormatter(argparse.HelpFormatter):
 
 def cmd_launch(args):
     from hybridps import launch
+    if args.max_restarts is not None and not args.dry_run:     # elastic restarts
+        from hybridps import supervisor
+        program = list(args.command_args)
+        program = program[1:] if program[:1] == ["--"] else program
+        config = None
+        if program[:1] == ["train"]:
+            from hybridps.config import TrainConfig, make_config
+            from hybridps.settings import given_values
+            train_args = build_parser().parse_args(program)
+            config = make_config(train_args.config, given_values(train_args, TrainConfig))
+        return supervisor.main(args, program, config)
     return launch.main(args)
 
 
@@ -105,6 +118,8 @@ def build_parser():
                     "launch command with its settings, and run it. Example: "
                     "hybridps launch -np 4 --launcher mpirun -- train --steps 100")
     launch_module.add_arguments(launch)
+    from hybridps.supervisor import add_arguments as add_supervisor_arguments
+    add_supervisor_arguments(launch)
     launch.set_defaults(func=cmd_launch)
 
     doctor = sub.add_parser("doctor", help="preflight check of MPI, Horovod and the exchange "

@@ -174,6 +174,9 @@ class CheckpointSettings:
     checkpoint_dir: Optional[str] = setting(None, "write sharded checkpoints here (atomic; keeps the "
                                                   "last K)", output=True)
     checkpoint_every: int = setting(0, "steps between checkpoints (0: only at the end)", output=True)
+    checkpoint_every_seconds: float = setting(
+        0.0, "also checkpoint when this many seconds have passed since the last (bounds the work an "
+             "unattended run loses in a restart; 0: off)", output=True)
     keep_checkpoints: int = setting(3, "how many checkpoints to keep", output=True)
     resume: bool = setting(False, "continue from the newest intact checkpoint in --checkpoint-dir "
                                   "(none there: start at step 0; only damaged ones: refuse)",
@@ -478,6 +481,14 @@ def validate(c):
     _check(0 < c.auc_window <= 1, "auc_window", c.auc_window, "a fraction in (0, 1]")
     _check(c.tf_threads >= 0, "tf_threads", c.tf_threads, "an integer >= 0 (0 = automatic)")
     _check(c.checkpoint_every >= 0, "checkpoint_every", c.checkpoint_every, "an integer >= 0")
+    _check(c.checkpoint_every_seconds >= 0, "checkpoint_every_seconds", c.checkpoint_every_seconds,
+           "seconds >= 0 (0 = off)")
+    if c.checkpoint_every_seconds and not c.checkpoint_dir:
+        raise ConfigError("config field 'checkpoint_every_seconds' needs checkpoint_dir (where the "
+                          "checkpoints go); add --checkpoint-dir DIR")
+    if c.checkpoint_every_seconds and c.mode == Mode.PS:
+        raise ConfigError("config field 'checkpoint_every_seconds' runs in collective mode (drop "
+                          "--mode ps, or use --checkpoint-every STEPS)")
     _check(c.eval_every >= 0, "eval_every", c.eval_every, "an integer >= 0 (0 = only at the end)")
     _check(c.eval_batches >= 1, "eval_batches", c.eval_batches, "an integer >= 1")
     if c.eval_every and not c.eval_data:

@@ -18,6 +18,10 @@ What is checked:
   * ranks versus cores on each node, and the oversubscription settings of docs/clusters.md
     ("Running on a small machine").
 A smoke test that hangs is ended by the collective watchdog (``--timeout``, default 60 s).
+
+:func:`probe_hosts` (no MPI in this process) asks the launcher to start one process on each
+host, as a job would: the supervisor of elastic restarts (hybridps.supervisor) relaunches on
+the hosts that answer.
 What does not live here: the launch commands (hybridps.launch).
 """
 import glob
@@ -281,6 +285,47 @@ def _native_kernels(findings):
                       f"(or pip install --no-build-isolation -e .)")
     else:
         findings.ok("compiled kernels hybridps._hashtable and hybridps._kernels load")
+
+
+PROBE_TIMEOUT_S = 20.0
+
+
+def probe_hosts(hosts, environment, launcher="auto", timeout=PROBE_TIMEOUT_S):
+    """The hosts among ``hosts`` where the launcher (mpirun through its remote agent, or srun)
+    starts and ends one ``true`` process within ``timeout`` seconds; all probed at once.
+
+    A host that is down, unreachable or whose link is down does not answer (its probe is
+    ended with its whole process group at the timeout)."""
+    import signal
+    import threading
+    from hybridps.launch import build_plan
+    answering = set()
+
+    def probe(host):
+        plan = build_plan(["true"], environment, num_ranks=1, hosts=f"{host}:1",
+                          launcher="mpirun" if launcher == "horovodrun" else launcher,
+                          environ=os.environ)
+        try:
+            child = subprocess.Popen(plan.argv, env=dict(os.environ, **plan.env), start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            return
+        try:
+            if child.wait(timeout=timeout) == 0:
+                answering.add(host)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait()
+
+    threads = [threading.Thread(target=probe, args=(host,), daemon=True) for host in hosts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answering
 
 
 def format_report(gathered, size):

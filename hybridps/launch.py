@@ -383,6 +383,54 @@ def _probe(argv):
 _FORWARDED_SIGNALS = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
 
 
+def print_plan(plan, stream=None):
+    """The plan's notes, then its command line, each as a ``hybridps launch:`` line."""
+    stream = stream or sys.stdout
+    for note in plan.notes:
+        stream.write(f"hybridps launch: {note}\n")
+    stream.write(f"hybridps launch: {plan.command_line()}\n")
+    stream.flush()
+
+
+class RunningJob:
+    """A started plan: the launcher's process and, when its stderr is scanned, the
+    hybridps.postmortem scanner that reads it as it passes through unchanged."""
+
+    def __init__(self, child, scanner=None):
+        self.child, self.scanner = child, scanner
+        self.copier = None
+        if scanner is not None:
+            self.copier = threading.Thread(target=_copy_stderr, args=(child.stderr, scanner), daemon=True)
+            self.copier.start()
+
+    def exit_code(self, code):
+        """The launcher's exit code as a shell gives it (128 + the signal that killed it)."""
+        return 128 - code if code < 0 else code
+
+    def drain(self):
+        """After the launcher exited: wait for the rest of its stderr to be scanned."""
+        if self.copier is not None:
+            self.copier.join(timeout=10)
+
+
+def start_plan(plan, scan=None):
+    """Start the plan's command; its stderr passes through a scanner (hybridps.postmortem)
+    when ``scan`` is true (default: on several hosts). Returns a :class:`RunningJob`.
+
+    Raises:
+        ConfigError: the launcher could not be started.
+    """
+    scan = plan.multi_host if scan is None else scan
+    try:
+        if scan:
+            from hybridps.postmortem import FailureScanner
+            child = subprocess.Popen(plan.argv, env=dict(os.environ, **plan.env), stderr=subprocess.PIPE)
+            return RunningJob(child, FailureScanner())
+        return RunningJob(subprocess.Popen(plan.argv, env=dict(os.environ, **plan.env)))
+    except OSError as exc:
+        raise ConfigError(f"could not start {plan.argv[0]}: {exc}") from None
+
+
 def run_plan(plan, stream=None, dry_run=False):
     """Print the plan (notes, then the command line) and run it; returns its exit code.
 
@@ -395,45 +443,27 @@ def run_plan(plan, stream=None, dry_run=False):
     hybridps.postmortem's scanner: when the job fails because a host was lost, a last line
     names the host and the ranks that ran there.
     """
-    stream = stream or sys.stdout
-    for note in plan.notes:
-        stream.write(f"hybridps launch: {note}\n")
-    stream.write(f"hybridps launch: {plan.command_line()}\n")
-    stream.flush()
+    print_plan(plan, stream)
     if dry_run:
         return 0
-    scanner = None
-    try:
-        if plan.multi_host:
-            from hybridps.postmortem import FailureScanner
-            scanner = FailureScanner()
-            child = subprocess.Popen(plan.argv, env=dict(os.environ, **plan.env), stderr=subprocess.PIPE)
-        else:
-            child = subprocess.Popen(plan.argv, env=dict(os.environ, **plan.env))
-    except OSError as exc:
-        raise ConfigError(f"could not start {plan.argv[0]}: {exc}") from None
-    copier = None
-    if scanner is not None:
-        copier = threading.Thread(target=_copy_stderr, args=(child.stderr, scanner), daemon=True)
-        copier.start()
+    job = start_plan(plan)
     previous = {}
 
     def forward(signum, _frame):
-        child.send_signal(signum)
+        job.child.send_signal(signum)
 
     for name in _FORWARDED_SIGNALS:
         signum = getattr(signal, name)
         previous[signum] = signal.signal(signum, forward)
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: None)
     try:
-        code = child.wait()
+        code = job.exit_code(job.child.wait())
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    code = 128 - code if code < 0 else code
-    if copier is not None:
-        copier.join(timeout=10)
-        for line in scanner.summary(code):
+    if job.scanner is not None:
+        job.drain()
+        for line in job.scanner.summary(code):
             sys.stderr.write(f"hybridps launch: {line}\n")
         sys.stderr.flush()
     return code

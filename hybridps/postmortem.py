@@ -7,7 +7,10 @@ passes it through unchanged (hybridps.launch.run_plan). The scanner recognizes t
 Open MPI's report of a lost daemon; :meth:`FailureScanner.summary` turns it into a line that
 names the host and its ranks, so a node that dies (its daemon and ranks killed at once) or
 drops off the network is reported as such: Open MPI names only the node. (A rank that dies
-alone is named by Open MPI itself: "process rank N ... on node X exited on signal S".) Pure text processing: no MPI, no processes.
+alone is named by Open MPI itself: "process rank N ... on node X exited on signal S".) For the
+supervisor of elastic restarts (hybridps.supervisor) it also keeps rank 0's last ``step N``
+progress line (and when it was read, by the clock it is given) and the last error line.
+Pure text processing: no MPI, no processes.
 """
 import re
 
@@ -16,6 +19,8 @@ RANK_MAP_PREFIX = "[hybridps] ranks per host:"
 _RANK_MAP = re.compile(re.escape(RANK_MAP_PREFIX) + r"\s*(.*)$")
 _LOST_DAEMON = re.compile(r"ORTE has lost communication with a remote daemon")
 _REMOTE_DAEMON = re.compile(r"Remote daemon:\s*\S+\s+on node\s+(\S+)")
+_STEP_LINE = re.compile(r"^step (\d+)\b")                     # hybridps.metrics.progress
+_ERROR_LINE = re.compile(r"(?:^|\] )error: |\b[A-Z]\w*(?:Error|Exception): |exited on signal \d+")
 
 
 def rank_ranges(ranks):
@@ -64,9 +69,13 @@ def parse_rank_map(line):
 class FailureScanner:
     """Reads a job's stderr (any chunks) and remembers what says which host or rank failed."""
 
-    def __init__(self):
+    def __init__(self, clock=None):
         self.rank_map = None            # {host: [ranks]} from hybridps' line
         self.lost_hosts = []            # hosts whose Open MPI daemon was lost
+        self.clock = clock              # () -> seconds, to time the step lines (None: not timed)
+        self.first_step = self.last_step = None       # from rank 0's "step N" lines
+        self.first_step_at = self.last_step_at = None
+        self.last_error = None          # the last line that reads as an error
         self._partial = ""
         self._in_lost_daemon = False
 
@@ -83,6 +92,15 @@ class FailureScanner:
             self._partial = ""
 
     def _line(self, line):
+        step = _STEP_LINE.match(line)
+        if step:
+            now = self.clock() if self.clock is not None else None
+            if self.first_step is None:
+                self.first_step, self.first_step_at = int(step.group(1)), now
+            self.last_step, self.last_step_at = int(step.group(1)), now
+            return
+        if _ERROR_LINE.search(line):
+            self.last_error = line.strip()
         rank_map = parse_rank_map(line)
         if rank_map:
             self.rank_map = rank_map

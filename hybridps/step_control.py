@@ -20,7 +20,11 @@ thread draws it (the main thread under BSP, the exchange thread under SSP/ASP):
   last delta was written; if so, the completed-step count after this step becomes a consistent point
   (:attr:`StepAgreement.delta_points`) where the trainer writes a delta; and while every rank
   waits for data, :attr:`StepAgreement.on_idle_delta` (the trainer's) is called at that poll,
-  so the rows trained before a stream went quiet reach serving without waiting for more.
+  so the rows trained before a stream went quiet reach serving without waiting for more;
+* wall-clock checkpoints: likewise for ``checkpoint_every_seconds`` (rank 0's clock since the
+  last checkpoint was written): the step count after this step joins
+  :attr:`StepAgreement.checkpoint_points`, where the trainer writes a checkpoint (the work a
+  restart loses is then bounded in time, not in steps).
 
 All decisions come from one allgather, so every rank runs the same steps and stops at the same
 one. What does not: the stream sources (hybridps.data.stream), the loop (hybridps.trainer).
@@ -65,15 +69,19 @@ class StepAgreement:
         comm: hybridps.comm.Comm (every rank that draws batches calls :meth:`agree` once per
             poll, in step order).
         delta_every_seconds: 0 for none.
+        checkpoint_every_seconds: 0 for none.
         poll_s: seconds between polls while a stream has no rows for the next step.
     """
 
-    def __init__(self, comm, delta_every_seconds=0.0, poll_s=0.2):
+    def __init__(self, comm, delta_every_seconds=0.0, poll_s=0.2, checkpoint_every_seconds=0.0):
         self.comm = comm
         self.delta_every_seconds = float(delta_every_seconds)
+        self.checkpoint_every_seconds = float(checkpoint_every_seconds)
         self.poll_s = float(poll_s)
         self.delta_points = _PointSet()
-        self.last_delta = time.monotonic()
+        self.checkpoint_points = _PointSet()
+        self.timed_points = _EitherSet(self.delta_points, self.checkpoint_points)
+        self.last_delta = self.last_checkpoint = time.monotonic()
         self.stopped_by = None          # "signal", "end of stream" or "stream failure" at the end
         self.waited_s = 0.0             # seconds spent waiting for data
         self.failure = None             # (rank, what failed) of the lowest failing rank
@@ -86,11 +94,14 @@ class StepAgreement:
         ``failure``: why this rank's source cannot go on (None: it can); any rank's failure
         ends every rank here. ``notes``: this rank's notes for every rank (module docstring).
         """
+        now = time.monotonic()
         due = (self.comm.rank == 0 and self.delta_every_seconds > 0
-               and time.monotonic() - self.last_delta >= self.delta_every_seconds)
+               and now - self.last_delta >= self.delta_every_seconds)
+        checkpoint_due = (self.comm.rank == 0 and self.checkpoint_every_seconds > 0
+                          and now - self.last_checkpoint >= self.checkpoint_every_seconds)
         with watchdog.collective("step agreement"):
             votes = self.comm.allgather_object((stop_requested(), bool(ready), bool(ended), due,
-                                                failure, tuple(notes)))
+                                                failure, tuple(notes), checkpoint_due))
         self.notes = tuple(sorted({note for v in votes for note in v[5]}))
         failed = [(rank, v[4]) for rank, v in enumerate(votes) if v[4]]
         if failed:
@@ -103,6 +114,9 @@ class StepAgreement:
             if votes[0][3]:
                 self.delta_points.add(step + 1)
                 self.last_delta = time.monotonic()
+            if votes[0][6]:
+                self.checkpoint_points.add(step + 1)
+                self.last_checkpoint = time.monotonic()
             return "go"
         if all(v[2] for v in votes):
             self.stopped_by = "end of stream"
@@ -121,6 +135,12 @@ class StepAgreement:
         decided), so consecutive deltas are at least ``delta_every_seconds`` apart however
         long one takes to write. Called at the consistent point, while no batch is drawn."""
         self.last_delta = time.monotonic()
+
+    def checkpoint_written(self, completed):
+        """A checkpoint was written after ``completed`` steps: the clock of wall-clock
+        checkpoints restarts (as :meth:`delta_written`'s) and the point is forgotten."""
+        self.last_checkpoint = time.monotonic()
+        self.checkpoint_points.discard(completed)
 
     def raise_failure(self, completed, checkpoint_dir=None):
         """After the final checkpoint of a run ended by a source failure: the lowest failing
@@ -174,3 +194,13 @@ class _PointSet:
     def __contains__(self, k):
         with self.lock:
             return k in self.points
+
+
+class _EitherSet:
+    """Membership in any of several point sets (the wall-clock deltas and checkpoints)."""
+
+    def __init__(self, *sets):
+        self.sets = sets
+
+    def __contains__(self, k):
+        return any(k in points for points in self.sets)

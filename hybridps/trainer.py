@@ -193,9 +193,9 @@ class Trainer:
         c = self.config
         count = None if last is None else last - first
         streaming = getattr(self.dataset, "streaming", False)
-        if last is None or streaming or c.delta_every_seconds:
+        if last is None or streaming or c.delta_every_seconds or c.checkpoint_every_seconds:
             self.control = step_control.StepAgreement(self.comm, c.delta_every_seconds if c.delta_export_dir else 0,
-                                                      c.stream_poll_s)
+                                                      c.stream_poll_s, c.checkpoint_every_seconds)
             self.control.on_idle_delta = self._delta_while_waiting
             step_control.enable_graceful_stop()
         if streaming:
@@ -218,7 +218,7 @@ class Trainer:
                    (c.delta_every if c.delta_export_dir else 0),
                    (c.eval_every if c.eval_data else 0))
         return ConsistentPoints([every for every in everies if every], c.steps or None,
-                                extra=self.control.delta_points if self.control is not None else ())
+                                extra=self.control.timed_points if self.control is not None else ())
 
     def _at_step_boundary(self, completed, end=False):
         """Evaluation, checkpoint and delta export after ``completed`` steps (the tables are
@@ -230,6 +230,8 @@ class Trainer:
         c = self.config
         save = self.checkpoints is not None and (end or bool(c.checkpoint_every and
                                                             completed % c.checkpoint_every == 0))
+        timed = self.control is not None and completed in self.control.checkpoint_points
+        save = self.checkpoints is not None and (save or timed)
         save = save and completed != self.saved_at       # a stream may end on a checkpoint step
         delta = bool(c.delta_export_dir and c.delta_every and completed % c.delta_every == 0)
         if self.control is not None and c.delta_export_dir:   # wall-clock deltas; the last one
@@ -244,6 +246,8 @@ class Trainer:
             self.checkpoints.save(completed, state,
                                   self.dataset.state() if self.dataset is not None else None)
             self.saved_at = completed
+            if self.control is not None:
+                self.control.checkpoint_written(completed)
         if delta:
             self._write_delta(completed, state)
 

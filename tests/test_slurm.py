@@ -190,9 +190,12 @@ def slurm():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _submit(cluster, tmp_path, launcher, steps):
+def _submit(cluster, tmp_path, launcher, steps, extra_env=None, sbatch_args=(), train_args=(),
+            while_running=None, timeout=JOB_TIMEOUT_S):
+    """Submit train.sbatch with ``sbatch --wait``; ``while_running(tmp_path)`` is called while
+    the job runs (it may end before the job; the job's time limit bounds it)."""
     env = dict(cluster.env, HYBRIDPS_BIN=HYBRIDPS_BIN, HYBRIDPS_LAUNCHER=launcher,
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **(extra_env or {}))
     for name in list(env):          # a job must not inherit launcher variables of this process
         if name.startswith(("OMPI_COMM_WORLD", "PMIX_", "SLURM_JOB", "SLURM_STEP")):
             del env[name]
@@ -200,23 +203,31 @@ def _submit(cluster, tmp_path, launcher, steps):
     # must choose them itself from ranks versus cores, and the test checks that it did
     for name in ("OMPI_MCA_mpi_yield_when_idle", "OMP_NUM_THREADS", "HYBRIDPS_TF_THREADS"):
         env.pop(name, None)
-    command = ["sbatch", "--wait", "--ntasks=4", "--nodes=1", "--time=00:10:00", TRAIN_SBATCH,
-               "--steps", str(steps), "--batch-size", "64", "--hidden", "16", "--dim", "8",
-               "--vocab-size", "2000", "--log-every", "5", "--warmup-steps", "2"]
+    command = ["sbatch", "--wait", "--ntasks=4", "--nodes=1", "--time=00:10:00", *sbatch_args,
+               TRAIN_SBATCH, "--steps", str(steps), "--batch-size", "64", "--hidden", "16", "--dim",
+               "8", "--vocab-size", "2000", "--log-every", "5", "--warmup-steps", "2", *train_args]
     started = time.monotonic()
     try:
-        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=JOB_TIMEOUT_S)
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            if while_running is not None:
+                while_running(tmp_path)
+            stdout, stderr = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     except subprocess.TimeoutExpired:
         subprocess.run(["scancel", "--full", "--partition=debug"], env=cluster.env, timeout=30)
-        pytest.fail(f"sbatch --wait did not return within {JOB_TIMEOUT_S}s:\n{cluster.logs()}")
-    job_id = re.search(r"Submitted batch job (\d+)", proc.stdout)
-    assert job_id, f"sbatch did not submit:\n{proc.stdout}\n{proc.stderr}"
+        pytest.fail(f"sbatch --wait did not return within {timeout}s:\n{cluster.logs()}")
+    job_id = re.search(r"Submitted batch job (\d+)", stdout)
+    assert job_id, f"sbatch did not submit:\n{stdout}\n{stderr}"
     job_id = job_id.group(1)
     log_path = tmp_path / f"hybridps-{job_id}.out"
     log = log_path.read_text() if log_path.exists() else "(no job log)"
     assert proc.returncode == 0, (f"job {job_id} failed (sbatch exit {proc.returncode}):\n{log[-6000:]}"
-                                  f"\n{proc.stderr}\n{cluster.logs()}")
+                                  f"\n{stderr}\n{cluster.logs()}")
     return job_id, log, tmp_path / f"hybridps-{job_id}", time.monotonic() - started
 
 
@@ -241,6 +252,70 @@ def test_train_sbatch_runs_a_four_task_job(slurm, tmp_path, launcher, expected_c
     job = dict(line.split("=", 1) for line in (out_dir / "job.txt").read_text().splitlines())
     assert job["job_id"] == job_id and job["tasks"] == "4" and job["launcher"] == launcher
     print(f"{launcher}: job {job_id} took {seconds:.1f}s")
+
+
+def test_train_sbatch_runs_the_job_under_the_restart_supervisor_with_no_kill(slurm, tmp_path):
+    """HYBRIDPS_MAX_RESTARTS: `hybridps launch --max-restarts` inside the allocation (sbatch
+    --no-kill), srun on the allocation's node, resuming from the checkpoint directory."""
+    job_id, log, out_dir, _ = _submit(slurm, tmp_path, "srun", 10,
+                                      extra_env={"HYBRIDPS_MAX_RESTARTS": "2"}, sbatch_args=["--no-kill"],
+                                      train_args=["--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert re.search(r"srun --mpi=pmix -n 4 --kill-on-bad-exit=1 .* train .* --resume", log), log
+    assert "hybridps supervisor: the job finished (exit code 0); 0 restarts, history in " in log, log
+    assert json.loads((out_dir / "metrics.json").read_text())["steps"] == 10
+
+
+def test_train_sbatch_supervisor_relaunches_after_a_rank_is_killed(slurm, tmp_path):
+    """A rank killed (srun --kill-on-bad-exit ends the step): the supervisor inside the
+    allocation relaunches `train --resume` on the node, which answers, and the job finishes."""
+    from hybridps.supervisor import is_training_rank
+    marker = str(tmp_path / "results")
+
+    def kill_a_rank(directory):
+        deadline = time.monotonic() + 400
+        logs = []
+        while time.monotonic() < deadline:      # the template trains with --no-progress
+            logs = list(directory.glob("hybridps-*.out"))
+            if (directory / "ckpt" / "ckpt-0000000020").is_dir():
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the job wrote no checkpoint of step 20:\n" + (logs[0].read_text()[-4000:] if logs
+                                                                       else slurm.logs()))
+        for pid in _processes_with(f"HYBRIDPS_OUT_DIR={marker}"):
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = [a.decode() for a in fh.read().split(b"\0")]
+            if is_training_rank(argv):
+                os.kill(pid, signal.SIGKILL)          # one rank of this job, by its PID
+                return
+        pytest.fail("no rank of the job found to kill")
+
+    job_id, log, out_dir, _ = _submit(
+        slurm, tmp_path, "srun", 400, extra_env={"HYBRIDPS_MAX_RESTARTS": "2", "HYBRIDPS_OUT_DIR": marker},
+        sbatch_args=["--no-kill"], while_running=kill_a_rank, timeout=900,
+        train_args=["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "10"])
+    # without step lines (--no-progress) the seconds lost and rows trained again are not known
+    assert re.search(r"hybridps supervisor: restart 1: .*; hosts dropped: none; resumed from the "
+                     r"checkpoint of step [1-9]\d+ on 4 ranks; \? s lost; \? rows trained again", log), log[-6000:]
+    assert "hybridps supervisor: the job finished (exit code 0); 1 restart, history in " in log
+    restarts = json.loads((tmp_path / "results" / "restarts.json").read_text())["restarts"]
+    assert len(restarts) == 1 and restarts[0]["ranks"] == 4
+    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert metrics["steps"] == 400 and metrics["first_step"] == restarts[0]["checkpoint_step"]
+
+
+def _processes_with(assignment):
+    """PIDs of processes whose environment holds ``assignment`` (NAME=value)."""
+    found, wanted = [], assignment.encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if wanted in fh.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
 
 
 def test_compare_sbatch_is_valid_bash_and_documents_what_to_edit():

@@ -644,8 +644,9 @@ class TwoRankComm:
 
 
 def vote(ready=True, ended=False, failure=None, notes=()):
-    """A rank's vote as StepAgreement.agree gathers it: stop, ready, ended, delta due, failure, notes."""
-    return (False, ready, ended, False, failure, tuple(notes))
+    """A rank's vote as StepAgreement.agree gathers it: stop, ready, ended, delta due, failure, notes,
+    checkpoint due."""
+    return (False, ready, ended, False, failure, tuple(notes), False)
 
 
 def test_a_source_failure_on_one_rank_ends_every_rank_at_the_same_step_and_one_raises_it():

@@ -30,7 +30,8 @@ kind: ``CONFIG_NET_SCH_NETEM`` is not set and there are no modules) cannot add i
 Hosts: every command runs through ``rsh-agent HOST COMMAND`` (what ssh is on a cluster): in the
 host's network namespace, with its own host name (UTS namespace) and a private mount namespace
 that binds the bed's hosts file over /etc/hosts. Hosts share the file system (one machine)
-unless :meth:`TestBed.private_dir` gives one of them its own directory at a path.
+unless :meth:`TestBed.private_dir` gives one of them its own directory at a path. A host can be
+turned off and on (:meth:`TestBed.power`): off, its processes are killed and nothing starts there.
 """
 import argparse
 import json
@@ -321,6 +322,18 @@ class TestBed:
             except ProcessLookupError:
                 pass
         return hit
+
+    def power(self, host, on):
+        """Turn ``host`` off (every process there killed, and nothing starts there until it
+        is turned on: its rsh agent fails as ssh to a dead node does) or on again."""
+        marker = os.path.join(self.run_dir, "hosts", host, "off")
+        if on:
+            if os.path.exists(marker):
+                os.remove(marker)
+            return []
+        with open(marker, "w"):
+            pass
+        return self.kill_host(host)
 
     def measure_rtt_us(self, src=0, dst=1, rounds=200):
         """Median round trip in microseconds of a 1-byte TCP ping-pong between two hosts."""
