@@ -74,7 +74,7 @@ FLAG_VALUES = {
     "staleness": ("2", 2), "mode": ("ps", "ps"), "num_servers": ("2", 2),
     "max_inflight": ("6", 6), "dense_staleness": ("1", 1), "eval_data": ("synthetic", "synthetic"),
     "eval_every": ("5", 5), "eval_batches": ("3", 3), "checkpoint_dir": ("/k", "/k"),
-    "checkpoint_every": ("4", 4), "keep_checkpoints": ("2", 2), "resume": (None, True),
+    "checkpoint_every": ("4", 4), "checkpoint_every_seconds": ("2.5", 2.5), "keep_checkpoints": ("2", 2), "resume": (None, True),
     "resume_fresh": (None, True), "num_buckets": ("128", 128), "delta_export_dir": ("/d", "/d"),
     "delta_every": ("3", 3), "delta_every_seconds": ("1.5", 1.5), "full_export_every": ("2", 2),
     "stream_poll_s": ("0.5", 0.5), "stream_retry_seconds": ("7.5", 7.5), "metrics_out": ("/m", "/m"),
@@ -153,7 +153,7 @@ def test_output_and_per_rank_roles_come_from_the_declarations():
                                "resume_fresh", "watchdog_timeout", "tensorboard_dir"}
     assert OUTPUT_FIELDS == PER_RANK_FIELDS | {
         "log_every", "warmup_steps", "auc_window", "eval_data", "eval_every", "eval_batches",
-        "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "delta_export_dir", "delta_every",
+        "checkpoint_dir", "checkpoint_every", "checkpoint_every_seconds", "keep_checkpoints", "delta_export_dir", "delta_every",
         "delta_every_seconds", "full_export_every", "stream_poll_s", "data_cache"}
 
 
