@@ -21,7 +21,8 @@ run's ``data`` names for that schema, through one path:
 Also here: :func:`feature_keys` / :func:`integer_feature_keys` (raw categorical values to
 stable int64 keys, never Python's salted ``hash()``), :func:`roc_auc`, and
 :func:`make_dataset` (the Criteo preset's sources from a spec string, without a config). This
-package imports numpy and pyarrow only (no TensorFlow, no mpi4py).
+package imports numpy only (a reader imports pyarrow when it is opened; no TensorFlow, no
+mpi4py).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Union
 
 from hybridps.data.auc import roc_auc
 from hybridps.data.batch import Batch
-from hybridps.data.criteo import CriteoReader
+from hybridps.data.criteo import CriteoReader, criteo_schema
 from hybridps.data.hashing import feature_keys, integer_feature_keys, missing_key
 from hybridps.data.source import DataSource
 from hybridps.data.synthetic import SyntheticCTR
@@ -66,16 +67,14 @@ def make_dataset(spec: Union[str, os.PathLike], *, rank: int = 0, world_size: in
     spec_str = os.fspath(spec)
     if spec_str == "synthetic":
         return SyntheticCTR(seed=seed, rank=rank, world_size=world_size, **synthetic_kwargs)
-    path = SAMPLE_CRITEO_CSV if spec_str in _SAMPLE_SPECS else spec_str
     batch_size = synthetic_kwargs.pop("batch_size", None)
     if synthetic_kwargs:
         raise ConfigError(f"options {sorted(synthetic_kwargs)} apply to synthetic data only, "
-                          f"not to the data file {path!r}")
-    if not os.path.exists(path):
-        raise DataError(f"data spec {spec_str!r} is neither 'synthetic' nor 'sample' nor an "
-                        f"existing file")
+                          f"not to the data file {spec_str!r}")
+    schema = criteo_schema()
+    _, (path,) = data_format(spec_str, schema)
     return CriteoReader(path, rank=rank, world_size=world_size, on_bad_line=on_bad_line,
-                        batch_size=batch_size)
+                        batch_size=batch_size, schema=schema)
 
 
 def _is_file_spec(spec):
