@@ -113,7 +113,7 @@ class Trainer:
         global_batch = tf.constant(float(c.batch_size * self.compute_ranks))
         auc_from_step = int(c.steps * (1.0 - c.auc_window))   # unbounded runs: every step
         progress = Progress(last, enabled=c.progress and self.rank == 0, log_every=c.log_every,
-                            note=self.dataset.progress_note if self.dataset.streaming else None)
+                            note=self.dataset.progress_note)
         first = self.start_step
         batches = self._batches(first, last)
         if c.loader_delay_ms > 0 and self.rank == c.delay_rank:
