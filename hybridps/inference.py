@@ -19,8 +19,6 @@ import numpy as np
 from hybridps.errors import ConfigError
 from hybridps.models.registry import add_model_argument
 
-SYNTHETIC_EVAL_OFFSET = 1 << 40      # held-out synthetic batches: steps no training run reaches
-
 
 class HeldOut:
     """Batches of held-out data, the same number on every computing rank.
@@ -31,7 +29,9 @@ class HeldOut:
         schema: the model's FeatureSchema.
         rank, world_size: this rank's share among the ranks that read.
         batch_size: rows per batch.
-        synthetic_batches: batches of a synthetic source (it has no end).
+        synthetic_batches: batches of an endless source (synthetic data).
+    Raises:
+        ConfigError: a stream (held-out data is read once, in order).
     """
 
     def __init__(self, comm, config, schema, rank, world_size, batch_size, synthetic_batches=20):
@@ -39,7 +39,10 @@ class HeldOut:
         self.comm = comm
         self.batch_size = batch_size
         self.dataset = open_data(config, schema, rank=rank, world_size=world_size)
-        self.synthetic = not hasattr(self.dataset, "epoch_batches")
+        if self.dataset.streaming:
+            raise ConfigError(f"data {config.data!r} is a stream; held-out data (evaluation, "
+                              f"prediction) is read once, in order: give a data file or synthetic")
+        self.synthetic = not self.dataset.finite
         if self.synthetic:
             self.count = int(synthetic_batches)
         else:
@@ -47,11 +50,7 @@ class HeldOut:
             self.count = int(comm.allreduce_max(np.array([-(-share // batch_size)], np.int64))[0])
 
     def batches(self):
-        if self.synthetic:
-            for k in range(self.count):
-                yield self.dataset.batch(SYNTHETIC_EVAL_OFFSET + k, self.batch_size)
-            return
-        yield from self.dataset.epoch_batches(self.batch_size, self.count)
+        return self.dataset.epoch_batches(self.batch_size, self.count)
 
 
 @dataclasses.dataclass

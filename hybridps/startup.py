@@ -63,10 +63,8 @@ def check_data(comm, config, dataset):
     must have read the same file (size and content hash; a DataError otherwise); rank 0 prints
     one line about skipped lines (on_bad_line=skip), with a few examples from every rank, and
     warns when a batch is larger than a rank's share of the file."""
-    stats = getattr(dataset, "stats", None)
     gathered = comm.allgather_object(
-        (stats(), dataset.fingerprint() if hasattr(dataset, "fingerprint") else None)
-        if callable(stats) else (None, None))
+        (dataset.stats(), dataset.fingerprint()) if dataset is not None else (None, None))
     different = data_file_differences([f for _, f in gathered])
     if different:
         raise DataError(different)

@@ -122,7 +122,7 @@ class Trainer:
         global_batch = tf.constant(float(c.batch_size * self.compute_ranks))
         auc_from_step = int(c.steps * (1.0 - c.auc_window))   # unbounded runs: every step
         progress = Progress(last, enabled=c.progress and self.rank == 0, log_every=c.log_every,
-                            note=getattr(self.dataset, "progress_note", None))
+                            note=self.dataset.progress_note)
         first = self.start_step
         batches = self._batches(first, last)
         batches = testing_hooks.delayed_batches(batches, self.rank)     # tests: a straggler
@@ -192,16 +192,12 @@ class Trainer:
         (hybridps.step_control): SIGTERM then stops every rank at the same step."""
         c = self.config
         count = None if last is None else last - first
-        streaming = getattr(self.dataset, "streaming", False)
-        if last is None or streaming or c.delta_every_seconds or c.checkpoint_every_seconds:
+        if last is None or self.dataset.streaming or c.delta_every_seconds or c.checkpoint_every_seconds:
             self.control = step_control.StepAgreement(self.comm, c.delta_every_seconds if c.delta_export_dir else 0,
                                                       c.stream_poll_s, c.checkpoint_every_seconds)
             self.control.on_idle_delta = self._delta_while_waiting
             step_control.enable_graceful_stop()
-        if streaming:
-            return self.dataset.iter_batches(c.batch_size, count, control=self.control, start_step=first)
-        batches = self.dataset.iter_batches(c.batch_size, count)
-        return batches if self.control is None else self.control.batches(batches, first)
+        return self.dataset.iter_batches(c.batch_size, count, control=self.control, start_step=first)
 
     def _report_stop(self, completed):
         if self.control is None or self.control.stopped_by is None or self.rank != 0:
@@ -310,7 +306,7 @@ class Trainer:
             self.comm, c, self.schema, record, self.backend.stats(),
             compute_ranks=self.compute_ranks,
             dense_parameters=sum(int(np.prod(v.shape)) for v in self.model.trainable_variables),
-            data_stats=self.dataset.stats() if callable(getattr(self.dataset, "stats", None)) else None,
+            data_stats=self.dataset.stats() if self.dataset is not None else None,
             resume_messages=self.resume_messages)
         summary["stopped_by"] = self.control.stopped_by if self.control is not None else None
         if self.control is not None:

@@ -586,3 +586,22 @@ def test_batch_validates_shapes():
     b = Batch(dense=np.zeros((3, 2)), keys=np.zeros((3, 5), np.int64), labels=np.zeros(3))
     assert b.size == 3 and b.dense.dtype == np.float32
 
+
+
+def test_the_criteo_reader_serves_the_criteo_preset_schema_and_refuses_another():
+    """A CriteoReader's schema is the Criteo preset (label, I1..I13, C1..C26, the columns of
+    the file) unless the run gives its own preset; a schema of other features is refused."""
+    from hybridps.config import make_config
+    from hybridps.schema import build_schema
+    reader = CriteoReader(SAMPLE_CRITEO_CSV)
+    assert reader.schema.preset == "criteo" and reader.schema.label == "label"
+    assert [f.column for f in reader.schema.sparse] == [f"C{i}" for i in range(1, 27)]
+    assert [f.column for f in reader.schema.dense] == [f"I{i}" for i in range(1, 14)]
+    per_field = build_schema(make_config(overrides={"table_layout": "per_field"}), 26, 13)
+    assert CriteoReader(SAMPLE_CRITEO_CSV, schema=per_field).schema is per_field
+    for other in (build_schema(make_config(), 3, 13),
+                  build_schema(make_config(overrides={"features": {
+                      "label": "label", "sparse": [{"name": "user", "table": "user"}],
+                      "tables": {"user": {"dim": 4}}}}))):
+        with pytest.raises(ConfigError, match="Criteo layout"):
+            CriteoReader(SAMPLE_CRITEO_CSV, schema=other)

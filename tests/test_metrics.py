@@ -135,3 +135,16 @@ def test_series_rebinned_onto_a_wider_block_combine_whole_blocks():
     assert narrow.blocks(10, 75, 16).tolist() == wide.blocks(10, 75, 16).tolist() == want
     with pytest.raises(ValueError):
         wide.blocks(10, 75, 8)
+
+
+def test_progress_lines_end_with_the_sources_note_and_nothing_when_it_has_none():
+    """Progress takes a data source's progress_note as it is: its text ends a line; a source
+    with nothing to say (None, every file and generator) adds nothing to the line."""
+    import io
+    from hybridps.metrics.progress import Progress
+    for note, tail in ((lambda: "stream 5 rows/s", " stream 5 rows/s\n"), (lambda: None, "s\n")):
+        out = io.StringIO()
+        Progress(2, enabled=True, log_every=1, stream=out, note=note).update(0, 0.5, 100.0)
+        line = out.getvalue()
+        assert line.startswith("step 1/2 rank-0 loss 0.5000 100 samples/s elapsed ")
+        assert line.endswith(tail) and "None" not in line

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 from hybridps.config import make_config  # noqa: E402
 from hybridps.data.hashing import space_keys, text_ids  # noqa: E402
-from hybridps.errors import DataError  # noqa: E402
+from hybridps.errors import ConfigError, DataError  # noqa: E402
 from hybridps.schema import build_schema  # noqa: E402
 from tests.schema_data import FEATURES, rows, write_parquet, write_tfrecord  # noqa: E402
 
@@ -423,3 +423,130 @@ def test_a_tfrecord_value_that_is_not_utf8_names_the_record_and_the_feature(tmp_
     with pytest.raises(DataError, match=r"a.tfrecord, record 6: feature 'user' holds b'u\\xff\\xfe', "
                                         r"which is not UTF-8 text"):
         list(reader("tfrecord", [path]).iter_batches(5, 1))
+
+
+class RecordingAgreement:
+    """A StepAgreement stand-in that records what went through it: the file and synthetic
+    sources hand their batches to ``batches``; a stream asks ``agree`` before each step."""
+
+    notes = ()
+
+    def __init__(self):
+        self.first_steps, self.agreed = [], []
+
+    def batches(self, batches, first):
+        self.first_steps.append(first)
+        for step, batch in enumerate(batches, start=first):
+            self.agreed.append(step)
+            yield batch
+
+    def agree(self, step, ready=True, ended=False, failure=None, notes=()):
+        assert failure is None
+        self.agreed.append(step)
+        return "go" if ready else "end"
+
+
+def _open(tmp_path, kind):
+    """(config, schema) of a run reading ``kind`` data written into tmp_path."""
+    from hybridps.data import SAMPLE_CRITEO_CSV, preset_shape
+    from tests.test_streaming import write_csv
+    columns = rows(40, seed=4)
+    features = {"features": FEATURES}
+    if kind in ("criteo-synthetic", "criteo-sample", "criteo-tsv"):
+        data = {"criteo-synthetic": "synthetic", "criteo-sample": "sample"}.get(kind)
+        if kind == "criteo-tsv":          # the sample's rows as the headerless Criteo TSV
+            lines = open(SAMPLE_CRITEO_CSV).read().splitlines()[1:]
+            (tmp_path / "day.tsv").write_text("\n".join(line.replace(",", "\t") for line in lines) + "\n")
+            data = str(tmp_path / "day.tsv")
+        features = {}
+    elif kind == "schema-synthetic":
+        data = "synthetic"
+    elif kind == "csv":
+        write_csv(tmp_path / "a.csv", columns)
+        data = str(tmp_path / "a.csv")
+    elif kind == "parquet":
+        data = write_parquet(tmp_path / "a.parquet", columns, 10)
+    elif kind == "tfrecord":
+        data = write_tfrecord(tmp_path / "a.tfrecord", columns)
+    else:
+        (tmp_path / "in").mkdir()
+        write_parquet(tmp_path / "in" / "f0.parquet", columns, 10)
+        open(tmp_path / "in" / "_END", "w").close()
+        data = f"stream:{tmp_path / 'in'}"
+    config = make_config(overrides=dict(features, data=data, batch_size=8))
+    return config, build_schema(config, *preset_shape(config))
+
+
+KINDS = ["criteo-synthetic", "criteo-sample", "criteo-tsv", "schema-synthetic", "csv", "parquet",
+         "tfrecord", "stream"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_source_is_a_data_source_of_the_run_schema_with_one_iter_batches(tmp_path, kind):
+    """open_data gives a DataSource for every kind of data: the run's schema, the flags a
+    caller asks instead of probing (files finite, generators and streams not; streams alone
+    streaming), batches of the schema's width through one iter_batches signature whose step
+    agreement every source honours from start_step on, and its stats and fingerprint."""
+    from hybridps.data import DataSource, open_data
+    config, schema = _open(tmp_path, kind)
+    source = open_data(config, schema, rank=0, world_size=1)
+    assert isinstance(source, DataSource)
+    assert source.schema is schema
+    assert (source.rank, source.world_size) == (0, 1)
+    is_file = kind not in ("criteo-synthetic", "schema-synthetic", "stream")
+    assert source.finite is is_file
+    assert source.streaming is (kind == "stream")
+    control = RecordingAgreement()
+    batches = list(source.iter_batches(8, 3, control=control, start_step=5))
+    assert control.agreed == [5, 6, 7]
+    assert [b.keys.shape for b in batches] == [(8, len(schema.single_features))] * 3
+    assert [b.dense.shape[1] for b in batches] == [schema.num_dense] * 3
+    stats, fingerprint = source.stats(), source.fingerprint()
+    if kind.endswith("synthetic"):
+        assert stats is None and fingerprint is None
+    else:
+        assert stats["rows"] == (24 if kind == "stream" else source.num_rows)
+    assert (fingerprint is not None) is is_file
+    assert source.progress_note() is None or kind == "stream"
+    if kind == "stream":
+        with pytest.raises(ConfigError, match="held-out"):
+            next(iter(source.epoch_batches(8)))
+        with pytest.raises(ConfigError, match="control"):
+            next(iter(source.iter_batches(8, 1)))
+
+
+@pytest.mark.parametrize("kind", ["criteo-synthetic", "schema-synthetic"])
+def test_synthetic_held_out_batches_are_steps_no_training_reaches(tmp_path, kind):
+    """A generator's epoch_batches: ``count`` batches of steps 2**40 + k (a pure function of
+    the step), the training position unmoved."""
+    from hybridps.data import open_data
+    config, schema = _open(tmp_path, kind)
+    source = open_data(config, schema, rank=0, world_size=1)
+    held_out = list(source.epoch_batches(8, 2))
+    assert len(held_out) == 2 and source.state()["next_step"] == 0
+    for k, batch in enumerate(held_out):
+        np.testing.assert_array_equal(batch.keys, source.batch((1 << 40) + k, 8).keys)
+    with pytest.raises(ConfigError, match="held-out batches"):
+        next(iter(source.epoch_batches(8)))
+
+
+def test_a_stream_as_held_out_data_is_a_config_error_not_a_traceback(tmp_path):
+    from hybridps.inference import HeldOut
+    config, schema = _open(tmp_path, "stream")
+    with pytest.raises(ConfigError, match="stream"):
+        HeldOut(None, config, schema, 0, 1, 8)
+
+
+def test_the_criteo_preset_is_a_format_of_the_file_table(tmp_path):
+    """data_format resolves the Criteo preset's specs like the schema readers' (format, files);
+    a schema run cannot name the Criteo sample."""
+    from hybridps.data import SAMPLE_CRITEO_CSV, data_format
+    _, criteo = _open(tmp_path, "criteo-sample")
+    assert data_format("sample", criteo) == ("criteo", [SAMPLE_CRITEO_CSV])
+    assert data_format(SAMPLE_CRITEO_CSV, criteo) == ("criteo", [SAMPLE_CRITEO_CSV])
+    with pytest.raises(DataError, match="neither 'synthetic' nor 'sample'"):
+        data_format(str(tmp_path / "missing.tsv"), criteo)
+    path = write_parquet(tmp_path / "a.parquet", rows(5), 5)
+    assert data_format(path, SCHEMA) == ("parquet", [path])
+    with pytest.raises(ConfigError, match="Criteo sample"):
+        data_format("sample", SCHEMA)

@@ -1,19 +1,28 @@
 """hybridps.data: where training samples come from.
 
-* :class:`CriteoReader` reads Criteo-format click logs (the original tab-separated training
-  file, or CSV with a header such as the bundled :data:`SAMPLE_CRITEO_CSV`); each rank keeps the
-  data lines ``i`` with ``i % world_size == rank``.
-* :class:`SyntheticCTR` generates endless Criteo-like data (Zipf-distributed IDs) from a planted
-  model, deterministic per (seed, rank, step), with its Bayes AUC as a yardstick.
-* :func:`feature_keys` / :func:`integer_feature_keys` turn raw categorical values into stable
-  int64 embedding keys (never Python's salted ``hash()``); the field index is part of every key,
-  so all fields can share one table.
-* :func:`roc_auc`: rank-based AUC in plain numpy.
+Every source of samples is a :class:`DataSource` (hybridps.data.source: the batches of one rank
+of a world, its schema, its stats, its position and the restore of it) and yields
+:class:`Batch` objects (hybridps.data.batch: dense float32 (B, D), the single-valued keys int64
+(B, S), the list features as values and lengths, labels float32 (B,)). A run's schema
+(hybridps.schema) says which features a batch holds; :func:`open_data` opens the source a
+run's ``data`` names for that schema, through one path:
 
-Both datasets produce :class:`Batch` objects (dense float32 (B, 13), keys int64 (B, 26), labels
-float32 (B,)) through the common ``iter_batches(batch_size, num_steps)``, and save / resume
-their position with ``state()`` / ``restore(state)``. :func:`make_dataset` builds either from a
-spec string. This package imports numpy only (no TensorFlow, no mpi4py).
+* ``synthetic``: endless generated data with a planted model (:class:`SyntheticCTR` for the
+  Criteo preset, hybridps.data.synthetic_schema for a ``features:`` schema);
+* files: the format comes from the spec or the file names (:func:`data_format`) and one reader
+  per format reads it: the Criteo preset's ``criteo`` format (:class:`CriteoReader`: the Criteo
+  TSV, or CSV with a header such as the bundled :data:`SAMPLE_CRITEO_CSV`, ``sample``), and for
+  a ``features:`` schema CSV/TSV (hybridps.data.schema_csv), Parquet and TFRecord
+  (hybridps.data.parquet, hybridps.data.tfrecord: partitioned, with a cache of parsed parts);
+  each rank reads its own share;
+* streams: ``stream:DIR`` and ``redis://HOST:PORT/STREAM`` (hybridps.data.stream), rows that
+  keep arriving, every step agreed by every rank.
+
+Also here: :func:`feature_keys` / :func:`integer_feature_keys` (raw categorical values to
+stable int64 keys, never Python's salted ``hash()``), :func:`roc_auc`, and
+:func:`make_dataset` (the Criteo preset's sources from a spec string, without a config). This
+package imports numpy only (a reader imports pyarrow when it is opened; no TensorFlow, no
+mpi4py).
 """
 from __future__ import annotations
 
@@ -22,13 +31,15 @@ from typing import Union
 
 from hybridps.data.auc import roc_auc
 from hybridps.data.batch import Batch
-from hybridps.data.criteo import CriteoReader
+from hybridps.data.criteo import CriteoReader, criteo_schema
 from hybridps.data.hashing import feature_keys, integer_feature_keys, missing_key
+from hybridps.data.source import DataSource
 from hybridps.data.synthetic import SyntheticCTR
 from hybridps.errors import ConfigError, DataError
 
-__all__ = ["Batch", "SyntheticCTR", "CriteoReader", "feature_keys", "integer_feature_keys",
-           "missing_key", "roc_auc", "SAMPLE_CRITEO_CSV", "make_dataset", "open_data", "preset_shape"]
+__all__ = ["Batch", "DataSource", "SyntheticCTR", "CriteoReader", "feature_keys",
+           "integer_feature_keys", "missing_key", "roc_auc", "SAMPLE_CRITEO_CSV", "make_dataset",
+           "open_data", "preset_shape", "data_format", "data_files"]
 
 #: The bundled 200-row Criteo sample (CSV with header; provenance in samples/NOTICE.md).
 SAMPLE_CRITEO_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples",
@@ -56,16 +67,14 @@ def make_dataset(spec: Union[str, os.PathLike], *, rank: int = 0, world_size: in
     spec_str = os.fspath(spec)
     if spec_str == "synthetic":
         return SyntheticCTR(seed=seed, rank=rank, world_size=world_size, **synthetic_kwargs)
-    path = SAMPLE_CRITEO_CSV if spec_str in _SAMPLE_SPECS else spec_str
     batch_size = synthetic_kwargs.pop("batch_size", None)
     if synthetic_kwargs:
         raise ConfigError(f"options {sorted(synthetic_kwargs)} apply to synthetic data only, "
-                          f"not to the data file {path!r}")
-    if not os.path.exists(path):
-        raise DataError(f"data spec {spec_str!r} is neither 'synthetic' nor 'sample' nor an "
-                        f"existing file")
+                          f"not to the data file {spec_str!r}")
+    schema = criteo_schema()
+    _, (path,) = data_format(spec_str, schema)
     return CriteoReader(path, rank=rank, world_size=world_size, on_bad_line=on_bad_line,
-                        batch_size=batch_size)
+                        batch_size=batch_size, schema=schema)
 
 
 def _is_file_spec(spec):
@@ -85,14 +94,13 @@ def preset_shape(config):
     return NUM_FIELDS, NUM_DENSE
 
 
-def open_data(config, schema, *, rank, world_size):
-    """The data source of a run: synthetic data (the Criteo layout, or any schema's), a Criteo
-    file (the preset), schema-described CSV/TSV, Parquet or TFRecord files, or a stream
-    (``stream:DIR``, ``redis://HOST:PORT/STREAM``: hybridps.data.stream).
+def open_data(config, schema, *, rank, world_size) -> DataSource:
+    """The data source of a run (see the package docstring): synthetic data, the files of a
+    format (:func:`data_format`), or a stream (hybridps.data.stream).
 
     Args:
-        config: TrainConfig (``data``, ``seed``, ``on_bad_line``, synthetic options).
-        schema: the run's FeatureSchema.
+        config: TrainConfig (``data``, ``seed``, ``on_bad_line``, synthetic and reader options).
+        schema: the run's FeatureSchema (the Criteo preset or a ``features:`` schema).
         rank, world_size: this rank's share of the data among the ranks that read it.
     Raises:
         DataError, ConfigError: naming the file or the field.
@@ -107,34 +115,65 @@ def open_data(config, schema, *, rank, world_size):
     if is_stream_spec(spec):
         return open_stream(spec, schema, rank=rank, world_size=world_size,
                            on_bad_line=config.on_bad_line, retry_seconds=config.stream_retry_seconds)
-    if schema.preset == "criteo":
-        options = (dict(num_fields=len(schema.sparse), num_dense=schema.num_dense,
-                        vocab_size=config.vocab_size, zipf_a=config.zipf_a)
-                   if spec == "synthetic" else {})
-        return make_dataset(spec, rank=rank, world_size=world_size, seed=config.seed,
-                            on_bad_line=config.on_bad_line, **options)
     if spec == "synthetic":
-        from hybridps.data.synthetic_schema import make_schema_synthetic
-        return make_schema_synthetic(schema, config, rank, world_size)
+        from hybridps.data.synthetic_schema import open_synthetic
+        return open_synthetic(schema, config, rank, world_size)
+    kind, paths = data_format(spec, schema)
+    return _READERS[kind](paths, schema, config, rank=rank, world_size=world_size)
+
+
+def data_format(spec, schema):
+    """(format, files) of a file spec of a run: the Criteo preset reads one Criteo-format file
+    (``criteo``; ``sample`` names the bundled sample); a ``features:`` schema reads the files
+    of :func:`data_files`, one file for ``csv``.
+
+    Raises:
+        DataError: nothing there. ConfigError: the sample for a ``features:`` schema, or
+        several CSV files.
+    """
+    if schema.preset == "criteo":
+        path = SAMPLE_CRITEO_CSV if spec in _SAMPLE_SPECS else spec
+        if not os.path.exists(path):
+            raise DataError(f"data spec {spec!r} is neither 'synthetic' nor 'sample' nor an "
+                            f"existing file")
+        return "criteo", [path]
     if spec in _SAMPLE_SPECS:
         raise ConfigError(f"data {spec!r} is the bundled Criteo sample, which has the Criteo "
                           f"layout; a 'features:' schema needs its own data file")
     kind, paths = data_files(spec)
-    if kind == "csv":
-        if len(paths) > 1:
-            raise ConfigError(f"data {spec!r}: a CSV/TSV run reads one file, this names "
-                              f"{len(paths)}; use Parquet or TFRecord parts for several files")
-        from hybridps.data.schema_csv import SchemaCSVReader
-        return SchemaCSVReader(paths[0], schema, rank=rank, world_size=world_size,
-                               on_bad_line=config.on_bad_line)
-    options = dict(rank=rank, world_size=world_size, on_bad_line=config.on_bad_line,
-                   shuffle=config.shuffle, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-                   data_cache=config.data_cache)
-    if kind == "parquet":
-        from hybridps.data.parquet import ParquetReader
-        return ParquetReader(paths, schema, **options)
+    if kind == "csv" and len(paths) > 1:
+        raise ConfigError(f"data {spec!r}: a CSV/TSV run reads one file, this names "
+                          f"{len(paths)}; use Parquet or TFRecord parts for several files")
+    return kind, paths
+
+
+def _criteo_reader(paths, schema, config, **share):
+    return CriteoReader(paths[0], on_bad_line=config.on_bad_line, schema=schema, **share)
+
+
+def _csv_reader(paths, schema, config, **share):
+    from hybridps.data.schema_csv import SchemaCSVReader
+    return SchemaCSVReader(paths[0], schema, on_bad_line=config.on_bad_line, **share)
+
+
+def _parquet_reader(paths, schema, config, **share):
+    from hybridps.data.parquet import ParquetReader
+    return ParquetReader(paths, schema, **_partitioned_options(config), **share)
+
+
+def _tfrecord_reader(paths, schema, config, **share):
     from hybridps.data.tfrecord import TFRecordReader
-    return TFRecordReader(paths, schema, **options)
+    return TFRecordReader(paths, schema, **_partitioned_options(config), **share)
+
+
+def _partitioned_options(config):
+    return dict(on_bad_line=config.on_bad_line, shuffle=config.shuffle,
+                shuffle_buffer=config.shuffle_buffer, seed=config.seed, data_cache=config.data_cache)
+
+
+#: format -> opener (paths, schema, config, rank=, world_size=) of its reader
+_READERS = {"criteo": _criteo_reader, "csv": _csv_reader, "parquet": _parquet_reader,
+            "tfrecord": _tfrecord_reader}
 
 
 def is_partitioned_spec(spec, schema):

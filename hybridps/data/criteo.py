@@ -37,6 +37,9 @@ than 0/1, text that is not UTF-8, a line longer than hybridps.data.files.MAX_LIN
 the problem, or with ``on_bad_line="skip"`` are skipped and counted (``bad_lines``, ``stats()``).
 
 The whole share is held in memory: dense float32 (N, 13), keys int64 (N, 26), labels float32.
+The reader is the ``criteo`` format of the Criteo preset schema (hybridps.schema.criteo_preset,
+:func:`criteo_schema`): it serves that schema's batches as every reader serves its schema's
+(hybridps.data.source.DataSource).
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ from hybridps.data.batch import Batch, check_int, resolve_batch_size
 from hybridps.data.hashing import feature_keys
 from hybridps.errors import ConfigError, DataError
 
-__all__ = ["CriteoReader", "NUM_DENSE", "NUM_FIELDS", "CRITEO_COLUMNS"]
+__all__ = ["CriteoReader", "NUM_DENSE", "NUM_FIELDS", "CRITEO_COLUMNS", "criteo_schema"]
 
 NUM_DENSE = 13
 NUM_FIELDS = 26
@@ -78,6 +81,23 @@ class _BadLine(Exception):
     pass
 
 
+def criteo_schema(num_fields: int = NUM_FIELDS, num_dense: int = NUM_DENSE):
+    """The Criteo preset schema with the default table settings (one shared table)."""
+    from hybridps.config import make_config
+    from hybridps.schema import criteo_preset
+    return criteo_preset(make_config(), num_fields, num_dense)
+
+
+def check_criteo_schema(schema, what):
+    """Raise ConfigError unless ``schema`` is the Criteo preset of ``num_fields`` 26 and
+    ``num_dense`` 13 (the layout of a Criteo file)."""
+    if schema.preset != "criteo" or (len(schema.sparse), schema.num_dense) != (NUM_FIELDS, NUM_DENSE):
+        raise ConfigError(f"{what} has the Criteo layout ({NUM_FIELDS} categorical fields, "
+                          f"{NUM_DENSE} dense); the schema given has {len(schema.sparse)} and "
+                          f"{schema.num_dense}: read it with the Criteo preset (no 'features:', "
+                          f"num_fields {NUM_FIELDS}, num_dense {NUM_DENSE})")
+
+
 class CriteoReader(InMemoryShare):
     """This rank's share of a Criteo-format file, in memory, served as batches.
 
@@ -86,6 +106,8 @@ class CriteoReader(InMemoryShare):
         rank, world_size: line ``i`` of the file's data lines goes to rank ``i % world_size``.
         on_bad_line: ``"raise"`` (DataError naming file and line) or ``"skip"`` (count it).
         batch_size: default batch size of :meth:`batches` and :meth:`iter_batches`.
+        schema: the run's Criteo preset schema (default: :func:`criteo_schema`; its tables do
+            not change what is read).
 
     Attributes:
         num_rows: rows of this rank's share (valid lines only).
@@ -99,8 +121,10 @@ class CriteoReader(InMemoryShare):
     num_fields = NUM_FIELDS
 
     def __init__(self, path: str, rank: int = 0, world_size: int = 1,
-                 on_bad_line: str = "raise", batch_size: Optional[int] = None):
+                 on_bad_line: str = "raise", batch_size: Optional[int] = None, schema=None):
         self.path = os.fspath(path)
+        self.schema = criteo_schema() if schema is None else schema
+        check_criteo_schema(self.schema, f"data file {self.path!r}")
         self.world_size = check_int("world_size", world_size, 1)
         self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:

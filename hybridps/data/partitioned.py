@@ -43,6 +43,7 @@ import numpy as np
 
 from hybridps.data.batch import Batch, check_int, empty_batch, resolve_batch_size
 from hybridps.data.columns import ColumnConverter
+from hybridps.data.source import DataSource
 from hybridps.errors import ConfigError, DataError
 from hybridps.wording import counted
 
@@ -69,8 +70,9 @@ def concat_batches(parts):
                  truncated=truncated, groups=groups, row_ids=row_ids)
 
 
-class PartitionedReader:
-    """A rank's share of partitioned data, streamed as batches (see the module docstring).
+class PartitionedReader(DataSource):
+    """A rank's share of partitioned data, streamed as batches (see the module docstring): a
+    finite :class:`~hybridps.data.source.DataSource`.
 
     Args:
         paths: the data files (hybridps.data.files.expand_paths), in order.
@@ -273,9 +275,10 @@ class PartitionedReader:
                                 f"({len(self.units_of(self.rank))} parts, {self.bad_parts} of them "
                                 f"skipped as unreadable: {self.bad_line_examples[:3]})")
 
-    def iter_batches(self, batch_size=None, num_steps=None):
+    def _next_batches(self, batch_size=None, num_steps=None):
         """Exactly ``num_steps`` batches of exactly ``batch_size`` rows (forever if None),
-        epoch after epoch, from the current position (which advances before each batch)."""
+        epoch after epoch, from the current position (which advances before each batch): what
+        :meth:`iter_batches` serves."""
         b = resolve_batch_size(batch_size, self.default_batch_size)
         per_epoch = self.batches_per_epoch(b)
         # replaying reads the epoch from its start up to the position: exact whatever order

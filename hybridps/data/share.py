@@ -12,14 +12,16 @@ from typing import Iterator, Optional
 import numpy as np
 
 from hybridps.data.batch import Batch, check_int, resolve_batch_size
+from hybridps.data.source import DataSource
 from hybridps.errors import DataError
 
 
-class InMemoryShare:
-    """Batches from ``self.share`` (a Batch of every row of this rank's share).
+class InMemoryShare(DataSource):
+    """Batches from ``self.share`` (a Batch of every row of this rank's share): a finite
+    :class:`~hybridps.data.source.DataSource`.
 
-    Subclasses set ``share``, ``path``, ``rank``, ``world_size``, ``data_lines`` (data lines of
-    the whole file: a resume checks it) and ``default_batch_size`` before serving.
+    Subclasses set ``share``, ``schema``, ``path``, ``rank``, ``world_size``, ``data_lines``
+    (data lines of the whole file: a resume checks it) and ``default_batch_size`` before serving.
     """
 
     kind = "share"
@@ -55,11 +57,10 @@ class InMemoryShare:
         for k in range(count):
             yield self.share.take(slice(min(k * batch_size, n), min((k + 1) * batch_size, n)))
 
-    def iter_batches(self, batch_size: Optional[int] = None,
-                     num_steps: Optional[int] = None) -> Iterator[Batch]:
-        """Exactly ``num_steps`` batches of exactly ``batch_size`` rows (forever if None).
-
-        The position advances before each batch is handed out.
+    def _next_batches(self, batch_size: Optional[int] = None,
+                      num_steps: Optional[int] = None) -> Iterator[Batch]:
+        """Exactly ``num_steps`` batches of exactly ``batch_size`` rows (forever if None), for
+        :meth:`iter_batches`. The position advances before each batch is handed out.
         """
         b = resolve_batch_size(batch_size, self.default_batch_size)
         if num_steps is not None:

@@ -58,6 +58,7 @@ import time
 
 from hybridps.data.batch import check_int, empty_batch
 from hybridps.data.partitioned import concat_batches
+from hybridps.data.source import DataSource
 from hybridps.errors import ConfigError, DataError
 
 END_MARKER = "_END"
@@ -83,8 +84,9 @@ def open_stream(spec, schema, *, rank, world_size, on_bad_line="raise", retry_se
     return RedisStream(spec, schema, rank=rank, world_size=world_size, retry_seconds=retry_seconds)
 
 
-class StreamSource:
-    """What both stream kinds share: the global batch split, the waiting, the counters.
+class StreamSource(DataSource):
+    """What both stream kinds share: the global batch split, the waiting, the counters (a
+    streaming, endless :class:`~hybridps.data.source.DataSource`).
 
     Subclasses implement ``_poll(need) -> (ready, ended)`` (refresh what has arrived: at least
     ``need`` rows after the position, or the end marker with fewer), ``_rows(offset, count)``
@@ -94,6 +96,7 @@ class StreamSource:
     """
 
     streaming = True
+    finite = False
     kind = "stream"
 
     def __init__(self, schema, rank, world_size, retry_seconds=60.0):
@@ -115,9 +118,13 @@ class StreamSource:
         self.failure = None             # why this source cannot go on (agreed before each step)
         self._notes = []                # for every rank's source (hybridps.step_control)
 
-    def iter_batches(self, batch_size, num_steps=None, *, control, start_step=0):
+    def iter_batches(self, batch_size=None, num_steps=None, *, control=None, start_step=0):
         """Batches of exactly ``batch_size`` rows as the stream delivers them, ``num_steps``
-        at most (None: until the end marker or a stop), each one agreed by every rank."""
+        at most (None: until the end marker or a stop), each one agreed by every rank through
+        ``control`` (required: hybridps.step_control.StepAgreement)."""
+        if control is None:
+            raise ConfigError("a stream's batches are agreed by every rank before each step: "
+                              "iter_batches needs control (hybridps.step_control.StepAgreement)")
         b = check_int("batch_size", batch_size, 1)
         need = b * self.world_size
         self.started = time.monotonic()

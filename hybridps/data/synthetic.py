@@ -54,10 +54,16 @@ import numpy as np
 from hybridps.data.auc import roc_auc
 from hybridps.data.batch import Batch, check_int, resolve_batch_size
 from hybridps._synthetic import pick_keys, planted_logits
+from hybridps.data.criteo import criteo_schema
 from hybridps.data.hashing import _field_offset, splitmix64
+from hybridps.data.source import DataSource
 from hybridps.errors import ConfigError, DataError
 
-__all__ = ["SyntheticCTR"]
+__all__ = ["SyntheticCTR", "HELD_OUT_FIRST_STEP"]
+
+#: The step of the first held-out batch (:meth:`SyntheticCTR.epoch_batches`): no training run
+#: reaches it, so held-out batches are never trained on.
+HELD_OUT_FIRST_STEP = 1 << 40
 
 _SALT_W = 0x5BD1E9955BD1E995
 _SALT_V = 0xD6E8FEB86659FD93
@@ -112,8 +118,9 @@ def _check_float(name: str, value, lo: float, hi: float = math.inf,
     return v
 
 
-class SyntheticCTR:
-    """Endless, deterministic synthetic CTR data with a learnable planted model (see module doc).
+class SyntheticCTR(DataSource):
+    """Endless, deterministic synthetic CTR data with a learnable planted model (see module
+    doc): an endless :class:`~hybridps.data.source.DataSource` of the Criteo preset's layout.
 
     Args:
         num_fields: categorical fields (one key per field per sample).
@@ -129,9 +136,12 @@ class SyntheticCTR:
         target_ctr: the mean click probability the bias is calibrated to.
         bias: fix the logit bias instead of calibrating it.
         batch_size: default batch size of :meth:`iter_batches`.
+        schema: the run's schema (default: the Criteo preset of ``num_fields`` and
+            ``num_dense``, built when first asked for).
     """
 
     kind = "synthetic"
+    finite = False
 
     def __init__(self, num_fields: int = 26, num_dense: int = 13,
                  vocab_size: Union[int, Sequence[int]] = 100_000, zipf_a: float = 1.2,
@@ -139,7 +149,8 @@ class SyntheticCTR:
                  field_scale: float = 1.0, dense_scale: float = 0.5,
                  interaction_scale: float = 0.5, label_flip: float = 0.0,
                  target_ctr: float = 0.25, bias: Optional[float] = None,
-                 batch_size: Optional[int] = None):
+                 batch_size: Optional[int] = None, schema=None):
+        self._schema = schema
         self.num_fields = check_int("num_fields", num_fields, 1)
         if self.num_fields > 1 << 16:
             raise ConfigError(f"num_fields must be <= 65536, got {num_fields}")
@@ -249,9 +260,10 @@ class SyntheticCTR:
         b = resolve_batch_size(batch_size, self.default_batch_size)
         return self._make_batch(self._rng(self.seed, self.rank, step), b)
 
-    def iter_batches(self, batch_size: Optional[int] = None,
-                     num_steps: Optional[int] = None) -> Iterator[Batch]:
-        """Yield ``num_steps`` batches (forever if None), starting at the current position.
+    def _next_batches(self, batch_size: Optional[int] = None,
+                      num_steps: Optional[int] = None) -> Iterator[Batch]:
+        """Yield ``num_steps`` batches (forever if None), starting at the current position
+        (what :meth:`iter_batches` serves).
 
         The position (``next_step``) advances before each batch is handed out, so
         :meth:`state` taken while processing a batch points at the batch after it.
@@ -265,6 +277,24 @@ class SyntheticCTR:
             self.next_step = step + 1
             produced += 1
             yield self.batch(step, b)
+
+    def epoch_batches(self, batch_size: int, count: Optional[int] = None) -> Iterator[Batch]:
+        """``count`` held-out batches: those of steps ``HELD_OUT_FIRST_STEP + k``, which no
+        training run reaches (the position does not move)."""
+        if count is None:
+            raise ConfigError("synthetic data has no end: say how many held-out batches to read")
+        for k in range(check_int("count", count, 0)):
+            yield self.batch(HELD_OUT_FIRST_STEP + k, batch_size)
+
+    @property
+    def schema(self):
+        if self._schema is None:
+            self._schema = criteo_schema(self.num_fields, self.num_dense)
+        return self._schema
+
+    @schema.setter
+    def schema(self, schema):
+        self._schema = schema
 
     # ------------------------------------------------------------------ planted model
     def _logits(self, keys: np.ndarray, dense: np.ndarray) -> np.ndarray:
@@ -339,6 +369,10 @@ class SyntheticCTR:
             raise DataError(f"data state was saved with seed {state['seed']}, this dataset "
                             f"has seed {self.seed}")
         self.next_step = check_int("next_step", state.get("next_step"), 0)
+
+    def stats(self) -> None:
+        """None: a generator reads nothing (its parameters: :meth:`describe`)."""
+        return None
 
     def describe(self) -> dict:
         """The generator's parameters, for logs and benchmark reports."""

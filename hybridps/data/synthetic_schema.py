@@ -65,14 +65,13 @@ class SchemaSynthetic(SyntheticCTR):
 
     def __init__(self, schema, list_mean_length: float = 10.0, list_max_length: int = 50,
                  list_scale: float = 1.0, **kwargs):
-        self.schema = schema
         singles = schema.single_features
         kwargs.pop("num_fields", None)
         kwargs.pop("num_dense", None)
         bias = kwargs.pop("bias", None)
         # bias 0 here: the calibration below needs the list features, set up after this call
         super().__init__(num_fields=max(len(singles), 1), num_dense=schema.num_dense, bias=0.0,
-                         **kwargs)
+                         schema=schema, **kwargs)
         self.single_seeds = [f.key_space for f in singles]
         self.list_scale = float(list_scale)
         self.lists = []
@@ -174,6 +173,17 @@ class SchemaSynthetic(SyntheticCTR):
         return out
 
 
+def open_synthetic(schema, config, rank, world_size) -> SyntheticCTR:
+    """The synthetic data of a run (``data: synthetic``): :class:`SyntheticCTR` for the Criteo
+    preset (its fields and dense features), :class:`SchemaSynthetic` for a ``features:``
+    schema."""
+    if schema.preset != "criteo":
+        return make_schema_synthetic(schema, config, rank, world_size)
+    return SyntheticCTR(num_fields=len(schema.sparse), num_dense=schema.num_dense,
+                        vocab_size=config.vocab_size, zipf_a=config.zipf_a, seed=config.seed,
+                        rank=rank, world_size=world_size, schema=schema)
+
+
 def make_schema_synthetic(schema, config, rank, world_size) -> Optional[SchemaSynthetic]:
     """The synthetic dataset of a run whose schema is not the Criteo preset."""
     return SchemaSynthetic(schema, list_mean_length=config.list_mean_length,
@@ -182,4 +192,4 @@ def make_schema_synthetic(schema, config, rank, world_size) -> Optional[SchemaSy
                            world_size=world_size)
 
 
-__all__ = ["SchemaSynthetic", "length_exponent", "make_schema_synthetic"]
+__all__ = ["SchemaSynthetic", "length_exponent", "make_schema_synthetic", "open_synthetic"]

@@ -10,7 +10,7 @@ class Progress:
     """A progress bar on a terminal, periodic log lines otherwise (rank 0 only).
 
     ``total`` None (a run without a known end): log lines only. ``note``: a callable whose text
-    ends each line (a stream's rows/s and lag)."""
+    ends each line (a data source's progress_note: a stream's rows/s and lag; None adds nothing)."""
 
     def __init__(self, total, enabled, log_every, stream=sys.stderr, note=None):
         self.total = total
@@ -25,7 +25,8 @@ class Progress:
         if not self.enabled:
             return
         done = step + 1
-        note = f" {self.note()}" if self.note is not None else ""
+        text = self.note() if self.note is not None else None
+        note = f" {text}" if text else ""
         if self.tty:
             width = 30
             filled = int(width * done / self.total)

@@ -13,7 +13,7 @@ import numpy as np
 
 from hybridps import comm as comm_module
 from hybridps.config import make_config
-from hybridps.data import SAMPLE_CRITEO_CSV, Batch
+from hybridps.data import SAMPLE_CRITEO_CSV, Batch, DataSource
 from hybridps.sparse.routing import owner_ranks
 from hybridps.trainer import Trainer
 
@@ -24,15 +24,27 @@ CONVERGENCE = {"steps": 120, "batch_size": 256, "hidden": [32], "dim": 8, "progr
                "warmup_steps": 2, "seed": 5, "vocab_size": 2000, "learning_rate": 0.1}
 
 
-class OneServerKeys:
+class OneServerKeys(DataSource):
     """Batches whose keys are all owned by server 0 of ``num_servers`` (2 fields, 1 dense)."""
+
+    kind = "one-server-keys"
+    finite = False
 
     def __init__(self, rank, num_servers):
         candidates = np.arange(1, 5000, dtype=np.int64) * 104729
         self.keys = candidates[owner_ranks(candidates, num_servers, 4096) == 0]
         self.rng = np.random.default_rng(rank)
 
-    def iter_batches(self, batch_size, num_steps):
+    def state(self):
+        return {"kind": self.kind}
+
+    def restore(self, state):
+        pass
+
+    def stats(self):
+        return None
+
+    def _next_batches(self, batch_size, num_steps):
         for _ in range(num_steps):
             keys = self.rng.choice(self.keys, size=(batch_size, 2))
             yield Batch(dense=self.rng.normal(size=(batch_size, 1)).astype(np.float32), keys=keys,
