@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from hybridps.errors import ConfigError
 from hybridps.models.registry import check_model_spec
-from hybridps.settings import coerce, setting
+from hybridps.settings import coerce, load_yaml, setting, unknown_fields_error
 
 
 class Sync(str, enum.Enum):
@@ -255,7 +255,6 @@ class TrainConfig(RunSettings, ModelSettings, SparseSettings, DenseSettings, Dat
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_USER_FIELDS = sorted(_FIELDS)
 # Fields that say where a run writes, what it reports and how this machine runs it, not what
 # it trains: two runs that differ only in these train the same model on the same rows. A
 # resumed run's note on how its config differs from the checkpoint's leaves them out
@@ -277,21 +276,6 @@ def training_differences(config, saved):
     theirs = {name: saved.get(name, defaults[name]) for name in mine}
     theirs["table_settings"] = _saved_table_settings(config, theirs["table_settings"])
     return sorted(k for k in set(mine) - OUTPUT_FIELDS if mine[k] != theirs[k])
-
-
-def _unknown_fields_error(unknown, yaml_path):
-    """The ConfigError for field names TrainConfig does not have: each with up to 3 close
-    user-facing fields (difflib), then all of those."""
-    import difflib
-    named = []
-    for name in unknown:
-        close = [repr(c) for c in difflib.get_close_matches(str(name).replace("-", "_").lower(),
-                                                            _USER_FIELDS, n=3, cutoff=0.75)]
-        guess = " or ".join(filter(None, [", ".join(close[:-1]), close[-1]])) if close else ""
-        named.append(f"{name!r}" + (f" (did you mean {guess}?)" if guess else ""))
-    where = f" in {yaml_path}" if yaml_path else ""
-    return ConfigError(f"unknown config field(s) {', '.join(named)}{where}; known fields: "
-                       f"{', '.join(_USER_FIELDS)}")
 
 
 def _coerce(name, value):
@@ -384,13 +368,13 @@ def make_config(yaml_path=None, overrides=None, warn_deprecated=True):
     """
     values = {}
     if yaml_path:
-        values.update(_load_yaml(yaml_path))
+        values.update(load_yaml(yaml_path))
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
     unknown = sorted(set(values) - set(_FIELDS), key=str)
     if unknown:
-        raise _unknown_fields_error(unknown, yaml_path)
+        raise unknown_fields_error(TrainConfig, unknown, yaml_path)
     config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(config)
     config.table_settings = _by_table_name(config, warn_deprecated)
@@ -399,52 +383,6 @@ def make_config(yaml_path=None, overrides=None, warn_deprecated=True):
                           "S >= 1 steps); without one it would run as BSP (staleness 0, which you "
                           "may also give explicitly)")
     return config
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_key_loader():
-    """A yaml SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the
-    last one silently)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            if isinstance(node, yaml.MappingNode):
-                self.flatten_mapping(node)
-                seen = {}
-                for key_node, _ in node.value:
-                    key = self.construct_object(key_node, deep=deep)
-                    line = key_node.start_mark.line + 1
-                    try:
-                        if key in seen:
-                            raise _DuplicateKey(key, seen[key], line)
-                        seen[key] = line
-                    except TypeError:       # an unhashable key: SafeLoader reports it
-                        continue
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
-
-
-def _load_yaml(path):
-    import yaml
-    if not os.path.exists(path):
-        raise ConfigError(f"config file {path} does not exist")
-    with open(path, encoding="utf-8-sig") as fh:
-        try:
-            data = yaml.load(fh, Loader=_unique_key_loader()) or {}
-        except _DuplicateKey as exc:
-            key, first, again = exc.args
-            raise ConfigError(f"config file {path}: key {key!r} is given twice (line {first} and "
-                              f"line {again}); give each field once") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of field: value, got {type(data).__name__}")
-    return data
 
 
 def _check(ok, name, value, allowed):

@@ -5,11 +5,14 @@ help text, its command-line flag, its allowed values and its role (what a run tr
 where it writes and how this machine runs it); :func:`add_dataclass_arguments`, the argparse
 options of any dataclass declared that way (one argument group per settings group, the group's
 docstring as its description); :func:`given_values`, the values a command line set;
+:func:`load_yaml`, a YAML file's mapping of field: value, and :func:`unknown_fields_error`,
+the error for a key that is no field (with the close field names);
 :func:`coerce`, a YAML or flag value converted to its field's annotated type (an enum, bool,
 int, float, str, a list of ints, a list of lists of ints, a mapping; ``Optional`` allows none),
 with a ConfigError naming the field; :func:`settings_groups` and :func:`type_name` for the
 configuration reference page (hybridps.config_reference). What does not: the settings of a
-training run and their range checks (hybridps.config).
+training run and their range checks (hybridps.config), those of ``hybridps join``
+(hybridps.join.config).
 
 A settings group is a dataclass whose fields are all made with :func:`setting`; a configuration
 made of several groups inherits from them (``class TrainConfig(RunSettings, ModelSettings, ...)``),
@@ -19,6 +22,7 @@ import argparse
 import dataclasses
 import enum
 import functools
+import os
 import typing
 
 from hybridps.errors import ConfigError
@@ -27,7 +31,7 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def setting(default, help, *, flag=True, choices=None, metavar=None, expected=None, parse=None,
-            output=False, per_rank=False):
+            output=False, per_rank=False, bool_value=False):
     """A dataclass field with its documentation and command-line form.
 
     Args:
@@ -45,10 +49,12 @@ def setting(default, help, *, flag=True, choices=None, metavar=None, expected=No
             not what it trains (left out of a resumed run's note on config differences).
         per_rank: ranks may set it differently (left out of the config hash ranks compare);
             implies ``output``.
+        bool_value: a bool field's flag takes its value (``--field-name false``) instead of
+            setting the opposite of its default.
     """
     metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None,
                 "metavar": metavar, "expected": expected, "parse": parse,
-                "output": output or per_rank, "per_rank": per_rank}
+                "output": output or per_rank, "per_rank": per_rank, "bool_value": bool_value}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=functools.partial(_copy, default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -100,7 +106,7 @@ def flag_of(field):
     """The command-line flag of a field, or None (YAML only)."""
     flag = field.metadata.get("flag", True)
     if flag is True:
-        negative = field.default is True
+        negative = field.default is True and not field.metadata.get("bool_value")
         return ("--no-" if negative else "--") + field.name.replace("_", "-")
     return flag or None
 
@@ -163,6 +169,9 @@ def add_dataclass_arguments(parser, cls, only=None):
 def _argument_options(cls, field):
     kind, _ = _optional(field_type(cls, field.name))
     options = {"dest": field.name, "default": None, "help": field.metadata.get("help")}
+    if kind is bool and field.metadata.get("bool_value"):       # the value is coerce()d
+        shown = f"{options['help']} (default: {str(field.default).lower()})" if options["help"] else None
+        return dict(options, metavar="{true,false}", help=shown)
     if kind is bool:
         return dict(options, action="store_const", const=not field.default)
     default = default_of(field)
@@ -183,6 +192,75 @@ def given_values(args, cls):
     """{field: value} of the flags of ``cls`` an argparse namespace was given (None: not given)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+# ---------------------------------------------------------------------------- YAML files
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_key_loader():
+    """A yaml SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the
+    last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+                seen = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(key, seen[key], line)
+                        seen[key] = line
+                    except TypeError:       # an unhashable key: SafeLoader reports it
+                        continue
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def load_yaml(path):
+    """The mapping of field: value in YAML file ``path`` (a key given twice is an error).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, not a mapping, or repeats a key.
+    """
+    import yaml
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8-sig") as fh:
+        try:
+            data = yaml.load(fh, Loader=_unique_key_loader()) or {}
+        except _DuplicateKey as exc:
+            key, first, again = exc.args
+            raise ConfigError(f"config file {path}: key {key!r} is given twice (line {first} and "
+                              f"line {again}); give each field once") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def unknown_fields_error(cls, unknown, yaml_path=None, what="config field"):
+    """The ConfigError for names that are not fields of dataclass ``cls``: each with up to 3
+    close field names (difflib), then all of them. ``what``: what a field is called in the
+    message ("config field", "join setting")."""
+    import difflib
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    named = []
+    for name in unknown:
+        close = [repr(c) for c in difflib.get_close_matches(str(name).replace("-", "_").lower(),
+                                                            known, n=3, cutoff=0.75)]
+        guess = " or ".join(filter(None, [", ".join(close[:-1]), close[-1]])) if close else ""
+        named.append(f"{name!r}" + (f" (did you mean {guess}?)" if guess else ""))
+    where = f" in {yaml_path}" if yaml_path else ""
+    return ConfigError(f"unknown {what}(s) {', '.join(named)}{where}; known fields: "
+                       f"{', '.join(known)}")
 
 
 # ---------------------------------------------------------------------------- values
@@ -219,7 +297,7 @@ def _convert(kind, value):
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is list:
         if isinstance(value, str) and args and args[0] in (int, float, str):
-            value = [v for v in value.split(",") if v.strip()]     # a flag: "256,128"
+            value = [v.strip() for v in value.split(",") if v.strip()]     # a flag: "256,128"
         if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
             raise TypeError(value)
         return [_convert(args[0], v) if args else v for v in value]

@@ -320,6 +320,79 @@ def test_join_flags_come_from_the_config_dataclass_and_override_the_yaml(tmp_pat
         make_join_config(overrides={"impressions": "stream:/i", "actions": "stream:/a"})
 
 
+# Every JoinConfig field: its flag as typed on a command line, and the value (and type) it must
+# set, written by hand (not the default, so a flag that sets nothing is seen).
+JOIN_FLAGS = {
+    "impressions": (["--impressions", "stream:/in/imp"], "stream:/in/imp"),
+    "actions": (["--actions", "redis://h:1/act"], "redis://h:1/act"),
+    "output": (["--output", "stream:/out"], "stream:/out"),
+    "state_dir": (["--state-dir", "/state"], "/state"),
+    "action_types": (["--action-types", "click, conversion"], ["click", "conversion"]),
+    "window_s": (["--window-s", "2.5"], 2.5),
+    "emit": (["--emit", "first_positive"], "first_positive"),
+    "late": (["--late", "emit"], "emit"),
+    "late_horizon_s": (["--late-horizon-s", "30"], 30.0),
+    "allowed_lateness_s": (["--allowed-lateness-s", "1.5"], 1.5),
+    "idle_timeout_s": (["--idle-timeout-s", "7"], 7.0),
+    "max_pending": (["--max-pending", "12"], 12),
+    "request_id_field": (["--request-id-field", "rid"], "rid"),
+    "event_time_field": (["--event-time-field", "ts"], "ts"),
+    "action_field": (["--action-field", "kind"], "kind"),
+    "event_id_field": (["--event-id-field", "eid"], "eid"),
+    "correction_column": (["--correction-column", "fix"], "fix"),
+    "partition": (["--partition", "1/3"], "1/3"),
+    "on_bad_event": (["--on-bad-event", "skip"], "skip"),
+    "read_batch": (["--read-batch", "9"], 9),
+    "output_rows": (["--output-rows", "8"], 8),
+    "flush_s": (["--flush-s", "0.25"], 0.25),
+    "poll_s": (["--poll-s", "0.5"], 0.5),
+    "progress_every_s": (["--progress-every-s", "0"], 0.0),
+    "list_separator": (["--list-separator", ";"], ";"),
+    "exit_when_done": (["--exit-when-done", "false"], False),
+}
+
+
+def _join_config_of(argv):
+    from hybridps.cli import build_parser
+    from hybridps.join.config import JoinConfig, make_join_config
+    from hybridps.settings import given_values
+    args = build_parser().parse_args(["join"] + argv)
+    return make_join_config(args.config, given_values(args, JoinConfig))
+
+
+def test_every_join_field_has_a_flag_that_sets_it_with_its_type():
+    import dataclasses
+    from hybridps.join.config import JoinConfig
+    assert set(JOIN_FLAGS) == {f.name for f in dataclasses.fields(JoinConfig)}
+    config = _join_config_of([a for argv, _ in JOIN_FLAGS.values() for a in argv])
+    for name, (_, expected) in JOIN_FLAGS.items():
+        value = getattr(config, name)
+        assert (value, type(value)) == (expected, type(expected)), name
+    for spelling, expected in (("true", True), ("no", False), ("1", True)):
+        assert _join_config_of(JOIN_FLAGS["impressions"][0] + JOIN_FLAGS["actions"][0] +
+                               JOIN_FLAGS["output"][0] + JOIN_FLAGS["state_dir"][0] +
+                               ["--exit-when-done", spelling]).exit_when_done is expected
+    with pytest.raises(ConfigError, match="'exit_when_done': expected bool, got 'maybe'"):
+        _join_config_of(["--exit-when-done", "maybe"])
+
+
+def test_a_join_yaml_key_is_converted_to_its_type_and_an_unknown_one_named_with_close_fields(tmp_path):
+    from hybridps.join.config import make_join_config
+    path = tmp_path / "join.yaml"
+    path.write_text("impressions: stream:/i\nactions: stream:/a\noutput: stream:/o\nstate_dir: /s\n"
+                    "window_s: 3\nmax_pending: 7\naction_types: click,view\nexit_when_done: no\n")
+    config = make_join_config(str(path))
+    assert (config.window_s, type(config.window_s), config.max_pending, config.action_types,
+            config.exit_when_done) == (3.0, float, 7, ["click", "view"], False)
+    path.write_text("impressions: stream:/i\nwindw_s: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown join setting\(s\) 'windw_s' \(did you mean "
+                                          rf"'window_s'\?\) in {path}; known fields: .*state_dir"):
+        make_join_config(str(path))
+    path.write_text("max_pending: many\n")
+    with pytest.raises(ConfigError, match="'max_pending': expected int, got 'many'"):
+        make_join_config(str(path))
+
+
 # ---------------------------------------------------------------------- exactly once across SIGKILL
 N_IMPRESSIONS, WINDOW = 240, 10.0
 

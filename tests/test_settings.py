@@ -146,6 +146,25 @@ def test_the_generator_serves_any_dataclass_of_settings():
     assert {o for a in only._actions for o in a.option_strings} == {"-h", "--help", "--strict"}
 
 
+def test_a_bool_value_flag_takes_true_or_false_and_a_str_list_flag_is_stripped():
+    from hybridps.settings import coerce
+
+    @dataclass
+    class Settings:
+        """Some settings."""
+        wait: bool = setting(True, "wait for more", bool_value=True)
+        names: List[str] = setting(["a"], "names, comma-separated")
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Settings)
+    assert "--wait {true,false}" in parser.format_help() and "--no-wait" not in parser.format_help()
+    given = given_values(parser.parse_args(["--wait", "off", "--names", " x, y ,,z"]), Settings)
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    assert {k: coerce(Settings, fields[k], v) for k, v in given.items()} == \
+        {"wait": False, "names": ["x", "y", "z"]}
+    assert given_values(parser.parse_args([]), Settings) == {}
+
+
 def test_output_and_per_rank_roles_come_from_the_declarations():
     from hybridps.config import OUTPUT_FIELDS, PER_RANK_FIELDS
     # the sets hybridps had written out by hand (testing aids aside)

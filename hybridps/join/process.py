@@ -245,9 +245,8 @@ def main(args):
     """``hybridps join``: run a joiner until its sources end or SIGTERM; print its summary."""
     from hybridps.checkpoint.lock import lock_checkpoint_dir
     from hybridps.join.config import JoinConfig, make_join_config
-    import dataclasses
-    names = {f.name for f in dataclasses.fields(JoinConfig)}
-    config = make_join_config(args.config, {k: v for k, v in vars(args).items() if k in names})
+    from hybridps.settings import given_values
+    config = make_join_config(args.config, given_values(args, JoinConfig))
     os.makedirs(config.state_dir, exist_ok=True)
     try:
         lock_checkpoint_dir(config.state_dir)
