@@ -18,7 +18,6 @@ A settings group is a dataclass whose fields are all made with :func:`setting`; 
 made of several groups inherits from them (``class TrainConfig(RunSettings, ModelSettings, ...)``),
 so its fields stay flat attributes and flat YAML keys.
 """
-import argparse
 import dataclasses
 import enum
 import functools
