@@ -104,7 +104,8 @@ $(STAMPS)/requirements: $(REQUIREMENTS) $(STAMPS)/venv | mpi
 	touch $@
 
 # --no-cache-dir: pip's own wheel cache is not keyed on TensorFlow, so it could hand back a
-# Horovod built against another TF stack.
+# Horovod built against another TF stack. --force-reinstall: an environment moved to another TF
+# pin already holds a horovod of the same version, built against the old TF.
 $(STAMPS)/horovod: $(STAMPS)/requirements
 	@if ! ls $(WHEEL_CACHE)/horovod-*.whl >/dev/null 2>&1; then \
 	  echo "setup: building $(HOROVOD_PIN) against $$(command -v mpicc) and $(TF_PIN) (a few minutes, cached in $(WHEEL_CACHE))"; \
@@ -113,7 +114,7 @@ $(STAMPS)/horovod: $(STAMPS)/requirements
 	  HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2 \
 	  $(VPY) -m pip wheel -q --no-cache-dir --no-build-isolation --no-deps -w $(WHEEL_CACHE) "$(HOROVOD_PIN)"; \
 	fi
-	$(VPY) -m pip install -q --no-deps $(WHEEL_CACHE)/horovod-*.whl
+	$(VPY) -m pip install -q --no-deps --force-reinstall $(WHEEL_CACHE)/horovod-*.whl
 	touch $@
 
 $(STAMPS)/hybridps: $(STAMPS)/horovod setup.py $(wildcard cython/*.pyx cython/*.pxd)

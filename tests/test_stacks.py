@@ -68,6 +68,9 @@ def test_make_setup_builds_each_stack_in_its_own_environment(args, venv, require
     wheel_builds = [line for line in out.splitlines() if "pip wheel" in line]
     assert wheel_builds and all("--no-cache-dir" in line for line in wheel_builds)
     assert re.search(rf"wheels/horovod-0\.28\.1_{re.escape(tf_pin)}\b", out)
+    # an environment moved to another TF pin holds the same Horovod version, built for the old TF
+    installs = [line for line in out.splitlines() if "pip install" in line and "horovod-" in line]
+    assert installs and all("--force-reinstall" in line for line in installs)
     assert f"{venv}/bin/python -m pip install -q --no-build-isolation --no-deps -e ." in out
 
 
