@@ -31,8 +31,5 @@ def optimizer_training_variables(optimizer):
     """A built Keras optimizer's state variables: its update counter first, then its slots in
     creation order (per model variable, interleaved, on both Keras versions), without Keras 3's
     learning-rate variable."""
-    variables = optimizer.variables
-    if callable(variables) and not isinstance(variables, list):   # tf.keras.optimizers.legacy
-        variables = variables()
-    learning_rate = getattr(optimizer, "learning_rate", None)
-    return [v for v in variables if v is not learning_rate]
+    learning_rate = optimizer.learning_rate
+    return [v for v in optimizer.variables if v is not learning_rate]

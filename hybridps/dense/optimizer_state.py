@@ -27,14 +27,6 @@ def state_names(kind, num_variables):
     return ["iteration"] + [f"{slot}_{k:04d}" for k in range(num_variables) for slot in SLOTS[kind]]
 
 
-def build_optimizer(optimizer, variables):
-    """Create the optimizer's slot variables for ``variables`` (before assigning saved ones)."""
-    if hasattr(optimizer, "build"):                     # Keras >= 2.11 and Keras 3
-        optimizer.build(variables)
-    elif hasattr(optimizer, "_create_all_weights"):     # tf.keras.optimizers.legacy
-        optimizer._create_all_weights(variables)
-
-
 def _slot_variables(optimizer, variables):
     """The optimizer's variables and whether it holds the layout's slots (else: none, Keras 3
     SGD without momentum, whose layout slots are zeros)."""
@@ -54,7 +46,7 @@ def optimizer_state(optimizer, variables):
     Args:
         variables: the model's trainable variables, in order.
     """
-    build_optimizer(optimizer, variables)       # a no-op once built (by its first update)
+    optimizer.build(variables)               # creates the slots; a no-op once built
     held, with_slots = _slot_variables(optimizer, variables)
     arrays = [np.asarray(v.numpy()) for v in held]
     arrays[0] = arrays[0].astype(np.int64)
@@ -71,7 +63,7 @@ def assign_optimizer_state(optimizer, variables, arrays, where="the checkpoint")
         ValueError: the arrays do not fit this optimizer and these variables (the message says
             which entry, with its shape, and names ``where`` they came from).
     """
-    build_optimizer(optimizer, variables)
+    optimizer.build(variables)
     kind = optimizer_kind(optimizer)
     names = state_names(kind, len(variables))
     if len(arrays) != len(names):
