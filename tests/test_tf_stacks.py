@@ -10,7 +10,7 @@ runs these tests restores every fixture:
   position names), and the dense weights and Adam state load into this stack's model and Keras
   optimizer with the values dense.npz holds (read here with numpy);
 * mpi: resuming each fixture for the remaining 3 steps reproduces the writing stack's loss
-  trajectory and final state (--dump-state), up to floating-point reassociation.
+  trajectory and final state (--dump-state), up to float32 rounding.
 """
 import glob
 import json
@@ -27,8 +27,10 @@ STACKS = ("tf2.15", "tf2.18")
 MODES = ("collective", "ps")
 CASES = [(stack, mode) for stack in STACKS for mode in MODES]
 HALF = 3
-DENSE_TOL = dict(rtol=1e-4, atol=1e-6)     # Adam in Keras 2, Keras 3 and numpy (PS servers)
-ROW_TOL = dict(rtol=1e-5, atol=1e-7)       # sparse rows: the same Cython kernel on both stacks
+# Another TensorFlow build computes the gradients (float32 rounding differs by a few ulp), and
+# the dense update is Keras 2's, Keras 3's or numpy's (PS servers) Adam: rows and weights agree
+# up to that rounding.
+TOL = dict(rtol=1e-4, atol=1e-6)
 
 
 def _ckpt_dir(stack, mode):
@@ -106,14 +108,14 @@ def test_fixture_resumes_and_reproduces_the_writing_stacks_run(tmp_path, stack, 
     with open(tmp_path / "m.json") as fh:
         new = json.load(fh)
     assert new["first_step"] == HALF and new["mode"] == mode
-    np.testing.assert_allclose(new["loss_trajectory"], old["loss_trajectory"][HALF:], **DENSE_TOL)
+    np.testing.assert_allclose(new["loss_trajectory"], old["loss_trajectory"][HALF:], **TOL)
     old_weights, old_rows = load_dumped_state(os.path.join(source, "dump"))
     new_weights, new_rows = load_dumped_state(tmp_path / "dump")
     assert len(old_weights) == len(new_weights) > 0
     for a, b in zip(new_weights, old_weights):
-        np.testing.assert_allclose(a, b, **DENSE_TOL)
+        np.testing.assert_allclose(a, b, **TOL)
     assert new_rows.keys() == old_rows.keys() and len(old_rows) > 100
     for key, (value, slots) in old_rows.items():
-        np.testing.assert_allclose(new_rows[key][0], value, **ROW_TOL)
-        np.testing.assert_allclose(new_rows[key][1], slots, **ROW_TOL)
+        np.testing.assert_allclose(new_rows[key][0], value, **TOL)
+        np.testing.assert_allclose(new_rows[key][1], slots, **TOL)
     assert not glob.glob(os.path.join(source, "ckpt", "ckpt-*6"))   # the fixture keeps step 3 only
