@@ -14,11 +14,13 @@ rest of the code and every saved file (checkpoints, exports) are the same on bot
   momentum creates no slot, where Keras 2's creates an all-zero "m" per variable;
   :func:`optimizer_training_variables` leaves the learning rate out, and
   hybridps.dense.optimizer_state maps either slot list to the checkpoint layout.
+* tf.Variable: Keras 3 variables are not tf.Variables (they hold one, their public ``value``),
+  so TensorFlow and Horovod APIs that take tf.Variables get them from :func:`tf_variables`.
 
 Variable names are not used in files: Keras 3 names variables differently ("kernel" where Keras
 2 says "deep_fm/dense/kernel:0") and puts the model's generated name ("deep_fm_1") into
 optimizer slot names, so checkpoints name variables by position (hybridps.checkpoint.format).
-No TensorFlow import here: the model and optimizer objects are passed in.
+No TensorFlow import at module level.
 """
 
 
@@ -33,3 +35,10 @@ def optimizer_training_variables(optimizer):
     learning-rate variable."""
     learning_rate = optimizer.learning_rate
     return [v for v in optimizer.variables if v is not learning_rate]
+
+
+def tf_variables(variables):
+    """The tf.Variables of Keras variables: a Keras 2 variable is one, a Keras 3 variable holds
+    one as its ``value`` (for APIs such as hvd.DistributedGradientTape that need tf.Variables)."""
+    import tensorflow as tf
+    return [v if isinstance(v, tf.Variable) else v.value for v in variables]

@@ -184,3 +184,20 @@ def test_model_weights_are_trainable_then_non_trainable():
         non_trainable_weights = ["mean", "var"]
         variables = ["k0", "b0", "seed_state", "mean", "k1", "var"]   # Keras 3 also lists seeds
     assert model_weights(Model()) == ["k0", "b0", "k1", "mean", "var"]
+
+
+def test_tf_variables_are_what_tensorflow_differentiates_and_assigns():
+    tf = pytest.importorskip("tensorflow")
+    from hybridps.tf_compat import tf_variables
+    layer = tf.keras.layers.Dense(2, kernel_initializer="ones", bias_initializer="zeros")
+    x = tf.constant([[1.0, 2.0, 3.0]])
+    layer(x)
+    sources = tf_variables(layer.trainable_variables)
+    assert all(isinstance(v, tf.Variable) for v in sources)     # what Horovod's tape needs
+    with tf.GradientTape(persistent=True) as tape:
+        loss = tf.reduce_sum(layer(x) ** 2)
+    # by hand: y = x @ ones(3, 2) = [6, 6]; d/dW = 2 y x^T, d/db = 2 y
+    np.testing.assert_allclose(tape.gradient(loss, sources)[0].numpy(), [[12, 12], [24, 24], [36, 36]])
+    np.testing.assert_allclose(tape.gradient(loss, sources)[1].numpy(), [12, 12])
+    sources[1].assign([5.0, 7.0])                               # the Keras variable is that variable
+    np.testing.assert_allclose(layer.trainable_variables[1].numpy(), [5.0, 7.0])
