@@ -11,16 +11,29 @@
 #   make setup   Open MPI (from apt, only when no mpicc is on PATH), .venv, pinned Python
 #                packages from requirements.txt, Horovod built against this MPI and TF
 #                (wheel cached in $(WHEEL_CACHE)), hybridps in editable mode.
+#   make test-compat   the fast tests on the TensorFlow 2.15 stack (make test-fast TF=2.15)
 #
-# Idempotent: each step leaves a stamp in .venv/.stamps and reruns only when its inputs change.
+# Two TensorFlow stacks are supported (docs/getting-started.md): the default TF 2.18 (Keras 3,
+# numpy 2; requirements.txt, environment .venv) and TF 2.15 (Keras 2, numpy 1.26;
+# requirements-tf2.15.txt, environment .venv-tf2.15). Pick one with TF=, e.g. `make setup TF=2.15`,
+# `make test-fast TF=2.15`. VENV= overrides the environment's directory.
+#
+# Idempotent: each step leaves a stamp in $(VENV)/.stamps and reruns only when its inputs change.
 
 SHELL := /bin/bash
 PYTHON ?= python3
-VENV := .venv
+DEFAULT_TF := 2.18
+TF ?= $(DEFAULT_TF)
+REQUIREMENTS := $(if $(filter $(DEFAULT_TF),$(TF)),requirements.txt,requirements-tf$(TF).txt)
+VENV ?= $(if $(filter $(DEFAULT_TF),$(TF)),.venv,.venv-tf$(TF))
+ifeq ($(wildcard $(REQUIREMENTS)),)
+$(error TF=$(TF): no $(REQUIREMENTS); the supported stacks are TF=$(DEFAULT_TF) (requirements.txt) and TF=2.15)
+endif
 VPY := $(VENV)/bin/python
 STAMPS := $(VENV)/.stamps
-HOROVOD_PIN := $(shell grep -E '^horovod==' requirements.txt)
-TF_PIN := $(shell grep -E '^tensorflow-cpu==' requirements.txt)
+HOROVOD_PIN := $(shell grep -E '^horovod==' $(REQUIREMENTS))
+TF_PIN := $(shell grep -E '^tensorflow-cpu==' $(REQUIREMENTS))
+# Keyed on the Horovod and TensorFlow pins: a Horovod wheel only runs with the TF it was built against.
 WHEEL_CACHE ?= $(HOME)/.cache/hybridps/wheels/$(subst ==,-,$(HOROVOD_PIN))_$(subst ==,-,$(TF_PIN))
 # Oversubscribed multi-rank runs on few cores (see docs/clusters.md, "Running on a small machine").
 export OMPI_MCA_mpi_yield_when_idle := 1
@@ -32,7 +45,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # slurmctld, slurmd and munged live in sbin, which a non-login root shell may lack
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: setup test test-fast demo bench clean mpi slurm testbed redis docs docs-reference
+.PHONY: setup test test-fast test-compat demo bench clean mpi slurm testbed redis docs docs-reference
 setup: $(STAMPS)/hybridps
 
 mpi:
@@ -84,21 +97,24 @@ $(STAMPS)/venv:
 	$(PYTHON) -m venv $(VENV)
 	mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/requirements: requirements.txt $(STAMPS)/venv | mpi
+$(STAMPS)/requirements: $(REQUIREMENTS) $(STAMPS)/venv | mpi
 	$(VPY) -m pip install -q --upgrade pip
-	grep -v -E '^horovod==' requirements.txt > $(VENV)/requirements-base.txt
+	grep -v -E '^horovod==' $(REQUIREMENTS) > $(VENV)/requirements-base.txt
 	MPICC=$$(command -v mpicc) $(VPY) -m pip install -q -r $(VENV)/requirements-base.txt
 	touch $@
 
+# --no-cache-dir: pip's own wheel cache is not keyed on TensorFlow, so it could hand back a
+# Horovod built against another TF stack. --force-reinstall: an environment moved to another TF
+# pin already holds a horovod of the same version, built against the old TF.
 $(STAMPS)/horovod: $(STAMPS)/requirements
 	@if ! ls $(WHEEL_CACHE)/horovod-*.whl >/dev/null 2>&1; then \
 	  echo "setup: building $(HOROVOD_PIN) against $$(command -v mpicc) and $(TF_PIN) (a few minutes, cached in $(WHEEL_CACHE))"; \
 	  mkdir -p $(WHEEL_CACHE) && \
 	  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_GLOO=1 \
 	  HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2 \
-	  $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_CACHE) "$(HOROVOD_PIN)"; \
+	  $(VPY) -m pip wheel -q --no-cache-dir --no-build-isolation --no-deps -w $(WHEEL_CACHE) "$(HOROVOD_PIN)"; \
 	fi
-	$(VPY) -m pip install -q --no-deps $(WHEEL_CACHE)/horovod-*.whl
+	$(VPY) -m pip install -q --no-deps --force-reinstall $(WHEEL_CACHE)/horovod-*.whl
 	touch $@
 
 $(STAMPS)/hybridps: $(STAMPS)/horovod setup.py $(wildcard cython/*.pyx cython/*.pxd)
@@ -111,6 +127,10 @@ test: setup slurm testbed redis
 # The markers are registered in pytest.ini; tests/conftest.py fails a test that starts MPI unmarked.
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not mpi and not netns and not slurm and not slow" tests
+
+# The fast tests on the TensorFlow 2.15 stack (its own environment, .venv-tf2.15); .ci/run calls it.
+test-compat:
+	$(MAKE) test-fast TF=2.15
 
 demo: setup
 	mpirun -np 2 --oversubscribe --bind-to none $(VENV)/bin/hybridps train --model deepfm \

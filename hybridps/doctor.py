@@ -7,7 +7,7 @@ found a problem (0 otherwise; warnings do not count).
 
 What is checked:
   * versions of every piece (Python, hybridps and its compiled kernels, numpy, TensorFlow,
-    Horovod, mpi4py, the MPI library, the mpirun on PATH), and that all ranks agree;
+    Keras, Horovod, mpi4py, the MPI library, the mpirun on PATH), and that all ranks agree;
   * MPI thread level MULTIPLE (Horovod's thread and hybridps' exchange thread call MPI);
   * Horovod built with MPI, initialised on the same communicator (same rank and size), and
     linked against the same MPI library that mpi4py loaded (a second libmpi in the process
@@ -157,6 +157,7 @@ def _check_horovod(comm, findings, versions, mpi_libs_before):
         return None
     versions["horovod"] = horovod.__version__
     versions["tensorflow"] = _version("tensorflow")
+    versions["keras"] = _version("keras") or "not installed"
     if not hvd.mpi_built():
         findings.fail("Horovod was built without MPI support; rebuild it with HOROVOD_WITH_MPI=1 "
                       "(`make setup` after removing its cached wheel)")

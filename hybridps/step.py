@@ -93,14 +93,20 @@ def sample_inputs(tf, schema, batch=1):
     return inputs
 
 
-class _RecordingInputs(dict):
-    """The sample input dict; remembers a key the model asks for that it does not hold (Keras
-    rebuilds a dict input as the same type, so the subclass reaches the model's call)."""
-    missing = []
+def _missing_input(exc):
+    """The input key a model read and did not find, from the KeyError its call raised.
 
-    def __missing__(self, key):
-        _RecordingInputs.missing.append(key)
-        raise KeyError(key)
+    Keras re-raises an error from a layer's call as a new exception of the same type with its
+    own message; Python keeps the original as ``__context__`` (or ``__cause__``), so the last
+    KeyError down that chain is the one the dict lookup raised, naming the key.
+    """
+    seen, key = set(), None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyError) and exc.args:
+            key = exc.args[0]
+        exc = exc.__cause__ or exc.__context__
+    return key
 
 
 def build_on_sample(tf, model, schema):
@@ -112,12 +118,11 @@ def build_on_sample(tf, model, schema):
         ConfigError: naming the missing input (and the inputs there are) or the bad shape.
     """
     from hybridps.errors import ConfigError
-    inputs = _RecordingInputs(sample_inputs(tf, schema, batch=2))
-    _RecordingInputs.missing = []
+    inputs = sample_inputs(tf, schema, batch=2)
     try:
         outputs = model(inputs, training=False)
-    except KeyError as exc:   # Keras rewrites the message; the recorded key is the one read
-        name = _RecordingInputs.missing[0] if _RecordingInputs.missing else exc.args[0]
+    except KeyError as exc:   # Keras rewrites the message; the original KeyError names the key
+        name = _missing_input(exc)
         raise ConfigError(f"the model reads the input {name!r}, which the schema does not "
                           f"provide; its inputs are {sorted(inputs)} (dense features in "
                           f"inputs['dense'])") from None

@@ -24,7 +24,8 @@ import pytest
 from hybridps import checkpoint as ckpt
 from hybridps.backends.base import BackendState
 from hybridps.comm import SingleProcessComm
-from hybridps.dense.optimizer_state import optimizer_variables
+from hybridps.dense.optimizer_state import optimizer_state, state_names
+from hybridps.tf_compat import model_weights
 from hybridps.schema import build_schema
 from hybridps.sparse import routing
 from hybridps._hashtable import EmbeddingHashTable
@@ -200,22 +201,23 @@ def test_dense_weights_and_optimizer_state_round_trip(tmp_path, tf):
                          model=model, optimizer=optimizer,
                          data_state={"kind": "synthetic", "next_step": 3})
     other_model, other_opt = trained_dense(tf, small_config(), steps=0)  # unbuilt optimizer
-    for v in other_model.variables:
+    for v in model_weights(other_model):
         v.assign(tf.zeros_like(v))
     fresh = [make_table("adam", dim=4, table_id=t) for t in range(2)]
     report = ckpt.restore_checkpoint(tmp_path, tables=fresh, config=config, model=other_model,
                                      optimizer=other_opt)
-    for a, b in zip(model.variables, other_model.variables):
+    for a, b in zip(model_weights(model), model_weights(other_model)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(other_opt.iterations.numpy()) == 3
-    for a, b in zip(optimizer_variables(optimizer), optimizer_variables(other_opt)):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(optimizer_state(optimizer, model.trainable_variables),
+                    optimizer_state(other_opt, other_model.trainable_variables)):
+        np.testing.assert_array_equal(a, b)
     assert report.data_state == {"kind": "synthetic", "next_step": 3}
     assert report.bytes_read["dense"] == os.path.getsize(os.path.join(report.path, "dense.npz"))
     grads = [tf.ones_like(v) for v in model.trainable_variables]   # next step identical
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     other_opt.apply_gradients(zip(grads, other_model.trainable_variables))
-    for a, b in zip(model.variables, other_model.variables):
+    for a, b in zip(model_weights(model), model_weights(other_model)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -247,10 +249,13 @@ def test_manifest_content(tmp_path, tf):
             data = fh.read()
         assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)
     names = [v["name"] for v in manifest["dense"]["model_variables"]]
-    assert names == [v.name for v in model.variables]
+    assert names == [f"model_{i:04d}" for i in range(len(model.trainable_variables))]
     shapes = [v["shape"] for v in manifest["dense"]["model_variables"]]
-    assert shapes == [list(v.shape) for v in model.variables]
-    assert len(manifest["dense"]["optimizer"]["variables"]) == len(optimizer_variables(optimizer))
+    assert shapes == [list(v.shape) for v in model.trainable_variables]
+    # adam: the update counter, then per trainable variable its "m" and "v" (Keras 2's layout)
+    opt_names = [v["name"] for v in manifest["dense"]["optimizer"]["variables"]]
+    assert opt_names == ["iteration"] + [f"{slot}_{k:04d}" for k in range(len(shapes))
+                                         for slot in ("m", "v")]
     with open(os.path.join(d, "rank-00000.state.json")) as fh:
         state = json.load(fh)
     np.random.seed(123)

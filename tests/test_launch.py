@@ -8,6 +8,7 @@ mpirun and with horovodrun each train 2 ranks from an environment without any of
 oversubscription / root variables (the launcher must supply what is needed), and
 ``hybridps doctor`` passes under ``mpirun -np 2``.
 """
+import importlib.metadata
 import json
 import os
 import shutil
@@ -266,6 +267,10 @@ def test_doctor_passes_under_mpirun_on_two_ranks():
                   "alltoallv smoke test on 2 rank(s): 5 split patterns, including empty splits",
                   "MPI allreduce (sum, max) smoke test", "Horovod allreduce and broadcast smoke test"):
         assert f"[ok  ] {check}" in out, out
-    for piece in ("hybridps", "numpy", "tensorflow", "horovod", "mpi4py", "MPI library", "mpirun on PATH"):
+    for piece in ("hybridps", "numpy", "tensorflow", "keras", "horovod", "mpi4py", "MPI library",
+                  "mpirun on PATH"):
         assert f"\n  {piece} " in out
+    for package in ("tensorflow", "keras", "numpy", "horovod"):   # the versions pip installed
+        version = importlib.metadata.version("tensorflow-cpu" if package == "tensorflow" else package)
+        assert f"\n  {package:18s} {version}\n" in out, out
     assert "[FAIL]" not in out and "result: 0 problem(s)" in out

@@ -73,16 +73,11 @@ def test_resume_across_modes_continues_the_reference(out, name):
     assert not np.allclose(half_weights[0], final_weights[0], **DENSE_TOL)
 
 
-def _slot_names(manifest):
-    """(slot, variable path) of each saved Keras optimizer variable, without the optimizer
-    and model name prefixes: 'Adam/m/deep_fm_1/mlp/dense_0/kernel:0' -> ('m', 'mlp/dense_0/kernel')."""
-    names = []
-    for variable in manifest["dense"]["optimizer"]["variables"]:
-        parts = variable["name"].split(":")[0].split("/")
-        if parts[0] == "Adam":
-            parts = parts[1:]
-        names.append((parts[0], "/".join(parts[2:])))
-    return names
+def _dense_names(manifest):
+    """The saved model and optimizer variable names (hybridps's own, by position)."""
+    dense = manifest["dense"]
+    return ([v["name"] for v in dense["model_variables"]],
+            [v["name"] for v in dense["optimizer"]["variables"]])
 
 
 def test_mid_run_ps_checkpoint_matches_the_collective_one(out):
@@ -98,7 +93,10 @@ def test_mid_run_ps_checkpoint_matches_the_collective_one(out):
     assert ps_manifest["data_state"][1] is None                            # the server reads no data
     ps_model, ps_opt = ckpt.read_dense(ps_dir, ps_manifest)
     col_model, col_opt = ckpt.read_dense(col_dir, col_manifest)
-    assert _slot_names(ps_manifest) == _slot_names(col_manifest)
+    model_names, optimizer_names = _dense_names(col_manifest)
+    assert _dense_names(ps_manifest) == (model_names, optimizer_names)
+    assert optimizer_names == ["iteration"] + [f"{slot}_{k:04d}" for k in range(len(model_names))
+                                               for slot in ("m", "v")]    # Adam, DeepFM: all trainable
     assert int(ps_opt[0]) == int(col_opt[0]) == HALF                       # Adam's step count
     for a, b in zip(ps_model + ps_opt[1:], col_model + col_opt[1:]):
         np.testing.assert_allclose(a, b, **DENSE_TOL)

@@ -97,8 +97,9 @@ def run_tf_baseline(args):
     comm, tf = _setup(with_horovod=True)      # Horovod with its own defaults, as a user runs it
     from hybridps.trainer import freeze_python_heap
     import horovod.tensorflow as hvd
-    from hybridps.dense.sync import make_dense_optimizer
+    from hybridps.dense.sync import broadcast_from_root, make_dense_optimizer
     from hybridps.metrics import AUCAccumulator
+    from hybridps.tf_compat import tf_variables
     data, model, schema = _workload(args, comm)
     names = [f.name for f in schema.single_features]
     embedding = tf.keras.layers.Embedding(
@@ -107,7 +108,8 @@ def run_tf_baseline(args):
     embedding.build((None, args.num_fields))
     variables = model.trainable_variables + embedding.trainable_variables
     optimizer = make_dense_optimizer(args.optimizer, args.learning_rate)   # hybridps's dense settings
-    hvd.broadcast_variables(variables, root_rank=0)
+    broadcast_from_root(variables)
+    sources = tf_variables(variables)        # hvd.DistributedGradientTape needs tf.Variables
     global_batch = float(args.batch_size * comm.size)
 
     @tf.function(input_signature=[tf.TensorSpec([None, args.num_dense], tf.float32),
@@ -121,7 +123,7 @@ def run_tf_baseline(args):
             loss_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
             loss = loss_sum / global_batch
         tape = hvd.DistributedGradientTape(tape, op=hvd.Sum)
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(loss, sources)
         optimizer.apply_gradients(zip(grads, variables))
         return loss_sum, logits
 

@@ -20,8 +20,9 @@ from hybridps.checkpoint.format import (CANDIDATE_DTYPE, CKPT_NAME, DENSE_FILE, 
                                         model_signature, row_record_dtype, set_numpy_rng_state,
                                         shard_names, signature_hash)
 from hybridps.comm import SingleProcessComm
-from hybridps.dense.optimizer_state import build_optimizer, optimizer_variables
+from hybridps.dense.optimizer_state import assign_optimizer_state
 from hybridps.errors import CheckpointError
+from hybridps.tf_compat import model_weights
 from hybridps.sparse.routing import bucket_ids, buckets_of_rank
 from hybridps.sparse.shard import TABLE_COUNTERS
 
@@ -406,7 +407,7 @@ def _counters_for_rank(manifest, rank, world_size):
 
 def _check_dense_shapes(ckpt_dir, manifest, model, dense):
     model_values, _ = dense
-    variables = model.variables
+    variables = model_weights(model)
     if len(variables) != len(model_values):
         raise CheckpointMismatchError(
             f"{os.path.join(ckpt_dir, DENSE_FILE)} holds {len(model_values)} model variables, this "
@@ -415,22 +416,16 @@ def _check_dense_shapes(ckpt_dir, manifest, model, dense):
         if tuple(variable.shape) != value.shape:
             raise CheckpointMismatchError(
                 f"{os.path.join(ckpt_dir, DENSE_FILE)}: variable {saved['name']} has shape "
-                f"{value.shape}, this model's {variable.name} has {tuple(variable.shape)}: another model")
+                f"{value.shape}, this model's has {tuple(variable.shape)}: another model")
 
 
 def _assign_dense(model, optimizer, model_values, opt_values):
-    """Assign model variables, then build the optimizer and assign its variables (by order)."""
-    for variable, value in zip(model.variables, model_values):
+    """Assign model variables, then build the optimizer and assign its state (checkpoint layout)."""
+    for variable, value in zip(model_weights(model), model_values):
         variable.assign(value)
     if optimizer is None or opt_values is None:
         return
-    build_optimizer(optimizer, model.trainable_variables)
-    opt_vars = optimizer_variables(optimizer)
-    if len(opt_vars) != len(opt_values):
-        raise CheckpointError(f"the dense optimizer has {len(opt_vars)} variables after build, the "
-                              f"checkpoint {len(opt_values)}: another optimizer")
-    for variable, value in zip(opt_vars, opt_values):
-        if tuple(variable.shape) != value.shape:
-            raise CheckpointError(f"dense optimizer variable {variable.name}: shape "
-                                  f"{tuple(variable.shape)}, checkpoint {value.shape}")
-        variable.assign(value)
+    try:
+        assign_optimizer_state(optimizer, model.trainable_variables, opt_values)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None

@@ -21,9 +21,10 @@ from hybridps.checkpoint.format import (CANDIDATE_DTYPE, DENSE_FILE, LATEST, MET
                                         list_checkpoints, numpy_rng_state, row_record_dtype,
                                         shard_names)
 from hybridps.comm import SingleProcessComm
-from hybridps.dense.optimizer_state import optimizer_variables
+from hybridps.dense.optimizer_state import optimizer_kind, optimizer_state, state_names
 from hybridps.errors import CheckpointError
 from hybridps.sparse.routing import DEFAULT_NUM_BUCKETS, bucket_ids
+from hybridps.tf_compat import model_weights
 
 _CHUNK_BYTES = 16 << 20                  # records are built and written this much at a time
 
@@ -131,21 +132,27 @@ def _pause(seconds):
 
 
 def _write_dense(directory, model, optimizer):
-    """rank 0: model variables and optimizer variables in dense.npz; returns (entry, description)."""
+    """rank 0: model variables and optimizer state in dense.npz; returns (entry, description).
+
+    Variables are named by position, the same on every Keras version (hybridps.tf_compat): model
+    variable i is "model_{i:04d}" (its key in dense.npz), in tf_compat.model_weights order; the
+    optimizer's entries are named by hybridps.dense.optimizer_state.state_names.
+    """
     arrays, description = {}, {"file": DENSE_FILE, "model_variables": [], "optimizer": None}
-    for i, variable in enumerate(model.variables):
+    for i, variable in enumerate(model_weights(model)):
         value = variable.numpy()
         arrays[f"model_{i:04d}"] = value
         description["model_variables"].append(
-            {"name": variable.name, "shape": list(value.shape), "dtype": str(value.dtype)})
+            {"name": f"model_{i:04d}", "shape": list(value.shape), "dtype": str(value.dtype)})
     if optimizer is not None:
-        opt_vars = optimizer_variables(optimizer)
+        trainable = model.trainable_variables
+        values = optimizer_state(optimizer, trainable)
+        names = state_names(optimizer_kind(optimizer), len(trainable))
         description["optimizer"] = {"class": type(optimizer).__name__, "variables": []}
-        for i, variable in enumerate(opt_vars):
-            value = variable.numpy()
+        for i, (name, value) in enumerate(zip(names, values)):
             arrays[f"optimizer_{i:04d}"] = value
             description["optimizer"]["variables"].append(
-                {"name": variable.name, "shape": list(value.shape), "dtype": str(value.dtype)})
+                {"name": name, "shape": list(value.shape), "dtype": str(value.dtype)})
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     sha, size = write_file(os.path.join(directory, DENSE_FILE), [buffer.getbuffer()])

@@ -25,6 +25,19 @@ def make_dense_optimizer(name, learning_rate):
     raise ValueError(f"unknown dense optimizer {name!r}")
 
 
+def broadcast_from_root(variables, root_rank=0):
+    """Overwrite ``variables`` on every rank with ``root_rank``'s values (Horovod broadcast).
+
+    One broadcast per variable, then ``assign``: this works for tf.Variables (Keras 2) and
+    Keras 3 variables alike, which ``hvd.broadcast_variables`` does not (it needs tf.Variables).
+    Collective: every rank calls it with the same variables in the same order.
+    """
+    import horovod.tensorflow as hvd
+    for i, variable in enumerate(variables):
+        variable.assign(hvd.broadcast(tf.convert_to_tensor(variable), root_rank=root_rank,
+                                      name=f"hybridps_broadcast_{i}"))
+
+
 class DenseSync:
     """Keeps a model's dense variables identical on every rank.
 
@@ -44,8 +57,7 @@ class DenseSync:
     def broadcast_initial(self):
         """Overwrite every rank's dense weights with rank 0's."""
         if self.world_size > 1:
-            import horovod.tensorflow as hvd
-            hvd.broadcast_variables(self.variables, root_rank=0)
+            broadcast_from_root(self.variables)
 
     def _apply_eager(self, grads):
         self.optimizer.apply_gradients(zip(grads, self.variables))

@@ -57,6 +57,7 @@ from hybridps.checkpoint.format import DENSE_FILE, FORMAT_VERSION, MANIFEST
 from hybridps.comm import SingleProcessComm
 from hybridps.errors import CheckpointError, ConfigError
 from hybridps.export.saving import save_atomically
+from hybridps.tf_compat import model_weights
 
 DELTA_FORMAT = "hybridps-delta"
 FULL_FORMAT = "hybridps-full-export"
@@ -182,11 +183,12 @@ def _write_export(root, name, manifest_fields, *, tables, comm, model, rows_of, 
         dense = None
         if comm.rank == 0 and model is not None:
             buffer = io.BytesIO()
-            np.savez(buffer, **{f"model_{i:04d}": v.numpy() for i, v in enumerate(model.variables)})
+            weights = model_weights(model)     # named by position: the same on every Keras
+            np.savez(buffer, **{f"model_{i:04d}": v.numpy() for i, v in enumerate(weights)})
             sha, size = write_file(os.path.join(tmp_dir, DENSE_FILE), [buffer.getbuffer()])
             entries.append({"name": DENSE_FILE, "sha256": sha, "bytes": size, "rank": 0,
                             "kind": "dense"})
-            dense = [{"name": v.name, "shape": list(v.shape)} for v in model.variables]
+            dense = [{"name": f"model_{i:04d}", "shape": list(v.shape)} for i, v in enumerate(weights)]
     except OSError as exc:
         error = f"writing into {tmp_dir} failed: {exc}"
     gathered = comm.allgather_object(None if error else {"entries": entries, "rows": counts,

@@ -39,6 +39,7 @@ from hybridps.data.hashing import GOLDEN, MISSING_ID, space_seed
 from hybridps.errors import CheckpointError
 from hybridps.export.saving import save_atomically
 from hybridps.models.registry import add_model_argument
+from hybridps.tf_compat import model_weights
 
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -81,7 +82,7 @@ def _make_serving_module_class(tf):
 
         def __init__(self, model, schema, tables_rows, step, model_hash):
             super().__init__(name="hybridps_serving")
-            self.dense_variables = list(model.variables)
+            self.dense_variables = model_weights(model)
             self.tables = []
             for t, (table_config, (keys, values)) in enumerate(zip(schema.tables, tables_rows)):
                 table = tf.lookup.experimental.MutableHashTable(
@@ -222,10 +223,11 @@ def serving_module_of(manifest, dense_values, tables_rows, step, where, model=No
     """
     tf = _tf()
     keras_model, schema = build_model_from_manifest(manifest, model, where)
-    if len(dense_values) != len(keras_model.variables):
+    variables = model_weights(keras_model)
+    if len(dense_values) != len(variables):
         raise CheckpointError(f"{where}: {len(dense_values)} dense variables saved, the rebuilt "
-                              f"model has {len(keras_model.variables)}")
-    for variable, value in zip(keras_model.variables, dense_values):
+                              f"model has {len(variables)}")
+    for variable, value in zip(variables, dense_values):
         variable.assign(value)
     return _make_serving_module_class(tf)(keras_model, schema, tables_rows, step,
                                           manifest.get("model_hash") or "")

@@ -15,7 +15,7 @@ written by rank 0), so a checkpoint saved in one mode restores in the other:
 import numpy as np
 
 from hybridps.backends.ps.dense_optimizer import NumpyDenseOptimizer
-from hybridps.dense.optimizer_state import build_optimizer, optimizer_variables
+from hybridps.dense.optimizer_state import assign_optimizer_state, optimizer_state
 
 
 def _variables_and_shapes(model):
@@ -60,15 +60,13 @@ def gather_dense_state(comm, config, server_part, model):
         variable.assign(flat[start:start + size].reshape(shape))
         start += size
     optimizer = make_dense_optimizer(c.effective_dense_optimizer, c.effective_dense_learning_rate)
-    build_optimizer(optimizer, variables)
-    for variable, value in zip(optimizer_variables(optimizer), state.to_keras_arrays(shapes)):
-        variable.assign(value)
+    assign_optimizer_state(optimizer, variables, state.to_keras_arrays(shapes), "the servers")
     return optimizer
 
 
 def worker_optimizer_from_keras(config, model, optimizer):
     """The numpy dense optimizer state equal to a restored Keras optimizer (for worker 0)."""
-    _, shapes = _variables_and_shapes(model)
-    arrays = [v.numpy() for v in optimizer_variables(optimizer)]
+    variables, shapes = _variables_and_shapes(model)
+    arrays = optimizer_state(optimizer, variables)
     return NumpyDenseOptimizer.from_keras_arrays(config.effective_dense_optimizer,
                                                  config.effective_dense_learning_rate, arrays, shapes)
