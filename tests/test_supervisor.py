@@ -165,10 +165,10 @@ def test_wall_clock_checkpoints_are_written_while_training(tmp_path):
     ckpt = tmp_path / "ckpt"
     command = [sys.executable, "-m", "hybridps.cli", "train", "--steps", "30", "--batch-size", "16",
                "--hidden", "8", "--dim", "4", "--no-progress", "--checkpoint-dir", str(ckpt),
-               "--checkpoint-every-seconds", "0.5", "--keep-checkpoints", "100",
-               "--loader-delay-ms", "100", "--delay-rank", "0"]
-    proc = subprocess.run(command, cwd=REPO, env=dict(os.environ, **MPI_ENV), capture_output=True,
-                          text=True, timeout=300)
+               "--checkpoint-every-seconds", "0.5", "--keep-checkpoints", "100"]
+    slowed = {"HYBRIDPS_TEST_LOADER_DELAY_MS": "100", "HYBRIDPS_TEST_DELAY_RANK": "0"}   # testing aid
+    proc = subprocess.run(command, cwd=REPO, env=dict(os.environ, **MPI_ENV, **slowed),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = sorted(int(name.split("-")[1]) for name in os.listdir(ckpt) if name.startswith("ckpt-"))
     assert steps[-1] == 30 and len(steps) >= 2 and all(0 < s < 30 for s in steps[:-1]), steps
@@ -185,9 +185,10 @@ def test_a_crash_loop_stops_after_max_restarts_with_the_last_error(tmp_path):
     command = [sys.executable, "-m", "hybridps.cli", "launch", "-np", "1", "--max-restarts", "2",
                "--history", str(history), "--", "train", "--steps", "20", "--batch-size", "16",
                "--hidden", "8", "--dim", "4", "--checkpoint-dir", str(tmp_path / "ckpt"),
-               "--fail-at-step", "0", "--fail-rank", "0", "--log-every", "1"]
-    proc = subprocess.run(command, cwd=REPO, env=dict(os.environ, **MPI_ENV), capture_output=True,
-                          text=True, timeout=600)
+               "--log-every", "1"]
+    failing = {"HYBRIDPS_TEST_FAIL_AT_STEP": "0", "HYBRIDPS_TEST_FAIL_RANK": "0"}   # testing aid
+    proc = subprocess.run(command, cwd=REPO, env=dict(os.environ, **MPI_ENV, **failing),
+                          capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
     assert len(re.findall(r"^hybridps launch: .*mpirun -np 1 ", out, re.MULTILINE)) == 3, out[-4000:]
