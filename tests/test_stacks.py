@@ -50,8 +50,12 @@ def test_the_two_stacks_differ_only_in_tensorflow_keras_and_numpy():
 def _dry_run(*args):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
+    # a clean make: under `make test-compat` the variables of the calling make (TF=2.15 in
+    # MAKEFLAGS, VENV) would otherwise choose the stack of the dry run
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "TF", "VENV")}
     proc = subprocess.run(["make", "-n", "-B", "setup", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
     return proc
 
 
