@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from hybridps.bench.realtime import _covers, _free_port, _http
-from hybridps.bench.report import bench_environment, write_json
+from hybridps.bench.report import bench_environment, stop_processes, write_json
 from hybridps.bench.train import OVERSUBSCRIBE_ENV
 
 FEATURES = {"label": "label",
@@ -169,13 +169,7 @@ def live(root, config_path, seconds=60.0, rate=200, window_s=10.0, delta_every_s
         time.sleep(2 * delta_every_seconds)
     finally:
         stop.set()
-        for proc in (server, train, joiner):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(server, train, joiner)
     parts = _parts(out)
     return {"truth": gen.truth, "landed": landed, "parts": parts, "status_log": status_log,
             "summary": json.loads(out_text) if out_text.strip() else {}}

@@ -26,7 +26,7 @@ import urllib.request
 
 import numpy as np
 
-from hybridps.bench.report import bench_environment, markdown_table, write_json
+from hybridps.bench.report import bench_environment, markdown_table, stop_processes, write_json
 from hybridps.bench.train import OVERSUBSCRIBE_ENV, multihot_features
 
 TARGETS = {"freshness_p50_s": 10.0, "freshness_p99_s": 20.0, "serve_p99_ms_batch1": 20.0}
@@ -321,13 +321,7 @@ def _run_pipeline(out_dir, offsets, end_at, *, config_path, schema, config, rows
     finally:
         if ready is not None:
             ready.set()                    # the producer ends too
-        for proc in (server, train):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(server, train)
     if producer.error is not None:
         raise SystemExit(f"bench realtime: the producer failed: {producer.error}")
     return {"renamed": producer.renamed, "status_log": status_log, "latencies": latencies, "bulk": bulk}

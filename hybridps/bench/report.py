@@ -3,11 +3,13 @@
 Each runner measures something and writes the same three artifacts to its output directory:
 a JSON file (the numbers), a markdown table (for humans and PR descriptions) and a PNG bar
 chart. The helpers here know nothing about any particular benchmark. matplotlib is imported
-only when a chart is drawn, so importing this module stays cheap.
+only when a chart is drawn, so importing this module stays cheap. :func:`stop_processes` ends
+the processes a runner started (servers, training jobs, joiners, supervisors).
 """
 import json
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
 
@@ -110,3 +112,16 @@ def bench_environment(packages=("hybridps", "numpy", "pandas")):
         except metadata.PackageNotFoundError:
             env[name] = None
     return env
+
+
+def stop_processes(*processes, timeout=30):
+    """Terminate every started process that still runs (None: never started), killing one
+    that has not ended ``timeout`` seconds after its SIGTERM."""
+    for proc in processes:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

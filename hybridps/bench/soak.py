@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.request
 
-from hybridps.bench.report import bench_environment, markdown_table, write_json
+from hybridps.bench.report import bench_environment, markdown_table, stop_processes, write_json
 from hybridps.bench.train import OVERSUBSCRIBE_ENV, multihot_features
 from hybridps.supervisor import is_training_rank
 
@@ -191,14 +191,7 @@ class ElasticPipeline:
     def close(self):
         """Stop the follower, the server and the supervisor (whatever still runs)."""
         self._stop.set()
-        for proc in (self.server, self.supervisor):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes(self.server, self.supervisor)
         if self._follower is not None:
             self._follower.join(timeout=10)
         if self.producer is not None and self.producer.is_alive():
