@@ -31,6 +31,7 @@ from hybridps.errors import ConfigError
 from hybridps.wording import counted
 
 POLL_S = 0.5                     # how often the supervisor looks at a running job
+PROBE_EVERY_S = 10.0             # how often it probes the hosts while waiting for enough of them
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Policy:
     max_restarts: int
     min_ranks: int = 1
     regrow_every: float = 0.0        # seconds; 0: only at restarts
+    wait_for_hosts: float = 0.0      # seconds to keep probing when too few hosts answer
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Decision:
     hosts: Tuple[Tuple[str, int], ...] = ()
     failures_in_row: int = 0
     reason: str = ""
+    short_of_hosts: bool = False     # a "give up" because too few hosts answer (worth waiting)
 
     @property
     def ranks(self):
@@ -72,7 +75,8 @@ def choose_world(all_hosts, answering, policy):
         silent = [h for h, _ in all_hosts if h not in answering]
         return Decision("give up", hosts, 0,
                         f"the hosts that answer hold {counted(ranks, 'rank')}, fewer than "
-                        f"--min-ranks {policy.min_ranks} (not answering: {', '.join(silent) or 'none'})")
+                        f"--min-ranks {policy.min_ranks} (not answering: {', '.join(silent) or 'none'})",
+                        short_of_hosts=True)
     return Decision("relaunch", hosts)
 
 
@@ -106,7 +110,13 @@ def decide(all_hosts, outcome, answering, failures_in_row, policy, cause=""):
                             f"(--max-restarts {policy.max_restarts}){loop}; last error: "
                             f"{cause or 'unknown'}")
     world = choose_world(all_hosts, answering, policy)
-    return Decision(world.action, world.hosts, failures, world.reason)
+    return Decision(world.action, world.hosts, failures, world.reason, world.short_of_hosts)
+
+
+def keep_waiting(decision, waited_s, policy):
+    """Whether to probe again instead of giving up: too few hosts answer and the
+    ``--wait-for-hosts`` period has not run out (a rebooting node comes back)."""
+    return decision.short_of_hosts and waited_s < policy.wait_for_hosts
 
 
 def regrow_due(since_check_s, policy, dropped):
@@ -164,9 +174,9 @@ class Supervisor:
     ``hybridps launch``; ``program_args``: ``train ...``."""
 
     def __init__(self, launch_args, program_args, train_config, environment, out=None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, sleep=time.sleep):
         from hybridps.hosts import parse_hostfile, parse_hosts
-        self.args, self.environment, self.clock = launch_args, environment, clock
+        self.args, self.environment, self.clock, self.sleep = launch_args, environment, clock, sleep
         self.out = out or sys.stdout
         if not program_args or program_args[0] != "train":
             raise ConfigError("--max-restarts supervises a training job: hybridps launch "
@@ -176,10 +186,14 @@ class Supervisor:
             raise ConfigError("--max-restarts needs train's --checkpoint-dir: a restart resumes "
                               "from the last checkpoint (add --checkpoint-every-seconds to bound "
                               "the work lost)")
-        if launch_args.max_restarts < 0 or launch_args.min_ranks < 1 or launch_args.regrow_every < 0:
-            raise ConfigError("--max-restarts must be >= 0, --min-ranks >= 1, --regrow-every >= 0")
+        wait_for_hosts = getattr(launch_args, "wait_for_hosts", 0.0)
+        if (launch_args.max_restarts < 0 or launch_args.min_ranks < 1 or launch_args.regrow_every < 0
+                or wait_for_hosts < 0):
+            raise ConfigError("--max-restarts must be >= 0, --min-ranks >= 1, --regrow-every >= 0, "
+                              "--wait-for-hosts >= 0")
         self.program = list(program_args) + ([] if "--resume" in program_args else ["--resume"])
-        self.policy = Policy(launch_args.max_restarts, launch_args.min_ranks, launch_args.regrow_every)
+        self.policy = Policy(launch_args.max_restarts, launch_args.min_ranks, launch_args.regrow_every,
+                             wait_for_hosts)
         pairs = (parse_hostfile(launch_args.hostfile) if launch_args.hostfile
                  else parse_hosts(launch_args.hosts) if launch_args.hosts
                  else [(h, environment.slurm_tasks_per_node) for h in environment.slurm_nodes])
@@ -249,9 +263,22 @@ class Supervisor:
         if run is not None:
             stop_gracefully(run.job.child)       # the job checkpoints and ends
 
-    def _loop(self):
+    def _wait_for_hosts(self, decide_now):
+        """``decide_now(answering)`` until it relaunches, or gives up for another reason than
+        too few hosts, or ``--wait-for-hosts`` runs out; probes every PROBE_EVERY_S meanwhile."""
         hosts = [h for h, _ in self.all_hosts]
-        world = choose_world(self.all_hosts, self.probe(hosts), self.policy)
+        started = self.clock()
+        decision = decide_now(self.probe(hosts))
+        while keep_waiting(decision, self.clock() - started, self.policy) and not self.stop_requested:
+            left = self.policy.wait_for_hosts - (self.clock() - started)
+            self.say(f"waiting for hosts: {decision.reason}; probing again in {PROBE_EVERY_S:.0f} s "
+                     f"({left:.0f} s of --wait-for-hosts left)")
+            self.sleep(min(PROBE_EVERY_S, max(left, 0.0)))
+            decision = decide_now(self.probe(hosts))
+        return decision
+
+    def _loop(self):
+        world = self._wait_for_hosts(lambda answering: choose_world(self.all_hosts, answering, self.policy))
         if world.action != "relaunch":
             self.say(f"not starting: {world.reason}")
             return 1
@@ -263,8 +290,8 @@ class Supervisor:
             step = self.checkpoint_step()
             outcome = Outcome(code, planned=run.planned, progressed=step > run.started_from,
                               stopped=self.stop_requested)
-            answering = self.probe(hosts)
-            decision = decide(self.all_hosts, outcome, answering, failures, self.policy, cause)
+            decision = self._wait_for_hosts(lambda answering: decide(
+                self.all_hosts, outcome, answering, failures, self.policy, cause))
             if decision.action == "done":
                 self.write_history()
                 self.say(f"{decision.reason} (exit code {code}); "
@@ -406,6 +433,10 @@ def add_arguments(parser):
     group.add_argument("--min-ranks", type=int, default=1, metavar="M",
                        help="with --max-restarts: give up when the hosts that answer hold fewer "
                             "ranks (1)")
+    group.add_argument("--wait-for-hosts", type=float, default=0.0, metavar="SECONDS",
+                       help="with --max-restarts: when the hosts that answer hold fewer than "
+                            "--min-ranks ranks, keep probing them every 10 s for up to SECONDS "
+                            "before giving up (a rebooting node comes back; 0: give up at once)")
     group.add_argument("--regrow-every", type=float, default=0.0, metavar="SECONDS",
                        help="with --max-restarts: every SECONDS, if a dropped host answers again, "
                             "SIGTERM the job (final checkpoint) and relaunch it on every host (0: "

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from hybridps.supervisor import (Decision, Outcome, Policy, choose_world, decide, regrow_due,
-                                 regrow_hosts, restart_line, rows_trained_again, seconds_lost)
+from hybridps.supervisor import (Decision, Outcome, Policy, choose_world, decide, keep_waiting,
+                                 regrow_due, regrow_hosts, restart_line, rows_trained_again,
+                                 seconds_lost)
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available
 
 AB = (("a", 1), ("b", 1))
@@ -51,6 +52,72 @@ def test_decision_table(name, outcome, answering, before, policy, action, hosts,
         assert decision.reason.endswith("last error: ValueError: boom")
     if action == "give up" and after <= policy.max_restarts:
         assert f"fewer than --min-ranks {policy.min_ranks}" in decision.reason
+
+
+def test_only_too_few_hosts_is_worth_waiting_for_and_only_for_the_given_period():
+    short = decide(AB, Outcome(1, progressed=True), {"b"}, 0, Policy(5, min_ranks=2, wait_for_hosts=60))
+    loop = decide(AB, Outcome(1), {"a", "b"}, 2, Policy(2, wait_for_hosts=60))
+    assert short.action == loop.action == "give up"
+    assert keep_waiting(short, 0.0, Policy(5, min_ranks=2, wait_for_hosts=60))
+    assert keep_waiting(short, 59.9, Policy(5, min_ranks=2, wait_for_hosts=60))
+    assert not keep_waiting(short, 60.0, Policy(5, min_ranks=2, wait_for_hosts=60))
+    assert not keep_waiting(short, 0.0, Policy(5, min_ranks=2))          # 0: give up at once
+    assert not keep_waiting(loop, 0.0, Policy(2, wait_for_hosts=60))     # a crash loop: no host to wait for
+
+
+def _supervisor(hostfile, wait_for_hosts, answers, out):
+    """A Supervisor over hosts a and b whose probe answers ``answers`` one after another, on a
+    fake clock that its sleeps advance."""
+    from argparse import Namespace
+    from hybridps.config import make_config
+    from hybridps.launch import Environment
+    from hybridps.supervisor import Supervisor
+    args = Namespace(max_restarts=2, min_ranks=2, regrow_every=0.0, wait_for_hosts=wait_for_hosts,
+                     history=None, hostfile=hostfile, hosts=None, num_ranks=2, launcher="auto",
+                     bind="none", threads_per_rank=0, launcher_args=[], watchdog_timeout=None)
+    now = [0.0]
+    supervisor = Supervisor(args, ["train", "--checkpoint-dir", "/c"],
+                            make_config(overrides={"checkpoint_dir": "/c"}), Environment(cores=2),
+                            out=out, clock=lambda: now[0],
+                            sleep=lambda s: now.__setitem__(0, now[0] + s))
+    probes = iter(answers)
+    supervisor.probe = lambda hosts: next(probes)
+    return supervisor, now
+
+
+def test_the_supervisor_waits_for_a_host_that_comes_back_then_starts_on_both(tmp_path):
+    import io
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=1\nb slots=1\n")
+    out = io.StringIO()
+    supervisor, now = _supervisor(str(hostfile), 30, [{"a"}, {"a"}, {"a", "b"}], out)
+    started = []
+
+    class Launched(Exception):
+        pass
+
+    def launch(hosts, record):
+        started.append(hosts)
+        raise Launched
+    supervisor._launch = launch
+    with pytest.raises(Launched):
+        supervisor._loop()
+    assert started == [(("a", 1), ("b", 1))]
+    assert now[0] == 20.0                                   # two probes 10 s apart
+    assert out.getvalue().count("waiting for hosts: the hosts that answer hold 1 rank") == 2
+
+
+def test_the_supervisor_gives_up_when_the_wait_for_hosts_runs_out(tmp_path):
+    import io
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=1\nb slots=1\n")
+    out = io.StringIO()
+    supervisor, now = _supervisor(str(hostfile), 25, [{"a"}] * 10, out)
+    assert supervisor._loop() == 1
+    assert now[0] == 25.0                                   # 10 + 10 + the 5 s left
+    assert "not starting: the hosts that answer hold 1 rank, fewer than --min-ranks 2" in out.getvalue()
+    supervisor, now = _supervisor(str(hostfile), 0, [{"a"}], io.StringIO())
+    assert supervisor._loop() == 1 and now[0] == 0.0      # 0: at once, as before
 
 
 def test_the_world_keeps_the_given_host_order_and_slots_and_one_node_stays_one_node():
