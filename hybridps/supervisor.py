@@ -130,6 +130,11 @@ def regrow_hosts(dropped, answering):
     return [h for h in dropped if h in answering]
 
 
+def training_ranks(ranks, mode, num_servers):
+    """How many of ``ranks`` train: all of them, except the last ``num_servers`` in ps mode."""
+    return max(ranks - num_servers, 0) if str(getattr(mode, "value", mode)) == "ps" else ranks
+
+
 def rows_trained_again(last_step, checkpoint_step, rows_per_step):
     """Rows the lost run trained after the checkpoint it is resumed from (they are trained
     again from the checkpoint's model): the steps past it times the global batch; None when
@@ -224,6 +229,11 @@ class Supervisor:
         from hybridps.checkpoint.manager import find_resume_point
         return find_resume_point(self.config.checkpoint_dir).step
 
+    def rows_per_step(self, ranks):
+        """The global batch of a run on ``ranks`` ranks: every rank trains, except a ps-mode
+        job's server ranks."""
+        return self.config.batch_size * training_ranks(ranks, self.config.mode, self.config.num_servers)
+
     def write_history(self):
         if self.args.history:
             tmp = self.args.history + ".tmp"
@@ -314,7 +324,7 @@ class Supervisor:
                 "hosts": [h for h, _ in decision.hosts if h is not None], "ranks": decision.ranks,
                 "checkpoint_step": step, "last_step_trained": scanner.last_step,
                 "rows_trained_again": rows_trained_again(
-                    scanner.last_step, step, self.config.batch_size * sum(s for _, s in run.hosts)),
+                    scanner.last_step, step, self.rows_per_step(sum(s for _, s in run.hosts))),
                 "failures_in_row": failures, "seconds_lost": None,
                 "_last_step_at": scanner.last_step_at, "_failed_at": run.failed_at}
             run = self._launch(decision.hosts, record)

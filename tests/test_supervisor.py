@@ -15,7 +15,7 @@ import pytest
 
 from hybridps.supervisor import (Decision, Outcome, Policy, choose_world, decide, keep_waiting,
                                  regrow_due, regrow_hosts, restart_line, rows_trained_again,
-                                 seconds_lost)
+                                 seconds_lost, training_ranks)
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available
 
 AB = (("a", 1), ("b", 1))
@@ -135,6 +135,14 @@ def test_regrow_is_due_only_with_a_dropped_host_after_the_period():
     assert not regrow_due(600, policy, [])
     assert not regrow_due(600, Policy(3), ["b"])          # 0: only at restarts
     assert regrow_hosts(["b", "c"], {"a", "c"}) == ["c"]
+
+
+def test_a_ps_jobs_server_ranks_train_no_rows():
+    from hybridps.config import Mode
+    assert training_ranks(4, Mode.COLLECTIVE, 1) == 4
+    assert training_ranks(4, Mode.PS, 1) == 3
+    assert training_ranks(5, "ps", 2) == 3
+    assert training_ranks(1, Mode.PS, 1) == 0
 
 
 def test_restart_figures():
