@@ -12,6 +12,7 @@ end marker (``_END``, an entry with ``_end``) once. What does not: which rows le
 (hybridps.join.window), the checkpoint that makes a restart resume at the right batch
 (hybridps.join.state).
 """
+import itertools
 import os
 
 from hybridps.checkpoint.files import fsync_dir
@@ -34,11 +35,7 @@ def part_name(seq):
 
 def column_order(rows):
     """Every field of the rows, in the order first met (rows may differ in their fields)."""
-    names = {}
-    for row in rows:
-        for name in row:
-            names.setdefault(name, None)
-    return list(names)
+    return list(dict.fromkeys(itertools.chain.from_iterable(rows)))
 
 
 class DirectoryOutput:
