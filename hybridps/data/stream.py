@@ -44,6 +44,11 @@ position is the last consumed entry ID, kept in the checkpoint, not in Redis). T
 entry with a field ``_end``. A malformed entry is an error naming the entry ID and the field.
 A key that is not a stream is an error naming its type.
 
+Several streams
+---------------
+``stream:DIR1,stream:DIR2`` (any stream specs, comma-separated) is one sequence of them all
+in an order every rank agrees on (hybridps.data.merged_stream).
+
 Out of reach
 ------------
 A Redis server lost during the run, or a stream directory that cannot be listed (a network file
@@ -84,7 +89,8 @@ def is_stream_spec(spec):
 
 def open_stream(spec, schema, *, rank, world_size, on_bad_line="raise", retry_seconds=60.0):
     """The stream source of ``stream:DIR`` or ``redis://HOST:PORT/STREAM`` (``retry_seconds``:
-    how long it tries a directory or server out of reach again before it fails)."""
+    how long it tries a directory or server out of reach again before it fails; several
+    streams: hybridps.data.merged_stream.open_streams)."""
     if schema.preset == "criteo":
         raise ConfigError(f"data {spec!r}: a stream is read through a 'features:' schema (in the "
                           f"--config file), which names its columns; the Criteo preset reads files")
