@@ -160,7 +160,7 @@ class ElasticPipeline:
     def _follow(self):
         while not self._stop.is_set():
             try:
-                status = http_json(self.url)
+                status = http_json(self.url, timeout=5)
                 self.status_log.append((time.time(), status.get("version"), status.get("step"),
                                         status.get("position")))
             except OSError:
