@@ -774,3 +774,10 @@ def test_sigterm_writes_the_rows_ready_saves_and_exits_0_and_a_restart_goes_on(t
     code, out, err = wait_joiner(start_joiner(command[:-2]))      # B was pending in the state
     assert code == 0, err[-3000:]
     assert [(r["request_id"], r["label"]) for r in read_output(tmp_path / "out")] == [("A", 1), ("B", 0)]
+
+
+def test_output_columns_hold_every_field_met_in_order_with_none_where_a_row_lacks_it():
+    from hybridps.join.outputs import columns_of
+    assert columns_of([{"a": 1, "b": 2}, {"b": 4, "a": 3}]) == {"a": [1, 3], "b": [2, 4]}
+    assert columns_of([{"a": 1, "b": 2}, {"a": 3, "c": 5}]) == {"a": [1, 3], "b": [2, None], "c": [None, 5]}
+    assert columns_of([{"a": 1}, {"a": 2}]) == {"a": [1, 2]}

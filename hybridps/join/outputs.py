@@ -13,6 +13,7 @@ end marker (``_END``, an entry with ``_end``) once. What does not: which rows le
 (hybridps.join.state).
 """
 import itertools
+import operator
 import os
 
 from hybridps.checkpoint.files import fsync_dir
@@ -31,6 +32,14 @@ def open_output(spec, list_separator="|"):
 
 def part_name(seq):
     return f"part-{seq:012d}.parquet"
+
+
+def columns_of(rows):
+    """{column: its values} of the rows (a row without a column: None there)."""
+    names = column_order(rows)
+    if len(names) > 1 and all(len(row) == len(names) for row in rows):    # every row has all
+        return dict(zip(names, map(list, zip(*map(operator.itemgetter(*names), rows)))))
+    return {n: [row.get(n) for row in rows] for n in names}
 
 
 def column_order(rows):
@@ -59,8 +68,7 @@ class DirectoryOutput:
         final = os.path.join(self.directory, part_name(seq))
         if os.path.exists(final):
             return False
-        names = column_order(rows)
-        table = pa.Table.from_pydict({n: [row.get(n) for row in rows] for n in names})
+        table = pa.Table.from_pydict(columns_of(rows))
         for index, column in enumerate(table.columns):     # a column with no value at all
             if pa.types.is_null(column.type):
                 table = table.set_column(index, table.field(index).name, column.cast(pa.string()))

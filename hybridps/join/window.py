@@ -306,12 +306,15 @@ class JoinWindow:
 
     def _leave(self, rid):
         t, fields, labels, sent = self.pending.pop(rid)
-        self.counts["emitted"] += 1
-        self.counts["positives"] += int(any(labels))
+        counts = self.counts
+        counts["emitted"] += 1
+        if 1 in labels:
+            counts["positives"] += 1
         forget = t + self.window + self.late_horizon
         if len(self.closed) >= self.max_pending:          # bounded: the oldest kept goes first
             self._forget_oldest_closed()
-        seen = [max(a, b) for a, b in zip(labels, sent)]   # what later actions repeat
+        # what later actions repeat: the labels seen and those corrected late already
+        seen = [max(a, b) for a, b in zip(labels, sent)] if 1 in sent else list(labels)
         self.closed[rid] = [t, fields if self.late == "emit" else None, seen, forget]
         self._forget_closed.push(forget, rid)
         return self._row(fields, labels, 0)
