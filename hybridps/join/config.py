@@ -54,9 +54,9 @@ class JoinConfig:
         100_000, "pending impressions (and buffered early actions) at most; full: stop reading "
         "that source")
     max_pending_bytes: Optional[int] = setting(
-        None, "the joiner's state (pending and kept impressions, buffered actions) at most this "
-        "memory, estimated: bytes or a size with a unit (500MB, 2GiB); full: stop reading "
-        "impressions (default: rows only, max_pending)", metavar="SIZE", parse=lambda v: byte_size(v))
+        None, "pending impressions and buffered early actions at most this memory, estimated: "
+        "bytes or a size with a unit (500MB, 2GiB); full: stop reading impressions (default: "
+        "rows only, max_pending)", metavar="SIZE", parse=lambda v: byte_size(v))
     request_id_field: str = setting(
         "request_id", "the field joining an impression with its actions (one impression per value)")
     event_time_field: str = setting(
