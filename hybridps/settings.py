@@ -180,7 +180,7 @@ def _argument_options(cls, field):
     choices = choices_of(cls, field)
     if choices:
         options["choices"] = list(choices)
-    if kind in (int, float):
+    if kind in (int, float) and field.metadata.get("parse") is None:   # parse: the text is its
         options["type"] = kind
     if field.metadata.get("metavar"):
         options["metavar"] = field.metadata["metavar"]

@@ -240,6 +240,37 @@ def test_a_full_window_stops_reading_impressions_until_rows_leave(tmp_path):
     assert j.summary()["forced_closes"] == 0
 
 
+def test_max_pending_bytes_takes_bytes_or_a_size_with_its_unit():
+    from hybridps.join.config import byte_size
+    assert [byte_size(v) for v in (1024, "500MB", "500 mb", "2GiB", "64k", "1.5KB", None)] == [
+        1024, 500 * 10**6, 500 * 10**6, 2 * 2**30, 64 * 2**10, 1500, None]
+    for bad in ("12 parsecs", "MB", "0", -5):
+        with pytest.raises(ConfigError, match=r"join setting 'max_pending_bytes'"):
+            byte_size(bad)
+
+
+def test_max_pending_bytes_holds_back_impressions_at_the_estimated_memory_then_forces_the_oldest_out(tmp_path):
+    import sys
+    from hybridps.join.process import _ENTRY_BYTES
+    clock = Clock()
+    put_events(tmp_path / "imp", "0001.parquet", [imp(f"r{i:02d}", float(i)) for i in range(20)])
+    os.makedirs(tmp_path / "act")
+    import pyarrow.parquet as pq
+    fields = pq.read_table(tmp_path / "imp" / "0001.parquet").to_pylist()[0]    # the one measured
+    each = sys.getsizeof(fields) + sum(sys.getsizeof(v) for v in fields.values()) + _ENTRY_BYTES
+    j = joiner(tmp_path, clock, max_pending_bytes=10 * each, read_batch=4, window_s=1000.0,
+               idle_timeout_s=1000.0)
+    for _ in range(3):
+        j.poll()                            # 4, 4, then the 2 that fit
+    assert len(j.window.pending) == 10 and j.sources["impressions"].position()["row"] == 10
+    assert j.summary()["pending_bytes"] == 10 * each and not j.paused
+    j.poll()                                # full, no action to wait for: the 4 oldest leave
+    assert j.paused and "full: impressions not read" in j.progress_line()
+    assert j.summary()["forced_closes"] == 4
+    assert [r["request_id"] for r in read_output(tmp_path / "out")] == ["r00", "r01", "r02", "r03"]
+    assert sorted(j.window.pending) == [f"r{i:02d}" for i in range(4, 10)]
+
+
 def test_an_event_without_a_request_id_or_a_time_never_joins(tmp_path):
     clock = Clock()
     put_events(tmp_path / "imp", "0001.parquet",
@@ -335,6 +366,7 @@ JOIN_FLAGS = {
     "allowed_lateness_s": (["--allowed-lateness-s", "1.5"], 1.5),
     "idle_timeout_s": (["--idle-timeout-s", "7"], 7.0),
     "max_pending": (["--max-pending", "12"], 12),
+    "max_pending_bytes": (["--max-pending-bytes", "1.5GiB"], 3 * 2**29),
     "request_id_field": (["--request-id-field", "rid"], "rid"),
     "event_time_field": (["--event-time-field", "ts"], "ts"),
     "action_field": (["--action-field", "kind"], "kind"),
@@ -498,8 +530,8 @@ def check_exactly_once(rows, labels, summary, late, repeats):
         (late, repeats, len(labels))
 
 
-KILL_POINTS = ["before_checkpoint:3", "after_checkpoint:2", "after_output:4", "after_checkpoint:6",
-               "before_checkpoint:1", "after_output:9"]
+KILL_POINTS = ["before_checkpoint:3", "after_checkpoint:2", "after_output:4", "after_snapshot:1",
+               "after_checkpoint:6", "before_checkpoint:1", "after_output:9"]
 
 
 @pytest.mark.slow
@@ -537,6 +569,17 @@ def test_redis_output_holds_every_impression_once_across_sigkills(tmp_path, redi
     assert all(int(r["pos"]) == int(r["request_id"][1:]) for r in rows)   # the features came along
 
 
+@pytest.mark.slow
+def test_the_bench_kills_phase_finds_every_row_once_with_its_label_over_5_sigkills(tmp_path):
+    from hybridps.bench.events import kills
+    report = kills(str(tmp_path), count=5, events_s=20.0, rate=2000, window_s=2.0, timeout=120,
+                   kill_within=(0.5, 2.5))
+    assert report["kills"] == 5, report
+    assert (report["rows_lost"], report["rows_duplicated"], report["wrong_labels"]) == (0, 0, 0)
+    assert report["rows_emitted"] == report["rows_expected"] == 20 * 2000
+    assert report["late_actions"] == report["late_actions_expected"]
+
+
 # ---------------------------------------------------------------------- bench events: the checks it reports
 def test_the_bench_counts_lost_duplicated_and_wrong_rows_against_its_ground_truth():
     from hybridps.bench.events import check_join, freshness
@@ -557,16 +600,144 @@ def test_the_bench_counts_lost_duplicated_and_wrong_rows_against_its_ground_trut
 
 def test_a_damaged_or_foreign_joiner_state_is_refused_naming_the_file(tmp_path):
     from hybridps.errors import CheckpointError
-    from hybridps.join.state import load_state, save_state, state_path
-    save_state(str(tmp_path), {"settings": {"window_s": 10.0}, "seq": 3, "window": {}, "watermark": {},
-                               "positions": {}, "outbox": [], "next_entry_ms": 0})
-    assert load_state(str(tmp_path), {"window_s": 10.0})["seq"] == 3
+    from hybridps.join.state import JoinerCheckpoint, state_path
+    JoinerCheckpoint(str(tmp_path)).snapshot({"settings": {"window_s": 10.0}, "seq": 3, "window": {},
+                                              "watermark": {}, "positions": {}, "outbox": [],
+                                              "next_entry_ms": 0})
+    assert JoinerCheckpoint(str(tmp_path)).load({"window_s": 10.0})[0]["seq"] == 3
     with pytest.raises(ConfigError, match=r"joiner.json was saved with other join settings \(window_s"):
-        load_state(str(tmp_path), {"window_s": 20.0})
+        JoinerCheckpoint(str(tmp_path)).load({"window_s": 20.0})
     raw = open(state_path(str(tmp_path)), "rb").read()
     open(state_path(str(tmp_path)), "wb").write(raw.replace(b'"seq":3', b'"seq":4'))
     with pytest.raises(CheckpointError, match="joiner.json: checksum mismatch"):
-        load_state(str(tmp_path), {"window_s": 10.0})
+        JoinerCheckpoint(str(tmp_path)).load({"window_s": 10.0})
+
+
+def test_a_log_record_cut_short_is_dropped_and_a_damaged_one_before_others_is_refused(tmp_path):
+    from hybridps.errors import CheckpointError
+    from hybridps.join.state import JoinerCheckpoint, log_path
+    snapshot = {"settings": {}, "seq": 0, "window": {}, "watermark": {}, "positions": {},
+                "outbox": [], "next_entry_ms": 0}
+    checkpoint = JoinerCheckpoint(str(tmp_path))
+    checkpoint.snapshot(snapshot)
+    for seq in (1, 2, 3):
+        checkpoint.append({"seq": seq})
+    checkpoint.close()
+    path = log_path(str(tmp_path), 1)
+    whole = open(path, "rb").read()
+    assert whole.count(b"\n") == 3
+    open(path, "wb").write(whole[:-9])                    # the third record cut short by a kill
+    reread = JoinerCheckpoint(str(tmp_path))
+    assert [r["seq"] for r in reread.load({})[1]] == [1, 2]
+    assert open(path, "rb").read() == whole[:whole.index(b"\n", whole.index(b"\n") + 1) + 1]
+    reread.append({"seq": 3})                             # appended after the records kept
+    reread.close()
+    assert [r["seq"] for r in JoinerCheckpoint(str(tmp_path)).load({})[1]] == [1, 2, 3]
+    first = open(path, "rb").read()
+    open(path, "wb").write(first.replace(b'"seq":1', b'"seq":7', 1))
+    with pytest.raises(CheckpointError, match=r"joiner-log-00000001.jsonl: record 1 has a checksum mismatch"):
+        JoinerCheckpoint(str(tmp_path)).load({})
+
+
+def test_the_log_is_due_for_compaction_once_past_its_snapshot_and_the_floor(tmp_path, monkeypatch):
+    from hybridps.join import state
+    monkeypatch.setattr(state, "COMPACT_MIN_BYTES", 1000)
+    checkpoint = state.JoinerCheckpoint(str(tmp_path))
+    checkpoint.snapshot({"x": "a" * 3000})                # a snapshot of about 3,000 bytes
+    checkpoint.append({"y": "b" * 2000})
+    assert not checkpoint.compaction_due()                # 2,000 < 3,000
+    checkpoint.append({"y": "b" * 2000})
+    assert checkpoint.compaction_due()                    # 4,000 > 3,000
+    checkpoint.snapshot({})
+    checkpoint.append({"y": "b" * 500})
+    assert not checkpoint.compaction_due()                # 500 < the floor
+    checkpoint.append({"y": "b" * 600})
+    assert checkpoint.compaction_due()
+    checkpoint.close()
+
+
+def log_records(state_dir):
+    """(snapshot, log records) of a joiner's state directory, loaded with the settings it holds."""
+    import json
+    from hybridps.join.state import JoinerCheckpoint, state_path
+    with open(state_path(str(state_dir)), "rb") as fh:
+        settings = json.loads(fh.read().partition(b"\n")[2])["settings"]
+    return JoinerCheckpoint(str(state_dir)).load(settings)
+
+
+def test_a_checkpoint_record_holds_what_changed_not_the_pending_impressions(tmp_path):
+    clock = Clock()
+    put_events(tmp_path / "imp", "0001.parquet", [imp(f"r{i}", float(i)) for i in range(50)])
+    os.makedirs(tmp_path / "act")
+    j = joiner(tmp_path, clock, window_s=1000.0, idle_timeout_s=100.0)
+    j.poll()
+    j.flush()                               # nothing left: the positions and operations recorded
+    put_events(tmp_path / "act", "0001.parquet",
+               [{"request_id": "r3", "event_time": 60.0, "action": "click", "event_id": "c3"}])
+    put_events(tmp_path / "imp", "0002.parquet", [imp("x", 70.0)])
+    j.poll()                                # r3 clicked waits (on_close); x joins the 50
+    j.flush()
+    state, records = log_records(tmp_path / "state")
+    assert len(state["window"]["pending"]) == 0           # the snapshot of the start
+    assert [op[:3] for op in records[0]["ops"] if op[0] == "i"] == [["i", f"r{i}", float(i)] for i in range(50)]
+    assert [op[:4] for op in records[1]["ops"] if op[0] in "ia"] == [["i", "x", 70.0, imp("x", 70.0)],
+                                                                    ["a", "r3", 60.0, "click"]]
+    assert records[1]["positions"]["impressions"]["done"] == "0002.parquet"
+    assert len(j.window.pending) == 51
+
+
+def test_a_restart_writes_the_batch_recorded_but_not_written_from_its_replayed_operations(tmp_path):
+    class Killed(Exception):
+        pass
+
+    def killed(*args):
+        raise Killed()
+
+    clock = Clock()
+    put_events(tmp_path / "imp", "0001.parquet", [imp("A", 0.0), imp("B", 1.0), imp("C", 2.0), imp("D", 25.0)])
+    put_events(tmp_path / "act", "0001.parquet",
+               [{"request_id": "B", "event_time": 5.0, "action": "click", "event_id": "b"},
+                {"request_id": "C", "event_time": 30.0, "action": "click", "event_id": "c"}])
+    j = joiner(tmp_path, clock, output_rows=2)
+    j.output.write = killed                 # recorded, then "killed" before its batches are written
+    with pytest.raises(Killed):
+        j.poll()                            # watermark min(25, 30): A, B and C close, D waits
+    j.checkpoint.close()
+    assert not read_output(tmp_path / "out")
+    again = joiner(tmp_path, clock, output_rows=2)         # replays the log, writes its 2 batches
+    assert sorted(os.listdir(tmp_path / "out")) == ["part-000000000000.parquet", "part-000000000001.parquet"]
+    assert [(r["request_id"], r["label"]) for r in read_output(tmp_path / "out")] == [("A", 0), ("B", 1), ("C", 0)]
+    for name in ("imp", "act"):
+        open(tmp_path / name / "_END", "w").close()
+    again.run()
+    assert [(r["request_id"], r["label"]) for r in read_output(tmp_path / "out")] == [
+        ("A", 0), ("B", 1), ("C", 0), ("D", 0)]
+
+
+def test_a_log_grown_past_its_snapshot_is_compacted_and_a_restart_goes_on_from_the_new_one(tmp_path, monkeypatch):
+    from hybridps.join.state import LOG_PREFIX, JoinerCheckpoint
+    monkeypatch.setattr(JoinerCheckpoint, "compaction_due", lambda self: True)
+    clock = Clock()
+    for i in range(4):
+        put_events(tmp_path / "imp", f"{i:04d}.parquet", [imp(f"r{i}", float(i))])
+    put_events(tmp_path / "act", "0001.parquet",
+               [{"request_id": "r1", "event_time": 3.0, "action": "click", "event_id": "c"}])
+    j = joiner(tmp_path, clock, read_batch=1, output_rows=1, emit="first_positive",
+               idle_timeout_s=100.0)
+    j.poll()                                # r0 in, the click buffered
+    j.poll()                                # r1 takes it and leaves: a batch, then a snapshot
+    j.checkpoint.close()
+    assert read_output(tmp_path / "out") == [
+        {"request_id": "r1", "event_time": 1.0, "item": 7, "label": 1, "correction": 0}]
+    assert j.checkpoint.generation == 2     # 1: the start's
+    assert [n for n in os.listdir(tmp_path / "state") if n.startswith(LOG_PREFIX)] == []
+    again = joiner(tmp_path, clock, idle_timeout_s=100.0, emit="first_positive")
+    assert sorted(again.window.pending) == ["r0"] and "r1" in again.window.closed
+    for name in ("imp", "act"):
+        open(tmp_path / name / "_END", "w").close()
+    again.run()
+    assert [(r["request_id"], r["label"]) for r in read_output(tmp_path / "out")] == [
+        ("r1", 1), ("r0", 0), ("r2", 0), ("r3", 0)]
 
 
 def test_event_fields_name_what_is_wrong_and_read_iso_times():
@@ -603,3 +774,10 @@ def test_sigterm_writes_the_rows_ready_saves_and_exits_0_and_a_restart_goes_on(t
     code, out, err = wait_joiner(start_joiner(command[:-2]))      # B was pending in the state
     assert code == 0, err[-3000:]
     assert [(r["request_id"], r["label"]) for r in read_output(tmp_path / "out")] == [("A", 1), ("B", 0)]
+
+
+def test_output_columns_hold_every_field_met_in_order_with_none_where_a_row_lacks_it():
+    from hybridps.join.outputs import columns_of
+    assert columns_of([{"a": 1, "b": 2}, {"b": 4, "a": 3}]) == {"a": [1, 3], "b": [2, 4]}
+    assert columns_of([{"a": 1, "b": 2}, {"a": 3, "c": 5}]) == {"a": [1, 3], "b": [2, None], "c": [None, 5]}
+    assert columns_of([{"a": 1}, {"a": 2}]) == {"a": [1, 2]}

@@ -848,3 +848,150 @@ def test_a_stream_directory_out_of_reach_is_tried_again_then_fails_naming_it(tmp
     err = capfd.readouterr().err
     assert err.count(f"lost stream directory {directory}") == 2
     assert err.count(f"reached stream directory {directory} again") == 1
+
+
+# ---------------------------------------------------------------------- several streams as one
+def test_merged_stream_specs_are_split_before_each_stream_and_a_single_stream_is_not_merged(tmp_path):
+    from hybridps.data.merged_stream import MergedStream, open_streams, split_stream_specs
+    from hybridps.data.stream import DirectoryStream
+    from hybridps.errors import ConfigError
+    assert split_stream_specs("stream:/a,b,stream:/c,redis://h:1/s") == ["stream:/a,b", "stream:/c", "redis://h:1/s"]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    schema = stream_schema()
+    merged = open_streams(f"stream:{tmp_path / 'a'},stream:{tmp_path / 'b'}", schema, rank=0, world_size=1)
+    assert isinstance(merged, MergedStream) and len(merged.streams) == 2
+    assert isinstance(open_streams(f"stream:{tmp_path / 'a'}", schema, rank=0, world_size=1), DirectoryStream)
+    with pytest.raises(ConfigError, match="two or more different streams"):
+        open_streams(f"stream:{tmp_path / 'a'},stream:{tmp_path / 'a'}", schema, rank=0, world_size=1)
+
+
+def merged_pair(tmp_path):
+    """Rank 0 and rank 1 of two, each a MergedStream over its own copy of streams a and b
+    (the copies fill at different moments, as files reach ranks at different moments)."""
+    from hybridps.data.merged_stream import MergedStream
+    ranks = []
+    for rank in (0, 1):
+        dirs = [tmp_path / f"r{rank}" / name for name in ("a", "b")]
+        for d in dirs:
+            d.mkdir(parents=True)
+        ranks.append(MergedStream([f"stream:{d}" for d in dirs], stream_schema(), rank=rank, world_size=2))
+    return ranks
+
+
+def put(tmp_path, rank, stream, seed, count):
+    directory = tmp_path / f"r{rank}" / stream
+    write_parquet(directory / f".{seed:04d}.tmp", rows(count, seed=seed), count)
+    os.rename(directory / f".{seed:04d}.tmp", directory / f"{seed:04d}.parquet")
+
+
+def agree(ranks, need):
+    """One poll of every rank and the agreement's notes applied on each: (ready, ended) per rank."""
+    votes = [r._poll(need) for r in ranks]
+    notes = sorted({n for r in ranks for n in r._notes})
+    for r in ranks:
+        r._notes = []
+        r._apply_notes(notes)
+    return votes
+
+
+def test_ranks_that_hold_different_files_agree_on_one_merged_order_of_rows_all_hold(tmp_path):
+    ranks = merged_pair(tmp_path)
+    put(tmp_path, 0, "a", 1, 5)                 # rank 0: a has 5 + 4 rows, b nothing yet
+    put(tmp_path, 0, "a", 3, 4)
+    put(tmp_path, 1, "a", 1, 5)                 # rank 1: a has 5, b has 6
+    put(tmp_path, 1, "b", 2, 6)
+    assert agree(ranks, 8) == [(False, False)] * 2
+    # the rows every rank holds: a's first 5 (rank 1 has no more of a; rank 0 none of b)
+    assert [r.segments for r in ranks] == [[[0, 5]]] * 2
+    put(tmp_path, 0, "b", 2, 6)
+    agree(ranks, 8)                             # now b's 6 (rank 1 still lacks a's file 3)
+    assert [r.segments for r in ranks] == [[[0, 5], [1, 6]]] * 2
+    want = [int(g) for g in list(rows(5, seed=1)["row"]) + list(rows(6, seed=2)["row"])]
+    for r in ranks:
+        assert [int(g) for g in r._rows(0, 11).groups] == want
+        r._advance(8)
+    assert [r.state()["streams"][0]["consumed_through"] for r in ranks] == ["0001.parquet"] * 2
+    assert [r.state()["streams"][1]["row"] for r in ranks] == [3, 3]
+    assert [r._available() for r in ranks] == [3, 3]
+
+
+def test_a_merged_stream_resumes_from_its_vector_of_positions_and_ends_when_every_stream_has(tmp_path):
+    ranks = merged_pair(tmp_path)
+    for rank in (0, 1):
+        put(tmp_path, rank, "a", 1, 5)
+        put(tmp_path, rank, "b", 2, 6)
+    agree(ranks, 4)
+    for r in ranks:
+        r._advance(7)                           # a's 5, b's first 2
+    saved = ranks[0].state()
+    assert [s["rows_consumed"] for s in saved["streams"]] == [5, 2]
+    resumed = merged_pair(tmp_path / "again")
+    for rank in (0, 1):
+        for stream, seed, count in (("a", 1, 5), ("b", 2, 6), ("a", 3, 4)):
+            put(tmp_path / "again", rank, stream, seed, count)
+    for r in resumed:
+        state = dict(saved, path=r.where,
+                     streams=[dict(s, path=d.where) for s, d in zip(saved["streams"], r.streams)])
+        r.restore(state)
+    for rank in (0, 1):
+        for stream in ("a", "b"):
+            open(tmp_path / "again" / f"r{rank}" / stream / "_END", "w").close()
+    assert agree(resumed, 4) == [(False, False)] * 2
+    # after the vector of positions: a's new file, then b's 4 rows left (one segment per stream,
+    # in stream order); none of the 7 rows before it again
+    got = [[int(g) for g in r._rows(0, 8).groups] for r in resumed]
+    assert got[0] == got[1] == [int(g) for g in list(rows(4, seed=3)["row"]) + list(rows(6, seed=2)["row"][2:])]
+    for r in resumed:
+        r._advance(8)
+    assert agree(resumed, 4) == [(False, True)] * 2       # all read, every end marker there
+
+
+@pytest.mark.mpi
+def test_two_ranks_train_two_merged_streams_each_row_once_across_a_kill_and_a_resume(tmp_path):
+    from hybridps.checkpoint.reader import load_manifest
+    out = tmp_path
+    write_config(out)
+    a, b = out / "a", out / "b"
+    a.mkdir()
+    b.mkdir()
+    common = {"data": f"stream:{a},stream:{b}", "steps": 0, "batch_size": BATCH,
+              "checkpoint_dir": str(out / "ckpt"), "stream_poll_s": 0.05}
+    producers = [DirectoryProducer(a, [0, 2, 4], interval=0.2, end=False),     # 37 rows a file
+                 DirectoryProducer(b, [1, 3], interval=0.5, end=False)]
+    for p in producers:
+        p.start()
+    killed = finish(out, "killed", start_job(out, "killed", dict(common, checkpoint_every=3),
+                                             env=testing_hooks.environment(fail_at_step=7, fail_rank=1)))
+    for p in producers:
+        p.join()
+    assert killed[0] != 0 and "injected failure at step 7" in killed[1], killed[1][-3000:]
+    job = start_job(out, "ended", dict(common, resume=True))
+    producers = [DirectoryProducer(a, [6], interval=0.3, end=True),
+                 DirectoryProducer(b, [5, 7], interval=0.2, end=True)]
+    for p in producers:
+        p.start()
+    ended = finish(out, "ended", job)
+    for p in producers:
+        p.join()
+    assert ended[0] == 0, ended[1][-3000:]
+    last = metrics(out, "ended")
+    assert last["first_step"] == 6 and last["stopped_by"] == "end of stream"
+    # the merged sequence: each global step is rank 0's 8 rows then rank 1's; the killed run's
+    # steps from 6 on (after its checkpoint) were trained again by the resumed run
+    sequence = []
+    for name, below in (("killed", 6), ("ended", None)):
+        trained = [drawn(out, name, rank, below) for rank in (0, 1)]
+        assert sorted(trained[0]) == sorted(trained[1])
+        for step in sorted(trained[0]):
+            sequence += trained[0][step] + trained[1][step]
+    total = 8 * ROWS_PER_FILE
+    assert len(sequence) == len(set(sequence)) == 16 * last["steps"] and total - len(sequence) < 16
+    for files in ([0, 2, 4, 6], [1, 3, 5, 7]):             # each stream's rows in its own order
+        own = set(directory_rows(files))
+        in_order = [r for r in sequence if r in own]
+        assert in_order == directory_rows(files)[:len(in_order)]
+    manifest = load_manifest(str(out / "ckpt" / f"ckpt-{last['steps']:010d}"))
+    states = [s for s in manifest["data_state"] if s]
+    assert len(states) == 2 and states[0] == states[1] and states[0]["kind"] == "merged"
+    assert sum(s["rows_consumed"] for s in states[0]["streams"]) == 16 * last["steps"]

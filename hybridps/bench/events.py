@@ -3,9 +3,13 @@
 
 What lives here: a load generator of impressions and delayed clicks (most clicks within
 seconds, a share far beyond the window, many impressions never clicked), renamed as Parquet
-files into two event directories (the producer contract); two phases. *Throughput*: a backlog
-of events joined by one ``hybridps join`` process, then by two (partitions 0/2 and 1/2 at
-once): events per second per process. *Live*: the generator writes in real time while a joiner
+files into two event directories (the producer contract), and the phases (``--phases``).
+*Throughput*: a backlog of events joined by one ``hybridps join`` process, then by two
+(partitions 0/2 and 1/2 at once): events per second per process, the median of ``repeats``
+runs, from the joiners' own run time and from the wall clock with their start-up. *Memory*:
+the bytes 100,000 pending impressions hold (tracemalloc) and the joiner's estimate of them.
+*Kills*: the joiner SIGKILLed at random moments over a backlog, then run to its end, its output
+checked against the ground truth. *Live*: the generator writes in real time while a joiner
 (``emit: first_positive``), ``hybridps train --data stream:DIR --steps 0`` on 2 ranks with timed
 deltas, and ``hybridps serve`` run; a follower polls serve's status. A row's freshness is the
 time from its action landing (a positive) or its impression landing (a negative) until serving
@@ -15,8 +19,8 @@ the joiner's output with the generator's ground truth (each impression once, lab
 late clicks counted). Writes ``realtime.json`` (``events_per_s_per_joiner``, ``rows_emitted``,
 ``rows_expected``, ``rows_lost``, ``rows_duplicated``, ``wrong_labels``, ``late_actions``,
 ``freshness_positive_p50_s``, ``freshness_positive_p99_s``, ``freshness_negative_p50_s``,
-``window_s``, ...) and ``realtime.png`` (freshness over time). On a shared machine the times
-are indicative. What does not: the joiner (hybridps.join), the plain stream case
+``window_s``, ..., the load average) and ``realtime.png`` (freshness over time). On a shared
+machine the times are indicative. What does not: the joiner (hybridps.join), the plain stream case
 (hybridps.bench.realtime).
 """
 import heapq
@@ -29,8 +33,8 @@ import time
 
 import numpy as np
 
-from hybridps.bench.realtime import _covers, _free_port, _http
-from hybridps.bench.report import bench_environment, stop_processes, write_json
+from hybridps.bench.report import (bench_environment, free_port, http_json, stop_processes, stream_covers,
+                                   write_json)
 from hybridps.bench.train import OVERSUBSCRIBE_ENV
 
 FEATURES = {"label": "label",
@@ -100,30 +104,103 @@ def _join_command(root, out, partition="0/1", emit="on_close", window_s=10.0, id
             "--read-batch", "8192", "--progress-every-s", "5"]
 
 
-def throughput(root, events_s=20.0, rate=5000, window_s=10.0):
-    """Events joined per second over a backlog (process start included) by 1 process and by
-    2 processes at once (partitions 0/2, 1/2: each reads every event, keeps half): {1:, 2:}."""
+def write_backlog(root, events_s, rate, window_s, seed=0):
+    """A backlog of ``events_s`` seconds of event time (``rate`` impressions a second, their
+    clicks) renamed into ``root``/imp and ``root``/act, both ended: (generator, events)."""
     imp, act = os.path.join(root, "imp"), os.path.join(root, "act")
     os.makedirs(imp), os.makedirs(act)
-    gen = EventGenerator(window_s, rate)
+    gen = EventGenerator(window_s, rate, seed=seed)
     for second in range(int(events_s)):
         _rename(imp, f"{second:06d}.parquet", gen.impressions(rate, float(second)))
         _rename(act, f"{second:06d}.parquet", gen.clicks_until(float(second + 1)))
     _rename(act, "999999.parquet", gen.clicks_until(float("inf")))
     for d in (imp, act):
         open(os.path.join(d, "_END"), "w").close()
-    events = gen.count + sum(1 for t in gen.truth.values() if t[1] is not None)
-    result = {}                    # every process reads every event, keeps its partition's
-    for processes in (1, 2):
-        started = time.monotonic()
-        procs = [subprocess.Popen(_join_command(root, os.path.join(root, f"out{processes}-{p}"),
-                                                f"{p}/{processes}", window_s=window_s),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for p in range(processes)]
-        for proc in procs:
-            proc.wait(timeout=600)
-        result[processes] = events / (time.monotonic() - started)
-    return result, events
+    return gen, gen.count + sum(1 for t in gen.truth.values() if t[1] is not None)
+
+
+def throughput(root, events_s=20.0, rate=5000, window_s=10.0, processes=(1, 2), repeats=3):
+    """Events joined per second per process over a backlog, by 1 process and by 2 at once
+    (partitions 0/2, 1/2: each reads every event, keeps half), the median of ``repeats`` runs:
+    {processes: {"wall": events / seconds from start to exit, "joining": events / the
+    joiner's own run seconds (start-up excluded), "cpu": events / the joiner's CPU seconds
+    (what a process does with a core of its own, on a machine others load too)}}."""
+    _gen, events = write_backlog(root, events_s, rate, window_s)
+    runs = {count: {"wall": [], "joining": [], "cpu": []} for count in processes}
+    for repeat in range(repeats):
+        for count in processes:       # every process reads every event, keeps its partition's
+            outs = [os.path.join(root, f"out{count}-{repeat}-{p}") for p in range(count)]
+            started = time.monotonic()
+            procs = [subprocess.Popen(_join_command(root, out, f"{p}/{count}", window_s=window_s),
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                     for p, out in enumerate(outs)]
+            summaries = [json.loads(proc.communicate(timeout=600)[0]) for proc in procs]
+            wall = time.monotonic() - started
+            runs[count]["wall"].append(events / wall)
+            runs[count]["joining"].append(float(np.mean([events / s["run_seconds"] for s in summaries])))
+            runs[count]["cpu"].append(float(np.mean([events / s["cpu_seconds"] for s in summaries])))
+    result = {count: {k: float(np.median(v)) for k, v in r.items()} for count, r in runs.items()}
+    return result, events, runs
+
+
+def state_memory(root, pending=100_000, rate=5000, window_s=10.0):
+    """Bytes held by ``pending`` impressions of the generator waiting in a join window (read
+    from Parquet as the joiner reads them), measured with tracemalloc, and the joiner's own
+    estimate of them (hybridps.join.process, max_pending_bytes): {measured_mb, estimated_mb}."""
+    import tracemalloc
+    from hybridps.join.config import make_join_config
+    from hybridps.join.process import Joiner
+    imp, act = os.path.join(root, "imp"), os.path.join(root, "act")
+    os.makedirs(imp), os.makedirs(act)
+    gen = EventGenerator(window_s, rate)
+    for second in range(pending // rate):
+        _rename(imp, f"{second:06d}.parquet", gen.impressions(rate, 0.0))
+    config = make_join_config(overrides=dict(
+        impressions=f"stream:{imp}", actions=f"stream:{act}", output=f"stream:{root}/out",
+        state_dir=f"{root}/state", window_s=1e9, max_pending=pending, read_batch=pending,
+        idle_timeout_s=1e9, progress_every_s=0))
+    joiner = Joiner(config)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    joiner.poll()
+    joiner.ops = []                 # the log record's operations: the checkpoint's, not the state's
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(joiner.window.pending) == pending, len(joiner.window.pending)
+    return {"pending": pending, "measured_mb": held / 2**20, "estimated_mb": joiner.pending_bytes() / 2**20}
+
+
+def kills(root, count=20, events_s=15.0, rate=4000, window_s=10.0, seed=0, timeout=900,
+          kill_within=(0.3, 4.0)):
+    """The joiner over a backlog, SIGKILLed ``count`` times at random moments (uniform in
+    ``kill_within`` seconds after each start), then run to its end: the output against the
+    generator's ground truth (check_join) and the kills that landed."""
+    import random
+    import signal
+    gen, events = write_backlog(root, events_s, rate, window_s, seed=seed)
+    out = os.path.join(root, "out")
+    # small reads and batches: many log records and parts, so kills land between them
+    command = _join_command(root, out, window_s=window_s) + ["--read-batch", "1000", "--output-rows",
+                                                             "500", "--flush-s", "0.05"]
+    rng, landed, runs = random.Random(seed), 0, 0
+    deadline = time.monotonic() + timeout
+    while landed < count and time.monotonic() < deadline:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        runs += 1
+        try:
+            proc.wait(timeout=rng.uniform(*kill_within))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        landed += proc.returncode == -signal.SIGKILL
+        if proc.returncode == 0:
+            break                   # it finished: the backlog was too small for the kills asked
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    summary = json.loads(proc.stdout)
+    report = check_join(gen.truth, _parts(out))
+    expected_late = sum(1 for label, delay in gen.truth.values() if delay is not None and not label)
+    return {"kills": landed, "joiner_starts": runs + 1, "events": events, **report,
+            "late_actions": summary.get("late_actions"), "late_actions_expected": expected_late}
 
 
 def live(root, config_path, seconds=60.0, rate=200, window_s=10.0, delta_every_seconds=5.0, timeout=600):
@@ -176,7 +253,7 @@ def live(root, config_path, seconds=60.0, rate=200, window_s=10.0, delta_every_s
 
 
 def _start_server(deltas, env, log):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "hybridps.cli", "serve", "--model-dir", deltas,
                                "--port", str(port), "--name", "events"], env=env, stdout=log,
                               stderr=subprocess.STDOUT)
@@ -186,7 +263,7 @@ def _start_server(deltas, env, log):
 def _follow(base, status_log, stop):
     while not stop.is_set():
         try:
-            status = _http(base, timeout=5)
+            status = http_json(base, timeout=5)
             status_log.append((time.time(), status.get("version"), status.get("position")))
         except (OSError, ValueError):
             pass
@@ -222,7 +299,7 @@ def freshness(truth, landed, parts, status_log):
     """[(landing time, seconds until served, positive)] of every row whose part was served."""
     points = []
     for name, rows in parts.items():
-        covered = next((t for t, _, position in status_log if _covers(position, name)), None)
+        covered = next((t for t, _, position in status_log if stream_covers(position, name)), None)
         if covered is None:
             continue
         for rid, label, correction in rows:
@@ -234,39 +311,59 @@ def freshness(truth, landed, parts, status_log):
     return points
 
 
+PHASES = ("throughput", "memory", "kills", "live")
+
+
 def run_events_bench(out_dir, seconds=60.0, rate=200, window_s=10.0, throughput_seconds=20.0,
-                     throughput_rate=5000, delta_every_seconds=5.0):
+                     throughput_rate=5000, delta_every_seconds=5.0, phases=("throughput", "memory", "live"),
+                     repeats=3, kill_count=20):
     import yaml
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if os.listdir(out_dir):
         raise SystemExit(f"bench events: {out_dir} is not empty; use a fresh --out directory")
-    config_path = os.path.join(out_dir, "events.yaml")
-    with open(config_path, "w") as fh:
-        yaml.safe_dump({"features": FEATURES, "model": "deepfm", "hidden": [32]}, fh, sort_keys=False)
-    rates, backlog = throughput(os.path.join(out_dir, "throughput"), throughput_seconds, throughput_rate, window_s)
-    run = live(os.path.join(out_dir, "live"), config_path, seconds, rate, window_s, delta_every_seconds)
-    # rows that landed once serving answered (before it, training and serving were starting)
-    serving_since = run["status_log"][0][0] if run["status_log"] else float("inf")
-    points = [p for p in freshness(run["truth"], run["landed"], run["parts"], run["status_log"])
-              if p[0] >= serving_since]
-    positive = np.array([f for _, f, p in points if p] or [np.nan])
-    negative = np.array([f for _, f, p in points if not p] or [np.nan])
-    expected_late = sum(1 for label, delay in run["truth"].values() if delay is not None and not label)
-    report = {"events_per_s_per_joiner": rates[1], "events_per_s_2_joiners": rates[2],
-              "throughput_events": backlog,
-              **check_join(run["truth"], run["parts"]),
-              "late_actions": run["summary"].get("late_actions"), "late_actions_expected": expected_late,
-              "freshness_positive_p50_s": float(np.nanpercentile(positive, 50)),
-              "freshness_positive_p99_s": float(np.nanpercentile(positive, 99)),
-              "freshness_negative_p50_s": float(np.nanpercentile(negative, 50)),
-              "rows_served": len(points), "window_s": window_s, "targets": TARGETS,
-              "settings": {"seconds": seconds, "impressions_per_s": rate, "emit": "first_positive",
-                           "delta_every_seconds": delta_every_seconds, "ranks": 2},
-              "machine": bench_environment()}
+    report = {"window_s": window_s, "targets": TARGETS, "phases": list(phases)}
+    if "throughput" in phases:
+        rates, backlog, runs = throughput(os.path.join(out_dir, "throughput"), throughput_seconds,
+                                          throughput_rate, window_s, repeats=repeats)
+        report.update({"events_per_s_per_joiner": rates[1]["joining"],
+                       "events_per_s_per_joiner_2_processes": rates[2]["joining"],
+                       "events_per_cpu_s_per_joiner": rates[1]["cpu"],
+                       "events_per_cpu_s_per_joiner_2_processes": rates[2]["cpu"],
+                       "events_per_s_per_joiner_with_startup": rates[1]["wall"],
+                       "events_per_s_per_joiner_2_processes_with_startup": rates[2]["wall"],
+                       "throughput_events": backlog, "throughput_repeats": repeats,
+                       "throughput_runs": {str(k): v for k, v in runs.items()}})
+    if "memory" in phases:
+        report["state_100k_pending"] = state_memory(os.path.join(out_dir, "memory"))
+    if "kills" in phases:
+        report["kills"] = kills(os.path.join(out_dir, "kills"), kill_count, window_s=window_s)
+    if "live" in phases:
+        config_path = os.path.join(out_dir, "events.yaml")
+        with open(config_path, "w") as fh:
+            yaml.safe_dump({"features": FEATURES, "model": "deepfm", "hidden": [32]}, fh, sort_keys=False)
+        run = live(os.path.join(out_dir, "live"), config_path, seconds, rate, window_s, delta_every_seconds)
+        # rows that landed once serving answered (before it, training and serving were starting)
+        serving_since = run["status_log"][0][0] if run["status_log"] else float("inf")
+        points = [p for p in freshness(run["truth"], run["landed"], run["parts"], run["status_log"])
+                  if p[0] >= serving_since]
+        positive = np.array([f for _, f, p in points if p] or [np.nan])
+        negative = np.array([f for _, f, p in points if not p] or [np.nan])
+        expected_late = sum(1 for label, delay in run["truth"].values() if delay is not None and not label)
+        report.update({**check_join(run["truth"], run["parts"]),
+                       "late_actions": run["summary"].get("late_actions"),
+                       "late_actions_expected": expected_late,
+                       "freshness_positive_p50_s": float(np.nanpercentile(positive, 50)),
+                       "freshness_positive_p99_s": float(np.nanpercentile(positive, 99)),
+                       "freshness_negative_p50_s": float(np.nanpercentile(negative, 50)),
+                       "rows_served": len(points),
+                       "settings": {"seconds": seconds, "impressions_per_s": rate, "emit": "first_positive",
+                                    "delta_every_seconds": delta_every_seconds, "ranks": 2}})
+        _plot(os.path.join(out_dir, "realtime.png"), points, window_s)
+    report["machine"] = {**bench_environment(), "load_average": os.getloadavg()}
     write_json(os.path.join(out_dir, "realtime.json"), report)
-    _plot(os.path.join(out_dir, "realtime.png"), points, window_s)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("machine", "targets")}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("machine", "targets", "throughput_runs")},
+                     indent=1))
     return report
 
 
@@ -295,6 +392,8 @@ def _plot(path, points, window_s):
 
 def add_arguments(parser):
     parser.add_argument("--out", required=True, help="directory for realtime.json/.png and logs")
+    parser.add_argument("--phases", default="throughput,memory,live",
+                        help=f"comma-separated, of {','.join(PHASES)}")
     parser.add_argument("--seconds", type=float, default=60.0,
                         help="seconds the live generator writes impressions")
     parser.add_argument("--rate", type=int, default=200, help="live impressions per second")
@@ -303,11 +402,19 @@ def add_arguments(parser):
                         help="seconds of events in the throughput backlog")
     parser.add_argument("--throughput-rate", type=int, default=5000,
                         help="impressions per second of event time in the backlog")
+    parser.add_argument("--repeats", type=int, default=3, help="throughput runs (the median is reported)")
+    parser.add_argument("--kills", type=int, default=20,
+                        help="kills phase: SIGKILLs of the joiner at random moments")
     parser.add_argument("--delta-every-seconds", type=float, default=5.0)
 
 
 def main(args):
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        raise SystemExit(f"bench events: unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     run_events_bench(args.out, seconds=args.seconds, rate=args.rate, window_s=args.window_s,
                      throughput_seconds=args.throughput_seconds, throughput_rate=args.throughput_rate,
-                     delta_every_seconds=args.delta_every_seconds)
+                     delta_every_seconds=args.delta_every_seconds, phases=phases, repeats=args.repeats,
+                     kill_count=args.kills)
     return 0

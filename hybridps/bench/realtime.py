@@ -15,34 +15,19 @@ burst. Writes ``realtime.json``, ``realtime.md`` and ``realtime.png`` (each file
 over time).
 What does not: the server (hybridps.serving), the stream source (hybridps.data.stream).
 """
-import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import numpy as np
 
-from hybridps.bench.report import bench_environment, markdown_table, stop_processes, write_json
+from hybridps.bench.report import (bench_environment, free_port, http_json, markdown_table, stop_processes,
+                                   stream_covers, write_json)
 from hybridps.bench.train import OVERSUBSCRIBE_ENV, multihot_features
 
 TARGETS = {"freshness_p50_s": 10.0, "freshness_p99_s": 20.0, "serve_p99_ms_batch1": 20.0}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(url, body=None, timeout=30):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 class Producer(threading.Thread):
@@ -131,14 +116,6 @@ def request_rows(schema, config, count):
                 row[name] = value[i].item()
         instances.append(row)
     return instances
-
-
-def _covers(position, name):
-    """Whether a directory stream's position (hybridps.data.stream) has consumed file ``name``."""
-    if not isinstance(position, dict):
-        return False
-    done = position.get("consumed_through")
-    return done is not None and done >= name
 
 
 def run_realtime_bench(out_dir, files=40, rows_per_file=2048, interval_s=1.0, batch_size=512,
@@ -235,7 +212,7 @@ def _freshness(renamed, status_log):
     """{file: seconds from its rename until serving first reported a position covering it}."""
     fresh = {}
     for name, at in sorted(renamed.items()):
-        covered = next((t for t, _, position in status_log if _covers(position, name)), None)
+        covered = next((t for t, _, position in status_log if stream_covers(position, name)), None)
         if covered is not None:
             fresh[name] = covered - at
     return fresh
@@ -270,14 +247,14 @@ def _run_pipeline(out_dir, offsets, end_at, *, config_path, schema, config, rows
                 raise SystemExit("bench realtime: training ended or timed out before its first "
                                  f"export; see {logs['train'].name}")
             time.sleep(0.2)
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "hybridps.cli", "serve", "--model-dir", deltas,
                                    "--port", str(port), "--name", "realtime"],
                                   env=env, stdout=logs["serve"], stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}/v1/models/realtime"
         while True:     # the port answers at once; the model is ready when AVAILABLE
             try:
-                if _http(base, timeout=2)["model_version_status"][0]["state"] == "AVAILABLE":
+                if http_json(base, timeout=2)["model_version_status"][0]["state"] == "AVAILABLE":
                     break
             except OSError:
                 pass
@@ -291,7 +268,7 @@ def _run_pipeline(out_dir, offsets, end_at, *, config_path, schema, config, rows
         def follow():
             while not stop.is_set():
                 try:
-                    status = _http(base, timeout=5)
+                    status = http_json(base, timeout=5)
                     status_log.append((time.time(), status.get("version"), status.get("position")))
                 except OSError:
                     pass
@@ -305,11 +282,11 @@ def _run_pipeline(out_dir, offsets, end_at, *, config_path, schema, config, rows
             time.sleep(min(10.0, end_at / 4))                     # training is running by now
             for _ in range(requests_batch1):                      # one at a time: latency
                 started = time.perf_counter()
-                _http(base + ":predict", {"instances": one})
+                http_json(base + ":predict", {"instances": one})
                 latencies.append((time.perf_counter() - started) * 1000.0)
             started = time.perf_counter()
             for _ in range(requests_batch256):
-                _http(base + ":predict", {"instances": many})
+                http_json(base + ":predict", {"instances": many})
             bulk["seconds"] = time.perf_counter() - started
             bulk["training_was_running"] = train.poll() is None
         producer.join(timeout=end_at + 120)

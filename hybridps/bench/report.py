@@ -4,13 +4,17 @@ Each runner measures something and writes the same three artifacts to its output
 a JSON file (the numbers), a markdown table (for humans and PR descriptions) and a PNG bar
 chart. The helpers here know nothing about any particular benchmark. matplotlib is imported
 only when a chart is drawn, so importing this module stays cheap. :func:`stop_processes` ends
-the processes a runner started (servers, training jobs, joiners, supervisors).
+the processes a runner started (servers, training jobs, joiners, supervisors);
+:func:`free_port` and :func:`http_json` start and ask the ``hybridps serve`` they follow, and
+:func:`stream_covers` says whether the stream position it reports has consumed a file.
 """
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+import urllib.request
 from importlib import metadata
 
 
@@ -125,3 +129,26 @@ def stop_processes(*processes, timeout=30):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 free at this moment (for a server a runner starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url, body=None, timeout=30):
+    """The JSON answer of GET ``url`` (POST of ``body`` as JSON when given)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def stream_covers(position, name):
+    """Whether a directory stream's position (hybridps.data.stream) has consumed file ``name``."""
+    if not isinstance(position, dict):
+        return False
+    done = position.get("consumed_through")
+    return done is not None and done >= name

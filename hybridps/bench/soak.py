@@ -18,29 +18,17 @@ What does not: the supervisor (hybridps.supervisor), the bed (launch/testbed/net
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
-from hybridps.bench.report import bench_environment, markdown_table, stop_processes, write_json
+from hybridps.bench.report import (bench_environment, free_port, http_json, markdown_table, stop_processes,
+                                   write_json)
 from hybridps.bench.train import OVERSUBSCRIBE_ENV, multihot_features
 from hybridps.supervisor import is_training_rank
 
 HANG_S = 300.0                   # a kill not followed by a training step within this is a hang
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _status(url, timeout=5):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 class StreamProducer(threading.Thread):
@@ -149,7 +137,7 @@ class ElasticPipeline:
                 raise RuntimeError(f"training ended or timed out before its first export; see "
                                    f"{self.log_path}:\n{self.log()[-3000:]}")
             time.sleep(0.2)
-        port = _free_port()
+        port = free_port()
         self.server = subprocess.Popen([sys.executable, "-m", "hybridps.cli", "serve", "--model-dir",
                                         self.exports, "--port", str(port), "--name", "soak"],
                                        env=dict(os.environ, **OVERSUBSCRIBE_ENV),
@@ -158,7 +146,7 @@ class ElasticPipeline:
         self.url = f"http://127.0.0.1:{port}/v1/models/soak"
         while True:
             try:
-                if _status(self.url, timeout=2)["version"] is not None:
+                if http_json(self.url, timeout=2)["version"] is not None:
                     break
             except OSError:
                 pass
@@ -172,7 +160,7 @@ class ElasticPipeline:
     def _follow(self):
         while not self._stop.is_set():
             try:
-                status = _status(self.url)
+                status = http_json(self.url, timeout=5)
                 self.status_log.append((time.time(), status.get("version"), status.get("step"),
                                         status.get("position")))
             except OSError:

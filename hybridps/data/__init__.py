@@ -106,15 +106,16 @@ def open_data(config, schema, *, rank, world_size) -> DataSource:
         DataError, ConfigError: naming the file or the field.
     """
     spec = os.fspath(config.data)
-    from hybridps.data.stream import is_stream_spec, open_stream
+    from hybridps.data.stream import is_stream_spec
     if config.data_cache and rank == 0 and not is_partitioned_spec(spec, schema):
         import sys
         from hybridps.data.parsed_cache import ONLY_PARTS_ARE_CACHED
         sys.stderr.write(f"hybridps: warning: data_cache {config.data_cache!r} is not used for data "
                          f"{spec!r}: {ONLY_PARTS_ARE_CACHED}\n")
     if is_stream_spec(spec):
-        return open_stream(spec, schema, rank=rank, world_size=world_size,
-                           on_bad_line=config.on_bad_line, retry_seconds=config.stream_retry_seconds)
+        from hybridps.data.merged_stream import open_streams
+        return open_streams(spec, schema, rank=rank, world_size=world_size,
+                            on_bad_line=config.on_bad_line, retry_seconds=config.stream_retry_seconds)
     if spec == "synthetic":
         from hybridps.data.synthetic_schema import open_synthetic
         return open_synthetic(schema, config, rank, world_size)

@@ -44,6 +44,11 @@ position is the last consumed entry ID, kept in the checkpoint, not in Redis). T
 entry with a field ``_end``. A malformed entry is an error naming the entry ID and the field.
 A key that is not a stream is an error naming its type.
 
+Several streams
+---------------
+``stream:DIR1,stream:DIR2`` (any stream specs, comma-separated) is one sequence of them all
+in an order every rank agrees on (hybridps.data.merged_stream).
+
 Out of reach
 ------------
 A Redis server lost during the run, or a stream directory that cannot be listed (a network file
@@ -68,13 +73,24 @@ _MAX_EXAMPLES = 10
 _FIRST_RETRY_S, _LAST_RETRY_S = 0.25, 8.0     # retry backoff of a lost source: doubling, at most
 
 
+def stream_files(directory):
+    """(the data files of a stream directory in name order, whether its end marker ``_END``
+    is there), from one listing (the marker listed with the files it follows: none missed).
+    A data file is ``*.parquet``, ``*.pq``, ``*.csv`` or ``*.tsv`` whose name starts with
+    neither ``.`` (a producer's file being written) nor ``_``. Raises OSError."""
+    names = sorted(os.listdir(directory))
+    return ([n for n in names if not n.startswith((".", "_")) and n.endswith(_PARQUET + _CSV)],
+            END_MARKER in names)
+
+
 def is_stream_spec(spec):
     return spec.startswith("stream:") or spec.startswith("redis://")
 
 
 def open_stream(spec, schema, *, rank, world_size, on_bad_line="raise", retry_seconds=60.0):
     """The stream source of ``stream:DIR`` or ``redis://HOST:PORT/STREAM`` (``retry_seconds``:
-    how long it tries a directory or server out of reach again before it fails)."""
+    how long it tries a directory or server out of reach again before it fails; several
+    streams: hybridps.data.merged_stream.open_streams)."""
     if schema.preset == "criteo":
         raise ConfigError(f"data {spec!r}: a stream is read through a 'features:' schema (in the "
                           f"--config file), which names its columns; the Criteo preset reads files")
@@ -256,17 +272,14 @@ class DirectoryStream(StreamSource):
 
     def _scan(self):
         try:
-            names = sorted(os.listdir(self.directory))
+            names, end_seen = stream_files(self.directory)
         except OSError as exc:          # e.g. a network file system gone for a while
             self._unreachable(f"stream directory {self.directory}", exc)
             return
         self._reachable(f"stream directory {self.directory}")
-        end_seen = END_MARKER in names        # listed before the files it follows: none missed
         self._check_unchanged(set(names))
         last = self.files[-1][0] if self.files else self.consumed_through
         for name in names:
-            if name.startswith((".", "_")) or not name.endswith(_PARQUET + _CSV):
-                continue
             if last is not None and name <= last:
                 if (name not in self._read and name not in self._late_seen
                         and (self._restored_through is None or name > self._restored_through)):

@@ -53,6 +53,10 @@ class JoinConfig:
     max_pending: int = setting(
         100_000, "pending impressions (and buffered early actions) at most; full: stop reading "
         "that source")
+    max_pending_bytes: Optional[int] = setting(
+        None, "pending impressions and buffered early actions at most this memory, estimated: "
+        "bytes or a size with a unit (500MB, 2GiB); full: stop reading impressions (default: "
+        "rows only, max_pending)", metavar="SIZE", parse=lambda v: byte_size(v))
     request_id_field: str = setting(
         "request_id", "the field joining an impression with its actions (one impression per value)")
     event_time_field: str = setting(
@@ -123,6 +127,27 @@ def validate(c):
     if c.correction_column in c.action_types or (len(c.action_types) == 1 and c.correction_column == "label"):
         raise ConfigError(f"join setting 'correction_column': {c.correction_column!r} is also a label column")
     partition_of(c.partition)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(value, name="max_pending_bytes"):
+    """Bytes of a number or a size with a unit (``500MB``: 500 x 10^6, ``2GiB``: 2 x 2^30;
+    K, M, G alone are powers of 2); None stays None."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match and _UNITS.get(match.group(2).lower())
+        if not unit:
+            raise ConfigError(f"join setting '{name}': {value!r} is not a size; give bytes or a "
+                              f"number with a unit: B, KB, MB, GB (powers of 10), KiB, MiB, GiB")
+        size = int(float(match.group(1)) * unit)
+    if size is not None and size <= 0:
+        raise ConfigError(f"join setting '{name}': {value!r} is invalid; allowed: > 0")
+    return size
 
 
 def partition_of(text):

@@ -39,21 +39,26 @@ class EventFields:
         kind = raw.get(self.action)
         if kind is None or kind == "":
             raise BadEvent(self.action, "missing (the action type)")
-        kind = str(kind)
+        if type(kind) is not str:
+            kind = str(kind)
         if kind not in self.action_types:
             raise BadEvent(self.action, f"{kind!r} is not one of the action types "
                                         f"{sorted(self.action_types)} (action_types)")
         event_id = raw.get(self.event_id)
-        return rid, t, kind, None if event_id in (None, "") else str(event_id)
+        return rid, t, kind, None if event_id is None or event_id == "" else str(event_id)
 
     def _request_id(self, raw):
         rid = raw.get(self.request_id)
+        if type(rid) is str and rid:
+            return rid
         if rid is None or rid == "":
             raise BadEvent(self.request_id, "missing: an event without a request id cannot join")
         return str(rid)
 
     def _time(self, raw):
         value = raw.get(self.event_time)
+        if type(value) is float and value - value == 0:     # finite seconds: the common case
+            return value
         if value is None or value == "":
             raise BadEvent(self.event_time, "missing")
         return parse_event_time(value, self.event_time)

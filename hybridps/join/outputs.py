@@ -12,6 +12,8 @@ end marker (``_END``, an entry with ``_end``) once. What does not: which rows le
 (hybridps.join.window), the checkpoint that makes a restart resume at the right batch
 (hybridps.join.state).
 """
+import itertools
+import operator
 import os
 
 from hybridps.checkpoint.files import fsync_dir
@@ -32,13 +34,17 @@ def part_name(seq):
     return f"part-{seq:012d}.parquet"
 
 
+def columns_of(rows):
+    """{column: its values} of the rows (a row without a column: None there)."""
+    names = column_order(rows)
+    if len(names) > 1 and all(len(row) == len(names) for row in rows):    # every row has all
+        return dict(zip(names, map(list, zip(*map(operator.itemgetter(*names), rows)))))
+    return {n: [row.get(n) for row in rows] for n in names}
+
+
 def column_order(rows):
     """Every field of the rows, in the order first met (rows may differ in their fields)."""
-    names = {}
-    for row in rows:
-        for name in row:
-            names.setdefault(name, None)
-    return list(names)
+    return list(dict.fromkeys(itertools.chain.from_iterable(rows)))
 
 
 class DirectoryOutput:
@@ -62,8 +68,7 @@ class DirectoryOutput:
         final = os.path.join(self.directory, part_name(seq))
         if os.path.exists(final):
             return False
-        names = column_order(rows)
-        table = pa.Table.from_pydict({n: [row.get(n) for row in rows] for n in names})
+        table = pa.Table.from_pydict(columns_of(rows))
         for index, column in enumerate(table.columns):     # a column with no value at all
             if pa.types.is_null(column.type):
                 table = table.set_column(index, table.field(index).name, column.cast(pa.string()))

@@ -6,18 +6,18 @@ hybridps.data.stream: a temporary name starting with ``.``, then a rename; name 
 arrival order; ``_END`` says no file follows), Parquet (``.parquet``, ``.pq``) or CSV with a
 header (``.csv``, ``.tsv``), each row one event. :class:`RedisEvents` reads the entries of a
 Redis stream in ID order with XRANGE, each entry one event (its fields, as text); an entry with
-a field ``_end`` ends it. Both deliver ``(where, event)`` pairs, ``where`` naming the file and
-row or the entry ID for messages, and keep a JSON position (``position`` / ``restore``) that the
-joiner's checkpoint holds. A file or server that cannot be read is a DataError naming it: the
+a field ``_end`` ends it. Both deliver lists of events (``read``), say where the i-th event of
+the last read came from (``describe``: the file and row, or the entry ID, for messages), and keep
+a JSON position (``position`` / ``restore``) that the joiner's checkpoint holds. A file or server that cannot be read is a DataError naming it: the
 joiner stops and, restarted, resumes from its checkpoint. What does not: what an event means
 (hybridps.join.events).
 """
 import os
 
-from hybridps.data.stream import END_MARKER, REDIS_END_FIELD
+from hybridps.data.stream import REDIS_END_FIELD, stream_files
 from hybridps.errors import ConfigError, DataError
 
-_PARQUET, _CSV = (".parquet", ".pq"), (".csv", ".tsv")
+_PARQUET = (".parquet", ".pq")
 
 
 def open_event_source(spec, name):
@@ -59,32 +59,40 @@ class DirectoryEvents:
         self.done = None            # the last file read to its end
         self.file, self.rows, self.row = None, [], 0
         self.end_seen = False
+        self._last_read = []        # (file, its row of the first event, events) of the last read
 
     @property
     def ended(self):
         return self.end_seen and self.file is None
 
     def read(self, limit):
-        events = []
+        """Up to ``limit`` events, in file and row order."""
+        events, self._last_read = [], []
         while len(events) < limit:
             if self.file is None and not self._open_next():
                 break
             take = self.rows[self.row:self.row + limit - len(events)]
-            events += [(f"file {self.file}, row {self.row + i + 1}", raw) for i, raw in enumerate(take)]
+            self._last_read.append((self.file, self.row, len(take)))
+            events += take
             self.row += len(take)
             if self.row >= len(self.rows):
                 self.done, self.file, self.rows, self.row = self.file, None, [], 0
         return events
 
+    def describe(self, index):
+        """Where the ``index``-th event of the last read came from."""
+        for name, first, count in self._last_read:
+            if index < count:
+                return f"file {name}, row {first + index + 1}"
+            index -= count
+        raise IndexError(index)
+
     def _open_next(self):
         try:
-            names = sorted(os.listdir(self.directory))
+            names, end = stream_files(self.directory)
         except OSError as exc:
             raise DataError(f"{self.where}: cannot list the directory ({exc.strerror or exc})") from None
-        end = END_MARKER in names           # listed with the files it follows: none missed
         for name in names:
-            if name.startswith((".", "_")) or not name.endswith(_PARQUET + _CSV):
-                continue
             if self.done is None or name > self.done:
                 self.file, self.rows, self.row = name, self._load(name), 0
                 return True
@@ -138,6 +146,7 @@ class RedisEvents:
         self.where = f"{name} {url}"
         self.last_id = "0-0"
         self.end_seen = False
+        self._last_read = []        # entry IDs of the last read
 
     @property
     def ended(self):
@@ -150,15 +159,19 @@ class RedisEvents:
             entries = self.client.xrange(self.key, min=f"({self.last_id}", count=limit)
         except self.redis.RedisError as exc:
             raise DataError(f"{self.where}: cannot read the stream ({exc})") from None
-        events = []
+        events, self._last_read = [], []
         for entry_id, fields in entries:
             if REDIS_END_FIELD in fields:        # not passed: a restart finds the end again
                 self.end_seen = True
                 break
             self.last_id = entry_id.decode()
-            events.append((f"entry {self.last_id}",
-                           {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in fields.items()}))
+            self._last_read.append(self.last_id)
+            events.append({k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in fields.items()})
         return events
+
+    def describe(self, index):
+        """Where the ``index``-th event of the last read came from."""
+        return f"entry {self._last_read[index]}"
 
     def position(self):
         return {"kind": self.kind, "url": self.url, "last_id": self.last_id}

@@ -4,8 +4,9 @@ What lives here: :class:`Watermark` (event time minus ``allowed_lateness`` over 
 still delivering; the clock once every source is quiet) and :class:`JoinWindow` (impressions
 waiting for their actions, actions waiting for their impression, closed impressions kept for
 late actions, the counters). Both are pure: time comes in as arguments, nothing is read or
-written here, and :meth:`JoinWindow.state` / :meth:`JoinWindow.restore` turn the whole of it
-into JSON and back (hybridps.join.state). What does not: reading events (hybridps.join.sources),
+written here; :meth:`JoinWindow.state` / :meth:`JoinWindow.restore` turn the whole of it into
+JSON and back, and :meth:`JoinWindow.apply` replays one operation as the log of the checkpoint
+keeps it (``OP_*``: the same operations from the same state give the same rows; hybridps.join.state). What does not: reading events (hybridps.join.sources),
 writing rows (hybridps.join.outputs), the loop (hybridps.join.process).
 
 Semantics (docs/join.md). An impression with event time ``t`` waits while the watermark is at
@@ -25,9 +26,44 @@ from hybridps.errors import ConfigError
 
 EMIT_MODES = ("on_close", "first_positive")
 LATE_MODES = ("count", "emit")
+OP_IMPRESSION, OP_ACTION, OP_CLOSE, OP_FORCE_CLOSE = "i", "a", "c", "f"   # as logged: [op, args...]
 COUNTERS = ("impressions", "actions", "emitted", "positives", "corrections", "late_actions",
             "late_impressions", "repeat_actions", "unmatched_actions", "duplicates",
             "forced_closes")
+
+
+class Due:
+    """Keys due at times, the earliest first and, at one time, in key order: a heap of the
+    distinct times, each with its keys (impressions of one second share a time, so the heap
+    stays small and compares numbers only)."""
+
+    def __init__(self):
+        self.times, self.keys = [], {}
+
+    def __bool__(self):
+        return bool(self.times)
+
+    def push(self, time, key):
+        keys = self.keys.get(time)
+        if keys is None:
+            self.keys[time] = [key]
+            heapq.heappush(self.times, time)
+        else:
+            keys.append(key)
+
+    def pop(self, before=math.inf, count=None):
+        """[(time, key)] of the keys due before ``before``, at most ``count`` of them, in
+        (time, key) order; removed."""
+        out = []
+        while self.times and self.times[0] < before and (count is None or len(out) < count):
+            time = heapq.heappop(self.times)
+            keys = sorted(self.keys.pop(time))
+            if count is not None and len(out) + len(keys) > count:
+                keys, rest = keys[:count - len(out)], keys[count - len(out):]
+                self.keys[time] = rest
+                heapq.heappush(self.times, time)
+            out += [(time, key) for key in keys]
+        return out
 
 
 def label_columns(action_types):
@@ -133,7 +169,7 @@ class JoinWindow:
         self.early = {}         # request id: [[event time, action type], ...]
         self.closed = {}        # request id: [event time, fields or None, labels, forget at]
         self.action_ids = {}    # action event id: forget at (duplicates)
-        self._close_heap, self._early_heap, self._closed_heap, self._ids_heap = [], [], [], []
+        self._closing, self._early_due, self._forget_closed, self._forget_ids = Due(), Due(), Due(), Due()
         self.watermark = -math.inf
         self.counts = dict.fromkeys(COUNTERS, 0)
 
@@ -144,15 +180,35 @@ class JoinWindow:
     def room_for_actions(self):
         return max(0, self.max_pending - len(self.early))
 
-    def force_close_oldest(self):
-        """Back pressure with no room on either side: the impression whose window closes first
-        leaves now with the labels seen (counted in ``forced_closes``)."""
-        while self._close_heap:
-            _, rid = heapq.heappop(self._close_heap)
-            if rid in self.pending:
-                self.counts["forced_closes"] += 1
-                return [self._leave(rid)]
-        return []
+    def force_close_oldest(self, count=1):
+        """Back pressure that reading cannot relieve: the ``count`` impressions whose windows
+        close first leave now with the labels seen (counted in ``forced_closes``)."""
+        rows = []
+        while self._closing and len(rows) < count:
+            for closes, rid in self._closing.pop(count=count - len(rows)):
+                if self._closes_at(rid, closes):
+                    self.counts["forced_closes"] += 1
+                    rows.append(self._leave(rid))
+        return rows
+
+    def _closes_at(self, rid, closes):
+        """Whether ``rid`` is pending with its window closing at ``closes`` (a heap entry of
+        an impression that left, or of an earlier one of the same id, is stale)."""
+        entry = self.pending.get(rid)
+        return entry is not None and entry[0] + self.window == closes
+
+    def apply(self, op):
+        """Replay one logged operation (``[OP_*, args...]``); the rows it sends."""
+        kind = op[0]
+        if kind == OP_IMPRESSION:
+            return self.add_impression(op[1], op[2], op[3])
+        if kind == OP_ACTION:
+            return self.add_action(op[1], op[2], op[3], op[4])
+        if kind == OP_CLOSE:
+            return self.close(op[1])
+        if kind == OP_FORCE_CLOSE:
+            return self.force_close_oldest(op[1])
+        raise ValueError(f"not a join window operation: {op!r}")
 
     # ------------------------------------------------------------------ events
     def add_impression(self, rid, t, fields):
@@ -169,7 +225,7 @@ class JoinWindow:
                 self.counts["late_impressions"] += 1
                 rows.append(self._leave(rid))
             else:
-                heapq.heappush(self._close_heap, (t + self.window, rid))
+                self._closing.push(t + self.window, rid)
         return rows
 
     def add_action(self, rid, t, kind, event_id=None):
@@ -181,7 +237,7 @@ class JoinWindow:
                 return []
             forget = t + self.window + self.late_horizon
             self.action_ids[event_id] = forget
-            heapq.heappush(self._ids_heap, (forget, event_id))
+            self._forget_ids.push(forget, event_id)
         self.counts["actions"] += 1
         if rid in self.pending or rid in self.closed:
             return self._match(rid, t, kind)
@@ -189,7 +245,7 @@ class JoinWindow:
             self.counts["unmatched_actions"] += 1
             return []
         self.early.setdefault(rid, []).append([t, kind])
-        heapq.heappush(self._early_heap, (t + self.window, rid))
+        self._early_due.push(t + self.window, rid)
         return []
 
     def _match(self, rid, t_action, kind):
@@ -227,12 +283,10 @@ class JoinWindow:
         in closing order; buffered actions and kept impressions past their time are dropped."""
         self.watermark = max(self.watermark, watermark)
         rows = []
-        while self._close_heap and self._close_heap[0][0] < self.watermark:
-            _, rid = heapq.heappop(self._close_heap)
-            if rid in self.pending:
+        for closes, rid in self._closing.pop(self.watermark):
+            if self._closes_at(rid, closes):
                 rows.append(self._leave(rid))
-        while self._early_heap and self._early_heap[0][0] < self.watermark:
-            _, rid = heapq.heappop(self._early_heap)
+        for _, rid in self._early_due.pop(self.watermark):
             buffered = self.early.get(rid)
             if buffered is None:
                 continue
@@ -242,34 +296,35 @@ class JoinWindow:
                 self.early[rid] = keep
             else:
                 del self.early[rid]
-        while self._closed_heap and self._closed_heap[0][0] < self.watermark:
-            forget, rid = heapq.heappop(self._closed_heap)
+        for forget, rid in self._forget_closed.pop(self.watermark):
             if rid in self.closed and self.closed[rid][3] == forget:
                 del self.closed[rid]
-        while self._ids_heap and self._ids_heap[0][0] < self.watermark:
-            forget, event_id = heapq.heappop(self._ids_heap)
+        for forget, event_id in self._forget_ids.pop(self.watermark):
             if self.action_ids.get(event_id) == forget:
                 del self.action_ids[event_id]
         return rows
 
     def _leave(self, rid):
         t, fields, labels, sent = self.pending.pop(rid)
-        self.counts["emitted"] += 1
-        self.counts["positives"] += int(any(labels))
+        counts = self.counts
+        counts["emitted"] += 1
+        if 1 in labels:
+            counts["positives"] += 1
         forget = t + self.window + self.late_horizon
         if len(self.closed) >= self.max_pending:          # bounded: the oldest kept goes first
             self._forget_oldest_closed()
-        seen = [max(a, b) for a, b in zip(labels, sent)]   # what later actions repeat
+        # what later actions repeat: the labels seen and those corrected late already
+        seen = [max(a, b) for a, b in zip(labels, sent)] if 1 in sent else list(labels)
         self.closed[rid] = [t, fields if self.late == "emit" else None, seen, forget]
-        heapq.heappush(self._closed_heap, (forget, rid))
+        self._forget_closed.push(forget, rid)
         return self._row(fields, labels, 0)
 
     def _forget_oldest_closed(self):
-        while self._closed_heap:
-            forget, rid = heapq.heappop(self._closed_heap)
-            if rid in self.closed and self.closed[rid][3] == forget:
-                del self.closed[rid]
-                return
+        while self._forget_closed:
+            for forget, rid in self._forget_closed.pop(count=1):
+                if rid in self.closed and self.closed[rid][3] == forget:
+                    del self.closed[rid]
+                    return
 
     def _row(self, fields, labels, correction):
         row = dict(fields)
@@ -285,7 +340,7 @@ class JoinWindow:
                 "early": [[rid, actions] for rid, actions in self.early.items()],
                 "closed": [[rid, *entry] for rid, entry in self.closed.items()],
                 "action_ids": [[eid, forget] for eid, forget in self.action_ids.items()],
-                "counts": dict(self.counts)}
+                "counts": dict(self.counts), "max_pending": self.max_pending}
 
     def restore(self, state):
         self.watermark = -math.inf if state["watermark"] is None else float(state["watermark"])
@@ -297,9 +352,14 @@ class JoinWindow:
         self.action_ids = {eid: forget for eid, forget in state["action_ids"]}
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.counts.update(state["counts"])
-        self._close_heap = [(e[0] + self.window, rid) for rid, e in self.pending.items()]
-        self._early_heap = [(a[0] + self.window, rid) for rid, acts in self.early.items() for a in acts]
-        self._closed_heap = [(e[3], rid) for rid, e in self.closed.items()]
-        self._ids_heap = [(forget, eid) for eid, forget in self.action_ids.items()]
-        for heap in (self._close_heap, self._early_heap, self._closed_heap, self._ids_heap):
-            heapq.heapify(heap)
+        self.max_pending = int(state.get("max_pending", self.max_pending))
+        self._closing, self._early_due, self._forget_closed, self._forget_ids = Due(), Due(), Due(), Due()
+        for rid, entry in self.pending.items():
+            self._closing.push(entry[0] + self.window, rid)
+        for rid, actions in self.early.items():
+            for action in actions:
+                self._early_due.push(action[0] + self.window, rid)
+        for rid, entry in self.closed.items():
+            self._forget_closed.push(entry[3], rid)
+        for event_id, forget in self.action_ids.items():
+            self._forget_ids.push(forget, event_id)
