@@ -22,6 +22,8 @@ hash it. What does not live here: the formulas' definition and their Python impl
 (hybridps.data.hashing, the reference the tests compare with), the serving module
 (hybridps.export.saved_model).
 """
+import numpy as np
+
 from hybridps.data.hashing import (GOLDEN, HASH_PERSON, MISSING_ID, VALUE_PERSON, missing_key,
                                    space_seed)
 
@@ -43,7 +45,9 @@ _INT64_MAX_HEAD = 922337203685477580     # int64 max (9223372036854775807) witho
 
 
 def _u64(tf, value):
-    return tf.constant(value, tf.uint64)
+    """A uint64 constant of an int or a list of ints (through numpy: a list of Python ints
+    above 2**63 would otherwise be converted through float64 in a graph, losing bits)."""
+    return tf.constant(np.array(value, dtype=np.uint64))
 
 
 def _rotr(tf, x, n):
@@ -52,34 +56,37 @@ def _rotr(tf, x, n):
 
 
 def _compress(tf, h, m, counter, last_mask):
-    """One BLAKE2b compression of every row: ``h`` 8 and ``m`` 16 uint64 (B,) tensors,
-    ``counter`` the bytes hashed so far (uint64 (B,)), ``last_mask`` all ones on the last block."""
+    """One BLAKE2b compression of every row: ``h`` (B, 8) and ``m`` (B, 16) uint64, ``counter``
+    the bytes hashed so far (uint64 (B,)), ``last_mask`` all ones on the last block. The 16
+    working words are four (B, 4) rows a, b, c, d: G runs on the four columns at once, then on
+    the four diagonals (b, c, d rotated by 1, 2, 3 lanes)."""
     xor = tf.bitwise.bitwise_xor
-    v = list(h) + [_u64(tf, iv) for iv in _IV]
-    v[12] = xor(v[12], counter)
-    v[14] = xor(v[14], last_mask)
+    zeros = tf.zeros_like(counter)
+    a, b = h[:, :4], h[:, 4:]
+    c = tf.broadcast_to(_u64(tf, _IV[:4]), tf.shape(a))
+    d = xor(_u64(tf, _IV[4:]), tf.stack([counter, zeros, last_mask, zeros], axis=1))
 
     def g(a, b, c, d, x, y):
-        v[a] = v[a] + v[b] + x
-        v[d] = _rotr(tf, xor(v[d], v[a]), 32)
-        v[c] = v[c] + v[d]
-        v[b] = _rotr(tf, xor(v[b], v[c]), 24)
-        v[a] = v[a] + v[b] + y
-        v[d] = _rotr(tf, xor(v[d], v[a]), 16)
-        v[c] = v[c] + v[d]
-        v[b] = _rotr(tf, xor(v[b], v[c]), 63)
+        a = a + b + x
+        d = _rotr(tf, xor(d, a), 32)
+        c = c + d
+        b = _rotr(tf, xor(b, c), 24)
+        a = a + b + y
+        d = _rotr(tf, xor(d, a), 16)
+        c = c + d
+        b = _rotr(tf, xor(b, c), 63)
+        return a, b, c, d
+
+    def lanes(x, order):
+        return tf.gather(x, order, axis=1)
 
     for r in range(12):
         s = _SIGMA[r % 10]
-        g(0, 4, 8, 12, m[s[0]], m[s[1]])
-        g(1, 5, 9, 13, m[s[2]], m[s[3]])
-        g(2, 6, 10, 14, m[s[4]], m[s[5]])
-        g(3, 7, 11, 15, m[s[6]], m[s[7]])
-        g(0, 5, 10, 15, m[s[8]], m[s[9]])
-        g(1, 6, 11, 12, m[s[10]], m[s[11]])
-        g(2, 7, 8, 13, m[s[12]], m[s[13]])
-        g(3, 4, 9, 14, m[s[14]], m[s[15]])
-    return [xor(xor(h[i], v[i]), v[i + 8]) for i in range(8)]
+        a, b, c, d = g(a, b, c, d, lanes(m, s[0:8:2]), lanes(m, s[1:8:2]))
+        b, c, d = lanes(b, [1, 2, 3, 0]), lanes(c, [2, 3, 0, 1]), lanes(d, [3, 0, 1, 2])
+        a, b, c, d = g(a, b, c, d, lanes(m, s[8:16:2]), lanes(m, s[9:16:2]))
+        b, c, d = lanes(b, [3, 0, 1, 2]), lanes(c, [2, 3, 0, 1]), lanes(d, [1, 2, 3, 0])
+    return xor(xor(h, tf.concat([a, b], axis=1)), tf.concat([c, d], axis=1))
 
 
 def _mask(tf, condition):
@@ -107,22 +114,22 @@ def _blake2b_64(tf, messages, person):
     rows = tf.shape(messages, out_type=tf.int64)[0]
     first = [_IV[0] ^ 0x01010008, _IV[1], _IV[2], _IV[3], _IV[4], _IV[5],
              _IV[6] ^ int.from_bytes(person[:8], "little"), _IV[7] ^ int.from_bytes(person[8:], "little")]
-    h0 = [tf.fill([rows], _u64(tf, value)) for value in first]
+    h0 = tf.broadcast_to(_u64(tf, first), tf.stack([rows, tf.constant(8, tf.int64)]))
 
-    def body(block, *h):
+    def body(block, h):
         block_words = tf.slice(words, tf.stack([tf.constant(0, tf.int64), block * 16]),
                                tf.stack([rows, tf.constant(16, tf.int64)]))
-        m = [tf.bitcast(w, tf.uint64) for w in tf.unstack(block_words, num=16, axis=1)]
         counter = tf.bitcast(tf.minimum(lengths, (block + 1) * _BLOCK), tf.uint64)
-        compressed = _compress(tf, list(h), m, counter, _mask(tf, tf.equal(block, blocks - 1)))
-        keep = _mask(tf, tf.less(block, blocks))                       # rows still hashing
-        xor, both = tf.bitwise.bitwise_xor, tf.bitwise.bitwise_and
-        return [block + 1] + [xor(old, both(xor(old, new), keep)) for old, new in zip(h, compressed)]
+        compressed = _compress(tf, h, tf.bitcast(block_words, tf.uint64), counter,
+                               _mask(tf, tf.equal(block, blocks - 1)))
+        keep = _mask(tf, tf.less(block, blocks))[:, None]              # rows still hashing
+        xor = tf.bitwise.bitwise_xor
+        return block + 1, xor(h, tf.bitwise.bitwise_and(xor(h, compressed), keep))
 
-    out = tf.while_loop(lambda block, *h: tf.less(block, max_blocks), body,
-                        [tf.constant(0, tf.int64)] + h0,
-                        shape_invariants=[tf.TensorShape([])] + [tf.TensorShape([None])] * 8)
-    return out[1]
+    _, h = tf.while_loop(lambda block, h: tf.less(block, max_blocks), body,
+                         [tf.constant(0, tf.int64), h0],
+                         shape_invariants=[tf.TensorShape([]), tf.TensorShape([None, 8])])
+    return h[:, 0]
 
 
 def _canonical_int64(tf, text):
@@ -180,6 +187,6 @@ def criteo_keys(tf, columns):
     joined = tf.strings.join([tf.broadcast_to(prefixes, tf.shape(values)), values])
     hashed = tf.bitcast(blake2b_64(tf, tf.reshape(joined, [-1]), HASH_PERSON), tf.int64)
     hashed = tf.reshape(hashed, tf.shape(values))
-    missing = tf.broadcast_to(tf.constant([int(missing_key(f)) for f in range(fields)], tf.int64),
+    missing = tf.broadcast_to(tf.constant(np.array([missing_key(f) for f in range(fields)], np.int64)),
                               tf.shape(values))
     return tf.where(tf.equal(values, ""), missing, hashed)
