@@ -134,6 +134,8 @@ def _task_predictions(tf, outputs, schema):
     if not isinstance(outputs, dict):
         logit = logits_of(tf, outputs)
         return {"logit": logit, "probability": tf.sigmoid(logit)}
+    # the schema's tasks (features.labels) say which are regression; a schema without them has
+    # binary tasks only
     regression = {t.name for t in getattr(schema, "tasks", ()) if t.kind == "regression"}
     return {name: logits_of(tf, value) if name in regression else tf.sigmoid(logits_of(tf, value))
             for name, value in outputs.items()}
