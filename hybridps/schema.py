@@ -60,6 +60,9 @@ CRITEO_NUM_FIELDS, CRITEO_NUM_DENSE = 26, 13
 # readers and the SavedModel hash raw ids by the feature's key space) or "prehashed" (the
 # Criteo preset: its readers produce the keys, serving takes keys).
 KEY_HASHES = ("int", "prehashed")
+# How the exported SavedModel takes a sparse feature's values: "string" (text, hashed in the
+# graph as the readers hash it; integers as their decimal text) or "int64" (integer ids).
+VALUE_DTYPES = ("string", "int64")
 # Upper bounds of the sizes a schema sets, checked with a message naming the field: beyond
 # them a typo (dim 1e9) would end as an out-of-memory error inside TensorFlow or the tables.
 MAX_DIM = 4096           # an embedding row's width (production models use 8..512)
@@ -82,7 +85,8 @@ class DenseFeature:
 @dataclass(frozen=True)
 class SparseFeature:
     """A categorical input: single-valued (``pooling`` None), multi-hot (sum/mean/sqrtn) or a
-    sequence (``pooling`` "none", at most ``max_len`` ids)."""
+    sequence (``pooling`` "none", at most ``max_len`` ids). ``dtype`` (VALUE_DTYPES) is how the
+    exported SavedModel takes its values: text or integer ids (training reads either)."""
     name: str
     column: str
     table: str
@@ -91,6 +95,7 @@ class SparseFeature:
     separator: str = "|"
     key_space: str = ""
     hash: str = "int"
+    dtype: str = "string"
 
     @property
     def is_list(self):
@@ -370,7 +375,8 @@ def criteo_preset(config, num_fields=CRITEO_NUM_FIELDS, num_dense=CRITEO_NUM_DEN
 # ---------------------------------------------------------------------------- YAML
 _TOP_KEYS = ("label", "group_by", "dense", "sparse", "tables")
 _DENSE_KEYS = ("name", "column", "transform", "fill")
-_SPARSE_KEYS = ("name", "column", "table", "pooling", "max_len", "separator", "key_space")
+_SPARSE_KEYS = ("name", "column", "table", "pooling", "max_len", "separator", "key_space",
+                "dtype")
 
 
 def parse_features(data, config):
@@ -499,6 +505,10 @@ def _sparse_feature(item, index, table_names):
     key_space = item.get("key_space", table)
     if not isinstance(key_space, str) or not key_space:
         raise ConfigError(f"{where}.key_space: expected a non-empty string, got {key_space!r}")
+    dtype = item.get("dtype", "string")
+    if dtype not in VALUE_DTYPES:
+        raise ConfigError(f"{where}.dtype: {dtype!r} is not one of {', '.join(VALUE_DTYPES)} (how the "
+                          f"exported SavedModel takes the values: text, or integer ids)")
     return SparseFeature(name=name, column=str(item.get("column", name)), table=str(table),
                          pooling=pooling, max_len=max_len, separator=separator,
-                         key_space=key_space)
+                         key_space=key_space, dtype=dtype)

@@ -54,7 +54,7 @@ def write_tfrecord(path, columns):
 
 
 def saved_model_inputs(columns, features=FEATURES):
-    """The exported SavedModel's inputs for these rows (its raw-id signature): the dense
+    """The exported SavedModel's inputs for these rows (its ``ids`` signature): the dense
     columns untransformed, text ids hashed with text_ids, lists padded with -1 (what
     ``hybridps serve`` builds from a request: hybridps.serving.inputs)."""
     from hybridps.config import make_config

@@ -751,7 +751,7 @@ def test_export_saved_model_and_apply_delta(tmp_path, tf):
     keys = rng.choice(pool, size=(64, 3))
     keys[:5] = [[7, 8, 9]] * 5                               # never seen: zeros
     dense = rng.standard_normal((64, 2)).astype(np.float32)
-    served = loaded.signatures["serving_default"](dense=tf.constant(dense), keys=tf.constant(keys))
+    served = loaded.signatures["ids"](dense=tf.constant(dense), keys=tf.constant(keys))
     expected = model(criteo_inputs(dense, _rows_by_hand(tables, keys, groups, 4)), training=False).numpy()
     np.testing.assert_allclose(served["logit"].numpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(served["probability"].numpy(), 1 / (1 + np.exp(-expected)), rtol=1e-5)
@@ -789,7 +789,7 @@ def test_export_saved_model_and_apply_delta(tmp_path, tf):
                               "--delta", deltas[0][2], "--delta", deltas[1][2]])
     assert args.func(args) == 0
     version2 = tf.saved_model.load(str(tmp_path / "serving" / "2"))
-    served = version2.signatures["serving_default"](dense=tf.constant(dense), keys=tf.constant(keys))
+    served = version2.signatures["ids"](dense=tf.constant(dense), keys=tf.constant(keys))
     np.testing.assert_allclose(served["logit"].numpy(), expected, rtol=1e-5, atol=1e-6)
 
     # a damaged delta is refused

@@ -82,7 +82,7 @@ def served_scores(out, tmp_path):
     export_saved_model(out / "parquet" / "ckpt", tmp_path / "serving")
     loaded = tf.saved_model.load(str(tmp_path / "serving"))
     inputs = {k: tf.constant(v) for k, v in saved_model_inputs(heldout_columns(), EVAL_FEATURES).items()}
-    return loaded.signatures["serving_default"](**inputs)["probability"].numpy().reshape(-1)
+    return loaded.signatures["ids"](**inputs)["probability"].numpy().reshape(-1)
 
 
 def test_parquet_and_tfrecord_files_of_the_same_rows_train_to_the_same_losses(runs):

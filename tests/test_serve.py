@@ -507,3 +507,53 @@ def test_predict_is_503_loading_until_the_start_up_is_done(tmp_path):
         assert await _post(client, {"instances": [{"x": 1.0}]}) == (200, {"predictions": [0.5],
                                                                          "version": 1, "step": 2})
     _with_client(_StandIn(tmp_path), scenario, startup=startup)
+
+
+# ---------------------------------------------------------------------------- several tasks
+def test_serve_answers_every_task_in_row_and_column_form(tmp_path, tf):
+    """A model of two tasks behind the HTTP app (a real LiveModel worker): rows answer one
+    object per instance with a field per task, columns a list per task, each the sigmoid of
+    the model fed by hand; a request of no rows answers empty lists."""
+    from hybridps.config import make_config
+    from hybridps.export.saved_model import _make_serving_module_class
+    from hybridps.schema import build_schema
+    from hybridps.serving.follower import ServedVersion
+    from hybridps.serving.live import LiveModel
+    from hybridps.step import sample_inputs
+    from tests.export_reference import (TWO_TASK_SCHEMA, build_two_task_model, inputs_by_hand, raw_rows,
+                                        sigmoid, table_rows)
+    schema = build_schema(make_config(overrides={"features": TWO_TASK_SCHEMA}))
+    columns = raw_rows(12, seed=4)
+    rows = table_rows(schema, columns)
+    tf.keras.utils.set_random_seed(1)
+    model = build_two_task_model(schema)
+    model(sample_inputs(tf, schema), training=False)
+    outputs = model({k: tf.constant(v) for k, v in inputs_by_hand(schema, columns, rows).items()},
+                    training=False)
+    want = {task: sigmoid(np.asarray(value).reshape(-1)) for task, value in outputs.items()}
+    live = LiveModel(tmp_path / "exports")
+    live.module = _make_serving_module_class(tf)(model, schema, rows, 3, "h")
+    live.schema = schema
+    live.version = ServedVersion(1, 3, None, time.time(), "full", "full-0000000001-0000000003", "h")
+    names = list(columns)
+    instances = [{name: columns[name][i] for name in names} for i in range(12)]
+
+    async def scenario(client):
+        code, answer = await _post(client, {"instances": instances})
+        assert code == 200 and (answer["version"], answer["step"]) == (1, 3), answer
+        assert [sorted(p) for p in answer["predictions"]] == [["click", "conversion"]] * 12
+        for task in want:
+            np.testing.assert_allclose([p[task] for p in answer["predictions"]], want[task], rtol=1e-5)
+        code, answer = await _post(client, {"inputs": columns})
+        assert code == 200 and set(answer) == {"outputs", "version", "step"}, answer
+        assert sorted(answer["outputs"]) == ["click", "conversion"]
+        for task in want:
+            np.testing.assert_allclose(answer["outputs"][task], want[task], rtol=1e-5)
+        assert await _post(client, {"inputs": {"x": []}}) == (200, {"outputs": {"click": [], "conversion": []},
+                                                                   "version": 1, "step": 3})
+        assert await _post(client, {"instances": []}) == (200, {"predictions": [], "version": 1, "step": 3})
+    live.start()
+    try:
+        _with_client(live, scenario)
+    finally:
+        live.stop()

@@ -53,8 +53,9 @@ A missing value (an empty CSV cell, a Parquet null) is the id -1. Then ::
     space_seed(space) = uint64_le( BLAKE2b(utf8(space), digest_size=8, person=b"hybridps-space-1") )
     key(space, id)    = int64( mix64( mix64(uint64(id) + GOLDEN) ^ space_seed(space) ) )
 
-(``hybridps._kernels.hash_int_ids``, about 1 ns per id; the exported SavedModel computes the
-same formula in TensorFlow ops, so serving takes raw int64 ids and hashes them itself).
+(``hybridps._kernels.hash_int_ids``, about 1 ns per id). The exported SavedModel computes
+``text_id``, ``space_keys`` and ``feature_keys`` in TensorFlow ops (hybridps.export.tf_hashing),
+so TF Serving takes the raw values and hashes them itself.
 """
 from __future__ import annotations
 

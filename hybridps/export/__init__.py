@@ -1,7 +1,7 @@
 """hybridps.export: serving artifacts built on checkpoints.
 
-* :mod:`saved_model`: a TensorFlow SavedModel that serves the model from raw feature ids
-  (``hybridps export``);
+* :mod:`saved_model`: a TensorFlow SavedModel that serves the model from raw feature values
+  (``hybridps export``), with :mod:`tf_hashing`, the readers' hashing in TensorFlow ops;
 * :mod:`delta`: numbered delta exports (rows changed, keys evicted) and full exports (every
   row and the model description), written while training runs, and their application to an
   exported model (hybridps.serving follows such a directory).

@@ -1,4 +1,4 @@
-"""Export for serving: a TensorFlow SavedModel with its embeddings, run from raw feature ids.
+"""Export for serving: a TensorFlow SavedModel with its embeddings, run from raw feature values.
 
 What lives here: :class:`ServingModule` (built by :func:`build_serving_module` from a
 checkpoint), :func:`export_saved_model` and the ``hybridps export`` command. What does not: the
@@ -14,51 +14,47 @@ The module
   evicted reads zeros. (Training gives a never-seen key its key-seeded initial row, noise of
   scale init_std; zeros are the neutral choice for serving.)
 * The model's variables (the model rebuilt from the manifest, loaded from dense.npz).
-* ``serve`` (the ``serving_default`` signature), no custom ops:
+* ``serve_values`` (the ``serving_default`` signature) and ``serve`` (the ``ids`` signature),
+  no custom ops, no ``py_function`` (TF Serving runs them):
 
-  - a ``features:`` schema: ``dense`` float32 [None, num_dense], the raw values in schema order
-    (the module applies the schema's transforms, log1p(max(x, 0)); a missing value is the
-    feature's ``fill``, which the caller passes) and, per sparse feature, its raw
-    int64 ids, [None] for a single-valued feature, [None, None] for a list (valid ids first,
-    padded with -1; -1 is also a missing single value). The module hashes the ids by each
-    feature's key space in TensorFlow ops (hybridps.data.hashing), exactly as training did;
-    text values are turned into ids by the caller with ``hybridps.data.hashing.text_ids``.
-    Pooling is training's: sum, mean, sqrtn over the valid ids (an empty list pools to zeros);
-    a sequence takes its first max_len ids, zero-padded, with its length.
-  - the Criteo preset: ``dense`` float32 [None, 13] and ``keys`` int64 [None, 26], the keys as
-    hybridps.data.criteo computes them (as earlier versions of hybridps exported).
+  - a ``features:`` schema, ``serving_default``: ``dense`` float32 [None, num_dense], the raw
+    values in schema order (the module applies the schema's transforms, log1p(max(x, 0)); a
+    missing value is the feature's ``fill``, which the caller passes) and, per sparse feature,
+    its raw values as the schema's ``dtype`` says: ``string`` (text; integers as their decimal
+    text) or ``int64`` (integer ids), [None] for a single-valued feature, [None, None] for a
+    list (valid values first, padded with "" or -1; "" and -1 are also a missing single value).
+    The module computes each value's id and key in TensorFlow ops exactly as the readers do
+    (hybridps.export.tf_hashing: BLAKE2b of text, then the key space's mix). Pooling is
+    training's: sum, mean, sqrtn over the valid ids (an empty list pools to zeros); a
+    sequence takes its first max_len ids, zero-padded, with its length. ``ids`` takes int64
+    ids in place of the values (text turned into ids by the caller with
+    ``hybridps.data.hashing.text_ids``; -1 padded), the ``serving_default`` of earlier hybridps.
+  - the Criteo preset, ``serving_default``: ``dense`` float32 [None, 13], the raw counts, and
+    ``C1`` .. ``C26`` string [None], the Criteo file's texts ("" missing), hashed with
+    ``feature_keys`` in the graph; ``ids``: ``dense`` (log1p already applied) and ``keys``
+    int64 [None, 26], the keys as hybridps.data.criteo computes them.
 
-  It returns ``probability`` and ``logit`` (float32 [None]).
+  Both return, for a model of one output, ``probability`` and ``logit`` (float32 [None]); for a
+  model returning a dict of tasks, one output per task named by the task: a binary task's
+  probability, a regression task's value (``task_names`` lists them).
 """
 import os
 import time
 
 from hybridps.checkpoint.format import model_config_of, schema_of
 from hybridps.checkpoint.reader import load_manifest, read_dense, read_table_rows, resolve_checkpoint, verify_checkpoint
-from hybridps.data.hashing import GOLDEN, MISSING_ID, space_seed
+from hybridps.data.hashing import MISSING_ID
 from hybridps.errors import CheckpointError
+from hybridps.export import tf_hashing
 from hybridps.export.saving import save_atomically
 from hybridps.models.registry import add_model_argument
 from hybridps.tf_compat import model_weights
-
-_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
     return tf
-
-
-def tf_space_keys(tf, ids, key_space):
-    """hybridps.data.hashing.space_keys in TensorFlow ops (uint64 arithmetic wraps)."""
-    def mix(z):
-        z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(30, tf.uint64))) * tf.constant(_M1, tf.uint64)
-        z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(27, tf.uint64))) * tf.constant(_M2, tf.uint64)
-        return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, tf.uint64)))
-    u = tf.bitcast(ids, tf.uint64)
-    seed = tf.constant(space_seed(key_space), tf.uint64)
-    return tf.bitcast(mix(tf.bitwise.bitwise_xor(mix(u + tf.constant(GOLDEN, tf.uint64)), seed)), tf.int64)
 
 
 def build_model_from_manifest(manifest, model=None, where="the checkpoint"):
@@ -93,7 +89,10 @@ def _make_serving_module_class(tf):
                 self.tables.append(table)
             self.step = tf.Variable(int(step), dtype=tf.int64, trainable=False, name="step")
             self.model_hash = tf.Variable(model_hash, dtype=tf.string, trainable=False, name="model_hash")
-            self.serve = _serve_function(tf, model, schema, self.tables)
+            self.serve, self.serve_values = _serve_functions(tf, model, schema, self.tables)
+            # the tasks of the model's outputs (None: one tensor, answered as logit and probability)
+            from hybridps.step import sample_inputs
+            self.task_names = task_names_of(model(sample_inputs(tf, schema), training=False))
             for t, (table, table_config) in enumerate(zip(self.tables, schema.tables)):
                 setattr(self, f"apply_rows_{t}", _apply_rows_function(tf, table, table_config.dim))
                 setattr(self, f"remove_rows_{t}", _remove_rows_function(tf, table))
@@ -127,49 +126,94 @@ def _remove_rows_function(tf, table):
     return remove_rows
 
 
-def _serve_function(tf, model, schema, tables):
+def _task_predictions(tf, outputs, schema):
+    """The signature's outputs of a model's outputs: one tensor (one task) -> ``logit`` and
+    ``probability`` (B,); a dict {task: (B,) or (B, 1)} -> {task: prediction (B,)}, the
+    sigmoid of a binary task's logit, a regression task's value as the model returns it."""
+    from hybridps.step import logits_of
+    if not isinstance(outputs, dict):
+        logit = logits_of(tf, outputs)
+        return {"logit": logit, "probability": tf.sigmoid(logit)}
+    # the schema's tasks (features.labels) say which are regression; a schema without them has
+    # binary tasks only
+    regression = {t.name for t in getattr(schema, "tasks", ()) if t.kind == "regression"}
+    return {name: logits_of(tf, value) if name in regression else tf.sigmoid(logits_of(tf, value))
+            for name, value in outputs.items()}
+
+
+def task_names_of(outputs):
+    """The task names of a model's outputs (a dict's keys, sorted), None for one tensor."""
+    return tuple(sorted(outputs)) if isinstance(outputs, dict) else None
+
+
+def value_input_spec(tf, feature):
+    """The raw-value input of a sparse feature in ``serving_default``: its schema ``dtype``
+    (string: text, hashed in the graph; int64: integer ids), [None] or [None, None] for a list."""
+    dtype = tf.string if feature.dtype == "string" else tf.int64
+    return tf.TensorSpec([None] if not feature.is_list else [None, None], dtype, name=feature.name)
+
+
+def _ids_of_values(tf, features, values):
+    """int64 ids of each feature's raw values: text through tf_hashing.text_ids (all text
+    features hashed in one batch), integer ids as they are."""
+    ids = list(values)
+    texts = [i for i, feature in enumerate(features) if feature.dtype == "string"]
+    if texts:
+        flat = tf.concat([tf.reshape(values[i], [-1]) for i in texts], 0)
+        parts = tf.split(tf_hashing.text_ids(tf, flat), [tf.size(values[i]) for i in texts])
+        for i, part in zip(texts, parts):
+            ids[i] = tf.reshape(part, tf.shape(values[i]))
+    return ids
+
+
+def _serve_functions(tf, model, schema, tables):
+    """(``serve``: the model from int64 ids or keys, ``serve_values``: from raw values; the
+    module docstring gives both signatures)."""
     table_of = {t.name: tables[i] for i, t in enumerate(schema.tables)}
     dims = {t.name: t.dim for t in schema.tables}
     dense_spec = tf.TensorSpec([None, schema.num_dense], tf.float32, name="dense")
+    log1p_columns = [j for j, f in enumerate(schema.dense) if f.transform == "log1p"]
 
-    def probability(inputs):
-        from hybridps.step import logits_of
-        logit = logits_of(tf, model(inputs, training=False))
-        return {"logit": logit, "probability": tf.sigmoid(logit)}
+    def predictions(inputs):
+        return _task_predictions(tf, model(inputs, training=False), schema)
+
+    def transformed(dense):           # the schema's transforms, as the readers apply them
+        if not log1p_columns:
+            return dense
+        mask = tf.constant([j in log1p_columns for j in range(schema.num_dense)])
+        return tf.where(mask, tf.math.log1p(tf.maximum(dense, 0.0)), dense)
 
     if schema.preset == "criteo":
         singles = schema.single_features
 
-        @tf.function(input_signature=[dense_spec, tf.TensorSpec([None, len(singles)], tf.int64, name="keys")])
-        def serve(dense, keys):
+        def from_keys(dense, keys):
             inputs = {"dense": dense}
             for j, feature in enumerate(singles):
                 rows = table_of[feature.table].lookup(keys[:, j])
                 inputs[feature.name] = tf.ensure_shape(rows, [None, dims[feature.table]])
-            return probability(inputs)
-        return serve
+            return predictions(inputs)
 
-    specs = [dense_spec] + [tf.TensorSpec([None] if not f.is_list else [None, None], tf.int64, name=f.name)
-                            for f in schema.sparse]
+        def from_criteo_values(dense, *texts):
+            return from_keys(transformed(dense), tf_hashing.criteo_keys(tf, list(texts)))
 
-    log1p_columns = [j for j, f in enumerate(schema.dense) if f.transform == "log1p"]
+        serve = tf.function(from_keys, input_signature=[
+            dense_spec, tf.TensorSpec([None, len(singles)], tf.int64, name="keys")])
+        serve_values = tf.function(from_criteo_values, input_signature=[dense_spec] + [
+            tf.TensorSpec([None], tf.string, name=f.name) for f in singles])
+        return serve, serve_values
 
-    @tf.function(input_signature=specs)
-    def serve(dense, *ids):
-        if log1p_columns:             # the schema's transforms, as the readers apply them
-            mask = tf.constant([j in log1p_columns for j in range(schema.num_dense)])
-            dense = tf.where(mask, tf.math.log1p(tf.maximum(dense, 0.0)), dense)
-        inputs = {"dense": dense}
+    def from_ids(dense, *ids):
+        inputs = {"dense": transformed(dense)}
         for feature, raw in zip(schema.sparse, ids):
             table, dim = table_of[feature.table], dims[feature.table]
             if not feature.is_list:
-                rows = table.lookup(tf_space_keys(tf, raw, feature.key_space))
+                rows = table.lookup(tf_hashing.space_keys(tf, raw, feature.key_space))
                 inputs[feature.name] = tf.ensure_shape(rows, [None, dim])
                 continue
             if feature.max_len is not None:
                 raw = raw[:, :feature.max_len]
             valid = tf.not_equal(raw, MISSING_ID)
-            rows = tf.ensure_shape(table.lookup(tf_space_keys(tf, raw, feature.key_space)),
+            rows = tf.ensure_shape(table.lookup(tf_hashing.space_keys(tf, raw, feature.key_space)),
                                    [None, None, dim])                               # (B, L, dim)
             rows = rows * tf.cast(valid, tf.float32)[:, :, None]
             lengths = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
@@ -184,9 +228,17 @@ def _serve_function(tf, model, schema, tables):
                 count = tf.cast(tf.maximum(lengths, 1), tf.float32)[:, None]
                 pooled = pooled / (count if feature.pooling == "mean" else tf.sqrt(count))
             inputs[feature.name] = tf.ensure_shape(pooled, [None, dim])
-        return probability(inputs)
+        return predictions(inputs)
 
-    return serve
+    def from_values(dense, *values):
+        return from_ids(dense, *_ids_of_values(tf, schema.sparse, values))
+
+    serve = tf.function(from_ids, input_signature=[dense_spec] + [
+        tf.TensorSpec([None] if not f.is_list else [None, None], tf.int64, name=f.name)
+        for f in schema.sparse])
+    serve_values = tf.function(from_values, input_signature=[dense_spec] + [
+        value_input_spec(tf, f) for f in schema.sparse])
+    return serve, serve_values
 
 
 def build_serving_module(checkpoint, model=None):
@@ -255,7 +307,7 @@ def export_saved_model(checkpoint, out_dir, *, overwrite=False, deltas=(), model
     for delta_dir in deltas:
         apply_delta(module, delta_dir)
     path = save_atomically(tf, module, out_dir, overwrite)
-    return {"path": path, "step": int(module.step.numpy()),
+    return {"path": path, "step": int(module.step.numpy()), "tasks": module.task_names,
             "rows": [int(t.size().numpy()) for t in module.tables],
             "seconds": time.perf_counter() - started, "schema": schema_of(manifest)}
 
@@ -278,13 +330,18 @@ def export_main(args):
     result = export_saved_model(args.checkpoint, args.out, overwrite=args.overwrite, deltas=args.delta,
                                 model=args.model)
     schema = result["schema"]
+    dense = f"dense float32 [None, {schema.num_dense}] (raw values)"
     if schema.preset == "criteo":
-        inputs = f"dense float32 [None, {schema.num_dense}], keys int64 [None, {len(schema.sparse)}]"
+        inputs = ", ".join([dense] + [f"{f.name} string [None]" for f in schema.sparse])
     else:
-        inputs = ", ".join([f"dense float32 [None, {schema.num_dense}]"] + [
-            f"{f.name} int64 " + ("[None, None] (-1 padded)" if f.is_list else "[None]")
+        padding = {"string": '""', "int64": "-1"}
+        inputs = ", ".join([dense] + [
+            f"{f.name} {f.dtype} " + (f"[None, None] (padded with {padding[f.dtype]})" if f.is_list
+                                      else "[None]")
             for f in schema.sparse])
+    outputs = ", ".join(result["tasks"] or ("probability", "logit"))
     print(f"exported step {result['step']} ({', '.join(map(str, result['rows']))} rows per table) "
           f"to {result['path']} in {result['seconds']:.1f}s; serving signature 'serving_default': "
-          f"serve({inputs}) -> {{probability, logit}}")
+          f"serve({inputs}) -> {{{outputs}}}; signature 'ids' takes int64 ids (the Criteo "
+          f"preset: keys) instead of values")
     return 0

@@ -1,8 +1,10 @@
 """Saving a serving module as a SavedModel, atomically (a temporary directory, then a rename).
 
 Shared by hybridps.export.saved_model (full exports) and hybridps.export.delta (a new
-SavedModel version with a delta applied). TF Serving and ``tf.saved_model.load`` both run the
-``serving_default`` signature.
+SavedModel version with a delta applied). TF Serving and ``tf.saved_model.load`` run the
+``serving_default`` signature (raw values); ``ids`` is the same model from int64 ids (Criteo
+preset: keys). A SavedModel loaded from disk keeps the signatures it was written with, so a
+delta applied to an export of earlier hybridps (``serving_default`` on ids) saves that form.
 """
 import os
 import shutil
@@ -11,11 +13,14 @@ from hybridps.checkpoint.files import fsync_dir
 from hybridps.errors import CheckpointError
 
 
-def serving_signature(module):
+def serving_signatures(module):
+    """The signatures to save: a loaded SavedModel's own, a ServingModule's
+    ``serving_default`` (``serve_values``) and ``ids`` (``serve``)."""
     signatures = getattr(module, "signatures", None)
-    if signatures and "serving_default" in signatures:
-        return signatures["serving_default"]
-    return module.serve.get_concrete_function()
+    if signatures:
+        return dict(signatures)
+    return {"serving_default": module.serve_values.get_concrete_function(),
+            "ids": module.serve.get_concrete_function()}
 
 
 def save_atomically(tf, module, out_dir, overwrite):
@@ -28,7 +33,7 @@ def save_atomically(tf, module, out_dir, overwrite):
     os.makedirs(parent, exist_ok=True)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tf.saved_model.save(module, tmp, signatures={"serving_default": serving_signature(module)})
+    tf.saved_model.save(module, tmp, signatures=serving_signatures(module))
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)

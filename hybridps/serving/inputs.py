@@ -57,13 +57,15 @@ class RequestLimits:
 
 
 def request_inputs(raw, schema, limits=RequestLimits()):
-    """A predict request's body (bytes) -> (the ``serve`` signature's inputs, rows).
+    """A predict request's body (bytes) -> (the ``serve`` signature's inputs, rows, whether it
+    is the column form ``inputs``: the answer takes the same form).
 
     Raises:
         RequestError: not JSON, nested too deeply, over a limit, or a bad value.
     """
-    columns, rows = request_columns(parse_json(raw), schema, limits)
-    return serving_inputs(schema, columns, rows), rows
+    body = parse_json(raw)
+    columns, rows = request_columns(body, schema, limits)
+    return serving_inputs(schema, columns, rows), rows, "inputs" in body
 
 
 def parse_json(raw, max_depth=MAX_JSON_DEPTH):

@@ -34,7 +34,7 @@ class _Predict:
     schema: object
     inputs: dict
     rows: int
-    deliver: object            # deliver(probabilities or None, version, error or None)
+    deliver: object            # deliver(predictions or None, version, error or None)
 
 
 @dataclasses.dataclass
@@ -115,8 +115,9 @@ class LiveModel:
 
     # ------------------------------------------------------------------ requests
     def predict(self, schema, inputs, rows, deliver):
-        """Queue one request (inputs built for ``schema``); ``deliver(probabilities, version,
-        error)`` is called from the worker thread."""
+        """Queue one request (inputs built for ``schema``); ``deliver(predictions, version,
+        error)`` is called from the worker thread: ``predictions`` the probabilities (rows,) of
+        a one-task model, {task: (rows,)} of a model of several tasks."""
         self._queue.put(_Predict(schema, inputs, rows, deliver))
 
     # ------------------------------------------------------------------ the worker thread
@@ -149,9 +150,10 @@ class LiveModel:
         for p in stale:
             p.deliver(None, version, HybridPSError("the model changed while the request waited; "
                                                    "send it again"))
+        tasks = getattr(module, "task_names", None)     # None: one task (or no model yet)
         for p in batch:
             if p.schema is schema and not p.rows:
-                p.deliver(np.empty(0, np.float32), version, None)
+                p.deliver(_empty_predictions(tasks), version, None)
         batch = [p for p in batch if p.schema is schema and p.rows]
         if not batch:
             return
@@ -159,7 +161,8 @@ class LiveModel:
             inputs = concat_inputs([p.inputs for p in batch])
             names = ["dense"] + (["keys"] if schema.preset == "criteo" else [f.name for f in schema.sparse])
             out = module.serve(*[tf.constant(inputs[n]) for n in names])
-            probabilities = out["probability"].numpy()
+            predictions = ({task: out[task].numpy() for task in tasks} if tasks
+                           else out["probability"].numpy())
         except Exception as exc:      # a TF error must not stop the worker: report it
             for p in batch:
                 p.deliver(None, version, exc)
@@ -167,7 +170,7 @@ class LiveModel:
         self.on_batch(sum(p.rows for p in batch), len(batch))
         start = 0
         for p in batch:
-            p.deliver(probabilities[start:start + p.rows], version, None)
+            p.deliver(_rows_of(predictions, start, p.rows), version, None)
             start += p.rows
 
     def _do_update(self, update):
@@ -243,6 +246,18 @@ class LiveModel:
         log(f"refused {refusal.export}: {refusal.reason} (serving version "
             f"{held.sequence if held else None}, step {held.step if held else None})")
         self._on_refusal(refusal)
+
+
+def _empty_predictions(tasks):
+    empty = np.empty(0, np.float32)
+    return {task: empty for task in tasks} if tasks else empty
+
+
+def _rows_of(predictions, start, rows):
+    """Rows ``start .. start + rows`` of predictions (an array, or {task: array})."""
+    if isinstance(predictions, dict):
+        return {task: values[start:start + rows] for task, values in predictions.items()}
+    return predictions[start:start + rows]
 
 
 def _warm_up(module, schema):

@@ -8,7 +8,10 @@ values -> inputs and the request limits (hybridps.serving.inputs).
 
 * ``POST /v1/models/NAME:predict`` with ``{"instances": [{feature: value, ...}, ...]}`` or
   ``{"inputs": {feature: [value, ...]}}`` -> ``{"predictions": [probability, ...]}`` (plus
-  ``version`` and ``step``: the export that answered). Requests that wait together share one
+  ``version`` and ``step``: the export that answered). A model of several tasks answers every
+  task as TF Serving answers a signature of several outputs: rows ``{"predictions": [{task:
+  prediction, ...}, ...]}``, columns ``{"outputs": {task: [prediction, ...]}}`` (a binary
+  task's probability, a regression task's value). Requests that wait together share one
   model call. A bad request is HTTP 400 ``{"error": "..."}`` naming the feature, or the limit
   it is over (rows per request, values per list, nesting; hybridps.serving.inputs); a body
   over ``--max-body-bytes`` is 413. Until a model is loaded: 503 ``{"error": "LOADING: ..."}``.
@@ -133,6 +136,20 @@ def status_of(live, name, loading=None):
             "stale_export": stale[-1].to_dict() if stale else None, "stale_exports": len(stale)}
 
 
+def answer_of(predictions, columnar):
+    """The predictions part of a predict answer (module doc): one task's probabilities (an
+    array) -> ``{"predictions": [p, ...]}`` in both forms; several tasks ({task: array}) ->
+    TF Serving's ``{"predictions": [{task: p, ...}, ...]}`` for rows (``instances``),
+    ``{"outputs": {task: [p, ...]}}`` for columns (``inputs``)."""
+    if not isinstance(predictions, dict):
+        return {"predictions": [float(p) for p in predictions]}
+    columns = {task: [float(p) for p in values] for task, values in predictions.items()}
+    if columnar:
+        return {"outputs": columns}
+    rows = len(next(iter(columns.values()), []))
+    return {"predictions": [{task: values[i] for task, values in columns.items()} for i in range(rows)]}
+
+
 def make_app(live, name, metrics, limits=RequestLimits(), startup=None):
     """The aiohttp application of a LiveModel served as model ``name``.
 
@@ -174,26 +191,26 @@ def make_app(live, name, metrics, limits=RequestLimits(), startup=None):
                               f"(--max-body-bytes): split the request")
         loop = asyncio.get_running_loop()
         try:        # parsing and conversion take time on a large body: not on the event loop
-            inputs, rows = await loop.run_in_executor(None, request_inputs, raw, schema, limits)
+            inputs, rows, columnar = await loop.run_in_executor(None, request_inputs, raw, schema, limits)
         except RequestError as exc:
             return error(400, str(exc))
         except RecursionError:
             return error(400, "the request body is nested too deeply")
         future = loop.create_future()
 
-        def deliver(probabilities, version, exc):
+        def deliver(predictions, version, exc):
             def settle():
                 if not future.done():
-                    future.set_result((probabilities, version, exc))
+                    future.set_result((predictions, version, exc))
             loop.call_soon_threadsafe(settle)
 
         live.predict(schema, inputs, rows, deliver)
-        probabilities, version, exc = await future
+        predictions, version, exc = await future
         if exc is not None:
             status = 503 if isinstance(exc, HybridPSError) else 500
             return error(status, f"{type(exc).__name__}: {exc}")
-        return web.json_response({"predictions": [float(p) for p in probabilities],
-                                  "version": version.sequence, "step": version.step})
+        return web.json_response({**answer_of(predictions, columnar), "version": version.sequence,
+                                  "step": version.step})
 
     async def status(request):
         check_name(request)
