@@ -3,8 +3,8 @@
 The selection bias ESMM exists for (Ma et al. 2018): a conversion model trained on the clicked
 rows only learns from a small, biased sample, while ESMM learns pCVR through pCTCVR = pCTR x
 pCVR over every impression. On the synthetic funnel (hybridps.data.synthetic_schema: a click,
-a conversion only after a click), written to Parquet (a training file and a held-out file of
-other rows):
+a conversion only after a click), written to Parquet (a training file, and a held-out file of
+later batches of the same generator):
 
 * ``esmm``: ``hybridps train --model esmm`` on every impression (tasks click, conversion);
   its pCVR of a held-out row is p_conversion / p_click of ``hybridps predict``;
@@ -43,8 +43,12 @@ def add_arguments(parser):
                         help="the built-in model of the conversion model on clicked rows")
 
 
-def write_funnel(path, rows, seed, vocab_size, batch=8192):
-    """``rows`` rows of the synthetic funnel as Parquet (click, conversion, I*, C*)."""
+HELD_OUT_STEP = 1 << 20     # the held-out rows: the generator's batches from this step on
+
+
+def write_funnel(path, rows, seed, vocab_size, first_step=0, batch=8192):
+    """``rows`` rows of the synthetic funnel (one planted model per seed) as Parquet (click,
+    conversion, I*, C*): the generator's batches of ``batch`` rows from ``first_step`` on."""
     import pyarrow.parquet as pq
     from hybridps.bench.parquet_data import arrow_table, workload_columns
     from hybridps.config import make_config
@@ -55,8 +59,9 @@ def write_funnel(path, rows, seed, vocab_size, batch=8192):
     schema = build_schema(config)
     source = make_schema_synthetic(schema, config, 0, 1)
     writer = None
-    for step in range(-(-rows // batch)):
-        table = arrow_table(workload_columns(schema, source.raw_batch(step, min(batch, rows - step * batch))))
+    for k in range(-(-rows // batch)):
+        table = arrow_table(workload_columns(schema, source.raw_batch(first_step + k,
+                                                                      min(batch, rows - k * batch))))
         if writer is None:
             writer = pq.ParquetWriter(path, table.schema)
         writer.write_table(table)
@@ -95,13 +100,18 @@ def train_and_predict(comm, out, name, model, features, data, heldout, rows, arg
 
 
 def main(args):
+    run_multitask_bench(args)
+
+
+def run_multitask_bench(args):
+    """Both runs and their figures (module docstring); returns the report."""
     from hybridps import comm as comm_module
     from hybridps.data.auc import roc_auc
     os.makedirs(args.out, exist_ok=True)
     comm = comm_module.init(with_horovod=True)
     train = write_funnel(os.path.join(args.out, "train.parquet"), args.train_rows, args.seed, args.vocab_size)
-    heldout = write_funnel(os.path.join(args.out, "heldout.parquet"), args.heldout_rows, args.seed + 1,
-                           args.vocab_size)
+    heldout = write_funnel(os.path.join(args.out, "heldout.parquet"), args.heldout_rows, args.seed,
+                           args.vocab_size, first_step=HELD_OUT_STEP)
     clicked, clicked_count = clicked_rows(train, os.path.join(args.out, "train-clicked.parquet"))
     heldout_clicked, _ = clicked_rows(heldout, os.path.join(args.out, "heldout-clicked.parquet"))
     sys.stderr.write(f"bench multitask: {args.train_rows} impressions, {clicked_count} clicked\n")
