@@ -298,3 +298,21 @@ def test_task_metrics_equal_scikit_learn_over_the_rows_where_each_label_is_prese
     assert got["tasks"]["rating"]["rmse"] == pytest.approx(
         np.sqrt(mean_squared_error(labels[r, 1], scores[r, 1])), rel=1e-9)
     assert got["tasks"]["rating"]["mae"] == pytest.approx(mean_absolute_error(labels[r, 1], scores[r, 1]), rel=1e-9)
+
+
+def test_tensorboard_gets_each_tasks_evaluation_under_its_name(tmp_path):
+    import tensorflow as tf
+    from hybridps.metrics.tensorboard import TensorBoardLog
+    log = TensorBoardLog(tf, str(tmp_path))
+    log.evaluation(7, {"rows": 10, "tasks": {"click": {"auc": 0.75, "logloss": 0.5, "gauc": None},
+                                             "rating": {"rmse": 1.25, "mae": 0.5}}})
+    log.close()
+    scalars = {}
+    for name in os.listdir(tmp_path):
+        for record in tf.data.TFRecordDataset(str(tmp_path / name)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                scalars[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+    assert scalars == {("eval/rows", 7): 10.0, ("eval/click/auc", 7): 0.75,
+                       ("eval/click/logloss", 7): 0.5, ("eval/rating/rmse", 7): 1.25,
+                       ("eval/rating/mae", 7): 0.5}
