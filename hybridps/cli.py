@@ -26,6 +26,7 @@ def _add_train_arguments(parser):
 BENCH_RUNNERS = (
     ("table", "hash table vs pandas khash vs dict"),
     ("train", "collective BSP vs TF+Horovod baseline vs compute ceiling"),
+    ("multitask", "ESMM vs a conversion model trained on clicked rows only: conversion AUC"),
     ("compare", "collective vs parameter-server vs TF+Horovod, N ranks each"),
     ("scale", "2 and 4 hosts of the network-namespace test bed (root), 1 and 10 Gbit/s links, "
               "vs the scaling model"),
@@ -147,8 +148,9 @@ def build_parser():
     from hybridps.inference import add_evaluate_arguments, add_predict_arguments
     add_evaluate_arguments(sub.add_parser(
         "evaluate", help="a checkpoint's AUC, gAUC, logloss and calibration on held-out data",
-        description="A checkpoint's AUC, gAUC, logloss and calibration on held-out data, on any "
-                    "number of ranks; nothing is written to the checkpoint."))
+        description="A checkpoint's AUC, gAUC, logloss and calibration on held-out data (per "
+                    "task with several: RMSE and MAE for regression), on any number of ranks; "
+                    "nothing is written to the checkpoint."))
     add_predict_arguments(sub.add_parser(
         "predict", help="a checkpoint's score of every row of a data file, to Parquet",
         description="A checkpoint's score of every row of a data file, in input order, to Parquet."))

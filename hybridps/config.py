@@ -76,12 +76,15 @@ class RunSettings:
 
 @dataclass
 class ModelSettings:
-    """The model's shape: the embedding width, the MLP, DCN's cross layers."""
+    """The model's shape: the embedding width, the MLP, DCN's cross layers, MMoE's experts."""
     TITLE = "Model"
     dim: int = setting(16, "embedding dimension")
     hidden: List[int] = setting([256, 128], "MLP sizes, comma-separated, e.g. 256,128", metavar="N,N",
                                 expected="a list of integers")
     cross_layers: int = setting(3, "DCN: cross layers")
+    num_experts: int = setting(4, "MMoE: experts shared by the tasks")
+    expert_units: List[int] = setting([128], "MMoE: each expert's MLP sizes, comma-separated",
+                                      metavar="N,N", expected="a list of integers")
 
 
 @dataclass
@@ -400,6 +403,9 @@ def validate(c):
     _check(c.dim >= 1, "dim", c.dim, "an integer >= 1")
     _check(all(h >= 1 for h in c.hidden) and c.hidden, "hidden", c.hidden, "a non-empty list of positive ints")
     _check(c.cross_layers >= 0, "cross_layers", c.cross_layers, "an integer >= 0")
+    _check(c.num_experts >= 1, "num_experts", c.num_experts, "an integer >= 1")
+    _check(all(h >= 1 for h in c.expert_units) and c.expert_units, "expert_units", c.expert_units,
+           "a non-empty list of positive ints")
     for f in _FIELDS.values():           # the fields with a fixed set of values (not enums)
         allowed = f.metadata["choices"]
         value = getattr(c, f.name)

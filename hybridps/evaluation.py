@@ -15,6 +15,11 @@ Definitions (all over every rank's rows, not rank 0's share):
   classes (Zhou et al. 2018, "Deep Interest Network"): ``sum_g n_g AUC_g / sum_g n_g``, groups
   by the schema's ``group_by`` column; ``gauc_groups`` is the number of groups used (groups of
   one class, hence of one row, have no AUC and are left out); None without ``group_by``.
+
+A schema of several tasks (``labels:``) reports ``rows`` and, under ``tasks``, each task's
+metrics over the rows where its label is present: the ones above for a binary task, and for a
+regression task ``rmse`` (root of the mean squared error), ``mae`` (mean absolute error),
+``mean_prediction`` and ``mean_label``.
 """
 import dataclasses
 from typing import Optional
@@ -28,22 +33,29 @@ _EPS = 1e-7
 
 @dataclasses.dataclass
 class Predictions:
-    """One rank's predictions: probability, label, group (or None) and row id (or None: the
-    reader did not number its rows) of every row, in the order the batches came."""
+    """One rank's predictions: probability (regression: the value), label, group (or None) and
+    row id (or None: the reader did not number its rows) of every row, in the order the
+    batches came; scores and labels are (N, T) for several tasks, NaN where a label is missing."""
     scores: np.ndarray
     labels: np.ndarray
     groups: Optional[np.ndarray]
     row_ids: Optional[np.ndarray]
 
 
-def predict_batches(backend, predict_step, batches, tf):
+def predict_batches(backend, predict_step, batches, tf, tasks=()):
     """:class:`Predictions` of ``batches`` on this rank (collective: every computing rank calls
     it with the same number of batches; an empty batch is fine). ``predict_step`` is
-    hybridps.step.make_predict_step's, which takes the backend's read as it is."""
+    hybridps.step.make_predict_step's, which takes the backend's read as it is; ``tasks``: the
+    schema's ``labels`` (empty: one binary label)."""
     scores, labels, groups, row_ids = [], [], [], []
+    binary = np.array([t.kind == "binary" for t in tasks], dtype=bool)
     for batch in batches:
-        logits = predict_step(backend.read(batch)).numpy()
-        scores.append(1.0 / (1.0 + np.exp(-logits.astype(np.float64).reshape(-1))))
+        outputs = predict_step(backend.read(batch)).numpy().astype(np.float64)
+        if len(tasks):
+            outputs = outputs.reshape(batch.size, len(tasks))
+            scores.append(np.where(binary, 1.0 / (1.0 + np.exp(-outputs)), outputs))
+        else:
+            scores.append(1.0 / (1.0 + np.exp(-outputs.reshape(-1))))
         labels.append(batch.labels)
         groups.append(batch.groups)
         row_ids.append(batch.row_ids)
@@ -56,8 +68,9 @@ def predict_batches(backend, predict_step, batches, tf):
                        cat(groups, np.int64), cat(row_ids, np.int64))
 
 
-def evaluation_metrics(comm, scores, labels, groups=None):
-    """The metrics of every rank's predictions (module docstring), on every rank.
+def evaluation_metrics(comm, scores, labels, groups=None, tasks=()):
+    """The metrics of every rank's predictions (module docstring), on every rank (``tasks``:
+    the schema's ``labels``, empty for one binary label).
 
     Gathers (score, label, group) of all rows to rank 0, which computes the exact metrics and
     broadcasts them: 20 bytes per row, so about 20 MB for a million held-out rows.
@@ -70,8 +83,49 @@ def evaluation_metrics(comm, scores, labels, groups=None):
         all_labels = np.concatenate([p[1] for p in parts])
         have_groups = all(p[2] is not None for p in parts)
         all_groups = np.concatenate([p[2] for p in parts]) if have_groups else None
-        result = metrics_of(all_scores, all_labels, all_groups)
+        result = (task_metrics(all_scores, all_labels, all_groups, tasks) if len(tasks)
+                  else metrics_of(all_scores, all_labels, all_groups))
     return comm.bcast_object(result)
+
+
+def task_metrics(scores, labels, groups, tasks):
+    """``rows`` and per task (``tasks``) its metrics over the rows where its label is present:
+    :func:`metrics_of` for a binary task, :func:`regression_metrics` for a regression one."""
+    scores = np.asarray(scores, np.float64).reshape(len(scores), len(tasks))
+    labels = np.asarray(labels, np.float64).reshape(len(labels), len(tasks))
+    out = {"rows": int(len(labels)), "tasks": {}}
+    for t, task in enumerate(tasks):
+        present = ~np.isnan(labels[:, t])
+        score, label = scores[present, t], labels[present, t]
+        if task.kind == "binary":
+            out["tasks"][task.name] = metrics_of(score, label, None if groups is None else groups[present])
+        else:
+            out["tasks"][task.name] = regression_metrics(score, label)
+    return out
+
+
+def regression_metrics(predictions, labels):
+    """rows, rmse, mae, mean_prediction, mean_label of one regression task."""
+    predictions = np.asarray(predictions, np.float64)
+    labels = np.asarray(labels, np.float64)
+    if len(labels) == 0:
+        return {"rows": 0, "rmse": None, "mae": None, "mean_prediction": None, "mean_label": None}
+    error = predictions - labels
+    return {"rows": int(len(labels)), "rmse": float(np.sqrt(np.mean(error * error))),
+            "mae": float(np.mean(np.abs(error))), "mean_prediction": float(predictions.mean()),
+            "mean_label": float(labels.mean())}
+
+
+def metrics_line(metrics):
+    """The metrics as one line of text (the training log's eval lines)."""
+    def one(values):
+        return ", ".join(f"{k} {values[k]:.4f}" for k in ("auc", "gauc", "logloss", "calibration",
+                                                           "rmse", "mae")
+                         if values.get(k) is not None)
+    if "tasks" not in metrics:
+        return one(metrics)
+    return "; ".join(f"{name}: {one(values)} ({values['rows']} rows)"
+                     for name, values in metrics["tasks"].items())
 
 
 def metrics_of(scores, labels, groups=None):

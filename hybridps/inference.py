@@ -96,7 +96,7 @@ def load_for_inference(comm, checkpoint, overrides=None, model=None):
     target = backend.restore_target()
     report = restore_checkpoint(path, tables=target.tables, comm=comm, config=config, schema=schema,
                                 model=target.model, optimizer=None, shard=target.shard)
-    step = make_predict_step(tf, keras_model, layout, schema.num_dense)
+    step = make_predict_step(tf, keras_model, layout, schema.num_dense, schema.task_names)
     return Loaded(config, schema, keras_model, backend, step, report.step)
 
 
@@ -113,15 +113,18 @@ def evaluate_checkpoint(comm, checkpoint, data, batch_size=4096, synthetic_batch
     loaded = load_for_inference(comm, checkpoint, model=model)
     held_out = _held_out(comm, loaded, data, batch_size, synthetic_batches)
     _announce(comm, "evaluating", held_out, checkpoint, loaded.step)
-    predicted = predict_batches(loaded.backend, loaded.predict_step, held_out.batches(), tf)
-    metrics = evaluation_metrics(comm, predicted.scores, predicted.labels, predicted.groups)
+    predicted = predict_batches(loaded.backend, loaded.predict_step, held_out.batches(), tf,
+                                loaded.schema.labels)
+    metrics = evaluation_metrics(comm, predicted.scores, predicted.labels, predicted.groups,
+                                 loaded.schema.labels)
     metrics.update(checkpoint_step=loaded.step, data=os.fspath(data), ranks=comm.size)
     return metrics
 
 
 def predict_checkpoint(comm, checkpoint, data, out, batch_size=4096, model=None):
     """Write one score per input row (column ``score``, the probability), in the input's row
-    order, with the label (``label``) and the ``group_by`` column when the data has them, to the
+    order, with the label (``label``) and the ``group_by`` column when the data has them (a
+    schema of several tasks: a prediction and a label column per task, :func:`task_columns`), to the
     Parquet file ``out`` (rank 0, atomically). Returns the number of rows. ``model``: the
     operator's ``--model`` (see :func:`load_for_inference`)."""
     import tensorflow as tf
@@ -131,7 +134,8 @@ def predict_checkpoint(comm, checkpoint, data, out, batch_size=4096, model=None)
     if held_out.synthetic:
         raise ConfigError("hybridps predict writes a score per row of a data file; synthetic data "
                           "has no rows to follow: give --data a file")
-    predicted = predict_batches(loaded.backend, loaded.predict_step, held_out.batches(), tf)
+    predicted = predict_batches(loaded.backend, loaded.predict_step, held_out.batches(), tf,
+                                loaded.schema.labels)
     if predicted.row_ids is None:
         raise ConfigError(f"data {data!r}: this reader does not number its rows, so scores "
                           f"cannot be written in input order; use a Parquet, TFRecord or CSV file")
@@ -141,13 +145,27 @@ def predict_checkpoint(comm, checkpoint, data, out, batch_size=4096, model=None)
     if comm.rank == 0:
         row_ids = np.concatenate([p[0] for p in parts])
         order = np.argsort(row_ids, kind="stable")
-        columns = {"score": np.concatenate([p[1] for p in parts])[order],
-                   "label": np.concatenate([p[2] for p in parts])[order]}
+        scores = np.concatenate([p[1] for p in parts])[order]
+        labels = np.concatenate([p[2] for p in parts])[order]
+        columns = (task_columns(loaded.schema.labels, scores, labels) if loaded.schema.labels
+                   else {"score": scores, "label": labels})
         if loaded.schema.group_by and all(p[3] is not None for p in parts):
             columns[loaded.schema.group_by] = np.concatenate([p[3] for p in parts])[order]
         write_parquet_atomically(out, columns)
         rows = len(order)
     return comm.bcast_object(rows)
+
+
+def task_columns(tasks, scores, labels):
+    """The output columns of several tasks: per task its prediction (``<task>``: the
+    probability of a binary task, the value of a regression one) and its label
+    (``<task>_label``, null where missing)."""
+    import pyarrow as pa
+    columns = {}
+    for t, task in enumerate(tasks):
+        columns[task.name] = scores[:, t]
+        columns[f"{task.name}_label"] = pa.array(labels[:, t], mask=np.isnan(labels[:, t]))
+    return columns
 
 
 def _announce(comm, doing, held_out, checkpoint, step):
@@ -187,7 +205,8 @@ def add_evaluate_arguments(parser):
 def add_predict_arguments(parser):
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory or root (its latest)")
     parser.add_argument("--data", required=True, help="the rows to score: a file, directory or glob")
-    parser.add_argument("--out", required=True, help="the Parquet file to write (score, label, group_by)")
+    parser.add_argument("--out", required=True, help="the Parquet file to write (score, label, group_by; "
+                             "with several tasks <task> and <task>_label per task)")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per rank per batch")
     add_model_argument(parser)
     parser.set_defaults(func=predict_main)

@@ -32,6 +32,10 @@ YAML (under the top-level ``features:`` key of the ``--config`` file)::
         movie: {dim: 32, optimizer: adagrad, learning_rate: 0.05}
         genre: {dim: 8, min_count: 2}
 
+Several objectives: ``labels:`` instead of ``label:`` lists the tasks (:class:`Task`:
+``{name: watch_time, column: dwell, kind: regression, loss: huber, delta: 30, loss_weight:
+0.1}``; docs/multitask.md); ``weight:`` names an optional column of per-row loss weights.
+
 A table's unset settings take the run's global ones (``dim``, ``optimizer``, ``learning_rate``,
 ``initializer``, ``init_std``, ``min_count``, ``ttl_steps``, ``max_rows``, ``eviction``).
 
@@ -51,6 +55,8 @@ TRANSFORMS = ("none", "log1p")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
 INITIALIZERS = ("normal", "uniform", "zeros")
 EVICTIONS = ("lfu", "lru")
+TASK_KINDS = ("binary", "regression")
+REGRESSION_LOSSES = ("mse", "huber")
 # Settings a table may set for itself; the rest of its row comes from the run's config.
 TABLE_FIELDS = ("dim", "optimizer", "learning_rate", "initializer", "init_std", "min_count",
                 "ttl_steps", "max_rows", "eviction")
@@ -130,13 +136,27 @@ class TableConfig:
 
 
 @dataclass(frozen=True)
+class Task:
+    """One objective of the ``labels:`` list: its label column, ``kind`` binary (the model
+    returns a logit, sigmoid cross-entropy) or regression (the model returns the value, ``loss``
+    mse or huber with ``delta``), and ``loss_weight`` in the weighted sum of the task losses."""
+    name: str
+    column: str
+    kind: str = "binary"
+    loss_weight: float = 1.0
+    loss: str = "logloss"
+    delta: float = 1.0
+
+
+@dataclass(frozen=True)
 class FeatureSchema:
     """Dense features, sparse features and tables of a run (see the module docstring).
 
     ``preset`` is "criteo" for the layout built when no ``features:`` is given, else None.
     ``field_groups`` (Criteo preset only) are the field indices of each table, in table order,
-    as earlier hybridps recorded them in checkpoints.
-    """
+    as earlier hybridps recorded them in checkpoints. ``labels``: the tasks of a ``labels:`` list (batches then hold labels (B, T), NaN where
+    missing; ``label`` is the first task's column), empty for one ``label``; ``weight``: the
+    column of row weights."""
     label: str
     dense: Tuple[DenseFeature, ...]
     sparse: Tuple[SparseFeature, ...]
@@ -144,8 +164,19 @@ class FeatureSchema:
     group_by: Optional[str] = None
     preset: Optional[str] = None
     field_groups: Optional[Tuple[Tuple[int, ...], ...]] = None
+    labels: Tuple[Task, ...] = ()
+    weight: Optional[str] = None
 
     # ------------------------------------------------------------------ queries
+    @property
+    def tasks(self):
+        """The ``labels:`` tasks, else one binary task named ``label`` on the ``label`` column."""
+        return self.labels or (Task(name="label", column=self.label),)
+
+    @property
+    def task_names(self):
+        return tuple(t.name for t in self.tasks)
+
     @property
     def num_dense(self):
         return len(self.dense)
@@ -195,11 +226,16 @@ class FeatureSchema:
     # ------------------------------------------------------------------ JSON form
     def to_dict(self):
         """JSON-able description (checkpoint manifests, exports); :func:`schema_from_dict` reads it."""
-        return {"label": self.label, "group_by": self.group_by, "preset": self.preset,
-                "field_groups": [list(g) for g in self.field_groups] if self.field_groups else None,
-                "dense": [dataclasses.asdict(f) for f in self.dense],
-                "sparse": [dataclasses.asdict(f) for f in self.sparse],
-                "tables": [dataclasses.asdict(t) for t in self.tables]}
+        out = {"label": self.label, "group_by": self.group_by, "preset": self.preset,
+               "field_groups": [list(g) for g in self.field_groups] if self.field_groups else None,
+               "dense": [dataclasses.asdict(f) for f in self.dense],
+               "sparse": [dataclasses.asdict(f) for f in self.sparse],
+               "tables": [dataclasses.asdict(t) for t in self.tables]}
+        if self.labels:          # absent from schemas of one label (and from older manifests)
+            out["labels"] = [dataclasses.asdict(t) for t in self.labels]
+        if self.weight:
+            out["weight"] = self.weight
+        return out
 
     def signature(self):
         """What a checkpoint must share with the schema of the run that restores it: features
@@ -208,19 +244,24 @@ class FeatureSchema:
         if self.preset == "criteo":    # the form earlier hybridps recorded (field groups)
             return {"field_groups": [list(g) for g in self.field_groups],
                     "tables": [{"dim": t.dim, "optimizer": t.optimizer} for t in self.tables]}
-        return {"dense": [f.name for f in self.dense],
-                "sparse": [{"name": f.name, "table": f.table, "pooling": f.pooling,
-                            "max_len": f.max_len, "key_space": f.key_space} for f in self.sparse],
-                "tables": [{"name": t.name, "dim": t.dim, "optimizer": t.optimizer}
-                           for t in self.tables]}
+        out = {"dense": [f.name for f in self.dense],
+               "sparse": [{"name": f.name, "table": f.table, "pooling": f.pooling,
+                           "max_len": f.max_len, "key_space": f.key_space} for f in self.sparse],
+               "tables": [{"name": t.name, "dim": t.dim, "optimizer": t.optimizer}
+                          for t in self.tables]}
+        if self.labels:          # the model's outputs are one per task
+            out["tasks"] = [{"name": t.name, "kind": t.kind} for t in self.labels]
+        return out
 
 
 def schema_from_dict(data):
-    """The FeatureSchema of :meth:`FeatureSchema.to_dict` (no validation beyond the types)."""
+    """The FeatureSchema of :meth:`FeatureSchema.to_dict` (no validation beyond the types; a
+    description without ``labels``, as every manifest written before them, is one binary task)."""
     groups = data.get("field_groups")
     return FeatureSchema(
         label=data["label"], group_by=data.get("group_by"), preset=data.get("preset"),
         field_groups=tuple(tuple(g) for g in groups) if groups else None,
+        labels=tuple(Task(**t) for t in data.get("labels") or ()), weight=data.get("weight"),
         dense=tuple(DenseFeature(**f) for f in data["dense"]),
         sparse=tuple(SparseFeature(**f) for f in data["sparse"]),
         tables=tuple(TableConfig(**t) for t in data["tables"]))
@@ -373,7 +414,8 @@ def criteo_preset(config, num_fields=CRITEO_NUM_FIELDS, num_dense=CRITEO_NUM_DEN
 
 
 # ---------------------------------------------------------------------------- YAML
-_TOP_KEYS = ("label", "group_by", "dense", "sparse", "tables")
+_TOP_KEYS = ("label", "labels", "weight", "group_by", "dense", "sparse", "tables")
+_TASK_KEYS = ("name", "column", "kind", "loss_weight", "loss", "delta")
 _DENSE_KEYS = ("name", "column", "transform", "fill")
 _SPARSE_KEYS = ("name", "column", "table", "pooling", "max_len", "separator", "key_space",
                 "dtype")
@@ -384,9 +426,14 @@ def parse_features(data, config):
     if not isinstance(data, dict):
         raise ConfigError(f"'features' must be a mapping with {', '.join(_TOP_KEYS)}; got {data!r}")
     _no_unknown(data, _TOP_KEYS, "features")
-    label = data.get("label", "label")
+    labels = _tasks(data)
+    label = labels[0].column if labels else data.get("label", "label")
     if not isinstance(label, str) or not label:
         raise ConfigError(f"features.label: expected the label column's name, got {label!r}")
+    weight = data.get("weight")
+    if weight is not None and (not isinstance(weight, str) or not weight):
+        raise ConfigError(f"features.weight: expected the name of the column of row weights, "
+                          f"got {weight!r}")
     tables_in = data.get("tables") or {}
     if not isinstance(tables_in, dict) or not tables_in:
         raise ConfigError("features.tables: expected a mapping of table name to settings, e.g. "
@@ -425,7 +472,55 @@ def parse_features(data, config):
     if group_by is not None and not isinstance(group_by, str):
         raise ConfigError(f"features.group_by: expected a column name, got {group_by!r}")
     return FeatureSchema(label=label, dense=dense, sparse=sparse, tables=tuple(tables),
-                         group_by=group_by)
+                         group_by=group_by, labels=labels, weight=weight)
+
+
+def _tasks(data):
+    """The tasks of ``features.labels`` (() when the schema has the one ``label``)."""
+    if "labels" not in data:
+        return ()
+    if "label" in data:
+        raise ConfigError("features: give either 'label' (one binary label) or 'labels' (a list "
+                          "of tasks), not both")
+    items, tasks = data["labels"], []
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"features.labels: expected a list of tasks such as [{{name: click}}, "
+                          f"{{name: watch_time, kind: regression}}], got {items!r}")
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"features.labels[{index}]: expected {{name: ..., kind: binary|"
+                              f"regression}}, got {item!r}")
+        name = item["name"]
+        _check_name(name, f"features.labels[{index}]", "task")
+        where = f"features.labels.{name}"
+        _no_unknown(item, _TASK_KEYS, where)
+        kind = item.get("kind", "binary")
+        if kind not in TASK_KINDS:
+            raise ConfigError(f"{where}.kind: {kind!r} is not one of {', '.join(TASK_KINDS)}")
+        weight = item.get("loss_weight", 1.0)
+        if not _is_number(weight) or not weight >= 0:
+            raise ConfigError(f"{where}.loss_weight: expected a number >= 0, got {weight!r}")
+        loss = item.get("loss", "logloss" if kind == "binary" else "mse")
+        allowed = ("logloss",) if kind == "binary" else REGRESSION_LOSSES
+        if loss not in allowed:
+            raise ConfigError(f"{where}.loss: {loss!r} is not a loss of a {kind} task; allowed: "
+                              f"{', '.join(allowed)}")
+        delta, column = item.get("delta", 1.0), item.get("column", name)
+        if "delta" in item and loss != "huber":
+            raise ConfigError(f"{where}.delta: only the huber loss has a delta")
+        if not _is_number(delta) or not delta > 0:
+            raise ConfigError(f"{where}.delta: expected a number > 0, got {delta!r}")
+        if not isinstance(column, str) or not column:
+            raise ConfigError(f"{where}.column: expected a column name, got {column!r}")
+        tasks.append(Task(name=name, column=column, kind=kind, loss_weight=float(weight),
+                          loss=loss, delta=float(delta)))
+    names = [t.name for t in tasks]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"features.labels: a task name is used twice in {names}; task names "
+                          f"must be unique")
+    return tuple(tasks)
 
 
 def _list(data, key):

@@ -8,7 +8,8 @@ rows; each takes a step's PulledBatch as ``Backend.pull``/``read`` returns it),
 models' math (hybridps.models), the loss formula (hybridps.models.loss).
 
 Inputs of the tf.function, in order, all read from the PulledBatch (hybridps.sparse.plan):
-dense (B, D), labels (B,), the global batch size, the unique rows as one flat float32 buffer in
+dense (B, D), labels (B, T) (NaN: missing), row weights (B,), each task's count of present
+labels over every rank (T,) (the global batch size for one label), the unique rows as one flat float32 buffer in
 TF order (hybridps.sparse.layout: dim group, table, owner), the rows of each dim group (G,),
 then per dim group with single-valued features its (B, k) index matrix, then per list feature
 its ids (N,) and lengths (B,) (``feature_inputs``).
@@ -22,14 +23,21 @@ and a key's gradients are summed once per step (the gather's gradient):
 * sequence (pooling none): float32 (B, max_len, dim), zeros at padding, and
   ``inputs[name + "_length"]`` int32 (B,).
 """
-from hybridps.models.loss import logloss_sum
+import numpy as np
+
+from hybridps.errors import ConfigError
+from hybridps.models.loss import task_loss_sums
+from hybridps.schema import Task
+
+ONE_LABEL = (Task(name="label", column="label"),)
 
 
-def step_signature(tf, layout, num_dense):
+def step_signature(tf, layout, num_dense, num_tasks=1):
     """The tf.TensorSpec list of a step's inputs (see the module docstring)."""
     specs = [tf.TensorSpec([None, num_dense], tf.float32, name="dense"),
-             tf.TensorSpec([None], tf.float32, name="labels"),
-             tf.TensorSpec([], tf.float32, name="global_batch_size"),
+             tf.TensorSpec([None, num_tasks], tf.float32, name="labels"),
+             tf.TensorSpec([None], tf.float32, name="weights"),
+             tf.TensorSpec(None, tf.float32, name="label_counts"),
              tf.TensorSpec([None], tf.float32, name="rows"),
              tf.TensorSpec([len(layout.groups)], tf.int32, name="group_rows")]
     for g, columns in enumerate(layout.group_columns):
@@ -111,13 +119,13 @@ def _missing_input(exc):
 
 def build_on_sample(tf, model, schema):
     """Call the model once on zero inputs, so its weights exist, and check the contract: a
-    model that reads an input the schema does not provide, or returns another shape than (B,)
-    or (B, 1), fails here with a message naming the input or the shape.
+    model that reads an input the schema does not provide, returns another shape than (B,)
+    or (B, 1), or (several tasks) does not return a dict naming every task, fails here with a
+    message naming the input, the task or the shape.
 
     Raises:
-        ConfigError: naming the missing input (and the inputs there are) or the bad shape.
+        ConfigError: naming the missing input (and the inputs there are), the task or the shape.
     """
-    from hybridps.errors import ConfigError
     inputs = sample_inputs(tf, schema, batch=2)
     try:
         outputs = model(inputs, training=False)
@@ -126,10 +134,26 @@ def build_on_sample(tf, model, schema):
         raise ConfigError(f"the model reads the input {name!r}, which the schema does not "
                           f"provide; its inputs are {sorted(inputs)} (dense features in "
                           f"inputs['dense'])") from None
-    shape = tuple(getattr(outputs, "shape", ()))
-    if shape not in ((2,), (2, 1)):
-        raise ConfigError(f"the model returns shape {shape} for a batch of 2; it must return "
-                          f"logits of shape (batch,) or (batch, 1)")
+    names = schema.task_names
+    if isinstance(outputs, dict):
+        missing = [name for name in names if name not in outputs]
+        if missing:
+            raise ConfigError(f"the model returns the outputs {sorted(outputs)}; the schema's "
+                              f"task(s) {missing} are not among them: a model returns a dict "
+                              f"naming every task of features.labels ({list(names)})")
+        shaped = [(name, outputs[name]) for name in names]
+    elif len(names) > 1:
+        raise ConfigError(f"the model returns one tensor, but the schema has {len(names)} tasks "
+                          f"{list(names)}: return a dict {{task name: (batch,) outputs}}")
+    else:
+        shaped = [(names[0], outputs)]
+    for name, value in shaped:
+        shape = tuple(getattr(value, "shape", ()))
+        if shape not in ((2,), (2, 1)):
+            what = "" if len(names) == 1 and not isinstance(outputs, dict) else f" for task {name!r}"
+            raise ConfigError(f"the model returns shape {shape}{what} for a batch of 2; it must "
+                              f"return logits (binary) or values (regression) of shape (batch,) "
+                              f"or (batch, 1)")
     if not model.trainable_variables:
         raise ConfigError("the model has no trainable variables after its first call")
     return model
@@ -142,45 +166,84 @@ def logits_of(tf, outputs):
     return outputs
 
 
-def make_train_step(tf, model, layout, num_dense):
+def task_outputs(tf, outputs, task_names):
+    """A model's outputs as (B, T), one column per task in ``task_names`` order: a dict
+    {task: (B,) or (B, 1)}, or one tensor for one task."""
+    if isinstance(outputs, dict):
+        return tf.stack([logits_of(tf, outputs[name]) for name in task_names], axis=1)
+    return logits_of(tf, outputs)[:, None]
+
+
+def _label_inputs(batch, num_tasks, ones):
+    """(labels (B, T), weights (B,)) of a batch for the step; ``ones`` caches the weights of
+    a batch without a weight column, by size."""
+    size = batch.size
+    weights = batch.weights
+    if weights is None:
+        weights = ones.get(size)
+        if weights is None:
+            weights = ones[size] = np.ones(size, np.float32)
+    return batch.labels.reshape(size, num_tasks), weights
+
+
+def make_train_step(tf, model, layout, num_dense, tasks=ONE_LABEL):
     """The TF forward/backward of one step, traced once.
 
-    Returns ``train(pulled, global_batch_size)``: a step's PulledBatch and the global batch
-    size (a float32 scalar tensor) -> (loss_sum, logits, dense_grads, row_grads): ``loss_sum``
-    is this rank's sum of sample losses, gradients are of (loss_sum / global_batch_size);
-    ``row_grads`` is flat, in the rows' (TF) order.
+    Returns ``train(pulled, label_counts)``: a step's PulledBatch and each task's count of
+    present labels over every rank (T,) (one label: the global batch size; a scalar is taken
+    for every task) -> (loss_sums, outputs, dense_grads, row_grads): ``loss_sums`` (T,) this
+    rank's sums of sample losses per task (hybridps.models.loss.task_loss_sums), ``outputs``
+    (B, T) the model's outputs per task; with one task a scalar and (B,). Gradients are of the
+    objective ``sum_t loss_weight_t * loss_sums_t / label_counts_t``; ``row_grads`` is flat, in
+    the rows' (TF) order.
     """
     variables = model.trainable_variables
+    tasks = tuple(tasks)
+    names = [t.name for t in tasks]
+    loss_weights = [float(t.loss_weight) for t in tasks]
+    one = len(tasks) == 1
 
-    @tf.function(input_signature=step_signature(tf, layout, num_dense))
-    def train_step(dense, labels, global_batch_size, rows, group_rows, *feature_inputs):
+    @tf.function(input_signature=step_signature(tf, layout, num_dense, len(tasks)))
+    def train_step(dense, labels, weights, label_counts, rows, group_rows, *feature_inputs):
+        counts = tf.broadcast_to(tf.reshape(label_counts, [-1]), [len(tasks)])
         with tf.GradientTape() as tape:
             tape.watch(rows)
             inputs = model_inputs(tf, layout, dense, rows, group_rows, feature_inputs)
-            logits = logits_of(tf, model(inputs, training=True))
-            loss_sum = logloss_sum(labels, logits)
-            loss = loss_sum / global_batch_size
+            outputs = task_outputs(tf, model(inputs, training=True), names)
+            sums = task_loss_sums(labels, outputs, weights, tasks)
+            per_task = sums / tf.maximum(counts, 1.0)
+            loss = per_task[0] if one and loss_weights[0] == 1.0 else \
+                tf.reduce_sum(per_task * tf.constant(loss_weights, per_task.dtype))
         grads = tape.gradient(loss, variables + [rows])
-        return loss_sum, logits, grads[:-1], tf.convert_to_tensor(grads[-1])
+        if one:
+            sums, outputs = sums[0], outputs[:, 0]
+        return sums, outputs, grads[:-1], tf.convert_to_tensor(grads[-1])
 
-    def train(pulled, global_batch_size):
+    ones = {}
+
+    def train(pulled, label_counts):
         batch = pulled.batch
-        return train_step(batch.dense, batch.labels, global_batch_size, pulled.rows,
+        labels, weights = _label_inputs(batch, len(tasks), ones)
+        return train_step(batch.dense, labels, weights, label_counts, pulled.rows,
                           pulled.group_rows, *pulled.feature_inputs)
 
     return train
 
 
-def make_predict_step(tf, model, layout, num_dense):
+def make_predict_step(tf, model, layout, num_dense, task_names=("label",)):
     """Inference on the same inputs as the train step (no labels, no tape): returns
-    ``predict(pulled)`` -> (B,) logits of a step's PulledBatch."""
+    ``predict(pulled)`` -> the model's outputs of a step's PulledBatch: (B,) logits for one
+    task, (B, T) (logits of binary tasks, values of regression ones) in ``task_names`` order
+    for several."""
     specs = step_signature(tf, layout, num_dense)
-    specs = [specs[0]] + specs[3:]
+    specs = [specs[0]] + specs[4:]
+    names = list(task_names)
 
     @tf.function(input_signature=specs)
     def predict_step(dense, rows, group_rows, *feature_inputs):
         inputs = model_inputs(tf, layout, dense, rows, group_rows, feature_inputs)
-        return logits_of(tf, model(inputs, training=False))
+        outputs = task_outputs(tf, model(inputs, training=False), names)
+        return outputs[:, 0] if len(names) == 1 else outputs
 
     def predict(pulled):
         return predict_step(pulled.batch.dense, pulled.rows, pulled.group_rows, *pulled.feature_inputs)

@@ -84,7 +84,8 @@ class Trainer:
         build_on_sample(tf, self.model, self.schema)
         self.layout = SparseLayout(self.schema)      # the one layout of the run's tables
         self.backend = factory.make_backend(c, self.comm, self.schema, self.model, self.layout)
-        self.train_step = make_train_step(tf, self.model, self.layout, self.schema.num_dense)
+        self.train_step = make_train_step(tf, self.model, self.layout, self.schema.num_dense,
+                                          self.schema.tasks)
         self.checkpoints = CheckpointManager(c, self.schema, self.comm) if c.checkpoint_dir else None
 
     def _held_out(self):
@@ -93,7 +94,8 @@ class Trainer:
         from hybridps.inference import HeldOut
         from hybridps.step import make_predict_step
         c, p = self.config, self.placement
-        self.predict_step = make_predict_step(self.tf, self.model, self.layout, self.schema.num_dense)
+        self.predict_step = make_predict_step(self.tf, self.model, self.layout, self.schema.num_dense,
+                                              self.schema.task_names)
         return HeldOut(self.comm, dataclasses.replace(c, data=c.eval_data), self.schema,
                        p.data_rank, p.data_ranks, c.batch_size, c.eval_batches)
 
@@ -145,7 +147,10 @@ class Trainer:
             if pulled is None:                 # the stream ended or a stop was agreed
                 break
             timer.mark("pull")
-            loss_sum, logits, dense_grads, row_grads = self.train_step(pulled, global_batch)
+            counts = self._label_counts(pulled.batch) if self.schema.labels else global_batch
+            loss_sum, logits, dense_grads, row_grads = self.train_step(pulled, counts)
+            if self.schema.labels:
+                loss_sum, logits = self._reported_loss(loss_sum, counts), logits.numpy()
             row_grads = row_grads.numpy()
             timer.mark("compute")
             self.backend.dense_step(dense_grads, step)
@@ -158,7 +163,7 @@ class Trainer:
                                         (step + 1 - first) * c.batch_size * self.compute_ranks
                                         / max(time.perf_counter() - record.started, 1e-9), c.log_every)
             if step >= auc_from_step:
-                record.auc.update(batch.labels, 1.0 / (1.0 + np.exp(-logits.numpy().astype(np.float64))))
+                self._update_auc(record.auc, batch, logits)
             if step + 1 in fences:
                 paused = self.eval_seconds
                 self.backend.at_consistent_point(step + 1, lambda: self._at_step_boundary(step + 1))
@@ -180,6 +185,31 @@ class Trainer:
         if self.control is not None:           # a stream source that failed: its error, now
             self.control.raise_failure(completed, c.checkpoint_dir)   # that the checkpoint is written
         return summary
+
+    def _label_counts(self, batch):
+        """Each task's present labels over every computing rank (float32 (T,))."""
+        present = np.count_nonzero(~np.isnan(batch.label_matrix), axis=0).astype(np.float64)
+        return self.backend.label_counts(present).astype(np.float32)
+
+    def _reported_loss(self, loss_sums, counts):
+        """This rank's share of the step's objective, scaled to a sum over a global batch as
+        the one-label loss sum is (progress lines, the summary's loss curve)."""
+        global_batch = self.config.batch_size * self.compute_ranks
+        weights = np.array([t.loss_weight for t in self.schema.tasks])
+        return float(np.sum(weights * loss_sums.numpy() / np.maximum(counts, 1.0)) * global_batch)
+
+    def _update_auc(self, auc, batch, outputs):
+        """The training AUC of the first task (when it is binary), over its present labels."""
+        task = self.schema.tasks[0]
+        if task.kind != "binary":
+            return
+        outputs = outputs if isinstance(outputs, np.ndarray) else outputs.numpy()
+        scores = outputs.reshape(batch.size, -1)[:, 0].astype(np.float64)
+        labels = batch.label_matrix[:, 0]
+        present = ~np.isnan(labels)
+        if not present.all():
+            labels, scores = labels[present], scores[present]
+        auc.update(labels, 1.0 / (1.0 + np.exp(-scores)))
 
     def _release_checkpoint_dir(self):
         """The last checkpoint is written: another job may use the directory now."""
@@ -267,19 +297,19 @@ class Trainer:
     def _evaluate(self, completed):
         """The held-out metrics of the model after ``completed`` steps (every computing rank):
         appended to the summary's ``eval`` list, printed and logged by rank 0."""
-        from hybridps.evaluation import evaluation_metrics, predict_batches
+        from hybridps.evaluation import evaluation_metrics, metrics_line, predict_batches
         started = time.perf_counter()
-        predicted = predict_batches(self.backend, self.predict_step, self.held_out.batches(), self.tf)
-        metrics = evaluation_metrics(self.comm, predicted.scores, predicted.labels, predicted.groups)
+        predicted = predict_batches(self.backend, self.predict_step, self.held_out.batches(), self.tf,
+                                    self.schema.labels)
+        metrics = evaluation_metrics(self.comm, predicted.scores, predicted.labels, predicted.groups,
+                                     self.schema.labels)
         seconds = time.perf_counter() - started
         self.eval_seconds += seconds
         entry = {"step": int(completed), **metrics, "seconds": seconds}
         self.eval_log.append(entry)
         self.tensorboard.evaluation(completed, metrics)
         if self.rank == 0:                 # also with --no-progress, which hides the bar only
-            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("auc", "gauc", "logloss", "calibration")
-                              if metrics.get(k) is not None)
-            sys.stderr.write(f"eval after step {completed}: {shown} ({metrics['rows']} rows, "
+            sys.stderr.write(f"eval after step {completed}: {metrics_line(metrics)} ({metrics['rows']} rows, "
                              f"{seconds:.1f}s)\n")
             sys.stderr.flush()
 

@@ -62,3 +62,43 @@ def saved_model_inputs(columns, features=FEATURES):
     from hybridps.serving.inputs import serving_inputs
     schema = build_schema(make_config(overrides={"features": features}))
     return serving_inputs(schema, {k: list(v) for k, v in columns.items()}, len(columns[schema.label]))
+
+
+# A schema of two tasks (a click, binary; a rating, regression with the Huber loss) and row
+# weights, over the features above.
+MULTITASK_FEATURES = {
+    "labels": [{"name": "click"},
+               {"name": "rating", "column": "stars", "kind": "regression", "loss": "huber",
+                "delta": 1.0, "loss_weight": 0.5}],
+    "weight": "w", "group_by": "user",
+    **{k: v for k, v in FEATURES.items() if k not in ("label", "group_by")},
+}
+
+
+def multitask_rows(n, seed=0):
+    """Columns of n rows of MULTITASK_FEATURES: those of :func:`rows` with ``click`` (0/1, None
+    in about 1 row of 8), ``stars`` (a float, None in about 2 rows of 5) and ``w`` (0.5..2)."""
+    columns = rows(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    click = columns.pop("label").astype(float)
+    stars = np.round(1 + 4 * rng.random(n) + click, 2)
+    columns["click"] = [None if m else int(c) for c, m in zip(click, rng.random(n) < 0.125)]
+    columns["stars"] = [None if m else float(s) for s, m in zip(stars, rng.random(n) < 0.4)]
+    columns["w"] = np.round(0.5 + 1.5 * rng.random(n), 3)
+    return columns
+
+
+def write_multitask_csv(path, columns):
+    """The columns as CSV (a missing label: an empty cell; lists joined by |)."""
+    names = list(columns)
+    lines = [",".join(names)]
+    for i in range(len(columns["row"])):
+        cells = []
+        for name in names:
+            value = columns[name][i]
+            cells.append("" if value is None else "|".join(map(str, value)) if isinstance(value, list)
+                         else str(value))
+        lines.append(",".join(cells))
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return str(path)

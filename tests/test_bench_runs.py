@@ -110,6 +110,42 @@ def test_bench_train_multihot_workload(tmp_path, mpi_env):
 
 
 @pytest.mark.mpi
+def test_bench_train_multitask_workload_runs_mmoe_on_two_tasks_against_its_ceiling(tmp_path, mpi_env):
+    from hybridps.bench.train import run_train_bench
+    report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
+                             dim=4, vocab_size=500, timeout=240, workload="multitask")
+    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "compute-ceiling"]
+    for case in report["cases"]:
+        assert math.isfinite(case["final_loss"]) and measured(case["samples_per_s"])
+    assert measured(report["ratios"]["vs_ceiling"])
+    assert report["settings"]["model"] == "mmoe"
+    assert [t["name"] for t in report["settings"]["features"]["labels"]] == ["click", "conversion"]
+
+
+@pytest.mark.slow
+def test_bench_multitask_reports_esmm_and_the_clicked_rows_model(tmp_path):
+    """A tiny run of `hybridps bench multitask` (one process): both models train, the report
+    holds each AUC, and the clicked rows it counts are those of its own training file."""
+    import subprocess
+    import sys
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from tests.mpi_util import REPO
+    proc = subprocess.run([sys.executable, "-m", "hybridps.cli", "bench", "multitask", "--out",
+                           str(tmp_path), "--train-rows", "6000", "--heldout-rows", "3000",
+                           "--batch-size", "512", "--epochs", "1"],
+                          cwd=REPO, env=dict(os.environ, **MPI_ENV), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "multitask.json").read_text())
+    clicks = pq.read_table(tmp_path / "train.parquet", columns=["click"])["click"]
+    assert report["train_clicked"] == pc.sum(clicks).as_py() > 0
+    for key in ("esmm_cvr_auc_clicked", "baseline_cvr_auc_clicked", "esmm_ctr_auc", "esmm_ctcvr_auc"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["esmm_steps"] == 6000 // 512
+
+
+@pytest.mark.mpi
 def test_bench_train_multihot_on_parquet_trains_on_the_same_samples(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,

@@ -151,3 +151,75 @@ def test_a_rank_raising_mid_training_ends_the_job_promptly(tmp_path):
     assert "[hybridps rank 1/2]" in proc.stderr
     assert proc.stderr.count("injected failure at step 3 on rank 1 (fail_at_step") == 1
     assert not (tmp_path / "m.json").exists()
+
+
+# ---------------------------------------------------------------------- several tasks
+def test_two_tasks_with_missing_labels_train_alike_on_every_world_size(bsp_runs):
+    """MMoE on a click and a Huber-loss rating, both with missing labels, and row weights: each
+    task's loss is a mean over the rows where its label is present over every rank, so 2 and 4
+    ranks train as 1 rank does (loss curve, dense weights and every table row)."""
+    base_dir = os.path.join(bsp_runs[1], "multitask")
+    base_metrics = _metrics(base_dir)
+    base_weights, base_rows = load_dumped_state(base_dir)
+    assert len(base_rows) > 50 and len(base_metrics["loss_trajectory"]) == 6
+    for world in WORLD_SIZES[1:]:
+        run_dir = os.path.join(bsp_runs[world], "multitask")
+        metrics = _metrics(run_dir)
+        assert metrics["ranks"] == world
+        np.testing.assert_allclose(metrics["loss_trajectory"], base_metrics["loss_trajectory"], rtol=RTOL)
+        weights, rows = load_dumped_state(run_dir)
+        for w, b in zip(weights, base_weights):
+            np.testing.assert_allclose(w, b, rtol=RTOL, atol=1e-7)
+        assert rows.keys() == base_rows.keys()
+        for key in rows:                     # (table, key): tables of several dims
+            np.testing.assert_allclose(rows[key][0], base_rows[key][0], rtol=RTOL, atol=1e-7,
+                                       err_msg=str(key))
+
+
+def _independent_task_metrics(predicted, columns):
+    """Each task's metrics with scikit-learn on the predict output's scores, over the rows
+    where the generator gave the label (gAUC group by group over the users, in Python)."""
+    from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, roc_auc_score
+    click_present = np.array([c is not None for c in columns["click"]])
+    labels = np.array([c for c in columns["click"] if c is not None], np.float64)
+    scores = np.asarray(predicted["click"], np.float64)[click_present]
+    users = np.array(columns["user"])[click_present]
+    weighted, weight = 0.0, 0
+    for user in sorted(set(users)):
+        mine = users == user
+        if len(set(labels[mine])) == 2:
+            weighted += mine.sum() * roc_auc_score(labels[mine], scores[mine])
+            weight += mine.sum()
+    stars_present = np.array([s is not None for s in columns["stars"]])
+    stars = np.array([s for s in columns["stars"] if s is not None], np.float64)
+    values = np.asarray(predicted["rating"], np.float64)[stars_present]
+    return {"click": {"rows": int(click_present.sum()), "auc": roc_auc_score(labels, scores),
+                      "logloss": log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7)),
+                      "gauc": weighted / weight},
+            "rating": {"rows": int(stars_present.sum()),
+                       "rmse": float(np.sqrt(mean_squared_error(stars, values))),
+                       "mae": mean_absolute_error(stars, values)}}
+
+
+def test_per_task_metrics_of_evaluate_and_training_equal_scikit_learn_on_predict(bsp_runs):
+    """hybridps predict writes one column per task (and its label, null where missing);
+    evaluate and the evaluation during training report per task what scikit-learn computes on
+    those predictions over the rows where that task's label is present."""
+    import pyarrow.parquet as pq
+    from tests.schema_data import multitask_rows
+    columns = multitask_rows(60, seed=22)
+    for world, run_dir in bsp_runs.items():
+        predicted = pq.read_table(os.path.join(run_dir, "multitask", "predict.parquet")).to_pydict()
+        assert {"click", "click_label", "rating", "rating_label"} <= set(predicted)
+        assert predicted["click_label"] == [c if c is None else float(c) for c in columns["click"]]
+        assert predicted["rating_label"] == [s if s is None else pytest.approx(s) for s in columns["stars"]]
+        want = _independent_task_metrics(predicted, columns)
+        with open(os.path.join(run_dir, "multitask", "evaluate.json")) as fh:
+            evaluated = json.load(fh)
+        in_training = _metrics(os.path.join(run_dir, "multitask"))["eval"][-1]
+        assert in_training["step"] == 6
+        for got in (evaluated, in_training):
+            assert got["rows"] == 60
+            for task, figures in want.items():
+                for key, value in figures.items():
+                    assert got["tasks"][task][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (world, task, key)

@@ -62,7 +62,7 @@ def test_train_help_shows_every_flag_in_its_group_with_its_help():
 FLAG_VALUES = {
     "model": ("dcn", "dcn"), "data": ("sample", "sample"), "steps": ("7", 7), "batch_size": ("33", 33),
     "seed": ("4", 4), "dim": ("8", 8), "hidden": ("64,32", [64, 32]), "cross_layers": ("2", 2),
-    "table_layout": ("per_field", "per_field"),
+    "num_experts": ("3", 3), "expert_units": ("32,16", [32, 16]), "table_layout": ("per_field", "per_field"),
     "table_settings": ('{"C2": {"max_rows": 9}}', {"C2": {"max_rows": 9}}),
     "optimizer": ("adam", "adam"), "learning_rate": ("0.5", 0.5), "initializer": ("zeros", "zeros"),
     "init_std": ("0.25", 0.25), "min_count": ("3", 3), "ttl_steps": ("11", 11), "max_rows": ("99", 99),

@@ -116,7 +116,7 @@ def test_model_inputs_match_numpy_pooling(owners):
     column_tables = [schema.table_index(f.table) for f in schema.single_features]
     inverse = send_order_index(plan.unique_keys, plan.send_counts, batch.keys, column_tables)
     np.testing.assert_array_equal(plan.unique_keys[inverse], batch.keys)
-    assert len(step_signature(tf, layout, 1)) == 5 + 1 + 2 * 4   # one dim group of singles
+    assert len(step_signature(tf, layout, 1)) == 6 + 1 + 2 * 4   # one dim group of singles
 
 
 def test_truncate_lists_keeps_the_first_ids():

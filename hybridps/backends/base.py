@@ -86,6 +86,13 @@ class Backend:
         at the same poll of the step agreement (hybridps.step_control)."""
         raise NotImplementedError(f"{type(self).__name__} does not export while waiting for data")
 
+    def label_counts(self, counts):
+        """Each task's count of present labels over every computing rank, from this rank's
+        (float64 (T,)), for the step's global mean per task (hybridps.models.loss). Here (SSP,
+        ASP, parameter server: ranks do not step together) this rank's counts times the
+        computing ranks, the estimate the global batch size is for one label."""
+        return counts * self.compute_ranks
+
     def finish(self):
         """Drain anything in flight; after it, every pushed gradient has been applied."""
         raise NotImplementedError

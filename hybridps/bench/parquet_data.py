@@ -18,9 +18,14 @@ import numpy as np
 
 def workload_columns(schema, raw):
     """The columns of a synthetic raw batch (hybridps.data.synthetic_schema) by schema name:
-    the label, dense floats, single ids, and lists as (ids, lengths)."""
+    the label (several tasks: each task's column, float, NaN where missing), dense floats,
+    single ids, and lists as (ids, lengths)."""
     singles, lists, dense, labels = raw
-    columns = {schema.label: labels.astype(np.int64)}
+    if schema.labels:
+        columns = {t.column: np.ascontiguousarray(labels[:, j], dtype=np.float64)
+                   for j, t in enumerate(schema.labels)}
+    else:
+        columns = {schema.label: labels.astype(np.int64)}
     for i, feature in enumerate(schema.dense):      # float32, as training holds them
         columns[feature.name] = np.ascontiguousarray(dense[:, i], dtype=np.float32)
     for i, feature in enumerate(schema.single_features):

@@ -25,6 +25,10 @@ Zipf IDs, Adagrad):
     filled before the first round (its time reported as ``parsed_cache_fill``), and
     ``hybridps-asp-criteo-parquet-cached``, the same with ``--sync asp`` (only when named in
     ``--cases``);
+  * ``--workload multitask``: MMoE on two tasks (a click and a conversion after a click,
+    hybridps.data.synthetic_schema) over 26 single-valued fields and 13 dense:
+    ``hybridps-bsp`` against its own ``compute-ceiling`` (the same MMoE step, no
+    communication);
   * ``hybridps-bsp-parquet`` (``--workload multihot --data parquet``): BSP reading the same
     workload from Parquet files written first (hybridps.bench.parquet_data), against
     ``hybridps-bsp`` on the synthetic generator; the reader's ms per batch on one core is
@@ -71,9 +75,24 @@ def multihot_features(num_fields=26, num_dense=13, dim=16, multi_hot=3, max_len=
             "tables": {"fields": {"dim": dim}, "tags": {"dim": dim}, "items": {"dim": dim}}}
 
 
+def multitask_features(num_fields=26, num_dense=13, dim=16):
+    """The ``features:`` schema of the multitask workload: ``num_fields`` single-valued fields in
+    one table (each its own key space), ``num_dense`` dense features, and two binary tasks: the
+    click and the conversion (over every impression: 0 without a click)."""
+    return {"labels": [{"name": "click"}, {"name": "conversion"}],
+            "dense": [{"name": f"I{i + 1}"} for i in range(num_dense)],
+            "sparse": [{"name": f"C{i + 1}", "table": "fields", "key_space": f"C{i + 1}"}
+                       for i in range(num_fields)],
+            "tables": {"fields": {"dim": dim}}}
+
+
 # Cases per workload (the multihot workload has no TF baseline: a fixed Embedding layer has no
-# pooling of lists in the baseline program).
-WORKLOADS = {"criteo": None, "multihot": ("hybridps-bsp", "hybridps-asp", "compute-ceiling")}
+# pooling of lists in the baseline program; nor has the multitask one: the baseline's loss is
+# one logloss).
+WORKLOADS = {"criteo": None, "multihot": ("hybridps-bsp", "hybridps-asp", "compute-ceiling"),
+             "multitask": ("hybridps-bsp", "compute-ceiling")}
+WORKLOAD_FEATURES = {"multihot": multihot_features, "multitask": multitask_features}
+WORKLOAD_MODELS = {"multitask": "mmoe"}        # the others: deepfm
 STRAGGLER_MS = 15.0      # about a quarter of a DeepFM step at batch 4096 on this machine
 # the *-straggler cases: rank 1's loader sleeps STRAGGLER_MS per batch (hybridps.testing_hooks)
 STRAGGLER_ENV = testing_hooks.environment(loader_delay_ms=STRAGGLER_MS, delay_rank=1)
@@ -92,7 +111,8 @@ def add_arguments(parser):
                         help="run every case this many times (round-robin); report the median run")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="criteo",
                         help="criteo: 26 single-valued fields (docs/benchmarks.md); multihot: 26 "
-                             "single-valued fields, 3 mean-pooled multi-hot fields and a sequence")
+                             "single-valued fields, 3 mean-pooled multi-hot fields and a sequence; "
+                             "multitask: MMoE on a click and a conversion task")
     parser.add_argument("--cases", help="comma-separated case names to run (default: all of the workload)")
     parser.add_argument("--data", choices=["synthetic", "parquet", "file"], default="synthetic",
                         help="multihot workload: parquet writes the workload to Parquet files first "
@@ -147,14 +167,17 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
                          "Parquet copy); the multihot workload takes --data parquet")
     common = ["--steps", str(steps), "--warmup-steps", str(warmup_steps), "--batch-size",
               str(batch_size), "--dim", str(dim), "--vocab-size", str(vocab_size)]
-    if workload == "multihot":
+    model = WORKLOAD_MODELS.get(workload, "deepfm")
+    if workload in WORKLOAD_FEATURES:
         import yaml
-        config = os.path.join(out_dir, "multihot.yaml")
+        config = os.path.join(out_dir, f"{workload}.yaml")
         with open(config, "w") as fh:
-            yaml.safe_dump({"features": multihot_features(dim=dim)}, fh, sort_keys=False)
+            yaml.safe_dump({"features": WORKLOAD_FEATURES[workload](dim=dim)}, fh, sort_keys=False)
         common += ["--config", config]
+    common += ["--model", model]
+
     def hybridps_train(optimizer):
-        return ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
+        return ["-m", "hybridps.cli", "train", "--data", "synthetic",
                 "--mode", "collective", "--optimizer", optimizer, "--no-progress"]
     train = hybridps_train("adagrad")
     plan = [
@@ -276,10 +299,10 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
               "settings": {"ranks": ranks, "steps": steps, "warmup_steps": warmup_steps, "repeats": repeats,
                            "straggler_ms": STRAGGLER_MS, "workload": workload,
                            "batch_size_per_rank": batch_size, "dim": dim, "vocab_size": vocab_size,
-                           "model": "deepfm", "num_fields": 26, "num_dense": 13},
+                           "model": model, "num_fields": 26, "num_dense": 13},
               "machine": bench_environment()}
-    if workload == "multihot":
-        report["settings"]["features"] = multihot_features(dim=dim)
+    if workload in WORKLOAD_FEATURES:
+        report["settings"]["features"] = WORKLOAD_FEATURES[workload](dim=dim)
     if reader is not None:
         report["parquet_reader"] = reader
     if data == "file":
@@ -344,7 +367,8 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         fh.write(text)
     bar_chart(os.path.join(out_dir, "train.png"), [c["name"] for c in cases],
               {"samples/s": [c["samples_per_s"] for c in cases]},
-              title=f"DeepFM training throughput ({workload} workload), {counted(ranks, 'rank')}",
+              title=f"{'MMoE' if model == 'mmoe' else 'DeepFM'} training throughput ({workload} "
+                    f"workload), {counted(ranks, 'rank')}",
               ylabel="samples / s")
     print(text)
     return report

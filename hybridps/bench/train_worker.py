@@ -42,6 +42,7 @@ def _parse(argv=None):
     p.add_argument("--optimizer", choices=["adagrad", "adam"], default="adagrad",
                    help="the baseline's optimizer on every variable (Keras)")
     p.add_argument("--data", default="synthetic", help="synthetic, or a file hybridps train reads")
+    p.add_argument("--model", default="deepfm", help="the built-in model (the tf-baseline: deepfm)")
     return p.parse_args(argv)
 
 
@@ -73,9 +74,9 @@ def _finish(comm, args, role, elapsed, losses, auc_acc, model):
 
 
 def _workload(args, comm):
-    """The benchmark's data (this rank's share) and its DeepFM, as hybridps train builds them:
-    the Criteo layout on synthetic data, or the schema of ``--config`` (bench train
-    --workload multihot)."""
+    """The benchmark's data (this rank's share) and its model (``--model``, DeepFM by default),
+    as hybridps train builds them: the Criteo layout on synthetic data, or the schema of
+    ``--config`` (bench train --workload multihot, multitask)."""
     import tensorflow as tf
     from hybridps.config import make_config
     from hybridps.data import open_data, preset_shape
@@ -88,7 +89,7 @@ def _workload(args, comm):
     schema = build_schema(config, *preset_shape(config))
     data = open_data(config, schema, rank=comm.rank, world_size=comm.size)
     tf.keras.utils.set_random_seed(config.seed)
-    model = build_model("deepfm", schema, config)
+    model = build_model(args.model, schema, config)
     build_on_sample(tf, model, schema)
     return data, model, schema
 
@@ -153,13 +154,18 @@ def run_ceiling(args):
     data, model, schema = _workload(args, comm)
     dense = DenseSync(model.trainable_variables, "adagrad", args.learning_rate, world_size=1)
     layout = SparseLayout(schema)
-    step_fn = make_train_step(tf, model, layout, schema.num_dense)
+    step_fn = make_train_step(tf, model, layout, schema.num_dense, schema.tasks)
 
     def rows_of_table(t, keys):
         return initial_rows(keys, schema.tables[t].dim, "normal", args.seed, t, 0.0, 0.01)
     prepared = [pull_locally(layout, batch, 4096, rows_of_table)
                 for batch in data.iter_batches(args.batch_size, args.steps)]
     global_batch = tf.constant(float(args.batch_size * comm.size))
+    # several tasks: each task's present labels times the ranks, counted before timing (as
+    # hybridps train's estimate off BSP; BSP adds an allreduce of T numbers)
+    counts = [global_batch if not schema.labels else
+              (np.count_nonzero(~np.isnan(p.batch.label_matrix), axis=0) * comm.size).astype(np.float32)
+              for p in prepared]
     losses, auc_acc = [], AUCAccumulator()
     comm.barrier()
     start = None
@@ -167,12 +173,13 @@ def run_ceiling(args):
         if step == args.warmup_steps:
             freeze_python_heap()          # as hybridps train does after its warm-up
             start = time.perf_counter()
-        loss_sum, logits, grads, row_grads = step_fn(pulled, global_batch)
+        loss_sum, logits, grads, row_grads = step_fn(pulled, counts[step])
         dense.apply_local(grads)
         row_grads.numpy()
-        losses.append(float(loss_sum))
+        losses.append(float(np.sum(loss_sum)))
         if step >= args.steps // 2:
-            auc_acc.update(pulled.batch.labels, 1 / (1 + np.exp(-logits.numpy().astype(np.float64))))
+            first = logits.numpy().reshape(pulled.batch.size, -1)[:, 0].astype(np.float64)
+            auc_acc.update(pulled.batch.label_matrix[:, 0], 1 / (1 + np.exp(-first)))
     elapsed = time.perf_counter() - start
     _finish(comm, args, "compute-ceiling", elapsed, losses, auc_acc, model)
 

@@ -148,7 +148,7 @@ def model_signature(config=None, schema=None, tables=None, num_buckets=None):
 
 # The settings a checkpoint's model and tables depend on (hybridps export rebuilds the model
 # from these; everything else of the saved config belongs to the training run).
-MODEL_SETTINGS = ("model", "dim", "hidden", "cross_layers", "seed", "optimizer", "learning_rate",
+MODEL_SETTINGS = ("model", "dim", "hidden", "cross_layers", "num_experts", "expert_units", "seed", "optimizer", "learning_rate",
                   "dense_optimizer", "dense_learning_rate", "initializer", "init_std", "min_count",
                   "ttl_steps", "max_rows", "eviction", "table_layout", "table_groups",
                   "table_settings", "num_fields", "num_dense", "features", "num_buckets")

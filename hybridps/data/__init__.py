@@ -3,7 +3,8 @@
 Every source of samples is a :class:`DataSource` (hybridps.data.source: the batches of one rank
 of a world, its schema, its stats, its position and the restore of it) and yields
 :class:`Batch` objects (hybridps.data.batch: dense float32 (B, D), the single-valued keys int64
-(B, S), the list features as values and lengths, labels float32 (B,)). A run's schema
+(B, S), the list features as values and lengths, labels float32 (B,), or (B, T) for several
+tasks, NaN where missing). A run's schema
 (hybridps.schema) says which features a batch holds; :func:`open_data` opens the source a
 run's ``data`` names for that schema, through one path:
 

@@ -29,7 +29,10 @@ class Batch:
         dense: float32 (B, num_dense), the continuous features (already transformed).
         keys: int64 (B, S), the hashed keys of the single-valued features (see
             :mod:`hybridps.data.hashing`), one column per feature in schema order.
-        labels: float32 (B,), 0.0 or 1.0.
+        labels: float32 (B,), 0.0 or 1.0, for a schema of one ``label``; for a schema of
+            ``labels:`` (hybridps.schema.Task) (B, T), one column per task, NaN where the row's
+            label of that task is missing (the row is left out of that task's loss and metrics).
+        weights: optional float32 (B,), each row's loss weight (the schema's ``weight``).
         lists: feature name -> (values int64 (N,), lengths int32 (B,)) of the multi-hot and
             sequence features.
         truncated: feature name -> ids dropped from sequences longer than their max_len.
@@ -45,12 +48,15 @@ class Batch:
     truncated: Dict[str, int] = field(default_factory=dict)
     groups: Optional[np.ndarray] = None
     row_ids: Optional[np.ndarray] = None
+    weights: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.dense = np.asarray(self.dense, dtype=np.float32)
         self.keys = np.asarray(self.keys, dtype=np.int64)
         self.labels = np.asarray(self.labels, dtype=np.float32)
-        if self.dense.ndim != 2 or self.keys.ndim != 2 or self.labels.ndim != 1:
+        if self.weights is not None:
+            self.weights = np.asarray(self.weights, dtype=np.float32)
+        if self.dense.ndim != 2 or self.keys.ndim != 2 or self.labels.ndim not in (1, 2):
             raise DataError(
                 f"Batch needs dense (B, num_dense), keys (B, num_fields) and labels (B,); got "
                 f"shapes {self.dense.shape}, {self.keys.shape} and {self.labels.shape}")
@@ -72,6 +78,16 @@ class Batch:
             lengths = self.lists[name][1]
             cache[name] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         return cache[name]
+
+    @property
+    def label_matrix(self):
+        """The labels as (B, T) (a view: one column for a batch of one label)."""
+        return self.labels.reshape(self.labels.shape[0], -1)
+
+    @property
+    def positives(self) -> int:
+        """Rows whose first task's label is 1 (missing labels count as not positive)."""
+        return int(np.count_nonzero(self.label_matrix[:, 0] == 1.0))
 
     @property
     def size(self) -> int:
@@ -101,13 +117,15 @@ class Batch:
             return Batch(dense=self.dense[start:stop], keys=self.keys[start:stop],
                          labels=self.labels[start:stop], lists=lists,
                          groups=None if self.groups is None else self.groups[start:stop],
-                         row_ids=None if self.row_ids is None else self.row_ids[start:stop])
+                         row_ids=None if self.row_ids is None else self.row_ids[start:stop],
+                         weights=None if self.weights is None else self.weights[start:stop])
         rows = np.arange(self.size)[index] if isinstance(index, slice) else np.asarray(index)
         lists = {name: take_lists(values, lengths, rows)
                  for name, (values, lengths) in self.lists.items()}
         return Batch(dense=self.dense[rows], keys=self.keys[rows], labels=self.labels[rows],
                      lists=lists, groups=None if self.groups is None else self.groups[rows],
-                     row_ids=None if self.row_ids is None else self.row_ids[rows])
+                     row_ids=None if self.row_ids is None else self.row_ids[rows],
+                     weights=None if self.weights is None else self.weights[rows])
 
 
 def take_lists(values, lengths, rows):
@@ -160,8 +178,9 @@ def empty_batch(schema):
     """A batch of no samples of a schema (ranks with fewer evaluation rows send these)."""
     return Batch(dense=np.zeros((0, schema.num_dense), np.float32),
                  keys=np.zeros((0, len(schema.single_features)), np.int64),
-                 labels=np.zeros(0, np.float32),
+                 labels=np.zeros((0, len(schema.labels)) if schema.labels else 0, np.float32),
                  lists={f.name: (np.zeros(0, np.int64), np.zeros(0, np.int32))
                         for f in schema.list_features},
                  groups=np.zeros(0, np.int64) if schema.group_by else None,
-                 row_ids=np.zeros(0, np.int64))
+                 row_ids=np.zeros(0, np.int64),
+                 weights=np.zeros(0, np.float32) if schema.weight else None)

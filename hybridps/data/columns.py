@@ -8,7 +8,13 @@ files (the readers), the hashing formulas (hybridps.data.hashing).
 
 Types and missing values (null in Parquet, an empty cell in CSV):
 
-* label: integers, floats or booleans holding 0/1; missing or any other value is a bad row.
+* label (a schema's one ``label``): integers, floats or booleans holding 0/1; missing or any
+  other value is a bad row.
+* labels (the tasks of a ``labels:`` list): numbers; missing (null, an empty CSV cell, an absent
+  stream field, NaN) is NaN in ``Batch.labels``: the row is left out of that task's loss and
+  metrics; a binary task's label other than 0/1, or a regression label that is infinite, is
+  a bad row naming the task and the column.
+* weight: a finite number >= 0; missing or any other value is a bad row.
 * dense: any number type; missing reads the feature's ``fill`` (default 0); then the
   transform (log1p: ``log1p(max(x, 0))``).
 * single-valued sparse: int64/int32 ids, or text (canonical decimal integers are those
@@ -68,7 +74,8 @@ class ColumnConverter:
         self.text_ids = TextIdCache(VALUE_PERSON)
         self.seeds = {f.name: space_seed(f.key_space) for f in schema.sparse}
         self.single_seeds = np.array([self.seeds[f.name] for f in schema.single_features], dtype=np.uint64)
-        self.columns = ([schema.label] + [f.column for f in schema.dense]
+        self.columns = ([t.column for t in schema.tasks] + ([schema.weight] if schema.weight else [])
+                        + [f.column for f in schema.dense]
                         + [f.column for f in schema.sparse]
                         + ([schema.group_by] if schema.group_by else []))
 
@@ -101,7 +108,11 @@ class ColumnConverter:
                                                        and pa.types.is_integer(t.value_type))
         listed = lambda t: ((pa.types.is_list(t) or pa.types.is_large_list(t))  # noqa: E731
                             and (pa.types.is_integer(t.value_type) or _is_text(t.value_type)))
-        wanted = [(self.schema.label, number, "0/1 labels (integers, floats or booleans)")]
+        wanted = [(t.column, number, f"numbers (the labels of task {t.name!r})") for t in self.schema.labels]
+        wanted += [] if self.schema.labels else [(self.schema.label, number,
+                                                  "0/1 labels (integers, floats or booleans)")]
+        if self.schema.weight:
+            wanted.append((self.schema.weight, number, "numbers (the row weights)"))
         wanted += [(f.column, lambda t: number(t) or _is_text(t), f"numbers (dense feature {f.name!r})")
                    for f in self.schema.dense]
         wanted += [(f.column, lambda t: integer(t) or text(t),
@@ -134,7 +145,15 @@ class ColumnConverter:
         from hybridps._kernels import hash_int_id_columns, hash_int_ids
         self.check_columns(table.column_names, where)
         size = table.num_rows
-        labels, bad, problems = self._labels(table.column(self.schema.label), where)
+        if self.schema.labels:
+            labels, bad, problems = self._task_labels(table, where)
+        else:
+            labels, bad, problems = self._labels(table.column(self.schema.label), where)
+        weights = None
+        if self.schema.weight:
+            weights, weight_bad, weight_problem = self._weights(table.column(self.schema.weight), where)
+            bad = bad | weight_bad
+            problems.append((weight_bad, weight_problem))
         dense = np.empty((size, len(self.schema.dense)), dtype=np.float32)
         for j, feature in enumerate(self.schema.dense):
             values, column_bad, problem = self._dense(table.column(feature.column), feature, where)
@@ -151,6 +170,7 @@ class ColumnConverter:
                 raise DataError(f"{where}: row {int(bad_rows[0])}: {describe(int(bad_rows[0]))}")
             kept = np.flatnonzero(~bad)
             table, labels, dense, size = table.take(kept), labels[kept], dense[kept], len(kept)
+            weights = None if weights is None else weights[kept]
         singles = self.schema.single_features
         keys = (hash_int_id_columns([self._ids(table.column(f.column), f.column, where) for f in singles],
                                     self.single_seeds) if singles else np.empty((size, 0), np.int64))
@@ -165,7 +185,7 @@ class ColumnConverter:
         if self.schema.group_by:
             groups = self._ids(table.column(self.schema.group_by), self.schema.group_by, where)
         batch = Batch(dense=dense, keys=keys, labels=labels, lists=lists, truncated=truncated,
-                      groups=groups)
+                      groups=groups, weights=weights)
         return Conversion(batch, kept, bad_rows, describe)
 
     # ------------------------------------------------------------------ per kind
@@ -191,6 +211,43 @@ class ColumnConverter:
 
         return (np.where(not_binary, 0.0, values).astype(np.float32), missing | not_binary,
                 [(missing, missing_label), (not_binary, wrong_label)])
+
+    def _task_labels(self, table, where):
+        """(labels (B, T) float32, NaN where missing; bad rows; [(mask, problem)]) of the tasks
+        of a ``labels:`` schema (see the module docstring)."""
+        tasks = self.schema.labels
+        labels = np.empty((table.num_rows, len(tasks)), dtype=np.float32)
+        bad = np.zeros(table.num_rows, dtype=bool)
+        problems = []
+        for j, task in enumerate(tasks):
+            values = _numbers(table.column(task.column), where, task.column,
+                              f"numbers (the labels of task {task.name!r})")
+            with np.errstate(invalid="ignore"):
+                if task.kind == "binary":
+                    wrong = ~np.isnan(values) & (values != 0) & (values != 1)
+                else:
+                    wrong = ~np.isnan(values) & ~(np.abs(values) <= FLOAT32_MAX)
+            labels[:, j] = np.where(wrong, np.nan, values)
+            bad |= wrong
+
+            def problem(row, task=task, values=values):
+                wanted = "0 or 1" if task.kind == "binary" else "a finite number"
+                return (f"column {task.column!r} (the label of the {task.kind} task {task.name!r}) "
+                        f"must be {wanted} or missing, got {values[row]!r}")
+            problems.append((wrong, problem))
+        return labels, bad, problems
+
+    def _weights(self, column, where):
+        """(weights float32, bad rows, problem) of the ``weight`` column: finite numbers >= 0."""
+        name = self.schema.weight
+        values = _numbers(column, where, name, "numbers (the row weights)")
+        with np.errstate(invalid="ignore"):
+            bad = ~((values >= 0) & (values <= FLOAT32_MAX))
+
+        def problem(row):
+            return (f"column {name!r} (the row weight) must be a finite number >= 0, got "
+                    f"{'nothing' if np.isnan(values[row]) else repr(values[row])}")
+        return np.where(bad, 0.0, values).astype(np.float32), bad, problem
 
     def _dense(self, column, feature, where):
         pa, pc = _pa()
@@ -278,6 +335,22 @@ class ColumnConverter:
         else:
             ids = _text_column_ids(values, self.text_ids)
         return np.ascontiguousarray(ids, dtype=np.int64), lengths
+
+
+def _numbers(column, where, name, wanted):
+    """float64 values of a number column, NaN where missing (a DataError naming the column
+    for another type)."""
+    pa, pc = _pa()
+    column = _combined(column)
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+            or pa.types.is_boolean(column.type)):
+        _bad_type(where, name, column.type, wanted)
+    if pa.types.is_boolean(column.type):
+        column = pc.cast(column, pa.float64())
+    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+    if column.null_count:
+        values[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return values
 
 
 def _combined(column):

@@ -160,10 +160,14 @@ def conversion_inputs(schema):
     dense feature, and every sparse feature's column, form (one id or a list), max_len,
     separator, key space and hash, in schema order. Not tables, dims, optimizers or the pooling
     of a list: a run that changes only those reads the same entries."""
-    return {"label": schema.label, "group_by": schema.group_by,
-            "dense": [[f.name, f.column, f.transform, f.fill] for f in schema.dense],
-            "sparse": [[f.name, f.column, f.is_list, f.max_len, f.separator, f.key_space, f.hash]
-                       for f in schema.sparse]}
+    inputs = {"label": schema.label, "group_by": schema.group_by,
+              "dense": [[f.name, f.column, f.transform, f.fill] for f in schema.dense],
+              "sparse": [[f.name, f.column, f.is_list, f.max_len, f.separator, f.key_space, f.hash]
+                         for f in schema.sparse]}
+    if schema.labels or schema.weight:     # absent for one label: earlier entries stay valid
+        inputs["labels"] = [[t.name, t.column, t.kind] for t in schema.labels]
+        inputs["weight"] = schema.weight
+    return inputs
 
 
 # ---------------------------------------------------------------------- the file format
@@ -173,6 +177,8 @@ def _arrays_of(batch):
         arrays += [(f"lists/{name}/values", values), (f"lists/{name}/lengths", lengths)]
     if batch.groups is not None:
         arrays.append(("groups", batch.groups))
+    if batch.weights is not None:
+        arrays.append(("weights", batch.weights))
     return [(name, np.ascontiguousarray(a)) for name, a in arrays]
 
 
@@ -222,5 +228,6 @@ def _read_entry(fh, unit):
     lists = {name: (arrays[f"lists/{name}/values"], arrays[f"lists/{name}/lengths"])
              for name in header["lists"]}
     batch = Batch(dense=arrays["dense"], keys=arrays["keys"], labels=arrays["labels"], lists=lists,
-                  truncated=dict(header["truncated"]), groups=arrays.get("groups"))
+                  truncated=dict(header["truncated"]), groups=arrays.get("groups"),
+                  weights=arrays.get("weights"))
     return batch, int(payload.nbytes)

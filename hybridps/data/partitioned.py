@@ -64,10 +64,11 @@ def concat_batches(parts):
             truncated[name] = truncated.get(name, 0) + count
     groups = None if parts[0].groups is None else np.concatenate([p.groups for p in parts])
     row_ids = None if parts[0].row_ids is None else np.concatenate([p.row_ids for p in parts])
+    weights = None if parts[0].weights is None else np.concatenate([p.weights for p in parts])
     return Batch(dense=np.concatenate([p.dense for p in parts]),
                  keys=np.concatenate([p.keys for p in parts]),
                  labels=np.concatenate([p.labels for p in parts]), lists=lists,
-                 truncated=truncated, groups=groups, row_ids=row_ids)
+                 truncated=truncated, groups=groups, row_ids=row_ids, weights=weights)
 
 
 class PartitionedReader(DataSource):
@@ -194,7 +195,7 @@ class PartitionedReader(DataSource):
                 raise DataError(f"{where}: cannot be read ({type(exc).__name__}: {exc})") from None
             return self._skip(unit, where, f"{type(exc).__name__}: {exc}")
         self.rows_read += batch.size
-        self.part_positives[unit] = int(batch.labels.sum())
+        self.part_positives[unit] = batch.positives
         return batch
 
     def _count_bad_rows(self, unit, where, converted):

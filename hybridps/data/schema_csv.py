@@ -5,7 +5,7 @@ a tab if the header holds one, else a comma; ``.gz`` files are decompressed. Col
 does not name are ignored; a column it names that the header lacks is an error naming both.
 Values (hybridps.data.columns): list columns split by the feature's ``separator``, categorical
 values hashed by the feature's key space, dense columns parsed as floats (empty: the feature's
-``fill``), labels 0 or 1.
+``fill``), labels 0 or 1 (the tasks of a ``labels:`` list: an empty cell is a missing label).
 
 Sharding: data lines (the non-blank lines after the header) are numbered 0, 1, 2, ... in file
 order; line ``i`` belongs to rank ``i % world_size``, as for the Criteo reader. A malformed line
@@ -189,7 +189,7 @@ class SchemaCSVReader(InMemoryShare):
         return {"kind": self.kind, "path": self.path, "format": "csv", "data_lines": self.data_lines,
                 "rows": self.num_rows, "bad_lines": self.bad_lines,
                 "bad_line_examples": list(self.bad_line_examples), "rank": self.rank,
-                "world_size": self.world_size, "positives": int(self.share.labels.sum()),
+                "world_size": self.world_size, "positives": self.share.positives,
                 "parse_seconds": self.parse_seconds, "epoch": self.epoch, "offset": self.offset,
                 "truncated_ids": dict(self.share.truncated)}
 
@@ -210,18 +210,28 @@ def check_text_columns(table, schema):
     import pyarrow.compute as pc
     keep = np.ones(table.num_rows, dtype=bool)
     problems = []
-    checks = [(schema.label, _LABEL, "the label must be 0 or 1")]
-    checks += [(f.column, _NUMBER, f"dense feature {f.name!r} is not a number") for f in schema.dense]
-    for column, pattern, problem in checks:
+    # (column, pattern, problem, an empty cell allowed: a missing value)
+    if schema.labels:
+        checks = [(t.column, _LABEL if t.kind == "binary" else _NUMBER,
+                   f"the label of the {t.kind} task {t.name!r} must be "
+                   f"{'0 or 1' if t.kind == 'binary' else 'a number'} (or empty: missing)", True)
+                  for t in schema.labels]
+    else:
+        checks = [(schema.label, _LABEL, "the label must be 0 or 1", False)]
+    if schema.weight:
+        checks.append((schema.weight, _NUMBER, "the row weight must be a number", False))
+    checks += [(f.column, _NUMBER, f"dense feature {f.name!r} is not a number", True)
+               for f in schema.dense]
+    for column, pattern, problem, may_be_empty in checks:
         values = table.column(column)
         ok = pc.or_(pc.equal(values, ""), pc.match_substring_regex(values, pattern)) \
-            if column != schema.label else pc.match_substring_regex(values, pattern)
+            if may_be_empty else pc.match_substring_regex(values, pattern)
         bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False) & keep)
         problems += [(int(row), column, f"{problem}: {values[int(row)].as_py()!r}") for row in bad]
         keep[bad] = False
     if not keep.all():
         table = table.filter(pa.array(keep))
-    casts = {schema.label: pa.float64(), **{f.column: pa.float64() for f in schema.dense}}
+    casts = {column: pa.float64() for column, *_ in checks}
     for column, kind in casts.items():
         index = table.column_names.index(column)
         values = pc.if_else(pc.equal(table.column(column), ""), None, table.column(column))

@@ -162,7 +162,7 @@ class StreamSource(DataSource):
             self._advance(need)
             self.rows_consumed += need
             self.rows_trained += b
-            self.positives += int(batch.labels.sum())
+            self.positives += batch.positives
             step += 1
             yield batch
 

@@ -18,6 +18,16 @@ determinism: a batch is a pure function of (seed, rank, step, batch size)) to th
   feature, ``list_scale`` times the mean planted weight of its ids (0 for an empty list), so
   the pooled values carry signal and AUC means something.
 
+A schema of several tasks (``labels:``) gets labels (B, T) planted as a funnel:
+
+* the first binary task is the click above (probability ``p_click``);
+* every later binary task is a conversion that happens only after a click: 0 without a click,
+  else ``Bernoulli(sigmoid(CONVERSION_CLICK * (logit_click - bias) + own_t + CONVERSION_BIAS))``
+  with ``own_t`` a second planted per-key term of its own (``key_weights`` under the task's
+  salt, over the single-valued keys), so click and conversion share signal but differ;
+* a regression task is a value observed only after a click (missing, NaN, without one; always
+  present when the schema has no binary task): ``1 + 0.5 * (logit_click - bias) + own_t +
+  0.5 * N(0, 1)``.
 :meth:`raw_batch` gives the same samples as raw ids (for writing files of this workload).
 """
 from __future__ import annotations
@@ -31,6 +41,9 @@ from hybridps.data.batch import Batch, truncate_lists
 from hybridps.data.hashing import space_keys
 from hybridps.data.synthetic import SyntheticCTR, _alias_table
 from hybridps.errors import ConfigError
+
+CONVERSION_CLICK = 0.7        # weight of the click's planted logit in a conversion's
+CONVERSION_BIAS = -0.5        # a conversion's bias (about one click in three converts)
 
 
 def length_exponent(mean, cap):
@@ -132,17 +145,51 @@ class SchemaSynthetic(SyntheticCTR):
         keys, hashed, truncated = self._hash(singles, lists)
         batch = Batch(dense=dense, keys=keys, labels=np.zeros(n, np.float32), lists=hashed,
                       truncated=truncated)
-        batch.labels = (label_u < self.true_probabilities(batch)).astype(np.float32)
+        click = (label_u < self.true_probabilities(batch)).astype(np.float32)
+        batch.labels = self._task_labels(rng, batch, click) if self.schema.labels else click
         return batch
+
+    def _task_labels(self, rng, batch, click):
+        """Labels (B, T) of a schema of several tasks (the funnel of the module docstring),
+        from this batch's uniforms drawn after its features."""
+        tasks = self.schema.labels
+        n = batch.size
+        uniforms = rng.random((n, len(tasks)))
+        noise = rng.standard_normal((n, len(tasks)))
+        base = self._logits_of(batch.keys, batch.lists, batch.dense) - self.bias
+        has_binary = any(t.kind == "binary" for t in tasks)
+        labels = np.empty((n, len(tasks)), np.float32)
+        first_binary = True
+        for j, task in enumerate(tasks):
+            own = self._own_logit(batch.keys, j)
+            if task.kind == "binary" and first_binary:
+                labels[:, j], first_binary = click, False
+            elif task.kind == "binary":
+                p = 1.0 / (1.0 + np.exp(-(CONVERSION_CLICK * base + own + CONVERSION_BIAS)))
+                labels[:, j] = click * (uniforms[:, j] < p)
+            else:
+                value = 1.0 + 0.5 * base + own + 0.5 * noise[:, j]
+                labels[:, j] = np.where(click > 0, value, np.nan) if has_binary else value
+        return labels
+
+    def _own_logit(self, keys, task_index):
+        """Task ``task_index``'s own planted term: per-key weights under its own salt, summed
+        over the single-valued features (0 without one)."""
+        if keys.shape[1] == 0:
+            return np.zeros(len(keys))
+        salt = int(self._salt_w) ^ (0x9E3779B97F4A7C15 * (task_index + 1) & 0xFFFFFFFFFFFFFFFF)
+        weights = key_weights(np.ascontiguousarray(keys.reshape(-1)), salt, self._w_scale)
+        return weights.reshape(keys.shape).sum(axis=1)
 
     def raw_batch(self, step: int, batch_size: int):
         """The samples of :meth:`batch` (step, batch_size) as raw ids: (single ids (B, S),
-        {name: (ids, lengths)} before truncation to max_len, dense (B, D), labels (B,))."""
+        {name: (ids, lengths)} before truncation to max_len, dense (B, D), labels (B,) or (B, T))."""
         rng = self._rng(self.seed, self.rank, step)
         singles, lists, dense, label_u = self._draw_ids(rng, batch_size)
         keys, hashed, _ = self._hash(singles, lists)
         batch = Batch(dense=dense, keys=keys, labels=np.zeros(batch_size, np.float32), lists=hashed)
-        return singles, lists, dense, (label_u < self.true_probabilities(batch)).astype(np.float32)
+        click = (label_u < self.true_probabilities(batch)).astype(np.float32)
+        return singles, lists, dense, self._task_labels(rng, batch, click) if self.schema.labels else click
 
     def true_probabilities(self, batch) -> np.ndarray:
         """The planted click probability of each sample of ``batch`` (float64, (B,))."""

@@ -10,7 +10,8 @@ Written, under the step they belong to:
   progress line shows it). Only rank 0's figures: anything over all ranks would need a
   collective on the training thread, which SSP/ASP's exchange thread must not meet;
 * at each evaluation: ``eval/auc``, ``eval/gauc``, ``eval/logloss``, ``eval/calibration``,
-  ``eval/rows`` (over all ranks, hybridps.evaluation);
+  ``eval/rows`` (over all ranks, hybridps.evaluation); with several tasks ``eval/<task>/<metric>``
+  for each task's metrics (``rmse``, ``mae`` of a regression task);
 * at the end, from the run summary (over all ranks): ``train/loss`` and ``train/staleness_max``
   for every step (every point of the summary's curve in runs beyond its length), and under the last step ``train/auc``, ``train/samples_per_s_all_ranks``,
   ``exchange/bytes_sent_per_step``, ``exchange/bytes_received_per_step`` and
@@ -19,6 +20,7 @@ Written, under the step they belong to:
 import numpy as np
 
 EVAL_SCALARS = ("auc", "gauc", "logloss", "calibration", "rows")
+TASK_SCALARS = EVAL_SCALARS + ("rmse", "mae")
 
 
 class TensorBoardLog:
@@ -51,6 +53,8 @@ class TensorBoardLog:
 
     def evaluation(self, step, metrics):
         self._scalars(step, {f"eval/{k}": metrics.get(k) for k in EVAL_SCALARS})
+        for task, values in metrics.get("tasks", {}).items():
+            self._scalars(step, {f"eval/{task}/{k}": values.get(k) for k in TASK_SCALARS})
         self.flush()
 
     def run_summary(self, summary):

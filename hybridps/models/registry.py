@@ -1,6 +1,7 @@
 """The one list of built-in model names, and how a ``model`` setting becomes a Keras model.
 
-``model`` is a built-in name (``deepfm``, ``wide_deep``, ``dcn``, ``din``) or the user's own
+``model`` is a built-in name (``deepfm``, ``wide_deep``, ``dcn``, ``din``, and for several
+tasks ``esmm``, ``mmoe``) or the user's own
 build function: ``path/to/file.py:build`` or ``package.module:build``. A build function is
 called as ``build(schema, config)`` and returns a ``tf.keras.Model`` on the input contract of
 hybridps.models (docs/model.md). This module imports no TensorFlow itself, so the
@@ -21,7 +22,9 @@ from hybridps.errors import ConfigError
 BUILTIN_MODELS = {"deepfm": "hybridps.models.deepfm:build",
                   "wide_deep": "hybridps.models.wide_deep:build",
                   "dcn": "hybridps.models.dcn:build",
-                  "din": "hybridps.models.din:build"}
+                  "din": "hybridps.models.din:build",
+                  "esmm": "hybridps.models.esmm:build",
+                  "mmoe": "hybridps.models.mmoe:build"}
 MODEL_NAMES = tuple(BUILTIN_MODELS)
 
 

@@ -7,6 +7,11 @@ Grouped so a test session starts few TensorFlow processes:
      recompute for every other rank (a pure function of (rank, key)).
   2. BSP training on the Criteo sample (DeepFM, fields in two shared tables) with SGD and
      Adagrad, the global batch fixed, each run dumping its final state to OUT/<optimizer>/.
+  3. BSP training of MMoE on two tasks (a binary click and a Huber-loss regression, both
+     with missing labels, and row weights; tests/schema_data.MULTITASK_FEATURES) from a CSV
+     file, evaluated while training on another file, dumping its state to OUT/multitask/, then
+     its checkpoint evaluated (OUT/multitask/evaluate.json) and predicted
+     (OUT/multitask/predict.parquet) on the held-out file.
 The pytest side (tests/test_parallel_bsp.py) compares the dumps across world sizes and with an
 independent pure-TensorFlow reference.
 """
@@ -115,9 +120,37 @@ def training_scenarios(comm, out_dir):
     return summaries
 
 
+def multitask_scenario(comm, out_dir):
+    from hybridps.inference import evaluate_checkpoint, predict_checkpoint
+    from hybridps.trainer import Trainer
+    from tests.schema_data import MULTITASK_FEATURES, multitask_rows, write_multitask_csv
+    run_dir = os.path.join(out_dir, "multitask")
+    train, heldout = os.path.join(out_dir, "mt-train.csv"), os.path.join(out_dir, "mt-heldout.csv")
+    if comm.rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        write_multitask_csv(train, multitask_rows(GLOBAL_BATCH * STEPS, seed=21))
+        write_multitask_csv(heldout, multitask_rows(60, seed=22))
+    comm.barrier()
+    config = make_config(overrides={
+        "model": "mmoe", "features": MULTITASK_FEATURES, "data": train, "steps": STEPS,
+        "batch_size": GLOBAL_BATCH // comm.size, "optimizer": "adagrad", "learning_rate": LR,
+        "hidden": [8], "num_experts": 2, "expert_units": [8], "seed": 3, "warmup_steps": 1,
+        "progress": False, "eval_data": heldout, "eval_every": 3,
+        "checkpoint_dir": os.path.join(run_dir, "ckpt"), "dump_state": run_dir,
+        "metrics_out": os.path.join(run_dir, "metrics.json")})
+    Trainer(config, comm=comm).run()
+    metrics = evaluate_checkpoint(comm, os.path.join(run_dir, "ckpt"), heldout, batch_size=16)
+    predict_checkpoint(comm, os.path.join(run_dir, "ckpt"), heldout,
+                       os.path.join(run_dir, "predict.parquet"), batch_size=16)
+    if comm.rank == 0:
+        with open(os.path.join(run_dir, "evaluate.json"), "w") as fh:
+            json.dump(metrics, fh)
+
+
 def main(out_dir):
     comm = comm_module.init(with_horovod=True)
     results = {"exchange": exchange_scenarios(comm)}
+    multitask_scenario(comm, out_dir)
     summaries = training_scenarios(comm, out_dir)
     if comm.rank == 0:
         results["training"] = {k: {"loss_trajectory": v["loss_trajectory"],

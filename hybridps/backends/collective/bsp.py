@@ -80,6 +80,11 @@ class BSPBackend(CollectiveBackend):
     def push(self, pulled, row_grads, step):
         self.exchange.push(pulled, row_grads, step)
 
+    def label_counts(self, counts):
+        """The exact counts over every rank (an allreduce of T numbers on the training
+        thread, as the exchange's own collectives): BSP on N ranks equals one rank."""
+        return self.comm.allreduce_sum(counts)
+
     def dense_step(self, grads, step):
         self.dense_thread.submit(grads)
 

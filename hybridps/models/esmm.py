@@ -1,0 +1,68 @@
+"""ESMM (Ma et al. 2018, "Entire Space Multi-Task Model"): click and conversion over every
+impression.
+
+Two towers over the same inputs (every sparse feature's vector and the dense features, so
+the embedding rows are shared): pCTR and pCVR. The schema's first binary task is the click,
+supervised by pCTR; its second binary task is the conversion over every impression (0
+without a click), supervised by pCTCVR = pCTR x pCVR, so pCVR is learnt over the entire
+impression space rather than over clicked rows only (the selection bias ESMM exists for).
+pCVR of a row is p_conversion / p_click of the model's two outputs. Any further task gets a
+tower of its own.
+
+The model returns a dict of logits: the click's, and the conversion's ``logit(pCTR x pCVR)``
+computed in log space (``log p - log(1 - p)``), so the loss is the usual sigmoid
+cross-entropy of hybridps.models.loss.
+"""
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+from hybridps.errors import ConfigError
+from hybridps.models._base import CTRModel, MLP, derive_seed, seeded_dense
+
+
+def product_logit(logit_a, logit_b):
+    """``logit(sigmoid(a) * sigmoid(b))``, stable for large |a|, |b|."""
+    log_p = tf.minimum(tf.math.log_sigmoid(logit_a) + tf.math.log_sigmoid(logit_b), -1e-7)
+    return log_p - tf.math.log(-tf.math.expm1(log_p))
+
+
+@tf.keras.utils.register_keras_serializable(package="hybridps")
+class ESMM(CTRModel):
+    """ESMM: a dict {click task: pCTR logit, conversion task: pCTCVR logit, other tasks: their
+    tower's output} (see the module docstring)."""
+
+    def __init__(self, schema, hidden: Sequence[int] = (256, 128), seed: int = 0,
+                 name: Optional[str] = None):
+        super().__init__(schema, hidden, seed, name=name)
+        binary = [t.name for t in schema.tasks if t.kind == "binary"]
+        if len(binary) < 2:
+            raise ConfigError(f"esmm needs two binary tasks in features.labels, the click first "
+                              f"and the conversion (over every impression) second; the schema's "
+                              f"tasks are {[(t.name, t.kind) for t in schema.tasks]}")
+        self.click_task, self.conversion_task = binary[0], binary[1]
+        self.task_names = [t.name for t in schema.tasks]
+        towers = ["ctr", "cvr"] + [n for n in self.task_names if n not in binary[:2]]
+        self.tower_index = {tower: index for index, tower in enumerate(towers)}
+        self.tower_mlps = [MLP(self.hidden, derive_seed(seed, 2 * i), name=f"{tower}_mlp")
+                           for i, tower in enumerate(towers)]
+        self.tower_heads = [seeded_dense(1, derive_seed(seed, 2 * i + 1), name=f"{tower}_head")
+                            for i, tower in enumerate(towers)]
+
+    def _tower(self, tower, x):
+        index = self.tower_index[tower]
+        return tf.squeeze(self.tower_heads[index](self.tower_mlps[index](x)), axis=-1)
+
+    def call(self, inputs, training=None):
+        x = tf.concat(self.feature_vectors(inputs) + [self.dense_input(inputs)], axis=1)
+        ctr = self._tower("ctr", x)
+        cvr = self._tower("cvr", x)
+        out = {self.click_task: ctr, self.conversion_task: product_logit(ctr, cvr)}
+        for name in self.task_names:
+            if name not in out:
+                out[name] = self._tower(name, x)
+        return out
+
+
+def build(schema, config):
+    return ESMM(schema, hidden=tuple(config.hidden), seed=config.seed)
