@@ -154,6 +154,16 @@ MODEL_SETTINGS = ("model", "dim", "hidden", "cross_layers", "num_experts", "expe
                   "table_settings", "num_fields", "num_dense", "features", "num_buckets")
 
 
+def model_summary(config, schema):
+    """The ``model`` section of a manifest: what the model is, for a reader (the model is
+    rebuilt from the recorded config's MODEL_SETTINGS, not from this)."""
+    return {"name": config.model, "num_fields": len(schema.sparse) if schema else config.num_fields,
+            "num_dense": schema.num_dense if schema else config.num_dense, "dim": config.dim,
+            "hidden": [int(h) for h in config.hidden], "cross_layers": config.cross_layers,
+            "num_experts": config.num_experts, "expert_units": config.expert_units,
+            "tasks": list(schema.task_names) if schema else ["label"], "seed": config.seed}
+
+
 def recorded_model(manifest):
     """The ``model`` setting a checkpoint's or export's manifest records (a string, never run)."""
     return (manifest.get("config") or {}).get("model") or (manifest.get("model") or {}).get("name")
@@ -240,12 +250,7 @@ def build_manifest(step, world_size, config, schema, tables, num_buckets, gather
             "counters_per_rank": [p["counters"] for p in per_rank],
         })
     from hybridps import __version__
-    model_info = None
-    if config is not None:
-        model_info = {"name": config.model, "num_fields": len(schema.sparse) if schema else config.num_fields,
-                      "num_dense": schema.num_dense if schema else config.num_dense, "dim": config.dim,
-                      "hidden": [int(h) for h in config.hidden], "cross_layers": config.cross_layers,
-                      "seed": config.seed}
+    model_info = model_summary(config, schema) if config is not None else None
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "hybridps_version": __version__,
         "step": step, "world_size": world_size,

@@ -53,7 +53,7 @@ import numpy as np
 
 from hybridps.checkpoint.files import (agree, begin_atomic_dir, commit_atomic_dir, load_manifest_json,
                                        sha256_file, manifest_json_bytes, write_file)
-from hybridps.checkpoint.format import DENSE_FILE, FORMAT_VERSION, MANIFEST
+from hybridps.checkpoint.format import DENSE_FILE, FORMAT_VERSION, MANIFEST, model_summary
 from hybridps.comm import SingleProcessComm
 from hybridps.errors import CheckpointError, ConfigError
 from hybridps.export.saving import save_atomically
@@ -142,11 +142,7 @@ def next_sequence(root, comm=None):
 def model_description(config, schema):
     """What a server needs to rebuild the model (the checkpoint manifest's ``config``,
     ``schema`` and ``model``, read by hybridps.checkpoint.format.schema_of / model_config_of)."""
-    return {"config": config.to_dict(), "schema": schema.to_dict(),
-            "model": {"name": config.model, "num_fields": len(schema.sparse),
-                      "num_dense": schema.num_dense, "dim": config.dim,
-                      "hidden": [int(h) for h in config.hidden],
-                      "cross_layers": config.cross_layers, "seed": config.seed}}
+    return {"config": config.to_dict(), "schema": schema.to_dict(), "model": model_summary(config, schema)}
 
 
 def _save_npy(tmp_dir, name, array):
