@@ -101,6 +101,11 @@ class SparseSettings:
               "not named use the global flags)", metavar="JSON", parse=_table_settings)
     optimizer: str = setting("adagrad", "sparse (embedding) optimizer", choices=SPARSE_OPTIMIZERS)
     learning_rate: float = setting(0.05, "sparse optimizer learning rate")
+    adam_catch_up: bool = setting(False, "adam tables: when a row is updated again, first apply "
+                                         "the steps it skipped (moment decay and the moves Keras's "
+                                         "dense Adam makes with a zero gradient), with Keras's bias "
+                                         "correction by the global step; off: lazy Adam (only rows "
+                                         "in the batch move)")
     initializer: str = setting("normal", "key-seeded rows: normal, uniform(+-init_std), zeros",
                                choices=INITIALIZERS)
     init_std: float = setting(0.01, "scale of the initializer")
@@ -390,6 +395,14 @@ def _check(ok, name, value, allowed):
         raise ConfigError(f"config field '{name}': {value!r} is invalid; allowed: {allowed}")
 
 
+def _sparse_optimizers(c):
+    """The sparse optimizers of the run's tables: the global one and any a features schema's
+    tables set for themselves."""
+    tables = c.features.get("tables") if isinstance(c.features, dict) else None
+    own = [t.get("optimizer") for t in (tables or {}).values() if isinstance(t, dict)]
+    return {c.optimizer, *[o for o in own if o]}
+
+
 def validate(c):
     """Raise ConfigError for the first field whose value is out of range."""
     check_model_spec(c.model)
@@ -406,6 +419,10 @@ def validate(c):
         if allowed and value is not None:
             _check(value in allowed, f.name, value, ", ".join(allowed))
     _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
+    if c.adam_catch_up and "adam" not in _sparse_optimizers(c):
+        raise ConfigError(f"config field 'adam_catch_up' applies to Adam tables, and no table uses "
+                          f"adam (optimizer: {c.optimizer}); set --optimizer adam, or drop "
+                          f"--adam-catch-up")
     _check(c.effective_dense_learning_rate > 0, "dense_learning_rate", c.dense_learning_rate, "a number > 0")
     _check(c.init_std >= 0, "init_std", c.init_std, "a number >= 0")
     _check(c.min_count >= 1, "min_count", c.min_count, "an integer >= 1")

@@ -51,10 +51,21 @@ def test_yaml_then_flags_override(tmp_path):
     ({"hidden": "a,b"}, "hidden"),
     ({"table_groups": [[0, 1]], "num_fields": 3}, "table_groups"),
     ({"dim": 2.5}, "dim"),
+    ({"adam_catch_up": True}, "adam_catch_up"),                   # the default tables are adagrad
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         make_config(overrides=overrides)
+
+
+def test_adam_catch_up_reaches_the_adam_tables_only():
+    from hybridps.schema import build_schema
+    from hybridps.sparse.shard import OwnerShard
+    features = {"label": "label", "sparse": [{"name": "a", "table": "a"}, {"name": "b", "table": "b"}],
+                "tables": {"a": {"optimizer": "adam"}, "b": {"optimizer": "adagrad"}}}
+    c = make_config(overrides={"features": features, "adam_catch_up": True})   # valid: table a
+    tables = OwnerShard(build_schema(c), seed=0, adam_catch_up=c.adam_catch_up).tables
+    assert [(t.optimizer, t.adam_catch_up) for t in tables] == [("adam", True), ("adagrad", False)]
 
 
 def test_unknown_yaml_field_is_reported_with_the_file(tmp_path):
