@@ -1031,6 +1031,8 @@ cdef class EmbeddingHashTable:
                     r = rows_touched[a + PREFETCH_DISTANCE]
                     HPS_PREFETCH(self.rows + r * self.row_width)
                     HPS_PREFETCH(self.rows + r * self.row_width + 16)
+                    if self.row_width > 32:            # Adam, FTRL: a third cache line
+                        HPS_PREFETCH(self.rows + r * self.row_width + 32)
                     HPS_PREFETCH(&self.row_update_count[r])
                     HPS_PREFETCH(&self.row_last_update[r])
                 r = rows_touched[a]
