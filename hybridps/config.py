@@ -120,11 +120,14 @@ class SparseSettings:
 
 @dataclass
 class DenseSettings:
-    """The dense parameters' optimizer (default: the embeddings' optimizer and rate)."""
+    """The dense parameters' optimizer (default: Adam at 0.001; docs/benchmarks.md, "Accuracy
+    on public data", has the measurements behind it)."""
     TITLE = "Dense parameters"
-    dense_optimizer: Optional[str] = setting(None, "none: the sparse optimizer (adam for ftrl)",
+    dense_optimizer: Optional[str] = setting("adam", "the MLP's optimizer; none (YAML null): the "
+                                                     "sparse optimizer (adam for ftrl)",
                                              choices=DENSE_OPTIMIZERS)
-    dense_learning_rate: Optional[float] = setting(None, "none: learning_rate")
+    dense_learning_rate: Optional[float] = setting(0.001, "the dense optimizer's rate (set it with "
+                                                          "dense_optimizer); none: learning_rate")
 
 
 @dataclass
@@ -244,11 +247,11 @@ class TrainConfig(RunSettings, ModelSettings, SparseSettings, DenseSettings, Dat
 
     @property
     def effective_dense_optimizer(self):
-        return self.dense_optimizer or (self.optimizer if self.optimizer in DENSE_OPTIMIZERS else "adam")
+        return _effective_dense(vars(self))[0]
 
     @property
     def effective_dense_learning_rate(self):
-        return self.dense_learning_rate if self.dense_learning_rate is not None else self.learning_rate
+        return _effective_dense(vars(self))[1]
 
     def to_dict(self):
         out = dataclasses.asdict(self)
@@ -280,7 +283,17 @@ def training_differences(config, saved):
     defaults = TrainConfig().to_dict()
     theirs = {name: saved.get(name, defaults[name]) for name in mine}
     theirs["table_settings"] = _saved_table_settings(config, theirs["table_settings"])
+    for values in (mine, theirs):      # a null dense optimizer or rate is the sparse one's
+        values["dense_optimizer"], values["dense_learning_rate"] = _effective_dense(values)
     return sorted(k for k in set(mine) - OUTPUT_FIELDS if mine[k] != theirs[k])
+
+
+def _effective_dense(values):
+    """(dense optimizer, dense learning rate) that the fields of a config dict mean."""
+    optimizer = values["dense_optimizer"] or (values["optimizer"] if values["optimizer"] in DENSE_OPTIMIZERS
+                                              else "adam")
+    rate = values["dense_learning_rate"]
+    return optimizer, rate if rate is not None else values["learning_rate"]
 
 
 def _coerce(name, value):

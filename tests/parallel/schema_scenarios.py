@@ -68,7 +68,7 @@ def main(out, config_path, phase, skip_data=None):
               **skipping)
     for optimizer in ("sgd", "adagrad"):
         train(comm, out, f"equiv-{optimizer}", config_path, optimizer=optimizer,
-              dense_optimizer=optimizer)
+              dense_optimizer=optimizer, dense_learning_rate=0.1)     # the reference's
     if phase == "two":
         train(comm, out, "ckpt", config_path, optimizer="adagrad", dense_optimizer="adagrad",
               checkpoint_dir=os.path.join(out, "ckpt"), checkpoint_every=2, keep_checkpoints=5)
