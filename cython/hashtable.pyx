@@ -51,6 +51,18 @@ Optimizers (lazy: only rows whose key appears in a gradient batch change; duplic
             w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
             Bias correction uses the row's own count t, not the global step: a rare key's first
             update is then a full-size step, as it would be for a dense parameter seen at step 1.
+* adam with adam_catch_up (Keras's Adam on a dense table, computed lazily): t = step + 1
+            (the global update number; steps count from 0) and Keras's form
+            w -= alpha_t m / (sqrt(v) + eps), alpha_t = lr sqrt(1 - b2^t) / (1 - b1^t).
+            A row last updated at step s and touched again at step > s + 1 first applies the
+            k = step - s - 1 steps it skipped, as Keras does to a row whose gradient is zero:
+            for i = 1..k, w -= alpha_(s+1+i) b1^i m / (b2^(i/2) sqrt(v) + eps), then
+            m *= b1^k, v *= b2^k. The moves shrink by b1 / sqrt(b2) per skipped step: the first
+            ``catch_up_terms`` (198 for the default betas, where that factor reaches 1e-9) are
+            applied exactly, later ones dropped (at most 1024). Same slots as lazy Adam: the
+            steps of the last update are the rows' versions, which checkpoints already hold.
+            Rows not touched since their last update wait with their skipped steps until their
+            next update (a read or export sees them as of that update).
 * ftrl:     TensorFlow's FTRL-proximal (lr_power = -0.5), slots (accumulator n, linear z):
             n' = n + g^2;  z += g - (sqrt(n') - sqrt(n)) / lr * w;
             w = (sign(z) l1 - z) / (sqrt(n') / lr + 2 l2)  if |z| > l1 else 0
@@ -146,6 +158,38 @@ cdef extern from *:
             w[j] -= lr * g[j] / (sqrtf(a) + eps);
         }
     }
+    /* Adam in the form of Keras's update: m += (g - m)(1-b1); v += (g^2 - v)(1-b2);
+       w -= alpha m / (sqrt(v) + eps). The bias correction is folded into alpha (and, for the
+       lazy Adam's m_hat / (sqrt(v_hat) + eps), into eps), so no pow and no double here.
+       c1 = 1 - b1 and c2 = 1 - b2 come rounded from double (1 - 0.999f is 1.3e-5 off). */
+    static void hps_adam_row(float* restrict w, float* restrict m, float* restrict v,
+                             const float* restrict g, int dim, float c1, float c2,
+                             float alpha, float eps) {
+        for (int j = 0; j < dim; j++) {
+            float mj = m[j] + (g[j] - m[j]) * c1;
+            float vj = v[j] + (g[j] * g[j] - v[j]) * c2;
+            m[j] = mj;
+            v[j] = vj;
+            w[j] -= alpha * mj / (sqrtf(vj) + eps);
+        }
+    }
+    /* The skipped steps of a catch-up Adam row: n steps of Keras's update with a zero
+       gradient, w -= a[i] m / (c[i] sqrt(v) + eps) where a[i] is that step's alpha times
+       b1^(i+1) and c[i] = b2^((i+1)/2) (the decayed moments, from the row's m and v); then the
+       moments decay by d1 = b1^gap, d2 = b2^gap. s: scratch for sqrt(v), dim floats. */
+    static void hps_adam_catch_up_row(float* restrict w, float* restrict m, float* restrict v,
+                                      float* restrict s, int dim, int n, const float* restrict a,
+                                      const float* restrict c, float eps, float d1, float d2) {
+        for (int j = 0; j < dim; j++) s[j] = sqrtf(v[j]);
+        for (int i = 0; i < n; i++) {
+            float ai = a[i], ci = c[i];
+            for (int j = 0; j < dim; j++) w[j] -= ai * m[j] / (ci * s[j] + eps);
+        }
+        for (int j = 0; j < dim; j++) {
+            m[j] *= d1;
+            v[j] *= d2;
+        }
+    }
     """
     void HPS_PREFETCH(const void* p) noexcept nogil
     void* hps_grow_zeroed(void* old, size_t used_bytes, size_t new_bytes) noexcept nogil
@@ -153,6 +197,10 @@ cdef extern from *:
     void hps_free(void* block) noexcept nogil
     void hps_sgd_row(float* w, const float* g, int dim, float lr) noexcept nogil
     void hps_adagrad_row(float* w, float* acc, const float* g, int dim, float lr, float eps) noexcept nogil
+    void hps_adam_row(float* w, float* m, float* v, const float* g, int dim, float c1, float c2,
+                      float alpha, float eps) noexcept nogil
+    void hps_adam_catch_up_row(float* w, float* m, float* v, float* s, int dim, int n,
+                               const float* a, const float* c, float eps, float d1, float d2) noexcept nogil
 
 ctypedef struct Slot:
     int64_t key
@@ -187,6 +235,15 @@ cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
 cdef double MAX_LOAD = 0.7
 cdef int64_t ROW_GROWTH_DOUBLING_BELOW = 1 << 16
 cdef int64_t MAX_ROWS_INT32 = 2147483647
+# Adam: alpha(t) and sqrt(1 - beta2^t) are tabulated for t below the step where beta1^t and
+# beta2^t fall under ADAM_TABLE_TOLERANCE (at most ADAM_TABLE_MAX entries; beyond, computed).
+cdef double ADAM_TABLE_TOLERANCE = 1e-9
+cdef int64_t ADAM_TABLE_MAX = 1 << 16
+# Catch-up Adam: a skipped step's move shrinks by beta1 / sqrt(beta2) per step (0.9 / sqrt(0.999)
+# = 0.90045 by default); the skipped steps are applied one by one until that factor falls under
+# CATCH_UP_TOLERANCE (198 steps by default), at most CATCH_UP_MAX_TERMS; later ones are dropped.
+cdef double CATCH_UP_TOLERANCE = 1e-9
+cdef int CATCH_UP_MAX_TERMS = 1024
 
 OPTIMIZERS = {"sgd": 0, "adagrad": 1, "adam": 2, "ftrl": 3}
 OPTIMIZER_SLOT_NAMES = {"sgd": (), "adagrad": ("accumulator",), "adam": ("m", "v"),
@@ -380,6 +437,15 @@ cdef class EmbeddingHashTable:
     cdef readonly str initializer
     cdef double lr, beta1, beta2, epsilon, initial_accumulator, l1, l2
     cdef double init_a, init_b
+    cdef readonly bint adam_catch_up
+    cdef readonly int catch_up_terms      # skipped steps applied one by one (catch-up Adam)
+    cdef int64_t adam_table_len
+    cdef bint adam_table_complete         # beyond the table, alpha(t) = lr within its tolerance
+    cdef float* adam_alpha                # alpha(t) = lr sqrt(1 - beta2^t) / (1 - beta1^t)
+    cdef float* adam_sqrt_bias2           # sqrt(1 - beta2^t)
+    cdef float* catch_up_a                # scratch: each skipped step's alpha * beta1^(i+1)
+    cdef float* catch_up_c                # beta2^((i+1)/2), i < catch_up_terms
+    cdef float* catch_up_s                # scratch: sqrt(v) of a row (dim floats)
     cdef readonly int64_t min_count
     cdef readonly int64_t max_rows
     cdef readonly str on_full
@@ -401,7 +467,8 @@ cdef class EmbeddingHashTable:
                   int64_t table_id=0, double beta1=0.9, double beta2=0.999,
                   double epsilon=1e-7, double initial_accumulator=0.1, double l1=0.0,
                   double l2=0.0, int64_t min_count=1, int64_t max_rows=0,
-                  str on_full="raise", str nonfinite="raise", int64_t capacity_hint=1024):
+                  str on_full="raise", str nonfinite="raise", int64_t capacity_hint=1024,
+                  bint adam_catch_up=False):
         if dim <= 0:
             raise ConfigError(f"dim must be a positive integer, got {dim}")
         if optimizer not in OPTIMIZERS:
@@ -414,6 +481,10 @@ cdef class EmbeddingHashTable:
             raise ConfigError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+        if adam_catch_up and optimizer != "adam":
+            raise ConfigError(f"adam_catch_up applies to the adam optimizer, got {optimizer!r}")
+        if optimizer == "adam" and not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ConfigError(f"adam needs 0 <= beta1 < 1 and 0 <= beta2 < 1, got {beta1}, {beta2}")
         if optimizer == "ftrl" and initial_accumulator <= 0:
             raise ConfigError("ftrl needs initial_accumulator > 0")
         if min_count < 1:
@@ -440,6 +511,9 @@ cdef class EmbeddingHashTable:
         self.min_count, self.max_rows = min_count, max_rows
         self.on_full, self.nonfinite = on_full, nonfinite
         self.skip_nonfinite = nonfinite == "skip"
+        self.adam_catch_up = adam_catch_up
+        if optimizer == "adam":
+            self._make_adam_tables()
         cdef uint64_t cap = 16
         while cap * MAX_LOAD < capacity_hint:
             cap <<= 1
@@ -453,6 +527,59 @@ cdef class EmbeddingHashTable:
         hps_free(self.row_last_update)
         hps_free(self.row_update_count)
         hps_free(self.row_accumulator_index)
+        free(self.adam_alpha)
+        free(self.adam_sqrt_bias2)
+        free(self.catch_up_a)
+        free(self.catch_up_c)
+        free(self.catch_up_s)
+
+    cdef void _make_adam_tables(self) except *:
+        import math
+        cdef int64_t t, n = 2
+        cdef int i
+        for beta in (self.beta1, self.beta2):
+            if beta > 0:
+                n = max(n, <int64_t>math.ceil(math.log(ADAM_TABLE_TOLERANCE) / math.log(beta)) + 2)
+        self.adam_table_len = min(n, ADAM_TABLE_MAX)
+        self.adam_table_complete = n <= ADAM_TABLE_MAX
+        self.adam_alpha = <float*>malloc(self.adam_table_len * sizeof(float))
+        self.adam_sqrt_bias2 = <float*>malloc(self.adam_table_len * sizeof(float))
+        if self.adam_alpha == NULL or self.adam_sqrt_bias2 == NULL:
+            raise MemoryError("cannot allocate the Adam tables")
+        self.adam_alpha[0] = self.adam_sqrt_bias2[0] = 0.0          # t = 0 is never used
+        for t in range(1, self.adam_table_len):
+            self.adam_alpha[t] = <float>self._adam_alpha_of(t)
+            self.adam_sqrt_bias2[t] = <float>sqrt(1.0 - pow(self.beta2, <double>t))
+        if not self.adam_catch_up:
+            return
+        ratio = self.beta1 / math.sqrt(self.beta2) if self.beta2 > 0 else 0.0
+        self.catch_up_terms = CATCH_UP_MAX_TERMS if ratio >= 1 else max(1, min(
+            CATCH_UP_MAX_TERMS, math.ceil(math.log(CATCH_UP_TOLERANCE) / math.log(ratio)) if ratio > 0 else 1))
+        self.catch_up_a = <float*>malloc(self.catch_up_terms * sizeof(float))
+        self.catch_up_c = <float*>malloc(self.catch_up_terms * sizeof(float))
+        self.catch_up_s = <float*>malloc(self.dim * sizeof(float))
+        if self.catch_up_a == NULL or self.catch_up_c == NULL or self.catch_up_s == NULL:
+            raise MemoryError("cannot allocate the catch-up Adam tables")
+        for i in range(self.catch_up_terms):
+            self.catch_up_c[i] = <float>pow(self.beta2, 0.5 * (i + 1))
+
+    cdef inline double _adam_alpha_of(self, int64_t t) noexcept nogil:
+        # The step size at update number t >= 1: lr sqrt(1 - beta2^t) / (1 - beta1^t). Catch-up
+        # Adam takes the betas as float32 here, as Keras does (its cast of the Python floats
+        # goes through float32: 1 - 0.999f is 1.3e-5 off 0.001, so the first steps differ by
+        # 6.6e-6 relative from the real-number formula).
+        cdef double b1 = <float>self.beta1 if self.adam_catch_up else self.beta1
+        cdef double b2 = <float>self.beta2 if self.adam_catch_up else self.beta2
+        return self.lr * sqrt(1.0 - pow(b2, <double>t)) / (1.0 - pow(b1, <double>t))
+
+    cdef inline float _adam_alpha(self, int64_t t) noexcept nogil:
+        if t < self.adam_table_len:
+            return self.adam_alpha[t]
+        return <float>self.lr if self.adam_table_complete else <float>self._adam_alpha_of(t)
+
+    cdef inline float _adam_sqrt_bias2(self, int64_t t) noexcept nogil:
+        return self.adam_sqrt_bias2[t] if t < self.adam_table_len else \
+            <float>sqrt(1.0 - pow(self.beta2, <double>t))
 
     # ------------------------------------------------------------------ memory management
     cdef void _alloc_slots(self, uint64_t cap) except *:
@@ -904,6 +1031,8 @@ cdef class EmbeddingHashTable:
                     r = rows_touched[a + PREFETCH_DISTANCE]
                     HPS_PREFETCH(self.rows + r * self.row_width)
                     HPS_PREFETCH(self.rows + r * self.row_width + 16)
+                    if self.row_width > 32:            # Adam, FTRL: a third cache line
+                        HPS_PREFETCH(self.rows + r * self.row_width + 32)
                     HPS_PREFETCH(&self.row_update_count[r])
                     HPS_PREFETCH(&self.row_last_update[r])
                 r = rows_touched[a]
@@ -927,8 +1056,9 @@ cdef class EmbeddingHashTable:
         cdef float* s0 = w + self.dim
         cdef float* s1 = w + 2 * self.dim
         cdef int j, dim = self.dim
-        cdef double lr = self.lr, gj, t, m, v, mhat, vhat, n_new, z, sigma, bias1, bias2
+        cdef double lr = self.lr, gj, n_new, z, sigma
         cdef int kind = self.optimizer_kind
+        cdef int64_t last = self.row_last_update[r], t
         self.row_update_count[r] += 1
         self.row_last_update[r] = step
         if kind == 0:
@@ -936,18 +1066,20 @@ cdef class EmbeddingHashTable:
         elif kind == 1:
             hps_adagrad_row(w, s0, g, dim, <float>lr, <float>self.epsilon)
         elif kind == 2:
-            t = <double>self.row_update_count[r]
-            bias1 = 1.0 - pow(self.beta1, t)
-            bias2 = 1.0 - pow(self.beta2, t)
-            for j in range(dim):
-                gj = g[j]
-                m = self.beta1 * s0[j] + (1.0 - self.beta1) * gj
-                v = self.beta2 * s1[j] + (1.0 - self.beta2) * gj * gj
-                s0[j] = <float>m
-                s1[j] = <float>v
-                mhat = m / bias1
-                vhat = v / bias2
-                w[j] = <float>(w[j] - lr * mhat / (sqrt(vhat) + self.epsilon))
+            if self.adam_catch_up:
+                # Keras's Adam on a dense table: the skipped steps first, then this one; bias
+                # correction by the global update number step + 1 (steps count from 0).
+                if step - last > 1 and self.row_update_count[r] > 1:
+                    self._adam_catch_up(w, s0, s1, last, step)
+                t = step + 1 if step >= 0 else 1
+                hps_adam_row(w, s0, s1, g, dim, <float>(1.0 - self.beta1), <float>(1.0 - self.beta2),
+                             self._adam_alpha(t), <float>self.epsilon)
+            else:
+                # Lazy: bias correction by the row's own update count t:
+                # m_hat / (sqrt(v_hat) + eps) = (alpha(t) / lr) m / (sqrt(v) + eps sqrt(1 - beta2^t)).
+                t = self.row_update_count[r]
+                hps_adam_row(w, s0, s1, g, dim, <float>(1.0 - self.beta1), <float>(1.0 - self.beta2),
+                             self._adam_alpha(t), <float>(self.epsilon * self._adam_sqrt_bias2(t)))
         else:
             for j in range(dim):
                 gj = g[j]
@@ -961,6 +1093,22 @@ cdef class EmbeddingHashTable:
                                    (sqrt(n_new) / lr + 2.0 * self.l2))
                 else:
                     w[j] = 0.0
+
+    cdef void _adam_catch_up(self, float* w, float* m, float* v, int64_t last, int64_t step) noexcept nogil:
+        # The gap - 1 steps between the row's last update (at ``last``) and ``step`` moved it in
+        # Keras's dense Adam with a zero gradient: apply the first catch_up_terms of them exactly
+        # (the moves of later ones are below CATCH_UP_TOLERANCE of the first), then decay the
+        # moments by all of them. Skipped step i (0-based) is Keras update number last + 2 + i.
+        cdef int64_t skipped = step - last - 1
+        cdef int n = <int>(skipped if skipped < self.catch_up_terms else self.catch_up_terms), i
+        cdef double b1_power = 1.0
+        for i in range(n):
+            b1_power *= self.beta1
+            self.catch_up_a[i] = self._adam_alpha(last + 2 + i) * <float>b1_power
+        hps_adam_catch_up_row(w, m, v, self.catch_up_s, self.dim, n, self.catch_up_a,
+                              self.catch_up_c, <float>self.epsilon,
+                              <float>pow(self.beta1, <double>skipped),
+                              <float>pow(self.beta2, <double>skipped))
 
     def erase(self, keys):
         """Remove keys (rows and candidates). Absent keys are ignored.

@@ -104,6 +104,11 @@ class SparseSettings:
               "not named use the global flags)", metavar="JSON", parse=_table_settings)
     optimizer: str = setting("adagrad", "sparse (embedding) optimizer", choices=SPARSE_OPTIMIZERS)
     learning_rate: float = setting(0.05, "sparse optimizer learning rate")
+    adam_catch_up: bool = setting(False, "adam tables: when a row is updated again, first apply "
+                                         "the steps it skipped (moment decay and the moves Keras's "
+                                         "dense Adam makes with a zero gradient), with Keras's bias "
+                                         "correction by the global step; off: lazy Adam (only rows "
+                                         "in the batch move)")
     initializer: str = setting("normal", "key-seeded rows: normal, uniform(+-init_std), zeros",
                                choices=INITIALIZERS)
     init_std: float = setting(0.01, "scale of the initializer")
@@ -118,11 +123,14 @@ class SparseSettings:
 
 @dataclass
 class DenseSettings:
-    """The dense parameters' optimizer (default: the embeddings' optimizer and rate)."""
+    """The dense parameters' optimizer (default: Adam at 0.001; docs/benchmarks.md, "Accuracy
+    on public data", has the measurements behind it)."""
     TITLE = "Dense parameters"
-    dense_optimizer: Optional[str] = setting(None, "none: the sparse optimizer (adam for ftrl)",
+    dense_optimizer: Optional[str] = setting("adam", "the MLP's optimizer; none (YAML null): the "
+                                                     "sparse optimizer (adam for ftrl)",
                                              choices=DENSE_OPTIMIZERS)
-    dense_learning_rate: Optional[float] = setting(None, "none: learning_rate")
+    dense_learning_rate: Optional[float] = setting(0.001, "the dense optimizer's rate (set it with "
+                                                          "dense_optimizer); none: learning_rate")
 
 
 @dataclass
@@ -242,11 +250,11 @@ class TrainConfig(RunSettings, ModelSettings, SparseSettings, DenseSettings, Dat
 
     @property
     def effective_dense_optimizer(self):
-        return self.dense_optimizer or (self.optimizer if self.optimizer in DENSE_OPTIMIZERS else "adam")
+        return _effective_dense(vars(self))[0]
 
     @property
     def effective_dense_learning_rate(self):
-        return self.dense_learning_rate if self.dense_learning_rate is not None else self.learning_rate
+        return _effective_dense(vars(self))[1]
 
     def to_dict(self):
         out = dataclasses.asdict(self)
@@ -278,7 +286,17 @@ def training_differences(config, saved):
     defaults = TrainConfig().to_dict()
     theirs = {name: saved.get(name, defaults[name]) for name in mine}
     theirs["table_settings"] = _saved_table_settings(config, theirs["table_settings"])
+    for values in (mine, theirs):      # a null dense optimizer or rate is the sparse one's
+        values["dense_optimizer"], values["dense_learning_rate"] = _effective_dense(values)
     return sorted(k for k in set(mine) - OUTPUT_FIELDS if mine[k] != theirs[k])
+
+
+def _effective_dense(values):
+    """(dense optimizer, dense learning rate) that the fields of a config dict mean."""
+    optimizer = values["dense_optimizer"] or (values["optimizer"] if values["optimizer"] in DENSE_OPTIMIZERS
+                                              else "adam")
+    rate = values["dense_learning_rate"]
+    return optimizer, rate if rate is not None else values["learning_rate"]
 
 
 def _coerce(name, value):
@@ -393,6 +411,14 @@ def _check(ok, name, value, allowed):
         raise ConfigError(f"config field '{name}': {value!r} is invalid; allowed: {allowed}")
 
 
+def _sparse_optimizers(c):
+    """The sparse optimizers of the run's tables: the global one and any a features schema's
+    tables set for themselves."""
+    tables = c.features.get("tables") if isinstance(c.features, dict) else None
+    own = [t.get("optimizer") for t in (tables or {}).values() if isinstance(t, dict)]
+    return {c.optimizer, *[o for o in own if o]}
+
+
 def validate(c):
     """Raise ConfigError for the first field whose value is out of range."""
     check_model_spec(c.model)
@@ -412,6 +438,10 @@ def validate(c):
         if allowed and value is not None:
             _check(value in allowed, f.name, value, ", ".join(allowed))
     _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
+    if c.adam_catch_up and "adam" not in _sparse_optimizers(c):
+        raise ConfigError(f"config field 'adam_catch_up' applies to Adam tables, and no table uses "
+                          f"adam (optimizer: {c.optimizer}); set --optimizer adam, or drop "
+                          f"--adam-catch-up")
     _check(c.effective_dense_learning_rate > 0, "dense_learning_rate", c.dense_learning_rate, "a number > 0")
     _check(c.init_std >= 0, "init_std", c.init_std, "a number >= 0")
     _check(c.min_count >= 1, "min_count", c.min_count, "an integer >= 1")

@@ -300,3 +300,32 @@ def test_bench_train_straggler_cases_launch_with_the_loader_delay_aid(tmp_path, 
                                                    "HYBRIDPS_TEST_DELAY_RANK": "1"}
     assert not any(a.startswith("--loader-delay") or a.startswith("--delay-rank")
                    for argv, _ in launched.values() for a in argv)
+
+
+def test_tf_baseline_evaluation_scores_every_held_out_row(tmp_path):
+    """tf-baseline --eval-data: every row of the held-out file is scored once, and the metrics
+    are hybridps.evaluation's (a predictor that ranks each positive above each negative: AUC 1;
+    a constant one: 0.5)."""
+    import argparse
+    import numpy as np
+    from hybridps.bench.train_worker import _evaluate
+    from hybridps.comm import SingleProcessComm
+    from hybridps.config import make_config
+    from hybridps.schema import build_schema
+    labels = [1, 0, 0, 1, 0, 1, 1, 0, 0, 0, 1]
+    path = tmp_path / "held_out.csv"
+    path.write_text("label,item\n" + "".join(f"{y},{i}\n" for i, y in enumerate(labels)))
+    config = make_config(overrides={"features": {"label": "label", "sparse": [{"name": "item", "table": "t"}],
+                                                 "tables": {"t": {"dim": 4}}}})
+    schema = build_schema(config)
+    args = argparse.Namespace(eval_data=str(path), batch_size=4)
+    seen = []
+
+    def by_label(batch):
+        seen.extend(batch.labels.tolist())
+        return 4.0 * batch.labels - 2.0
+    metrics = _evaluate(SingleProcessComm(), config, schema, args, by_label)
+    assert (metrics["rows"], metrics["positives"], metrics["auc"]) == (len(labels), sum(labels), 1.0)
+    assert sorted(seen) == sorted(labels)
+    constant = _evaluate(SingleProcessComm(), config, schema, args, lambda b: np.zeros(len(b.labels)))
+    assert constant["auc"] == 0.5

@@ -30,6 +30,19 @@ def test_defaults_are_valid_and_typed():
     assert c.sync is Sync.BSP and c.model == "deepfm" and c.batch_size == 512
 
 
+def test_the_dense_default_is_adam_and_a_null_dense_optimizer_follows_the_sparse_one(tmp_path):
+    # docs/benchmarks.md, "Accuracy on public data": dense Adam 0.001 is the default; a YAML
+    # (or a recorded config: checkpoints written before that default) with null keeps meaning
+    # the sparse optimizer and its rate
+    c = make_config()
+    assert (c.effective_dense_optimizer, c.effective_dense_learning_rate) == ("adam", 0.001)
+    assert (c.optimizer, c.learning_rate) == ("adagrad", 0.05)
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer: sgd\nlearning_rate: 0.2\ndense_optimizer: null\ndense_learning_rate: null\n")
+    c = make_config(str(path))
+    assert (c.effective_dense_optimizer, c.effective_dense_learning_rate) == ("sgd", 0.2)
+
+
 def test_yaml_then_flags_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: dcn\nbatch_size: 128\nhidden: [64, 32]\nlearning_rate: 0.1\n")
@@ -51,10 +64,21 @@ def test_yaml_then_flags_override(tmp_path):
     ({"hidden": "a,b"}, "hidden"),
     ({"table_groups": [[0, 1]], "num_fields": 3}, "table_groups"),
     ({"dim": 2.5}, "dim"),
+    ({"adam_catch_up": True}, "adam_catch_up"),                   # the default tables are adagrad
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         make_config(overrides=overrides)
+
+
+def test_adam_catch_up_reaches_the_adam_tables_only():
+    from hybridps.schema import build_schema
+    from hybridps.sparse.shard import OwnerShard
+    features = {"label": "label", "sparse": [{"name": "a", "table": "a"}, {"name": "b", "table": "b"}],
+                "tables": {"a": {"optimizer": "adam"}, "b": {"optimizer": "adagrad"}}}
+    c = make_config(overrides={"features": features, "adam_catch_up": True})   # valid: table a
+    tables = OwnerShard(build_schema(c), seed=0, adam_catch_up=c.adam_catch_up).tables
+    assert [(t.optimizer, t.adam_catch_up) for t in tables] == [("adam", True), ("adagrad", False)]
 
 
 def test_unknown_yaml_field_is_reported_with_the_file(tmp_path):

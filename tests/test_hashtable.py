@@ -560,6 +560,78 @@ def test_adam_bias_correction_uses_row_update_count():
     assert list(ex["update_count"]) == [5, 1]
 
 
+def keras_adam(values, learning_rate, m=None, v=None, iterations=0):
+    """A dense Keras Adam (the installed Keras, its own update formula) on a tf.Variable holding
+    ``values``, optionally with moments m, v and an update count already there. Returns
+    (variable, optimizer, apply(grads))."""
+    import tensorflow as tf
+    var = tf.Variable(np.asarray(values, np.float32))
+    opt = tf.keras.optimizers.Adam(learning_rate=learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+    opt.build([var])
+    if m is not None:
+        opt._momentums[0].assign(np.asarray(m, np.float32))
+        opt._velocities[0].assign(np.asarray(v, np.float32))
+        opt.iterations.assign(iterations)
+
+    def apply(grads):
+        opt.apply_gradients([(tf.constant(np.asarray(grads, np.float32)), var)])
+    return var, opt, apply
+
+
+@pytest.mark.parametrize("steps, rare_gap", [(100, 97), (420, 400)])
+def test_catch_up_adam_follows_keras_adam_on_a_dense_table(steps, rare_gap):
+    """adam_catch_up: each step updates a random half of the rows (the other rows: zero-gradient
+    rows of a dense Keras Adam); one row waits rare_gap steps between updates, beyond the terms
+    applied one by one in the second case. Every updated row equals Keras's within 1e-4
+    relative at every step, and all rows do after a last step that touches every row."""
+    n_rows, dim, lr = 12, 4, 0.01
+    keys = np.arange(100, 100 + n_rows, dtype=np.int64)
+    table = EmbeddingHashTable(dim=dim, optimizer="adam", learning_rate=lr, init_std=0.5, seed=3,
+                               adam_catch_up=True)
+    init = table.lookup_or_insert(keys, step=0)
+    var, _, keras_apply = keras_adam(init, lr)
+    rng = np.random.default_rng(steps)
+    for step in range(steps + 1):
+        touched = rng.random(n_rows) < 0.5
+        touched[0] = step in (0, 1, 1 + rare_gap)
+        if step == steps:
+            touched[:] = True            # every row catches up to the last step
+        grads = (rng.normal(size=(n_rows, dim)) * rng.choice([0.01, 1.0, 30.0], size=(n_rows, 1)))
+        grads = np.where(touched[:, None], grads, 0.0).astype(np.float32)
+        table.apply_gradients(keys[touched], grads[touched], step=step)
+        keras_apply(grads)
+        np.testing.assert_allclose(rows_of(table, keys[touched]), var.numpy()[touched],
+                                   rtol=1e-4, atol=1e-6, err_msg=f"step {step}")
+    if steps > 100:
+        assert rare_gap > table.catch_up_terms      # the long gap's later steps were dropped
+
+
+def test_catch_up_adam_of_restored_rows_continues_keras_adam():
+    """A row imported with its moments and last update step (as a checkpoint of lazy Adam rows
+    restores it) catches up from that step: Keras's Adam started from the same state agrees."""
+    dim, lr, last, now = 3, 0.02, 6, 30
+    w = np.array([[0.3, -0.2, 0.05]], np.float32)
+    m = np.array([[0.1, -0.4, 0.0]], np.float32)
+    v = np.array([[0.02, 0.5, 1e-6]], np.float32)
+    table = EmbeddingHashTable(dim=dim, optimizer="adam", learning_rate=lr, adam_catch_up=True)
+    table.import_rows(np.array([9]), w, slots=np.stack([m, v], axis=1),
+                      last_update_step=np.array([last]), update_count=np.array([4]))
+    g = np.array([[0.5, 0.1, -2.0]], np.float32)
+    table.apply_gradients(np.array([9]), g, step=now)
+    var, _, keras_apply = keras_adam(w, lr, m, v, iterations=last + 1)
+    for _ in range(last + 1, now):
+        keras_apply(np.zeros_like(g))
+    keras_apply(g)
+    np.testing.assert_allclose(rows_of(table, [9]), var.numpy(), rtol=1e-4)
+
+
+def test_catch_up_adam_is_for_adam_tables_only():
+    with pytest.raises(ConfigError, match="adam_catch_up applies to the adam optimizer"):
+        EmbeddingHashTable(dim=2, optimizer="adagrad", adam_catch_up=True)
+    assert EmbeddingHashTable(dim=2, optimizer="adam", adam_catch_up=True).adam_catch_up
+    assert not EmbeddingHashTable(dim=2, optimizer="adam").adam_catch_up
+
+
 def test_duplicate_keys_summed_before_nonlinear_update():
     """Adagrad on [k, k] with g each must equal one update with 2g (not two updates)."""
     hp = dict(learning_rate=0.5, initial_accumulator=0.1, epsilon=1e-7)

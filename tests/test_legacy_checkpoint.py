@@ -27,7 +27,9 @@ def test_legacy_checkpoint_resumes_and_reproduces_the_old_run(tmp_path):
     shutil.copytree(os.path.join(DATA, "ckpt"), ckpt)
     inspect = run_mpi(1, ["-m", "hybridps.cli", "inspect", ckpt / "ckpt-0000000003"], timeout=120)
     assert "verification (every sha256): OK" in inspect.stdout
+    # the old run's dense optimizer was the default of its day: its sparse optimizer and rate
     proc = run_mpi(2, ["-m", "hybridps.cli", "train", "--config", os.path.join(DATA, "legacy.yaml"),
+                       "--dense-optimizer", "adagrad", "--dense-learning-rate", "0.05",
                        "--checkpoint-dir", ckpt, "--resume",
                        "--dump-state", tmp_path / "dump", "--metrics-out", tmp_path / "m.json",
                        "--no-progress"], timeout=300)

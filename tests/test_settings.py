@@ -64,7 +64,8 @@ FLAG_VALUES = {
     "seed": ("4", 4), "dim": ("8", 8), "hidden": ("64,32", [64, 32]), "cross_layers": ("2", 2),
     "num_experts": ("3", 3), "expert_units": ("32,16", [32, 16]), "table_layout": ("per_field", "per_field"),
     "table_settings": ('{"C2": {"max_rows": 9}}', {"C2": {"max_rows": 9}}),
-    "optimizer": ("adam", "adam"), "learning_rate": ("0.5", 0.5), "initializer": ("zeros", "zeros"),
+    "optimizer": ("adam", "adam"), "learning_rate": ("0.5", 0.5), "adam_catch_up": (None, True),
+    "initializer": ("zeros", "zeros"),
     "init_std": ("0.25", 0.25), "min_count": ("3", 3), "ttl_steps": ("11", 11), "max_rows": ("99", 99),
     "eviction": ("lru", "lru"), "nonfinite": ("skip", "skip"), "dense_optimizer": ("sgd", "sgd"),
     "dense_learning_rate": ("0.125", 0.125), "on_bad_line": ("skip", "skip"), "shuffle": (None, True),
@@ -230,10 +231,14 @@ def test_a_checkpoint_config_written_before_reads_as_the_same_training():
     legacy = os.path.join(REPO, "tests", "data", "legacy_checkpoint_v1")
     with open(os.path.join(legacy, "ckpt", "ckpt-0000000003", "manifest.json")) as fh:
         saved = json.load(fh)["config"]
-    config = make_config(os.path.join(legacy, "legacy.yaml"), warn_deprecated=False)
+    # its dense optimizer was the default of its day (null: the sparse optimizer and rate)
+    then = {"dense_optimizer": "adagrad", "dense_learning_rate": 0.05}
+    config = make_config(os.path.join(legacy, "legacy.yaml"), then, warn_deprecated=False)
     assert config.table_settings == {"group1": {"min_count": 1}}
     assert training_differences(config, saved) == []
-    changed = make_config(os.path.join(legacy, "legacy.yaml"), {"learning_rate": 0.1, "nonfinite": "skip"},
+    now = make_config(os.path.join(legacy, "legacy.yaml"), warn_deprecated=False)
+    assert training_differences(now, saved) == ["dense_learning_rate", "dense_optimizer"]
+    changed = make_config(os.path.join(legacy, "legacy.yaml"), {"learning_rate": 0.1, "nonfinite": "skip", **then},
                           warn_deprecated=False)
     assert training_differences(changed, saved) == ["learning_rate", "nonfinite"]
     from hybridps.checkpoint.format import model_config_of

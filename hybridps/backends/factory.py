@@ -64,7 +64,7 @@ def make_backend(config, comm, schema, model, layout):
             caller, which gives the same one to the TF step).
     """
     from hybridps.sparse.shard import OwnerShard
-    shard = OwnerShard(schema, config.seed, config.nonfinite)
+    shard = OwnerShard(schema, config.seed, config.nonfinite, config.adam_catch_up)
     if config.mode == Mode.PS:
         from hybridps.backends.ps.protocol import PSRoles
         roles = PSRoles(comm.size, config.num_servers)

@@ -50,7 +50,8 @@ def run_compare_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4
     common = ["--steps", str(steps), "--warmup-steps", str(warmup_steps), "--batch-size",
               str(batch_size), "--dim", str(dim), "--vocab-size", str(vocab_size)]
     train = ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
-             "--optimizer", "adagrad", "--no-progress"]
+             "--optimizer", "adagrad", "--dense-optimizer", "adagrad", "--dense-learning-rate", "0.05",
+             "--no-progress"]
     ps = ["--mode", "ps", "--num-servers", str(servers)]
     plan = [("collective-bsp", train + ["--sync", "bsp"]),
             ("collective-ssp1", train + ["--sync", "ssp", "--staleness", "1"]),

@@ -234,7 +234,8 @@ def exchange_from_traces(name, paths):
 # ------------------------------------------------------------------ running
 def _case_argv(name, hosts, common):
     train = ["-m", "hybridps.cli", "train", "--model", "deepfm", "--data", "synthetic",
-             "--optimizer", "adagrad", "--no-progress"]
+             "--optimizer", "adagrad", "--dense-optimizer", "adagrad", "--dense-learning-rate", "0.05",
+             "--no-progress"]
     ps = ["--mode", "ps", "--num-servers", str(ps_servers(hosts))]
     return {"collective-bsp": train + ["--sync", "bsp"],
             "collective-asp": train + ["--sync", "asp"],

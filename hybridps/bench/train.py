@@ -178,7 +178,9 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
 
     def hybridps_train(optimizer):
         return ["-m", "hybridps.cli", "train", "--data", "synthetic",
-                "--mode", "collective", "--optimizer", optimizer, "--no-progress"]
+                "--mode", "collective", "--optimizer", optimizer, "--no-progress",
+                # the baselines' optimizer and rate on every variable, the dense ones too
+                "--dense-optimizer", optimizer, "--dense-learning-rate", "0.05"]
     train = hybridps_train("adagrad")
     plan = [
         ("hybridps-bsp", train + ["--sync", "bsp", "--metrics-out"]),

@@ -7,7 +7,9 @@ through ``hvd.DistributedGradientTape`` (embedding gradients travel as IndexedSl
 allgathered), Keras Adagrad (or, with ``--optimizer adam``, Keras Adam, which decays both
 moment slots of the whole bucket table every step) on every variable. ``--data`` reads a file
 through the same reader ``hybridps train`` uses (the bench's TSV, or the Parquet copy with its
-``--config`` schema) instead of the synthetic generator.
+``--config`` schema) instead of the synthetic generator. ``--eval-data`` scores held-out data
+after the last step and adds its metrics (hybridps.evaluation: exact AUC, logloss) as ``eval``:
+the plain-Keras side of an accuracy comparison with ``hybridps train --eval-data``.
 
 ``python -m hybridps.bench.train_worker ceiling OUT.json ...``: the compute-only ceiling: the
 very TF step hybridps runs (hybridps.step.make_train_step) plus the local dense update,
@@ -43,6 +45,7 @@ def _parse(argv=None):
                    help="the baseline's optimizer on every variable (Keras)")
     p.add_argument("--data", default="synthetic", help="synthetic, or a file hybridps train reads")
     p.add_argument("--model", default="deepfm", help="the built-in model (the tf-baseline: deepfm)")
+    p.add_argument("--eval-data", help="tf-baseline: held-out data scored after the last step")
     return p.parse_args(argv)
 
 
@@ -54,7 +57,7 @@ def _setup(with_horovod):
     return comm, tf
 
 
-def _finish(comm, args, role, elapsed, losses, auc_acc, model):
+def _finish(comm, args, role, elapsed, losses, auc_acc, model, evaluation=None):
     from hybridps.metrics import AUCAccumulator
     slowest = float(comm.allreduce_max(np.array([elapsed]))[0])
     loss_sums = comm.allreduce_sum(np.array(losses))
@@ -68,6 +71,8 @@ def _finish(comm, args, role, elapsed, losses, auc_acc, model):
               "samples_per_s": (args.steps - args.warmup_steps) * global_batch / slowest,
               "final_loss": float(loss_sums[-1] / global_batch),
               "auc": AUCAccumulator.auc_from_histograms(pos, neg)}
+    if evaluation is not None:
+        result["eval"] = evaluation
     if comm.rank == 0:
         with open(args.out, "w") as fh:
             json.dump(result, fh)
@@ -91,7 +96,7 @@ def _workload(args, comm):
     tf.keras.utils.set_random_seed(config.seed)
     model = build_model(args.model, schema, config)
     build_on_sample(tf, model, schema)
-    return data, model, schema
+    return data, model, schema, config
 
 
 def run_tf_baseline(args):
@@ -101,7 +106,7 @@ def run_tf_baseline(args):
     from hybridps.dense.sync import broadcast_from_root, make_dense_optimizer
     from hybridps.metrics import AUCAccumulator
     from hybridps.tf_compat import tf_variables
-    data, model, schema = _workload(args, comm)
+    data, model, schema, config = _workload(args, comm)
     names = [f.name for f in schema.single_features]
     embedding = tf.keras.layers.Embedding(
         args.num_buckets, args.dim,
@@ -128,18 +133,43 @@ def run_tf_baseline(args):
         optimizer.apply_gradients(zip(grads, variables))
         return loss_sum, logits
 
+    def buckets_of(keys):
+        return (keys.view(np.uint64) % np.uint64(args.num_buckets)).astype(np.int64)
+
     losses, auc_acc = [], AUCAccumulator()
     start = None
     for step, batch in enumerate(data.iter_batches(args.batch_size, args.steps)):
         if step == args.warmup_steps:
             freeze_python_heap()          # as hybridps train does after its warm-up
             start = time.perf_counter()
-        buckets = (batch.keys.view(np.uint64) % np.uint64(args.num_buckets)).astype(np.int64)
-        loss_sum, logits = train_step(batch.dense, buckets, batch.labels)
+        loss_sum, logits = train_step(batch.dense, buckets_of(batch.keys), batch.labels)
         losses.append(float(loss_sum))
         if step >= args.steps // 2:
             auc_acc.update(batch.labels, 1 / (1 + np.exp(-logits.numpy().astype(np.float64))))
-    _finish(comm, args, "tf-baseline", time.perf_counter() - start, losses, auc_acc, model)
+    elapsed = time.perf_counter() - start
+    evaluation = None
+    if args.eval_data:
+        def predict(batch):
+            emb = embedding(buckets_of(batch.keys))
+            return model({"dense": batch.dense, **{name: emb[:, j] for j, name in enumerate(names)}},
+                         training=False)
+        evaluation = _evaluate(comm, config, schema, args, predict)
+    _finish(comm, args, "tf-baseline", elapsed, losses, auc_acc, model, evaluation)
+
+
+def _evaluate(comm, config, schema, args, predict):
+    """The metrics of ``predict`` (batch -> logits) over ``args.eval_data``, all ranks."""
+    import dataclasses
+    from hybridps.evaluation import evaluation_metrics
+    from hybridps.inference import HeldOut
+    held_out = HeldOut(comm, dataclasses.replace(config, data=args.eval_data), schema, comm.rank,
+                       comm.size, args.batch_size)
+    scores, labels = [np.empty(0)], [np.empty(0, np.float32)]
+    for batch in held_out.batches():
+        logits = np.asarray(predict(batch), np.float64).reshape(-1)
+        scores.append(1.0 / (1.0 + np.exp(-logits)))
+        labels.append(batch.labels)
+    return evaluation_metrics(comm, np.concatenate(scores), np.concatenate(labels))
 
 
 def run_ceiling(args):
@@ -151,7 +181,7 @@ def run_ceiling(args):
     from hybridps.sparse.table import initial_rows
     from hybridps.step import make_train_step
     from hybridps.trainer import freeze_python_heap
-    data, model, schema = _workload(args, comm)
+    data, model, schema, _ = _workload(args, comm)
     dense = DenseSync(model.trainable_variables, "adagrad", args.learning_rate, world_size=1)
     layout = SparseLayout(schema)
     step_fn = make_train_step(tf, model, layout, schema.num_dense, schema.tasks)

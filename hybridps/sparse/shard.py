@@ -40,10 +40,12 @@ class OwnerShard:
         schema: hybridps.schema.FeatureSchema (tables in order: dims, optimizers, policies).
         seed: the run's seed (key-seeded initial rows).
         nonfinite: "raise" or "skip" for NaN/Inf row gradients.
+        adam_catch_up: Adam tables apply the steps a row skipped when it is next updated.
     """
 
-    def __init__(self, schema, seed, nonfinite="raise"):
-        self.tables = [make_table(table, t, seed, nonfinite) for t, table in enumerate(schema.tables)]
+    def __init__(self, schema, seed, nonfinite="raise", adam_catch_up=False):
+        self.tables = [make_table(table, t, seed, nonfinite, adam_catch_up=adam_catch_up)
+                       for t, table in enumerate(schema.tables)]
         self.dims = np.array([t.dim for t in schema.tables], dtype=np.int64)
         self.policies = [table.policy() for table in schema.tables]
         self.applied_through = -1

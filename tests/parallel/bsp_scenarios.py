@@ -113,6 +113,7 @@ def training_scenarios(comm, out_dir):
         config = make_config(overrides={
             "model": "deepfm", "data": SAMPLE_CRITEO_CSV, "steps": STEPS,
             "batch_size": GLOBAL_BATCH // comm.size, "optimizer": optimizer, "learning_rate": LR,
+            "dense_optimizer": optimizer, "dense_learning_rate": LR,     # as the reference's
             "dim": 8, "hidden": [16, 8], "seed": 3, "warmup_steps": 1, "progress": False,
             "table_groups": [list(range(0, 10)), list(range(10, 26))],
             "dump_state": run_dir, "metrics_out": os.path.join(run_dir, "metrics.json")})

@@ -19,7 +19,8 @@ from hybridps.trainer import Trainer
 
 EQUIVALENCE = {"model": "deepfm", "data": SAMPLE_CRITEO_CSV, "steps": 5, "batch_size": 8,
                "dim": 8, "hidden": [16, 8], "seed": 3, "warmup_steps": 1, "progress": False,
-               "learning_rate": 0.1, "table_groups": [list(range(0, 10)), list(range(10, 26))]}
+               "learning_rate": 0.1, "dense_learning_rate": 0.1,
+               "table_groups": [list(range(0, 10)), list(range(10, 26))]}
 CONVERGENCE = {"steps": 120, "batch_size": 256, "hidden": [32], "dim": 8, "progress": False,
                "warmup_steps": 2, "seed": 5, "vocab_size": 2000, "learning_rate": 0.1}
 
@@ -66,7 +67,8 @@ def main(out_dir, mode, servers):
     comm = comm_module.init(with_horovod=True)
     extra = {"mode": "ps", "num_servers": servers} if mode == "ps" else {}
     for optimizer in ("sgd", "adagrad"):
-        run(comm, out_dir, f"bsp-{optimizer}", dict(EQUIVALENCE, optimizer=optimizer, **extra))
+        run(comm, out_dir, f"bsp-{optimizer}", dict(EQUIVALENCE, optimizer=optimizer,
+                                                     dense_optimizer=optimizer, **extra))
     if mode == "ps" and servers > 1:
         run(comm, out_dir, "asp", dict(CONVERGENCE, sync="asp", **extra))
         run(comm, out_dir, "ssp2", dict(CONVERGENCE, sync="ssp", staleness=2, **extra))

@@ -68,17 +68,18 @@ def main(out, config_path, phase, skip_data=None):
               **skipping)
     for optimizer in ("sgd", "adagrad"):
         train(comm, out, f"equiv-{optimizer}", config_path, optimizer=optimizer,
-              dense_optimizer=optimizer)
+              dense_optimizer=optimizer, dense_learning_rate=0.1)     # the reference's
     if phase == "two":
         train(comm, out, "ckpt", config_path, optimizer="adagrad", dense_optimizer="adagrad",
+              dense_learning_rate=0.1,
               checkpoint_dir=os.path.join(out, "ckpt"), checkpoint_every=2, keep_checkpoints=5)
         train(comm, out, "user-model", config_path, steps=6,
               model=os.path.join(REPO, "examples", "movielens", "model.py") + ":build")
         train(comm, out, "din", config_path, model="din", steps=6)
     if phase == "one":
         trainer = train(comm, out, "resumed", config_path, optimizer="adagrad",
-                        dense_optimizer="adagrad", checkpoint_dir=os.path.join(out, "resume-ckpt"),
-                        resume=True)
+                        dense_optimizer="adagrad", dense_learning_rate=0.1,
+                        checkpoint_dir=os.path.join(out, "resume-ckpt"), resume=True)
         with open(os.path.join(out, "resumed", "resume.json"), "w") as fh:
             json.dump({"start_step": trainer.start_step, "messages": trainer.resume_messages}, fh)
         predictions(trainer, os.path.join(out, "resumed", "predictions.npz"))
