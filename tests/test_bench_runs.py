@@ -73,7 +73,7 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
     assert names == ["hybridps-bsp", "hybridps-ssp1", "hybridps-ssp1-dense1", "hybridps-ssp4",
                      "hybridps-asp", "hybridps-bsp-straggler", "hybridps-ssp1-straggler",
                      "hybridps-asp-straggler", "tf-baseline", "hybridps-bsp-adam", "tf-baseline-adam",
-                     "compute-ceiling"]
+                     "bare-ceiling", "hybridps-step-no-exchange"]
     for case in report["cases"]:
         for key in ("final_loss", "auc"):
             assert math.isfinite(case[key]) and case[key] > 0, (case["name"], key)
@@ -83,12 +83,17 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
     assert by_name["hybridps-ssp1"]["staleness_max"] <= 1
     assert by_name["hybridps-ssp1-dense1"]["dense_staleness_max"] <= 1
     assert by_name["hybridps-bsp"]["dense_staleness_max"] == 0
-    file_ratios = ("parquet_vs_synthetic", "tsv_vs_ceiling", "criteo_parquet_vs_ceiling",
-                   "criteo_parquet_cached_vs_ceiling", "tsv_vs_tf_baseline", "criteo_parquet_vs_tf_baseline")
+    file_ratios = ("parquet_vs_synthetic", "tsv_vs_ceiling", "adam_tsv_vs_ceiling", "asp_tsv_vs_bsp_tsv",
+                   "criteo_parquet_vs_ceiling", "criteo_parquet_cached_vs_ceiling", "tsv_vs_tf_baseline",
+                   "criteo_parquet_vs_tf_baseline")
     assert set(report["ratios"]) == {"vs_tf_baseline", "vs_ceiling", "asp_vs_bsp", "ssp1_vs_bsp", *file_ratios}
     for absent in file_ratios:
         assert report["ratios"][absent] is None     # no file case in this run
     assert measured(report["other_ratios"]["adam_vs_tf_baseline_adam"])
+    # the ceiling is the bare step; hybridps's own step without exchange is reported beside it
+    assert measured(report["other_ratios"]["in_situ_vs_bare"])
+    assert by_name["hybridps-bsp"]["fraction_of_ceiling"] == pytest.approx(
+        by_name["hybridps-bsp"]["samples_per_s"] / by_name["bare-ceiling"]["samples_per_s"])
     with open(tmp_path / "tf-baseline-adam.json") as fh:
         assert json.load(fh)["optimizer"] == "adam"
     with open(tmp_path / "train.json") as fh:
@@ -102,10 +107,11 @@ def test_bench_train_multihot_workload(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
                              dim=4, vocab_size=500, timeout=240, workload="multihot")
-    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "hybridps-asp", "compute-ceiling"]
+    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "hybridps-asp", "hybridps-step-no-exchange"]
     for case in report["cases"]:
         assert math.isfinite(case["final_loss"]) and measured(case["samples_per_s"])
-    assert measured(report["ratios"]["vs_ceiling"]) and report["ratios"]["vs_tf_baseline"] is None
+    # the bare DeepFM has single-valued fields only: no ceiling for lists and sequences
+    assert report["ratios"]["vs_ceiling"] is None and report["ratios"]["vs_tf_baseline"] is None
     assert [f["pooling"] for f in report["settings"]["features"]["sparse"][26:]] == ["mean"] * 3 + ["none"]
 
 
@@ -114,10 +120,10 @@ def test_bench_train_multitask_workload_runs_mmoe_on_two_tasks_against_its_ceili
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
                              dim=4, vocab_size=500, timeout=240, workload="multitask")
-    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "compute-ceiling"]
+    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "hybridps-step-no-exchange"]
     for case in report["cases"]:
         assert math.isfinite(case["final_loss"]) and measured(case["samples_per_s"])
-    assert measured(report["ratios"]["vs_ceiling"])
+    assert measured(report["other_ratios"]["bsp_vs_step_no_exchange"])
     assert report["settings"]["model"] == "mmoe"
     assert [t["name"] for t in report["settings"]["features"]["labels"]] == ["click", "conversion"]
 
@@ -230,8 +236,8 @@ def test_bench_capacity_measures_bytes_per_row_and_trains_to_the_distinct_keys_a
 def test_bench_train_runs_only_the_cases_asked_for(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
-                             vocab_size=500, timeout=240, cases="hybridps-asp,compute-ceiling")
-    assert [c["name"] for c in report["cases"]] == ["hybridps-asp", "compute-ceiling"]
+                             vocab_size=500, timeout=240, cases="hybridps-asp,bare-ceiling")
+    assert [c["name"] for c in report["cases"]] == ["hybridps-asp", "bare-ceiling"]
     assert report["ratios"]["vs_ceiling"] is None and measured(report["other_ratios"]["asp_vs_ceiling"])
 
 
@@ -242,8 +248,9 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
                              vocab_size=500, timeout=240, data="file", file_rows=2000)
-    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "compute-ceiling", "hybridps-bsp-tsv",
-                                                    "hybridps-bsp-criteo-parquet",
+    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "bare-ceiling", "hybridps-step-no-exchange",
+                                                    "hybridps-bsp-tsv", "hybridps-bsp-adam-tsv",
+                                                    "hybridps-asp-tsv", "hybridps-bsp-criteo-parquet",
                                                     "hybridps-bsp-criteo-parquet-cached", "tf-baseline-tsv",
                                                     "tf-baseline-criteo-parquet"]
     # the two files hold the same rows (read independently: pandas and pyarrow)
@@ -251,7 +258,8 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     table = pq.read_table(tmp_path / "criteo.parquet").to_pandas()
     assert len(tsv) == len(table) == 2000
     assert list(tsv[14]) == list(table["C1"]) and list(tsv[0].astype(int)) == list(table["label"])
-    for ratio in ("tsv_vs_ceiling", "criteo_parquet_vs_ceiling", "tsv_vs_tf_baseline",
+    for ratio in ("tsv_vs_ceiling", "adam_tsv_vs_ceiling", "asp_tsv_vs_bsp_tsv",
+                  "criteo_parquet_vs_ceiling", "tsv_vs_tf_baseline",
                   "criteo_parquet_vs_tf_baseline", "criteo_parquet_cached_vs_ceiling"):
         assert measured(report["ratios"][ratio]), ratio
     for name, data in (("tf-baseline-tsv", "criteo.tsv"), ("tf-baseline-criteo-parquet", "criteo.parquet")):
@@ -270,6 +278,35 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     assert cached["final_loss"] == plain["final_loss"]          # the same rows, the same training
     assert measured(report["criteo_parquet_reader_cached"]["reader_ms_per_batch_median"])
     assert "through the parsed cache" in (tmp_path / "train.md").read_text()
+
+
+def test_bare_ceiling_deepfm_computes_what_the_hybridps_deepfm_computes():
+    """The bare ceiling times the same model: with the hybridps DeepFM's weights, its plain
+    Keras DeepFM on (B, fields, dim) embeddings gives the same logits as the hybridps DeepFM on
+    the per-field input dict."""
+    import numpy as np
+    import tensorflow as tf
+    from hybridps.bench.train_worker import bare_deepfm
+    from hybridps.config import make_config
+    from hybridps.data import preset_shape
+    from hybridps.models import build_model
+    from hybridps.schema import build_schema
+    config = make_config(overrides={"dim": 4, "num_fields": 3, "num_dense": 2, "hidden": [5, 3]})
+    schema = build_schema(config, *preset_shape(config))
+    reference = build_model("deepfm", schema, config)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(7, 3, 4)).astype(np.float32)
+    dense = rng.normal(size=(7, 2)).astype(np.float32)
+    inputs = {"dense": dense, **{f.name: emb[:, j] for j, f in enumerate(schema.single_features)}}
+    expected = np.reshape(reference(inputs), [-1])
+    bare = bare_deepfm(tf, 3, 4, 2, [5, 3], seed=1)
+    layers = {"dense_linear": reference.dense_linear, "field_projection": reference.field_projection,
+              "mlp_0": reference.mlp.hidden_layers[0], "mlp_1": reference.mlp.hidden_layers[1],
+              "deep_head": reference.deep_head}
+    for name, layer in layers.items():
+        bare.get_layer(name).set_weights(layer.get_weights())
+    got = np.reshape(bare([emb, dense]), [-1])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_bench_realtime_bursty_schedule_pauses_after_each_burst():

@@ -242,7 +242,7 @@ def _case_argv(name, hosts, common):
             "ps-bsp": train + ps + ["--sync", "bsp"],
             "ps-asp": train + ps + ["--sync", "asp"],
             "tf-baseline": ["-m", "hybridps.bench.train_worker", "tf-baseline"],
-            "compute-ceiling": ["-m", "hybridps.bench.train_worker", "ceiling"]}[name], common
+            "compute-ceiling": ["-m", "hybridps.bench.train_worker", "hybridps-step"]}[name], common
 
 
 def _run_on_bed(bed, hosts, argv, env, timeout):

@@ -11,12 +11,19 @@ through the same reader ``hybridps train`` uses (the bench's TSV, or the Parquet
 after the last step and adds its metrics (hybridps.evaluation: exact AUC, logloss) as ``eval``:
 the plain-Keras side of an accuracy comparison with ``hybridps train --eval-data``.
 
-``python -m hybridps.bench.train_worker ceiling OUT.json ...``: the compute-only ceiling: the
-very TF step hybridps runs (hybridps.step.make_train_step) plus the local dense update,
-on unique rows and inverse indices prepared before timing, with no communication and no table
-work, and without Horovod (whose background thread negotiates every cycle even when idle). Run
-on N ranks at once, each on its own core, it bounds what any distribution scheme can reach on
-this machine.
+``python -m hybridps.bench.train_worker bare-ceiling OUT.json ...``: the compute ceiling: the bare
+TF step of the same DeepFM (plain Keras layers: Dense(1) on the dense features, Dense(1) without
+bias on the sum of the field vectors, the FM term, the MLP over the flattened fields and the
+dense features) on embeddings already in memory as (B, fields, dim) tensors, gradients of the
+dense weights and of the embeddings, and the Keras dense optimizer applied in the same
+tf.function. No hybridps code runs in the step: no gathers from unique rows, no segment sums,
+no conversion of numpy inputs (the tensors are made before timing), no Horovod. Run on N ranks
+at once, each on its own core, it bounds what any distribution scheme can reach on this machine.
+
+``python -m hybridps.bench.train_worker hybridps-step OUT.json ...``: hybridps's own TF step
+(hybridps.step.make_train_step) plus the local dense update, on unique rows and inverse indices
+prepared before timing, with no exchange, no table work and no Horovod: the in-situ step,
+which ``bench train`` reports next to the bare ceiling.
 """
 import argparse
 import json
@@ -28,7 +35,7 @@ import numpy as np
 
 def _parse(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("role", choices=["tf-baseline", "ceiling"])
+    p.add_argument("role", choices=["tf-baseline", "bare-ceiling", "hybridps-step"])
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup-steps", type=int, default=5)
@@ -172,7 +179,7 @@ def _evaluate(comm, config, schema, args, predict):
     return evaluation_metrics(comm, np.concatenate(scores), np.concatenate(labels))
 
 
-def run_ceiling(args):
+def run_hybridps_step(args):
     comm, tf = _setup(with_horovod=False)     # no communication at all, not even Horovod's idle cycle
     from hybridps.dense.sync import DenseSync
     from hybridps.metrics import AUCAccumulator
@@ -211,15 +218,94 @@ def run_ceiling(args):
             first = logits.numpy().reshape(pulled.batch.size, -1)[:, 0].astype(np.float64)
             auc_acc.update(pulled.batch.label_matrix[:, 0], 1 / (1 + np.exp(-first)))
     elapsed = time.perf_counter() - start
-    _finish(comm, args, "compute-ceiling", elapsed, losses, auc_acc, model)
+    _finish(comm, args, "hybridps-step-no-exchange", elapsed, losses, auc_acc, model)
+
+
+def bare_deepfm(tf, num_fields, dim, num_dense, hidden, seed):
+    """DeepFM in plain Keras layers on (B, fields, dim) embeddings and (B, dense) features:
+    first order (Dense(1) on the dense features plus Dense(1) without bias on the sum of the
+    field vectors), the FM pairwise term and an MLP over the flattened fields and the dense
+    features; the model returns (B, 1) logits."""
+    init = tf.keras.initializers.GlorotUniform
+    emb = tf.keras.Input((num_fields, dim), name="embeddings")
+    dense = tf.keras.Input((num_dense,), name="dense")
+    total = tf.keras.layers.Lambda(lambda e: tf.reduce_sum(e, axis=1))(emb)
+    squares = tf.keras.layers.Lambda(lambda e: tf.reduce_sum(tf.square(e), axis=1))(emb)
+    fm = tf.keras.layers.Lambda(lambda ts: 0.5 * tf.reduce_sum(tf.square(ts[0]) - ts[1], axis=1,
+                                                                keepdims=True))([total, squares])
+    first = (tf.keras.layers.Dense(1, kernel_initializer=init(seed), name="dense_linear")(dense)
+             + tf.keras.layers.Dense(1, use_bias=False, kernel_initializer=init(seed + 1),
+                                     name="field_projection")(total))
+    x = tf.keras.layers.Concatenate()([tf.keras.layers.Flatten()(emb), dense])
+    for i, width in enumerate(hidden):
+        x = tf.keras.layers.Dense(width, activation="relu", kernel_initializer=init(seed + 2 + i),
+                                  name=f"mlp_{i}")(x)
+    deep = tf.keras.layers.Dense(1, kernel_initializer=init(seed + 2 + len(hidden)), name="deep_head")(x)
+    return tf.keras.Model([emb, dense], first + fm + deep)
+
+
+BARE_BATCHES = 8      # distinct in-memory batches the bare ceiling cycles through
+
+
+def run_bare_ceiling(args):
+    """The bare TF step (module docstring) on BARE_BATCHES batches of the workload whose
+    embeddings are made before timing (each key's initial row, as a table would serve it)."""
+    comm, tf = _setup(with_horovod=False)
+    from hybridps.dense.sync import make_dense_optimizer
+    from hybridps.metrics import AUCAccumulator
+    from hybridps.sparse.table import initial_rows
+    from hybridps.trainer import freeze_python_heap
+    data, hybridps_model, schema = _workload(args, comm)
+    fields = len(schema.single_features)
+    if schema.list_features or len({schema.table_of(f).dim for f in schema.single_features}) != 1:
+        raise SystemExit("bare-ceiling: the criteo workload only (single-valued fields of one dim)")
+    dim = schema.table_of(schema.single_features[0]).dim
+    tf.keras.utils.set_random_seed(args.seed)
+    model = bare_deepfm(tf, fields, dim, schema.num_dense, list(hybridps_model.hidden), args.seed)
+    variables = model.trainable_variables
+    optimizer = make_dense_optimizer(args.optimizer, args.learning_rate)
+    global_batch = tf.constant(float(args.batch_size * comm.size))
+    prepared = []
+    for batch in data.iter_batches(args.batch_size, min(args.steps, BARE_BATCHES)):
+        keys = batch.keys.reshape(-1)
+        rows = initial_rows(keys, dim, "normal", args.seed, 0, 0.0, 0.01)
+        prepared.append((tf.constant(np.asarray(rows, np.float32).reshape(batch.size, fields, dim)),
+                         tf.constant(batch.dense), tf.constant(batch.labels), batch.labels))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, fields, dim], tf.float32),
+                                  tf.TensorSpec([None, schema.num_dense], tf.float32),
+                                  tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.float32)])
+    def train_step(emb, dense, labels, global_batch_size):
+        with tf.GradientTape() as tape:
+            tape.watch(emb)
+            logits = tf.reshape(model([emb, dense], training=True), [-1])
+            loss_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+            loss = loss_sum / global_batch_size
+        grads = tape.gradient(loss, variables + [emb])
+        optimizer.apply_gradients(zip(grads[:-1], variables))
+        return loss_sum, logits, grads[-1]
+
+    losses, auc_acc = [], AUCAccumulator()
+    comm.barrier()
+    start = None
+    for step in range(args.steps):
+        if step == args.warmup_steps:
+            freeze_python_heap()          # as hybridps train does after its warm-up
+            start = time.perf_counter()
+        emb, dense, labels, labels_np = prepared[step % len(prepared)]
+        loss_sum, logits, emb_grads = train_step(emb, dense, labels, global_batch)
+        emb_grads.numpy()
+        losses.append(float(loss_sum))
+        if step >= args.steps // 2:
+            auc_acc.update(labels_np, 1 / (1 + np.exp(-logits.numpy().astype(np.float64))))
+    elapsed = time.perf_counter() - start
+    _finish(comm, args, "bare-ceiling", elapsed, losses, auc_acc, model)
 
 
 def main(argv=None):
     args = _parse(argv)
-    if args.role == "tf-baseline":
-        run_tf_baseline(args)
-    else:
-        run_ceiling(args)
+    {"tf-baseline": run_tf_baseline, "bare-ceiling": run_bare_ceiling,
+     "hybridps-step": run_hybridps_step}[args.role](args)
 
 
 if __name__ == "__main__":
