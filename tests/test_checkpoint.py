@@ -360,6 +360,13 @@ def test_manifest_of_another_model_or_table_dims(tmp_path, tf):
     with pytest.raises(ckpt.CheckpointMismatchError,
                        match=r"another model: hidden \[8\] in the checkpoint, \[16\] here"):
         ckpt.restore_checkpoint(tmp_path, tables=fresh, config=other)
+    # a checkpoint of the former dense default (the sparse optimizer's) says what to pass
+    dense = small_config(dense_optimizer="adagrad")
+    with pytest.raises(ckpt.CheckpointMismatchError,
+                       match=r"dense_optimizer '\w+' in the checkpoint, 'adagrad' here \(the dense optimizer's "
+                             r"default is adam.*resume with --dense-optimizer \w+ .*Give these settings as "
+                             r"the checkpoint has them"):
+        ckpt.restore_checkpoint(tmp_path, tables=fresh, config=dense)
     buckets = small_config(num_buckets=64)
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"num_buckets 16 in the checkpoint, 64 here"):
         ckpt.restore_checkpoint(tmp_path, tables=fresh, config=buckets)

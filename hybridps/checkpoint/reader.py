@@ -31,6 +31,12 @@ from hybridps.sparse.shard import TABLE_COUNTERS
 NO_SHARD = "none"
 
 
+# what to pass for a signature key whose default changed (a checkpoint written under the old one)
+_SETTING_HINTS = {"dense_optimizer": " (the dense optimizer's default is adam, it was the sparse "
+                                     "optimizer before: resume with --dense-optimizer {saved} and "
+                                     "the run's --dense-learning-rate)"}
+
+
 def shard_of(shard, comm):
     """(index, count) of a rank among the key owners; (None, count) for NO_SHARD."""
     if shard is None:
@@ -265,13 +271,15 @@ def check_compatible(manifest, ckpt_dir, tables, signature=None):
                     continue
                 if signature.get(key) != saved_signature.get(key):
                     problems.append(f"{key} {saved_signature.get(key)!r} in the checkpoint, "
-                                    f"{signature.get(key)!r} here")
+                                    f"{signature.get(key)!r} here" + _SETTING_HINTS.get(key, "").format(
+                                        saved=saved_signature.get(key)))
             if not problems:
                 problems.append(f"model hash {manifest['model_hash'][:12]} in the checkpoint, "
                                 f"{signature_hash(signature)[:12]} here")
     if problems:
         raise CheckpointMismatchError(f"{os.path.join(ckpt_dir, MANIFEST)} was written by another model: "
-                              + "; ".join(problems))
+                              + "; ".join(problems) + ". Give these settings as the checkpoint has "
+                              "them to resume it, or train into a new checkpoint directory")
 
 
 def _config_differences(manifest, config):
