@@ -255,7 +255,7 @@ def run_bare_ceiling(args):
     from hybridps.metrics import AUCAccumulator
     from hybridps.sparse.table import initial_rows
     from hybridps.trainer import freeze_python_heap
-    data, hybridps_model, schema = _workload(args, comm)
+    data, hybridps_model, schema, _ = _workload(args, comm)
     fields = len(schema.single_features)
     if schema.list_features or len({schema.table_of(f).dim for f in schema.single_features}) != 1:
         raise SystemExit("bare-ceiling: the criteo workload only (single-valued fields of one dim)")
