@@ -182,8 +182,8 @@ def test_the_synthetic_funnel_converts_only_after_a_click_and_observes_values_af
 
 def test_the_synthetic_funnel_plants_a_rare_click_and_a_conversion_sharing_its_signal():
     """target_ctr sets the mean click rate (a funnel's few percent); the conversion is a
-    label over every impression (0, never missing, without a click), about one click in three
-    converts (more among rarer clicks: they are the rows of a high planted click logit), clicks
+    label over every impression (0, never missing, without a click), about half of the clicks
+    convert (more among rarer clicks: they are the rows of a high planted click logit), clicks
     of a higher planted click probability convert more often (the conversion shares the
     click's features), and conversion_own_scale weighs the conversion's own term."""
     from hybridps.data.synthetic_schema import SchemaSynthetic

@@ -41,8 +41,8 @@ OPTIMIZER = "adagrad"       # both models, sparse and dense (pinned: the default
 def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--train-rows", type=int, default=200_000)
-    parser.add_argument("--heldout-rows", type=int, default=50_000)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--heldout-rows", type=int, default=200_000)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--vocab-size", type=int, default=2000, help="ids per field")
     parser.add_argument("--seeds", default="0,1,2",
@@ -52,7 +52,7 @@ def add_arguments(parser):
     parser.add_argument("--conversion-own-scale", type=float, default=1.0,
                         help="weight of the conversion's own planted term next to the click's "
                              "(hybridps.data.synthetic_schema; smaller: more shared signal)")
-    parser.add_argument("--learning-rate", type=float, default=0.05,
+    parser.add_argument("--learning-rate", type=float, default=0.2,
                         help="adagrad learning rate of the embeddings and the dense layers, both models")
     parser.add_argument("--baseline-model", default=BASELINE_MODEL,
                         help="the conversion model trained on clicked rows (default: ESMM's pCVR "

@@ -20,7 +20,8 @@ determinism: a batch is a pure function of (seed, rank, step, batch size)) to th
 
 A schema of several tasks (``labels:``) gets labels (B, T) planted as a funnel:
 
-* the first binary task is the click above (probability ``p_click``);
+* the first binary task is the click above (probability ``p_click``, mean ``target_ctr``:
+  SyntheticCTR's keyword, default 0.25; a funnel's few percent is what ESMM is meant for);
 * every later binary task is a conversion that happens only after a click: 0 without a click,
   else ``Bernoulli(sigmoid(CONVERSION_CLICK * (logit_click - bias) + conversion_own_scale *
   own_t + CONVERSION_BIAS))`` with ``own_t`` a second planted per-key term of its own
@@ -48,7 +49,7 @@ from hybridps.data.synthetic import SyntheticCTR, _alias_table
 from hybridps.errors import ConfigError
 
 CONVERSION_CLICK = 0.7        # weight of the click's planted logit in a conversion's
-CONVERSION_BIAS = -0.5        # a conversion's bias (about one click in three converts)
+CONVERSION_BIAS = -0.5        # a conversion's bias (about half of the clicks convert)
 
 
 def length_exponent(mean, cap):
