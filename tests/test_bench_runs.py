@@ -130,8 +130,10 @@ def test_bench_train_multitask_workload_runs_mmoe_on_two_tasks_against_its_ceili
 
 @pytest.mark.slow
 def test_bench_multitask_reports_esmm_and_the_clicked_rows_model(tmp_path):
-    """A tiny run of `hybridps bench multitask` (one process): both models train, the report
-    holds each AUC, and the clicked rows it counts are those of its own training file."""
+    """A tiny run of `hybridps bench multitask` (one process, two seeds): both models train
+    with the same pinned optimizer settings, the clicked-rows model is ESMM's pCVR tower, the
+    clicked rows counted are those of each seed's own training file, the medians are those of
+    the seeds."""
     import subprocess
     import sys
     import pyarrow.compute as pc
@@ -139,16 +141,29 @@ def test_bench_multitask_reports_esmm_and_the_clicked_rows_model(tmp_path):
     from tests.mpi_util import REPO
     proc = subprocess.run([sys.executable, "-m", "hybridps.cli", "bench", "multitask", "--out",
                            str(tmp_path), "--train-rows", "6000", "--heldout-rows", "3000",
-                           "--batch-size", "512", "--epochs", "1"],
+                           "--batch-size", "512", "--epochs", "1", "--seeds", "0,1", "--ctr", "0.2",
+                           "--learning-rate", "0.1"],
                           cwd=REPO, env=dict(os.environ, **MPI_ENV), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "multitask.json").read_text())
-    clicks = pq.read_table(tmp_path / "train.parquet", columns=["click"])["click"]
-    assert report["train_clicked"] == pc.sum(clicks).as_py() > 0
-    for key in ("esmm_cvr_auc_clicked", "baseline_cvr_auc_clicked", "esmm_ctr_auc", "esmm_ctcvr_auc"):
-        assert 0.0 <= report[key] <= 1.0, key
-    assert report["esmm_steps"] == 6000 // 512
+    assert [run["seed"] for run in report["runs"]] == report["seeds"] == [0, 1]
+    for run in report["runs"]:
+        seed_dir = tmp_path / f"seed{run['seed']}"
+        clicks = pq.read_table(seed_dir / "train.parquet", columns=["click"])["click"]
+        assert run["train_clicked"] == pc.sum(clicks).as_py() > 0
+        for key in ("esmm_cvr_auc_clicked", "baseline_cvr_auc_clicked", "esmm_ctr_auc", "esmm_ctcvr_auc"):
+            assert 0.0 <= run[key] <= 1.0, key
+        assert run["esmm_steps"] == 6000 // 512
+        assert run["baseline_steps"] == max(1, run["train_clicked"] // 512)
+        for arm, model in (("esmm", "esmm"), ("cvr-clicked", "hybridps.models.esmm:build_conversion_tower")):
+            (manifest,) = (seed_dir / arm / "ckpt").glob("ckpt-*/manifest.json")
+            config = json.loads(manifest.read_text())["config"]
+            assert (config["model"], config["seed"]) == (model, run["seed"])
+            assert (config["optimizer"], config["dense_optimizer"]) == ("adagrad", "adagrad")
+            assert config["learning_rate"] == config["dense_learning_rate"] == 0.1
+    for key, median in report["median"].items():
+        assert median == sum(run[key] for run in report["runs"]) / 2, key
 
 
 @pytest.mark.mpi

@@ -180,6 +180,41 @@ def test_the_synthetic_funnel_converts_only_after_a_click_and_observes_values_af
     np.testing.assert_array_equal(again.labels, batch.labels)      # deterministic, NaN included
 
 
+def test_the_synthetic_funnel_plants_a_rare_click_and_a_conversion_sharing_its_signal():
+    """target_ctr sets the mean click rate (a funnel's few percent); the conversion is a
+    label over every impression (0, never missing, without a click), about half of the clicks
+    convert (more among rarer clicks: they are the rows of a high planted click logit), clicks
+    of a higher planted click probability convert more often (the conversion shares the
+    click's features), and conversion_own_scale weighs the conversion's own term."""
+    from hybridps.data.synthetic_schema import SchemaSynthetic
+    features = dict(SMALL, labels=[{"name": "click"}, {"name": "conversion"}])
+    features.pop("weight")
+    data = SchemaSynthetic(schema_of(features), seed=3, vocab_size=1000, target_ctr=0.04)
+    batch = data.batch(0, 200_000)
+    click, conversion = batch.labels.T
+    assert not np.isnan(batch.labels).any()
+    # the calibration sample's mean vs this one: binomial sd 0.0004, plus the sample's own
+    assert abs(click.mean() - 0.04) < 0.006
+    assert not np.any((conversion == 1) & (click == 0))
+    clicked = click == 1
+    assert 0.2 < conversion[clicked].mean() < 0.7
+    p_click = data.true_probabilities(batch)[clicked]
+    high = p_click > np.median(p_click)
+    assert conversion[clicked][high].mean() > conversion[clicked][~high].mean() + 0.03
+    default = SchemaSynthetic(schema_of(features), seed=3, vocab_size=1000).batch(0, 50_000)
+    assert abs(default.labels[:, 0].mean() - 0.25) < 0.02          # today's default rate
+    # conversion_probabilities: every impression's planted P(conversion | click), clicked or not
+    planted = data.conversion_probabilities(batch)
+    assert abs(planted[clicked].mean() - conversion[clicked].mean()) < 0.03
+    order = np.argsort(data.true_probabilities(batch))
+    assert np.any(np.diff(planted[order]) < 0)           # a term of its own: not the click's order
+    shared = SchemaSynthetic(schema_of(features), seed=3, vocab_size=1000, target_ctr=0.04,
+                             conversion_own_scale=0.0)
+    assert np.all(np.diff(shared.conversion_probabilities(batch)[order]) >= 0)   # the click's alone
+    with pytest.raises(ConfigError, match="conversion_own_scale"):
+        SchemaSynthetic(schema_of(features), seed=3, vocab_size=1000, conversion_own_scale=-1)
+
+
 # ---------------------------------------------------------------------- the losses
 def test_task_loss_sums_equal_numpy_over_present_labels_with_row_weights():
     import tensorflow as tf
@@ -259,6 +294,27 @@ def test_esmm_supervises_the_conversion_by_the_product_of_its_two_towers():
     np.testing.assert_allclose(sig(out["conversion"].numpy()), sig(ctr) * sig(cvr), rtol=1e-5)
     with pytest.raises(ConfigError, match="esmm needs two binary tasks"):
         build_model("esmm", schema_of(SMALL), config)
+
+
+def test_the_conversion_tower_is_esmm_pcvr_tower_alone_with_the_same_initial_weights():
+    """The clicked-rows model of bench multitask: ESMM's pCVR tower for a one-task schema,
+    built from the same seeds, so on the same inputs it returns ESMM's pCVR (pCTCVR / pCTR)."""
+    import tensorflow as tf
+    from hybridps.models import build_model
+    from hybridps.step import build_on_sample, sample_inputs
+    one_task = {k: v for k, v in FUNNEL.items() if k != "labels"}
+    one_task["label"] = "conversion"
+    config = make_config(overrides={"features": FUNNEL, "hidden": [4, 3], "seed": 7})
+    esmm = build_on_sample(tf, build_model("esmm", schema_of(FUNNEL), config), schema_of(FUNNEL))
+    tower = build_on_sample(tf, build_model("hybridps.models.esmm:build_conversion_tower",
+                                            schema_of(one_task), config), schema_of(one_task))
+    inputs = sample_inputs(tf, schema_of(FUNNEL), batch=3)
+    inputs["dense"] = tf.constant([[0.5], [-1.0], [2.0]])
+    inputs["item"] = tf.constant(np.random.default_rng(1).normal(size=(3, 4)), tf.float32)
+    out = esmm(inputs)
+    sig = lambda z: 1 / (1 + np.exp(-np.asarray(z, np.float64)))     # noqa: E731
+    p_cvr = sig(out["conversion"]) / sig(out["click"])
+    np.testing.assert_allclose(sig(tower(inputs).numpy()), p_cvr, rtol=1e-4)
 
 
 def test_mmoe_returns_every_task_and_keeps_one_task_models_working():

@@ -20,11 +20,17 @@ determinism: a batch is a pure function of (seed, rank, step, batch size)) to th
 
 A schema of several tasks (``labels:``) gets labels (B, T) planted as a funnel:
 
-* the first binary task is the click above (probability ``p_click``);
+* the first binary task is the click above (probability ``p_click``, mean ``target_ctr``:
+  SyntheticCTR's keyword, default 0.25; a funnel's few percent is what ESMM is meant for);
 * every later binary task is a conversion that happens only after a click: 0 without a click,
-  else ``Bernoulli(sigmoid(CONVERSION_CLICK * (logit_click - bias) + own_t + CONVERSION_BIAS))``
-  with ``own_t`` a second planted per-key term of its own (``key_weights`` under the task's
-  salt, over the single-valued keys), so click and conversion share signal but differ;
+  else ``Bernoulli(sigmoid(CONVERSION_CLICK * (logit_click - bias) + conversion_own_scale *
+  own_t + CONVERSION_BIAS))`` with ``own_t`` a second planted per-key term of its own
+  (``key_weights`` under the task's salt, over the single-valued keys, of the click's scale),
+  so click and conversion share signal but differ (``conversion_own_scale``, default 1: the
+  conversion's own term as strong as the click's; smaller: a conversion that depends mostly on
+  the click's features, as when both are driven by the same item and user);
+  :meth:`conversion_probabilities` gives that planted probability of a conversion after a
+  click for every impression, clicked or not;
 * a regression task is a value observed only after a click (missing, NaN, without one; always
   present when the schema has no binary task): ``1 + 0.5 * (logit_click - bias) + own_t +
   0.5 * N(0, 1)``.
@@ -43,7 +49,7 @@ from hybridps.data.synthetic import SyntheticCTR, _alias_table
 from hybridps.errors import ConfigError
 
 CONVERSION_CLICK = 0.7        # weight of the click's planted logit in a conversion's
-CONVERSION_BIAS = -0.5        # a conversion's bias (about one click in three converts)
+CONVERSION_BIAS = -0.5        # a conversion's bias (about half of the clicks convert)
 
 
 def length_exponent(mean, cap):
@@ -71,13 +77,14 @@ class SchemaSynthetic(SyntheticCTR):
         list_mean_length, list_max_length: the list length law (mean, cap for lists without
             a max_len).
         list_scale: weight of the list features' term in the planted logit.
+        conversion_own_scale: weight of a conversion's own per-key term (module docstring).
         **kwargs: SyntheticCTR's (vocab_size, zipf_a, seed, rank, world_size, ...).
     """
 
     kind = "synthetic"
 
     def __init__(self, schema, list_mean_length: float = 10.0, list_max_length: int = 50,
-                 list_scale: float = 1.0, **kwargs):
+                 list_scale: float = 1.0, conversion_own_scale: float = 1.0, **kwargs):
         singles = schema.single_features
         kwargs.pop("num_fields", None)
         kwargs.pop("num_dense", None)
@@ -87,6 +94,9 @@ class SchemaSynthetic(SyntheticCTR):
                          schema=schema, **kwargs)
         self.single_seeds = [f.key_space for f in singles]
         self.list_scale = float(list_scale)
+        if not 0 <= float(conversion_own_scale) <= 100:
+            raise ConfigError(f"conversion_own_scale must lie in [0, 100], got {conversion_own_scale}")
+        self.conversion_own_scale = float(conversion_own_scale)
         self.lists = []
         a_len = length_exponent(float(list_mean_length), int(list_max_length))
         prob, alias, _ = _alias_table(int(list_max_length) + 1, round(a_len, 12))
@@ -161,16 +171,29 @@ class SchemaSynthetic(SyntheticCTR):
         labels = np.empty((n, len(tasks)), np.float32)
         first_binary = True
         for j, task in enumerate(tasks):
-            own = self._own_logit(batch.keys, j)
             if task.kind == "binary" and first_binary:
                 labels[:, j], first_binary = click, False
             elif task.kind == "binary":
-                p = 1.0 / (1.0 + np.exp(-(CONVERSION_CLICK * base + own + CONVERSION_BIAS)))
+                p = self._conversion_probability(batch, base, j)
                 labels[:, j] = click * (uniforms[:, j] < p)
             else:
-                value = 1.0 + 0.5 * base + own + 0.5 * noise[:, j]
+                value = 1.0 + 0.5 * base + self._own_logit(batch.keys, j) + 0.5 * noise[:, j]
                 labels[:, j] = np.where(click > 0, value, np.nan) if has_binary else value
         return labels
+
+    def _conversion_probability(self, batch, base, task_index):
+        own = self.conversion_own_scale * self._own_logit(batch.keys, task_index)
+        return 1.0 / (1.0 + np.exp(-(CONVERSION_CLICK * base + own + CONVERSION_BIAS)))
+
+    def conversion_probabilities(self, batch) -> np.ndarray:
+        """The planted probability that each impression of ``batch`` converts if clicked (the
+        first conversion task: the schema's second binary task), clicked or not (float64, (B,))."""
+        binary = [j for j, t in enumerate(self.schema.labels) if t.kind == "binary"]
+        if len(binary) < 2:
+            raise ConfigError("conversion_probabilities needs a schema with two binary tasks "
+                              "(a click, then a conversion)")
+        base = self._logits_of(batch.keys, batch.lists, batch.dense) - self.bias
+        return self._conversion_probability(batch, base, binary[1])
 
     def _own_logit(self, keys, task_index):
         """Task ``task_index``'s own planted term: per-key weights under its own salt, summed
@@ -216,7 +239,8 @@ class SchemaSynthetic(SyntheticCTR):
 
     def describe(self) -> dict:
         out = super().describe()
-        out.update(schema=[f.name for f in self.schema.sparse], list_scale=self.list_scale)
+        out.update(schema=[f.name for f in self.schema.sparse], list_scale=self.list_scale,
+                   conversion_own_scale=self.conversion_own_scale)
         return out
 
 

@@ -9,6 +9,10 @@ impression space rather than over clicked rows only (the selection bias ESMM exi
 pCVR of a row is p_conversion / p_click of the model's two outputs. Any further task gets a
 tower of its own.
 
+:class:`ConversionTower` is ESMM's pCVR tower alone (same layers, same initial weights for a
+seed) for a one-task schema: the conversion model of the clicked rows that ESMM is compared
+with (``hybridps bench multitask``).
+
 The model returns a dict of logits: the click's, and the conversion's ``logit(pCTR x pCVR)``
 computed in log space (``log p - log(1 - p)``), so the loss is the usual sigmoid
 cross-entropy of hybridps.models.loss.
@@ -64,5 +68,26 @@ class ESMM(CTRModel):
         return out
 
 
+@tf.keras.utils.register_keras_serializable(package="hybridps")
+class ConversionTower(CTRModel):
+    """ESMM's pCVR tower alone, for a schema of one binary task: the same MLP and head over
+    the same inputs, built from the same seeds as ESMM's pCVR tower, returning its logit."""
+
+    def __init__(self, schema, hidden: Sequence[int] = (256, 128), seed: int = 0,
+                 name: Optional[str] = None):
+        super().__init__(schema, hidden, seed, name=name)
+        self.mlp = MLP(self.hidden, derive_seed(seed, 2), name="cvr_mlp")      # ESMM's tower 1
+        self.head = seeded_dense(1, derive_seed(seed, 3), name="cvr_head")
+
+    def call(self, inputs, training=None):
+        x = tf.concat(self.feature_vectors(inputs) + [self.dense_input(inputs)], axis=1)
+        return tf.squeeze(self.head(self.mlp(x)), axis=-1)
+
+
 def build(schema, config):
     return ESMM(schema, hidden=tuple(config.hidden), seed=config.seed)
+
+
+def build_conversion_tower(schema, config):
+    """``model: hybridps.models.esmm:build_conversion_tower``: :class:`ConversionTower`."""
+    return ConversionTower(schema, hidden=tuple(config.hidden), seed=config.seed)
