@@ -11,6 +11,8 @@ the Criteo checkpoint of tests/data/legacy_checkpoint_v1 still exported and serv
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ import pytest
 from hybridps.data import hashing
 from tests.export_reference import (TWO_TASK_SCHEMA, build_two_task_model, inputs_by_hand, raw_inputs,
                                     raw_rows, sigmoid, table_rows)
+from tests.schema_data import MULTITASK_FEATURES, multitask_rows, write_parquet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OLD_EXPORT = os.path.join(HERE, "data", "savedmodel_ids_v1")
@@ -245,3 +248,99 @@ def test_a_sparse_features_dtype_is_string_or_int64():
     bad["sparse"][1]["dtype"] = "int32"
     with pytest.raises(ConfigError, match=r"features.sparse.item.dtype: 'int32' is not one of string, int64"):
         _schema(bad)
+
+
+# ---------------------------------------------------------------------------- end to end, several tasks
+# three tasks over tests.schema_data's features: two binary (ESMM's click and conversion), one
+# regression
+E2E_FEATURES = {**MULTITASK_FEATURES,
+                "labels": [{"name": "click"}, {"name": "conversion"}, MULTITASK_FEATURES["labels"][1]]}
+E2E_MODELS = {"mmoe": {"num_experts": 2, "expert_units": [4]}, "esmm": {}}
+
+
+def _cli(*args, timeout=300):
+    from tests.mpi_util import MPI_ENV, REPO
+    proc = subprocess.run([sys.executable, "-m", "hybridps.cli", *map(str, args)], cwd=REPO,
+                          env=dict(os.environ, **MPI_ENV, PYTHONPATH=REPO), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc.stdout
+
+
+def _e2e_rows(n):
+    """multitask_rows with a conversion (only after a click, None where the click is), as raw
+    request values: the text features' values as text (integers as their decimal text)."""
+    columns = multitask_rows(n, seed=3)
+    columns["conversion"] = [None if c is None else int(c == 1 and i % 3 == 0)
+                             for i, c in enumerate(columns["click"])]
+    return columns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(E2E_MODELS))
+def test_a_multitask_run_exports_and_serves_what_predict_writes(tmp_path, tf, model):
+    """Train (1 rank, synthetic rows of the schema, a checkpoint and full + delta exports),
+    `hybridps predict` a Parquet file: the SavedModel of `hybridps export` on the same raw
+    rows answers each task as predict's column (the sigmoid of a binary task, the value of
+    the regression task), and the serve app on the trained full + delta exports answers the
+    same in row and column form."""
+    import pyarrow.parquet as pq
+    import yaml
+    from hybridps.export.saved_model import export_saved_model
+    from hybridps.serving.live import LiveModel
+    from tests.test_serve import _post, _with_client
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"features": E2E_FEATURES, "model": model, "hidden": [8],
+                                      **E2E_MODELS[model]}))
+    exports = tmp_path / "exports"
+    _cli("train", "--config", config, "--data", "synthetic", "--vocab-size", 200, "--steps", 4,
+         "--batch-size", 32, "--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 4,
+         "--delta-export-dir", exports, "--delta-every", 2, "--full-export-every", 2, "--no-progress")
+    assert sorted(os.listdir(exports)) == ["delta-0000000002-0000000002-0000000004",
+                                           "full-0000000001-0000000002"]
+    columns = _e2e_rows(48)
+    data = write_parquet(tmp_path / "rows.parquet", columns, 16)
+    _cli("predict", "--checkpoint", tmp_path / "ckpt", "--data", data, "--out", tmp_path / "p.parquet")
+    predicted = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    tasks = ["click", "conversion", "rating"]
+    assert {"click", "conversion", "rating", "rating_label"} <= set(predicted)
+
+    result = export_saved_model(tmp_path / "ckpt", tmp_path / "savedmodel")
+    schema = result["schema"]
+    assert result["tasks"] == tuple(tasks) and schema.task_names == tuple(tasks)
+    signature = tf.saved_model.load(result["path"]).signatures["serving_default"]
+    assert sorted(signature.structured_outputs) == tasks
+    values = {name: [[str(v) for v in cell] if isinstance(cell, list) else str(cell)
+                     for cell in columns[name]] for name in ("user", "item", "tags", "seen")}
+    raw = {**columns, **values}
+    served = _call(signature, raw_inputs(schema, raw), tf)
+    for task in tasks:
+        np.testing.assert_allclose(served[task], predicted[task], rtol=1e-5, atol=1e-6, err_msg=task)
+    for task in ("click", "conversion"):                                  # probabilities
+        assert ((served[task] > 0) & (served[task] < 1)).all()
+
+    live = LiveModel(exports)
+    held = live.catch_up()                           # the full export of step 2, its delta to 4
+    assert (held.sequence, held.step) == (2, 4) and live.module.task_names == tuple(tasks)
+    features = [f["name"] for f in E2E_FEATURES["dense"]] + [f["name"] for f in E2E_FEATURES["sparse"]]
+    request = {name: [v.item() if isinstance(v, np.generic) else v for v in raw[name]] for name in features}
+    request = {name: [[int(x) if isinstance(x, np.integer) else x for x in v] if isinstance(v, list) else v
+                      for v in cells] for name, cells in request.items()}
+    instances = [{name: request[name][i] for name in features} for i in range(48)]
+
+    async def scenario(client):
+        code, answer = await _post(client, {"instances": instances})
+        assert code == 200 and (answer["version"], answer["step"]) == (2, 4), answer
+        for task in tasks:
+            np.testing.assert_allclose([p[task] for p in answer["predictions"]], predicted[task],
+                                       rtol=1e-5, atol=1e-6, err_msg=task)
+        code, answer = await _post(client, {"inputs": request})
+        assert code == 200 and sorted(answer["outputs"]) == tasks, answer
+        for task in tasks:
+            np.testing.assert_allclose(answer["outputs"][task], predicted[task], rtol=1e-5, atol=1e-6,
+                                       err_msg=task)
+    live.start()
+    try:
+        _with_client(live, scenario)
+    finally:
+        live.stop()
