@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from hybridps.data import hashing
-from tests.export_reference import (TWO_TASK_SCHEMA, build_two_task_model, inputs_by_hand, raw_inputs,
-                                    raw_rows, sigmoid, table_rows)
+from tests.export_reference import (LABELLED_TWO_TASK_SCHEMA, TWO_TASK_SCHEMA, build_two_task_model,
+                                    inputs_by_hand, raw_inputs, raw_rows, sigmoid, table_rows)
 from tests.schema_data import MULTITASK_FEATURES, multitask_rows, write_parquet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -131,10 +131,11 @@ def test_the_savedmodel_takes_raw_values_and_answers_each_task(tmp_path, tf):
     by_hand = inputs_by_hand(schema, columns, rows)
     tf.keras.utils.set_random_seed(0)
     one_task = build_on_sample(tf, build_model("wide_deep", schema, config), schema)
-    two_tasks = build_two_task_model(schema, config)
-    two_tasks(sample_inputs(tf, schema), training=False)
-    for model, name in ((one_task, "one"), (two_tasks, "two")):
-        loaded = _saved(tf, tmp_path, model, schema, rows, name)
+    _, two_task_schema = _schema(LABELLED_TWO_TASK_SCHEMA)
+    two_tasks = build_two_task_model(two_task_schema, config)
+    two_tasks(sample_inputs(tf, two_task_schema), training=False)
+    for model, name, served_schema in ((one_task, "one", schema), (two_tasks, "two", two_task_schema)):
+        loaded = _saved(tf, tmp_path, model, served_schema, rows, name)
         signature = loaded.signatures["serving_default"]
         specs = signature.structured_input_signature[1]
         assert {n: (s.dtype.name, s.shape.as_list()) for n, s in specs.items()} == {
@@ -154,6 +155,44 @@ def test_the_savedmodel_takes_raw_values_and_answers_each_task(tmp_path, tf):
             np.testing.assert_allclose(served[task], want[task], rtol=1e-5, atol=1e-6, err_msg=task)
             np.testing.assert_allclose(from_ids[task], want[task], rtol=1e-5, atol=1e-6, err_msg=task)
         assert np.ptp(served[sorted(want)[0]]) > 1e-3               # rows differ: the rows count
+
+
+def _serve_values(module, schema, columns, tf):
+    """The module's serving_default function (not saved) on raw columns, numpy by output."""
+    inputs = raw_inputs(schema, columns)
+    out = module.serve_values(*[tf.constant(inputs[n]) for n in ["dense"] + [f.name for f in schema.sparse]])
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def test_the_served_outputs_are_the_schemas_tasks(tf):
+    """One label answers logit and probability, also from a model returning a dict (mmoe's
+    {label: ...}); a labels: schema answers each of its tasks by its kind (a regression task
+    the model's value) and not a model's other outputs."""
+    from hybridps.export.saved_model import _make_serving_module_class
+    from hybridps.models import build_model
+    from hybridps.step import build_on_sample
+    config, schema = _schema(model="mmoe")
+    columns = raw_rows(16, seed=2)
+    rows = table_rows(schema, columns)
+    by_hand = {k: tf.constant(v) for k, v in inputs_by_hand(schema, columns, rows).items()}
+    tf.keras.utils.set_random_seed(0)
+    mmoe = build_on_sample(tf, build_model("mmoe", schema, config), schema)
+    module = _make_serving_module_class(tf)(mmoe, schema, rows, 5, "h")
+    served = _serve_values(module, schema, columns, tf)
+    logit = np.asarray(mmoe(by_hand, training=False)["label"]).reshape(-1)
+    assert module.task_names is None and sorted(served) == ["logit", "probability"]
+    np.testing.assert_allclose(served["logit"], logit, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served["probability"], sigmoid(logit), rtol=1e-5, atol=1e-6)
+
+    features = {**LABELLED_TWO_TASK_SCHEMA, "labels": [{"name": "conversion", "kind": "regression"}]}
+    _, one_regression = _schema(features)
+    two_tasks = build_two_task_model(one_regression)         # returns click and conversion
+    outputs = two_tasks(by_hand, training=False)
+    module = _make_serving_module_class(tf)(two_tasks, one_regression, rows, 5, "h")
+    served = _serve_values(module, one_regression, columns, tf)
+    assert module.task_names == ("conversion",) and sorted(served) == ["conversion"]
+    np.testing.assert_allclose(served["conversion"], np.asarray(outputs["conversion"]).reshape(-1),
+                               rtol=1e-5, atol=1e-6)
 
 
 def _old_export_columns():
