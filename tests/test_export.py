@@ -6,7 +6,10 @@ random unicode, empty, numeric and long texts, key spaces of int64 ids with nega
 Criteo preset's field keys); the ``serving_default`` (raw values) and ``ids`` signatures against
 the model fed by hand (tests.export_reference), for a one-task model and a model of two tasks;
 a checkpoint and a SavedModel written by earlier hybridps (tests/data/savedmodel_ids_v1) and
-the Criteo checkpoint of tests/data/legacy_checkpoint_v1 still exported and served alike.
+the Criteo checkpoint of tests/data/legacy_checkpoint_v1 still exported and served alike; the
+served outputs named by the schema's tasks; end to end, an mmoe and an esmm run of three tasks
+(one regression) whose predict columns, SavedModel and serve answers agree. The fast loop
+keeps the text ids against the hashlib-based readers and the schema's tasks; the rest is slow.
 """
 import hashlib
 import json
@@ -58,6 +61,7 @@ def _texts(rng):
     return texts
 
 
+@pytest.mark.slow     # traces a BLAKE2b graph per personalisation: `make test` runs it
 def test_blake2b_64_in_tensorflow_ops_is_hashlibs_for_messages_of_any_length(tf):
     from hybridps.export.tf_hashing import blake2b_64
     rng = np.random.default_rng(0)
@@ -121,6 +125,7 @@ def _call(signature, inputs, tf):
     return {k: v.numpy() for k, v in signature(**{n: tf.constant(a) for n, a in inputs.items()}).items()}
 
 
+@pytest.mark.slow     # saves and loads a SavedModel: `make test` runs it
 def test_the_savedmodel_takes_raw_values_and_answers_each_task(tmp_path, tf):
     from hybridps.models import build_model
     from hybridps.serving.inputs import serving_inputs
@@ -200,6 +205,7 @@ def _old_export_columns():
         return json.load(fh)
 
 
+@pytest.mark.slow     # saves and loads a SavedModel: `make test` runs it
 def test_an_export_of_earlier_hybridps_still_loads_and_serves_the_same(tmp_path, tf):
     """The fixture's SavedModel (serving_default on int64 ids) answers as it did when it was
     written, also saved again (what a delta applied to it does); its checkpoint exported now
@@ -241,6 +247,7 @@ def _criteo_sample(n):
     return dense, texts
 
 
+@pytest.mark.slow     # saves and loads a SavedModel: `make test` runs it
 def test_a_criteo_checkpoint_of_earlier_hybridps_serves_the_criteo_texts(tmp_path, tf):
     from hybridps.checkpoint.reader import load_manifest, read_dense, read_table_rows, resolve_checkpoint
     from hybridps.export import export_saved_model
