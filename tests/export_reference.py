@@ -15,6 +15,9 @@ TWO_TASK_SCHEMA = {
                {"name": "seen", "table": "item", "pooling": "none", "max_len": 3, "dtype": "int64"}],
     "tables": {"user": {"dim": 3}, "item": {"dim": 3}, "tag": {"dim": 2}},
 }
+# the same features with the tasks of build_two_task_model in place of the one label
+LABELLED_TWO_TASK_SCHEMA = {**{k: v for k, v in TWO_TASK_SCHEMA.items() if k != "label"},
+                            "labels": [{"name": "click"}, {"name": "conversion"}]}
 
 
 def raw_rows(n, seed=0):

@@ -6,18 +6,24 @@ random unicode, empty, numeric and long texts, key spaces of int64 ids with nega
 Criteo preset's field keys); the ``serving_default`` (raw values) and ``ids`` signatures against
 the model fed by hand (tests.export_reference), for a one-task model and a model of two tasks;
 a checkpoint and a SavedModel written by earlier hybridps (tests/data/savedmodel_ids_v1) and
-the Criteo checkpoint of tests/data/legacy_checkpoint_v1 still exported and served alike.
+the Criteo checkpoint of tests/data/legacy_checkpoint_v1 still exported and served alike; the
+served outputs named by the schema's tasks; end to end, an mmoe and an esmm run of three tasks
+(one regression) whose predict columns, SavedModel and serve answers agree. The fast loop
+keeps the text ids against the hashlib-based readers and the schema's tasks; the rest is slow.
 """
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from hybridps.data import hashing
-from tests.export_reference import (TWO_TASK_SCHEMA, build_two_task_model, inputs_by_hand, raw_inputs,
-                                    raw_rows, sigmoid, table_rows)
+from tests.export_reference import (LABELLED_TWO_TASK_SCHEMA, TWO_TASK_SCHEMA, build_two_task_model,
+                                    inputs_by_hand, raw_inputs, raw_rows, sigmoid, table_rows)
+from tests.schema_data import MULTITASK_FEATURES, multitask_rows, write_parquet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OLD_EXPORT = os.path.join(HERE, "data", "savedmodel_ids_v1")
@@ -55,6 +61,7 @@ def _texts(rng):
     return texts
 
 
+@pytest.mark.slow     # traces a BLAKE2b graph per personalisation: `make test` runs it
 def test_blake2b_64_in_tensorflow_ops_is_hashlibs_for_messages_of_any_length(tf):
     from hybridps.export.tf_hashing import blake2b_64
     rng = np.random.default_rng(0)
@@ -118,6 +125,7 @@ def _call(signature, inputs, tf):
     return {k: v.numpy() for k, v in signature(**{n: tf.constant(a) for n, a in inputs.items()}).items()}
 
 
+@pytest.mark.slow     # saves and loads a SavedModel: `make test` runs it
 def test_the_savedmodel_takes_raw_values_and_answers_each_task(tmp_path, tf):
     from hybridps.models import build_model
     from hybridps.serving.inputs import serving_inputs
@@ -128,10 +136,11 @@ def test_the_savedmodel_takes_raw_values_and_answers_each_task(tmp_path, tf):
     by_hand = inputs_by_hand(schema, columns, rows)
     tf.keras.utils.set_random_seed(0)
     one_task = build_on_sample(tf, build_model("wide_deep", schema, config), schema)
-    two_tasks = build_two_task_model(schema, config)
-    two_tasks(sample_inputs(tf, schema), training=False)
-    for model, name in ((one_task, "one"), (two_tasks, "two")):
-        loaded = _saved(tf, tmp_path, model, schema, rows, name)
+    _, two_task_schema = _schema(LABELLED_TWO_TASK_SCHEMA)
+    two_tasks = build_two_task_model(two_task_schema, config)
+    two_tasks(sample_inputs(tf, two_task_schema), training=False)
+    for model, name, served_schema in ((one_task, "one", schema), (two_tasks, "two", two_task_schema)):
+        loaded = _saved(tf, tmp_path, model, served_schema, rows, name)
         signature = loaded.signatures["serving_default"]
         specs = signature.structured_input_signature[1]
         assert {n: (s.dtype.name, s.shape.as_list()) for n, s in specs.items()} == {
@@ -153,11 +162,50 @@ def test_the_savedmodel_takes_raw_values_and_answers_each_task(tmp_path, tf):
         assert np.ptp(served[sorted(want)[0]]) > 1e-3               # rows differ: the rows count
 
 
+def _serve_values(module, schema, columns, tf):
+    """The module's serving_default function (not saved) on raw columns, numpy by output."""
+    inputs = raw_inputs(schema, columns)
+    out = module.serve_values(*[tf.constant(inputs[n]) for n in ["dense"] + [f.name for f in schema.sparse]])
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def test_the_served_outputs_are_the_schemas_tasks(tf):
+    """One label answers logit and probability, also from a model returning a dict (mmoe's
+    {label: ...}); a labels: schema answers each of its tasks by its kind (a regression task
+    the model's value) and not a model's other outputs."""
+    from hybridps.export.saved_model import _make_serving_module_class
+    from hybridps.models import build_model
+    from hybridps.step import build_on_sample
+    config, schema = _schema(model="mmoe")
+    columns = raw_rows(16, seed=2)
+    rows = table_rows(schema, columns)
+    by_hand = {k: tf.constant(v) for k, v in inputs_by_hand(schema, columns, rows).items()}
+    tf.keras.utils.set_random_seed(0)
+    mmoe = build_on_sample(tf, build_model("mmoe", schema, config), schema)
+    module = _make_serving_module_class(tf)(mmoe, schema, rows, 5, "h")
+    served = _serve_values(module, schema, columns, tf)
+    logit = np.asarray(mmoe(by_hand, training=False)["label"]).reshape(-1)
+    assert module.task_names is None and sorted(served) == ["logit", "probability"]
+    np.testing.assert_allclose(served["logit"], logit, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served["probability"], sigmoid(logit), rtol=1e-5, atol=1e-6)
+
+    features = {**LABELLED_TWO_TASK_SCHEMA, "labels": [{"name": "conversion", "kind": "regression"}]}
+    _, one_regression = _schema(features)
+    two_tasks = build_two_task_model(one_regression)         # returns click and conversion
+    outputs = two_tasks(by_hand, training=False)
+    module = _make_serving_module_class(tf)(two_tasks, one_regression, rows, 5, "h")
+    served = _serve_values(module, one_regression, columns, tf)
+    assert module.task_names == ("conversion",) and sorted(served) == ["conversion"]
+    np.testing.assert_allclose(served["conversion"], np.asarray(outputs["conversion"]).reshape(-1),
+                               rtol=1e-5, atol=1e-6)
+
+
 def _old_export_columns():
     with open(os.path.join(OLD_EXPORT, "rows.json")) as fh:
         return json.load(fh)
 
 
+@pytest.mark.slow     # saves and loads a SavedModel: `make test` runs it
 def test_an_export_of_earlier_hybridps_still_loads_and_serves_the_same(tmp_path, tf):
     """The fixture's SavedModel (serving_default on int64 ids) answers as it did when it was
     written, also saved again (what a delta applied to it does); its checkpoint exported now
@@ -199,6 +247,7 @@ def _criteo_sample(n):
     return dense, texts
 
 
+@pytest.mark.slow     # saves and loads a SavedModel: `make test` runs it
 def test_a_criteo_checkpoint_of_earlier_hybridps_serves_the_criteo_texts(tmp_path, tf):
     from hybridps.checkpoint.reader import load_manifest, read_dense, read_table_rows, resolve_checkpoint
     from hybridps.export import export_saved_model
@@ -245,3 +294,99 @@ def test_a_sparse_features_dtype_is_string_or_int64():
     bad["sparse"][1]["dtype"] = "int32"
     with pytest.raises(ConfigError, match=r"features.sparse.item.dtype: 'int32' is not one of string, int64"):
         _schema(bad)
+
+
+# ---------------------------------------------------------------------------- end to end, several tasks
+# three tasks over tests.schema_data's features: two binary (ESMM's click and conversion), one
+# regression
+E2E_FEATURES = {**MULTITASK_FEATURES,
+                "labels": [{"name": "click"}, {"name": "conversion"}, MULTITASK_FEATURES["labels"][1]]}
+E2E_MODELS = {"mmoe": {"num_experts": 2, "expert_units": [4]}, "esmm": {}}
+
+
+def _cli(*args, timeout=300):
+    from tests.mpi_util import MPI_ENV, REPO
+    proc = subprocess.run([sys.executable, "-m", "hybridps.cli", *map(str, args)], cwd=REPO,
+                          env=dict(os.environ, **MPI_ENV, PYTHONPATH=REPO), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc.stdout
+
+
+def _e2e_rows(n):
+    """multitask_rows with a conversion (only after a click, None where the click is), as raw
+    request values: the text features' values as text (integers as their decimal text)."""
+    columns = multitask_rows(n, seed=3)
+    columns["conversion"] = [None if c is None else int(c == 1 and i % 3 == 0)
+                             for i, c in enumerate(columns["click"])]
+    return columns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(E2E_MODELS))
+def test_a_multitask_run_exports_and_serves_what_predict_writes(tmp_path, tf, model):
+    """Train (1 rank, synthetic rows of the schema, a checkpoint and full + delta exports),
+    `hybridps predict` a Parquet file: the SavedModel of `hybridps export` on the same raw
+    rows answers each task as predict's column (the sigmoid of a binary task, the value of
+    the regression task), and the serve app on the trained full + delta exports answers the
+    same in row and column form."""
+    import pyarrow.parquet as pq
+    import yaml
+    from hybridps.export.saved_model import export_saved_model
+    from hybridps.serving.live import LiveModel
+    from tests.test_serve import _post, _with_client
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"features": E2E_FEATURES, "model": model, "hidden": [8],
+                                      **E2E_MODELS[model]}))
+    exports = tmp_path / "exports"
+    _cli("train", "--config", config, "--data", "synthetic", "--vocab-size", 200, "--steps", 4,
+         "--batch-size", 32, "--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 4,
+         "--delta-export-dir", exports, "--delta-every", 2, "--full-export-every", 2, "--no-progress")
+    assert sorted(os.listdir(exports)) == ["delta-0000000002-0000000002-0000000004",
+                                           "full-0000000001-0000000002"]
+    columns = _e2e_rows(48)
+    data = write_parquet(tmp_path / "rows.parquet", columns, 16)
+    _cli("predict", "--checkpoint", tmp_path / "ckpt", "--data", data, "--out", tmp_path / "p.parquet")
+    predicted = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    tasks = ["click", "conversion", "rating"]
+    assert {"click", "conversion", "rating", "rating_label"} <= set(predicted)
+
+    result = export_saved_model(tmp_path / "ckpt", tmp_path / "savedmodel")
+    schema = result["schema"]
+    assert result["tasks"] == tuple(tasks) and schema.task_names == tuple(tasks)
+    signature = tf.saved_model.load(result["path"]).signatures["serving_default"]
+    assert sorted(signature.structured_outputs) == tasks
+    values = {name: [[str(v) for v in cell] if isinstance(cell, list) else str(cell)
+                     for cell in columns[name]] for name in ("user", "item", "tags", "seen")}
+    raw = {**columns, **values}
+    served = _call(signature, raw_inputs(schema, raw), tf)
+    for task in tasks:
+        np.testing.assert_allclose(served[task], predicted[task], rtol=1e-5, atol=1e-6, err_msg=task)
+    for task in ("click", "conversion"):                                  # probabilities
+        assert ((served[task] > 0) & (served[task] < 1)).all()
+
+    live = LiveModel(exports)
+    held = live.catch_up()                           # the full export of step 2, its delta to 4
+    assert (held.sequence, held.step) == (2, 4) and live.module.task_names == tuple(tasks)
+    features = [f["name"] for f in E2E_FEATURES["dense"]] + [f["name"] for f in E2E_FEATURES["sparse"]]
+    request = {name: [v.item() if isinstance(v, np.generic) else v for v in raw[name]] for name in features}
+    request = {name: [[int(x) if isinstance(x, np.integer) else x for x in v] if isinstance(v, list) else v
+                      for v in cells] for name, cells in request.items()}
+    instances = [{name: request[name][i] for name in features} for i in range(48)]
+
+    async def scenario(client):
+        code, answer = await _post(client, {"instances": instances})
+        assert code == 200 and (answer["version"], answer["step"]) == (2, 4), answer
+        for task in tasks:
+            np.testing.assert_allclose([p[task] for p in answer["predictions"]], predicted[task],
+                                       rtol=1e-5, atol=1e-6, err_msg=task)
+        code, answer = await _post(client, {"inputs": request})
+        assert code == 200 and sorted(answer["outputs"]) == tasks, answer
+        for task in tasks:
+            np.testing.assert_allclose(answer["outputs"][task], predicted[task], rtol=1e-5, atol=1e-6,
+                                       err_msg=task)
+    live.start()
+    try:
+        _with_client(live, scenario)
+    finally:
+        live.stop()

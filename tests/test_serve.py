@@ -520,9 +520,9 @@ def test_serve_answers_every_task_in_row_and_column_form(tmp_path, tf):
     from hybridps.serving.follower import ServedVersion
     from hybridps.serving.live import LiveModel
     from hybridps.step import sample_inputs
-    from tests.export_reference import (TWO_TASK_SCHEMA, build_two_task_model, inputs_by_hand, raw_rows,
-                                        sigmoid, table_rows)
-    schema = build_schema(make_config(overrides={"features": TWO_TASK_SCHEMA}))
+    from tests.export_reference import (LABELLED_TWO_TASK_SCHEMA, build_two_task_model, inputs_by_hand,
+                                        raw_rows, sigmoid, table_rows)
+    schema = build_schema(make_config(overrides={"features": LABELLED_TWO_TASK_SCHEMA}))
     columns = raw_rows(12, seed=4)
     rows = table_rows(schema, columns)
     tf.keras.utils.set_random_seed(1)

@@ -34,9 +34,9 @@ The module
     ``feature_keys`` in the graph; ``ids``: ``dense`` (log1p already applied) and ``keys``
     int64 [None, 26], the keys as hybridps.data.criteo computes them.
 
-  Both return, for a model of one output, ``probability`` and ``logit`` (float32 [None]); for a
-  model returning a dict of tasks, one output per task named by the task: a binary task's
-  probability, a regression task's value (``task_names`` lists them).
+  Both return, for a schema of one ``label``, ``probability`` and ``logit`` (float32 [None]);
+  for a schema of ``labels:``, one output per task of the schema named by the task: a binary
+  task's probability, a regression task's value (``task_names`` lists them).
 """
 import os
 import time
@@ -90,9 +90,7 @@ def _make_serving_module_class(tf):
             self.step = tf.Variable(int(step), dtype=tf.int64, trainable=False, name="step")
             self.model_hash = tf.Variable(model_hash, dtype=tf.string, trainable=False, name="model_hash")
             self.serve, self.serve_values = _serve_functions(tf, model, schema, self.tables)
-            # the tasks of the model's outputs (None: one tensor, answered as logit and probability)
-            from hybridps.step import sample_inputs
-            self.task_names = task_names_of(model(sample_inputs(tf, schema), training=False))
+            self.task_names = task_names_of(schema)
             for t, (table, table_config) in enumerate(zip(self.tables, schema.tables)):
                 setattr(self, f"apply_rows_{t}", _apply_rows_function(tf, table, table_config.dim))
                 setattr(self, f"remove_rows_{t}", _remove_rows_function(tf, table))
@@ -127,23 +125,27 @@ def _remove_rows_function(tf, table):
 
 
 def _task_predictions(tf, outputs, schema):
-    """The signature's outputs of a model's outputs: one tensor (one task) -> ``logit`` and
-    ``probability`` (B,); a dict {task: (B,) or (B, 1)} -> {task: prediction (B,)}, the
-    sigmoid of a binary task's logit, a regression task's value as the model returns it."""
+    """The signature's outputs of a model's outputs, by the schema's tasks: a schema of one
+    ``label`` -> ``logit`` and ``probability`` (B,) (the model returns one tensor, or a dict
+    holding ``label``); a ``labels:`` schema -> {task: (B,)} per task of the schema, the
+    sigmoid of a binary task's logit, a regression task's value as the model returns it (a
+    model's other outputs are not served)."""
     from hybridps.step import logits_of
-    if not isinstance(outputs, dict):
-        logit = logits_of(tf, outputs)
+
+    def output(name):
+        return logits_of(tf, outputs[name] if isinstance(outputs, dict) else outputs)
+
+    if not schema.labels:
+        logit = output(schema.task_names[0])
         return {"logit": logit, "probability": tf.sigmoid(logit)}
-    # the schema's tasks (features.labels) say which are regression; a schema without them has
-    # binary tasks only
-    regression = {t.name for t in getattr(schema, "tasks", ()) if t.kind == "regression"}
-    return {name: logits_of(tf, value) if name in regression else tf.sigmoid(logits_of(tf, value))
-            for name, value in outputs.items()}
+    return {task.name: output(task.name) if task.kind == "regression" else tf.sigmoid(output(task.name))
+            for task in schema.labels}
 
 
-def task_names_of(outputs):
-    """The task names of a model's outputs (a dict's keys, sorted), None for one tensor."""
-    return tuple(sorted(outputs)) if isinstance(outputs, dict) else None
+def task_names_of(schema):
+    """The outputs of the serving signatures named by task (a ``labels:`` schema's task
+    names), None for a schema of one ``label`` (answered as ``logit`` and ``probability``)."""
+    return schema.task_names if schema.labels else None
 
 
 def value_input_spec(tf, feature):

@@ -150,7 +150,8 @@ class LiveModel:
         for p in stale:
             p.deliver(None, version, HybridPSError("the model changed while the request waited; "
                                                    "send it again"))
-        tasks = getattr(module, "task_names", None)     # None: one task (or no model yet)
+        # the schema's tasks (hybridps.export.saved_model.task_names_of); None: one label
+        tasks = module.task_names if module is not None else None
         for p in batch:
             if p.schema is schema and not p.rows:
                 p.deliver(_empty_predictions(tasks), version, None)
