@@ -781,3 +781,96 @@ def test_output_columns_hold_every_field_met_in_order_with_none_where_a_row_lack
     assert columns_of([{"a": 1, "b": 2}, {"b": 4, "a": 3}]) == {"a": [1, 3], "b": [2, 4]}
     assert columns_of([{"a": 1, "b": 2}, {"a": 3, "c": 5}]) == {"a": [1, 3], "b": [2, None], "c": [None, 5]}
     assert columns_of([{"a": 1}, {"a": 2}]) == {"a": [1, 2]}
+
+
+# ---------------------------------------------------------------------- joined rows -> a multi-task trainer
+def funnel_truth():
+    """(impressions, actions sorted by event time, {impression index: (click, conversion)}): 240
+    impressions half a second apart; every third clicked after (i % 7) * 2 s (12 s: beyond the
+    window); every sixth (a clicked one) also converts ((i // 6) % 4) * 1.5 s after its click.
+    A label is 1 when its action comes within the window of the impression."""
+    impressions, actions, truth = [], [], {}
+    for i in range(N_IMPRESSIONS):
+        rid, t = f"r{i:04d}", i * 0.5
+        impressions.append(imp(rid, t, pos=i, user=i % 37, price=(i % 11) / 10.0))
+        click = conversion = 0
+        if i % 3 == 0:
+            click_delay = (i % 7) * 2.0
+            actions.append({"request_id": rid, "event_time": t + click_delay, "action": "click",
+                            "event_id": f"c{i}"})
+            click = int(click_delay <= WINDOW)
+            if i % 6 == 0:
+                conversion_delay = click_delay + ((i // 6) % 4) * 1.5
+                actions.append({"request_id": rid, "event_time": t + conversion_delay,
+                                "action": "conversion", "event_id": f"v{i}"})
+                conversion = int(conversion_delay <= WINDOW)
+        truth[i] = (click, conversion)
+    actions.sort(key=lambda a: a["event_time"])
+    return impressions, actions, truth
+
+
+ESMM_YAML = """\
+model: esmm
+hidden: [8]
+features:
+  labels: [{name: click}, {name: conversion}]
+  group_by: pos
+  dense: [{name: price}]
+  sparse:
+    - {name: user, table: ids}
+    - {name: item, table: ids}
+  tables:
+    ids: {dim: 4}
+"""
+
+
+@pytest.mark.slow
+def test_joined_click_and_conversion_rows_train_esmm_with_the_generators_labels(tmp_path):
+    """Impressions, clicks and conversions (only after a click) -> ``hybridps join`` with two
+    action types -> ``hybridps train`` (esmm, ``labels: [click, conversion]``) on its stream
+    directory until the end marker -> ``hybridps predict`` on the joined rows: every impression
+    trained once, each task's label column the generator's (``group_by: pos`` carries the
+    impression's index through to predict's output)."""
+    import json
+    import subprocess
+    import sys
+    import pyarrow.parquet as pq
+    from tests.mpi_util import MPI_ENV, REPO
+    impressions, actions, truth = funnel_truth()
+    for start in range(0, len(impressions), 40):
+        put_events(tmp_path / "imp", f"{start:05d}.parquet", impressions[start:start + 40])
+    for start in range(0, len(actions), 30):
+        put_events(tmp_path / "act", f"{start:05d}.parquet", actions[start:start + 30])
+    for name in ("imp", "act"):
+        open(tmp_path / name / "_END", "w").close()
+    assert sum(c for c, _ in truth.values()) and sum(v for _, v in truth.values())      # both tasks have positives
+    assert any(c and not v for c, v in truth.values())                                  # and clicks without conversion
+
+    def run(command, timeout):
+        proc = subprocess.run(command, cwd=REPO, env=dict(os.environ, **MPI_ENV), capture_output=True,
+                              text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    out = tmp_path / "samples"
+    joined = json.loads(run(join_command(tmp_path, f"stream:{out}")
+                            + ["--action-types", "click,conversion", "--emit", "on_close", "--late", "count"],
+                            timeout=60))
+    assert joined["emitted"] == N_IMPRESSIONS and os.path.exists(out / "_END")
+    (tmp_path / "esmm.yaml").write_text(ESMM_YAML)
+    cli = [sys.executable, "-m", "hybridps.cli"]
+    run(cli + ["train", "--config", str(tmp_path / "esmm.yaml"), "--data", f"stream:{out}", "--steps", "0",
+               "--batch-size", "24", "--checkpoint-dir", str(tmp_path / "ckpt"), "--no-progress",
+               "--metrics-out", str(tmp_path / "train.json")], timeout=120)
+    with open(tmp_path / "train.json") as fh:
+        trained = json.load(fh)
+    stats = trained["data_stats"]
+    assert trained["steps"] == N_IMPRESSIONS // 24 and trained["stopped_by"] == "end of stream", trained
+    assert (stats["rows"], stats["rows_left"]) == (N_IMPRESSIONS, 0)
+    assert stats["positives"] == sum(c for c, _ in truth.values())          # the first task's label: click
+    run(cli + ["predict", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(out),
+               "--out", str(tmp_path / "scores.parquet")], timeout=120)
+    scores = pq.read_table(tmp_path / "scores.parquet").to_pylist()
+    assert sorted(r["pos"] for r in scores) == list(range(N_IMPRESSIONS))
+    assert {r["pos"]: (r["click_label"], r["conversion_label"]) for r in scores} == truth
+    assert all(0.0 <= r["click"] <= 1.0 and 0.0 <= r["conversion"] <= 1.0 for r in scores)
