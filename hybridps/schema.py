@@ -32,7 +32,7 @@ YAML (under the top-level ``features:`` key of the ``--config`` file)::
         movie: {dim: 32, optimizer: adagrad, learning_rate: 0.05}
         genre: {dim: 8, min_count: 2}
 
-Several objectives: ``labels:`` instead of ``label:`` lists the tasks (:class:`Task`:
+Several objectives: ``labels:`` instead of ``label:`` lists the tasks (hybridps.tasks.Task:
 ``{name: watch_time, column: dwell, kind: regression, loss: huber, delta: 30, loss_weight:
 0.1}``; docs/multitask.md); ``weight:`` names an optional column of per-row loss weights.
 
@@ -49,14 +49,14 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from hybridps.errors import ConfigError
+from hybridps.schema_checks import check_name, is_int, is_number, no_unknown
+from hybridps.tasks import Task, parse_tasks
 
 POOLINGS = ("sum", "mean", "sqrtn", "none")
 TRANSFORMS = ("none", "log1p")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
 INITIALIZERS = ("normal", "uniform", "zeros")
 EVICTIONS = ("lfu", "lru")
-TASK_KINDS = ("binary", "regression")
-REGRESSION_LOSSES = ("mse", "huber")
 # Settings a table may set for itself; the rest of its row comes from the run's config.
 TABLE_FIELDS = ("dim", "optimizer", "learning_rate", "initializer", "init_std", "min_count",
                 "ttl_steps", "max_rows", "eviction")
@@ -74,7 +74,6 @@ VALUE_DTYPES = ("string", "int64")
 MAX_DIM = 4096           # an embedding row's width (production models use 8..512)
 MAX_LEN = 10000          # a sequence's longest list of ids (each id one row per sample)
 MAX_FIELDS = 10000       # the Criteo preset's num_fields and num_dense
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED = ("dense", "label")
 
 
@@ -133,19 +132,6 @@ class TableConfig:
     def policy(self):
         """min_count, ttl_steps, max_rows and eviction (metrics and manifests show these)."""
         return {name: getattr(self, name) for name in TABLE_POLICY_FIELDS}
-
-
-@dataclass(frozen=True)
-class Task:
-    """One objective of the ``labels:`` list: its label column, ``kind`` binary (the model
-    returns a logit, sigmoid cross-entropy) or regression (the model returns the value, ``loss``
-    mse or huber with ``delta``), and ``loss_weight`` in the weighted sum of the task losses."""
-    name: str
-    column: str
-    kind: str = "binary"
-    loss_weight: float = 1.0
-    loss: str = "logloss"
-    delta: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -303,24 +289,16 @@ def _check_table(table, where, own=()):
                      else f"'{field}' (the run's setting, which table {table.name!r} takes)")
             raise ConfigError(f"config field {named}: {getattr(table, field)!r} is "
                               f"invalid; allowed: {allowed}")
-    check(_is_int(table.dim) and 1 <= table.dim <= MAX_DIM, "dim",
+    check(is_int(table.dim) and 1 <= table.dim <= MAX_DIM, "dim",
           f"an integer from 1 to {MAX_DIM} (the widest embedding row hybridps accepts)")
     check(table.optimizer in SPARSE_OPTIMIZERS, "optimizer", ", ".join(SPARSE_OPTIMIZERS))
-    check(_is_number(table.learning_rate) and table.learning_rate > 0, "learning_rate", "a number > 0")
+    check(is_number(table.learning_rate) and table.learning_rate > 0, "learning_rate", "a number > 0")
     check(table.initializer in INITIALIZERS, "initializer", ", ".join(INITIALIZERS))
-    check(_is_number(table.init_std) and table.init_std >= 0, "init_std", "a number >= 0")
-    check(_is_int(table.min_count) and table.min_count >= 1, "min_count", "an integer >= 1")
-    check(_is_int(table.ttl_steps) and table.ttl_steps >= 0, "ttl_steps", "an integer >= 0 (0 = never)")
-    check(_is_int(table.max_rows) and table.max_rows >= 0, "max_rows", "an integer >= 0 (0 = unlimited)")
+    check(is_number(table.init_std) and table.init_std >= 0, "init_std", "a number >= 0")
+    check(is_int(table.min_count) and table.min_count >= 1, "min_count", "an integer >= 1")
+    check(is_int(table.ttl_steps) and table.ttl_steps >= 0, "ttl_steps", "an integer >= 0 (0 = never)")
+    check(is_int(table.max_rows) and table.max_rows >= 0, "max_rows", "an integer >= 0 (0 = unlimited)")
     check(table.eviction in EVICTIONS, "eviction", ", ".join(EVICTIONS))
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def criteo_field_groups(config, num_fields):
@@ -392,10 +370,10 @@ def criteo_preset(config, num_fields=CRITEO_NUM_FIELDS, num_dense=CRITEO_NUM_DEN
     ``table_layout`` / ``table_groups`` say, each field its own key space (its 0-based index,
     so fields sharing a table never share a row), ``table_settings`` for per-table admission
     and eviction (by table name: :func:`criteo_table_names`)."""
-    if not _is_int(num_fields) or not 1 <= num_fields <= MAX_FIELDS:
+    if not is_int(num_fields) or not 1 <= num_fields <= MAX_FIELDS:
         raise ConfigError(f"config field 'num_fields': {num_fields!r} is invalid; allowed: an "
                           f"integer from 1 to {MAX_FIELDS}")
-    if not _is_int(num_dense) or not 0 <= num_dense <= MAX_FIELDS:
+    if not is_int(num_dense) or not 0 <= num_dense <= MAX_FIELDS:
         raise ConfigError(f"config field 'num_dense': {num_dense!r} is invalid; allowed: an "
                           f"integer from 0 to {MAX_FIELDS}")
     groups = criteo_field_groups(config, num_fields)
@@ -415,7 +393,6 @@ def criteo_preset(config, num_fields=CRITEO_NUM_FIELDS, num_dense=CRITEO_NUM_DEN
 
 # ---------------------------------------------------------------------------- YAML
 _TOP_KEYS = ("label", "labels", "weight", "group_by", "dense", "sparse", "tables")
-_TASK_KEYS = ("name", "column", "kind", "loss_weight", "loss", "delta")
 _DENSE_KEYS = ("name", "column", "transform", "fill")
 _SPARSE_KEYS = ("name", "column", "table", "pooling", "max_len", "separator", "key_space",
                 "dtype")
@@ -425,8 +402,8 @@ def parse_features(data, config):
     """A validated FeatureSchema from the ``features:`` mapping of a YAML config."""
     if not isinstance(data, dict):
         raise ConfigError(f"'features' must be a mapping with {', '.join(_TOP_KEYS)}; got {data!r}")
-    _no_unknown(data, _TOP_KEYS, "features")
-    labels = _tasks(data)
+    no_unknown(data, _TOP_KEYS, "features")
+    labels = parse_tasks(data)
     label = labels[0].column if labels else data.get("label", "label")
     if not isinstance(label, str) or not label:
         raise ConfigError(f"features.label: expected the label column's name, got {label!r}")
@@ -441,12 +418,12 @@ def parse_features(data, config):
     tables = []
     for name, own in tables_in.items():
         name = str(name)
-        _check_name(name, "features.tables", "table")
+        _check_feature_name(name, "features.tables", "table")
         own = own or {}
         if not isinstance(own, dict):
             raise ConfigError(f"features.tables.{name}: expected a mapping of "
                               f"{', '.join(TABLE_FIELDS)}, got {own!r}")
-        _no_unknown(own, TABLE_FIELDS, f"features.tables.{name}")
+        no_unknown(own, TABLE_FIELDS, f"features.tables.{name}")
         tables.append(_table(config, name, own))
     dense = tuple(_dense_feature(item, i) for i, item in enumerate(_list(data, "dense")))
     sparse_items = _list(data, "sparse")
@@ -475,54 +452,6 @@ def parse_features(data, config):
                          group_by=group_by, labels=labels, weight=weight)
 
 
-def _tasks(data):
-    """The tasks of ``features.labels`` (() when the schema has the one ``label``)."""
-    if "labels" not in data:
-        return ()
-    if "label" in data:
-        raise ConfigError("features: give either 'label' (one binary label) or 'labels' (a list "
-                          "of tasks), not both")
-    items, tasks = data["labels"], []
-    if not isinstance(items, list) or not items:
-        raise ConfigError(f"features.labels: expected a list of tasks such as [{{name: click}}, "
-                          f"{{name: watch_time, kind: regression}}], got {items!r}")
-    for index, item in enumerate(items):
-        if isinstance(item, str):
-            item = {"name": item}
-        if not isinstance(item, dict) or "name" not in item:
-            raise ConfigError(f"features.labels[{index}]: expected {{name: ..., kind: binary|"
-                              f"regression}}, got {item!r}")
-        name = item["name"]
-        _check_name(name, f"features.labels[{index}]", "task")
-        where = f"features.labels.{name}"
-        _no_unknown(item, _TASK_KEYS, where)
-        kind = item.get("kind", "binary")
-        if kind not in TASK_KINDS:
-            raise ConfigError(f"{where}.kind: {kind!r} is not one of {', '.join(TASK_KINDS)}")
-        weight = item.get("loss_weight", 1.0)
-        if not _is_number(weight) or not weight >= 0:
-            raise ConfigError(f"{where}.loss_weight: expected a number >= 0, got {weight!r}")
-        loss = item.get("loss", "logloss" if kind == "binary" else "mse")
-        allowed = ("logloss",) if kind == "binary" else REGRESSION_LOSSES
-        if loss not in allowed:
-            raise ConfigError(f"{where}.loss: {loss!r} is not a loss of a {kind} task; allowed: "
-                              f"{', '.join(allowed)}")
-        delta, column = item.get("delta", 1.0), item.get("column", name)
-        if "delta" in item and loss != "huber":
-            raise ConfigError(f"{where}.delta: only the huber loss has a delta")
-        if not _is_number(delta) or not delta > 0:
-            raise ConfigError(f"{where}.delta: expected a number > 0, got {delta!r}")
-        if not isinstance(column, str) or not column:
-            raise ConfigError(f"{where}.column: expected a column name, got {column!r}")
-        tasks.append(Task(name=name, column=column, kind=kind, loss_weight=float(weight),
-                          loss=loss, delta=float(delta)))
-    names = [t.name for t in tasks]
-    if len(set(names)) < len(names):
-        raise ConfigError(f"features.labels: a task name is used twice in {names}; task names "
-                          f"must be unique")
-    return tuple(tasks)
-
-
 def _list(data, key):
     items = data.get(key) or []
     if not isinstance(items, list):
@@ -530,16 +459,8 @@ def _list(data, key):
     return items
 
 
-def _no_unknown(mapping, allowed, where):
-    unknown = sorted(str(k) for k in mapping if k not in allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
-
-
-def _check_name(name, where, what):
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"{where}: {name!r} is not a valid {what} name (letters, digits and "
-                          f"_, not starting with a digit)")
+def _check_feature_name(name, where, what):
+    check_name(name, where, what)
     if what == "feature" and name in _RESERVED:
         raise ConfigError(f"{where}: {name!r} is reserved (the model's inputs['dense'] holds the "
                           f"dense features, 'label' the labels); rename the feature")
@@ -551,15 +472,15 @@ def _dense_feature(item, index):
         item = {"name": item}
     if not isinstance(item, dict) or "name" not in item:
         raise ConfigError(f"{where}: expected {{name: ..., transform: none|log1p}}, got {item!r}")
-    _no_unknown(item, _DENSE_KEYS, f"{where} ({item.get('name')})")
+    no_unknown(item, _DENSE_KEYS, f"{where} ({item.get('name')})")
     name = item["name"]
-    _check_name(name, where, "feature")
+    _check_feature_name(name, where, "feature")
     transform = item.get("transform", "none")
     if transform not in TRANSFORMS:
         raise ConfigError(f"features.dense.{name}.transform: {transform!r} is not one of "
                           f"{', '.join(TRANSFORMS)}")
     fill = item.get("fill", 0.0)
-    if not _is_number(fill):
+    if not is_number(fill):
         raise ConfigError(f"features.dense.{name}.fill: expected a number, got {fill!r}")
     return DenseFeature(name=name, column=str(item.get("column", name)), transform=transform,
                         fill=float(fill))
@@ -570,9 +491,9 @@ def _sparse_feature(item, index, table_names):
     if not isinstance(item, dict) or "name" not in item:
         raise ConfigError(f"{where}: expected {{name: ..., table: ...}}, got {item!r}")
     name = item["name"]
-    _check_name(name, where, "feature")
+    _check_feature_name(name, where, "feature")
     where = f"features.sparse.{name}"
-    _no_unknown(item, _SPARSE_KEYS, where)
+    no_unknown(item, _SPARSE_KEYS, where)
     table = item.get("table")
     if table is None:
         raise ConfigError(f"{where}: 'table' is missing; name one of the tables {table_names}")
@@ -591,7 +512,7 @@ def _sparse_feature(item, index, table_names):
         if pooling is None:
             raise ConfigError(f"{where}.max_len: only list features (with pooling) have a "
                               f"max_len; a single-valued feature has one id per sample")
-        if not _is_int(max_len) or not 1 <= max_len <= MAX_LEN:
+        if not is_int(max_len) or not 1 <= max_len <= MAX_LEN:
             raise ConfigError(f"{where}.max_len: {max_len!r} is invalid; allowed: an integer from "
                               f"1 to {MAX_LEN} (the longest sequence hybridps accepts)")
     separator = item.get("separator", "|")

@@ -27,7 +27,7 @@ import numpy as np
 
 from hybridps.errors import ConfigError
 from hybridps.models.loss import task_loss_sums
-from hybridps.schema import Task
+from hybridps.tasks import Task
 
 ONE_LABEL = (Task(name="label", column="label"),)
 

@@ -30,7 +30,7 @@ class Batch:
         keys: int64 (B, S), the hashed keys of the single-valued features (see
             :mod:`hybridps.data.hashing`), one column per feature in schema order.
         labels: float32 (B,), 0.0 or 1.0, for a schema of one ``label``; for a schema of
-            ``labels:`` (hybridps.schema.Task) (B, T), one column per task, NaN where the row's
+            ``labels:`` (hybridps.tasks.Task) (B, T), one column per task, NaN where the row's
             label of that task is missing (the row is left out of that task's loss and metrics).
         weights: optional float32 (B,), each row's loss weight (the schema's ``weight``).
         lists: feature name -> (values int64 (N,), lengths int32 (B,)) of the multi-hot and

@@ -1,7 +1,7 @@
 """Losses: the mean logloss of one batch, the sum the trainer turns into a global mean, and
 the per-task sums of several objectives (:func:`task_loss_sums`).
 
-Several tasks (hybridps.schema.Task): the objective of a step is
+Several tasks (hybridps.tasks.Task): the objective of a step is
 ``sum_t loss_weight_t * S_t / N_t`` with ``S_t = sum_i w_i * loss_t(y_it, f_it)`` over this
 rank's rows whose label of task t is present and ``N_t`` the number of such rows over every
 rank (the trainer counts them; so BSP on N ranks is the step of one rank on all rows). A
@@ -52,7 +52,7 @@ def task_loss_sums(labels, outputs, weights, tasks) -> tf.Tensor:
         labels: (B, T) float32, NaN where the row's label of that task is missing.
         outputs: (B, T) the model's outputs (logits of binary tasks, values of regression ones).
         weights: (B,) each row's loss weight.
-        tasks: the T hybridps.schema.Task (kind, loss, delta), in column order.
+        tasks: the T hybridps.tasks.Task (kind, loss, delta), in column order.
     Returns:
         (T,) sums ``S_t`` (see the module docstring).
     """
