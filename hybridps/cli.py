@@ -80,9 +80,16 @@ def cmd_doctor(args):
 
 
 def cmd_train(args):
-    from hybridps.config import TrainConfig, make_config
-    from hybridps.settings import given_values
-    config = make_config(args.config, given_values(args, TrainConfig))
+    from hybridps.config import TrainConfig, keep_recorded_dense, make_config
+    from hybridps.settings import given_values, load_yaml
+    given = given_values(args, TrainConfig)
+    config = make_config(args.config, given)
+    if config.resume and config.checkpoint_dir:
+        from hybridps.checkpoint.manager import recorded_config
+        config, note = keep_recorded_dense(config, recorded_config(config.checkpoint_dir),
+                                           set(given) | set(load_yaml(args.config) if args.config else ()))
+        if note:
+            print(f"hybridps: {note}", file=sys.stderr)
     from hybridps import watchdog
     watchdog.configure(config.watchdog_timeout)
     from hybridps.trainer import Trainer

@@ -291,6 +291,28 @@ def training_differences(config, saved):
     return sorted(k for k in set(mine) - OUTPUT_FIELDS if mine[k] != theirs[k])
 
 
+DENSE_SETTINGS = ("dense_optimizer", "dense_learning_rate")
+
+
+def keep_recorded_dense(config, recorded, given):
+    """The config a resume trains with: when the checkpoint's ``recorded`` config (its
+    manifest's) left the dense optimizer to follow the sparse one (``dense_optimizer: null``,
+    as every hybridps before dense Adam became the default wrote it) and the run does not give
+    ``given`` (the names set by its YAML or flags) a dense setting, the run keeps that instead
+    of taking today's default: the same command resumes the same training. Returns (config,
+    a note for the log or None)."""
+    if (not recorded or recorded.get("dense_optimizer") is not None
+            or set(DENSE_SETTINGS) & set(given)
+            or (config.dense_optimizer, config.dense_learning_rate) == (None, recorded.get("dense_learning_rate"))):
+        return config, None
+    kept = dataclasses.replace(config, dense_optimizer=None,
+                               dense_learning_rate=recorded.get("dense_learning_rate"))
+    optimizer, rate = _effective_dense(kept.to_dict())
+    return kept, (f"the checkpoint's dense layers followed the sparse optimizer ({optimizer}, "
+                  f"learning rate {rate}); resuming keeps that (give --dense-optimizer and "
+                  f"--dense-learning-rate to change it)")
+
+
 def _effective_dense(values):
     """(dense optimizer, dense learning rate) that the fields of a config dict mean."""
     optimizer = values["dense_optimizer"] or (values["optimizer"] if values["optimizer"] in DENSE_OPTIMIZERS

@@ -367,3 +367,19 @@ def test_per_table_admission_and_eviction_during_training(tmp_path):
     assert policies[0] == {"min_count": 1, "ttl_steps": 0, "max_rows": 40, "eviction": "lru"}
     assert policies[1]["min_count"] == manifest["tables"][1]["min_count"] == 3
     assert manifest["tables"][1]["candidates"] > 0 and manifest["tables"][0]["candidates"] == 0
+
+
+def test_a_resume_keeps_a_checkpoints_dense_layers_that_followed_the_sparse_optimizer():
+    """A checkpoint of hybridps before dense Adam became the default recorded dense_optimizer
+    null (the MLP followed the sparse optimizer and rate): the same command resumes it the same."""
+    from hybridps.config import keep_recorded_dense, make_config
+    old = {"optimizer": "adagrad", "learning_rate": 0.05, "dense_optimizer": None, "dense_learning_rate": None}
+    config = make_config(overrides={"optimizer": "adagrad", "learning_rate": 0.05, "resume": True,
+                                    "checkpoint_dir": "/c"})
+    kept, note = keep_recorded_dense(config, old, given={"optimizer", "learning_rate", "resume"})
+    assert (kept.effective_dense_optimizer, kept.dense_learning_rate) == ("adagrad", None)
+    assert "followed the sparse optimizer (adagrad, learning rate 0.05)" in note
+    # a dense setting given by the run, a checkpoint of today's defaults, or none: nothing changes
+    for recorded, given in ((old, {"dense_optimizer"}), (old, {"dense_learning_rate"}),
+                            ({**old, "dense_optimizer": "adam"}, set()), (None, set())):
+        assert keep_recorded_dense(config, recorded, given) == (config, None)

@@ -24,6 +24,16 @@ from hybridps.errors import CheckpointError, ConfigError
 from hybridps.wording import counted
 
 
+def recorded_config(root):
+    """The config dict recorded by the checkpoint a resume from ``root`` would take (its
+    manifest's ``config``), or None without one."""
+    from hybridps.checkpoint.reader import load_manifest
+    if not root or not os.path.isdir(root):
+        return None
+    point = find_resume_point(root)
+    return load_manifest(point.path).get("config") if point.path else None
+
+
 def find_resume_point(root, verify="quick"):
     """The checkpoint to resume from: the one ``latest`` names, or the newest older intact one.
 
