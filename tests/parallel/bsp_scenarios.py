@@ -29,6 +29,8 @@ from hybridps.sparse import CollectiveExchange, OwnerShard, SparseLayout
 from hybridps.sparse.routing import owner_ranks
 from hybridps.sparse.table import initial_rows
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 GLOBAL_BATCH = 32
 STEPS = 6
 LR = 0.1
@@ -124,6 +126,7 @@ def training_scenarios(comm, out_dir):
 def multitask_scenario(comm, out_dir):
     from hybridps.inference import evaluate_checkpoint, predict_checkpoint
     from hybridps.trainer import Trainer
+    sys.path.insert(0, REPO_ROOT)       # mpirun runs this file as a script: tests/ is not on the path
     from tests.schema_data import MULTITASK_FEATURES, multitask_rows, write_multitask_csv
     run_dir = os.path.join(out_dir, "multitask")
     train, heldout = os.path.join(out_dir, "mt-train.csv"), os.path.join(out_dir, "mt-heldout.csv")
