@@ -295,12 +295,9 @@ DENSE_SETTINGS = ("dense_optimizer", "dense_learning_rate")
 
 
 def keep_recorded_dense(config, recorded, given):
-    """The config a resume trains with: when the checkpoint's ``recorded`` config (its
-    manifest's) left the dense optimizer to follow the sparse one (``dense_optimizer: null``,
-    as every hybridps before dense Adam became the default wrote it) and the run does not give
-    ``given`` (the names set by its YAML or flags) a dense setting, the run keeps that instead
-    of taking today's default: the same command resumes the same training. Returns (config,
-    a note for the log or None)."""
+    """(config, log note or None) of a resume: a checkpoint whose ``recorded`` config left the
+    dense optimizer to the sparse one (null: hybridps before dense Adam was the default) keeps
+    that unless ``given`` (names set by YAML or flags) has a dense setting: same command, same run."""
     if (not recorded or recorded.get("dense_optimizer") is not None
             or set(DENSE_SETTINGS) & set(given)
             or (config.dense_optimizer, config.dense_learning_rate) == (None, recorded.get("dense_learning_rate"))):
