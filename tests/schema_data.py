@@ -88,8 +88,8 @@ def multitask_rows(n, seed=0):
     return columns
 
 
-def write_multitask_csv(path, columns):
-    """The columns as CSV (a missing label: an empty cell; lists joined by |)."""
+def write_csv(path, columns):
+    """The columns as CSV (None, a missing value: an empty cell; lists joined by |)."""
     names = list(columns)
     lines = [",".join(names)]
     for i in range(len(columns["row"])):

@@ -23,7 +23,7 @@ import pytest
 from hybridps import testing_hooks
 from hybridps.errors import DataError
 from tests.mpi_util import MPI_ENV, REPO, mpirun_available
-from tests.schema_data import FEATURES, rows, write_parquet
+from tests.schema_data import FEATURES, rows, write_csv, write_parquet
 
 BATCH = 8                    # per rank; 16 rows per global step
 STREAM_FEATURES = dict(FEATURES, group_by="row")
@@ -368,18 +368,6 @@ def test_a_directory_stream_reads_files_in_name_order_and_skips_what_it_must(tmp
     os.remove(tmp_path / "b-0002.parquet")
     with pytest.raises(DataError, match="no longer there"):
         DirectoryStream(str(tmp_path), schema).restore(state)
-
-
-def write_csv(path, columns):
-    names = list(columns)
-    lines = [",".join(names)]
-    for i in range(len(columns["row"])):
-        cells = []
-        for name in names:
-            value = columns[name][i]
-            cells.append("|".join(map(str, value)) if isinstance(value, list) else str(value))
-        lines.append(",".join(cells))
-    path.write_text("\n".join(lines) + "\n")
 
 
 def directory_like(seeds, counts):

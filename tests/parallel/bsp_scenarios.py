@@ -127,13 +127,13 @@ def multitask_scenario(comm, out_dir):
     from hybridps.inference import evaluate_checkpoint, predict_checkpoint
     from hybridps.trainer import Trainer
     sys.path.insert(0, REPO_ROOT)       # mpirun runs this file as a script: tests/ is not on the path
-    from tests.schema_data import MULTITASK_FEATURES, multitask_rows, write_multitask_csv
+    from tests.schema_data import MULTITASK_FEATURES, multitask_rows, write_csv
     run_dir = os.path.join(out_dir, "multitask")
     train, heldout = os.path.join(out_dir, "mt-train.csv"), os.path.join(out_dir, "mt-heldout.csv")
     if comm.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-        write_multitask_csv(train, multitask_rows(GLOBAL_BATCH * STEPS, seed=21))
-        write_multitask_csv(heldout, multitask_rows(60, seed=22))
+        write_csv(train, multitask_rows(GLOBAL_BATCH * STEPS, seed=21))
+        write_csv(heldout, multitask_rows(60, seed=22))
     comm.barrier()
     config = make_config(overrides={
         "model": "mmoe", "features": MULTITASK_FEATURES, "data": train, "steps": STEPS,
