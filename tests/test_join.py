@@ -454,14 +454,19 @@ def ground_truth():
     return impressions, actions, labels, late, repeats
 
 
-def write_inputs(tmp_path):
-    impressions, actions, labels, late, repeats = ground_truth()
-    for start in range(0, len(impressions), 25):
-        put_events(tmp_path / "imp", f"{start:05d}.parquet", impressions[start:start + 25])
-    for start in range(0, len(actions), 20):
-        put_events(tmp_path / "act", f"{start:05d}.parquet", actions[start:start + 20])
+def put_all_events(tmp_path, impressions, actions, impressions_per_file, actions_per_file):
+    """Both sources as stream directories imp/ and act/ of files of the given sizes, ended."""
+    for start in range(0, len(impressions), impressions_per_file):
+        put_events(tmp_path / "imp", f"{start:05d}.parquet", impressions[start:start + impressions_per_file])
+    for start in range(0, len(actions), actions_per_file):
+        put_events(tmp_path / "act", f"{start:05d}.parquet", actions[start:start + actions_per_file])
     for name in ("imp", "act"):
         open(tmp_path / name / "_END", "w").close()
+
+
+def write_inputs(tmp_path):
+    impressions, actions, labels, late, repeats = ground_truth()
+    put_all_events(tmp_path, impressions, actions, 25, 20)
     return labels, late, repeats
 
 
@@ -839,12 +844,7 @@ def test_joined_click_and_conversion_rows_train_esmm_with_the_generators_labels(
     import pyarrow.parquet as pq
     from tests.mpi_util import MPI_ENV, REPO
     impressions, actions, truth = funnel_truth()
-    for start in range(0, len(impressions), 40):
-        put_events(tmp_path / "imp", f"{start:05d}.parquet", impressions[start:start + 40])
-    for start in range(0, len(actions), 30):
-        put_events(tmp_path / "act", f"{start:05d}.parquet", actions[start:start + 30])
-    for name in ("imp", "act"):
-        open(tmp_path / name / "_END", "w").close()
+    put_all_events(tmp_path, impressions, actions, 40, 30)
     assert sum(c for c, _ in truth.values()) and sum(v for _, v in truth.values())      # both tasks have positives
     assert any(c and not v for c, v in truth.values())                                  # and clicks without conversion
 
