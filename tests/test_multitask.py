@@ -527,3 +527,42 @@ def test_tensorboard_gets_each_tasks_evaluation_under_its_name(tmp_path):
     assert scalars == {("eval/rows", 7): 10.0, ("eval/click/auc", 7): 0.75,
                        ("eval/click/logloss", 7): 0.5, ("eval/rating/rmse", 7): 1.25,
                        ("eval/rating/mae", 7): 0.5}
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_an_esmm_run_with_a_post_click_task_evaluates_and_predicts_it_over_clicked_rows(tmp_path):
+    """Train esmm (one process) on the synthetic funnel's Parquet rows with the task
+    ``cvr`` (the conversion given the click, ipw), then evaluate and predict held-out rows:
+    cvr is reported over the clicked rows only (counted with pyarrow, AUC against scikit-learn
+    on predict's column), its label is null on the other rows, and its prediction is ESMM's
+    pCVR (pCTCVR / pCTR of the same rows)."""
+    import json
+    import pyarrow.parquet as pq
+    import yaml
+    from sklearn.metrics import roc_auc_score
+    from hybridps.bench.multitask import FUNNEL_LABELS, SCHEMA_FEATURES, write_funnel
+    from tests.test_export import _cli
+    train, heldout = str(tmp_path / "train.parquet"), str(tmp_path / "heldout.parquet")
+    write_funnel(train, 4096, seed=1, vocab_size=200, ctr=0.2)
+    write_funnel(heldout, 3000, seed=1, vocab_size=200, ctr=0.2, first_step=1000)
+    labels = FUNNEL_LABELS + [{"name": "cvr", "column": "conversion", "given": "click", "ipw": True}]
+    config = tmp_path / "esmm.yaml"
+    config.write_text(yaml.safe_dump({"model": "esmm", "hidden": [8],
+                                      "features": dict(SCHEMA_FEATURES, labels=labels)}))
+    _cli("train", "--config", config, "--data", train, "--steps", 16, "--batch-size", 256,
+         "--checkpoint-dir", tmp_path / "ckpt", "--no-progress")
+    report = json.loads(_cli("evaluate", "--checkpoint", tmp_path / "ckpt", "--data", heldout))
+    _cli("predict", "--checkpoint", tmp_path / "ckpt", "--data", heldout, "--out", tmp_path / "p.parquet")
+    rows = pq.read_table(heldout, columns=["click", "conversion"]).to_pydict()
+    click, conversion = np.array(rows["click"]), np.array(rows["conversion"])
+    clicked = click == 1
+    cvr = report["tasks"]["cvr"]
+    assert (report["rows"], report["tasks"]["conversion"]["rows"]) == (3000, 3000)
+    assert (cvr["rows"], cvr["positives"]) == (int(clicked.sum()), int((conversion[clicked] == 1).sum()))
+    predicted = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    np.testing.assert_array_equal([v is None for v in predicted["cvr_label"]], ~clicked)
+    p_cvr = np.array(predicted["cvr"])
+    np.testing.assert_allclose(p_cvr, np.array(predicted["conversion"]) / np.array(predicted["click"]),
+                               rtol=1e-4)
+    assert cvr["auc"] == pytest.approx(roc_auc_score(conversion[clicked], p_cvr[clicked]), abs=1e-6)
