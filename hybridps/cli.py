@@ -26,7 +26,7 @@ def _add_train_arguments(parser):
 BENCH_RUNNERS = (
     ("table", "hash table vs pandas khash vs dict"),
     ("train", "collective BSP vs TF+Horovod baseline vs compute ceiling"),
-    ("multitask", "ESMM vs a conversion model trained on clicked rows only: conversion AUC"),
+    ("multitask", "ESMM, with and without a post-click loss, vs a clicked-rows conversion model"),
     ("compare", "collective vs parameter-server vs TF+Horovod, N ranks each"),
     ("scale", "2 and 4 hosts of the network-namespace test bed (root), 1 and 10 Gbit/s links, "
               "vs the scaling model"),

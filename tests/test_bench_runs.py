@@ -130,8 +130,9 @@ def test_bench_train_multitask_workload_runs_mmoe_on_two_tasks_against_its_ceili
 
 @pytest.mark.slow
 def test_bench_multitask_reports_esmm_and_the_clicked_rows_model(tmp_path):
-    """A tiny run of `hybridps bench multitask` (one process, two seeds): both models train
-    with the same pinned optimizer settings, the clicked-rows model is ESMM's pCVR tower, the
+    """A tiny run of `hybridps bench multitask` (one process, two seeds): every arm (ESMM,
+    ESMM with the post-click task, naive and ipw, and the clicked-rows model) trains with the
+    same pinned optimizer settings, the clicked-rows model is ESMM's pCVR tower, the
     clicked rows counted are those of each seed's own training file, the medians are those of
     the seeds."""
     import subprocess
@@ -152,16 +153,28 @@ def test_bench_multitask_reports_esmm_and_the_clicked_rows_model(tmp_path):
         seed_dir = tmp_path / f"seed{run['seed']}"
         clicks = pq.read_table(seed_dir / "train.parquet", columns=["click"])["click"]
         assert run["train_clicked"] == pc.sum(clicks).as_py() > 0
-        for key in ("esmm_cvr_auc_clicked", "baseline_cvr_auc_clicked", "esmm_ctr_auc", "esmm_ctcvr_auc"):
-            assert 0.0 <= run[key] <= 1.0, key
+        for prefix in ("esmm", "postclick", "postclick_ipw"):
+            for figure in ("cvr_auc_clicked", "cvr_auc_every_impression", "ctr_auc", "ctcvr_auc"):
+                assert 0.0 <= run[f"{prefix}_{figure}"] <= 1.0, (prefix, figure)
+        assert 0.0 <= run["baseline_cvr_auc_clicked"] <= 1.0
         assert run["esmm_steps"] == 6000 // 512
         assert run["baseline_steps"] == max(1, run["train_clicked"] // 512)
-        for arm, model in (("esmm", "esmm"), ("cvr-clicked", "hybridps.models.esmm:build_conversion_tower")):
+        tasks = {"esmm": [("click", None, False), ("conversion", None, False)],
+                 "esmm-postclick": [("click", None, False), ("conversion", None, False), ("cvr", "click", False)],
+                 "esmm-postclick-ipw": [("click", None, False), ("conversion", None, False), ("cvr", "click", True)],
+                 "cvr-clicked": None}
+        for arm in tasks:
             (manifest,) = (seed_dir / arm / "ckpt").glob("ckpt-*/manifest.json")
-            config = json.loads(manifest.read_text())["config"]
+            manifest = json.loads(manifest.read_text())
+            config = manifest["config"]
+            model = "hybridps.models.esmm:build_conversion_tower" if arm == "cvr-clicked" else "esmm"
             assert (config["model"], config["seed"]) == (model, run["seed"])
             assert (config["optimizer"], config["dense_optimizer"]) == ("adagrad", "adagrad")
             assert config["learning_rate"] == config["dense_learning_rate"] == 0.1
+            assert config["steps"] == (run["baseline_steps"] if arm == "cvr-clicked" else run["esmm_steps"])
+            labels = config["features"].get("labels")
+            got = None if labels is None else [(t["name"], t.get("given"), t.get("ipw", False)) for t in labels]
+            assert got == tasks[arm], arm
     for key, median in report["median"].items():
         assert median == sum(run[key] for run in report["runs"]) / 2, key
 

@@ -58,6 +58,47 @@ def test_bad_labels_are_config_errors_naming_the_task_and_field(labels, message)
         schema_of(dict(SMALL, labels=labels))
 
 
+POST_CLICK = dict(SMALL, labels=[{"name": "click"},
+                                 {"name": "cvr", "column": "buy", "given": "click", "ipw": True},
+                                 {"name": "rating", "column": "stars", "kind": "regression",
+                                  "given": "click"}])
+
+
+def test_a_task_given_another_parses_and_round_trips():
+    schema = schema_of(POST_CLICK)
+    assert [(t.name, t.column, t.given, t.ipw) for t in schema.tasks] == [
+        ("click", "click", None, False), ("cvr", "buy", "click", True),
+        ("rating", "stars", "click", False)]
+    assert schema_from_dict(schema.to_dict()) == schema
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([{"name": "a", "given": "a"}], r"features.labels.a.given: a task cannot be given itself"),
+    ([{"name": "a"}, {"name": "b", "given": "c"}], r"features.labels.b.given: 'c' is not a task"),
+    ([{"name": "r", "kind": "regression"}, {"name": "b", "given": "r"}],
+     r"features.labels.b.given: 'r' is a regression task"),
+    ([{"name": "a"}, {"name": "b", "given": "a"}, {"name": "c", "given": "b"}],
+     r"features.labels.c.given: 'b' is itself given 'a'; chains are not supported"),
+    ([{"name": "a"}, {"name": "b", "given": 3}], r"features.labels.b.given: expected the name"),
+    ([{"name": "a"}, {"name": "b", "ipw": True}], r"features.labels.b.ipw: .* needs 'given'"),
+    ([{"name": "a"}, {"name": "b", "given": "a", "ipw": "yes"}], r"features.labels.b.ipw: expected true"),
+])
+def test_a_bad_given_is_a_config_error_naming_the_task(labels, message):
+    with pytest.raises(ConfigError, match=message):
+        schema_of(dict(SMALL, labels=labels))
+
+
+def test_the_parsed_cache_keys_a_given_and_keeps_the_keys_of_schemas_without_one():
+    """A cached part holds the masked labels: a schema with a given reads its own entries;
+    a schema without one keeps the key it had (its entries stay valid)."""
+    from hybridps.data.parsed_cache import conversion_inputs
+    plain = dict(POST_CLICK, labels=[{k: v for k, v in t.items() if k not in ("given", "ipw")}
+                                     for t in POST_CLICK["labels"]])
+    assert conversion_inputs(schema_of(plain))["labels"] == [
+        ["click", "click", "binary"], ["cvr", "buy", "binary"], ["rating", "stars", "regression"]]
+    assert conversion_inputs(schema_of(POST_CLICK)) != conversion_inputs(schema_of(plain))
+
+
 def test_label_and_labels_together_is_a_config_error():
     with pytest.raises(ConfigError, match="either 'label'"):
         schema_of(dict(SMALL, label="click"))
@@ -84,7 +125,8 @@ def write_small_parquet(path, columns=COLUMNS):
     import pyarrow.parquet as pq
     table = pa.table({"click": pa.array(columns["click"], pa.int64()),
                       "stars": pa.array(columns["stars"], pa.float64()),
-                      "w": columns["w"], "x": columns["x"], "item": columns["item"]})
+                      "w": columns["w"], "x": columns["x"], "item": columns["item"],
+                      **({"buy": pa.array(columns["buy"], pa.int64())} if "buy" in columns else {})})
     pq.write_table(table, path, row_group_size=3)
     return str(path)
 
@@ -98,6 +140,8 @@ def write_small_tfrecord(path, columns=COLUMNS):
                        "item": tf.train.Feature(int64_list=tf.train.Int64List(value=[columns["item"][i]]))}
             if columns["click"][i] is not None:      # an absent feature: a missing label
                 feature["click"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[columns["click"][i]]))
+            if columns.get("buy", [None] * len(columns["x"]))[i] is not None:
+                feature["buy"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[columns["buy"][i]]))
             if columns["stars"][i] is not None:
                 feature["stars"] = tf.train.Feature(float_list=tf.train.FloatList(value=[columns["stars"][i]]))
             writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
@@ -148,6 +192,43 @@ def test_the_directory_stream_and_the_redis_rows_carry_the_label_matrix(tmp_path
     np.testing.assert_array_equal(redis._rows(0, 6).labels, WANT_LABELS)
 
 
+WITH_BUY = dict(COLUMNS, buy=[1, 1, None, 0, 1, 0])      # a conversion column for POST_CLICK
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet", "tfrecord"])
+def test_every_reader_leaves_a_given_task_missing_where_its_given_label_is_not_1(tmp_path, kind):
+    """COLUMNS' click is 1, missing, 0, 1, 0, missing: a task given the click keeps its label on
+    rows 0 and 3 only (the binary cvr and the regression rating alike); the click is unchanged."""
+    write = {"csv": write_small_csv, "parquet": write_small_parquet, "tfrecord": write_small_tfrecord}[kind]
+    batch = read_all(kind, write(tmp_path / f"a.{kind}", WITH_BUY), schema_of(POST_CLICK))
+    want = np.full((6, 3), np.nan, np.float32)
+    want[:, 0] = WANT_LABELS[:, 0]
+    want[[0, 3], 1], want[[0, 3], 2] = [1, 0], [4.5, 2.25]
+    np.testing.assert_array_equal(batch.labels, want)
+
+
+def test_the_directory_stream_and_the_redis_rows_leave_a_given_task_missing(tmp_path):
+    from hybridps.data.columns import ColumnConverter
+    from hybridps.data.stream import DirectoryStream, RedisStream
+    from tests.test_readers import EveryRankReady
+    schema = schema_of(POST_CLICK)
+    (tmp_path / "in").mkdir()
+    write_small_csv(tmp_path / "in" / "a-1.csv", WITH_BUY)
+    open(tmp_path / "in" / "_END", "w").close()
+    (batch,) = list(DirectoryStream(str(tmp_path / "in"), schema).iter_batches(6, None, control=EveryRankReady()))
+    redis = RedisStream.__new__(RedisStream)
+    redis.schema, redis.where = schema, "redis://test/s"
+    redis.converter = ColumnConverter(schema)
+    redis.columns = redis.converter.required_columns()
+    redis.pending = [(f"{i}-0", {name.encode(): str(values[i]).encode()
+                                 for name, values in WITH_BUY.items() if values[i] is not None}, 0.0)
+                     for i in range(6)]
+    for labels in (batch.labels, redis._rows(0, 6).labels):
+        present = ~np.isnan(labels)
+        np.testing.assert_array_equal(present[:, 1], [True, False, False, True, False, False])
+        np.testing.assert_array_equal(labels[[0, 3], 1], [1, 0])
+
+
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
 @pytest.mark.parametrize("column, value, message", [
     ("click", 2, r"'click'.*the binary task 'click'"),
@@ -178,6 +259,20 @@ def test_the_synthetic_funnel_converts_only_after_a_click_and_observes_values_af
     assert 0.1 < conversion[click == 1].mean() < 0.9
     again = next(iter(SchemaSynthetic(schema_of(features), seed=5, vocab_size=1000).iter_batches(4096, 1)))
     np.testing.assert_array_equal(again.labels, batch.labels)      # deterministic, NaN included
+
+
+def test_the_synthetic_funnel_labels_a_task_given_the_click_on_clicked_rows_only():
+    """A post-click task reading the conversion's column: the conversion's labels where the
+    click is 1, missing elsewhere (as a reader of the same rows makes them)."""
+    from hybridps.data.synthetic_schema import SchemaSynthetic
+    features = dict(SMALL, labels=[{"name": "click"}, {"name": "conversion"},
+                                   {"name": "cvr", "column": "conversion", "given": "click"}])
+    features.pop("weight")
+    batch = SchemaSynthetic(schema_of(features), seed=5, vocab_size=1000).batch(0, 4096)
+    click, conversion, cvr = batch.labels.T
+    np.testing.assert_array_equal(np.isnan(cvr), click != 1)
+    np.testing.assert_array_equal(cvr[click == 1], conversion[click == 1])
+    assert 0 < np.count_nonzero(cvr == 1) < np.count_nonzero(click == 1)
 
 
 def test_the_synthetic_funnel_plants_a_rare_click_and_a_conversion_sharing_its_signal():
@@ -234,6 +329,37 @@ def test_task_loss_sums_equal_numpy_over_present_labels_with_row_weights():
     huber = np.where(error <= 0.5, 0.5 * error ** 2, 0.5 * (error - 0.25))
     want = [np.sum((weights * loss)[present[:, t]]) for t, loss in enumerate((logloss, squared, huber))]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_given_task_counts_on_the_rows_where_its_given_label_is_1_and_ipw_divides_by_pctr():
+    """A hand-built batch: the conversion given the click is in the loss on rows 0 and 3
+    only (the click is 0 or missing elsewhere); with ipw each row's loss is divided by its
+    clipped pCTR (sigmoid of the click output, clipped to [0.05, 1]) and no gradient reaches
+    the click output through that weight."""
+    import tensorflow as tf
+    from hybridps.models.loss import task_loss_sums
+    from hybridps.tasks import mask_given
+    click, conversion = [1, 0, np.nan, 1, 0], [1, 0, 1, 0, np.nan]
+    for ipw in (False, True):
+        tasks = (Task("click", "click"), Task("cvr", "conversion", given="click", ipw=ipw))
+        labels = mask_given(tasks, np.array([click, conversion], np.float32).T.copy())
+        np.testing.assert_array_equal(np.isnan(labels[:, 1]), [False, True, True, False, True])
+        outputs = tf.Variable(np.array([[0.3, 1.2], [-1.0, 0.4], [2.0, -0.7], [-4.0, -0.2],
+                                        [0.0, 0.9]], np.float32))
+        weights = np.array([1.0, 2.0, 0.5, 3.0, 1.0], np.float32)
+        with tf.GradientTape() as tape:
+            sums = task_loss_sums(tf.constant(labels), outputs, tf.constant(weights), tasks)
+            cvr_sum = sums[1]
+        gradient = tape.gradient(cvr_sum, outputs).numpy()
+        f = outputs.numpy().astype(np.float64)
+        p_cvr, p_ctr = 1 / (1 + np.exp(-f[:, 1])), 1 / (1 + np.exp(-f[:, 0]))
+        # rows 0 (converted) and 3 (not): -log p, -log(1 - p), times the row weight
+        losses = np.array([-np.log(p_cvr[0]), -np.log(1 - p_cvr[3])]) * weights[[0, 3]]
+        if ipw:     # p_ctr of row 3 is 0.018: clipped to 0.05
+            losses = losses / np.array([p_ctr[0], 0.05])
+        np.testing.assert_allclose(sums.numpy()[1], losses.sum(), rtol=1e-5)
+        np.testing.assert_allclose(gradient[:, 0], 0.0)        # the propensity is a constant
+        assert np.all(gradient[[1, 2, 4], 1] == 0)             # rows out of the task's loss
 
 
 class TwoHeads:
@@ -294,6 +420,35 @@ def test_esmm_supervises_the_conversion_by_the_product_of_its_two_towers():
     np.testing.assert_allclose(sig(out["conversion"].numpy()), sig(ctr) * sig(cvr), rtol=1e-5)
     with pytest.raises(ConfigError, match="esmm needs two binary tasks"):
         build_model("esmm", schema_of(SMALL), config)
+
+
+def test_esmm_answers_a_task_given_the_click_with_its_pcvr_tower_logit():
+    """With a post-click task (the conversion given the click), ESMM returns its pCVR tower's
+    logit for it, on the same weights as its pCTCVR; without one it builds the towers it
+    always did (ctr, cvr, then one per further task)."""
+    import tensorflow as tf
+    from hybridps.models import build_model
+    from hybridps.step import build_on_sample, sample_inputs
+    features = dict(FUNNEL, labels=FUNNEL["labels"] + [{"name": "cvr", "column": "conversion",
+                                                         "given": "click"}])
+    schema = schema_of(features)
+    config = make_config(overrides={"features": features, "hidden": [4], "seed": 3})
+    model = build_on_sample(tf, build_model("esmm", schema, config), schema)
+    inputs = sample_inputs(tf, schema, batch=3)
+    inputs["dense"] = tf.constant([[0.5], [-1.0], [2.0]])
+    inputs["item"] = tf.constant(np.random.default_rng(2).normal(size=(3, 4)), tf.float32)
+    out = model(inputs)
+    assert sorted(out) == ["click", "conversion", "cvr", "rating"]
+    x = tf.concat(model.feature_vectors(inputs) + [model.dense_input(inputs)], axis=1)
+    np.testing.assert_allclose(out["cvr"].numpy(), model._tower("cvr", x).numpy(), rtol=1e-6)
+    sig = lambda z: 1 / (1 + np.exp(-np.asarray(z, np.float64)))     # noqa: E731
+    np.testing.assert_allclose(sig(out["cvr"]), sig(out["conversion"]) / sig(out["click"]), rtol=1e-4)
+    assert list(model.tower_index) == ["ctr", "cvr", "rating"]       # no tower of its own
+    plain = build_model("esmm", schema_of(FUNNEL), config)
+    assert list(plain.tower_index) == ["ctr", "cvr", "rating"] and plain.post_click_tasks == []
+    with pytest.raises(ConfigError, match="esmm needs two binary tasks without 'given'"):
+        build_model("esmm", schema_of(dict(FUNNEL, labels=[{"name": "click"}, {
+            "name": "cvr", "column": "conversion", "given": "click"}])), config)
 
 
 def test_the_conversion_tower_is_esmm_pcvr_tower_alone_with_the_same_initial_weights():
@@ -372,3 +527,42 @@ def test_tensorboard_gets_each_tasks_evaluation_under_its_name(tmp_path):
     assert scalars == {("eval/rows", 7): 10.0, ("eval/click/auc", 7): 0.75,
                        ("eval/click/logloss", 7): 0.5, ("eval/rating/rmse", 7): 1.25,
                        ("eval/rating/mae", 7): 0.5}
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_an_esmm_run_with_a_post_click_task_evaluates_and_predicts_it_over_clicked_rows(tmp_path):
+    """Train esmm (one process) on the synthetic funnel's Parquet rows with the task
+    ``cvr`` (the conversion given the click, ipw), then evaluate and predict held-out rows:
+    cvr is reported over the clicked rows only (counted with pyarrow, AUC against scikit-learn
+    on predict's column), its label is null on the other rows, and its prediction is ESMM's
+    pCVR (pCTCVR / pCTR of the same rows)."""
+    import json
+    import pyarrow.parquet as pq
+    import yaml
+    from sklearn.metrics import roc_auc_score
+    from hybridps.bench.multitask import FUNNEL_LABELS, SCHEMA_FEATURES, write_funnel
+    from tests.test_export import _cli
+    train, heldout = str(tmp_path / "train.parquet"), str(tmp_path / "heldout.parquet")
+    write_funnel(train, 4096, seed=1, vocab_size=200, ctr=0.2)
+    write_funnel(heldout, 3000, seed=1, vocab_size=200, ctr=0.2, first_step=1000)
+    labels = FUNNEL_LABELS + [{"name": "cvr", "column": "conversion", "given": "click", "ipw": True}]
+    config = tmp_path / "esmm.yaml"
+    config.write_text(yaml.safe_dump({"model": "esmm", "hidden": [8],
+                                      "features": dict(SCHEMA_FEATURES, labels=labels)}))
+    _cli("train", "--config", config, "--data", train, "--steps", 16, "--batch-size", 256,
+         "--checkpoint-dir", tmp_path / "ckpt", "--no-progress")
+    report = json.loads(_cli("evaluate", "--checkpoint", tmp_path / "ckpt", "--data", heldout))
+    _cli("predict", "--checkpoint", tmp_path / "ckpt", "--data", heldout, "--out", tmp_path / "p.parquet")
+    rows = pq.read_table(heldout, columns=["click", "conversion"]).to_pydict()
+    click, conversion = np.array(rows["click"]), np.array(rows["conversion"])
+    clicked = click == 1
+    cvr = report["tasks"]["cvr"]
+    assert (report["rows"], report["tasks"]["conversion"]["rows"]) == (3000, 3000)
+    assert (cvr["rows"], cvr["positives"]) == (int(clicked.sum()), int((conversion[clicked] == 1).sum()))
+    predicted = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    np.testing.assert_array_equal([v is None for v in predicted["cvr_label"]], ~clicked)
+    p_cvr = np.array(predicted["cvr"])
+    np.testing.assert_allclose(p_cvr, np.array(predicted["conversion"]) / np.array(predicted["click"]),
+                               rtol=1e-4)
+    assert cvr["auc"] == pytest.approx(roc_auc_score(conversion[clicked], p_cvr[clicked]), abs=1e-6)

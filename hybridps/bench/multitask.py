@@ -1,4 +1,5 @@
-"""``hybridps bench multitask``: ESMM against a conversion model trained on clicked rows only.
+"""``hybridps bench multitask``: ESMM, with and without a post-click conversion loss, against a
+conversion model trained on clicked rows only.
 
 The selection bias and data sparsity ESMM exists for (Ma et al. 2018): a conversion model
 trained on the clicked rows only learns from a small sample (a few percent of the impressions),
@@ -11,14 +12,21 @@ generator):
 * ``esmm``: ``hybridps train --model esmm`` on every impression (tasks click, conversion);
   its pCVR of a held-out row is p_conversion / p_click of ``hybridps predict`` (the pCVR
   tower's probability);
+* ``esmm-postclick``: the same ESMM with a third task ``{name: cvr, column: conversion, given:
+  click}`` (hybridps.tasks): the conversion labelled on clicked rows only, which ESMM maps to its
+  pCVR tower's logit, so pCVR is also supervised on the clicked rows (ESCM²'s post-click
+  constraint, naive); its pCVR is ``hybridps predict``'s ``cvr`` column;
+* ``esmm-postclick-ipw``: the same with ``ipw: true`` (that loss divided by the clipped,
+  constant pCTR of each clicked row);
 * ``cvr-clicked``: ESMM's pCVR tower alone (hybridps.models.esmm.ConversionTower: the same
   layers and initial weights) trained on the clicked rows only, the conversion as its one label
   (``--baseline-model`` names another model).
 
-Both train on one process for the same number of epochs of their own rows, with the same batch
+All train on one process for the same number of epochs of their own rows, with the same batch
 size, the same embedding table and the same optimizer settings (pinned here, not the config's
 defaults); the figure is the conversion AUC over the held-out *clicked* rows (the rows a CVR
-model is meant for), and for ESMM also its click and pCTCVR AUCs over every held-out row. Each
+model is meant for) and over every held-out impression (against a conversion-if-clicked drawn from
+the planted probability), and for each ESMM its click and pCTCVR AUCs over every held-out row. Each
 seed of ``--seeds`` draws its own planted model and data; the report gives every seed's figures
 and their medians. Writes DIR/multitask.json and prints it.
 """
@@ -34,6 +42,10 @@ SCHEMA_FEATURES = {
     "tables": {"fields": {"dim": 8}},
 }
 FUNNEL_LABELS = [{"name": "click"}, {"name": "conversion"}]
+POST_CLICK = {"name": "cvr", "column": "conversion", "given": "click"}
+ESMM_ARMS = (("esmm", "esmm", FUNNEL_LABELS),               # (run directory, figures' prefix, tasks)
+             ("esmm-postclick", "postclick", FUNNEL_LABELS + [POST_CLICK]),
+             ("esmm-postclick-ipw", "postclick_ipw", FUNNEL_LABELS + [dict(POST_CLICK, ipw=True)]))
 BASELINE_MODEL = "hybridps.models.esmm:build_conversion_tower"
 OPTIMIZER = "adagrad"       # both models, sparse and dense (pinned: the defaults may change)
 
@@ -128,7 +140,7 @@ def main(args):
 
 
 def run_multitask_bench(args):
-    """Both runs per seed and their figures (module docstring); returns the report."""
+    """Every arm per seed and their figures (module docstring); returns the report."""
     from hybridps import comm as comm_module
     from hybridps.errors import ConfigError
     try:
@@ -141,8 +153,9 @@ def run_multitask_bench(args):
     os.makedirs(args.out, exist_ok=True)
     comm = comm_module.init(with_horovod=True)
     runs = [run_seed(comm, os.path.join(args.out, f"seed{seed}"), seed, args) for seed in seeds]
-    figures = ("esmm_cvr_auc_clicked", "baseline_cvr_auc_clicked", "esmm_cvr_auc_every_impression",
-               "baseline_cvr_auc_every_impression", "esmm_ctr_auc", "esmm_ctcvr_auc")
+    figures = [f"{prefix}_{figure}" for _, prefix, _ in ESMM_ARMS
+               for figure in ("cvr_auc_clicked", "cvr_auc_every_impression", "ctr_auc", "ctcvr_auc")]
+    figures += ["baseline_cvr_auc_clicked", "baseline_cvr_auc_every_impression"]
     report = {
         "train_impressions": args.train_rows, "heldout_impressions": args.heldout_rows,
         "ctr": args.ctr, "conversion_own_scale": args.conversion_own_scale, "vocab_size": args.vocab_size, "epochs": args.epochs,
@@ -158,7 +171,7 @@ def run_multitask_bench(args):
 
 
 def run_seed(comm, out, seed, args):
-    """ESMM and the clicked-rows model on the funnel of ``seed``: their figures."""
+    """The three ESMM arms and the clicked-rows model on the funnel of ``seed``: their figures."""
     from hybridps.data.auc import roc_auc
     os.makedirs(out, exist_ok=True)
     train, heldout = os.path.join(out, "train.parquet"), os.path.join(out, "heldout.parquet")
@@ -170,30 +183,37 @@ def run_seed(comm, out, seed, args):
                                           clicked_only=False)
     sys.stderr.write(f"bench multitask seed {seed}: {args.train_rows} impressions, "
                      f"{clicked_count} clicked\n")
-    esmm, esmm_steps = train_and_predict(comm, out, "esmm", "esmm",
-                                         dict(SCHEMA_FEATURES, labels=FUNNEL_LABELS), train, heldout,
-                                         args.train_rows, seed, args)
-    baseline, baseline_steps = train_and_predict(comm, out, "cvr-clicked", args.baseline_model,
-                                                 dict(SCHEMA_FEATURES, label="label"), clicked,
-                                                 heldout_labelled, clicked_count, seed, args)
-    click = np.asarray(esmm["click_label"], np.float64)
-    conversion = np.asarray(esmm["conversion_label"], np.float64)
-    p_cvr = np.asarray(esmm["conversion"], np.float64) / np.maximum(np.asarray(esmm["click"], np.float64), 1e-12)
-    was_clicked = click == 1
-    baseline_cvr = np.asarray(baseline["score"], np.float64)
     # every held-out impression's conversion if it were clicked, drawn from the planted probability
     if_clicked = np.random.default_rng([seed, 0xC0]).random(len(planted)) < planted
-    return {
-        "seed": seed, "train_clicked": clicked_count, "heldout_clicked": int(was_clicked.sum()),
-        "train_conversions": int(pq_sum(train, "conversion")),
-        "esmm_steps": esmm_steps, "baseline_steps": baseline_steps,
-        "esmm_cvr_auc_clicked": roc_auc(conversion[was_clicked], p_cvr[was_clicked]),
+    figures = {"seed": seed, "train_clicked": clicked_count, "train_conversions": int(pq_sum(train, "conversion"))}
+    for arm, prefix, labels in ESMM_ARMS:
+        esmm, figures["esmm_steps"] = train_and_predict(comm, out, arm, "esmm",
+                                                        dict(SCHEMA_FEATURES, labels=labels), train,
+                                                        heldout, args.train_rows, seed, args)
+        click = np.asarray(esmm["click_label"], np.float64)
+        conversion = np.asarray(esmm["conversion_label"], np.float64)
+        if "cvr" in esmm:       # the post-click task: the pCVR tower's probability
+            p_cvr = np.asarray(esmm["cvr"], np.float64)
+        else:
+            p_cvr = (np.asarray(esmm["conversion"], np.float64)
+                     / np.maximum(np.asarray(esmm["click"], np.float64), 1e-12))
+        was_clicked = click == 1
+        figures.update({
+            f"{prefix}_cvr_auc_clicked": roc_auc(conversion[was_clicked], p_cvr[was_clicked]),
+            f"{prefix}_cvr_auc_every_impression": roc_auc(if_clicked, p_cvr),
+            f"{prefix}_ctr_auc": roc_auc(click, np.asarray(esmm["click"])),
+            f"{prefix}_ctcvr_auc": roc_auc(conversion, np.asarray(esmm["conversion"])),
+        })
+    baseline, figures["baseline_steps"] = train_and_predict(comm, out, "cvr-clicked", args.baseline_model,
+                                                            dict(SCHEMA_FEATURES, label="label"), clicked,
+                                                            heldout_labelled, clicked_count, seed, args)
+    baseline_cvr = np.asarray(baseline["score"], np.float64)
+    figures.update({
+        "heldout_clicked": int(was_clicked.sum()),
         "baseline_cvr_auc_clicked": roc_auc(conversion[was_clicked], baseline_cvr[was_clicked]),
-        "esmm_cvr_auc_every_impression": roc_auc(if_clicked, p_cvr),
         "baseline_cvr_auc_every_impression": roc_auc(if_clicked, baseline_cvr),
-        "esmm_ctr_auc": roc_auc(click, np.asarray(esmm["click"])),
-        "esmm_ctcvr_auc": roc_auc(conversion, np.asarray(esmm["conversion"])),
-    }
+    })
+    return figures
 
 
 def pq_sum(path, column):

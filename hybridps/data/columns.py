@@ -13,7 +13,8 @@ Types and missing values (null in Parquet, an empty cell in CSV):
 * labels (the tasks of a ``labels:`` list): numbers; missing (null, an empty CSV cell, an absent
   stream field, NaN) is NaN in ``Batch.labels``: the row is left out of that task's loss and
   metrics; a binary task's label other than 0/1, or a regression label that is infinite, is
-  a bad row naming the task and the column.
+  a bad row naming the task and the column. A task ``given`` another (hybridps.tasks) is then
+  missing on the rows where that task's label is not 1 (hybridps.tasks.mask_given).
 * weight: a finite number >= 0; missing or any other value is a bad row.
 * dense: any number type; missing reads the feature's ``fill`` (default 0); then the
   transform (log1p: ``log1p(max(x, 0))``).
@@ -37,6 +38,7 @@ import numpy as np
 from hybridps.data.batch import Batch, truncate_lists
 from hybridps.data.hashing import MISSING_ID, VALUE_PERSON, space_seed
 from hybridps.errors import DataError
+from hybridps.tasks import mask_given
 
 
 #: The largest magnitude a dense value may have: the model computes in float32.
@@ -235,7 +237,7 @@ class ColumnConverter:
                 return (f"column {task.column!r} (the label of the {task.kind} task {task.name!r}) "
                         f"must be {wanted} or missing, got {values[row]!r}")
             problems.append((wrong, problem))
-        return labels, bad, problems
+        return mask_given(tasks, labels), bad, problems
 
     def _weights(self, column, where):
         """(weights float32, bad rows, problem) of the ``weight`` column: finite numbers >= 0."""

@@ -165,7 +165,8 @@ def conversion_inputs(schema):
               "sparse": [[f.name, f.column, f.is_list, f.max_len, f.separator, f.key_space, f.hash]
                          for f in schema.sparse]}
     if schema.labels or schema.weight:     # absent for one label: earlier entries stay valid
-        inputs["labels"] = [[t.name, t.column, t.kind] for t in schema.labels]
+        inputs["labels"] = [[t.name, t.column, t.kind] + ([t.given] if t.given else [])
+                            for t in schema.labels]
         inputs["weight"] = schema.weight
     return inputs
 

@@ -33,7 +33,10 @@ A schema of several tasks (``labels:``) gets labels (B, T) planted as a funnel:
   click for every impression, clicked or not;
 * a regression task is a value observed only after a click (missing, NaN, without one; always
   present when the schema has no binary task): ``1 + 0.5 * (logit_click - bias) + own_t +
-  0.5 * N(0, 1)``.
+  0.5 * N(0, 1)``;
+* a task reading the column of an earlier task gets that task's labels, and a task ``given``
+  another is missing where that task's label is not 1 (hybridps.tasks.mask_given), as a
+  reader of the same rows would make them.
 :meth:`raw_batch` gives the same samples as raw ids (for writing files of this workload).
 """
 from __future__ import annotations
@@ -47,6 +50,7 @@ from hybridps.data.batch import Batch, truncate_lists
 from hybridps.data.hashing import space_keys
 from hybridps.data.synthetic import SyntheticCTR, _alias_table
 from hybridps.errors import ConfigError
+from hybridps.tasks import mask_given
 
 CONVERSION_CLICK = 0.7        # weight of the click's planted logit in a conversion's
 CONVERSION_BIAS = -0.5        # a conversion's bias (about half of the clicks convert)
@@ -169,8 +173,12 @@ class SchemaSynthetic(SyntheticCTR):
         base = self._logits_of(batch.keys, batch.lists, batch.dense) - self.bias
         has_binary = any(t.kind == "binary" for t in tasks)
         labels = np.empty((n, len(tasks)), np.float32)
-        first_binary = True
+        first_binary, column_of = True, {}
         for j, task in enumerate(tasks):
+            if task.column in column_of:          # a second task of one column: the same labels
+                labels[:, j] = labels[:, column_of[task.column]]
+                continue
+            column_of[task.column] = j
             if task.kind == "binary" and first_binary:
                 labels[:, j], first_binary = click, False
             elif task.kind == "binary":
@@ -179,7 +187,7 @@ class SchemaSynthetic(SyntheticCTR):
             else:
                 value = 1.0 + 0.5 * base + self._own_logit(batch.keys, j) + 0.5 * noise[:, j]
                 labels[:, j] = np.where(click > 0, value, np.nan) if has_binary else value
-        return labels
+        return mask_given(tasks, labels)
 
     def _conversion_probability(self, batch, base, task_index):
         own = self.conversion_own_scale * self._own_logit(batch.keys, task_index)

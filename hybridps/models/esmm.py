@@ -6,8 +6,14 @@ the embedding rows are shared): pCTR and pCVR. The schema's first binary task is
 supervised by pCTR; its second binary task is the conversion over every impression (0
 without a click), supervised by pCTCVR = pCTR x pCVR, so pCVR is learnt over the entire
 impression space rather than over clicked rows only (the selection bias ESMM exists for).
-pCVR of a row is p_conversion / p_click of the model's two outputs. Any further task gets a
-tower of its own.
+pCVR of a row is p_conversion / p_click of the model's two outputs. (The click and the
+conversion are the first two binary tasks without ``given``.)
+
+A binary task ``given`` the click (``{name: cvr, column: conversion, given: click}``: the
+conversion labelled on clicked rows only) is the pCVR tower's own logit: pCVR is then also
+supervised on the clicked rows, the post-click constraint of ESCM² (Wang et al. 2022), naive,
+or inverse-propensity weighted with the task's ``ipw`` (hybridps.models.loss). Any further task
+gets a tower of its own.
 
 :class:`ConversionTower` is ESMM's pCVR tower alone (same layers, same initial weights for a
 seed) for a one-task schema: the conversion model of the clicked rows that ESMM is compared
@@ -33,20 +39,24 @@ def product_logit(logit_a, logit_b):
 
 @tf.keras.utils.register_keras_serializable(package="hybridps")
 class ESMM(CTRModel):
-    """ESMM: a dict {click task: pCTR logit, conversion task: pCTCVR logit, other tasks: their
-    tower's output} (see the module docstring)."""
+    """ESMM: a dict {click task: pCTR logit, conversion task: pCTCVR logit, tasks given the
+    click: pCVR logit, other tasks: their tower's output} (see the module docstring)."""
 
     def __init__(self, schema, hidden: Sequence[int] = (256, 128), seed: int = 0,
                  name: Optional[str] = None):
         super().__init__(schema, hidden, seed, name=name)
-        binary = [t.name for t in schema.tasks if t.kind == "binary"]
+        binary = [t.name for t in schema.tasks if t.kind == "binary" and t.given is None]
         if len(binary) < 2:
-            raise ConfigError(f"esmm needs two binary tasks in features.labels, the click first "
-                              f"and the conversion (over every impression) second; the schema's "
-                              f"tasks are {[(t.name, t.kind) for t in schema.tasks]}")
+            raise ConfigError(f"esmm needs two binary tasks without 'given' in features.labels, "
+                              f"the click first and the conversion (over every impression) "
+                              f"second; the schema's tasks are "
+                              f"{[(t.name, t.kind) for t in schema.tasks]}")
         self.click_task, self.conversion_task = binary[0], binary[1]
+        self.post_click_tasks = [t.name for t in schema.tasks
+                                 if t.kind == "binary" and t.given == self.click_task]
         self.task_names = [t.name for t in schema.tasks]
-        towers = ["ctr", "cvr"] + [n for n in self.task_names if n not in binary[:2]]
+        own = binary[:2] + self.post_click_tasks
+        towers = ["ctr", "cvr"] + [n for n in self.task_names if n not in own]
         self.tower_index = {tower: index for index, tower in enumerate(towers)}
         self.tower_mlps = [MLP(self.hidden, derive_seed(seed, 2 * i), name=f"{tower}_mlp")
                            for i, tower in enumerate(towers)]
@@ -62,6 +72,7 @@ class ESMM(CTRModel):
         ctr = self._tower("ctr", x)
         cvr = self._tower("cvr", x)
         out = {self.click_task: ctr, self.conversion_task: product_logit(ctr, cvr)}
+        out.update({name: cvr for name in self.post_click_tasks})
         for name in self.task_names:
             if name not in out:
                 out[name] = self._tower(name, x)

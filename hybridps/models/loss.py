@@ -8,9 +8,15 @@ rank (the trainer counts them; so BSP on N ranks is the step of one rank on all 
 binary task's loss is the sigmoid cross-entropy of its logit; a regression task's is the
 squared error (``mse``) or the Huber loss (``huber``: ``0.5 x^2`` for ``|x| <= delta``, else
 ``delta (|x| - 0.5 delta)``) of its value. ``w_i`` is the row's weight (1 without a weight
-column).
+column). A task ``given`` another has its label present on the rows where the given task's
+label is 1 only (the readers mask it: hybridps.tasks.mask_given); with ``ipw`` its sample loss
+is divided by the given task's predicted probability ``clip(sigmoid(f_ig), IPW_CLIP, 1)``,
+held constant (no gradient flows through it): the inverse-propensity-weighted post-click loss
+of ESCM² (Wang et al. 2022).
 """
 import tensorflow as tf
+
+from hybridps.tasks import IPW_CLIP
 
 
 def mean_logloss(labels, logits) -> tf.Tensor:
@@ -60,7 +66,7 @@ def task_loss_sums(labels, outputs, weights, tasks) -> tf.Tensor:
     labels = tf.cast(labels, outputs.dtype)
     present = tf.logical_not(tf.math.is_nan(labels))
     safe = tf.where(present, labels, tf.zeros_like(labels))
-    columns = []
+    columns, index = [], {task.name: t for t, task in enumerate(tasks)}
     for t, task in enumerate(tasks):
         y, f = safe[:, t], outputs[:, t]
         if task.kind == "binary":
@@ -71,6 +77,9 @@ def task_loss_sums(labels, outputs, weights, tasks) -> tf.Tensor:
             losses = 0.5 * quadratic * quadratic + task.delta * (error - quadratic)
         else:
             losses = tf.square(f - y)
+        if task.ipw:
+            propensity = tf.sigmoid(tf.stop_gradient(outputs[:, index[task.given]]))
+            losses = losses / tf.clip_by_value(propensity, IPW_CLIP, 1.0)
         columns.append(losses)
     per_sample = tf.stack(columns, axis=1) * tf.cast(present, outputs.dtype)
     return tf.reduce_sum(per_sample * tf.cast(weights, outputs.dtype)[:, None], axis=0)
