@@ -4,7 +4,8 @@
 
 What lives here: the loops that run over every key of every step (docs/design.md, One step) and
 must never be per-key Python or a sort: ``unique_inverse`` (hash-based, first-occurrence
-order), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``), ``bucket_by_owner`` (a counting
+order), ``unique_route`` (a step's distinct keys per table, routed and laid out in send order,
+with every key's send position: the exchange plan's one pass), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``), ``bucket_by_owner`` (a counting
 sort of the step's unique keys by (owner rank, table) that yields the send order of the fused
 exchange), ``count_staleness`` (the owner's staleness histogram of the rows it serves),
 ``permute_blocks`` (moves a step's rows between the exchange's (owner, table) order and the TF
