@@ -164,8 +164,11 @@ def test_plan_batch_equals_a_numpy_reference_plan(size, world, layout_name, seed
     """Every array of the plan, exactly: the send keys and counts, the rows per dim group, each
     index matrix and list's ids, on keys with many duplicates (a hot head and a long tail)."""
     rng = np.random.default_rng(seed)
-    hot_or_tail = lambda shape: np.where(rng.random(shape) < 0.6, rng.integers(0, 5, shape),
-                                         rng.integers(0, 2**62, shape)).astype(np.int64)
+
+    def hot_or_tail(shape):
+        return np.where(rng.random(shape) < 0.6, rng.integers(0, 5, shape),
+                        rng.integers(0, 2**62, shape)).astype(np.int64)
+
     if layout_name == "lists":
         schema = build_schema(make_config(overrides={"features": LIST_FEATURES}))
         lists = {}
