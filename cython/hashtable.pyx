@@ -418,7 +418,6 @@ cdef class EmbeddingHashTable:
     cdef int64_t* row_keys
     cdef int64_t* row_last_update
     cdef int64_t* row_update_count
-    cdef int64_t* row_accumulator_index
     cdef int64_t n_rows
     cdef int64_t row_capacity
     # Rows [rows_written, row_capacity) have never been written since their (calloc'd) memory
@@ -526,7 +525,6 @@ cdef class EmbeddingHashTable:
         hps_free(self.row_keys)
         hps_free(self.row_last_update)
         hps_free(self.row_update_count)
-        hps_free(self.row_accumulator_index)
         free(self.adam_alpha)
         free(self.adam_sqrt_bias2)
         free(self.catch_up_a)
@@ -640,11 +638,7 @@ cdef class EmbeddingHashTable:
         if last != NULL: self.row_last_update = last
         cdef int64_t* count = <int64_t*>hps_grow_zeroed(self.row_update_count, used * 8, cap * 8)
         if count != NULL: self.row_update_count = count
-        # The accumulator index (1 + position in apply_gradients' accumulator, 0 = unset) is all
-        # zeros between calls, so a grown one copies nothing (used bytes 0).
-        cdef int64_t* acc = <int64_t*>hps_grow_zeroed(self.row_accumulator_index, 0, cap * 8)
-        if acc != NULL: self.row_accumulator_index = acc
-        if rows == NULL or keys == NULL or last == NULL or count == NULL or acc == NULL:
+        if rows == NULL or keys == NULL or last == NULL or count == NULL:
             raise MemoryError(f"cannot grow the embedding table to {cap} rows of {self.row_width} floats")
         self.row_capacity = cap
 
@@ -680,11 +674,6 @@ cdef class EmbeddingHashTable:
         if r >= 0:
             HPS_PREFETCH(self.rows + <int64_t>r * self.row_width)
             HPS_PREFETCH(&self.row_last_update[r])
-
-    cdef inline void _prefetch_row_for_update(self, int64_t key, uint64_t home) noexcept nogil:
-        cdef int32_t r = self._home_row(key, home)
-        if r >= 0:
-            HPS_PREFETCH(&self.row_accumulator_index[r])
 
     cdef inline void _ring_start(self, const int64_t[::1] k, Py_ssize_t start,
                                  uint64_t* ring) noexcept nogil:
@@ -990,9 +979,24 @@ cdef class EmbeddingHashTable:
                     f"clip gradients, or set nonfinite=skip (hybridps train --nonfinite skip, "
                     f"config nonfinite: skip) to skip such rows (counted as "
                     f"skipped_nonfinite_grads).")
-        # Pass 1: find each key's row and sum duplicate keys into one accumulator per row.
+        # Pass 1: find each key's row and sum duplicate keys into one accumulator per row. The
+        # accumulator of a row is found in a scratch table keyed by row (1 + its accumulator,
+        # 0 = none; 2n slots or more, which stay in cache), not in per-row memory of the table,
+        # whose random reads would miss the cache once per key.
         accum = np.empty((n, dim), dtype=np.float32)
         touched = np.empty(n, dtype=np.int64)
+        cdef uint64_t acc_cap = 16
+        while acc_cap < 2 * <uint64_t>n:
+            acc_cap <<= 1
+        cdef uint64_t acc_mask = acc_cap - 1, h
+        cdef int acc_shift = 64
+        while (1ULL << (64 - acc_shift)) < acc_cap:
+            acc_shift -= 1
+        if n >= 2147483647:
+            raise TableInputError("apply_gradients takes fewer than 2**31 keys per call")
+        cdef int32_t* acc_of_row = <int32_t*>calloc(acc_cap, sizeof(int32_t))
+        if acc_of_row == NULL:
+            raise MemoryError(f"cannot allocate the scratch table of {n} row gradients")
         cdef float[:, ::1] acc = accum
         cdef int64_t[::1] rows_touched = touched
         cdef int64_t n_touched = 0, n_applied = 0, r, a
@@ -1004,9 +1008,6 @@ cdef class EmbeddingHashTable:
             self._ring_start(k, 0, ring)
             for i in range(n):
                 home = self._ring_next(k, i, ring)
-                if i + ROW_PREFETCH_DISTANCE < n:
-                    self._prefetch_row_for_update(
-                        k[i + ROW_PREFETCH_DISTANCE], ring[(i + ROW_PREFETCH_DISTANCE) & (PREFETCH_DISTANCE - 1)])
                 row_of_key = slot_row(&self.slots[self._probe_from(k[i], home)])
                 if row_of_key < 0:
                     if row_of_key == ROW_CANDIDATE:
@@ -1015,11 +1016,14 @@ cdef class EmbeddingHashTable:
                         self.dropped_missing_grads += 1
                     continue
                 r = row_of_key
-                a = self.row_accumulator_index[r] - 1
+                h = ((<uint64_t>r + 1) * GOLDEN) >> acc_shift
+                while acc_of_row[h] != 0 and rows_touched[acc_of_row[h] - 1] != r:
+                    h = (h + 1) & acc_mask
+                a = acc_of_row[h] - 1
                 if a < 0:
                     a = n_touched
                     n_touched += 1
-                    self.row_accumulator_index[r] = a + 1
+                    acc_of_row[h] = <int32_t>(a + 1)
                     rows_touched[a] = r
                     memcpy(&acc[a, 0], &g[i, 0], dim * sizeof(float))
                 else:
@@ -1036,7 +1040,6 @@ cdef class EmbeddingHashTable:
                     HPS_PREFETCH(&self.row_update_count[r])
                     HPS_PREFETCH(&self.row_last_update[r])
                 r = rows_touched[a]
-                self.row_accumulator_index[r] = 0
                 skip_bad = False
                 if self.skip_nonfinite:
                     for j in range(dim):
@@ -1048,6 +1051,7 @@ cdef class EmbeddingHashTable:
                     continue
                 self._update_row(r, &acc[a, 0], step)
                 n_applied += 1
+        free(acc_of_row)
         self.applied_row_updates += n_applied
         return n_applied
 
@@ -1329,7 +1333,7 @@ cdef class EmbeddingHashTable:
     def memory_bytes(self):
         """Bytes of C memory held: hash slots plus row storage with metadata."""
         return (self.n_slots * sizeof(Slot)
-                + self.row_capacity * (self.row_width * sizeof(float) + 4 * sizeof(int64_t)))
+                + self.row_capacity * (self.row_width * sizeof(float) + 3 * sizeof(int64_t)))
 
     @property
     def optimizer_slot_names(self):

@@ -4,7 +4,8 @@
 
 What lives here: the loops that run over every key of every step (docs/design.md, One step) and
 must never be per-key Python or a sort: ``unique_inverse`` (hash-based, first-occurrence
-order), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``), ``bucket_by_owner`` (a counting
+order), ``unique_route`` (a step's distinct keys per table, routed and laid out in send order,
+with every key's send position: the exchange plan's one pass), ``owner_ranks`` (``(mix64(key) % num_buckets) % world_size``), ``bucket_by_owner`` (a counting
 sort of the step's unique keys by (owner rank, table) that yields the send order of the fused
 exchange), ``count_staleness`` (the owner's staleness histogram of the rows it serves),
 ``permute_blocks`` (moves a step's rows between the exchange's (owner, table) order and the TF
@@ -164,6 +165,155 @@ def bucket_by_owner(keys, table_offsets, int world_size, int64_t num_buckets):
                 o[start[r, t]] = i
                 start[r, t] += 1
     return order, counts
+
+
+cdef extern from *:
+    """
+    #define ROUTE_AHEAD 16
+    #define route_prefetch(p) __builtin_prefetch((const void*)(p), 1, 3)
+    """
+    enum: ROUTE_AHEAD
+    void route_prefetch(const void* p) noexcept nogil
+
+
+def unique_route(parts, int world_size, int64_t num_buckets):
+    """A step's plan in one pass per key: per table, its distinct keys (first-occurrence
+    order), routed to their owners and laid out in send order, and every key's position in
+    that send buffer.
+
+    The same result as ``unique_inverse`` of each table's keys, ``bucket_by_owner`` of the
+    table-concatenated distinct keys, then ``inverse`` mapped through the send order, without
+    the intermediate arrays: ``send_keys[index[i]]`` is the i-th key of the concatenated
+    ``parts``, and ``send_keys`` is grouped by owner rank, then table, each (owner, table) block
+    in first-occurrence order.
+
+    Args:
+        parts: list of 1-D int64 arrays, one per table: that table's keys (duplicates
+            allowed).                                                        # IN
+        world_size: number of ranks (or PS servers).
+        num_buckets: virtual buckets of the model (see ``owner_ranks``).
+    Returns:
+        (send_keys int64 (U,), counts int64 (world_size, len(parts)), index int32 (N,)) with
+        N the total number of keys.
+    """
+    if world_size < 1 or num_buckets < 1:
+        raise TableInputError(f"world_size and num_buckets must be >= 1, got {world_size}, {num_buckets}")
+    cdef int num_tables = len(parts)
+    if num_tables < 1:
+        raise TableInputError("unique_route needs at least one table's keys")
+    arrays = [_keys_1d(part) for part in parts]
+    lengths = [a.shape[0] for a in arrays]
+    cdef Py_ssize_t total = sum(lengths), longest = max(lengths)
+    if total >= 2147483647:
+        raise TableInputError("unique_route handles fewer than 2**31 keys per call")
+    counts = np.zeros((world_size, num_tables), dtype=np.int64)
+    index = np.empty(total, dtype=np.int32)
+    uniq = np.empty(total, dtype=np.int64)        # distinct keys, table order
+    owner = np.empty(total, dtype=np.int32)       # their owners
+    cdef int64_t[:, ::1] c = counts
+    cdef int32_t[::1] idx = index
+    cdef int64_t[::1] u = uniq
+    cdef int32_t[::1] own = owner
+    cdef uint64_t cap = 16
+    while cap < 2 * <uint64_t>longest:
+        cap <<= 1
+    cdef uint64_t h, table_cap, table_mask
+    cdef uint64_t ring[ROUTE_AHEAD]
+    cdef int table_shift
+    # slot holds 1 + index into uniq (0 = empty); each table clears and probes a prefix of it
+    cdef int32_t* slot = <int32_t*>malloc(cap * sizeof(int32_t))
+    if slot == NULL:
+        raise MemoryError("unique_route: cannot allocate scratch table")
+    cdef uint64_t nb = <uint64_t>num_buckets, w = <uint64_t>world_size
+    cdef const int64_t[::1] k
+    cdef Py_ssize_t i, n, base = 0
+    cdef int32_t n_unique = 0, first, s
+    cdef int64_t key
+    cdef int t
+    cdef int32_t r
+    table_firsts = []
+    try:
+        for t in range(num_tables):
+            k = arrays[t]
+            n = k.shape[0]
+            first = n_unique
+            table_firsts.append(first)
+            table_cap = 16
+            while table_cap < 2 * <uint64_t>n:
+                table_cap <<= 1
+            table_mask = table_cap - 1
+            table_shift = 64
+            while (1ULL << (64 - table_shift)) < table_cap:
+                table_shift -= 1
+            with nogil:
+                memset(slot, 0, table_cap * sizeof(int32_t))
+                # the home slots of the next ROUTE_AHEAD keys are hashed and prefetched ahead
+                # (ring), so the probes of a table larger than the L2 cache do not wait on it
+                for i in range(n if n < ROUTE_AHEAD else ROUTE_AHEAD):
+                    ring[i] = mix64_c(<uint64_t>k[i] ^ 0x9E3779B97F4A7C15ULL) >> table_shift
+                    route_prefetch(&slot[ring[i]])
+                for i in range(n):
+                    key = k[i]
+                    h = ring[i & (ROUTE_AHEAD - 1)]
+                    if i + ROUTE_AHEAD < n:
+                        ring[i & (ROUTE_AHEAD - 1)] = mix64_c(
+                            <uint64_t>k[i + ROUTE_AHEAD] ^ 0x9E3779B97F4A7C15ULL) >> table_shift
+                        route_prefetch(&slot[ring[i & (ROUTE_AHEAD - 1)]])
+                    while True:
+                        s = slot[h]
+                        if s == 0:
+                            u[n_unique] = key
+                            n_unique += 1
+                            slot[h] = n_unique
+                            idx[base + i] = n_unique - 1
+                            break
+                        if u[s - 1] == key:
+                            idx[base + i] = s - 1
+                            break
+                        h = (h + 1) & table_mask
+            base += n
+    finally:
+        free(slot)
+    table_firsts.append(n_unique)
+    # owners in a loop of their own (independent iterations); with powers of two for both
+    # num_buckets and world_size, (m % num_buckets) % world_size is a mask of m
+    cdef bint masks = (nb & (nb - 1)) == 0 and (w & (w - 1)) == 0
+    cdef uint64_t owner_mask = (nb - 1) & (w - 1)
+    cdef int32_t j, j0, j1
+    for t in range(num_tables):
+        j0, j1 = table_firsts[t], table_firsts[t + 1]
+        with nogil:
+            if masks:
+                for j in range(j0, j1):
+                    own[j] = <int32_t>(mix64_c(<uint64_t>u[j]) & owner_mask)
+            else:
+                for j in range(j0, j1):
+                    own[j] = owner_of(u[j], nb, w)
+            for j in range(j0, j1):
+                c[own[j], t] += 1
+    # send order: a stable counting sort of the distinct keys by (owner, table)
+    cdef int64_t[:, ::1] start = np.empty((world_size, num_tables), dtype=np.int64)
+    cdef int64_t running = 0
+    for r in range(world_size):
+        for t in range(num_tables):
+            start[r, t] = running
+            running += c[r, t]
+    send_keys = np.empty(n_unique, dtype=np.int64)
+    position = np.empty(n_unique, dtype=np.int32)
+    cdef int64_t[::1] sk = send_keys
+    cdef int32_t[::1] pos = position
+    for t in range(num_tables):
+        j0, j1 = table_firsts[t], table_firsts[t + 1]
+        with nogil:
+            for j in range(j0, j1):
+                r = own[j]
+                pos[j] = <int32_t>start[r, t]
+                sk[start[r, t]] = u[j]
+                start[r, t] += 1
+    with nogil:
+        for i in range(total):
+            idx[i] = pos[idx[i]]
+    return send_keys, counts, index
 
 
 def count_staleness(versions, int64_t step, int64_t applied_through, histogram):

@@ -1,6 +1,6 @@
 """Unit tests of the per-step exchange kernels (hybridps._kernels via hybridps.sparse):
-unique keys and their inverse, the send order of the fused exchange, and the owner's staleness
-histogram. Expected values come from numpy (np.unique, a sort) and the splitmix64 reference in
+unique keys and their inverse, the send order of the fused exchange (``unique_route`` and the
+whole plan of a step against a numpy reference plan), and the owner's staleness histogram. Expected values come from numpy (np.unique, a sort) and the splitmix64 reference in
 tests/reference.py, never from the kernels themselves.
 """
 import numpy as np
@@ -14,7 +14,7 @@ from hybridps.data.batch import Batch
 from hybridps.schema import build_schema
 from hybridps.sparse.layout import SparseLayout
 from hybridps.sparse.plan import plan_batch
-from hybridps.sparse.routing import unique_inverse
+from hybridps.sparse.routing import unique_inverse, unique_route
 from tests.reference import mix64_array, send_order_index
 
 KEYS = st.lists(st.integers(-2**63, 2**63 - 1) | st.integers(0, 30), min_size=0, max_size=300)
@@ -71,6 +71,127 @@ def test_route_unique_keys_gives_the_send_buffer_and_its_inverse(batch, fields, 
             rank = reference_owner([keys[b, f]], world, 4096)[0]
             lo = counts[:rank].sum() + counts[rank, :t].sum()
             assert lo <= inverse[b, f] < lo + counts[rank, t], (b, f)
+
+
+def reference_route(parts, world, buckets):
+    """(send keys, counts, each key's send position) in numpy: per table its distinct keys in
+    first-occurrence order, then blocks by (owner, table), a dictionary for the positions."""
+    blocks = {}
+    for t, keys in enumerate(parts):
+        keys = np.asarray(keys, dtype=np.int64)
+        _, first = np.unique(keys, return_index=True)
+        distinct = keys[np.sort(first)]
+        owner = reference_owner(distinct, world, buckets)
+        for r in range(world):
+            blocks[r, t] = distinct[owner == r]
+    order = [blocks[r, t] for r in range(world) for t in range(len(parts))]
+    send_keys = np.concatenate(order) if order else np.zeros(0, np.int64)
+    counts = np.array([[len(blocks[r, t]) for t in range(len(parts))] for r in range(world)])
+    position, start = {}, 0
+    for r in range(world):
+        for t in range(len(parts)):
+            for j, key in enumerate(blocks[r, t].tolist()):
+                position[t, key] = start + j
+            start += len(blocks[r, t])
+    index = [position[t, key] for t, keys in enumerate(parts) for key in np.asarray(keys).tolist()]
+    return send_keys, counts, np.array(index, dtype=np.int64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(KEYS, min_size=1, max_size=4), st.sampled_from([1, 2, 3, 5]))
+def test_unique_route_equals_a_numpy_reference(tables, world):
+    parts = [np.array(values, dtype=np.int64) for values in tables]
+    send_keys, counts, index = unique_route(parts, world, 4096)
+    expected_keys, expected_counts, expected_index = reference_route(parts, world, 4096)
+    assert send_keys.dtype == np.int64 and counts.dtype == np.int64 and index.dtype == np.int32
+    np.testing.assert_array_equal(send_keys, expected_keys)
+    np.testing.assert_array_equal(counts, expected_counts)
+    np.testing.assert_array_equal(index, expected_index)
+
+
+LIST_FEATURES = {
+    "label": "label",
+    "sparse": [
+        {"name": "user", "table": "user"},
+        {"name": "genres", "table": "genre", "pooling": "mean"},
+        {"name": "movie", "table": "movie"},
+        {"name": "tags", "table": "genre", "pooling": "sum"},
+        {"name": "friends", "table": "user", "pooling": "sqrtn"},
+        {"name": "city", "table": "city"},
+    ],
+    # dims 8, 4, 8, 4: two dim groups whose TF order (user, movie, genre, city) is not the
+    # table order
+    "tables": {"user": {"dim": 8}, "genre": {"dim": 4}, "movie": {"dim": 8}, "city": {"dim": 4}},
+}
+
+
+def reference_plan(schema, batch, world, buckets):
+    """The TF step's inputs of a step in numpy: rows in TF order (dim group, table, owner),
+    each key's row found by a dictionary; returns (send keys, counts, group rows, inputs)."""
+    layout = SparseLayout(schema)
+    parts = []
+    for t in range(len(schema.tables)):
+        single = batch.keys[:, layout.single_columns[t]].reshape(-1)
+        parts.append(np.concatenate([single] + [batch.lists[n][0] for n in layout.list_features[t]]))
+    send_keys, counts, _ = reference_route(parts, world, buckets)
+    row_in_group, group_rows = {}, []
+    starts = np.concatenate([[0], np.cumsum(counts.ravel())])
+    for _, tables in layout.groups:
+        row = 0
+        for t in tables:
+            for r in range(world):
+                b = r * len(schema.tables) + t
+                for key in send_keys[starts[b]:starts[b + 1]].tolist():
+                    row_in_group[t, key] = row
+                    row += 1
+        group_rows.append(row)
+    inputs = []
+    for columns in layout.group_columns:
+        if columns:
+            inputs.append(np.array([[row_in_group[layout.column_table[c], int(batch.keys[b, c])]
+                                     for c in columns] for b in range(batch.size)]))
+    for name, t, _, _ in layout.list_specs:
+        values, lengths = batch.lists[name]
+        inputs.append(np.array([row_in_group[t, v] for v in values.tolist()], dtype=np.int64))
+        inputs.append(lengths)
+    return send_keys, counts, group_rows, inputs
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 30), st.sampled_from([1, 2, 3, 4]),
+       st.sampled_from(["shared", "per_field", "pairs", "lists"]), st.integers(0, 2**31))
+def test_plan_batch_equals_a_numpy_reference_plan(size, world, layout_name, seed):
+    """Every array of the plan, exactly: the send keys and counts, the rows per dim group, each
+    index matrix and list's ids, on keys with many duplicates (a hot head and a long tail)."""
+    rng = np.random.default_rng(seed)
+
+    def hot_or_tail(shape):
+        return np.where(rng.random(shape) < 0.6, rng.integers(0, 5, shape),
+                        rng.integers(0, 2**62, shape)).astype(np.int64)
+
+    if layout_name == "lists":
+        schema = build_schema(make_config(overrides={"features": LIST_FEATURES}))
+        lists = {}
+        for name in ("genres", "tags", "friends"):
+            lengths = rng.integers(0, 4, size=size).astype(np.int32)
+            lists[name] = (hot_or_tail(int(lengths.sum())), lengths)
+        batch = Batch(dense=np.zeros((size, 0)), keys=hot_or_tail((size, 3)), labels=np.zeros(size),
+                      lists=lists)
+    else:
+        fields = 5
+        groups = {"shared": [list(range(fields))], "per_field": [[f] for f in range(fields)],
+                  "pairs": [[0, 1], [2, 3], [4]]}[layout_name]
+        schema = build_schema(make_config(overrides={"num_fields": fields, "table_groups": groups}))
+        batch = Batch(dense=np.zeros((size, 0)), keys=hot_or_tail((size, fields)), labels=np.zeros(size))
+    plan = plan_batch(SparseLayout(schema), batch, world, 4096)
+    send_keys, counts, group_rows, inputs = reference_plan(schema, batch, world, 4096)
+    np.testing.assert_array_equal(plan.unique_keys, send_keys)
+    np.testing.assert_array_equal(plan.send_counts, counts)
+    np.testing.assert_array_equal(plan.group_rows, group_rows)
+    assert len(plan.feature_inputs) == len(inputs)
+    for got, expected in zip(plan.feature_inputs, inputs):
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, expected)
 
 
 def reference_staleness(versions, step, applied_through):

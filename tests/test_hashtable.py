@@ -646,6 +646,50 @@ def test_duplicate_keys_summed_before_nonlinear_update():
     assert a.export()["update_count"][0] == 1
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "ftrl"])
+def test_many_duplicate_keys_from_several_senders_are_summed_in_arrival_order(optimizer):
+    """Thousands of keys as an owner receives them (each sender's keys distinct, the senders'
+    blocks concatenated, so a key comes once per sender), plus keys the table does not hold
+    and unadmitted candidates: each held row is updated once with its gradients summed in
+    arrival order (numpy float32 sums), bit for bit the update of the summed gradient, and the
+    dropped ones are counted."""
+    rng = np.random.default_rng(7)
+    held = rng.integers(-2**62, 2**62, size=40000)     # rows scattered over 0..40000
+    tables = [EmbeddingHashTable(dim=5, optimizer=optimizer, learning_rate=0.1, seed=3) for _ in range(2)]
+    for table in tables:
+        table.insert(held)
+    senders = [rng.choice(held, size=2000, replace=False) for _ in range(4)]
+    missing = rng.integers(2**62, 2**62 + 10**6, size=50)
+    keys = np.concatenate(senders + [missing])
+    grads = rng.normal(size=(len(keys), 5)).astype(np.float32)
+    _, first = np.unique(keys, return_index=True)
+    order = np.sort(first)                                       # first arrival order
+    summed = {}
+    for key, g in zip(keys.tolist(), grads):
+        summed[key] = summed[key] + g if key in summed else g.copy()   # float32, arrival order
+    present = [k for k in keys[order].tolist() if k not in set(missing.tolist())]
+    before = rows_of(tables[0], present)
+    assert tables[0].apply_gradients(keys, grads, step=4) == len(present)
+    expected_sums = np.stack([summed[k] for k in present])
+    if optimizer == "sgd":                                       # w - lr * g, float32
+        np.testing.assert_array_equal(rows_of(tables[0], present),
+                                      before - np.float32(0.1) * expected_sums)
+    exported = tables[0].export()
+    counts = dict(zip(exported["keys"].tolist(), exported["update_count"].tolist()))
+    assert all(counts[k] == 1 for k in present)                 # each row updated once
+    assert tables[1].apply_gradients(np.array(present), expected_sums, step=4) == len(present)
+    np.testing.assert_array_equal(rows_of(tables[0], present), rows_of(tables[1], present))
+    exported = [table.export() for table in tables]
+    by_key = [dict(zip(e["keys"].tolist(), e["slots"])) for e in exported]
+    np.testing.assert_array_equal(np.stack([by_key[0][k] for k in present]),
+                                  np.stack([by_key[1][k] for k in present]))
+    assert tables[0].counters()["dropped_missing_grads"] == len(missing)
+    candidates = EmbeddingHashTable(dim=5, optimizer=optimizer, min_count=3)
+    candidates.lookup_or_insert(keys[:10])                       # one hit each: not admitted
+    assert candidates.apply_gradients(keys[:10], grads[:10]) == 0
+    assert candidates.counters()["dropped_unadmitted_grads"] == 10
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Initializer
 # ---------------------------------------------------------------------------------------------

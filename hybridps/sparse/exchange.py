@@ -1,7 +1,7 @@
 """CollectiveExchange: every table sharded over all ranks, one fused alltoallv per direction.
 
 Pull (data-parallel -> model-parallel -> data-parallel), docs/design.md, One step:
-  1. ``plan_batch``: per table, ``unique_inverse`` of the batch's keys of that table (its
+  1. ``plan_batch``: per table, the unique keys of the batch's keys of that table (its
      single-valued columns and its list features); all tables' unique keys bucketed by (owner
      rank, table) and kept in that order (the send order);
   2. counts exchanged (Alltoall), then keys (Alltoallv): one exchange for all tables;

@@ -8,16 +8,16 @@ anything between ranks (hybridps.sparse.exchange, hybridps.backends.ps), tables
 (hybridps.sparse.shard).
 
 For each table t, the keys of its single-valued columns (batch-major) and of its list features
-are uniqued together (``unique_inverse``, first-occurrence order); all tables' unique keys are
-then bucketed by (owner, table) (``bucket_by_owner``, a stable counting sort): that is the
-send order, the alltoallv buffer itself. The TF step's indices point into the TF order of the
+are uniqued together (first-occurrence order) and all tables' unique keys bucketed by (owner,
+table) (a stable counting sort): that is the send order, the alltoallv buffer itself. One C
+pass does both and gives every key's position in that buffer (``unique_route``). The TF step's indices point into the TF order of the
 rows (hybridps.sparse.layout): one (B, k) int32 matrix per dim group for its single-valued
 features, and (ids (N,), lengths (B,)) per list feature.
 """
 import numpy as np
 
 from hybridps._kernels import permute_blocks
-from hybridps.sparse.routing import bucket_by_owner, unique_inverse
+from hybridps.sparse.routing import unique_route
 
 
 class ExchangePlan:
@@ -83,7 +83,7 @@ def plan_batch(layout, batch, num_owners, num_buckets):
     """
     keys = batch.keys
     size = batch.size
-    uniques, offsets, inverses = [], [0], []
+    parts = []                     # each table's keys: its single-valued columns, its lists
     for t in range(layout.num_tables):
         columns = layout.single_columns[t]
         if t == layout.whole_keys_table:
@@ -92,45 +92,41 @@ def plan_batch(layout, batch, num_owners, num_buckets):
             single = keys[:, columns].reshape(-1)
         else:
             single = keys[:0, 0]
-        parts = [single] + [batch.lists[name][0] for name in layout.list_features[t]]
-        table_keys = np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(single)
-        uniq, inv = unique_inverse(table_keys)
-        uniques.append(uniq)
-        inverses.append(inv + np.int32(offsets[-1]) if offsets[-1] else inv)
-        offsets.append(offsets[-1] + len(uniq))
-    unique_concat = np.concatenate(uniques) if len(uniques) > 1 else uniques[0]
-    send_order, send_counts = bucket_by_owner(unique_concat, np.asarray(offsets, dtype=np.int64),
-                                              num_owners, num_buckets)
-    total = len(send_order)
-    position = np.empty(total, dtype=np.int32)
-    position[send_order] = np.arange(total, dtype=np.int32)
+        lists = [batch.lists[name][0] for name in layout.list_features[t]]
+        parts.append(np.concatenate([single] + lists) if lists else single)
+    send_keys, send_counts, send_index = unique_route(parts, num_owners, num_buckets)
     permutation = layout.tf_permutation(send_counts)
-    tf_index = _tf_positions(layout, send_counts, permutation, position, total)
+    tf_of_send = _tf_rows_of_send(layout, send_counts, permutation)
+    # each key's row in its dim group's rows (TF order)
+    tf_index = send_index if tf_of_send is None else tf_of_send[send_index]
+    starts = np.zeros(layout.num_tables + 1, dtype=np.int64)
+    np.cumsum([len(part) for part in parts], out=starts[1:])
 
     feature_inputs = []
     for g, columns in enumerate(layout.group_columns):
         if not columns:
             continue
-        matrix = np.empty((size, len(columns)), dtype=np.int32)
         if layout.whole_keys_table is not None and len(columns) == keys.shape[1]:
-            matrix = tf_index[inverses[layout.whole_keys_table][:size * len(columns)]].reshape(size, len(columns))
+            first = starts[layout.whole_keys_table]
+            matrix = tf_index[first:first + size * len(columns)].reshape(size, len(columns))
         else:
+            matrix = np.empty((size, len(columns)), dtype=np.int32)
             for j, column in enumerate(columns):
                 t = layout.column_table[column]
                 k = len(layout.single_columns[t])
                 c = layout.single_columns[t].index(column)
-                matrix[:, j] = tf_index[inverses[t][c:size * k:k]]
+                matrix[:, j] = tf_index[starts[t] + c:starts[t] + size * k:k]
         feature_inputs.append(matrix)
     for name, t, _, _ in layout.list_specs:
-        start = size * len(layout.single_columns[t])
+        start = starts[t] + size * len(layout.single_columns[t])
         for other in layout.list_features[t]:
             if other == name:
                 break
             start += len(batch.lists[other][0])
         values, lengths = batch.lists[name]
-        feature_inputs.append(tf_index[inverses[t][start:start + len(values)]])
+        feature_inputs.append(tf_index[start:start + len(values)])
         feature_inputs.append(np.ascontiguousarray(lengths, dtype=np.int32))
-    return ExchangePlan(unique_concat[send_order], send_counts, layout.group_rows(send_counts),
+    return ExchangePlan(send_keys, send_counts, layout.group_rows(send_counts),
                         tuple(feature_inputs), permutation)
 
 
@@ -149,8 +145,9 @@ def pull_locally(layout, batch, num_buckets, rows_of_table):
     return PulledBatch(batch, rows, plan)
 
 
-def _tf_positions(layout, counts, permutation, position, total):
-    """Index of each table-concatenated unique key in its dim group's rows (TF order)."""
+def _tf_rows_of_send(layout, counts, permutation):
+    """Row of each send-order key in its dim group's rows (TF order), int32 (U,), or None
+    when that row is the key's send position (one dim group in send order)."""
     world, tables = counts.shape
     per_table = counts.sum(axis=0)
     group_start_row = np.zeros(tables, dtype=np.int64)     # first row of each table's group
@@ -159,11 +156,12 @@ def _tf_positions(layout, counts, permutation, position, total):
         for t in group_tables:
             group_start_row[t] = row
         row += int(per_table[group_tables].sum())
+    total = int(per_table.sum())
     if permutation is None:
         if not group_start_row.any():
-            return position
+            return None
         shift = np.repeat(-group_start_row[np.newaxis, :].repeat(world, 0).ravel(), counts.ravel())
-        return (np.arange(total, dtype=np.int64) + shift).astype(np.int32)[position]
+        return (np.arange(total, dtype=np.int64) + shift).astype(np.int32)
     send_rows = counts.ravel()
     send_start = np.zeros(len(send_rows), dtype=np.int64)
     np.cumsum(send_rows[:-1], out=send_start[1:])
@@ -179,4 +177,4 @@ def _tf_positions(layout, counts, permutation, position, total):
         elem += int(per_table[group_tables].sum()) * dim
     tf_rows_in_group = (tf_offsets - np.tile(group_start_elem, world)) // dims
     shift = np.repeat(tf_rows_in_group - send_start, send_rows)
-    return (np.arange(total, dtype=np.int64) + shift).astype(np.int32)[position]
+    return (np.arange(total, dtype=np.int64) + shift).astype(np.int32)

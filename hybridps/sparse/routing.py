@@ -11,7 +11,7 @@ world sizes that divide num_buckets this equals ``mix64(key) % world_size``.
 import numpy as np
 
 from hybridps._hashtable import mix64  # noqa: F401
-from hybridps._kernels import bucket_by_owner, owner_ranks, unique_inverse  # noqa: F401
+from hybridps._kernels import bucket_by_owner, owner_ranks, unique_inverse, unique_route  # noqa: F401
 
 OWNER_FUNCTION = "(mix64(key) % num_buckets) % world_size"
 DEFAULT_NUM_BUCKETS = 4096
