@@ -122,7 +122,7 @@ $(STAMPS)/hybridps: $(STAMPS)/horovod setup.py $(wildcard cython/*.pyx cython/*.
 	touch $@
 
 test: setup slurm testbed redis
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=25 tests
 
 # The markers are registered in pytest.ini; tests/conftest.py fails a test that starts MPI unmarked.
 test-fast: setup

@@ -1,7 +1,10 @@
 """Smoke tests of `hybridps bench train` and `hybridps bench compare` on 2 ranks with a tiny
-workload: every case runs under mpirun and the output files have the documented schema. No
-speed is asserted: a measured time, rate or ratio is checked to be there, a finite float and
->= 0 (a loaded machine may time a phase as 0.0 ms), counts and losses against what they must be."""
+workload: every case runs under mpirun in one of the tests and the output files have the
+documented schema; what the bench plans (the default cases of each workload, --cases, the
+straggler environment) is checked on a stubbed launcher, since an mpirun start and
+TensorFlow's import are most of a case's time. No speed is asserted: a measured time, rate or
+ratio is checked to be there, a finite float and >= 0 (a loaded machine may time a phase as
+0.0 ms), counts and losses against what they must be."""
 import json
 import math
 import os
@@ -14,6 +17,24 @@ from tests.mpi_util import MPI_ENV, mpirun_available
 def measured(value):
     """A measured time, rate or ratio as the reports give it: a finite float >= 0."""
     return isinstance(value, float) and math.isfinite(value) and value >= 0
+
+
+def fake_case_runs(monkeypatch, out_dir):
+    """Replace the bench's mpirun by a stub writing each case's metrics file (no MPI job): for
+    the tests of what the bench plans and reports, whose cases run for real in other tests.
+    Returns the list of (case name, argv, env) launched."""
+    from hybridps.bench import train as bench_train
+    launched = []
+
+    def fake_mpirun(ranks, argv, timeout, env=None):
+        (path,) = [a for a in argv if os.path.dirname(a) == str(out_dir) and a.endswith(".json")]
+        launched.append((os.path.basename(path)[:-len(".json")], argv, env))
+        with open(path, "w") as fh:
+            json.dump({"samples_per_s": 1.0, "final_loss": 0.5, "auc": 0.5}, fh)
+        return 0.1
+
+    monkeypatch.setattr(bench_train, "_mpirun", fake_mpirun)
+    return launched
 
 
 @pytest.fixture
@@ -103,19 +124,6 @@ def test_bench_train_writes_every_case(tmp_path, mpi_env):
 
 
 @pytest.mark.mpi
-def test_bench_train_multihot_workload(tmp_path, mpi_env):
-    from hybridps.bench.train import run_train_bench
-    report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
-                             dim=4, vocab_size=500, timeout=240, workload="multihot")
-    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "hybridps-asp", "hybridps-step-no-exchange"]
-    for case in report["cases"]:
-        assert math.isfinite(case["final_loss"]) and measured(case["samples_per_s"])
-    # the bare DeepFM has single-valued fields only: no ceiling for lists and sequences
-    assert report["ratios"]["vs_ceiling"] is None and report["ratios"]["vs_tf_baseline"] is None
-    assert [f["pooling"] for f in report["settings"]["features"]["sparse"][26:]] == ["mean"] * 3 + ["none"]
-
-
-@pytest.mark.mpi
 def test_bench_train_multitask_workload_runs_mmoe_on_two_tasks_against_its_ceiling(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
@@ -180,12 +188,22 @@ def test_bench_multitask_reports_esmm_and_the_clicked_rows_model(tmp_path):
 
 
 @pytest.mark.mpi
-def test_bench_train_multihot_on_parquet_trains_on_the_same_samples(tmp_path, mpi_env):
+def test_bench_train_multihot_workload_on_synthetic_and_parquet_data(tmp_path, mpi_env):
+    """The multihot workload's cases (test_bench_train_default_cases_of_each_workload_and_data
+    checks its default lists) in one run: BSP, ASP and the step without exchange on the
+    generator, and BSP on Parquet files of the generator's samples."""
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
-                             dim=4, vocab_size=500, timeout=240, workload="multihot", data="parquet")
+                             dim=4, vocab_size=500, timeout=240, workload="multihot", data="parquet",
+                             cases="hybridps-bsp,hybridps-asp,hybridps-step-no-exchange,hybridps-bsp-parquet")
+    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "hybridps-asp", "hybridps-step-no-exchange",
+                                                    "hybridps-bsp-parquet"]
+    for case in report["cases"]:
+        assert math.isfinite(case["final_loss"]) and measured(case["samples_per_s"])
+    # the bare DeepFM has single-valued fields only: no ceiling for lists and sequences
+    assert report["ratios"]["vs_ceiling"] is None and report["ratios"]["vs_tf_baseline"] is None
+    assert [f["pooling"] for f in report["settings"]["features"]["sparse"][26:]] == ["mean"] * 3 + ["none"]
     cases = {c["name"]: c for c in report["cases"]}
-    assert sorted(cases) == ["hybridps-bsp", "hybridps-bsp-parquet"]
     # the files hold the generator's samples of these steps: the same losses, read from disk
     assert cases["hybridps-bsp-parquet"]["final_loss"] == pytest.approx(cases["hybridps-bsp"]["final_loss"],
                                                                          rel=1e-6)
@@ -260,13 +278,35 @@ def test_bench_capacity_measures_bytes_per_row_and_trains_to_the_distinct_keys_a
     assert "bytes per row" in (tmp_path / "capacity.md").read_text()
 
 
-@pytest.mark.mpi
-def test_bench_train_runs_only_the_cases_asked_for(tmp_path, mpi_env):
+def test_bench_train_runs_only_the_cases_asked_for(tmp_path, monkeypatch):
+    """--cases: only those cases are launched, in the plan's order (no MPI job here: both cases
+    run for real in test_bench_train_writes_every_case)."""
     from hybridps.bench.train import run_train_bench
+    launched = fake_case_runs(monkeypatch, tmp_path)
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
-                             vocab_size=500, timeout=240, cases="hybridps-asp,bare-ceiling")
+                             vocab_size=500, timeout=240, cases="bare-ceiling,hybridps-asp")
+    assert [name for name, _, _ in launched] == ["hybridps-asp", "bare-ceiling"]
     assert [c["name"] for c in report["cases"]] == ["hybridps-asp", "bare-ceiling"]
     assert report["ratios"]["vs_ceiling"] is None and measured(report["other_ratios"]["asp_vs_ceiling"])
+
+
+@pytest.mark.parametrize("workload, data, names", [
+    # writes the Criteo files, fills their parsed cache and times their readers: `make test` runs it
+    pytest.param("criteo", "file", ["hybridps-bsp", "bare-ceiling", "hybridps-step-no-exchange",
+                                    "hybridps-bsp-tsv", "hybridps-bsp-adam-tsv", "hybridps-asp-tsv",
+                                    "hybridps-bsp-criteo-parquet", "hybridps-bsp-criteo-parquet-cached",
+                                    "tf-baseline-tsv", "tf-baseline-criteo-parquet"], marks=pytest.mark.slow),
+    ("multihot", "synthetic", ["hybridps-bsp", "hybridps-asp", "hybridps-step-no-exchange"]),
+    ("multihot", "parquet", ["hybridps-bsp", "hybridps-bsp-parquet"]),
+])
+def test_bench_train_default_cases_of_each_workload_and_data(tmp_path, monkeypatch, workload, data, names):
+    """Without --cases, the cases a workload and data source run (no MPI job here: the cases
+    run for real in the tests of each workload)."""
+    from hybridps.bench.train import run_train_bench
+    launched = fake_case_runs(monkeypatch, tmp_path)
+    report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
+                             vocab_size=500, timeout=240, workload=workload, data=data, file_rows=2000)
+    assert [c["name"] for c in report["cases"]] == [name for name, _, _ in launched] == names
 
 
 @pytest.mark.mpi
@@ -274,13 +314,15 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
     import pandas as pd
     import pyarrow.parquet as pq
     from hybridps.bench.train import run_train_bench
+    # the file cases and the ceiling they are compared with (the default list, with hybridps-bsp
+    # and the step without exchange on synthetic data, is test_bench_train_default_cases_of_each_
+    # workload_and_data's; those two run for real in test_bench_train_writes_every_case)
+    file_cases = ["bare-ceiling", "hybridps-bsp-tsv", "hybridps-bsp-adam-tsv", "hybridps-asp-tsv",
+                  "hybridps-bsp-criteo-parquet", "hybridps-bsp-criteo-parquet-cached", "tf-baseline-tsv",
+                  "tf-baseline-criteo-parquet"]
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
-                             vocab_size=500, timeout=240, data="file", file_rows=2000)
-    assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "bare-ceiling", "hybridps-step-no-exchange",
-                                                    "hybridps-bsp-tsv", "hybridps-bsp-adam-tsv",
-                                                    "hybridps-asp-tsv", "hybridps-bsp-criteo-parquet",
-                                                    "hybridps-bsp-criteo-parquet-cached", "tf-baseline-tsv",
-                                                    "tf-baseline-criteo-parquet"]
+                             vocab_size=500, timeout=240, data="file", file_rows=2000, cases=",".join(file_cases))
+    assert [c["name"] for c in report["cases"]] == file_cases
     # the two files hold the same rows (read independently: pandas and pyarrow)
     tsv = pd.read_csv(tmp_path / "criteo.tsv", sep="\t", header=None, dtype=str)
     table = pq.read_table(tmp_path / "criteo.parquet").to_pandas()
@@ -347,24 +389,16 @@ def test_bench_train_straggler_cases_launch_with_the_loader_delay_aid(tmp_path, 
     """The *-straggler cases slow rank 1's loader by STRAGGLER_MS through the testing aid's
     environment (hybridps.testing_hooks), the other cases run without it (no MPI job here)."""
     from hybridps.bench import train as bench_train
-    launched = {}
-
-    def fake_mpirun(ranks, argv, timeout, env=None):
-        launched[argv[argv.index("--metrics-out") + 1]] = (argv, env)
-        with open(argv[argv.index("--metrics-out") + 1], "w") as fh:
-            json.dump({"samples_per_s": 1.0, "final_loss": 0.5, "auc": 0.5}, fh)
-        return 0.1
-
-    monkeypatch.setattr(bench_train, "_mpirun", fake_mpirun)
+    launched = fake_case_runs(monkeypatch, tmp_path)
     bench_train.run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
                                 vocab_size=500, timeout=60, cases="hybridps-bsp,hybridps-asp-straggler")
-    by_case = {os.path.basename(path)[:-len(".json")]: run for path, run in launched.items()}
+    by_case = {name: (argv, env) for name, argv, env in launched}
     assert set(by_case) == {"hybridps-bsp", "hybridps-asp-straggler"}
     assert by_case["hybridps-bsp"][1] is None
     assert by_case["hybridps-asp-straggler"][1] == {"HYBRIDPS_TEST_LOADER_DELAY_MS": f"{bench_train.STRAGGLER_MS:g}",
                                                    "HYBRIDPS_TEST_DELAY_RANK": "1"}
     assert not any(a.startswith("--loader-delay") or a.startswith("--delay-rank")
-                   for argv, _ in launched.values() for a in argv)
+                   for _, argv, _ in launched for a in argv)
 
 
 def test_tf_baseline_evaluation_scores_every_held_out_row(tmp_path):

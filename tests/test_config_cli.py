@@ -211,10 +211,14 @@ def _cli(args, timeout=180):
 
 
 @pytest.mark.slow
-def test_single_process_train_without_mpirun_writes_metrics(tmp_path):
+def test_single_process_train_without_mpirun_writes_metrics_and_shows_admission_and_eviction(tmp_path):
+    """One `hybridps train` process (TensorFlow's import is its main cost) for both: the metrics
+    file of a run without mpirun, and a row budget (lru, ttl) and an admission threshold at work
+    in its counters."""
     out = tmp_path / "m.json"
     proc = _cli(["train", "--model", "dcn", "--steps", "12", "--batch-size", "256", "--hidden", "32",
-                 "--warmup-steps", "2", "--no-progress", "--metrics-out", out])
+                 "--warmup-steps", "2", "--no-progress", "--max-rows", "3000", "--eviction", "lru",
+                 "--ttl-steps", "4", "--min-count", "2", "--vocab-size", "5000", "--metrics-out", out])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(out.read_text())
     for key in ("steps", "ranks", "global_batch_size", "samples_per_s", "final_loss", "auc", "mode", "sync"):
@@ -224,6 +228,11 @@ def test_single_process_train_without_mpirun_writes_metrics(tmp_path):
     assert metrics["samples_per_s"] >= 0 and 0 <= metrics["auc"] <= 1
     assert metrics["exchange"]["keys_sent_per_step"] > 0 and sum(metrics["table_rows"]) > 0
     assert json.loads(proc.stdout)["final_loss"] == pytest.approx(metrics["final_loss"])
+    counters = metrics["table_counters"][0]
+    assert metrics["table_rows"][0] <= 3000                 # one rank: the budget holds globally
+    assert counters["evicted_rows"] > 0
+    assert counters["dropped_unadmitted_grads"] > 0         # keys seen once read zeros, get no update
+    assert counters["admitted_keys"] - counters["evicted_rows"] == metrics["table_rows"][0]
 
 
 def _listed_commands(help_text, title):
@@ -282,21 +291,6 @@ def test_ranks_with_different_configs_stop_with_a_clear_message(tmp_path):
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "ranks [1] run a different effective config than rank 0" in proc.stderr
-
-
-@pytest.mark.slow
-def test_admission_and_eviction_during_training_show_in_metrics(tmp_path):
-    out = tmp_path / "m.json"
-    proc = _cli(["train", "--steps", "12", "--batch-size", "256", "--hidden", "16", "--warmup-steps", "1",
-                 "--no-progress", "--max-rows", "3000", "--eviction", "lru", "--ttl-steps", "4",
-                 "--min-count", "2", "--vocab-size", "5000", "--metrics-out", out])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads(out.read_text())
-    counters = metrics["table_counters"][0]
-    assert metrics["table_rows"][0] <= 3000                 # one rank: the budget holds globally
-    assert counters["evicted_rows"] > 0
-    assert counters["dropped_unadmitted_grads"] > 0         # keys seen once read zeros, get no update
-    assert counters["admitted_keys"] - counters["evicted_rows"] == metrics["table_rows"][0]
 
 
 # ---------------------------------------------------------------- per-table admission and eviction

@@ -9,6 +9,7 @@ owner of a key is recomputed here from splitmix64 in plain numpy.
 import glob
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -35,21 +36,17 @@ def owner(keys, world_size):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    """The 2-rank scenarios in one job: the save, the damaged copy of it refused, the Trainer runs."""
     out = tmp_path_factory.mktemp("ckpt_mpi")
-    run_mpi(2, [SCRIPT, "save", out], timeout=120)
+    run_mpi(2, [SCRIPT, "save,damaged,trainer", out], timeout=360)
     return str(out)
 
 
 @pytest.fixture(scope="module")
 def restored(saved):
+    """Restored on 1, 3 and 4 ranks, and as PS mode on 4 (in the 4-rank job)."""
     for world in (1, 3, 4):
-        run_mpi(world, [SCRIPT, "restore", saved], timeout=120)
-    return saved
-
-
-@pytest.fixture(scope="module")
-def restored_ps(saved):
-    run_mpi(4, [SCRIPT, "restore-ps", saved], timeout=120)
+        run_mpi(world, [SCRIPT, "restore,restore-ps" if world == 4 else "restore", saved], timeout=120)
     return saved
 
 
@@ -114,10 +111,10 @@ def test_each_rank_reads_only_its_buckets(restored, world):
         assert rep["bytes_read"]["total"] < data_total / world * 1.5 + index_total + 40_000
 
 
-def test_restore_in_ps_mode_gives_every_row_to_its_server(restored_ps):
+def test_restore_in_ps_mode_gives_every_row_to_its_server(restored):
     """4 ranks = 2 workers (ranks 0, 1) + 2 servers (ranks 2, 3): servers own b % 2 == index."""
-    truth, truth_counters, _ = _load_rows(sorted(glob.glob(os.path.join(restored_ps, "truth", "rank*.npz"))))
-    target = os.path.join(restored_ps, "restored-ps")
+    truth, truth_counters, _ = _load_rows(sorted(glob.glob(os.path.join(restored, "truth", "rank*.npz"))))
+    target = os.path.join(restored, "restored-ps")
     got, _, per_rank = _load_rows([os.path.join(target, f"rank{r}.npz") for r in range(4)])
     for t in range(NUM_TABLES):
         for kind in truth[t]:
@@ -133,7 +130,7 @@ def test_restore_in_ps_mode_gives_every_row_to_its_server(restored_ps):
     summed = np.array([[sum(rep["counters"][t][n] for rep in reports) for n in COUNTERS]
                        for t in range(NUM_TABLES)])
     np.testing.assert_array_equal(summed, truth_counters)
-    ckpt_dir = glob.glob(os.path.join(restored_ps, "ckpt", "ckpt-*"))[0]
+    ckpt_dir = glob.glob(os.path.join(restored, "ckpt", "ckpt-*"))[0]
     data_total = sum(os.path.getsize(p) for p in glob.glob(os.path.join(ckpt_dir, "*"))
                      if p.endswith((".rows", ".cands")))
     data_read = [rep["bytes_read"]["data"] for rep in reports]
@@ -143,7 +140,6 @@ def test_restore_in_ps_mode_gives_every_row_to_its_server(restored_ps):
 
 
 def test_damaged_bucket_is_refused_by_every_rank(saved):
-    run_mpi(2, [SCRIPT, "damaged", saved], timeout=120)
     messages = [open(os.path.join(saved, f"damaged{r}.txt")).read() for r in range(2)]
     assert messages[0] == messages[1]
     assert "table-002.rank-00001.rows" in messages[0] and "checksum mismatch in bucket" in messages[0]
@@ -168,14 +164,14 @@ def test_a_held_checkpoint_directory_is_refused_by_every_rank_alike(tmp_path):
                                   f"job: pid {holder.pid} on host {socket.gethostname()}, started ")
 
 
-def test_trainer_resumed_from_checkpoint_continues_exactly(tmp_path):
-    run_mpi(2, [SCRIPT, "trainer", tmp_path], timeout=240)
-    info = json.load(open(tmp_path / "trainer.json"))
+def test_trainer_resumed_from_checkpoint_continues_exactly(saved):
+    out = pathlib.Path(saved)
+    info = json.load(open(out / "trainer.json"))
     assert any("resumed from" in m and "step 3" in m for m in info["messages"])
     for r in range(2):
-        straight = np.load(tmp_path / f"trainer_straight.rank{r}.npz")
-        resumed = np.load(tmp_path / f"trainer_resumed.rank{r}.npz")
-        half = np.load(tmp_path / f"trainer_half.rank{r}.npz")
+        straight = np.load(out / f"trainer_straight.rank{r}.npz")
+        resumed = np.load(out / f"trainer_resumed.rank{r}.npz")
+        half = np.load(out / f"trainer_half.rank{r}.npz")
         assert set(straight.files) == set(resumed.files)
         for name in straight.files:
             np.testing.assert_allclose(resumed[name], straight[name], rtol=1e-6, atol=1e-7,

@@ -19,6 +19,7 @@ tests/test_checkpoint.py start them).
                     "holding" once it holds the directory's lock, keeps it until stdin closes.
   locked OUT        (mpirun -np 2) a CheckpointManager on OUT/ckpt while `hold` holds it: every
                     rank's ConfigError message goes to OUT/locked.json.
+Several MPI scenarios of one world size run in one job, in order: ``save,damaged,trainer OUT``.
 """
 import json
 import os
@@ -212,18 +213,25 @@ def scenario_locked(comm, out):
             json.dump(messages, fh)
 
 
+MPI_SCENARIOS = {"save": scenario_save, "restore": scenario_restore, "damaged": scenario_damaged,
+                 "trainer": scenario_trainer, "locked": scenario_locked,
+                 "restore-ps": lambda comm, out: scenario_restore(comm, out, ps_servers=2)}
+
+
 def main():
+    """``SCENARIO OUT``; the MPI scenarios also as ``A,B,... OUT``: one after another in one
+    job (one start-up for several scenarios of the same world size)."""
     scenario, out = sys.argv[1], sys.argv[2]
     if scenario == "crash":
         return scenario_crash(out)
     if scenario == "hold":
         return scenario_hold(out)
+    scenarios = scenario.split(",")
     from hybridps import comm as comm_module
-    comm = comm_module.init(with_horovod=scenario == "trainer")
-    {"save": scenario_save, "restore": scenario_restore, "damaged": scenario_damaged,
-     "trainer": scenario_trainer, "locked": scenario_locked,
-     "restore-ps": lambda comm, out: scenario_restore(comm, out, ps_servers=2)}[scenario](comm, out)
-    comm.barrier()
+    comm = comm_module.init(with_horovod="trainer" in scenarios)
+    for name in scenarios:
+        MPI_SCENARIOS[name](comm, out)
+        comm.barrier()
 
 
 if __name__ == "__main__":
