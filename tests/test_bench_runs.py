@@ -428,3 +428,20 @@ def test_tf_baseline_evaluation_scores_every_held_out_row(tmp_path):
     assert sorted(seen) == sorted(labels)
     constant = _evaluate(SingleProcessComm(), config, schema, args, lambda b: np.zeros(len(b.labels)))
     assert constant["auc"] == 0.5
+
+
+def test_bench_train_reports_the_in_situ_tf_step_against_the_bare_step():
+    """2 ranks of 4096 rows at 163,840 samples/s: a bare step of 2 * 4096 / 163840 s = 50 ms; a
+    BSP case whose compute phase is 60 ms is 1.2x it, and its pull + push 14 + 9 = 23 ms."""
+    from hybridps.bench.train import CEILING, in_situ_steps
+    cases = [{"name": CEILING, "samples_per_s": 163840.0},
+             {"name": "hybridps-bsp-tsv", "samples_per_s": 90000.0,
+              "phase_ms_per_step": {"compute": 60.0, "dense": 0.1, "pull": 14.0, "push": 9.0}},
+             {"name": "tf-baseline", "samples_per_s": 80000.0}]
+    steps = in_situ_steps(cases, ranks=2, batch_size=4096)
+    assert list(steps) == ["hybridps-bsp-tsv"]
+    step = steps["hybridps-bsp-tsv"]
+    assert step["bare_step_ms"] == pytest.approx(50.0)
+    assert step["compute_vs_bare_step"] == pytest.approx(1.2)
+    assert step["pull_push_ms"] == pytest.approx(23.0)
+    assert in_situ_steps(cases[1:], ranks=2, batch_size=4096) == {}     # no bare ceiling ran

@@ -66,6 +66,9 @@ TARGETS = {"vs_tf_baseline": 5.0, "vs_ceiling": 0.7, "asp_vs_bsp": 1.15, "ssp1_v
            "criteo_parquet_cached_vs_ceiling": 0.7, "tsv_vs_tf_baseline": 1.3,
            "criteo_parquet_vs_tf_baseline": 1.3}
 CEILING = "bare-ceiling"
+# upper bounds: a hybridps case's TF step (its compute phase) against the bare step, and its
+# pull + push per step on a Criteo-like file
+STEP_TARGETS = {"compute_vs_bare_step": 1.1, "pull_push_ms": 25.0}
 PARQUET_BATCHES_PER_RANK = 32     # row groups written per rank (longer runs wrap the epoch)
 
 
@@ -140,6 +143,25 @@ def _mpirun(ranks, argv, timeout, env=None):
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark case failed ({' '.join(command)}):\n{proc.stderr[-4000:]}")
     return time.perf_counter() - started
+
+
+def in_situ_steps(cases, ranks, batch_size):
+    """{case: its TF step (the compute phase, ms, max over ranks), the bare step's ms, their
+    ratio and its pull + push ms} for every hybridps case with phases, when the bare ceiling ran.
+    The bare step's ms: each of ``ranks`` ranks steps through ``batch_size`` rows, so one step
+    takes ranks * batch_size / (its samples/s) seconds."""
+    bare = next((c for c in cases if c["name"] == CEILING), None)
+    if bare is None or not bare["samples_per_s"]:
+        return {}
+    bare_ms = 1000.0 * ranks * batch_size / bare["samples_per_s"]
+    steps = {}
+    for case in cases:
+        phases = case.get("phase_ms_per_step")
+        if phases:
+            steps[case["name"]] = {"compute_ms": phases["compute"], "bare_step_ms": bare_ms,
+                                   "compute_vs_bare_step": phases["compute"] / bare_ms,
+                                   "pull_push_ms": phases["pull"] + phases["push"]}
+    return steps
 
 
 def run_rounds(plan, repeats, run_case):
@@ -318,7 +340,9 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
                      "ssp1_dense1_vs_bsp": ratio("hybridps-ssp1-dense1", "hybridps-bsp"),
                      "ssp1_vs_bsp_with_straggler": ratio("hybridps-ssp1-straggler", "hybridps-bsp-straggler"),
                      "asp_vs_bsp_with_straggler": ratio("hybridps-asp-straggler", "hybridps-bsp-straggler")}
+    step_times = in_situ_steps(cases, ranks, batch_size)
     report = {"cases": cases, "ratios": ratios, "targets": TARGETS, "other_ratios": informational,
+              "in_situ_steps": step_times,
               "workload": workload,
               "settings": {"ranks": ranks, "steps": steps, "warmup_steps": warmup_steps, "repeats": repeats,
                            "straggler_ms": STRAGGLER_MS, "workload": workload,
@@ -360,6 +384,12 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
         f"{labels[k]} = {ratios[k]:.2f} (target >= {TARGETS[k]}: {'met' if ratios[k] >= TARGETS[k] else 'NOT met'})"
         for k in labels if ratios[k] is not None]
     lines += [f"{name} = {value:.2f} (no target)" for name, value in informational.items() if value is not None]
+    lines += [f"{name}: TF step in situ {t['compute_ms']:.1f} ms = {t['compute_vs_bare_step']:.2f}x the bare "
+              f"step ({t['bare_step_ms']:.1f} ms; target <= {STEP_TARGETS['compute_vs_bare_step']}: "
+              f"{'met' if t['compute_vs_bare_step'] <= STEP_TARGETS['compute_vs_bare_step'] else 'NOT met'}); "
+              f"pull + push {t['pull_push_ms']:.1f} ms (target <= {STEP_TARGETS['pull_push_ms']:g} on a file: "
+              f"{'met' if t['pull_push_ms'] <= STEP_TARGETS['pull_push_ms'] else 'NOT met'})"
+              for name, t in step_times.items()]
     if reader is not None:
         lines.append(f"Parquet reader: {reader['reader_ms_per_batch_median']:.2f} ms per batch of "
                      f"{reader['batch_size']} rows (median of {reader['reader_batches_timed']}, one "
