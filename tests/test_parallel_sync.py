@@ -78,6 +78,20 @@ def test_asp_converges_and_drops_no_gradient(sync_run):
     assert summary["row_grads_pushed"] == pytest.approx(expected_pushed)
 
 
+def test_two_tasks_with_missing_labels_train_under_ssp_and_asp(sync_run):
+    """Several tasks outside BSP: every step runs (no collective of the BSP-only task counts
+    is waited for), the losses are finite, every pushed row gradient is applied and SSP keeps
+    its bound."""
+    world, out = sync_run
+    for name in ("mt-ssp1", "mt-asp"):
+        summary = _summary(out, name)
+        assert summary["ranks"] == world and summary["steps"] == 12, name
+        losses = summary["loss_trajectory"]
+        assert len(losses) == 12 and np.isfinite(losses).all(), (name, losses)
+        assert summary["row_grads_pushed"] == summary["row_grads_applied"] > 0, name
+    assert _summary(out, "mt-ssp1")["staleness_max"] <= 1
+
+
 def test_a_slow_rank_deadlocks_no_mode(sync_run):
     world, out = sync_run
     if world != 2:

@@ -1,7 +1,8 @@
 """SSP / ASP scenarios in one MPI job: `mpirun -np N python tests/parallel/sync_scenarios.py OUT [slow]`.
 
 Runs, on synthetic data: BSP and SSP(0) (dumping state for an exact comparison), SSP(1), SSP(2),
-SSP(4), SSP(1) with dense_staleness 2, and ASP; with ``slow``, also BSP, SSP(2) and ASP with rank 1's data loader sleeping
+SSP(4), SSP(1) with dense_staleness 2, and ASP; MMoE on two tasks with missing labels
+(tests.schema_data's click and Huber rating, row weights) under SSP(1) and ASP; with ``slow``, also BSP, SSP(2) and ASP with rank 1's data loader sleeping
 30 ms per batch. Every run's summary goes to OUT/<name>.json (rank 0); the pytest side
 (tests/test_parallel_sync.py) checks them.
 """
@@ -13,6 +14,8 @@ from hybridps import comm as comm_module
 from hybridps import testing_hooks
 from hybridps.config import make_config
 from hybridps.trainer import Trainer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COMMON = {"steps": 40, "batch_size": 256, "hidden": [32], "dim": 8, "progress": False,
           "warmup_steps": 2, "seed": 5, "vocab_size": 2000, "learning_rate": 0.1}
@@ -36,6 +39,16 @@ def main(out_dir, slow):
         run(comm, out_dir, f"ssp{s}", sync="ssp", staleness=s)
     run(comm, out_dir, "ssp1-dense2", sync="ssp", staleness=1, dense_staleness=2)
     run(comm, out_dir, "asp", sync="asp", steps=150, batch_size=512)
+    sys.path.insert(0, REPO_ROOT)       # mpirun runs this file as a script: tests/ is not on the path
+    from tests.schema_data import MULTITASK_FEATURES, multitask_rows, write_csv
+    rows = os.path.join(out_dir, "mt-rows.csv")
+    if comm.rank == 0:
+        write_csv(rows, multitask_rows(4096, seed=31))
+    comm.barrier()
+    multitask = {"model": "mmoe", "features": MULTITASK_FEATURES, "data": rows, "steps": 12,
+                 "batch_size": 64, "num_experts": 2, "expert_units": [8], "hidden": [8]}
+    run(comm, out_dir, "mt-ssp1", sync="ssp", staleness=1, **multitask)
+    run(comm, out_dir, "mt-asp", sync="asp", **multitask)
     if slow:
         testing_hooks.use(loader_delay_ms=30.0, delay_rank=1)     # rank 1 a straggler
         slow_rank = {"steps": 15}
