@@ -171,8 +171,7 @@ def test_every_file_reader_gives_the_label_matrix_with_missing_labels_and_the_we
 
 
 def test_the_directory_stream_and_the_redis_rows_carry_the_label_matrix(tmp_path):
-    from hybridps.data.columns import ColumnConverter
-    from hybridps.data.stream import DirectoryStream, RedisStream
+    from hybridps.data.stream import DirectoryStream
     from tests.test_readers import EveryRankReady
     schema = schema_of(SMALL)
     (tmp_path / "in").mkdir()
@@ -182,14 +181,22 @@ def test_the_directory_stream_and_the_redis_rows_carry_the_label_matrix(tmp_path
     (batch,) = list(stream.iter_batches(6, None, control=EveryRankReady()))
     np.testing.assert_array_equal(batch.labels, WANT_LABELS)
     # a Redis entry's fields are text; an absent field is a missing label
+    np.testing.assert_array_equal(_redis_rows(schema, COLUMNS).labels, WANT_LABELS)
+
+
+def _redis_rows(schema, columns):
+    """The batch a Redis stream makes of the six entries of ``columns``: an entry's fields are
+    text, and an absent field (None here) is a missing value."""
+    from hybridps.data.columns import ColumnConverter
+    from hybridps.data.stream import RedisStream
     redis = RedisStream.__new__(RedisStream)
     redis.schema, redis.where = schema, "redis://test/s"
     redis.converter = ColumnConverter(schema)
     redis.columns = redis.converter.required_columns()
     redis.pending = [(f"{i}-0", {name.encode(): str(values[i]).encode()
-                                 for name, values in COLUMNS.items() if values[i] is not None}, 0.0)
+                                 for name, values in columns.items() if values[i] is not None}, 0.0)
                      for i in range(6)]
-    np.testing.assert_array_equal(redis._rows(0, 6).labels, WANT_LABELS)
+    return redis._rows(0, 6)
 
 
 WITH_BUY = dict(COLUMNS, buy=[1, 1, None, 0, 1, 0])      # a conversion column for POST_CLICK
@@ -208,22 +215,14 @@ def test_every_reader_leaves_a_given_task_missing_where_its_given_label_is_not_1
 
 
 def test_the_directory_stream_and_the_redis_rows_leave_a_given_task_missing(tmp_path):
-    from hybridps.data.columns import ColumnConverter
-    from hybridps.data.stream import DirectoryStream, RedisStream
+    from hybridps.data.stream import DirectoryStream
     from tests.test_readers import EveryRankReady
     schema = schema_of(POST_CLICK)
     (tmp_path / "in").mkdir()
     write_small_csv(tmp_path / "in" / "a-1.csv", WITH_BUY)
     open(tmp_path / "in" / "_END", "w").close()
     (batch,) = list(DirectoryStream(str(tmp_path / "in"), schema).iter_batches(6, None, control=EveryRankReady()))
-    redis = RedisStream.__new__(RedisStream)
-    redis.schema, redis.where = schema, "redis://test/s"
-    redis.converter = ColumnConverter(schema)
-    redis.columns = redis.converter.required_columns()
-    redis.pending = [(f"{i}-0", {name.encode(): str(values[i]).encode()
-                                 for name, values in WITH_BUY.items() if values[i] is not None}, 0.0)
-                     for i in range(6)]
-    for labels in (batch.labels, redis._rows(0, 6).labels):
+    for labels in (batch.labels, _redis_rows(schema, WITH_BUY).labels):
         present = ~np.isnan(labels)
         np.testing.assert_array_equal(present[:, 1], [True, False, False, True, False, False])
         np.testing.assert_array_equal(labels[[0, 3], 1], [1, 0])
