@@ -70,6 +70,7 @@ Optimizers (lazy: only rows whose key appears in a gradient batch change; duplic
 
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t
 from mix64 cimport mix64_c
+from slots cimport scratch_slots, slot_shift
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy
 from libc.math cimport sqrt, log, log1p, exp, pow, fabs, isfinite
@@ -588,9 +589,7 @@ cdef class EmbeddingHashTable:
         self.slots = fresh
         self.n_slots = cap
         self.mask = cap - 1
-        self.shift = 64
-        while (1ULL << (64 - self.shift)) < cap:
-            self.shift -= 1
+        self.shift = slot_shift(cap)
         self.used_slots = 0
 
     cdef void _rehash(self, uint64_t new_cap) except *:
@@ -985,13 +984,9 @@ cdef class EmbeddingHashTable:
         # whose random reads would miss the cache once per key.
         accum = np.empty((n, dim), dtype=np.float32)
         touched = np.empty(n, dtype=np.int64)
-        cdef uint64_t acc_cap = 16
-        while acc_cap < 2 * <uint64_t>n:
-            acc_cap <<= 1
+        cdef uint64_t acc_cap = scratch_slots(<uint64_t>n)
         cdef uint64_t acc_mask = acc_cap - 1, h
-        cdef int acc_shift = 64
-        while (1ULL << (64 - acc_shift)) < acc_cap:
-            acc_shift -= 1
+        cdef int acc_shift = slot_shift(acc_cap)
         if n >= 2147483647:
             raise TableInputError("apply_gradients takes fewer than 2**31 keys per call")
         cdef int32_t* acc_of_row = <int32_t*>calloc(acc_cap, sizeof(int32_t))

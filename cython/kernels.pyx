@@ -17,6 +17,7 @@ ids, hybridps.data.hashing) and the text ids of Arrow string buffers (``text_val
 
 from libc.stdint cimport int64_t, uint64_t, int32_t, uint32_t
 from mix64 cimport mix64_c
+from slots cimport scratch_slots, slot_shift
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy, memcmp
 
@@ -54,13 +55,9 @@ def unique_inverse(keys):
         raise TableInputError("unique_inverse handles fewer than 2**31 keys per call")
     cdef int64_t[::1] u = uniq
     cdef int32_t[::1] inv = inverse
-    cdef uint64_t cap = 16
-    while cap < 2 * <uint64_t>n:
-        cap <<= 1
+    cdef uint64_t cap = scratch_slots(<uint64_t>n)
     cdef uint64_t mask = cap - 1, h
-    cdef int shift = 64
-    while (1ULL << (64 - shift)) < cap:
-        shift -= 1
+    cdef int shift = slot_shift(cap)
     # slot holds 1 + index into uniq (0 = empty)
     cdef int32_t* slot = <int32_t*>malloc(cap * sizeof(int32_t))
     if slot == NULL:
@@ -214,9 +211,7 @@ def unique_route(parts, int world_size, int64_t num_buckets):
     cdef int32_t[::1] idx = index
     cdef int64_t[::1] u = uniq
     cdef int32_t[::1] own = owner
-    cdef uint64_t cap = 16
-    while cap < 2 * <uint64_t>longest:
-        cap <<= 1
+    cdef uint64_t cap = scratch_slots(<uint64_t>longest)
     cdef uint64_t h, table_cap, table_mask
     cdef uint64_t ring[ROUTE_AHEAD]
     cdef int table_shift
@@ -238,13 +233,9 @@ def unique_route(parts, int world_size, int64_t num_buckets):
             n = k.shape[0]
             first = n_unique
             table_firsts.append(first)
-            table_cap = 16
-            while table_cap < 2 * <uint64_t>n:
-                table_cap <<= 1
+            table_cap = scratch_slots(<uint64_t>n)
             table_mask = table_cap - 1
-            table_shift = 64
-            while (1ULL << (64 - table_shift)) < table_cap:
-                table_shift -= 1
+            table_shift = slot_shift(table_cap)
             with nogil:
                 memset(slot, 0, table_cap * sizeof(int32_t))
                 # the home slots of the next ROUTE_AHEAD keys are hashed and prefetched ahead
