@@ -1,10 +1,12 @@
 """Smoke tests of `hybridps bench train` and `hybridps bench compare` on 2 ranks with a tiny
 workload: every case runs under mpirun in one of the tests and the output files have the
 documented schema; what the bench plans (the default cases of each workload, --cases, the
-straggler environment) is checked on a stubbed launcher, since an mpirun start and
-TensorFlow's import are most of a case's time. No speed is asserted: a measured time, rate or
-ratio is checked to be there, a finite float and >= 0 (a loaded machine may time a phase as
-0.0 ms), counts and losses against what they must be."""
+straggler environment, --one-job's list of cases) is checked on a stubbed launcher. An mpirun
+start and TensorFlow's import are most of a case's time, so the tests of several cases run
+them in one job (--one-job); the multitask test runs each case as its own job (the default).
+No speed is asserted: a measured time, rate or ratio is checked to be there, a finite float
+and >= 0 (a loaded machine may time a phase as 0.0 ms), counts and losses against what they
+must be."""
 import json
 import math
 import os
@@ -50,7 +52,7 @@ def mpi_env(monkeypatch):
 def test_bench_compare_writes_every_case(tmp_path, mpi_env):
     from hybridps.bench.compare import run_compare_bench
     report = run_compare_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
-                               dim=4, vocab_size=500, timeout=240)
+                               dim=4, vocab_size=500, timeout=240, one_job=True)
     names = [c["name"] for c in report["cases"]]
     assert names == ["collective-bsp", "collective-ssp1", "collective-asp", "ps-bsp", "ps-asp", "tf-baseline"]
     for case in report["cases"]:
@@ -83,13 +85,22 @@ def test_repeated_cases_run_round_robin_and_report_the_median_run():
     assert chosen["b"]["samples_per_s"] == 20.0 and chosen["b"]["argv"] == []
     with pytest.raises(ValueError, match="repeats"):
         run_rounds([("a", [])], 0, run_case)
+    # a whole round at once (--one-job): once per round, the median run of each case
+    rounds = iter([{"a": {"samples_per_s": 2.0}, "b": {"samples_per_s": 7.0}},
+                   {"a": {"samples_per_s": 4.0}, "b": {"samples_per_s": 5.0}},
+                   {"a": {"samples_per_s": 3.0}, "b": {"samples_per_s": 6.0}}])
+    planned = []
+    chosen = run_rounds([("a", ["-x"]), ("b", [])], 3, None, lambda plan: planned.append(plan) or next(rounds))
+    assert planned == [[("a", ["-x"]), ("b", [])]] * 3
+    assert chosen["a"] == {"samples_per_s": 3.0, "samples_per_s_runs": [2.0, 4.0, 3.0]}
+    assert chosen["b"] == {"samples_per_s": 6.0, "samples_per_s_runs": [7.0, 5.0, 6.0]}
 
 
 @pytest.mark.mpi
 def test_bench_train_writes_every_case(tmp_path, mpi_env):
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
-                             dim=4, vocab_size=500, timeout=240)
+                             dim=4, vocab_size=500, timeout=240, one_job=True)
     names = [c["name"] for c in report["cases"]]
     assert names == ["hybridps-bsp", "hybridps-ssp1", "hybridps-ssp1-dense1", "hybridps-ssp4",
                      "hybridps-asp", "hybridps-bsp-straggler", "hybridps-ssp1-straggler",
@@ -195,7 +206,8 @@ def test_bench_train_multihot_workload_on_synthetic_and_parquet_data(tmp_path, m
     from hybridps.bench.train import run_train_bench
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64,
                              dim=4, vocab_size=500, timeout=240, workload="multihot", data="parquet",
-                             cases="hybridps-bsp,hybridps-asp,hybridps-step-no-exchange,hybridps-bsp-parquet")
+                             cases="hybridps-bsp,hybridps-asp,hybridps-step-no-exchange,hybridps-bsp-parquet",
+                             one_job=True)
     assert [c["name"] for c in report["cases"]] == ["hybridps-bsp", "hybridps-asp", "hybridps-step-no-exchange",
                                                     "hybridps-bsp-parquet"]
     for case in report["cases"]:
@@ -321,7 +333,8 @@ def test_bench_train_criteo_files_runs_bsp_on_a_tsv_and_its_parquet_copy(tmp_pat
                   "hybridps-bsp-criteo-parquet", "hybridps-bsp-criteo-parquet-cached", "tf-baseline-tsv",
                   "tf-baseline-criteo-parquet"]
     report = run_train_bench(str(tmp_path), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
-                             vocab_size=500, timeout=240, data="file", file_rows=2000, cases=",".join(file_cases))
+                             vocab_size=500, timeout=240, data="file", file_rows=2000, cases=",".join(file_cases),
+                             one_job=True)
     assert [c["name"] for c in report["cases"]] == file_cases
     # the two files hold the same rows (read independently: pandas and pyarrow)
     tsv = pd.read_csv(tmp_path / "criteo.tsv", sep="\t", header=None, dtype=str)
@@ -445,3 +458,91 @@ def test_bench_train_reports_the_in_situ_tf_step_against_the_bare_step():
     assert step["compute_vs_bare_step"] == pytest.approx(1.2)
     assert step["pull_push_ms"] == pytest.approx(23.0)
     assert in_situ_steps(cases[1:], ranks=2, batch_size=4096) == {}     # no bare ceiling ran
+
+
+def test_one_job_runs_a_rounds_cases_in_one_mpirun_as_their_own_jobs_would(tmp_path, monkeypatch):
+    """--one-job: one mpirun of hybridps.bench.shared_job for the round, listing each case with
+    the command line and testing-aid environment its own job gets, and --timeout per case (no
+    MPI job here: the cases run in one job for real in test_bench_train_writes_every_case)."""
+    from hybridps.bench import train as bench_train
+    cases = "hybridps-bsp,hybridps-asp-straggler,bare-ceiling"
+    own_jobs = fake_case_runs(monkeypatch, tmp_path / "own")
+    bench_train.run_train_bench(str(tmp_path / "own"), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
+                                vocab_size=500, timeout=60, cases=cases)
+    launched = []
+
+    def fake_mpirun(ranks, argv, timeout, env=None):
+        launched.append((ranks, argv, timeout, env))
+        with open(argv[2]) as fh:
+            listed = json.load(fh)["cases"]
+        for case in listed:
+            (path,) = [a for a in case["argv"] if a.endswith(".json")]
+            with open(path, "w") as fh:
+                json.dump({"samples_per_s": 1.0, "final_loss": 0.5, "auc": 0.5}, fh)
+        with open(argv[2] + ".walls.json", "w") as fh:
+            json.dump({case["name"]: 2.0 + i for i, case in enumerate(listed)}, fh)
+        return 9.0
+
+    monkeypatch.setattr(bench_train, "_mpirun", fake_mpirun)
+    one = tmp_path / "one"
+    report = bench_train.run_train_bench(str(one), ranks=2, steps=4, warmup_steps=1, batch_size=64, dim=4,
+                                         vocab_size=500, timeout=60, cases=cases, one_job=True)
+    ((ranks, argv, timeout, env),) = launched
+    assert (ranks, argv[:2], timeout, env) == (2, ["-m", "hybridps.bench.shared_job"], 3 * 60, None)
+    with open(argv[2]) as fh:
+        listed = json.load(fh)["cases"]
+    own = str(tmp_path / "own")
+    assert [(c["name"], [a.replace(str(one), own) for a in c["argv"]], c["env"]) for c in listed] == own_jobs
+    assert [(c["name"], c["wall_s"]) for c in report["cases"]] == [
+        ("hybridps-bsp", 2.0), ("hybridps-asp-straggler", 3.0), ("bare-ceiling", 4.0)]
+
+
+def test_one_job_runs_the_cases_without_horovod_first_each_with_its_own_testing_aids(tmp_path, monkeypatch):
+    """The job's worker (its MPI and programs stubbed): the bare ceiling and hybridps's step
+    without exchange before the cases that start Horovod, otherwise in the listed order; a
+    straggler case's loader delay set for that case alone; each case's wall time written."""
+    from hybridps import comm as comm_module
+    from hybridps import testing_hooks
+    from hybridps.bench import shared_job
+
+    class Comm:
+        rank = 0
+
+        def barrier(self):
+            pass
+
+    ran = []
+    monkeypatch.setattr(comm_module, "init", lambda with_horovod: Comm())
+    monkeypatch.setattr(shared_job, "_release_previous_case", lambda: ran.append("released"))
+    monkeypatch.setattr(shared_job, "_cli_main", lambda argv: ran.append((argv[0], testing_hooks.active())))
+    monkeypatch.setattr(shared_job, "_worker_main", lambda argv: ran.append((argv[0], testing_hooks.active())))
+    straggler = testing_hooks.environment(loader_delay_ms=15.0, delay_rank=1)
+    cases = [{"name": "bsp", "argv": ["-m", "hybridps.cli", "train"], "env": None},
+             {"name": "tf", "argv": ["-m", "hybridps.bench.train_worker", "tf-baseline"], "env": None},
+             {"name": "slow", "argv": ["-m", "hybridps.cli", "join"], "env": straggler},
+             {"name": "step", "argv": ["-m", "hybridps.bench.train_worker", "hybridps-step"], "env": None},
+             {"name": "bare", "argv": ["-m", "hybridps.bench.train_worker", "bare-ceiling"], "env": None}]
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps({"cases": cases}))
+    try:
+        shared_job.main(str(path))
+        after = testing_hooks.active()
+    finally:
+        testing_hooks.use()
+    none, slow = testing_hooks.TestingHooks(), testing_hooks.TestingHooks(loader_delay_ms=15.0, delay_rank=1)
+    assert ran == [("hybridps-step", none), "released", ("bare-ceiling", none), "released",
+                   ("train", none), "released", ("tf-baseline", none), "released", ("join", slow)]
+    assert after == none
+    walls = json.loads((tmp_path / "cases.json.walls.json").read_text())
+    assert list(walls) == ["step", "bare", "bsp", "tf", "slow"] and all(measured(w) for w in walls.values())
+
+
+@pytest.mark.parametrize("case, message", [
+    ({"name": "x", "argv": ["-m", "os", "rm"], "env": None}, "one job runs `-m` hybridps.cli or"),
+    ({"name": "x", "argv": ["train.py"], "env": None}, "one job runs"),
+    ({"name": "x", "argv": ["-m", "hybridps.cli", "train"], "env": {"PATH": "/tmp"}}, r"testing aids' variables only, got \['PATH'\]"),
+])
+def test_one_job_refuses_a_case_it_cannot_run_as_its_own_job_would(case, message):
+    from hybridps.bench.shared_job import check_cases
+    with pytest.raises(ValueError, match=message):
+        check_cases([case])

@@ -5,7 +5,8 @@ and ASP (``max(1, N // 4)`` servers, the rest workers); and the plain TensorFlow
 baseline. Same model, synthetic data, seed and optimizers everywhere, so a difference isolates
 the parameter access. Writes DIR/compare.json, DIR/compare.md and DIR/compare.png (throughput
 and AUC side by side) and prints the table. ``--repeats R`` runs the cases R times round-robin
-and reports each case's median run (hybridps.bench.train.run_rounds).
+and reports each case's median run (hybridps.bench.train.run_rounds); ``--one-job`` runs a
+round's cases one after another in one ``mpirun`` job (hybridps.bench.shared_job).
 
 ``samples_per_s_per_rank`` divides by the computing ranks only (PS servers excluded).
 ``bytes_per_step`` is per computing rank: sparse exchange bytes measured by hybridps (sent +
@@ -18,7 +19,9 @@ import os
 import sys
 
 from hybridps.bench.report import bench_environment, markdown_table, write_json
-from hybridps.bench.train import _mpirun, run_rounds
+from hybridps.bench import train as bench_train
+from hybridps.bench.shared_job import run_cases_in_one_job
+from hybridps.bench.train import add_one_job_argument, run_rounds
 from hybridps.wording import counted
 
 TARGETS = {"collective_bsp_vs_ps_bsp": 1.5, "collective_bsp_vs_ps_asp_per_rank": 1.0}
@@ -35,6 +38,7 @@ def add_arguments(parser):
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per case")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every case this many times (round-robin); report the median run")
+    add_one_job_argument(parser)
 
 
 def ring_allreduce_bytes(ranks, parameters):
@@ -43,8 +47,9 @@ def ring_allreduce_bytes(ranks, parameters):
 
 
 def run_compare_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4096, dim=16,
-                      vocab_size=100_000, timeout=1200, repeats=1):
-    """Run every case; returns the compare.json object."""
+                      vocab_size=100_000, timeout=1200, repeats=1, one_job=False):
+    """Run every case, each in its own mpirun job or, with ``one_job``, a round's cases in one
+    (hybridps.bench.shared_job); returns the compare.json object."""
     os.makedirs(out_dir, exist_ok=True)
     servers = max(1, ranks // 4)
     common = ["--steps", str(steps), "--warmup-steps", str(warmup_steps), "--batch-size",
@@ -62,17 +67,30 @@ def run_compare_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4
     plan = [(name, argv) for name, argv in plan
             if ranks - (servers if name.startswith("ps-") else 0) >= 1]
 
-    def run_case(name, argv):
+    def case_argv(name, argv):
         path = os.path.join(out_dir, f"{name}.json")
-        sys.stderr.write(f"bench compare: {name} on {counted(ranks, 'rank')} ...\n")
         metrics_flag = [path] if name == "tf-baseline" else ["--metrics-out", path]
-        _mpirun(ranks, argv + metrics_flag + common, timeout)
-        with open(path) as fh:
+        return argv + metrics_flag + common
+
+    def case_result(name):
+        with open(os.path.join(out_dir, f"{name}.json")) as fh:
             result = json.load(fh)
-        sys.stderr.write(f"  {result['samples_per_s']:,.0f} samples/s, auc {result['auc']:.4f}\n")
+        sys.stderr.write(f"  {name}: {result['samples_per_s']:,.0f} samples/s, auc {result['auc']:.4f}\n")
         return result
 
-    chosen = run_rounds(plan, repeats, run_case)
+    def run_case(name, argv):
+        sys.stderr.write(f"bench compare: {name} on {counted(ranks, 'rank')} ...\n")
+        bench_train._mpirun(ranks, case_argv(name, argv), timeout)
+        return case_result(name)
+
+    def run_round(plan):
+        sys.stderr.write(f"bench compare: {counted(len(plan), 'case')} in one job on {counted(ranks, 'rank')} ...\n")
+        run_cases_in_one_job(bench_train._mpirun, ranks,
+                             [{"name": name, "argv": case_argv(name, argv), "env": None} for name, argv in plan],
+                             timeout * len(plan), os.path.join(out_dir, "one-job-cases.json"))
+        return {name: case_result(name) for name, _ in plan}
+
+    chosen = run_rounds(plan, repeats, run_case, run_round if one_job else None)
     cases = []
     for name, _ in plan:
         result = chosen[name]
@@ -138,4 +156,4 @@ def _plot(path, cases, ranks):
 def main(args):
     run_compare_bench(args.out, ranks=args.ranks, steps=args.steps, warmup_steps=args.warmup_steps,
                       batch_size=args.batch_size, dim=args.dim, vocab_size=args.vocab_size,
-                      timeout=args.timeout, repeats=args.repeats)
+                      timeout=args.timeout, repeats=args.repeats, one_job=args.one_job)

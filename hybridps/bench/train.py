@@ -41,8 +41,10 @@ Zipf IDs, Adagrad):
     ``hybridps-bsp`` on the synthetic generator; the reader's ms per batch on one core is
     measured on the files too.
 Each case is its own ``mpirun`` job, run one after another on the same machine, so the
-ratios compare like with like. With ``--repeats R`` the whole list runs R times round-robin
-(so a slow spell of a shared machine hits every case alike) and each case reports the run with
+ratios compare like with like; with ``--one-job`` a round's cases run one after another in one
+``mpirun`` job instead (hybridps.bench.shared_job: one TensorFlow import and MPI start for all,
+for quick checks of small runs; each case still has its own model, data, timers and result
+file). With ``--repeats R`` the whole list runs R times round-robin (so a slow spell of a shared machine hits every case alike) and each case reports the run with
 its median samples/s, plus every run's figure. Writes DIR/train.json, DIR/train.md, DIR/train.png.
 """
 import json
@@ -53,6 +55,7 @@ import time
 
 from hybridps import testing_hooks
 from hybridps.bench.report import bar_chart, bench_environment, markdown_table, write_json
+from hybridps.bench.shared_job import run_cases_in_one_job
 from hybridps.wording import counted
 
 OVERSUBSCRIBE_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1", "OMP_NUM_THREADS": "1",
@@ -122,6 +125,7 @@ def add_arguments(parser):
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per case")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every case this many times (round-robin); report the median run")
+    add_one_job_argument(parser)
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="criteo",
                         help="criteo: 26 single-valued fields (docs/benchmarks.md); multihot: 26 "
                              "single-valued fields, 3 mean-pooled multi-hot fields and a sequence; "
@@ -132,6 +136,15 @@ def add_arguments(parser):
                              "and runs BSP on them next to BSP on the synthetic generator; criteo "
                              "workload: file runs BSP on a 300k-line Criteo TSV and on its Parquet "
                              "copy next to BSP on synthetic data and the compute ceiling")
+
+
+def add_one_job_argument(parser):
+    """The ``--one-job`` flag of bench train and bench compare."""
+    parser.add_argument("--one-job", action="store_true",
+                        help="run a round's cases one after another in one mpirun job (one TensorFlow "
+                             "import and MPI start for all; each case keeps its own model, data, timers "
+                             "and result file; hybridps.bench.shared_job) instead of one job per case; "
+                             "--timeout stays per case")
 
 
 def _mpirun(ranks, argv, timeout, env=None):
@@ -164,14 +177,22 @@ def in_situ_steps(cases, ranks, batch_size):
     return steps
 
 
-def run_rounds(plan, repeats, run_case):
-    """Run ``run_case(name, argv)`` for every case of ``plan`` ``repeats`` times, round-robin;
-    returns {name: the result whose samples_per_s is the median of its runs (the upper one of
-    an even count), with every run's figure in ``samples_per_s_runs``}."""
+def run_rounds(plan, repeats, run_case, run_round=None):
+    """Run ``run_case(name, argv)`` for every case of ``plan`` ``repeats`` times, round-robin
+    (or, given ``run_round``, ``run_round(plan)`` -> {name: result} once per round: every case
+    of a round in one job); returns {name: the result whose samples_per_s is the median of its
+    runs (the upper one of an even count), with every run's figure in ``samples_per_s_runs``}."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     runs = {name: [] for name, _ in plan}
     for round_index in range(repeats):
+        if run_round is not None:
+            if repeats > 1:
+                sys.stderr.write(f"round {round_index + 1}/{repeats}:\n")
+            results = run_round(plan)
+            for name, _ in plan:
+                runs[name].append(results[name])
+            continue
         for name, argv in plan:
             if repeats > 1:
                 sys.stderr.write(f"round {round_index + 1}/{repeats}: ")
@@ -187,8 +208,9 @@ def run_rounds(plan, repeats, run_case):
 
 def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4096, dim=16,
                     vocab_size=100_000, timeout=1200, repeats=1, workload="criteo", cases=None,
-                    data="synthetic", file_rows=300_000):
-    """Run every case (``repeats`` rounds) of a workload; returns the train.json object."""
+                    data="synthetic", file_rows=300_000, one_job=False):
+    """Run every case (``repeats`` rounds) of a workload, each in its own mpirun job or, with
+    ``one_job``, a round's cases in one (hybridps.bench.shared_job); returns the train.json object."""
     os.makedirs(out_dir, exist_ok=True)
     if data == "parquet" and workload != "multihot":
         raise SystemExit("bench train: --data parquet needs --workload multihot (a schema workload; "
@@ -275,18 +297,32 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
     if any(name.endswith("-criteo-parquet-cached") for name, _ in plan):
         cache_fill = _fill_parsed_cache(parsed_cache, parquet, schema_config)
 
-    def run_case(name, argv):
-        result_path = os.path.join(out_dir, f"{name}.json")
-        sys.stderr.write(f"bench train: {name} on {counted(ranks, 'rank')}, {steps} steps ...\n")
-        env = STRAGGLER_ENV if name.endswith("-straggler") else None
-        wall = _mpirun(ranks, argv + [result_path] + common, timeout, env)
-        with open(result_path) as fh:
+    def case_argv(name, argv):
+        return argv + [os.path.join(out_dir, f"{name}.json")] + common
+
+    def case_env(name):
+        return STRAGGLER_ENV if name.endswith("-straggler") else None
+
+    def case_result(name, wall):
+        with open(os.path.join(out_dir, f"{name}.json")) as fh:
             result = json.load(fh)
-        sys.stderr.write(f"  {result['samples_per_s']:,.0f} samples/s, loss {result['final_loss']:.4f}, "
+        sys.stderr.write(f"  {name}: {result['samples_per_s']:,.0f} samples/s, loss {result['final_loss']:.4f}, "
                          f"auc {result['auc']:.4f}\n")
         return dict(result, wall_s=wall)
 
-    chosen = run_rounds(plan, repeats, run_case)
+    def run_case(name, argv):
+        sys.stderr.write(f"bench train: {name} on {counted(ranks, 'rank')}, {steps} steps ...\n")
+        return case_result(name, _mpirun(ranks, case_argv(name, argv), timeout, case_env(name)))
+
+    def run_round(plan):
+        sys.stderr.write(f"bench train: {counted(len(plan), 'case')} in one job on {counted(ranks, 'rank')}, "
+                         f"{steps} steps each ...\n")
+        walls = run_cases_in_one_job(_mpirun, ranks, [
+            {"name": name, "argv": case_argv(name, argv), "env": case_env(name)} for name, argv in plan],
+            timeout * len(plan), os.path.join(out_dir, "one-job-cases.json"))
+        return {name: case_result(name, walls[name]) for name, _ in plan}
+
+    chosen = run_rounds(plan, repeats, run_case, run_round if one_job else None)
     cases = []                       # the list of results (``cases`` named the wanted ones)
     for name, _ in plan:
         result = chosen[name]
@@ -463,4 +499,4 @@ def main(args):
     run_train_bench(args.out, ranks=args.ranks, steps=args.steps, warmup_steps=args.warmup_steps,
                     batch_size=args.batch_size, dim=args.dim, vocab_size=args.vocab_size,
                     timeout=args.timeout, repeats=args.repeats, workload=args.workload,
-                    cases=args.cases, data=args.data)
+                    cases=args.cases, data=args.data, one_job=args.one_job)

@@ -32,6 +32,9 @@ import time
 
 import numpy as np
 
+# the roles that start no Horovod (hybridps.bench.shared_job runs them before the others)
+ROLES_WITHOUT_HOROVOD = ("bare-ceiling", "hybridps-step")
+
 
 def _parse(argv=None):
     p = argparse.ArgumentParser()
@@ -56,10 +59,11 @@ def _parse(argv=None):
     return p.parse_args(argv)
 
 
-def _setup(with_horovod):
+def _setup(role):
+    """The process's Comm (with Horovod unless ``role`` is one of ROLES_WITHOUT_HOROVOD) and TF."""
     from hybridps import comm as comm_module
     from hybridps.tf_runtime import configure_tensorflow
-    comm = comm_module.init(with_horovod=with_horovod)
+    comm = comm_module.init(with_horovod=role not in ROLES_WITHOUT_HOROVOD)
     tf = configure_tensorflow(int(os.environ.get("HYBRIDPS_TF_THREADS", "1") or 1))
     return comm, tf
 
@@ -107,7 +111,7 @@ def _workload(args, comm):
 
 
 def run_tf_baseline(args):
-    comm, tf = _setup(with_horovod=True)      # Horovod with its own defaults, as a user runs it
+    comm, tf = _setup("tf-baseline")      # Horovod with its own defaults, as a user runs it
     from hybridps.trainer import freeze_python_heap
     import horovod.tensorflow as hvd
     from hybridps.dense.sync import broadcast_from_root, make_dense_optimizer
@@ -180,7 +184,7 @@ def _evaluate(comm, config, schema, args, predict):
 
 
 def run_hybridps_step(args):
-    comm, tf = _setup(with_horovod=False)     # no communication at all, not even Horovod's idle cycle
+    comm, tf = _setup("hybridps-step")     # no communication at all, not even Horovod's idle cycle
     from hybridps.dense.sync import DenseSync
     from hybridps.metrics import AUCAccumulator
     from hybridps.sparse.layout import SparseLayout
@@ -250,7 +254,7 @@ BARE_BATCHES = 8      # distinct in-memory batches the bare ceiling cycles throu
 def run_bare_ceiling(args):
     """The bare TF step (module docstring) on BARE_BATCHES batches of the workload whose
     embeddings are made before timing (each key's initial row, as a table would serve it)."""
-    comm, tf = _setup(with_horovod=False)
+    comm, tf = _setup("bare-ceiling")           # no Horovod
     from hybridps.dense.sync import make_dense_optimizer
     from hybridps.metrics import AUCAccumulator
     from hybridps.sparse.table import initial_rows
