@@ -3,7 +3,8 @@ on the hosts it has, from its last checkpoint.
 
 The supervisor is this process, outside the MPI job (it survives the job). It runs the job
 (hybridps.launch); when the job fails it names the cause (the postmortem's lost host, else the
-last error line, hybridps.postmortem), probes every host (hybridps.doctor.probe_hosts),
+last error line, hybridps.postmortem), probes every host (hybridps.doctor.probe_hosts: a
+host answers when the launcher starts one process there within ``--probe-timeout`` seconds),
 relaunches ``train --resume`` on the hosts that answer, down to ``--min-ranks`` ranks, and
 writes one line per restart (cause, hosts dropped, checkpoint step resumed, seconds lost, rows
 trained again) to its log and a JSON history (``--history``). A host that answers again is
@@ -191,11 +192,13 @@ class Supervisor:
             raise ConfigError("--max-restarts needs train's --checkpoint-dir: a restart resumes "
                               "from the last checkpoint (add --checkpoint-every-seconds to bound "
                               "the work lost)")
+        from hybridps.doctor import PROBE_TIMEOUT_S
         wait_for_hosts = getattr(launch_args, "wait_for_hosts", 0.0)
+        self.probe_timeout = getattr(launch_args, "probe_timeout", PROBE_TIMEOUT_S)
         if (launch_args.max_restarts < 0 or launch_args.min_ranks < 1 or launch_args.regrow_every < 0
-                or wait_for_hosts < 0):
+                or wait_for_hosts < 0 or not 0 < self.probe_timeout < math.inf):
             raise ConfigError("--max-restarts must be >= 0, --min-ranks >= 1, --regrow-every >= 0, "
-                              "--wait-for-hosts >= 0")
+                              "--wait-for-hosts >= 0, --probe-timeout > 0")
         self.program = list(program_args) + ([] if "--resume" in program_args else ["--resume"])
         self.policy = Policy(launch_args.max_restarts, launch_args.min_ranks, launch_args.regrow_every,
                              wait_for_hosts)
@@ -223,7 +226,8 @@ class Supervisor:
         if hosts == [None]:
             return {None}
         from hybridps.doctor import probe_hosts
-        return probe_hosts(hosts, self.environment, launcher=self.args.launcher)
+        return probe_hosts(hosts, self.environment, launcher=self.args.launcher,
+                           timeout=self.probe_timeout)
 
     def checkpoint_step(self):
         from hybridps.checkpoint.manager import find_resume_point
@@ -435,6 +439,7 @@ def descendants(pid):
 
 def add_arguments(parser):
     """The supervisor's flags of ``hybridps launch``."""
+    from hybridps.doctor import PROBE_TIMEOUT_S
     group = parser.add_argument_group("elastic restarts (a supervisor around the job)")
     group.add_argument("--max-restarts", type=int, default=None, metavar="N",
                        help="supervise the job: after a failure relaunch it with --resume on the "
@@ -447,6 +452,11 @@ def add_arguments(parser):
                        help="with --max-restarts: when the hosts that answer hold fewer than "
                             "--min-ranks ranks, keep probing them every 10 s for up to SECONDS "
                             "before giving up (a rebooting node comes back; 0: give up at once)")
+    group.add_argument("--probe-timeout", type=float, default=PROBE_TIMEOUT_S, metavar="SECONDS",
+                       help="with --max-restarts: a host answers the probe after a failure (and "
+                            "at --wait-for-hosts and --regrow-every) when the launcher starts one "
+                            "process there within SECONDS (%(default)g); a host whose link is down costs "
+                            "the whole period at every probe")
     group.add_argument("--regrow-every", type=float, default=0.0, metavar="SECONDS",
                        help="with --max-restarts: every SECONDS, if a dropped host answers again, "
                             "SIGTERM the job (final checkpoint) and relaunch it on every host (0: "

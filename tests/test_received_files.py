@@ -49,6 +49,25 @@ def cli(args, timeout=180, env=None):
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def cli_at_once(commands, timeout=180):
+    """Run independent ``hybridps`` commands side by side (each pays its own TensorFlow import:
+    together they take about the time of the slowest); [CompletedProcess] in their order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "hybridps.cli"] + [str(a) for a in args], cwd=REPO,
+                              env=dict(os.environ, **MPI_ENV), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    done = []
+    try:
+        for args, proc in zip(commands, procs):
+            stdout, stderr = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
 @pytest.fixture(scope="module")
 def tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -162,15 +181,17 @@ def test_serve_export_evaluate_predict_take_model_on_the_command_line():
 
 @pytest.mark.slow
 def test_evaluate_and_predict_refuse_an_unnamed_user_model_and_run_the_operators(received, tmp_path):
-    for command in (["evaluate", "--data", "synthetic"],
-                    ["predict", "--data", "synthetic", "--out", tmp_path / "p.parquet"],
-                    ["evaluate", "--data", "synthetic", "--model", received["other"]]):
-        proc = cli(command + ["--checkpoint", received["ckpt"]])
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-        assert "--model" in proc.stderr and received["received"] in proc.stderr
+    refused = [command + ["--checkpoint", received["ckpt"]] for command in (
+        ["evaluate", "--data", "synthetic"],
+        ["predict", "--data", "synthetic", "--out", tmp_path / "p.parquet"],
+        ["evaluate", "--data", "synthetic", "--model", received["other"]])]
+    operators = ["evaluate", "--checkpoint", received["ckpt"], "--data", "synthetic", "--batches", "2",
+                 "--batch-size", "64", "--model", received["operator"]]
+    *refusals, proc = cli_at_once(refused + [operators])      # four processes, one import time
+    for refusal in refusals:
+        assert refusal.returncode != 0 and "Traceback" not in refusal.stderr, refusal.stderr
+        assert "--model" in refusal.stderr and received["received"] in refusal.stderr
     _never_imported(received)
-    proc = cli(["evaluate", "--checkpoint", received["ckpt"], "--data", "synthetic", "--batches", "2",
-                "--batch-size", "64", "--model", received["operator"]])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["checkpoint_step"] == 3
     _never_imported(received)

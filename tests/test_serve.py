@@ -276,12 +276,30 @@ def _copy_export(source, target_root):
     os.rename(tmp, os.path.join(target_root, os.path.basename(source)))
 
 
-def _predict_cli(checkpoint, data, out):
-    subprocess.run([sys.executable, "-m", "hybridps.cli", "predict", "--checkpoint", str(checkpoint),
-                    "--data", str(data), "--out", str(out)], cwd=REPO, env=_env(), check=True,
-                   capture_output=True, timeout=300)
-    import pyarrow.parquet as pq
-    return pq.read_table(out).column("score").to_numpy()
+class PredictRun:
+    """`hybridps predict` started in the background (it runs beside the servers: each process
+    pays its own TensorFlow import); :meth:`scores` waits for it and reads its scores."""
+
+    def __init__(self, checkpoint, data, out):
+        self.out = out
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hybridps.cli", "predict", "--checkpoint", str(checkpoint),
+             "--data", str(data), "--out", str(out)], cwd=REPO, env=_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def scores(self, timeout=300):
+        try:
+            _, stderr = self.proc.communicate(timeout=timeout)
+        finally:
+            self.stop()
+        assert self.proc.returncode == 0, stderr[-3000:]
+        import pyarrow.parquet as pq
+        return pq.read_table(self.out).column("score").to_numpy()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _instances(columns, n):
@@ -297,7 +315,6 @@ def _instances(columns, n):
 @pytest.mark.mpi
 def test_serve_follows_training_exports(tmp_path):
     import yaml
-    from prometheus_client.parser import text_string_to_metric_families
     data = write_parquet(tmp_path / "train.parquet", rows(256), 64)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"features": FEATURES, "model": "wide_deep", "hidden": [8]}))
@@ -309,14 +326,25 @@ def test_serve_follows_training_exports(tmp_path):
     names = sorted(os.listdir(trained))
     assert names == ["delta-0000000002-0000000002-0000000004", "delta-0000000004-0000000006-0000000008",
                      "full-0000000001-0000000002", "full-0000000003-0000000006"]
-    full1, delta2, full3, delta4 = (os.path.join(trained, n) for n in (names[2], names[0], names[3], names[1]))
-    scores4 = _predict_cli(tmp_path / "ckpt" / "ckpt-0000000004", data, tmp_path / "s4.parquet")
-    scores8 = _predict_cli(tmp_path / "ckpt" / "ckpt-0000000008", data, tmp_path / "s8.parquet")
+    predict4 = PredictRun(tmp_path / "ckpt" / "ckpt-0000000004", data, tmp_path / "s4.parquet")
+    predict8 = PredictRun(tmp_path / "ckpt" / "ckpt-0000000008", data, tmp_path / "s8.parquet")
     columns = rows(256)
     instances = _instances(columns, 256)
 
     served = tmp_path / "served"
     served.mkdir()
+    try:
+        _serve_kill_and_follow(tmp_path, served, instances, names, trained, predict4, predict8)
+    finally:
+        predict4.stop()
+        predict8.stop()
+
+
+def _serve_kill_and_follow(tmp_path, served, instances, names, trained, predict4, predict8):
+    """test_serve_follows_training_exports once the exports are there and the two predict runs
+    started: the server killed inside a delta apply, then one that follows the rest."""
+    from prometheus_client.parser import text_string_to_metric_families
+    full1, delta2, full3, delta4 = (os.path.join(trained, n) for n in (names[2], names[0], names[3], names[1]))
     slow = Server(served, tmp_path / "slow.log", HYBRIDPS_SERVE_APPLY_DELAY="60")
     try:
         # the port answers before any model is there (the export comes later): 503 LOADING
@@ -355,6 +383,7 @@ def test_serve_follows_training_exports(tmp_path):
 
     server = Server(served, tmp_path / "server.log")
     try:
+        scores4, scores8 = predict4.scores(), predict8.scores()
         server.wait_for(lambda: server.status()["version"] is not None, "the model")
         assert (server.status()["version"], server.status()["step"]) == (2, 4)   # full 1 + delta 2, whole
         code, body = server.post({"instances": instances})

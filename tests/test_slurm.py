@@ -5,8 +5,9 @@ The module fixture writes a slurm.conf into a temporary directory (one node ``lo
 mattered), makes a munge key, and starts munged, slurmctld and slurmd in the foreground flavour as child
 processes, keeping their PIDs; the finalizer runs ``scontrol shutdown`` and then ends those
 PIDs (never by name). Each test submits the template with ``sbatch --wait`` (under a timeout)
-and checks the job log and the metrics file: once with ``srun --mpi=pmix`` and once with
-``mpirun`` inside the allocation. The compare template is only checked for syntax and header
+and checks the job log and the metrics file: once with ``srun --mpi=pmix`` (under the restart
+supervisor, HYBRIDPS_MAX_RESTARTS) and once with ``mpirun`` inside the allocation, and once
+with a rank killed under the supervisor. The compare template is only checked for syntax and header
 (it runs six training jobs). Skipped with the reason when Slurm or munge is not installed
 (``.ci/run`` installs them).
 """
@@ -23,6 +24,7 @@ import time
 
 import pytest
 
+from hybridps import testing_hooks
 from tests.mpi_util import REPO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
@@ -231,13 +233,19 @@ def _submit(cluster, tmp_path, launcher, steps, extra_env=None, sbatch_args=(), 
     return job_id, log, tmp_path / f"hybridps-{job_id}", time.monotonic() - started
 
 
-@pytest.mark.parametrize("launcher, expected_command", [
-    ("srun", r"srun --mpi=pmix -n 4 --kill-on-bad-exit=1"),
-    ("mpirun", r"mpirun -np 4 --oversubscribe --bind-to none"),
-])
-def test_train_sbatch_runs_a_four_task_job(slurm, tmp_path, launcher, expected_command):
+@pytest.mark.parametrize("launcher, expected_command, supervised", [
+    ("srun", r"srun --mpi=pmix -n 4 --kill-on-bad-exit=1", True),
+    ("mpirun", r"mpirun -np 4 --oversubscribe --bind-to none", False),
+], ids=["srun-under-the-supervisor", "mpirun"])
+def test_train_sbatch_runs_a_four_task_job(slurm, tmp_path, launcher, expected_command, supervised):
+    """The template as a 4-task job, once with mpirun, once with srun under the restart
+    supervisor (HYBRIDPS_MAX_RESTARTS: `hybridps launch --max-restarts` inside the allocation,
+    sbatch --no-kill, resuming from the checkpoint directory), which runs it through with no
+    restart. (One job for srun and the supervisor: the mpirun job runs the template without.)"""
     steps = 10
-    job_id, log, out_dir, seconds = _submit(slurm, tmp_path, launcher, steps)
+    extra = (dict(extra_env={"HYBRIDPS_MAX_RESTARTS": "2"}, sbatch_args=["--no-kill"],
+                  train_args=["--checkpoint-dir", str(tmp_path / "ckpt")]) if supervised else {})
+    job_id, log, out_dir, seconds = _submit(slurm, tmp_path, launcher, steps, **extra)
     # The job log shows the launch command chosen inside the allocation, and the summary.
     assert re.search(expected_command, log), log
     assert f"train.sbatch: job {job_id}, 4 tasks on localhost" in log
@@ -251,18 +259,12 @@ def test_train_sbatch_runs_a_four_task_job(slurm, tmp_path, launcher, expected_c
     assert 0.0 < metrics["final_loss"] < 5.0
     job = dict(line.split("=", 1) for line in (out_dir / "job.txt").read_text().splitlines())
     assert job["job_id"] == job_id and job["tasks"] == "4" and job["launcher"] == launcher
+    if supervised:
+        assert re.search(r"srun --mpi=pmix -n 4 --kill-on-bad-exit=1 .* train .* --resume", log), log
+        assert "hybridps supervisor: the job finished (exit code 0); 0 restarts, history in " in log, log
+    else:
+        assert "hybridps supervisor" not in log, log
     print(f"{launcher}: job {job_id} took {seconds:.1f}s")
-
-
-def test_train_sbatch_runs_the_job_under_the_restart_supervisor_with_no_kill(slurm, tmp_path):
-    """HYBRIDPS_MAX_RESTARTS: `hybridps launch --max-restarts` inside the allocation (sbatch
-    --no-kill), srun on the allocation's node, resuming from the checkpoint directory."""
-    job_id, log, out_dir, _ = _submit(slurm, tmp_path, "srun", 10,
-                                      extra_env={"HYBRIDPS_MAX_RESTARTS": "2"}, sbatch_args=["--no-kill"],
-                                      train_args=["--checkpoint-dir", str(tmp_path / "ckpt")])
-    assert re.search(r"srun --mpi=pmix -n 4 --kill-on-bad-exit=1 .* train .* --resume", log), log
-    assert "hybridps supervisor: the job finished (exit code 0); 0 restarts, history in " in log, log
-    assert json.loads((out_dir / "metrics.json").read_text())["steps"] == 10
 
 
 def test_train_sbatch_supervisor_relaunches_after_a_rank_is_killed(slurm, tmp_path):
@@ -290,8 +292,13 @@ def test_train_sbatch_supervisor_relaunches_after_a_rank_is_killed(slurm, tmp_pa
                 return
         pytest.fail("no rank of the job found to kill")
 
+    # rank 0's loader sleeps 50 ms per batch (a testing aid, hybridps.testing_hooks): the 100
+    # steps after the checkpoint of step 20 last at least 5 s, on a fast machine too, for the
+    # kill to land in, and the resumed run trains at most 100 steps
+    slowed = testing_hooks.environment(loader_delay_ms=50, delay_rank=0)
     job_id, log, out_dir, _ = _submit(
-        slurm, tmp_path, "srun", 400, extra_env={"HYBRIDPS_MAX_RESTARTS": "2", "HYBRIDPS_OUT_DIR": marker},
+        slurm, tmp_path, "srun", 120,
+        extra_env={"HYBRIDPS_MAX_RESTARTS": "2", "HYBRIDPS_OUT_DIR": marker, **slowed},
         sbatch_args=["--no-kill"], while_running=kill_a_rank, timeout=900,
         train_args=["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "10"])
     # without step lines (--no-progress) the seconds lost and rows trained again are not known
@@ -301,7 +308,7 @@ def test_train_sbatch_supervisor_relaunches_after_a_rank_is_killed(slurm, tmp_pa
     restarts = json.loads((tmp_path / "results" / "restarts.json").read_text())["restarts"]
     assert len(restarts) == 1 and restarts[0]["ranks"] == 4
     metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
-    assert metrics["steps"] == 400 and metrics["first_step"] == restarts[0]["checkpoint_step"]
+    assert metrics["steps"] == 120 and metrics["first_step"] == restarts[0]["checkpoint_step"]
 
 
 def _processes_with(assignment):

@@ -70,6 +70,17 @@ def wait_for_steps(out, name, count, timeout=120):
     pytest.fail(f"{name} did not reach {count} steps:\n" + (out / f"{name}.log").read_text()[-4000:])
 
 
+def wait_for_log_line(out, name, start, timeout=120):
+    """Until a line of run ``name``'s log starts with ``start`` (rank 0's ``step N`` line is
+    written once step N - 1 is trained)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(line.startswith(start) for line in (out / f"{name}.log").read_text().splitlines()):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{name}: no line starting {start!r}:\n" + (out / f"{name}.log").read_text()[-4000:])
+
+
 def metrics(out, name):
     with open(out / name / "metrics.json") as fh:
         return json.load(fh)
@@ -256,8 +267,7 @@ def test_a_redis_stream_trains_each_entry_once_across_a_kill_a_sigterm_to_mpirun
     producer.join()
     assert killed[0] != 0 and "injected failure at step 5" in killed[1]
     job = start_job(out, "stopped", dict(common, resume=True))
-    wait_for_steps(out, "stopped", 2)          # 120 entries = 7 steps; it waits for more
-    time.sleep(1.0)
+    wait_for_log_line(out, "stopped", "step 7 ")    # 120 entries = 7 steps; it waits for more
     os.kill(job.pid, signal.SIGTERM)           # mpirun passes SIGTERM on to every rank
     stopped = finish(out, "stopped", job)
     assert stopped[1].count("got SIGTERM") == 2, stopped[1][-3000:]

@@ -79,13 +79,17 @@ class ElasticPipeline:
         bed: an up TestBed (launch/testbed/netns.py), 1 slot per host.
         out_dir: where the stream, checkpoints, exports, history and logs go (shared by the
             bed's hosts: one file system).
+        probe_timeout: the supervisor's ``--probe-timeout`` (None: its default).
+        keepalive_s: idle seconds before Open MPI's daemons probe their connections (the bed's
+            ``mpi_env``): a host whose link is down is noticed about 3 s after it.
     """
 
     def __init__(self, bed, out_dir, *, max_restarts=5, min_ranks=1, regrow_every=0.0,
-                 batch_size=64, rows_per_file=256, interval_s=1.0, checkpoint_every_seconds=3.0,
-                 delta_every_seconds=2.0):
+                 probe_timeout=None, keepalive_s=5, batch_size=64, rows_per_file=256, interval_s=1.0,
+                 checkpoint_every_seconds=3.0, delta_every_seconds=2.0):
         self.bed, self.out = bed, os.path.abspath(out_dir)
         self.settings = dict(max_restarts=max_restarts, min_ranks=min_ranks, regrow_every=regrow_every,
+                             probe_timeout=probe_timeout, keepalive_s=keepalive_s,
                              batch_size=batch_size, rows_per_file=rows_per_file, interval_s=interval_s,
                              checkpoint_every_seconds=checkpoint_every_seconds,
                              delta_every_seconds=delta_every_seconds, hosts=len(bed.hosts))
@@ -120,14 +124,15 @@ class ElasticPipeline:
         self.producer.start()
         launch = [sys.executable, "-m", "hybridps.cli", "launch", "--hostfile", self.bed.hostfile,
                   "--max-restarts", str(s["max_restarts"]), "--min-ranks", str(s["min_ranks"]),
-                  "--regrow-every", str(s["regrow_every"]), "--history", self.history, "--",
+                  "--regrow-every", str(s["regrow_every"]), "--history", self.history,
+                  *(["--probe-timeout", str(s["probe_timeout"])] if s["probe_timeout"] else []), "--",
                   "train", "--config", config_path, "--data", f"stream:{self.stream}", "--steps", "0",
                   "--batch-size", str(s["batch_size"]), "--checkpoint-dir", self.checkpoints,
                   "--checkpoint-every-seconds", str(s["checkpoint_every_seconds"]),
                   "--keep-checkpoints", "2", "--delta-export-dir", self.exports,
                   "--delta-every-seconds", str(s["delta_every_seconds"]), "--log-every", "1",
                   "--stream-poll-s", "0.1", "--metrics-out", self.metrics]
-        env = dict(os.environ, **OVERSUBSCRIBE_ENV, **self.bed.mpi_env())
+        env = dict(os.environ, **OVERSUBSCRIBE_ENV, **self.bed.mpi_env(keepalive_s=s["keepalive_s"]))
         self._log = open(self.log_path, "w")
         self.supervisor = subprocess.Popen(self.bed.command(self.bed.hosts[0], launch), env=env,
                                            stdout=self._log, stderr=subprocess.STDOUT)
