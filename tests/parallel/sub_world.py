@@ -24,34 +24,41 @@ def _wait_for_everyone(mpi_comm):
 
 
 @contextlib.contextmanager
-def first_ranks(size):
-    """Yield a Comm over ranks 0..SIZE-1 of the job on those ranks, None on the others."""
-    import horovod.tensorflow as hvd
-    job = comm_module.init(with_horovod=True)
+def first_ranks(size, with_horovod=True):
+    """Yield a Comm over ranks 0..SIZE-1 of the job on those ranks, None on the others.
+
+    With ``with_horovod`` False (scenarios without TensorFlow) Horovod is left alone."""
+    job = comm_module.init(with_horovod=with_horovod)
     if size == job.size:
         yield job
         return
+    if with_horovod:
+        import horovod.tensorflow as hvd
+        hvd.shutdown()
     mpi = job.MPI
-    hvd.shutdown()
     member = job.rank < size
     sub = job.world.Split(0 if member else mpi.UNDEFINED, job.rank)
     comm = None
     if member:
-        hvd.init(comm=sub)
-        comm = comm_module.Comm(mpi, sub, with_horovod=True)
+        comm = comm_module.Comm(mpi, sub, with_horovod=with_horovod)
         comm.hosts = job.hosts[:size] if job.hosts else None
-        assert (hvd.rank(), hvd.size(), comm.rank, comm.size) == (job.rank, size, job.rank, size)
+        assert (comm.rank, comm.size) == (job.rank, size)
+        if with_horovod:
+            hvd.init(comm=sub)
+            assert (hvd.rank(), hvd.size()) == (job.rank, size)
         comm_module._STATE["comm"] = comm
     try:
         yield comm
     finally:
         if member:
             comm_module._STATE["comm"] = job
-            hvd.shutdown()
+            if with_horovod:
+                hvd.shutdown()
             comm.exchange.Free()
             sub.Free()
         _wait_for_everyone(job.world)
-        hvd.init(comm=mpi.COMM_WORLD)
+        if with_horovod:
+            hvd.init(comm=mpi.COMM_WORLD)
 
 
 def parts_on_first_ranks(out_dir, parts):
