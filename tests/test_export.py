@@ -304,13 +304,31 @@ E2E_FEATURES = {**MULTITASK_FEATURES,
 E2E_MODELS = {"mmoe": {"num_experts": 2, "expert_units": [4]}, "esmm": {}}
 
 
-def _cli(*args, timeout=300):
+# Runs hybridps commands in turn in one Python process, each as `hybridps` runs it
+# (hybridps.cli.main), and prints the list of their standard outputs as JSON.
+_CLI_SESSION = """
+import contextlib, io, json, sys
+from hybridps.cli import main
+outputs = []
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(argv)
+    assert code == 0, (argv, code)
+    outputs.append(out.getvalue())
+print(json.dumps(outputs))
+"""
+
+
+def _cli(*commands, timeout=300):
+    """Run the hybridps COMMANDS (each a list of arguments) in turn in one process (one
+    TensorFlow start for all of them); returns the standard output of each."""
     from tests.mpi_util import MPI_ENV, REPO
-    proc = subprocess.run([sys.executable, "-m", "hybridps.cli", *map(str, args)], cwd=REPO,
+    argvs = [[str(a) for a in command] for command in commands]
+    proc = subprocess.run([sys.executable, "-c", _CLI_SESSION, json.dumps(argvs)], cwd=REPO,
                           env=dict(os.environ, **MPI_ENV, PYTHONPATH=REPO), capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-4000:])
-    return proc.stdout
+    assert proc.returncode == 0, (argvs, proc.stdout[-2000:], proc.stderr[-4000:])
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def _e2e_rows(n):
@@ -322,36 +340,51 @@ def _e2e_rows(n):
     return columns
 
 
+@pytest.fixture(scope="module")
+def e2e_runs(tmp_path_factory):
+    """Each model of E2E_MODELS trained (1 rank, synthetic rows of the schema, a checkpoint and
+    full + delta exports) and `hybridps predict` on a Parquet file of _e2e_rows(48), every
+    command in one process; (the runs' directory, the rows)."""
+    import yaml
+    out = tmp_path_factory.mktemp("e2e")
+    columns = _e2e_rows(48)
+    data = write_parquet(out / "rows.parquet", columns, 16)
+    commands = []
+    for model in sorted(E2E_MODELS):
+        run = out / model
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"features": E2E_FEATURES, "model": model,
+                                                         "hidden": [8], **E2E_MODELS[model]}))
+        commands += [["train", "--config", run / "config.yaml", "--data", "synthetic", "--vocab-size", 200,
+                      "--steps", 4, "--batch-size", 32, "--checkpoint-dir", run / "ckpt",
+                      "--checkpoint-every", 4, "--delta-export-dir", run / "exports", "--delta-every", 2,
+                      "--full-export-every", 2, "--no-progress"],
+                     ["predict", "--checkpoint", run / "ckpt", "--data", data, "--out", run / "p.parquet"]]
+    _cli(*commands)
+    return out, columns
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(E2E_MODELS))
-def test_a_multitask_run_exports_and_serves_what_predict_writes(tmp_path, tf, model):
+def test_a_multitask_run_exports_and_serves_what_predict_writes(e2e_runs, tmp_path, tf, model):
     """Train (1 rank, synthetic rows of the schema, a checkpoint and full + delta exports),
     `hybridps predict` a Parquet file: the SavedModel of `hybridps export` on the same raw
     rows answers each task as predict's column (the sigmoid of a binary task, the value of
     the regression task), and the serve app on the trained full + delta exports answers the
     same in row and column form."""
     import pyarrow.parquet as pq
-    import yaml
     from hybridps.export.saved_model import export_saved_model
     from hybridps.serving.live import LiveModel
     from tests.test_serve import _post, _with_client
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"features": E2E_FEATURES, "model": model, "hidden": [8],
-                                      **E2E_MODELS[model]}))
-    exports = tmp_path / "exports"
-    _cli("train", "--config", config, "--data", "synthetic", "--vocab-size", 200, "--steps", 4,
-         "--batch-size", 32, "--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 4,
-         "--delta-export-dir", exports, "--delta-every", 2, "--full-export-every", 2, "--no-progress")
+    run, columns = e2e_runs[0] / model, e2e_runs[1]
+    exports = run / "exports"
     assert sorted(os.listdir(exports)) == ["delta-0000000002-0000000002-0000000004",
                                            "full-0000000001-0000000002"]
-    columns = _e2e_rows(48)
-    data = write_parquet(tmp_path / "rows.parquet", columns, 16)
-    _cli("predict", "--checkpoint", tmp_path / "ckpt", "--data", data, "--out", tmp_path / "p.parquet")
-    predicted = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    predicted = pq.read_table(run / "p.parquet").to_pydict()
     tasks = ["click", "conversion", "rating"]
     assert {"click", "conversion", "rating", "rating_label"} <= set(predicted)
 
-    result = export_saved_model(tmp_path / "ckpt", tmp_path / "savedmodel")
+    result = export_saved_model(run / "ckpt", tmp_path / "savedmodel")
     schema = result["schema"]
     assert result["tasks"] == tuple(tasks) and schema.task_names == tuple(tasks)
     signature = tf.saved_model.load(result["path"]).signatures["serving_default"]

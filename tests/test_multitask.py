@@ -531,11 +531,11 @@ def test_tensorboard_gets_each_tasks_evaluation_under_its_name(tmp_path):
 # ---------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_an_esmm_run_with_a_post_click_task_evaluates_and_predicts_it_over_clicked_rows(tmp_path):
-    """Train esmm (one process) on the synthetic funnel's Parquet rows with the task
-    ``cvr`` (the conversion given the click, ipw), then evaluate and predict held-out rows:
-    cvr is reported over the clicked rows only (counted with pyarrow, AUC against scikit-learn
-    on predict's column), its label is null on the other rows, and its prediction is ESMM's
-    pCVR (pCTCVR / pCTR of the same rows)."""
+    """Train esmm on the synthetic funnel's Parquet rows with the task ``cvr`` (the conversion
+    given the click, ipw), then evaluate and predict held-out rows (the three commands in one
+    process): cvr is reported over the clicked rows only (counted with pyarrow, AUC against
+    scikit-learn on predict's column), its label is null on the other rows, and its prediction
+    is ESMM's pCVR (pCTCVR / pCTR of the same rows)."""
     import json
     import pyarrow.parquet as pq
     import yaml
@@ -549,10 +549,12 @@ def test_an_esmm_run_with_a_post_click_task_evaluates_and_predicts_it_over_click
     config = tmp_path / "esmm.yaml"
     config.write_text(yaml.safe_dump({"model": "esmm", "hidden": [8],
                                       "features": dict(SCHEMA_FEATURES, labels=labels)}))
-    _cli("train", "--config", config, "--data", train, "--steps", 16, "--batch-size", 256,
-         "--checkpoint-dir", tmp_path / "ckpt", "--no-progress")
-    report = json.loads(_cli("evaluate", "--checkpoint", tmp_path / "ckpt", "--data", heldout))
-    _cli("predict", "--checkpoint", tmp_path / "ckpt", "--data", heldout, "--out", tmp_path / "p.parquet")
+    _, evaluated, _ = _cli(["train", "--config", config, "--data", train, "--steps", 16,
+                            "--batch-size", 256, "--checkpoint-dir", tmp_path / "ckpt", "--no-progress"],
+                           ["evaluate", "--checkpoint", tmp_path / "ckpt", "--data", heldout],
+                           ["predict", "--checkpoint", tmp_path / "ckpt", "--data", heldout,
+                            "--out", tmp_path / "p.parquet"])
+    report = json.loads(evaluated)
     rows = pq.read_table(heldout, columns=["click", "conversion"]).to_pydict()
     click, conversion = np.array(rows["click"]), np.array(rows["conversion"])
     clicked = click == 1

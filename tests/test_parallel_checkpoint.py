@@ -44,9 +44,8 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(saved):
-    """Restored on 1, 3 and 4 ranks, and as PS mode on 4 (in the 4-rank job)."""
-    for world in (1, 3, 4):
-        run_mpi(world, [SCRIPT, "restore,restore-ps" if world == 4 else "restore", saved], timeout=120)
+    """Restored on 1, 3 and 4 ranks, and as PS mode on 4, in one job of 4 ranks."""
+    run_mpi(4, [SCRIPT, "restore@1,restore@3,restore,restore-ps", saved], timeout=240)
     return saved
 
 

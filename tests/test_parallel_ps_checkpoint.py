@@ -1,8 +1,8 @@
 """Checkpoints of the parameter-server mode and across modes, under real MPI.
 
-The jobs run tests/parallel/ps_checkpoint_scenarios.py: a collective BSP run on 1 rank is the
-reference; PS mode runs 1 server + 1 worker (the same computing rank and batches). Under BSP
-the two modes compute the same arithmetic (tests/test_parallel_ps.py), so:
+One job of 2 ranks runs tests/parallel/ps_checkpoint_scenarios.py: a collective BSP run on 1
+rank is the reference; PS mode runs 1 server + 1 worker (the same computing rank and batches).
+Under BSP the two modes compute the same arithmetic (tests/test_parallel_ps.py), so:
 
 * a PS run resumed from its own checkpoint equals the PS run that never stopped, exactly;
 * a collective checkpoint resumed in PS mode, and a PS checkpoint resumed in collective mode,
@@ -33,9 +33,7 @@ ROW_TOL = dict(rtol=1e-5, atol=1e-6)       # sparse rows: the same Cython kernel
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ps_ckpt")
-    run_mpi(1, [SCRIPT, directory, "collective"], timeout=300)
-    run_mpi(2, [SCRIPT, directory, "ps"], timeout=300)
-    run_mpi(1, [SCRIPT, directory, "collective-from-ps"], timeout=300)
+    run_mpi(2, [SCRIPT, directory], timeout=600)      # parts on 1, 2, then 1 of its ranks
     return str(directory)
 
 

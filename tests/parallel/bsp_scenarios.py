@@ -1,6 +1,8 @@
-"""Scenarios run inside one MPI job (`mpirun -np N python tests/parallel/bsp_scenarios.py OUT`).
+"""Scenarios run inside one MPI job of 4 ranks (`mpirun -np 4 python tests/parallel/bsp_scenarios.py OUT`).
 
-Grouped so a test session starts few TensorFlow processes:
+Every part below runs on 1, 2 and 4 ranks: on the first N ranks of the job
+(tests/parallel/sub_world.py), writing to OUT/npN/. Grouped so a test session starts few
+TensorFlow processes:
   1. exchange edge cases on CollectiveExchange (no TF): a rank with no keys for some owner, all
      keys on one owner, duplicate keys across ranks, a batch of all-new keys, an empty batch.
      Expected rows come from the key-seeded initializer and from gradients every rank can
@@ -21,7 +23,6 @@ import sys
 
 import numpy as np
 
-from hybridps import comm as comm_module
 from hybridps.config import make_config
 from hybridps.data.batch import Batch
 from hybridps.schema import build_schema
@@ -126,7 +127,6 @@ def training_scenarios(comm, out_dir):
 def multitask_scenario(comm, out_dir):
     from hybridps.inference import evaluate_checkpoint, predict_checkpoint
     from hybridps.trainer import Trainer
-    sys.path.insert(0, REPO_ROOT)       # mpirun runs this file as a script: tests/ is not on the path
     from tests.schema_data import MULTITASK_FEATURES, multitask_rows, write_csv
     run_dir = os.path.join(out_dir, "multitask")
     train, heldout = os.path.join(out_dir, "mt-train.csv"), os.path.join(out_dir, "mt-heldout.csv")
@@ -151,8 +151,7 @@ def multitask_scenario(comm, out_dir):
             json.dump(metrics, fh)
 
 
-def main(out_dir):
-    comm = comm_module.init(with_horovod=True)
+def scenarios(comm, out_dir):
     results = {"exchange": exchange_scenarios(comm)}
     multitask_scenario(comm, out_dir)
     summaries = training_scenarios(comm, out_dir)
@@ -162,6 +161,16 @@ def main(out_dir):
         with open(os.path.join(out_dir, "scenarios.json"), "w") as fh:
             json.dump(results, fh, indent=2)
     comm.barrier()
+
+
+WORLD_SIZES = (1, 2, 4)
+
+
+def main(out_dir):
+    sys.path.insert(0, REPO_ROOT)       # mpirun runs this file as a script: tests/ is not on the path
+    from tests.parallel.sub_world import parts_on_first_ranks
+    for comm, world_dir, _ in parts_on_first_ranks(out_dir, [(f"np{n}", n) for n in WORLD_SIZES]):
+        scenarios(comm, world_dir)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ tests/test_checkpoint.py start them).
                     some keys stay candidates; a few evictions) with keys each rank owns, save
                     a checkpoint to OUT/ckpt, dump every rank's table export to OUT/truth.
   restore OUT       (mpirun -np 1, 3, 4) restore OUT/ckpt into fresh tables, dump every rank's
-                    export and its RestoreReport to OUT/restored-np<W>.
+                    export and its RestoreReport to OUT/restored-np<W>. ``restore@1`` and
+                    ``restore@3`` in a job of 4 ranks run it on its first 1 and 3 ranks
+                    (tests/parallel/sub_world.py).
   restore-ps OUT    (mpirun -np 4) restore OUT/ckpt as PS mode with 2 servers does: ranks 2 and
                     3 (servers 0 and 1) own the buckets b % 2 == server index; ranks 0 and 1
                     (workers) hold no keys. Dumps to OUT/restored-ps.
@@ -19,7 +21,8 @@ tests/test_checkpoint.py start them).
                     "holding" once it holds the directory's lock, keeps it until stdin closes.
   locked OUT        (mpirun -np 2) a CheckpointManager on OUT/ckpt while `hold` holds it: every
                     rank's ConfigError message goes to OUT/locked.json.
-Several MPI scenarios of one world size run in one job, in order: ``save,damaged,trainer OUT``.
+Several MPI scenarios run in one job, in order: ``save,damaged,trainer OUT``; a scenario written
+NAME@N runs on the first N ranks of the job (``restore@1,restore@3,restore,restore-ps OUT``).
 """
 import json
 import os
@@ -34,6 +37,7 @@ from hybridps.sparse.routing import owner_ranks
 from hybridps.sparse.shard import TABLE_COUNTERS
 from hybridps._hashtable import EmbeddingHashTable
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_BUCKETS = 256
 TABLE_SPECS = [("sgd", 4), ("adagrad", 8), ("adam", 3), ("ftrl", 5)]
 
@@ -230,6 +234,15 @@ def main():
     from hybridps import comm as comm_module
     comm = comm_module.init(with_horovod="trainer" in scenarios)
     for name in scenarios:
+        if "@" in name:
+            sys.path.insert(0, REPO)        # mpirun runs this file as a script: tests/ is not on the path
+            from tests.parallel.sub_world import first_ranks
+            name, ranks = name.split("@")
+            with first_ranks(int(ranks), with_horovod=False) as sub:
+                if sub is not None:
+                    MPI_SCENARIOS[name](sub, out)
+                    sub.barrier()
+            continue
         MPI_SCENARIOS[name](comm, out)
         comm.barrier()
 

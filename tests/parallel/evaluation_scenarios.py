@@ -1,6 +1,9 @@
-"""Scenarios of Parquet/TFRecord training and held-out evaluation, inside one MPI job:
+"""Scenarios of Parquet/TFRecord training and held-out evaluation, inside one MPI job of 2 ranks:
 
-    mpirun -np N python tests/parallel/evaluation_scenarios.py OUT PHASE
+    mpirun -np 2 python tests/parallel/evaluation_scenarios.py OUT
+
+Phase ``two`` runs on both ranks, then phase ``one`` on the first rank alone
+(tests/parallel/sub_world.py).
 
 OUT holds what tests/test_parallel_evaluation.py wrote: ``config.yaml`` (a schema, model
 wide_deep), ``train-*.parquet`` and ``train-*.tfrecord`` (the same rows, one Parquet row group
@@ -32,9 +35,9 @@ import sys
 
 import numpy as np
 
-from hybridps import comm as comm_module
 from hybridps.config import make_config
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BATCH = 16          # per rank
 
 
@@ -104,8 +107,7 @@ def evaluate_phase(comm, out):
                        "files_after": after, "tables": digests, "predicted_rows": rows}, fh)
 
 
-def main(out, phase):
-    comm = comm_module.init(with_horovod=True)
+def scenarios(comm, out, phase):
     if phase == "one":            # the commands themselves, on one rank
         from hybridps.cli import main as cli
         common = ["--checkpoint", os.path.join(out, "parquet", "ckpt"), "--data",
@@ -135,5 +137,14 @@ def main(out, phase):
     comm.barrier()
 
 
+def main(out):
+    sys.path.insert(0, REPO)        # mpirun runs this file as a script: tests/ is not on the path
+    from tests.parallel.sub_world import first_ranks
+    for phase, ranks in (("two", 2), ("one", 1)):
+        with first_ranks(ranks) as comm:
+            if comm is not None:
+                scenarios(comm, out, phase)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1])

@@ -1,7 +1,10 @@
-"""Checkpoints across modes: `mpirun -np N python tests/parallel/ps_checkpoint_scenarios.py OUT PART`.
+"""Checkpoints across modes, in one MPI job of 2 ranks:
+
+    mpirun -np 2 python tests/parallel/ps_checkpoint_scenarios.py OUT
 
 The reference is collective BSP on 1 rank; PS mode runs 1 server + 1 worker (the same single
-computing rank, so the same batches and, under BSP, the same arithmetic). N = HALF steps.
+computing rank, so the same batches and, under BSP, the same arithmetic). N = HALF steps. The
+parts run in turn, each on the first ranks of the job it needs (tests/parallel/sub_world.py):
 
   PART collective (1 rank): ``col-straight`` 2N steps with a checkpoint at N (mid-run) and
       at 2N; ``col-half`` N steps with its checkpoint at the end (root ckpt-col).
@@ -17,10 +20,10 @@ import os
 import shutil
 import sys
 
-from hybridps import comm as comm_module
 from hybridps.config import make_config
 from hybridps.trainer import Trainer
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HALF = 4
 COMMON = {"model": "deepfm", "data": "synthetic", "num_fields": 6, "num_dense": 3,
           "vocab_size": 300, "batch_size": 16, "dim": 4, "hidden": [8], "seed": 7,
@@ -48,8 +51,7 @@ def copy_root(comm, source, target):
     comm.barrier()
 
 
-def main(out, part):
-    comm = comm_module.init(with_horovod=True)
+def scenarios(comm, out, part):
     ck = lambda name: os.path.join(out, name)   # noqa: E731
     if part == "collective":
         run(comm, out, "col-straight", checkpoint_dir=ck("ckpt-col-straight"), checkpoint_every=HALF)
@@ -68,5 +70,14 @@ def main(out, part):
         raise SystemExit(f"unknown part {part!r}")
 
 
+def main(out):
+    sys.path.insert(0, REPO)        # mpirun runs this file as a script: tests/ is not on the path
+    from tests.parallel.sub_world import first_ranks
+    for part, ranks in (("collective", 1), ("ps", 2), ("collective-from-ps", 1)):
+        with first_ranks(ranks) as comm:
+            if comm is not None:
+                scenarios(comm, out, part)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

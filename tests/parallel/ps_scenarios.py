@@ -1,9 +1,11 @@
-"""PS-mode scenarios: `mpirun -np N python tests/parallel/ps_scenarios.py OUT MODE [SERVERS]`.
+"""PS-mode scenarios, in one MPI job of 5 ranks: `mpirun -np 5 python tests/parallel/ps_scenarios.py OUT`.
 
-MODE collective: BSP runs (SGD, Adagrad) on N ranks: the reference for PS with N workers.
-MODE ps: BSP runs (SGD, Adagrad) with SERVERS servers and N - SERVERS workers, then (when
-SERVERS > 1) ASP and SSP(2) on synthetic data and a run in which no worker has a key owned by
-the last server. Every run's summary goes to OUT/<name>.json and its state to OUT/<name>/.
+Each part runs on the first N ranks of the job (tests/parallel/sub_world.py) and writes to
+OUT/<part>/: ``collective-1`` and ``collective-3``: BSP runs (SGD, Adagrad) on 1 and 3 ranks,
+the references for PS with 1 and 3 workers; ``ps-1s1w`` (2 ranks) and ``ps-2s3w`` (5 ranks):
+the same BSP runs with 1 server + 1 worker and 2 servers + 3 workers, then (with 2 servers)
+ASP and SSP(2) on synthetic data and a run in which no worker has a key owned by the last
+server. Every run's summary goes to OUT/<part>/<name>.json and its state to OUT/<part>/<name>/.
 """
 import json
 import os
@@ -11,11 +13,12 @@ import sys
 
 import numpy as np
 
-from hybridps import comm as comm_module
 from hybridps.config import make_config
 from hybridps.data import SAMPLE_CRITEO_CSV, Batch, DataSource
 from hybridps.sparse.routing import owner_ranks
 from hybridps.trainer import Trainer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EQUIVALENCE = {"model": "deepfm", "data": SAMPLE_CRITEO_CSV, "steps": 5, "batch_size": 8,
                "dim": 8, "hidden": [16, 8], "seed": 3, "warmup_steps": 1, "progress": False,
@@ -63,8 +66,7 @@ def run(comm, out_dir, name, settings, dataset=None):
             json.dump(summary, fh)
 
 
-def main(out_dir, mode, servers):
-    comm = comm_module.init(with_horovod=True)
+def scenarios(comm, out_dir, mode, servers):
     extra = {"mode": "ps", "num_servers": servers} if mode == "ps" else {}
     for optimizer in ("sgd", "adagrad"):
         run(comm, out_dir, f"bsp-{optimizer}", dict(EQUIVALENCE, optimizer=optimizer,
@@ -79,5 +81,16 @@ def main(out_dir, mode, servers):
     comm.barrier()
 
 
+PARTS = (("collective-1", 1, "collective", 0), ("collective-3", 3, "collective", 0),
+         ("ps-1s1w", 2, "ps", 1), ("ps-2s3w", 5, "ps", 2))
+
+
+def main(out_dir):
+    sys.path.insert(0, REPO_ROOT)       # mpirun runs this file as a script: tests/ is not on the path
+    from tests.parallel.sub_world import parts_on_first_ranks
+    for comm, part_dir, (mode, servers) in parts_on_first_ranks(out_dir, PARTS):
+        scenarios(comm, part_dir, mode, servers)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    main(sys.argv[1])

@@ -1,16 +1,19 @@
-"""Scenarios of a feature schema, run inside one MPI job per world size:
+"""Scenarios of a feature schema, run inside one MPI job of 4 ranks:
 
-    mpirun -np N python tests/parallel/schema_scenarios.py OUT CONFIG PHASE
+    mpirun -np 4 python tests/parallel/schema_scenarios.py OUT CONFIG SKIPDATA
+
+Its phases run in turn on the first 2, 1 and 4 ranks of the job (tests/parallel/sub_world.py):
+phase ``two`` writes to OUT/np2/, ``one`` to OUT/np1/, ``four`` to OUT/np4/.
 
 CONFIG is a YAML config with a ``features:`` schema (mixed dims, two features sharing a table,
 every pooling, empty lists, sequences longer than max_len) over a CSV file. Every phase trains
 ``equiv-sgd`` and ``equiv-adagrad`` (4 steps, global batch 16, state dumped), which the pytest
 side compares across world sizes and with a pure-TensorFlow reference. Phase ``two`` (2 ranks)
 also writes a checkpoint (``ckpt``, every 2 steps), trains the user model of
-examples/movielens and DIN; phase ``one`` (1 rank) resumes the 2-rank checkpoint copied to
-OUT/resume-ckpt at step 2, trains to step 4, and writes the predictions of the final model on
+examples/movielens and DIN; phase ``one`` (1 rank) resumes the 2-rank checkpoint of step 2
+copied to OUT/np1/resume-ckpt, trains to step 4, and writes the predictions of the final model on
 every row of the file (read only, through the backend), which the pytest side compares with
-the exported SavedModel. With a 4th argument SKIPDATA (phase ``two``), the same rows as
+the exported SavedModel. SKIPDATA (used by phase ``two``) holds the same rows as
 Parquet row groups, one of them garbled: ``skip-parquet`` trains 10 steps under
 ``on_bad_line=skip`` with a checkpoint at step 5, ``skip-resumed`` resumes it at step 5.
 """
@@ -21,7 +24,6 @@ import sys
 
 import numpy as np
 
-from hybridps import comm as comm_module
 from hybridps.config import make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,8 +53,7 @@ def predictions(trainer, path):
     np.savez(path, scores=predicted.scores, labels=predicted.labels)
 
 
-def main(out, config_path, phase, skip_data=None):
-    comm = comm_module.init(with_horovod=True)
+def scenarios(comm, out, config_path, phase, skip_data=None):
     if skip_data:
         skipping = dict(data=f"parquet:{skip_data}", on_bad_line="skip", steps=10)
         train(comm, out, "skip-parquet", config_path, checkpoint_dir=os.path.join(out, "skip-ckpt"),
@@ -77,6 +78,10 @@ def main(out, config_path, phase, skip_data=None):
               model=os.path.join(REPO, "examples", "movielens", "model.py") + ":build")
         train(comm, out, "din", config_path, model="din", steps=6)
     if phase == "one":
+        two = os.path.join(os.path.dirname(out), "np2", "ckpt", "ckpt-0000000002")
+        shutil.copytree(two, os.path.join(out, "resume-ckpt", "ckpt-0000000002"))
+        with open(os.path.join(out, "resume-ckpt", "latest"), "w") as fh:
+            fh.write("ckpt-0000000002\n")
         trainer = train(comm, out, "resumed", config_path, optimizer="adagrad",
                         dense_optimizer="adagrad", dense_learning_rate=0.1,
                         checkpoint_dir=os.path.join(out, "resume-ckpt"), resume=True)
@@ -86,5 +91,13 @@ def main(out, config_path, phase, skip_data=None):
     comm.barrier()
 
 
+def main(out, config_path, skip_data):
+    sys.path.insert(0, REPO)        # mpirun runs this file as a script: tests/ is not on the path
+    from tests.parallel.sub_world import parts_on_first_ranks
+    parts = (("np2", 2, "two", skip_data), ("np1", 1, "one", None), ("np4", 4, "four", None))
+    for comm, part_out, (phase, skip) in parts_on_first_ranks(out, parts):
+        scenarios(comm, part_out, config_path, phase, skip)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:4])
