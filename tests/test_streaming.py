@@ -61,24 +61,26 @@ def drawn(out, name, rank, below=None):
     return steps
 
 
-def wait_for_steps(out, name, count, timeout=120):
+def _wait_until(done, out, name, what, timeout):
+    """Poll ``done()`` until it holds; after ``timeout`` seconds fail with run ``name``'s log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(drawn(out, name, 0)) >= count and len(drawn(out, name, 1)) >= count:
+        if done():
             return
-        time.sleep(0.2)
-    pytest.fail(f"{name} did not reach {count} steps:\n" + (out / f"{name}.log").read_text()[-4000:])
+        time.sleep(0.1)
+    pytest.fail(f"{name}: {what}:\n" + (out / f"{name}.log").read_text()[-4000:])
+
+
+def wait_for_steps(out, name, count, timeout=120):
+    _wait_until(lambda: len(drawn(out, name, 0)) >= count and len(drawn(out, name, 1)) >= count,
+                out, name, f"did not reach {count} steps", timeout)
 
 
 def wait_for_log_line(out, name, start, timeout=120):
     """Until a line of run ``name``'s log starts with ``start`` (rank 0's ``step N`` line is
     written once step N - 1 is trained)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(line.startswith(start) for line in (out / f"{name}.log").read_text().splitlines()):
-            return
-        time.sleep(0.1)
-    pytest.fail(f"{name}: no line starting {start!r}:\n" + (out / f"{name}.log").read_text()[-4000:])
+    _wait_until(lambda: any(line.startswith(start) for line in (out / f"{name}.log").read_text().splitlines()),
+                out, name, f"no line starting {start!r}", timeout)
 
 
 def metrics(out, name):
