@@ -149,25 +149,31 @@ def test_bench_train_multitask_workload_runs_mmoe_on_two_tasks_against_its_ceili
 
 @pytest.mark.slow
 def test_bench_multitask_reports_esmm_and_the_clicked_rows_model(tmp_path):
-    """A tiny run of `hybridps bench multitask` (one process, two seeds): every arm (ESMM,
-    ESMM with the post-click task, naive and ipw, and the clicked-rows model) trains with the
-    same pinned optimizer settings, the clicked-rows model is ESMM's pCVR tower, the
-    clicked rows counted are those of each seed's own training file, the medians are those of
-    the seeds."""
+    """A tiny run of `hybridps bench multitask` (one process, two seeds, epochs 1 then 2 chosen
+    on a validation file): every arm (ESMM, ESMM with the post-click task, naive and ipw, and
+    the clicked-rows model) trains with the same pinned optimizer settings, the clicked-rows
+    model is ESMM's pCVR tower, the clicked rows counted are those of each seed's own training
+    file, the second count resumes the first's checkpoint, each arm's figures are those of the
+    count with the best validation AUC, and the medians are those of the seeds."""
     import subprocess
     import sys
     import pyarrow.compute as pc
+    import numpy as np
     import pyarrow.parquet as pq
+    from sklearn.metrics import roc_auc_score
     from tests.mpi_util import REPO
     proc = subprocess.run([sys.executable, "-m", "hybridps.cli", "bench", "multitask", "--out",
                            str(tmp_path), "--train-rows", "6000", "--heldout-rows", "3000",
-                           "--batch-size", "512", "--epochs", "1", "--seeds", "0,1", "--ctr", "0.2",
-                           "--learning-rate", "0.1"],
+                           "--validation-rows", "3000", "--batch-size", "512", "--epochs", "1,2",
+                           "--seeds", "0,1", "--ctr", "0.2", "--learning-rate", "0.1"],
                           cwd=REPO, env=dict(os.environ, **MPI_ENV), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "multitask.json").read_text())
     assert [run["seed"] for run in report["runs"]] == report["seeds"] == [0, 1]
+    assert report["epochs"] == [1, 2] and report["validation_impressions"] == 3000
+    prefixes = {"esmm": "esmm", "esmm-postclick": "postclick", "esmm-postclick-ipw": "postclick_ipw",
+                "cvr-clicked": "baseline"}
     for run in report["runs"]:
         seed_dir = tmp_path / f"seed{run['seed']}"
         clicks = pq.read_table(seed_dir / "train.parquet", columns=["click"])["click"]
@@ -176,24 +182,47 @@ def test_bench_multitask_reports_esmm_and_the_clicked_rows_model(tmp_path):
             for figure in ("cvr_auc_clicked", "cvr_auc_every_impression", "ctr_auc", "ctcvr_auc"):
                 assert 0.0 <= run[f"{prefix}_{figure}"] <= 1.0, (prefix, figure)
         assert 0.0 <= run["baseline_cvr_auc_clicked"] <= 1.0
-        assert run["esmm_steps"] == 6000 // 512
-        assert run["baseline_steps"] == max(1, run["train_clicked"] // 512)
         tasks = {"esmm": [("click", None, False), ("conversion", None, False)],
                  "esmm-postclick": [("click", None, False), ("conversion", None, False), ("cvr", "click", False)],
                  "esmm-postclick-ipw": [("click", None, False), ("conversion", None, False), ("cvr", "click", True)],
                  "cvr-clicked": None}
-        for arm in tasks:
-            (manifest,) = (seed_dir / arm / "ckpt").glob("ckpt-*/manifest.json")
-            manifest = json.loads(manifest.read_text())
-            config = manifest["config"]
+        for arm, prefix in prefixes.items():
+            rows = run["train_clicked"] if arm == "cvr-clicked" else 6000
+            curve = run["curves"][arm]
+            assert [(c["epochs"], c["steps"]) for c in curve] == [(e, max(1, e * rows // 512)) for e in (1, 2)]
+            # the count chosen on the validation file (the first of equal ones), and its figures
+            best = max(curve, key=lambda c: (c["validation_cvr_auc_clicked"], -c["epochs"]))
+            assert run[f"{prefix}_epochs"] == best["epochs"], arm
+            assert run[f"{prefix}_cvr_auc_clicked"] == best["cvr_auc_clicked"], arm
+            steps_key = "baseline_steps" if arm == "cvr-clicked" else "esmm_steps"
+            if arm in ("cvr-clicked", "esmm-postclick-ipw"):      # the last ESMM arm sets esmm_steps
+                assert run[steps_key] == best["steps"], arm
+            # the second count resumed the first's checkpoint
+            metrics = json.loads((seed_dir / arm / "metrics.json").read_text())
+            assert (metrics["first_step"], metrics["steps"]) == (curve[0]["steps"], curve[1]["steps"]), arm
+            # the last count's held-out pCVR AUC over clicked rows, recomputed from its predictions
+            scores = pq.read_table(seed_dir / arm / "predict-heldout.parquet").to_pydict()
+            heldout = pq.read_table(seed_dir / "heldout.parquet", columns=["click", "conversion"]).to_pydict()
+            clicked = np.asarray(heldout["click"]) == 1
+            if arm == "cvr-clicked":
+                p_cvr = np.asarray(scores["score"])
+            elif arm == "esmm":
+                p_cvr = np.asarray(scores["conversion"]) / np.maximum(np.asarray(scores["click"]), 1e-12)
+            else:
+                p_cvr = np.asarray(scores["cvr"])
+            want = roc_auc_score(np.asarray(heldout["conversion"])[clicked], p_cvr[clicked])
+            assert abs(curve[1]["cvr_auc_clicked"] - want) < 1e-9, arm
+            manifest = sorted((seed_dir / arm / "ckpt").glob("ckpt-*/manifest.json"))[-1]
+            config = json.loads(manifest.read_text())["config"]
             model = "hybridps.models.esmm:build_conversion_tower" if arm == "cvr-clicked" else "esmm"
             assert (config["model"], config["seed"]) == (model, run["seed"])
             assert (config["optimizer"], config["dense_optimizer"]) == ("adagrad", "adagrad")
             assert config["learning_rate"] == config["dense_learning_rate"] == 0.1
-            assert config["steps"] == (run["baseline_steps"] if arm == "cvr-clicked" else run["esmm_steps"])
+            assert config["steps"] == curve[1]["steps"]
             labels = config["features"].get("labels")
             got = None if labels is None else [(t["name"], t.get("given"), t.get("ipw", False)) for t in labels]
             assert got == tasks[arm], arm
+    assert {f"{prefix}_epochs" for prefix in prefixes.values()} <= set(report["median"])
     for key, median in report["median"].items():
         assert median == sum(run[key] for run in report["runs"]) / 2, key
 

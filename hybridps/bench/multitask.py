@@ -22,13 +22,19 @@ generator):
   layers and initial weights) trained on the clicked rows only, the conversion as its one label
   (``--baseline-model`` names another model).
 
-All train on one process for the same number of epochs of their own rows, with the same batch
-size, the same embedding table and the same optimizer settings (pinned here, not the config's
-defaults); the figure is the conversion AUC over the held-out *clicked* rows (the rows a CVR
-model is meant for) and over every held-out impression (against a conversion-if-clicked drawn from
-the planted probability), and for each ESMM its click and pCTCVR AUCs over every held-out row. Each
-seed of ``--seeds`` draws its own planted model and data; the report gives every seed's figures
-and their medians. Writes DIR/multitask.json and prints it.
+All train on one process with the same batch size, the same embedding table and the same
+optimizer settings (pinned here, not the config's defaults); the figure is the conversion AUC
+over the held-out *clicked* rows (the rows a CVR model is meant for) and over every held-out
+impression (against a conversion-if-clicked drawn from the planted probability), and for each
+ESMM its click and pCTCVR AUCs over every held-out row. ``--epochs E`` trains every arm E epochs
+of its own rows. ``--epochs E1,E2,...`` selects each arm's epochs as early stopping would: the
+arm trains through the counts in turn (resuming its own checkpoint), is scored after each on a
+validation file (``--validation-rows`` further impressions of the generator, apart from the
+training and held-out rows) by its pCVR AUC over the validation file's clicked rows, and reports
+its held-out figures at the count that scored best there (``{arm}_epochs``; every count's
+validation and held-out pCVR AUCs in ``curves``). Each seed of ``--seeds`` draws its own planted
+model and data; the report gives every seed's figures and their medians. Writes
+DIR/multitask.json and prints it.
 """
 import json
 import os
@@ -54,7 +60,11 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--train-rows", type=int, default=200_000)
     parser.add_argument("--heldout-rows", type=int, default=200_000)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", default="20",
+                        help="epochs of each arm's own rows; several, comma-separated (such as "
+                             "2,5,10,20,40): each arm's count chosen on a validation file")
+    parser.add_argument("--validation-rows", type=int, default=100_000,
+                        help="impressions of the validation file (with several --epochs only)")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--vocab-size", type=int, default=2000, help="ids per field")
     parser.add_argument("--seeds", default="0,1,2",
@@ -72,6 +82,7 @@ def add_arguments(parser):
 
 
 HELD_OUT_STEP = 1 << 20     # the held-out rows: the generator's batches from this step on
+VALIDATION_STEP = 2 << 20   # the validation rows (several --epochs): batches from this step on
 
 
 def write_funnel(path, rows, seed, vocab_size, ctr, own_scale=1.0, first_step=0, batch=8192):
@@ -115,24 +126,46 @@ def conversion_rows(path, out, clicked_only=True):
     return out, table.num_rows
 
 
-def train_and_predict(comm, out, name, model, features, data, heldout, rows, seed, args):
+def train_through(comm, out, name, model, features, data, rows, seed, args, epoch_counts, predict_on):
+    """Train arm ``name`` through each count of ``epoch_counts`` (ascending) of its ``rows``
+    rows, resuming its own checkpoint from the second on; after each, ``hybridps predict`` on
+    every file of ``predict_on`` ({key: path}). Yields (epochs, steps, {key: predictions})."""
     from hybridps.config import make_config
     from hybridps.inference import predict_checkpoint
     from hybridps.models.registry import BUILTIN_MODELS
     from hybridps.trainer import Trainer
     import pyarrow.parquet as pq
     run = os.path.join(out, name)
-    steps = max(1, args.epochs * rows // args.batch_size)
-    config = make_config(overrides={
-        "model": model, "features": features, "data": data, "steps": steps,
-        "batch_size": args.batch_size, "hidden": [64, 32], "seed": seed, "progress": False,
-        "optimizer": OPTIMIZER, "learning_rate": args.learning_rate,
-        "dense_optimizer": OPTIMIZER, "dense_learning_rate": args.learning_rate,
-        "checkpoint_dir": os.path.join(run, "ckpt"), "metrics_out": os.path.join(run, "metrics.json")})
-    Trainer(config, comm=comm).run()
-    predict_checkpoint(comm, os.path.join(run, "ckpt"), heldout, os.path.join(run, "predict.parquet"),
-                       batch_size=4096, model=None if model in BUILTIN_MODELS else model)
-    return pq.read_table(os.path.join(run, "predict.parquet")).to_pydict(), steps
+    for k, epochs in enumerate(epoch_counts):
+        steps = max(1, epochs * rows // args.batch_size)
+        config = make_config(overrides={
+            "model": model, "features": features, "data": data, "steps": steps,
+            "batch_size": args.batch_size, "hidden": [64, 32], "seed": seed, "progress": False,
+            "optimizer": OPTIMIZER, "learning_rate": args.learning_rate,
+            "dense_optimizer": OPTIMIZER, "dense_learning_rate": args.learning_rate,
+            "checkpoint_dir": os.path.join(run, "ckpt"), "resume": k > 0,
+            "metrics_out": os.path.join(run, "metrics.json")})
+        Trainer(config, comm=comm).run()
+        predictions = {}
+        for key, path in predict_on.items():
+            scores = os.path.join(run, f"predict-{key}.parquet")
+            predict_checkpoint(comm, os.path.join(run, "ckpt"), path, scores, batch_size=4096,
+                               model=None if model in BUILTIN_MODELS else model)
+            predictions[key] = pq.read_table(scores).to_pydict()
+        yield epochs, steps, predictions
+
+
+def epoch_counts_of(text):
+    """The ascending epoch counts of ``--epochs`` ("20" or "2,5,10,20,40")."""
+    from hybridps.errors import ConfigError
+    try:
+        counts = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or counts != sorted(set(counts)):
+        raise ConfigError(f"--epochs: expected one epoch count or several ascending ones such as "
+                          f"2,5,10,20,40, got {text!r}")
+    return counts
 
 
 def main(args):
@@ -150,17 +183,21 @@ def run_multitask_bench(args):
                           f"{args.seeds!r}") from None
     if not 0 < args.ctr < 1:
         raise ConfigError(f"--ctr: expected a click rate in (0, 1), got {args.ctr}")
+    epoch_counts_of(args.epochs)
     os.makedirs(args.out, exist_ok=True)
     comm = comm_module.init(with_horovod=True)
     runs = [run_seed(comm, os.path.join(args.out, f"seed{seed}"), seed, args) for seed in seeds]
     figures = [f"{prefix}_{figure}" for _, prefix, _ in ESMM_ARMS
                for figure in ("cvr_auc_clicked", "cvr_auc_every_impression", "ctr_auc", "ctcvr_auc")]
     figures += ["baseline_cvr_auc_clicked", "baseline_cvr_auc_every_impression"]
+    if len(epoch_counts_of(args.epochs)) > 1:
+        figures += [f"{prefix}_epochs" for _, prefix, _ in ESMM_ARMS] + ["baseline_epochs"]
     report = {
         "train_impressions": args.train_rows, "heldout_impressions": args.heldout_rows,
-        "ctr": args.ctr, "conversion_own_scale": args.conversion_own_scale, "vocab_size": args.vocab_size, "epochs": args.epochs,
+        "ctr": args.ctr, "conversion_own_scale": args.conversion_own_scale, "vocab_size": args.vocab_size, "epochs": epoch_counts_of(args.epochs),
         "batch_size": args.batch_size, "optimizer": OPTIMIZER, "learning_rate": args.learning_rate,
         "baseline_model": args.baseline_model, "seeds": seeds,
+        "validation_impressions": args.validation_rows if len(epoch_counts_of(args.epochs)) > 1 else 0,
         "median": {key: float(np.median([run[key] for run in runs])) for key in figures},
         "runs": runs,
     }
@@ -172,47 +209,95 @@ def run_multitask_bench(args):
 
 def run_seed(comm, out, seed, args):
     """The three ESMM arms and the clicked-rows model on the funnel of ``seed``: their figures."""
+    import pyarrow.parquet as pq
     from hybridps.data.auc import roc_auc
     os.makedirs(out, exist_ok=True)
+    epoch_counts = epoch_counts_of(args.epochs)
+    select = len(epoch_counts) > 1
     train, heldout = os.path.join(out, "train.parquet"), os.path.join(out, "heldout.parquet")
     write_funnel(train, args.train_rows, seed, args.vocab_size, args.ctr, args.conversion_own_scale)
     planted = write_funnel(heldout, args.heldout_rows, seed, args.vocab_size, args.ctr,
                            args.conversion_own_scale, first_step=HELD_OUT_STEP)
     clicked, clicked_count = conversion_rows(train, os.path.join(out, "train-clicked.parquet"))
-    heldout_labelled, _ = conversion_rows(heldout, os.path.join(out, "heldout-all.parquet"),
-                                          clicked_only=False)
+    esmm_files, tower_files = {"heldout": heldout}, {
+        "heldout": conversion_rows(heldout, os.path.join(out, "heldout-all.parquet"), clicked_only=False)[0]}
+    if select:
+        validation = os.path.join(out, "validation.parquet")
+        write_funnel(validation, args.validation_rows, seed, args.vocab_size, args.ctr,
+                     args.conversion_own_scale, first_step=VALIDATION_STEP)
+        esmm_files["validation"] = validation
+        tower_files["validation"] = conversion_rows(validation, os.path.join(out, "validation-all.parquet"),
+                                                    clicked_only=False)[0]
     sys.stderr.write(f"bench multitask seed {seed}: {args.train_rows} impressions, "
                      f"{clicked_count} clicked\n")
     # every held-out impression's conversion if it were clicked, drawn from the planted probability
     if_clicked = np.random.default_rng([seed, 0xC0]).random(len(planted)) < planted
     figures = {"seed": seed, "train_clicked": clicked_count, "train_conversions": int(pq_sum(train, "conversion"))}
+    curves = {}
+
+    def best_of(arm, prefix, trained, score):
+        """The held-out figures of ``arm`` at its best-scoring epoch count (``score(predictions)``:
+        (validation pCVR AUC over clicked rows or None, held-out figures))."""
+        best, curves[arm] = None, []
+        for epochs, steps, predictions in trained:
+            validation_auc, heldout_figures = score(predictions)
+            curves[arm].append({"epochs": epochs, "steps": steps, "validation_cvr_auc_clicked": validation_auc,
+                                "cvr_auc_clicked": heldout_figures[f"{prefix}_cvr_auc_clicked"]})
+            if best is None or (validation_auc is not None and validation_auc > best[0]):
+                best = (validation_auc, epochs, steps, heldout_figures)
+        figures.update(best[3])
+        if select:
+            figures[f"{prefix}_epochs"] = best[1]
+        return best[2]
+
+    def clicked_auc(predictions, p_cvr):
+        """pCVR AUC over the clicked rows of one ESMM prediction file."""
+        was_clicked = np.asarray(predictions["click_label"], np.float64) == 1
+        conversion = np.asarray(predictions["conversion_label"], np.float64)
+        return roc_auc(conversion[was_clicked], p_cvr[was_clicked])
+
+    def esmm_p_cvr(predictions):
+        if "cvr" in predictions:       # the post-click task: the pCVR tower's probability
+            return np.asarray(predictions["cvr"], np.float64)
+        return (np.asarray(predictions["conversion"], np.float64)
+                / np.maximum(np.asarray(predictions["click"], np.float64), 1e-12))
+
     for arm, prefix, labels in ESMM_ARMS:
-        esmm, figures["esmm_steps"] = train_and_predict(comm, out, arm, "esmm",
-                                                        dict(SCHEMA_FEATURES, labels=labels), train,
-                                                        heldout, args.train_rows, seed, args)
-        click = np.asarray(esmm["click_label"], np.float64)
-        conversion = np.asarray(esmm["conversion_label"], np.float64)
-        if "cvr" in esmm:       # the post-click task: the pCVR tower's probability
-            p_cvr = np.asarray(esmm["cvr"], np.float64)
-        else:
-            p_cvr = (np.asarray(esmm["conversion"], np.float64)
-                     / np.maximum(np.asarray(esmm["click"], np.float64), 1e-12))
-        was_clicked = click == 1
-        figures.update({
-            f"{prefix}_cvr_auc_clicked": roc_auc(conversion[was_clicked], p_cvr[was_clicked]),
-            f"{prefix}_cvr_auc_every_impression": roc_auc(if_clicked, p_cvr),
-            f"{prefix}_ctr_auc": roc_auc(click, np.asarray(esmm["click"])),
-            f"{prefix}_ctcvr_auc": roc_auc(conversion, np.asarray(esmm["conversion"])),
-        })
-    baseline, figures["baseline_steps"] = train_and_predict(comm, out, "cvr-clicked", args.baseline_model,
-                                                            dict(SCHEMA_FEATURES, label="label"), clicked,
-                                                            heldout_labelled, clicked_count, seed, args)
-    baseline_cvr = np.asarray(baseline["score"], np.float64)
-    figures.update({
-        "heldout_clicked": int(was_clicked.sum()),
-        "baseline_cvr_auc_clicked": roc_auc(conversion[was_clicked], baseline_cvr[was_clicked]),
-        "baseline_cvr_auc_every_impression": roc_auc(if_clicked, baseline_cvr),
-    })
+        def esmm_score(predictions, prefix=prefix):
+            esmm = predictions["heldout"]
+            p_cvr = esmm_p_cvr(esmm)
+            validation = (clicked_auc(predictions["validation"], esmm_p_cvr(predictions["validation"]))
+                          if select else None)
+            return validation, {
+                f"{prefix}_cvr_auc_clicked": clicked_auc(esmm, p_cvr),
+                f"{prefix}_cvr_auc_every_impression": roc_auc(if_clicked, p_cvr),
+                f"{prefix}_ctr_auc": roc_auc(np.asarray(esmm["click_label"], np.float64), np.asarray(esmm["click"])),
+                f"{prefix}_ctcvr_auc": roc_auc(np.asarray(esmm["conversion_label"], np.float64),
+                                               np.asarray(esmm["conversion"])),
+            }
+        figures["esmm_steps"] = best_of(arm, prefix, train_through(
+            comm, out, arm, "esmm", dict(SCHEMA_FEATURES, labels=labels), train, args.train_rows,
+            seed, args, epoch_counts, esmm_files), esmm_score)
+
+    heldout_clicked = pq.read_table(heldout, columns=["click"])["click"].to_numpy() == 1
+    conversion = pq.read_table(heldout, columns=["conversion"])["conversion"].to_numpy()
+
+    def tower_score(predictions):
+        score = np.asarray(predictions["heldout"]["score"], np.float64)
+        validation = None
+        if select:
+            table = pq.read_table(esmm_files["validation"], columns=["click", "conversion"])
+            was_clicked = table["click"].to_numpy() == 1
+            validation = roc_auc(table["conversion"].to_numpy()[was_clicked],
+                                 np.asarray(predictions["validation"]["score"], np.float64)[was_clicked])
+        return validation, {"baseline_cvr_auc_clicked": roc_auc(conversion[heldout_clicked], score[heldout_clicked]),
+                            "baseline_cvr_auc_every_impression": roc_auc(if_clicked, score)}
+    figures["baseline_steps"] = best_of("cvr-clicked", "baseline", train_through(
+        comm, out, "cvr-clicked", args.baseline_model, dict(SCHEMA_FEATURES, label="label"), clicked,
+        clicked_count, seed, args, epoch_counts, tower_files), tower_score)
+    figures["heldout_clicked"] = int(heldout_clicked.sum())
+    if select:
+        figures["curves"] = curves
     return figures
 
 
