@@ -5,7 +5,7 @@ and ASP (``max(1, N // 4)`` servers, the rest workers); and the plain TensorFlow
 baseline. Same model, synthetic data, seed and optimizers everywhere, so a difference isolates
 the parameter access. Writes DIR/compare.json, DIR/compare.md and DIR/compare.png (throughput
 and AUC side by side) and prints the table. ``--repeats R`` runs the cases R times round-robin
-and reports each case's median run (hybridps.bench.train.run_rounds); ``--one-job`` runs a
+and reports each case's median run (hybridps.bench.train.run_plan); ``--one-job`` runs a
 round's cases one after another in one ``mpirun`` job (hybridps.bench.shared_job).
 
 ``samples_per_s_per_rank`` divides by the computing ranks only (PS servers excluded).
@@ -19,9 +19,7 @@ import os
 import sys
 
 from hybridps.bench.report import bench_environment, markdown_table, write_json
-from hybridps.bench import train as bench_train
-from hybridps.bench.shared_job import run_cases_in_one_job
-from hybridps.bench.train import add_one_job_argument, run_rounds
+from hybridps.bench.train import add_one_job_argument, run_plan
 from hybridps.wording import counted
 
 TARGETS = {"collective_bsp_vs_ps_bsp": 1.5, "collective_bsp_vs_ps_asp_per_rank": 1.0}
@@ -72,25 +70,14 @@ def run_compare_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4
         metrics_flag = [path] if name == "tf-baseline" else ["--metrics-out", path]
         return argv + metrics_flag + common
 
-    def case_result(name):
+    def case_result(name, wall_s):
         with open(os.path.join(out_dir, f"{name}.json")) as fh:
             result = json.load(fh)
         sys.stderr.write(f"  {name}: {result['samples_per_s']:,.0f} samples/s, auc {result['auc']:.4f}\n")
         return result
 
-    def run_case(name, argv):
-        sys.stderr.write(f"bench compare: {name} on {counted(ranks, 'rank')} ...\n")
-        bench_train._mpirun(ranks, case_argv(name, argv), timeout)
-        return case_result(name)
-
-    def run_round(plan):
-        sys.stderr.write(f"bench compare: {counted(len(plan), 'case')} in one job on {counted(ranks, 'rank')} ...\n")
-        run_cases_in_one_job(bench_train._mpirun, ranks,
-                             [{"name": name, "argv": case_argv(name, argv), "env": None} for name, argv in plan],
-                             timeout * len(plan), os.path.join(out_dir, "one-job-cases.json"))
-        return {name: case_result(name) for name, _ in plan}
-
-    chosen = run_rounds(plan, repeats, run_case, run_round if one_job else None)
+    chosen = run_plan("bench compare", plan, repeats, one_job, ranks, timeout,
+                      os.path.join(out_dir, "one-job-cases.json"), case_argv, lambda name: None, case_result)
     cases = []
     for name, _ in plan:
         result = chosen[name]

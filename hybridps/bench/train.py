@@ -206,6 +206,28 @@ def run_rounds(plan, repeats, run_case, run_round=None):
     return chosen
 
 
+def run_plan(label, plan, repeats, one_job, ranks, timeout, list_path, case_argv, case_env,
+             case_result, what=""):
+    """Run the cases of ``plan`` ``repeats`` times (:func:`run_rounds`), each in its own
+    ``mpirun`` job of ``ranks`` ranks or, with ``one_job``, a round's cases in one
+    (hybridps.bench.shared_job, its list of cases written to ``list_path``).
+    ``case_argv(name, argv)`` is a case's command line, ``case_env(name)`` its testing aids'
+    environment (or None), ``case_result(name, wall_s)`` its result read back; ``label`` and
+    ``what`` word the progress lines. Returns run_rounds's {name: median result}."""
+    def run_case(name, argv):
+        sys.stderr.write(f"{label}: {name} on {counted(ranks, 'rank')}{what} ...\n")
+        return case_result(name, _mpirun(ranks, case_argv(name, argv), timeout, case_env(name)))
+
+    def run_round(plan):
+        sys.stderr.write(f"{label}: {counted(len(plan), 'case')} in one job on {counted(ranks, 'rank')}{what} ...\n")
+        walls = run_cases_in_one_job(_mpirun, ranks, [
+            {"name": name, "argv": case_argv(name, argv), "env": case_env(name)} for name, argv in plan],
+            timeout * len(plan), list_path)
+        return {name: case_result(name, walls[name]) for name, _ in plan}
+
+    return run_rounds(plan, repeats, run_case, run_round if one_job else None)
+
+
 def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=4096, dim=16,
                     vocab_size=100_000, timeout=1200, repeats=1, workload="criteo", cases=None,
                     data="synthetic", file_rows=300_000, one_job=False):
@@ -310,19 +332,9 @@ def run_train_bench(out_dir, ranks=2, steps=110, warmup_steps=10, batch_size=409
                          f"auc {result['auc']:.4f}\n")
         return dict(result, wall_s=wall)
 
-    def run_case(name, argv):
-        sys.stderr.write(f"bench train: {name} on {counted(ranks, 'rank')}, {steps} steps ...\n")
-        return case_result(name, _mpirun(ranks, case_argv(name, argv), timeout, case_env(name)))
-
-    def run_round(plan):
-        sys.stderr.write(f"bench train: {counted(len(plan), 'case')} in one job on {counted(ranks, 'rank')}, "
-                         f"{steps} steps each ...\n")
-        walls = run_cases_in_one_job(_mpirun, ranks, [
-            {"name": name, "argv": case_argv(name, argv), "env": case_env(name)} for name, argv in plan],
-            timeout * len(plan), os.path.join(out_dir, "one-job-cases.json"))
-        return {name: case_result(name, walls[name]) for name, _ in plan}
-
-    chosen = run_rounds(plan, repeats, run_case, run_round if one_job else None)
+    chosen = run_plan("bench train", plan, repeats, one_job, ranks, timeout,
+                      os.path.join(out_dir, "one-job-cases.json"), case_argv, case_env, case_result,
+                      f", {steps} steps")
     cases = []                       # the list of results (``cases`` named the wanted ones)
     for name, _ in plan:
         result = chosen[name]
