@@ -575,3 +575,14 @@ def test_one_job_refuses_a_case_it_cannot_run_as_its_own_job_would(case, message
     from hybridps.bench.shared_job import check_cases
     with pytest.raises(ValueError, match=message):
         check_cases([case])
+
+
+def test_bench_multitask_epochs_are_one_count_or_several_ascending_ones():
+    """--epochs of bench multitask: "20" or "2,5,10" as given; anything else names the flag."""
+    from hybridps.bench.multitask import epoch_counts_of
+    from hybridps.errors import ConfigError
+    assert epoch_counts_of("20") == [20]
+    assert epoch_counts_of("2,5,10") == [2, 5, 10]
+    for bad in ("", "0", "5,2", "2,2", "two", "2,,5"):
+        with pytest.raises(ConfigError, match="--epochs"):
+            epoch_counts_of(bad)
