@@ -183,21 +183,22 @@ def run_multitask_bench(args):
                           f"{args.seeds!r}") from None
     if not 0 < args.ctr < 1:
         raise ConfigError(f"--ctr: expected a click rate in (0, 1), got {args.ctr}")
-    epoch_counts_of(args.epochs)
+    epoch_counts = epoch_counts_of(args.epochs)
+    select = len(epoch_counts) > 1
     os.makedirs(args.out, exist_ok=True)
     comm = comm_module.init(with_horovod=True)
-    runs = [run_seed(comm, os.path.join(args.out, f"seed{seed}"), seed, args) for seed in seeds]
+    runs = [run_seed(comm, os.path.join(args.out, f"seed{seed}"), seed, args, epoch_counts) for seed in seeds]
     figures = [f"{prefix}_{figure}" for _, prefix, _ in ESMM_ARMS
                for figure in ("cvr_auc_clicked", "cvr_auc_every_impression", "ctr_auc", "ctcvr_auc")]
     figures += ["baseline_cvr_auc_clicked", "baseline_cvr_auc_every_impression"]
-    if len(epoch_counts_of(args.epochs)) > 1:
+    if select:
         figures += [f"{prefix}_epochs" for _, prefix, _ in ESMM_ARMS] + ["baseline_epochs"]
     report = {
         "train_impressions": args.train_rows, "heldout_impressions": args.heldout_rows,
-        "ctr": args.ctr, "conversion_own_scale": args.conversion_own_scale, "vocab_size": args.vocab_size, "epochs": epoch_counts_of(args.epochs),
+        "ctr": args.ctr, "conversion_own_scale": args.conversion_own_scale, "vocab_size": args.vocab_size, "epochs": epoch_counts,
         "batch_size": args.batch_size, "optimizer": OPTIMIZER, "learning_rate": args.learning_rate,
         "baseline_model": args.baseline_model, "seeds": seeds,
-        "validation_impressions": args.validation_rows if len(epoch_counts_of(args.epochs)) > 1 else 0,
+        "validation_impressions": args.validation_rows if select else 0,
         "median": {key: float(np.median([run[key] for run in runs])) for key in figures},
         "runs": runs,
     }
@@ -207,12 +208,12 @@ def run_multitask_bench(args):
     return report
 
 
-def run_seed(comm, out, seed, args):
-    """The three ESMM arms and the clicked-rows model on the funnel of ``seed``: their figures."""
+def run_seed(comm, out, seed, args, epoch_counts):
+    """The three ESMM arms and the clicked-rows model on the funnel of ``seed``, each trained
+    through ``epoch_counts`` (:func:`epoch_counts_of`): their figures."""
     import pyarrow.parquet as pq
     from hybridps.data.auc import roc_auc
     os.makedirs(out, exist_ok=True)
-    epoch_counts = epoch_counts_of(args.epochs)
     select = len(epoch_counts) > 1
     train, heldout = os.path.join(out, "train.parquet"), os.path.join(out, "heldout.parquet")
     write_funnel(train, args.train_rows, seed, args.vocab_size, args.ctr, args.conversion_own_scale)
@@ -279,17 +280,21 @@ def run_seed(comm, out, seed, args):
             comm, out, arm, "esmm", dict(SCHEMA_FEATURES, labels=labels), train, args.train_rows,
             seed, args, epoch_counts, esmm_files), esmm_score)
 
-    heldout_clicked = pq.read_table(heldout, columns=["click"])["click"].to_numpy() == 1
-    conversion = pq.read_table(heldout, columns=["conversion"])["conversion"].to_numpy()
+    def clicks_and_conversions(path):
+        table = pq.read_table(path, columns=["click", "conversion"])
+        return table["click"].to_numpy() == 1, table["conversion"].to_numpy()
+
+    heldout_clicked, conversion = clicks_and_conversions(heldout)
+    if select:
+        validation_clicked, validation_conversion = clicks_and_conversions(esmm_files["validation"])
 
     def tower_score(predictions):
         score = np.asarray(predictions["heldout"]["score"], np.float64)
         validation = None
         if select:
-            table = pq.read_table(esmm_files["validation"], columns=["click", "conversion"])
-            was_clicked = table["click"].to_numpy() == 1
-            validation = roc_auc(table["conversion"].to_numpy()[was_clicked],
-                                 np.asarray(predictions["validation"]["score"], np.float64)[was_clicked])
+            validation_score = np.asarray(predictions["validation"]["score"], np.float64)
+            validation = roc_auc(validation_conversion[validation_clicked],
+                                 validation_score[validation_clicked])
         return validation, {"baseline_cvr_auc_clicked": roc_auc(conversion[heldout_clicked], score[heldout_clicked]),
                             "baseline_cvr_auc_every_impression": roc_auc(if_clicked, score)}
     figures["baseline_steps"] = best_of("cvr-clicked", "baseline", train_through(
