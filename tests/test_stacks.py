@@ -205,3 +205,40 @@ def test_tf_variables_are_what_tensorflow_differentiates_and_assigns():
     np.testing.assert_allclose(tape.gradient(loss, sources)[1].numpy(), [12, 12])
     sources[1].assign([5.0, 7.0])                               # the Keras variable is that variable
     np.testing.assert_allclose(layer.trainable_variables[1].numpy(), [5.0, 7.0])
+
+
+KERAS_START = """
+import json, sys
+from hybridps.tf_runtime import KERAS_OPTIONAL_IMPORTS, skip_keras_optional_imports
+if sys.argv[1] == "skip":
+    skip_keras_optional_imports()
+    skip_keras_optional_imports()                # a second call adds no second finder
+import tensorflow as tf
+layer = tf.keras.layers.Dense(2, kernel_initializer="ones")
+out = layer(tf.constant([[1.0, 2.0]])).numpy().tolist()
+loaded = sorted(name for name in KERAS_OPTIONAL_IMPORTS if name in sys.modules)
+import pandas, sklearn.metrics, matplotlib       # any other importer still gets them
+finders = [type(f).__name__ for f in sys.meta_path if type(f).__name__ == "_SkipKerasOptionalImports"]
+print(json.dumps({"keras": tf.keras.__version__ if hasattr(tf.keras, "__version__") else "",
+                  "out": out, "loaded": loaded, "finders": len(finders),
+                  "auc": sklearn.metrics.roc_auc_score([0, 1, 1], [0.1, 0.7, 0.4]),
+                  "frame": pandas.DataFrame({"a": [1, 2]})["a"].sum().item()}))
+"""
+
+
+@pytest.mark.parametrize("start", ["skip", "plain"])
+def test_hybridps_programs_start_keras_without_its_optional_imports(start):
+    pytest.importorskip("tensorflow")
+    import json
+    import sys
+    proc = subprocess.run([sys.executable, "-c", KERAS_START, start], cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["out"] == [[3.0, 3.0]]                      # Keras works: 1 + 2 into ones
+    assert result["auc"] == 1.0 and result["frame"] == 3      # and the three import later
+    if start == "skip":
+        assert result["loaded"] == [] and result["finders"] == 1
+    elif not result["keras"].startswith("2."):
+        # why the skip exists: Keras 3 loads all three at its own import when installed
+        assert result["loaded"] == ["matplotlib", "pandas", "sklearn"], result

@@ -307,6 +307,8 @@ def run_bare_ceiling(args):
 
 
 def main(argv=None):
+    from hybridps.tf_runtime import skip_keras_optional_imports
+    skip_keras_optional_imports()      # as hybridps.cli does
     args = _parse(argv)
     {"tf-baseline": run_tf_baseline, "bare-ceiling": run_bare_ceiling,
      "hybridps-step": run_hybridps_step}[args.role](args)

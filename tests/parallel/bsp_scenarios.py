@@ -29,6 +29,9 @@ from hybridps.schema import build_schema
 from hybridps.sparse import CollectiveExchange, OwnerShard, SparseLayout
 from hybridps.sparse.routing import owner_ranks
 from hybridps.sparse.table import initial_rows
+from hybridps.tf_runtime import skip_keras_optional_imports
+
+skip_keras_optional_imports()      # as hybridps train does: Keras starts without pandas, sklearn, matplotlib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

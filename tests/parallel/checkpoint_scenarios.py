@@ -36,6 +36,9 @@ from hybridps import checkpoint as ckpt
 from hybridps.sparse.routing import owner_ranks
 from hybridps.sparse.shard import TABLE_COUNTERS
 from hybridps._hashtable import EmbeddingHashTable
+from hybridps.tf_runtime import skip_keras_optional_imports
+
+skip_keras_optional_imports()      # as hybridps train does: Keras starts without pandas, sklearn, matplotlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_BUCKETS = 256

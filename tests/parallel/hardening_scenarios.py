@@ -19,6 +19,9 @@ from hybridps.config import make_config
 from hybridps.data import SAMPLE_CRITEO_CSV
 from hybridps.errors import CheckpointError
 from hybridps.trainer import Trainer
+from hybridps.tf_runtime import skip_keras_optional_imports
+
+skip_keras_optional_imports()      # as hybridps train does: Keras starts without pandas, sklearn, matplotlib
 
 COMMON = {"model": "deepfm", "batch_size": 16, "dim": 4, "hidden": [8], "seed": 3,
           "warmup_steps": 1, "progress": False, "steps": 4}

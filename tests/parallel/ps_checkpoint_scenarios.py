@@ -22,6 +22,9 @@ import sys
 
 from hybridps.config import make_config
 from hybridps.trainer import Trainer
+from hybridps.tf_runtime import skip_keras_optional_imports
+
+skip_keras_optional_imports()      # as hybridps train does: Keras starts without pandas, sklearn, matplotlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HALF = 4

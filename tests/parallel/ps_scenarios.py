@@ -17,6 +17,9 @@ from hybridps.config import make_config
 from hybridps.data import SAMPLE_CRITEO_CSV, Batch, DataSource
 from hybridps.sparse.routing import owner_ranks
 from hybridps.trainer import Trainer
+from hybridps.tf_runtime import skip_keras_optional_imports
+
+skip_keras_optional_imports()      # as hybridps train does: Keras starts without pandas, sklearn, matplotlib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -13,6 +13,9 @@ from hybridps import comm as comm_module
 from hybridps.config import make_config
 from hybridps.data import SAMPLE_CRITEO_CSV
 from hybridps.trainer import Trainer
+from hybridps.tf_runtime import skip_keras_optional_imports
+
+skip_keras_optional_imports()      # as hybridps train does: Keras starts without pandas, sklearn, matplotlib
 
 N = 4
 COMMON = {"model": "deepfm", "data": SAMPLE_CRITEO_CSV, "batch_size": 8, "dim": 8,

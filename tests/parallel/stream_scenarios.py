@@ -14,6 +14,9 @@ import os
 import sys
 
 from hybridps.config import make_config
+from hybridps.tf_runtime import skip_keras_optional_imports
+
+skip_keras_optional_imports()      # as hybridps train does: Keras starts without pandas, sklearn, matplotlib
 
 
 def main(out, name, overrides):
