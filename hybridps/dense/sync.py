@@ -51,6 +51,9 @@ class DenseSync:
         self.variables = list(variables)
         self.world_size = world_size
         self.optimizer = make_dense_optimizer(optimizer_name, learning_rate)
+        # its slots now, not at the first update: a tf.function that creates variables in its
+        # first call is traced a second time (about 0.6 s of each run's start)
+        self.optimizer.build(self.variables)
         specs = [tf.TensorSpec(v.shape, v.dtype) for v in self.variables]
         self._apply = tf.function(self._apply_eager, input_signature=[specs])
 
