@@ -1,8 +1,8 @@
 """The two supported TensorFlow stacks: their pins and setup, and the Keras 2 / Keras 3 bridge.
 
 * requirements.txt (TF 2.18, Keras 3, numpy 2) and requirements-tf2.15.txt (TF 2.15, Keras 2,
-  numpy 1.26) differ only in TensorFlow, Keras and numpy; `make setup TF=2.15` sets up its own
-  environment and its own Horovod wheel, built without pip's cache.
+  numpy 1.26) differ only in TensorFlow, Keras, numpy and TensorFlow's ml-dtypes; `make setup
+  TF=2.15` sets up its own environment and its own Horovod wheel, built without pip's cache.
 * hybridps.dense.optimizer_state writes one checkpoint layout for the dense optimizer from a
   Keras 2 optimizer (iteration, slots) and a Keras 3 one (iteration, learning rate, slots; SGD
   without slots), checked here on stand-in optimizers that hold numpy arrays, so both Keras
@@ -20,7 +20,7 @@ from hybridps.dense.optimizer_state import assign_optimizer_state, optimizer_sta
 from hybridps.tf_compat import model_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STACK_PACKAGES = {"tensorflow-cpu", "numpy", "keras"}
+STACK_PACKAGES = {"tensorflow-cpu", "numpy", "keras", "ml-dtypes"}
 
 
 def _pins(name):
@@ -34,12 +34,15 @@ def _pins(name):
     return pins
 
 
-def test_the_two_stacks_differ_only_in_tensorflow_keras_and_numpy():
+def test_the_two_stacks_differ_only_in_tensorflow_keras_numpy_and_ml_dtypes():
     default, compat = _pins("requirements.txt"), _pins("requirements-tf2.15.txt")
     assert default["tensorflow-cpu"] == "2.18.1" and default["numpy"].startswith("2.")
     assert default["keras"].startswith("3.")
     assert compat["tensorflow-cpu"] == "2.15.1" and compat["numpy"].startswith("1.26")
     assert "keras" not in compat                       # TF 2.15 brings its own Keras 2.15
+    # ml-dtypes pinned on both: TF 2.15 needs 0.2.x; TF 2.18 takes 0.4 to 1.0, and an unpinned
+    # install (0.7) costs every process that imports TF over a second of CPU
+    assert compat["ml-dtypes"].startswith("0.2.") and default["ml-dtypes"].startswith("0.4.")
     assert {p: v for p, v in default.items() if p not in STACK_PACKAGES} == \
         {p: v for p, v in compat.items() if p not in STACK_PACKAGES}
     # tensorflow-cpu 2.18 needs numpy >= 1.26, < 2.1; 2.15 needs numpy < 2
