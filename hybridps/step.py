@@ -3,9 +3,10 @@
 What lives here: :func:`make_train_step` and :func:`make_predict_step` (one tf.function per
 run, traced once: a fixed input signature with ``None`` for the batch and the number of unique
 rows; each takes a step's PulledBatch as ``Backend.pull``/``read`` returns it),
-:func:`model_inputs` (the pooling: unique rows -> the model's input dict) and
-:func:`step_signature`. What does not: the exchange that brings the rows (hybridps.sparse), the
-models' math (hybridps.models), the loss formula (hybridps.models.loss).
+:func:`model_inputs` (the pooling: unique rows -> the model's input dict),
+:func:`step_signature` and :func:`unconverted` (the step's helpers, left as they are by
+AutoGraph). What does not: the exchange that brings the rows (hybridps.sparse), the models' math
+(hybridps.models), the loss formula (hybridps.models.loss).
 
 Inputs of the tf.function, in order, all read from the PulledBatch (hybridps.sparse.plan):
 dense (B, D), labels (B, T) (NaN: missing), row weights (B,), each task's count of present
@@ -186,6 +187,19 @@ def _label_inputs(batch, num_tasks, ones):
     return batch.labels.reshape(size, num_tasks), weights
 
 
+def unconverted(tf, *functions):
+    """``functions`` as AutoGraph leaves them: called as they are inside a step's tf.function.
+
+    A tf.function converts (AutoGraph) every function its Python calls that is not
+    TensorFlow's or Keras's, to turn control flow on tensors into graph ops; the step's own
+    helpers branch and loop on Python values only (the layout, the tasks), so converting them
+    changes nothing in the graph and cost about 1.3 s of CPU per traced step (model_inputs alone
+    0.9 s). The step function itself is still converted, so a user's model is called as before
+    (Keras 2 converts a layer's ``call`` when its caller is converted; Keras 3 never does).
+    """
+    return tuple(tf.autograph.experimental.do_not_convert(f) for f in functions)
+
+
 def make_train_step(tf, model, layout, num_dense, tasks=ONE_LABEL):
     """The TF forward/backward of one step, traced once.
 
@@ -202,15 +216,16 @@ def make_train_step(tf, model, layout, num_dense, tasks=ONE_LABEL):
     names = [t.name for t in tasks]
     loss_weights = [float(t.loss_weight) for t in tasks]
     one = len(tasks) == 1
+    inputs_of, outputs_of, loss_sums_of = unconverted(tf, model_inputs, task_outputs, task_loss_sums)
 
     @tf.function(input_signature=step_signature(tf, layout, num_dense, len(tasks)))
     def train_step(dense, labels, weights, label_counts, rows, group_rows, *feature_inputs):
         counts = tf.broadcast_to(tf.reshape(label_counts, [-1]), [len(tasks)])
         with tf.GradientTape() as tape:
             tape.watch(rows)
-            inputs = model_inputs(tf, layout, dense, rows, group_rows, feature_inputs)
-            outputs = task_outputs(tf, model(inputs, training=True), names)
-            sums = task_loss_sums(labels, outputs, weights, tasks)
+            inputs = inputs_of(tf, layout, dense, rows, group_rows, feature_inputs)
+            outputs = outputs_of(tf, model(inputs, training=True), names)
+            sums = loss_sums_of(labels, outputs, weights, tasks)
             per_task = sums / tf.maximum(counts, 1.0)
             loss = per_task[0] if one and loss_weights[0] == 1.0 else \
                 tf.reduce_sum(per_task * tf.constant(loss_weights, per_task.dtype))
@@ -238,11 +253,12 @@ def make_predict_step(tf, model, layout, num_dense, task_names=("label",)):
     specs = step_signature(tf, layout, num_dense)
     specs = [specs[0]] + specs[4:]
     names = list(task_names)
+    inputs_of, outputs_of = unconverted(tf, model_inputs, task_outputs)
 
     @tf.function(input_signature=specs)
     def predict_step(dense, rows, group_rows, *feature_inputs):
-        inputs = model_inputs(tf, layout, dense, rows, group_rows, feature_inputs)
-        outputs = task_outputs(tf, model(inputs, training=False), names)
+        inputs = inputs_of(tf, layout, dense, rows, group_rows, feature_inputs)
+        outputs = outputs_of(tf, model(inputs, training=False), names)
         return outputs[:, 0] if len(names) == 1 else outputs
 
     def predict(pulled):
