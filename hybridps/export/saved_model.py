@@ -162,7 +162,9 @@ def _ids_of_values(tf, features, values):
     texts = [i for i, feature in enumerate(features) if feature.dtype == "string"]
     if texts:
         flat = tf.concat([tf.reshape(values[i], [-1]) for i in texts], 0)
-        parts = tf.split(tf_hashing.text_ids(tf, flat), [tf.size(values[i]) for i in texts])
+        from hybridps.step import unconverted
+        text_ids, = unconverted(tf, tf_hashing.text_ids)
+        parts = tf.split(text_ids(tf, flat), [tf.size(values[i]) for i in texts])
         for i, part in zip(texts, parts):
             ids[i] = tf.reshape(part, tf.shape(values[i]))
     return ids
@@ -174,6 +176,8 @@ def _serve_functions(tf, model, schema, tables):
     table_of = {t.name: tables[i] for i, t in enumerate(schema.tables)}
     dims = {t.name: t.dim for t in schema.tables}
     dense_spec = tf.TensorSpec([None, schema.num_dense], tf.float32, name="dense")
+    from hybridps.step import unconverted      # the hashing in the graph branches on Python values only
+    criteo_keys, space_keys = unconverted(tf, tf_hashing.criteo_keys, tf_hashing.space_keys)
     log1p_columns = [j for j, f in enumerate(schema.dense) if f.transform == "log1p"]
 
     def predictions(inputs):
@@ -196,7 +200,7 @@ def _serve_functions(tf, model, schema, tables):
             return predictions(inputs)
 
         def from_criteo_values(dense, *texts):
-            return from_keys(transformed(dense), tf_hashing.criteo_keys(tf, list(texts)))
+            return from_keys(transformed(dense), criteo_keys(tf, list(texts)))
 
         serve = tf.function(from_keys, input_signature=[
             dense_spec, tf.TensorSpec([None, len(singles)], tf.int64, name="keys")])
@@ -209,13 +213,13 @@ def _serve_functions(tf, model, schema, tables):
         for feature, raw in zip(schema.sparse, ids):
             table, dim = table_of[feature.table], dims[feature.table]
             if not feature.is_list:
-                rows = table.lookup(tf_hashing.space_keys(tf, raw, feature.key_space))
+                rows = table.lookup(space_keys(tf, raw, feature.key_space))
                 inputs[feature.name] = tf.ensure_shape(rows, [None, dim])
                 continue
             if feature.max_len is not None:
                 raw = raw[:, :feature.max_len]
             valid = tf.not_equal(raw, MISSING_ID)
-            rows = tf.ensure_shape(table.lookup(tf_hashing.space_keys(tf, raw, feature.key_space)),
+            rows = tf.ensure_shape(table.lookup(space_keys(tf, raw, feature.key_space)),
                                    [None, None, dim])                               # (B, L, dim)
             rows = rows * tf.cast(valid, tf.float32)[:, :, None]
             lengths = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
