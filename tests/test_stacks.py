@@ -40,9 +40,9 @@ def test_the_two_stacks_differ_only_in_tensorflow_keras_numpy_and_ml_dtypes():
     assert default["keras"].startswith("3.")
     assert compat["tensorflow-cpu"] == "2.15.1" and compat["numpy"].startswith("1.26")
     assert "keras" not in compat                       # TF 2.15 brings its own Keras 2.15
-    # ml-dtypes pinned on both: TF 2.15 needs 0.2.x; TF 2.18 takes 0.4 to 1.0, and an unpinned
+    # ml-dtypes pinned on both: TF 2.15.1 needs 0.3.x; TF 2.18 takes 0.4 to 1.0, and an unpinned
     # install (0.7) costs every process that imports TF over a second of CPU
-    assert compat["ml-dtypes"].startswith("0.2.") and default["ml-dtypes"].startswith("0.4.")
+    assert compat["ml-dtypes"].startswith("0.3.") and default["ml-dtypes"].startswith("0.4.")
     assert {p: v for p, v in default.items() if p not in STACK_PACKAGES} == \
         {p: v for p, v in compat.items() if p not in STACK_PACKAGES}
     # tensorflow-cpu 2.18 needs numpy >= 1.26, < 2.1; 2.15 needs numpy < 2
