@@ -162,9 +162,7 @@ def _ids_of_values(tf, features, values):
     texts = [i for i, feature in enumerate(features) if feature.dtype == "string"]
     if texts:
         flat = tf.concat([tf.reshape(values[i], [-1]) for i in texts], 0)
-        from hybridps.step import unconverted
-        text_ids, = unconverted(tf, tf_hashing.text_ids)
-        parts = tf.split(text_ids(tf, flat), [tf.size(values[i]) for i in texts])
+        parts = tf.split(tf_hashing.text_ids(tf, flat), [tf.size(values[i]) for i in texts])
         for i, part in zip(texts, parts):
             ids[i] = tf.reshape(part, tf.shape(values[i]))
     return ids
@@ -177,7 +175,8 @@ def _serve_functions(tf, model, schema, tables):
     dims = {t.name: t.dim for t in schema.tables}
     dense_spec = tf.TensorSpec([None, schema.num_dense], tf.float32, name="dense")
     from hybridps.step import unconverted      # the hashing in the graph branches on Python values only
-    criteo_keys, space_keys = unconverted(tf, tf_hashing.criteo_keys, tf_hashing.space_keys)
+    criteo_keys, space_keys, ids_of_values = unconverted(
+        tf, tf_hashing.criteo_keys, tf_hashing.space_keys, _ids_of_values)
     log1p_columns = [j for j, f in enumerate(schema.dense) if f.transform == "log1p"]
 
     def predictions(inputs):
@@ -237,7 +236,7 @@ def _serve_functions(tf, model, schema, tables):
         return predictions(inputs)
 
     def from_values(dense, *values):
-        return from_ids(dense, *_ids_of_values(tf, schema.sparse, values))
+        return from_ids(dense, *ids_of_values(tf, schema.sparse, values))
 
     serve = tf.function(from_ids, input_signature=[dense_spec] + [
         tf.TensorSpec([None] if not f.is_list else [None, None], tf.int64, name=f.name)
