@@ -276,7 +276,7 @@ def run_seed(comm, out, seed, args, epoch_counts):
                 f"{prefix}_ctcvr_auc": roc_auc(np.asarray(esmm["conversion_label"], np.float64),
                                                np.asarray(esmm["conversion"])),
             }
-        figures["esmm_steps"] = best_of(arm, prefix, train_through(
+        figures[f"{prefix}_steps"] = best_of(arm, prefix, train_through(
             comm, out, arm, "esmm", dict(SCHEMA_FEATURES, labels=labels), train, args.train_rows,
             seed, args, epoch_counts, esmm_files), esmm_score)
 
