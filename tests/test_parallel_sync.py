@@ -39,9 +39,10 @@ def test_ssp_with_staleness_zero_reproduces_bsp_exactly(sync_run):
     for a, b in zip(bsp_weights, ssp_weights):
         np.testing.assert_array_equal(a, b)
     assert bsp_rows.keys() == ssp_rows.keys()
-    for key in bsp_rows:
-        np.testing.assert_array_equal(bsp_rows[key][0], ssp_rows[key][0])
-        np.testing.assert_array_equal(bsp_rows[key][1], ssp_rows[key][1])
+    keys = sorted(bsp_rows)
+    for part in (0, 1):                                  # every row, then its optimizer slots
+        np.testing.assert_array_equal(np.stack([bsp_rows[k][part] for k in keys]),
+                                      np.stack([ssp_rows[k][part] for k in keys]))
     assert bsp["staleness_max"] == 0 and ssp0["staleness_max"] == 0
 
 
