@@ -187,7 +187,8 @@ def test_autograph_converts_the_step_functions_and_none_of_their_helpers(monkeyp
     convert = autograph_api._convert_actual
 
     def recording(entity, program_ctx):
-        converted.append((getattr(entity, "__module__", ""), entity.__qualname__.split(".")[-1]))
+        converted.append((getattr(entity, "__module__", None) or "",
+                          getattr(entity, "__qualname__", repr(entity)).split(".")[-1]))
         return convert(entity, program_ctx)
 
     monkeypatch.setattr(autograph_api, "_convert_actual", recording)
